@@ -1,0 +1,80 @@
+"""Gaussian forward process: q(x_t | x_0), ε ↔ x0 conversions, the posterior q(x_{t-1} | x_t, x_0).
+
+Follows the equations of Ho et al. (2020) as written in openai/improved-diffusion ``gaussian_diffusion.py``
+(the code base of EnsemDiff, SegDiff and MedSegDiff). Every function is pure and works under jit/vmap;
+``t`` is an integer array of shape (B,) indexing the schedule, broadcast over the remaining axes of x.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from diffseg_jax.diffusion.schedule import Schedule
+
+# Diffusion space of masks. 'symmetric': a {0,1} mask m is diffused as 2m-1 ∈ {-1,1}, which matches the
+# [-1,1] range every published sampler clips x0 to. 'binary': m ∈ {0,1} is diffused as it is, as the
+# EnsemDiff code does (its loader gives {0,1} masks and it never rescales), while its sampler still clips
+# x0 to [-1,1]; choose it with ``diffusion.mask_range='binary'`` to reproduce that code.
+MASK_RANGES = ("symmetric", "binary")
+
+
+def extract(a: jnp.ndarray, t: jnp.ndarray, x_shape: tuple[int, ...]) -> jnp.ndarray:
+    """Gathers ``a[t]`` and reshapes it to broadcast against an array of ``x_shape``."""
+    out = a[t]
+    return out.reshape(out.shape + (1,) * (len(x_shape) - out.ndim))
+
+
+def q_sample(schedule: Schedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
+    """Samples x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε."""
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, x0.shape) * x0
+        + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+    )
+
+
+def predict_x0_from_eps(
+    schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray
+) -> jnp.ndarray:
+    """x0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t."""
+    return (
+        extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+        - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+    )
+
+
+def predict_eps_from_x0(schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, x0: jnp.ndarray) -> jnp.ndarray:
+    """ε = (x_t - √ᾱ_t x0) / √(1-ᾱ_t)."""
+    return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x0) / extract(
+        schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+    )
+
+
+def q_posterior(
+    schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0)."""
+    mean = (
+        extract(schedule.posterior_mean_coef1, t, x_t.shape) * x0
+        + extract(schedule.posterior_mean_coef2, t, x_t.shape) * x_t
+    )
+    var = extract(schedule.posterior_variance, t, x_t.shape)
+    logvar = extract(schedule.posterior_log_variance_clipped, t, x_t.shape)
+    return mean, var, logvar
+
+
+def mask_to_diffusion(mask: jnp.ndarray, mask_range: str = "symmetric") -> jnp.ndarray:
+    """Maps a {0,1} mask (or [0,1] probability) into diffusion space."""
+    if mask_range == "symmetric":
+        return 2.0 * mask - 1.0
+    if mask_range == "binary":
+        return mask
+    raise ValueError(f"mask_range must be one of {MASK_RANGES}, got {mask_range!r}")
+
+
+def diffusion_to_prob(x: jnp.ndarray, mask_range: str = "symmetric") -> jnp.ndarray:
+    """Maps a sampled mask from diffusion space back to a foreground value in [0, 1] (clipped)."""
+    if mask_range == "symmetric":
+        return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+    if mask_range == "binary":
+        return jnp.clip(x, 0.0, 1.0)
+    raise ValueError(f"mask_range must be one of {MASK_RANGES}, got {mask_range!r}")

@@ -1,0 +1,198 @@
+"""Reverse-process samplers (DDPM ancestral, DDIM) as single compiled ``lax.scan`` loops, and ensembles.
+
+A *model function* ``model_fn(x_t, t) -> output`` closes over parameters and the conditioning image; ``t`` is
+the integer training timestep, shape (B,), that produced the noise level of ``x_t`` — also under DDIM,
+where the network sees the original t of each visited step (as improved-diffusion's respacing wrapper
+does). ``prediction`` says what the output is: ``'eps'`` (E2, E4) or ``'x0'`` (E3). With
+``variance='learned_range'`` the output carries twice the channels, [prediction, v], as in improved DDPM.
+
+All samplers are pure: call them inside ``jax.jit`` (the loop over timesteps is one ``lax.scan`` and compiles
+the model once, unlike the published codes' Python loops). Per-step noise comes from
+``jax.random.fold_in(key, t)``, so a sample is reproducible from its key.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffseg_jax.diffusion import gaussian
+from diffseg_jax.diffusion.schedule import Schedule
+
+ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+VARIANCES = ("fixed_large", "fixed_small", "learned_range")
+
+
+def model_x0_eps(
+    schedule: Schedule,
+    out: jnp.ndarray,
+    x_t: jnp.ndarray,
+    t: jnp.ndarray,
+    *,
+    prediction: str = "eps",
+    clip_range: tuple[float, float] | None = (-1.0, 1.0),
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Turns a network output into (x0, ε) estimates; x0 is clipped to ``clip_range`` when given.
+
+    When x0 is clipped, ε is re-derived from the clipped x0 (as improved-diffusion's DDIM does), so both stay
+    consistent with x_t.
+    """
+    if prediction == "eps":
+        x0 = gaussian.predict_x0_from_eps(schedule, x_t, t, out)
+    elif prediction == "x0":
+        x0 = out
+    else:
+        raise ValueError(f"prediction must be 'eps' or 'x0', got {prediction!r}")
+    if clip_range is not None:
+        x0 = jnp.clip(x0, *clip_range)
+    if prediction == "eps" and clip_range is None:
+        eps = out
+    else:
+        eps = gaussian.predict_eps_from_x0(schedule, x_t, t, x0)
+    return x0, eps
+
+
+def _split_output(out: jnp.ndarray, variance: str) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    if variance == "learned_range":
+        mean_out, v = jnp.split(out, 2, axis=-1)
+        return mean_out, v
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    return out, None
+
+
+def _step_log_variance(
+    schedule: Schedule, t: jnp.ndarray, shape, variance: str, v: jnp.ndarray | None
+) -> jnp.ndarray:
+    """log σ_t² of p(x_{t-1} | x_t) for the fixed or learned-range variance of improved DDPM."""
+    if variance == "fixed_small":
+        return gaussian.extract(schedule.posterior_log_variance_clipped, t, shape)
+    if variance == "fixed_large":
+        # improved-diffusion's FIXED_LARGE: β_t, with the posterior variance at t = 1 in place of β_0.
+        large = jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])
+        return gaussian.extract(jnp.log(large), t, shape)
+    frac = (v + 1.0) / 2.0
+    min_log = gaussian.extract(schedule.posterior_log_variance_clipped, t, shape)
+    max_log = gaussian.extract(jnp.log(schedule.betas), t, shape)
+    return frac * max_log + (1.0 - frac) * min_log
+
+
+def ddpm_sample(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    shape: tuple[int, ...],
+    key: jax.Array,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_large",
+    clip_range: tuple[float, float] | None = (-1.0, 1.0),
+    return_trajectory: bool = False,
+):
+    """Ancestral DDPM sampling over all T steps, t = T-1 … 0, from x_T ~ N(0, I).
+
+    Returns the final x (the clipped x0 estimate at t = 0, where no noise is added) or, with
+    ``return_trajectory``, ``(x, {'x': (T, *shape), 'x0': (T, *shape), 't': (T,)})`` in visiting order.
+    """
+    num_t = schedule.num_timesteps
+    init_key, step_key = jax.random.split(key)
+    x_init = jax.random.normal(init_key, shape)
+
+    def step(x, t):
+        tb = jnp.full((shape[0],), t, dtype=jnp.int32)
+        out, v = _split_output(model_fn(x, tb), variance)
+        x0, _ = model_x0_eps(schedule, out, x, tb, prediction=prediction, clip_range=clip_range)
+        mean, _, _ = gaussian.q_posterior(schedule, x0, x, tb)
+        log_var = _step_log_variance(schedule, tb, shape, variance, v)
+        noise = jax.random.normal(jax.random.fold_in(step_key, t), shape)
+        x_prev = mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * noise
+        return x_prev, ((x_prev, x0, t) if return_trajectory else None)
+
+    ts = jnp.arange(num_t - 1, -1, -1, dtype=jnp.int32)
+    x, traj = jax.lax.scan(step, x_init, ts)
+    if return_trajectory:
+        return x, {"x": traj[0], "x0": traj[1], "t": traj[2]}
+    return x
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """K integer timesteps spread evenly over [0, T-1], both ends included, increasing."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"DDIM num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32))
+
+
+def ddim_sample(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    shape: tuple[int, ...],
+    key: jax.Array,
+    *,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    prediction: str = "eps",
+    variance: str = "fixed_large",
+    clip_range: tuple[float, float] | None = (-1.0, 1.0),
+    return_trajectory: bool = False,
+):
+    """DDIM (Song et al. 2021) over K of the T timesteps; ``eta`` = 0 is deterministic, 1 ≈ DDPM.
+
+    The visited timesteps are :func:`ddim_timesteps` (T-1 and 0 included), the network is called with each
+    one's integer training t, and the last step returns the clipped x0 estimate at t = 0. A learned variance
+    channel, if present, is ignored (DDIM defines its own σ).
+    """
+    del variance  # DDIM's σ comes from eta; a learned-variance channel is dropped below.
+    ts = ddim_timesteps(schedule.num_timesteps, num_steps)
+    ts_prev = np.concatenate([[-1], ts[:-1]]).astype(np.int32)
+    init_key, step_key = jax.random.split(key)
+    x_init = jax.random.normal(init_key, shape)
+    ac_ext = jnp.concatenate([schedule.alphas_cumprod, jnp.ones((1,), jnp.float32)])  # index -1 → ᾱ = 1
+
+    def step(x, ts_pair):
+        t, t_prev = ts_pair
+        tb = jnp.full((shape[0],), t, dtype=jnp.int32)
+        out = model_fn(x, tb)
+        if out.shape[-1] == 2 * shape[-1]:
+            out = out[..., : shape[-1]]
+        x0, eps = model_x0_eps(schedule, out, x, tb, prediction=prediction, clip_range=clip_range)
+        ab, ab_prev = ac_ext[t], ac_ext[t_prev]
+        sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        noise = jax.random.normal(jax.random.fold_in(step_key, t), shape)
+        x_prev = (
+            jnp.sqrt(ab_prev) * x0
+            + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0)) * eps
+            + jnp.where(t_prev >= 0, sigma, 0.0) * noise
+        )
+        return x_prev, ((x_prev, x0, t) if return_trajectory else None)
+
+    x, traj = jax.lax.scan(step, x_init, (jnp.asarray(ts[::-1]), jnp.asarray(ts_prev[::-1])))
+    if return_trajectory:
+        return x, {"x": traj[0], "x0": traj[1], "t": traj[2]}
+    return x
+
+
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+
+
+def ensemble_sample(
+    sample_fn: Callable[[jax.Array], jnp.ndarray],
+    key: jax.Array,
+    num_members: int,
+    member_chunk: int | None = None,
+) -> jnp.ndarray:
+    """Draws ``num_members`` independent samples, ``sample_fn(key_i)``, stacked on a new leading axis.
+
+    Members are vmapped; with ``member_chunk`` only that many run at once (``lax.map`` over chunks), which
+    bounds memory for large ensembles (e.g. 25 members of a 256-px model).
+    """
+    keys = jax.random.split(key, num_members)
+    if member_chunk is None or member_chunk >= num_members:
+        return jax.vmap(sample_fn)(keys)
+    return jax.lax.map(sample_fn, keys, batch_size=member_chunk)
+
+
+def ensemble_statistics(probs: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Per-pixel mean and standard deviation over the leading member axis of foreground values in [0,1]."""
+    return {"mean": probs.mean(axis=0), "std": probs.std(axis=0)}

@@ -1,0 +1,184 @@
+"""Schedules, the forward process and the samplers, checked against closed forms and oracles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffseg_jax import diffusion
+
+
+def test_linear_alpha_bar_T_matches_closed_form():
+    sched = diffusion.get_schedule("linear", 1000)
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    expected = np.prod(1.0 - betas)
+    assert expected < 1e-4  # ᾱ_T ≈ 4e-5 for the published schedule.
+    np.testing.assert_allclose(float(sched.alphas_cumprod[-1]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(sched.alphas_cumprod[0]), 1 - 1e-4, rtol=1e-7)
+    # Scaling by 1000/T: T = 100 gives betas 1e-3 → 0.2 (SegDiff's schedule).
+    short = diffusion.get_schedule("linear", 100)
+    np.testing.assert_allclose(np.asarray(short.betas)[[0, -1]], [1e-3, 0.2], rtol=1e-6)
+
+
+def test_cosine_schedule_endpoints_and_monotone():
+    sched = diffusion.get_schedule("cosine", 1000)
+    ac = np.asarray(sched.alphas_cumprod)
+    assert np.all(np.diff(ac) < 0)
+    s = 0.008
+    f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+    np.testing.assert_allclose(ac[499], f(500 / 1000) / f(0), rtol=1e-4)
+
+
+def test_unknown_schedule_names_the_fix():
+    with pytest.raises(ValueError, match="register_beta_schedule"):
+        diffusion.get_schedule("sigmoidal")
+
+
+def test_register_new_schedule():
+    diffusion.register_beta_schedule("constant_test")(lambda n, beta=0.01: np.full(n, beta))
+    sched = diffusion.get_schedule("constant_test", 10)
+    np.testing.assert_allclose(float(sched.alphas_cumprod[-1]), 0.99**10, rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0, 100, 500, 999])
+def test_q_sample_moments(t):
+    sched = diffusion.get_schedule("linear", 1000)
+    n = 200_000
+    x0 = jnp.full((n, 1), 0.7)
+    noise = jax.random.normal(jax.random.PRNGKey(t), (n, 1))
+    xt = diffusion.q_sample(sched, x0, jnp.full((n,), t), noise)
+    ab = float(sched.alphas_cumprod[t])
+    np.testing.assert_allclose(
+        float(xt.mean()), np.sqrt(ab) * 0.7, atol=5 * np.sqrt(1 - ab) / np.sqrt(n) + 1e-6
+    )
+    np.testing.assert_allclose(float(xt.var()), 1 - ab, rtol=0.02, atol=1e-6)
+
+
+def test_eps_x0_round_trip():
+    sched = diffusion.get_schedule("linear", 1000)
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    x0 = jax.random.uniform(k1, (16, 8, 8, 1), minval=-1, maxval=1)
+    eps = jax.random.normal(k2, x0.shape)
+    t = jax.random.randint(k3, (16,), 0, 1000)
+    xt = diffusion.q_sample(sched, x0, t, eps)
+    np.testing.assert_allclose(diffusion.predict_x0_from_eps(sched, xt, t, eps), x0, atol=2e-3)
+    np.testing.assert_allclose(diffusion.predict_eps_from_x0(sched, xt, t, x0), eps, atol=2e-3, rtol=1e-3)
+
+
+def test_posterior_mean_closed_form():
+    sched = diffusion.get_schedule("linear", 50)
+    betas = np.linspace(1e-4 * 20, 0.02 * 20, 50)
+    ac = np.cumprod(1 - betas)
+    t = 30
+    x0, xt = 0.3, -0.5
+    mean, var, _ = diffusion.q_posterior(sched, jnp.full((1, 1), x0), jnp.full((1, 1), xt), jnp.array([t]))
+    expected_mean = (
+        np.sqrt(ac[t - 1]) * betas[t] / (1 - ac[t]) * x0
+        + np.sqrt(1 - betas[t]) * (1 - ac[t - 1]) / (1 - ac[t]) * xt
+    )
+    np.testing.assert_allclose(float(mean[0, 0]), expected_mean, rtol=1e-5)
+    np.testing.assert_allclose(float(var[0, 0]), (1 - ac[t - 1]) / (1 - ac[t]) * betas[t], rtol=1e-5)
+
+
+def _oracle(sched, x0, prediction):
+    """A model that knows x0: returns x0 itself or the ε consistent with x_t."""
+    if prediction == "x0":
+        return lambda x, t: jnp.broadcast_to(x0, x.shape)
+    return lambda x, t: diffusion.predict_eps_from_x0(sched, x, t, x0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_ddpm_oracle_recovers_x0(prediction, variance):
+    sched = diffusion.get_schedule("linear", 100)
+    x0 = jnp.where(jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 1)) > 0.5, 1.0, -1.0)
+    out = jax.jit(
+        lambda k: diffusion.ddpm_sample(
+            _oracle(sched, x0, prediction), sched, x0.shape, k, prediction=prediction, variance=variance
+        )
+    )(jax.random.PRNGKey(0))
+    np.testing.assert_allclose(out, x0, atol=1e-4)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_oracle_recovers_x0(eta):
+    sched = diffusion.get_schedule("linear", 1000)
+    x0 = jnp.where(jax.random.uniform(jax.random.PRNGKey(2), (2, 8, 8, 1)) > 0.3, 1.0, -1.0)
+    out = diffusion.ddim_sample(
+        _oracle(sched, x0, "eps"), sched, x0.shape, jax.random.PRNGKey(0), num_steps=20, eta=eta
+    )
+    np.testing.assert_allclose(out, x0, atol=1e-4)
+
+
+def test_ddim_timesteps_cover_both_ends():
+    ts = diffusion.ddim_timesteps(1000, 50)
+    assert ts[0] == 0 and ts[-1] == 999 and len(ts) == 50 and np.all(np.diff(ts) > 0)
+    with pytest.raises(ValueError):
+        diffusion.ddim_timesteps(10, 11)
+
+
+def test_samplers_pass_integer_training_t():
+    sched = diffusion.get_schedule("linear", 30)
+    seen = []
+
+    def model_fn(x, t):
+        assert t.dtype == jnp.int32 and t.shape == (x.shape[0],)
+        jax.debug.callback(lambda tt: seen.append(np.asarray(tt).copy()), t, ordered=True)
+        return jnp.zeros_like(x)
+
+    shape = (3, 4, 4, 1)
+    _, traj = diffusion.ddpm_sample(model_fn, sched, shape, jax.random.PRNGKey(0), return_trajectory=True)
+    jax.effects_barrier()
+    seen_ddpm = np.stack(seen)
+    np.testing.assert_array_equal(seen_ddpm, np.repeat(np.arange(29, -1, -1)[:, None], 3, axis=1))
+    np.testing.assert_array_equal(traj["t"], np.arange(29, -1, -1))
+    seen.clear()
+    diffusion.ddim_sample(model_fn, sched, shape, jax.random.PRNGKey(0), num_steps=7)
+    jax.effects_barrier()
+    np.testing.assert_array_equal(np.stack(seen)[:, 0], diffusion.ddim_timesteps(30, 7)[::-1])
+
+
+def test_ddpm_trajectory_and_per_step_noise_reproducible():
+    sched = diffusion.get_schedule("linear", 40)
+    fn = lambda x, t: jnp.zeros_like(x)
+    a = diffusion.ddpm_sample(fn, sched, (2, 4, 4, 1), jax.random.PRNGKey(3))
+    b, traj = diffusion.ddpm_sample(fn, sched, (2, 4, 4, 1), jax.random.PRNGKey(3), return_trajectory=True)
+    np.testing.assert_array_equal(a, b)
+    assert traj["x"].shape == (40, 2, 4, 4, 1)
+    np.testing.assert_array_equal(traj["x"][-1], b)
+    c = diffusion.ddpm_sample(fn, sched, (2, 4, 4, 1), jax.random.PRNGKey(4))
+    assert not np.allclose(a, c)
+
+
+def test_learned_range_variance_interpolates():
+    """v = 1 gives log β_t, v = -1 the clipped posterior log-variance (improved DDPM)."""
+    from diffseg_jax.diffusion.samplers import _step_log_variance
+
+    sched = diffusion.get_schedule("linear", 100)
+    t = jnp.array([50])
+    hi = _step_log_variance(sched, t, (1, 1), "learned_range", jnp.ones((1, 1)))
+    lo = _step_log_variance(sched, t, (1, 1), "learned_range", -jnp.ones((1, 1)))
+    np.testing.assert_allclose(hi, np.log(sched.betas[50]), rtol=1e-6)
+    np.testing.assert_allclose(lo, sched.posterior_log_variance_clipped[50], rtol=1e-6)
+
+
+def test_ensemble_sample_matches_loop_and_chunking():
+    fn = lambda k: jax.random.normal(k, (2, 3))
+    key = jax.random.PRNGKey(5)
+    full = diffusion.ensemble_sample(fn, key, 5)
+    chunked = diffusion.ensemble_sample(fn, key, 5, member_chunk=2)
+    loop = jnp.stack([fn(k) for k in jax.random.split(key, 5)])
+    np.testing.assert_allclose(full, loop, rtol=1e-6)
+    np.testing.assert_allclose(chunked, loop, rtol=1e-6)
+    stats = diffusion.ensemble_statistics(loop)
+    np.testing.assert_allclose(stats["mean"], np.mean(np.asarray(loop), 0), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], np.std(np.asarray(loop), 0), rtol=1e-5)
+
+
+def test_mask_ranges_round_trip():
+    m = jnp.array([0.0, 1.0, 1.0, 0.0])
+    for r in diffusion.MASK_RANGES:
+        np.testing.assert_array_equal(diffusion.diffusion_to_prob(diffusion.mask_to_diffusion(m, r), r), m)
+    np.testing.assert_array_equal(diffusion.mask_to_diffusion(m, "symmetric"), [-1, 1, 1, -1])
+    with pytest.raises(ValueError):
+        diffusion.mask_to_diffusion(m, "ternary")
