@@ -1,0 +1,131 @@
+"""EnsemDiff UNet (Wolleb et al., MIDL 2022) in Flax Linen.
+
+Follows ``guided_diffusion/unet.py::UNetModel`` of JuliaWolleb/Diffusion-based-Segmentation at commit
+676f214 (a fork of openai/guided-diffusion), configured by that repository's README flags; see
+``/work/shared/reference/ensemdiff.md``.
+
+Deviations from the published code:
+
+* NHWC layout instead of NCHW.
+* in/out channels are not hard-coded to 5/2: the input width is inferred by Flax at init from
+  ``concat([cond, x_t])`` and ``out_channels`` is an attribute (1 = eps only, 2 = eps + learned-range v).
+* The mask value range ({0, 1} in the reference, [-1, 1] elsewhere) is handled by the diffusion /
+  objective code, not here.
+* Class conditioning, ``resblock_updown``, ``use_new_attention_order`` and gradient checkpointing are
+  not implemented (all off in the reference; checkpointing only trades memory for compute).
+
+Parameter names follow the PyTorch module tree with ``.`` replaced by ``_``: ``time_embed``,
+``input_blocks_{i}_{j}``, ``middle_block_{j}``, ``output_blocks_{i}_{j}``, ``out_norm`` (``out.0``)
+and ``out_conv`` (``out.2``).  E.g. PyTorch ``input_blocks.4.1.qkv`` -> ``input_blocks_4_1/qkv``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffseg_jax.models.layers import (
+    AttentionBlock,
+    Downsample,
+    GroupNorm32,
+    ResBlock,
+    TimestepEmbed,
+    Upsample,
+    conv3x3,
+)
+
+
+def default_channel_mult(image_size: int) -> tuple[int, ...]:
+    """channel_mult that guided-diffusion's ``create_model`` derives from ``image_size``."""
+    table = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+    if image_size not in table:
+        raise ValueError(f"unsupported image size: {image_size} (known: {sorted(table)})")
+    return table[image_size]
+
+
+def attention_ds(image_size: int, resolutions: tuple[int, ...] = (16,)) -> tuple[int, ...]:
+    """Downsample factors for the ``--attention_resolutions`` flag, as ``create_model`` converts them."""
+    return tuple(image_size // int(r) for r in resolutions)
+
+
+class EnsemDiffUNet(nn.Module):
+    """guided-diffusion UNet with the image concatenated to the noisy mask at the input."""
+
+    CAN_DROP_IMAGE = True  # cond=None feeds only x_t (experiments E3/E4)
+
+    out_channels: int
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)  # downsample FACTORS, not feature-map sizes
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1  # -1: same as num_heads
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x_t: jax.Array, t: jax.Array, cond: jax.Array | None = None, *, train: bool = False
+    ) -> jax.Array:
+        """Predict (B,H,W,out_channels) from x_t (B,H,W,Cx), integer t (B,) and image cond (B,H,W,Ci)."""
+        mc = self.model_channels
+        # Like convert_to_fp16 in guided-diffusion: time_embed and the head stay float32,
+        # only the input/middle/output blocks use the compute dtype.
+        emb = TimestepEmbed(mc, dtype=jnp.float32, name="time_embed")(t)
+
+        x = x_t if cond is None else jnp.concatenate([cond, x_t], axis=-1)  # image first, then x_t
+        h = x.astype(self.dtype)
+
+        def res(ch: int, name: str) -> ResBlock:
+            return ResBlock(ch, self.dropout, self.use_scale_shift_norm, dtype=self.dtype, name=name)
+
+        def attn(heads: int, name: str) -> AttentionBlock:
+            return AttentionBlock(heads, self.num_head_channels, dtype=self.dtype, name=name)
+
+        # Encoder: every block output is pushed onto the skip stack.
+        h = conv3x3(int(self.channel_mult[0] * mc), self.dtype, "input_blocks_0_0")(h)
+        hs = [h]
+        ds, i = 1, 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                h = res(mult * mc, f"input_blocks_{i}_0")(h, emb, train=train)
+                if ds in self.attention_resolutions:
+                    h = attn(self.num_heads, f"input_blocks_{i}_1")(h)
+                hs.append(h)
+                i += 1
+            if level != len(self.channel_mult) - 1:
+                h = Downsample(dtype=self.dtype, name=f"input_blocks_{i}_0")(h)
+                hs.append(h)
+                ds *= 2
+                i += 1
+
+        ch = h.shape[-1]
+        h = res(ch, "middle_block_0")(h, emb, train=train)
+        h = attn(self.num_heads, "middle_block_1")(h)
+        h = res(ch, "middle_block_2")(h, emb, train=train)
+
+        # Decoder: each ResBlock consumes concat([h, skip]) (h first, as th.cat([h, hs.pop()], 1)).
+        heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+        i = 0
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for j in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, hs.pop()], axis=-1)
+                h = res(mult * mc, f"output_blocks_{i}_0")(h, emb, train=train)
+                k = 1
+                if ds in self.attention_resolutions:
+                    h = attn(heads_up, f"output_blocks_{i}_{k}")(h)
+                    k += 1
+                if level and j == self.num_res_blocks:
+                    h = Upsample(dtype=self.dtype, name=f"output_blocks_{i}_{k}")(h)
+                    ds //= 2
+                i += 1
+        assert not hs, "skip stack not fully consumed"
+
+        h = h.astype(jnp.float32)
+        h = nn.silu(GroupNorm32(name="out_norm")(h))
+        return conv3x3(self.out_channels, jnp.float32, "out_conv", zero_init=True)(h)

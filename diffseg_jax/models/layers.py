@@ -1,0 +1,207 @@
+"""Building blocks of the guided-/improved-diffusion UNet, as pure Flax Linen modules.
+
+EnsemDiff, SegDiff and MedSegDiff all descend from openai's guided-diffusion ``UNetModel``; this
+module holds the pieces they share.  Layout is NHWC throughout.  Every module takes a ``dtype``
+attribute (the compute dtype, default float32) while its parameters are always stored in float32,
+so mixed precision can be switched on later without touching checkpoints.
+
+Sub-module names mirror the PyTorch attribute names so official state dicts can be mapped by a
+small table (PyTorch -> here):
+
+* ``ResBlock``: ``in_layers.0`` -> ``in_norm``, ``in_layers.2`` -> ``in_conv``,
+  ``emb_layers.1`` -> ``emb_dense``, ``out_layers.0`` -> ``out_norm``, ``out_layers.3`` -> ``out_conv``,
+  ``skip_connection`` -> ``skip_connection``.
+* ``AttentionBlock``: ``norm``, ``qkv``, ``proj_out`` (PyTorch uses 1-d 1x1 convs; here they are
+  ``Dense`` layers over the channel axis, which is the same map: kernel = ``weight[:, :, 0].T``).
+* ``Downsample``: ``op``; ``Upsample``: ``conv``; ``TimestepEmbed``: ``dense_0``, ``dense_1``
+  (PyTorch ``time_embed.0`` and ``time_embed.2``).
+
+Conv kernels are HWIO (PyTorch OIHW needs ``transpose(2, 3, 1, 0)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Explicit symmetric padding: PyTorch's ``padding=1``.  For a stride-2 conv on an even size,
+# Flax's 'SAME' would pad (0, 1) instead of (1, 1) and shift the sampling grid by one pixel.
+PAD1 = ((1, 1), (1, 1))
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of integer timesteps, [cos, sin] order as in guided-diffusion."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with 32 groups and PyTorch's eps 1e-5, computed in float32, output in input dtype.
+
+    Flax's own default eps is 1e-6; guided-diffusion uses ``torch.nn.GroupNorm`` defaults.  The
+    exact two-pass variance (``use_fast_variance=False``) matches PyTorch's numerics more closely.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    use_fast_variance: bool = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]
+        """Normalise ``x`` (..., C) in float32 and cast back to ``x.dtype``."""
+        return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def conv3x3(features: int, dtype: Dtype, name: str, *, strides: int = 1, zero_init: bool = False) -> nn.Conv:
+    """3x3 convolution with PyTorch ``padding=1``; optionally zero-initialised."""
+    kwargs = {}
+    if zero_init:
+        kwargs = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+    return nn.Conv(
+        features,
+        (3, 3),
+        strides=(strides, strides),
+        padding=PAD1,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+        **kwargs,
+    )
+
+
+class TimestepEmbed(nn.Module):
+    """Integer t -> sinusoid(model_channels) -> Linear(4 mc) -> SiLU -> Linear(4 mc)."""
+
+    model_channels: int
+    embed_dim: int | None = None  # defaults to 4 * model_channels
+    max_period: float = 10000.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        """Embed timesteps ``t`` of shape (B,) into (B, embed_dim)."""
+        dim = self.embed_dim or 4 * self.model_channels
+        h = timestep_embedding(t, self.model_channels, self.max_period).astype(self.dtype)
+        h = nn.Dense(dim, dtype=self.dtype, param_dtype=jnp.float32, name="dense_0")(h)
+        h = nn.silu(h)
+        return nn.Dense(dim, dtype=self.dtype, param_dtype=jnp.float32, name="dense_1")(h)
+
+
+class ResBlock(nn.Module):
+    """guided-diffusion ResBlock: two GN-SiLU-conv stages with the timestep embedding in between."""
+
+    out_channels: int
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool = False) -> jax.Array:
+        """Map x (B,H,W,Cin) and emb (B,E) to (B,H,W,out_channels)."""
+        x = x.astype(self.dtype)
+        c = self.out_channels
+        h = nn.silu(GroupNorm32(name="in_norm")(x))
+        h = conv3x3(c, self.dtype, "in_conv")(h)
+
+        emb_out = nn.Dense(
+            2 * c if self.use_scale_shift_norm else c,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="emb_dense",
+        )(nn.silu(emb.astype(self.dtype)))
+        emb_out = emb_out[:, None, None, :]
+        if self.use_scale_shift_norm:
+            # PyTorch: scale, shift = th.chunk(emb_out, 2, dim=1) -> scale is the first half.
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = GroupNorm32(name="out_norm")(h) * (1 + scale) + shift
+        else:
+            h = GroupNorm32(name="out_norm")(h + emb_out)
+        h = nn.silu(h)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = conv3x3(c, self.dtype, "out_conv", zero_init=True)(h)
+
+        if x.shape[-1] == c:
+            skip = x
+        else:
+            skip = nn.Conv(c, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="skip_connection")(x)
+        return skip + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention: GN -> qkv -> softmax(q k / sqrt(d)) v -> zero-init proj_out -> residual.
+
+    The qkv channels are split in guided-diffusion's *legacy* order (``QKVAttentionLegacy``): the
+    3C channels are grouped per head first, ``[h0: q k v | h1: q k v | ...]`` (PyTorch reshapes to
+    (B*heads, 3*ch, T) and splits).  With one head this equals the "new" order ``[q | k | v]``.
+    """
+
+    num_heads: int = 1
+    num_head_channels: int = -1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Attend over all H*W positions of x (B,H,W,C); returns the same shape."""
+        x = x.astype(self.dtype)
+        b, hh, ww, c = x.shape
+        if self.num_head_channels == -1:
+            heads = self.num_heads
+        else:
+            if c % self.num_head_channels:
+                raise ValueError(f"channels {c} not divisible by num_head_channels {self.num_head_channels}")
+            heads = c // self.num_head_channels
+        ch = c // heads
+
+        h = GroupNorm32(name="norm")(x).reshape(b, hh * ww, c)
+        qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(h)
+        qkv = qkv.reshape(b, hh * ww, heads, 3, ch)  # legacy order: per head, then q/k/v
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        # Logits and softmax in float32 (PyTorch: softmax(weight.float())), scale 1/sqrt(ch).
+        logits = jnp.einsum("bthc,bshc->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
+        weights = jax.nn.softmax(logits / math.sqrt(ch), axis=-1).astype(self.dtype)
+        a = jnp.einsum("bhts,bshc->bthc", weights, v).reshape(b, hh * ww, c)
+        out = nn.Dense(
+            c,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="proj_out",
+            kernel_init=nn.initializers.zeros,
+            bias_init=nn.initializers.zeros,
+        )(a)
+        return x + out.reshape(b, hh, ww, c)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv, padding 1 on every side (PyTorch ``padding=1``)."""
+
+    out_channels: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B,H,W,C) -> (B,ceil(H/2),ceil(W/2),out_channels or C)."""
+        return conv3x3(self.out_channels or x.shape[-1], self.dtype, "op", strides=2)(x.astype(self.dtype))
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour repetition, then a 3x3 conv."""
+
+    out_channels: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B,H,W,C) -> (B,2H,2W,out_channels or C)."""
+        x = x.astype(self.dtype)
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv3x3(self.out_channels or x.shape[-1], self.dtype, "conv")(x)
