@@ -1,0 +1,154 @@
+"""The unified loss: which inputs reach the network in E1–E4, the targets, and that it trains."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from diffseg_jax import diffusion, objectives
+
+SCHED = diffusion.get_schedule("linear", 100)
+
+
+def _batch(key, n=4, size=8):
+    k1, k2 = jax.random.split(key)
+    mask = (jax.random.uniform(k1, (n, size, size, 1)) > 0.5).astype(jnp.float32)
+    image = jnp.clip(0.5 * mask + 0.3 * jax.random.uniform(k2, (n, size, size, 3)), 0, 1)
+    return {"image": image, "mask": mask}
+
+
+class _Recorder:
+    """An apply_fn that records what it is given and returns a chosen output."""
+
+    def __init__(self, output_fn):
+        self.calls = []
+        self.output_fn = output_fn
+
+    def __call__(self, params, x, t, cond, rng):
+        self.calls.append({"x": x, "t": t, "cond": cond})
+        return self.output_fn(x)
+
+
+@pytest.mark.parametrize("experiment", ["e2", "e3", "e4"])
+def test_diffusion_experiments_feed_x_t_of_the_right_variable(experiment):
+    batch = _batch(jax.random.PRNGKey(0))
+    rec = _Recorder(jnp.zeros_like)
+    key = jax.random.PRNGKey(1)
+    loss, aux = objectives.loss_fn(rec, None, batch, key, SCHED, experiment=experiment)
+    call = rec.calls[0]
+    # Recompute the noise the loss drew (same key split) and check x_t is q_sample of the right x0.
+    _, noise_key, _ = jax.random.split(key, 3)
+    x0 = 2 * batch["image"] - 1 if experiment == "e4" else 2 * batch["mask"] - 1
+    noise = jax.random.normal(noise_key, x0.shape)
+    np.testing.assert_allclose(call["x"], diffusion.q_sample(SCHED, x0, call["t"], noise), atol=1e-6)
+    np.testing.assert_array_equal(aux["t"], call["t"])
+    if experiment == "e2":
+        np.testing.assert_array_equal(call["cond"], batch["image"])
+    else:
+        assert call["cond"] is None  # E3 withholds the image; in E4 the image is x itself.
+    # Zero output: the loss is the mean square of the target (ε for E2/E4, x0 for E3).
+    target = x0 if experiment == "e3" else noise
+    np.testing.assert_allclose(loss, jnp.mean(target**2), rtol=1e-5)
+
+
+def test_e1_feeds_noise_not_the_mask_and_uses_dice_plus_ce():
+    batch = _batch(jax.random.PRNGKey(0))
+    rec = _Recorder(lambda x: jnp.zeros_like(x))
+    loss, aux = objectives.loss_fn(rec, None, batch, jax.random.PRNGKey(2), SCHED, experiment="e1")
+    call = rec.calls[0]
+    np.testing.assert_array_equal(call["cond"], batch["image"])
+    np.testing.assert_array_equal(call["t"], np.full(4, 99))  # default: t = T-1
+    # The network input is independent of the mask: same key, different mask → same input.
+    rec2 = _Recorder(jnp.zeros_like)
+    other = dict(batch, mask=1 - batch["mask"])
+    objectives.loss_fn(rec2, None, other, jax.random.PRNGKey(2), SCHED, experiment="e1")
+    np.testing.assert_array_equal(call["x"], rec2.calls[0]["x"])
+    assert abs(float(call["x"].std()) - 1) < 0.2
+    # Zero logits: p = 0.5 everywhere → BCE = log 2, Dice = 2·0.5·Σy/(0.5·N + Σy) per example.
+    y = np.asarray(batch["mask"]).reshape(4, -1)
+    n = y.shape[1]
+    dice = 1 - (y.sum(1) + 1) / (0.5 * n + y.sum(1) + 1)
+    np.testing.assert_allclose(loss, np.mean(dice + np.log(2)), rtol=1e-5)
+    # Perfect confident logits give a loss near 0.
+    rec3 = _Recorder(lambda x: 30.0 * (2 * batch["mask"] - 1))
+    loss3, _ = objectives.loss_fn(rec3, None, batch, jax.random.PRNGKey(2), SCHED, experiment="e1")
+    assert float(loss3) < 1e-3
+
+
+def test_timestep_weights_reweight_per_example_losses():
+    batch = _batch(jax.random.PRNGKey(0), n=16)
+    rec = _Recorder(jnp.zeros_like)
+    weights = jnp.arange(100, dtype=jnp.float32) / 100
+    loss, aux = objectives.loss_fn(
+        rec, None, batch, jax.random.PRNGKey(3), SCHED, experiment="e2", t_weights=weights
+    )
+    np.testing.assert_allclose(loss, jnp.mean(weights[aux["t"]] * aux["per_example"]), rtol=1e-6)
+
+
+def test_binary_mask_range_diffuses_zero_one_masks():
+    batch = _batch(jax.random.PRNGKey(0))
+    rec = _Recorder(jnp.zeros_like)
+    objectives.loss_fn(rec, None, batch, jax.random.PRNGKey(4), SCHED, experiment="e3", mask_range="binary")
+    loss, _ = objectives.loss_fn(
+        _Recorder(jnp.zeros_like),
+        None,
+        batch,
+        jax.random.PRNGKey(4),
+        SCHED,
+        experiment="e3",
+        mask_range="binary",
+    )
+    np.testing.assert_allclose(loss, jnp.mean(batch["mask"] ** 2), rtol=1e-6)
+
+
+def test_unknown_experiment_fails_clearly():
+    with pytest.raises(ValueError, match="e5"):
+        objectives.loss_fn(
+            _Recorder(jnp.zeros_like),
+            None,
+            _batch(jax.random.PRNGKey(0)),
+            jax.random.PRNGKey(0),
+            SCHED,
+            experiment="e5",
+        )
+
+
+class _TinyNet(nn.Module):
+    out: int
+
+    @nn.compact
+    def __call__(self, x, t, cond):
+        h = x if cond is None else jnp.concatenate([cond, x], -1)
+        temb = nn.Dense(8)(jnp.stack([jnp.sin(t / 10.0), jnp.cos(t / 10.0)], -1))[:, None, None, :]
+        h = nn.silu(nn.Conv(8, (3, 3))(h) + temb)
+        return nn.Conv(self.out, (3, 3))(h)
+
+
+@pytest.mark.parametrize("experiment", objectives.EXPERIMENTS)
+def test_loss_falls_when_a_tiny_model_overfits_8_examples(experiment):
+    batch = _batch(jax.random.PRNGKey(0), n=8)
+    net = _TinyNet(out=3 if experiment == "e4" else 1)
+    x_shape = batch["image"].shape if experiment == "e4" else batch["mask"].shape
+    cond = batch["image"] if objectives.uses_image_condition(experiment) else None
+    params = net.init(jax.random.PRNGKey(0), jnp.zeros(x_shape), jnp.zeros(8, jnp.int32), cond)
+    apply = lambda p, x, t, c, rng: net.apply(p, x, t, c)
+    opt = optax.adam(3e-2)
+    loss = functools.partial(objectives.loss_fn, apply, schedule=SCHED, experiment=experiment)
+    eval_keys = jax.random.split(jax.random.PRNGKey(99), 8)
+    mean_loss = jax.jit(lambda p: jnp.mean(jax.vmap(lambda k: loss(p, batch, k)[0])(eval_keys)))
+
+    @jax.jit
+    def step(carry, i):
+        p, s = carry
+        g = jax.grad(lambda p: loss(p, batch, jax.random.PRNGKey(i))[0])(p)
+        u, s = opt.update(g, s)
+        return (optax.apply_updates(p, u), s), None
+
+    before = float(mean_loss(params))
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(150))
+    after = float(mean_loss(params))
+    assert after < 0.8 * before, (before, after)
