@@ -1,0 +1,155 @@
+"""All defaults, shared by every experiment config.
+
+``get_config(arg)`` takes comma-separated variant tokens: a model name from the registry (``ensemdiff``) and
+``tiny`` (a few-channel, few-step variant for tests and CPUs). Experiment files call :func:`get_config` and
+set what differs. The returned config is locked: overriding an unknown key fails.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def ensemdiff_model(image_size: int = 256) -> ml_collections.ConfigDict:
+    """The EnsemDiff UNet as in the JuliaWolleb/Diffusion-based-Segmentation README flags."""
+    channel_mult = {
+        512: (1, 1, 2, 2, 4, 4),
+        256: (1, 1, 2, 2, 4, 4),
+        128: (1, 1, 2, 3, 4),
+        64: (1, 2, 3, 4),
+    }.get(image_size, (1, 1, 2, 2, 4, 4))
+    return ml_collections.ConfigDict(
+        dict(
+            name="ensemdiff",
+            model_channels=128,
+            channel_mult=channel_mult,
+            num_res_blocks=2,
+            attention_resolutions=(16,),
+            num_heads=1,
+            num_head_channels=-1,
+            dropout=0.0,
+            use_scale_shift_norm=False,
+        )
+    )
+
+
+def tiny_model(name: str) -> ml_collections.ConfigDict:
+    """A few-channel variant from the same code, for tests and CPU runs."""
+    del name  # One tiny shape for now; other architectures add theirs.
+    return ml_collections.ConfigDict(
+        dict(
+            name="ensemdiff",
+            model_channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_resolutions=(4,),
+            num_heads=1,
+            num_head_channels=-1,
+            dropout=0.0,
+            use_scale_shift_norm=False,
+        )
+    )
+
+
+MODEL_DEFAULTS = {"ensemdiff": ensemdiff_model}
+
+
+def parse_arg(arg: str | None) -> tuple[str, bool]:
+    """Splits ``'ensemdiff,tiny'`` into (model name, tiny?)."""
+    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+    tiny = "tiny" in tokens
+    names = [t for t in tokens if t != "tiny"]
+    unknown = [t for t in names if t not in MODEL_DEFAULTS]
+    if unknown or len(names) > 1:
+        raise ValueError(
+            f"Unknown config variant(s) {unknown or names} in {arg!r}; use at most one of "
+            f"{sorted(MODEL_DEFAULTS)} and/or 'tiny', e.g. ':ensemdiff,tiny'."
+        )
+    return (names[0] if names else "ensemdiff"), tiny
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The default configuration: E2 with EnsemDiff on the synthetic lesion dataset."""
+    model_name, tiny = parse_arg(arg)
+    c = ml_collections.ConfigDict()
+    c.experiment = "e2"  # e1 feed-forward, e2 diffusion segmentation, e3 mask prediction, e4 generation
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="synthetic",
+            kind="lesion",
+            image_size=64,
+            image_channels=3,
+            num_train=512,
+            num_test=64,
+            seed=0,
+            augment_flips=False,
+        )
+    )
+    c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None → ~/tensorflow_datasets
+
+    c.model = MODEL_DEFAULTS[model_name]()
+
+    # Linear 1e-4 → 0.02 over T = 1000, as in all three published codes.
+    c.diffusion = ml_collections.ConfigDict(
+        dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, mask_range="symmetric")
+    )
+
+    c.objective = ml_collections.ConfigDict(dict(e1_timestep=-1))  # -1: feed t = T-1 in E1
+
+    # EnsemDiff's published scheme: AdamW(lr 1e-4, wd 0) = Adam, batch 10, EMA 0.9999, no clipping.
+    c.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=60_000,
+            batch_size=10,
+            lr=1e-4,
+            weight_decay=0.0,
+            grad_clip=0.0,
+            ema_decay=0.9999,
+            log_every=100,
+            ckpt_every=5000,
+            keep_checkpoints=3,
+        )
+    )
+
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            enabled=True,
+            ensemble_size=5,
+            sampler="ddpm",
+            ddim_steps=50,
+            ddim_eta=0.0,
+            num_images=-1,
+            batch_size=8,
+            member_chunk=0,
+            use_ema=False,
+            seed=10,
+            num_figure_images=4,
+        )
+    )
+
+    if tiny:
+        apply_tiny(c)
+    return c
+
+
+def apply_tiny(c: ml_collections.ConfigDict) -> None:
+    """Shrinks a config to CPU-test scale: 32 px, a 32-channel 3-level UNet, T = 100, a few steps."""
+    c.model = tiny_model(c.model.name)
+    c.data.image_size = 32
+    c.data.num_train = 32
+    c.data.num_test = 8
+    c.diffusion.num_timesteps = 100
+    c.train.num_steps = 4
+    c.train.batch_size = 8
+    c.train.log_every = 2
+    c.train.ckpt_every = 2
+    c.train.ema_decay = 0.9
+    c.eval.ensemble_size = 2
+    c.eval.sampler = "ddim"
+    c.eval.ddim_steps = 5
+    c.eval.num_images = 4
+    c.eval.batch_size = 4
+    c.eval.num_figure_images = 2

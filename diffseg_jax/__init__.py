@@ -1,0 +1,41 @@
+"""diffseg-jax: diffusion segmentation for medical images in JAX/Flax (after Öttl et al.).
+
+Public, jit-friendly API for notebooks::
+
+  from diffseg_jax import diffusion, objectives, metrics
+  sched = diffusion.get_schedule("linear", 1000)
+  x_t = diffusion.q_sample(sched, x0, t, noise)
+  loss, aux = objectives.loss_fn(apply_fn, params, batch, key, sched, experiment="e2")
+  x = diffusion.ddpm_sample(model_fn, sched, shape, key)           # or ddim_sample(..., num_steps=50)
+  members = diffusion.ensemble_sample(lambda k: diffusion.ddim_sample(model_fn, sched, shape, k), key, 10)
+"""
+
+from diffseg_jax import diffusion, metrics, objectives
+from diffseg_jax.diffusion import (
+    ddim_sample,
+    ddpm_sample,
+    ensemble_sample,
+    ensemble_statistics,
+    get_schedule,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    q_sample,
+)
+from diffseg_jax.objectives import loss_fn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ddim_sample",
+    "ddpm_sample",
+    "diffusion",
+    "ensemble_sample",
+    "ensemble_statistics",
+    "get_schedule",
+    "loss_fn",
+    "metrics",
+    "objectives",
+    "predict_eps_from_x0",
+    "predict_x0_from_eps",
+    "q_sample",
+]

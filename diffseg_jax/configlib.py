@@ -1,0 +1,85 @@
+"""Config checks run at start-up, and config (de)serialisation.
+
+Configs are locked ``ml_collections.ConfigDict`` objects (``configs/base.py``), so an override of an unknown
+key fails in the flag parser; :func:`validate` then rejects values and combinations that cannot work,
+naming the key, the value and a fix, before any data is built or compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from diffseg_jax import data, diffusion, models, objectives
+
+
+def _fail(key: str, value, fix: str):
+    raise ValueError(f"Invalid config: {key}={value!r}. {fix}")
+
+
+def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
+    """Raises ``ValueError`` naming the offending key for an impossible or unknown setting.
+
+    ``check_data=False`` skips the dataset registry check (``--mode summary`` needs no data).
+    """
+    if config.experiment not in objectives.EXPERIMENTS:
+        _fail("experiment", config.experiment, f"Choose one of {objectives.EXPERIMENTS}.")
+    if config.model.name not in models.MODELS:
+        _fail("model.name", config.model.name, f"Registered models: {sorted(models.MODELS)}.")
+    if check_data and config.data.name not in data.DATASETS:
+        _fail("data.name", config.data.name, f"Registered datasets: {sorted(data.DATASETS)}.")
+    if not objectives.uses_image_condition(config.experiment) and not models.can_drop_image(
+        config.model.name
+    ):
+        _fail(
+            "model.name",
+            config.model.name,
+            f"Experiment {config.experiment} withholds the image, but this architecture cannot run "
+            "without it; choose an image-droppable model.",
+        )
+    if config.diffusion.mask_range not in diffusion.MASK_RANGES:
+        _fail("diffusion.mask_range", config.diffusion.mask_range, f"Choose one of {diffusion.MASK_RANGES}.")
+    if config.diffusion.schedule not in diffusion.BETA_SCHEDULES:
+        _fail(
+            "diffusion.schedule",
+            config.diffusion.schedule,
+            f"Registered schedules: {sorted(diffusion.BETA_SCHEDULES)}.",
+        )
+    if config.diffusion.num_timesteps < 2:
+        _fail("diffusion.num_timesteps", config.diffusion.num_timesteps, "Use at least 2 timesteps.")
+    if config.objective.e1_timestep >= config.diffusion.num_timesteps:
+        _fail(
+            "objective.e1_timestep",
+            config.objective.e1_timestep,
+            f"Use -1 (T-1) or a value below diffusion.num_timesteps={config.diffusion.num_timesteps}.",
+        )
+    for key in ("num_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+        if config.train[key] < 1:
+            _fail(f"train.{key}", config.train[key], "Use a positive integer.")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        _fail("train.ema_decay", config.train.ema_decay, "Use a value in [0, 1).")
+    if config.eval.sampler not in diffusion.SAMPLERS:
+        _fail("eval.sampler", config.eval.sampler, f"Choose one of {sorted(diffusion.SAMPLERS)}.")
+    if config.eval.sampler == "ddim" and not 1 <= config.eval.ddim_steps <= config.diffusion.num_timesteps:
+        _fail(
+            "eval.ddim_steps",
+            config.eval.ddim_steps,
+            f"Use 1..diffusion.num_timesteps={config.diffusion.num_timesteps}.",
+        )
+    if config.eval.ensemble_size < 1:
+        _fail("eval.ensemble_size", config.eval.ensemble_size, "Use at least one member.")
+
+
+def save(config: ml_collections.ConfigDict, path: str) -> None:
+    """Writes the config as JSON (for the record; runs are configured by the config files)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+    """Reads a config saved by :func:`save`."""
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,43 @@
+"""Scalar logging to TensorBoard event files (tensorboardX, no TensorFlow) and a JSONL file."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+
+class MetricWriter:
+    """Writes ``{name: scalar}`` per step to ``workdir/tensorboard`` and appends to ``workdir/metrics.jsonl``."""
+
+    def __init__(self, workdir: str):
+        os.makedirs(workdir, exist_ok=True)
+        from tensorboardX import SummaryWriter  # Imported here: only training needs it.
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
+        """Logs float scalars at ``step`` to both sinks and flushes, so a crash loses nothing written."""
+        scalars = {k: float(v) for k, v in scalars.items()}
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, step)
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        self._jsonl.flush()
+        self._tb.flush()
+
+    def close(self) -> None:
+        """Flushes and closes both sinks."""
+        self._tb.close()
+        self._jsonl.close()
+
+
+def format_duration(seconds: float) -> str:
+    """Human-readable duration, e.g. ``1h02m``, ``3m05s``, ``42s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

@@ -1,0 +1,34 @@
+"""Shared fixtures: one tfds data dir and one XLA compilation cache per test session."""
+
+import os
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # configs/ is imported as a package from the repository root.
+    sys.path.insert(0, ROOT)
+
+# Subprocesses inherit these: identical programs compile once per session.
+_CACHE = tempfile.mkdtemp(prefix="diffseg_jax_xla_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """A tfds data_dir shared by all tests (synthetic builds are cached in it)."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(config_file: str = "e2_synthetic", arg: str = "tiny", data_dir: str | None = None):
+    """Loads ``configs/<config_file>.py:<arg>`` as the CLI would, with the test data dir."""
+    import importlib
+
+    module = importlib.import_module(f"configs.{config_file}")
+    config = module.get_config(arg)
+    if data_dir is not None:
+        config.data.data_dir = data_dir
+    return config

@@ -1,0 +1,196 @@
+"""End-to-end training: resume after SIGKILL, SIGTERM, NaN handling, 1 vs 8 devices, config checks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from diffseg_jax import checkpoints, configlib, data, models, train
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(args, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "diffseg_jax.main", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _final_params(workdir, config):
+    _, _, _, _, state = train.setup(config)
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    restored, meta = ckpt.restore(step, state)
+    ckpt.close()
+    return step, restored, meta
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tfds_dir):
+    steps = 16
+    overrides = [
+        f"--config.data.data_dir={tfds_dir}",
+        f"--config.train.num_steps={steps}",
+        "--config.train.ckpt_every=2",
+        "--config.train.log_every=2",
+        "--config.eval.enabled=False",
+    ]
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = steps, 2, 2
+    config.eval.enabled = False
+
+    # Uninterrupted reference run (in-process).
+    ref_dir = str(tmp_path / "ref")
+    train.train(config, ref_dir)
+
+    # A run killed with SIGKILL as soon as its first checkpoint is complete...
+    run_dir = tmp_path / "killed"
+    proc = _cli(["--config", "configs/e2_synthetic.py:tiny", "--workdir", str(run_dir), *overrides])
+    ckpt_dir = run_dir / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed:\n" + proc.communicate()[0]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoints.Checkpointer(str(ckpt_dir)).latest_step()
+    assert killed_at is not None and killed_at < steps
+
+    # ...resumes from that checkpoint and ends with the uninterrupted run's parameters.
+    train.train(config, str(run_dir))
+    ref_step, ref_state, _ = _final_params(ref_dir, config)
+    run_step, run_state, meta = _final_params(str(run_dir), config)
+    assert ref_step == run_step == steps and meta["step"] == steps
+    for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(run_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(ref_state.opt_state), jax.tree.leaves(run_state.opt_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    assert lines[-1]["step"] == steps and all(np.isfinite(l["loss"]) for l in lines)
+
+
+class _Hooked:
+    """Wraps a train dataset to act at a given step (inject NaN, send SIGTERM)."""
+
+    def __init__(self, ds, at, action):
+        self.ds, self.at, self.action = ds, at, action
+
+    def __getitem__(self, step):
+        batch = self.ds[step]
+        return self.action(batch) if step == self.at else batch
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir, monkeypatch):
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = 8, 2, 2
+    real = data.train_dataset
+
+    def poisoned(*args, **kwargs):
+        return _Hooked(real(*args, **kwargs), 4, lambda b: dict(b, image=b["image"] * np.nan))
+
+    monkeypatch.setattr(data, "train_dataset", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 6.*last good checkpoint \\(step 4\\)"):
+        train.train(config, str(tmp_path))
+    assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
+
+
+def test_sigterm_saves_and_stops(tmp_path, tfds_dir, monkeypatch):
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = 20, 100, 100
+    real = data.train_dataset
+
+    def terminating(*args, **kwargs):
+        def term(batch):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return batch
+
+        return _Hooked(real(*args, **kwargs), 2, term)
+
+    monkeypatch.setattr(data, "train_dataset", terminating)
+    state = train.train(config, str(tmp_path))
+    assert int(state.step) == 3
+    assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 3
+
+
+_LOSSES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {root!r})
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from conftest import tiny_config
+    from diffseg_jax import train
+    config = tiny_config(data_dir={data_dir!r})
+    ds, model, schedule, optimizer, state = train.setup(config)
+    mesh = train.data_mesh()
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    step = train.jit_train_step(train.make_train_step(model, optimizer, schedule, config), mesh)
+    losses = []
+    for i in range(3):
+      state, m = step(state, train.shard_batch(ds[i], mesh))
+      losses.append(float(m["loss"]))
+    print(json.dumps({{"devices": jax.device_count(), "losses": losses}}))
+""")
+
+
+def _losses(devices, tfds_dir):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    script = _LOSSES_SCRIPT.format(root=os.path.join(ROOT, "tests"), data_dir=tfds_dir)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_one_and_eight_devices_give_the_same_losses(tfds_dir):
+    tiny_config(data_dir=tfds_dir)  # Builds nothing by itself; the subprocesses share tfds_dir.
+    one, eight = _losses(1, tfds_dir), _losses(8, tfds_dir)
+    assert one["devices"] == 1 and eight["devices"] == 8
+    np.testing.assert_allclose(one["losses"], eight["losses"], rtol=1e-4)
+    assert one["losses"][0] != one["losses"][2]
+
+
+def test_batch_not_divisible_by_devices_is_rejected(tmp_path, tfds_dir, monkeypatch):
+    config = tiny_config(data_dir=tfds_dir)
+    monkeypatch.setattr(jax, "device_count", lambda: 3)
+    monkeypatch.setattr(train, "data_mesh", lambda: type("M", (), {"size": 3})())
+    with pytest.raises(ValueError, match="batch_size=8 is not divisible by the 3 devices"):
+        train.train(config, str(tmp_path))
+
+
+def test_config_validation_names_key_and_fix(monkeypatch):
+    config = tiny_config()
+    config.model.name = "unet9000"
+    with pytest.raises(ValueError, match="model.name='unet9000'.*Registered models"):
+        configlib.validate(config)
+    config = tiny_config("e3_synthetic")
+    monkeypatch.setattr(models.MODELS["ensemdiff"], "CAN_DROP_IMAGE", False)
+    with pytest.raises(ValueError, match="withholds the image"):
+        configlib.validate(config)
+    config = tiny_config()
+    config.eval.sampler = "ddim"
+    config.eval.ddim_steps = 10_000
+    with pytest.raises(ValueError, match="eval.ddim_steps"):
+        configlib.validate(config)
+
+
+def test_unknown_override_key_fails_at_start(tmp_path):
+    proc = _cli(
+        ["--config", "configs/e2_synthetic.py:tiny", "--workdir", str(tmp_path), "--config.train.num_stpes=3"]
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "num_stpes" in out
