@@ -152,12 +152,12 @@ def test_ddpm_trajectory_and_per_step_noise_reproducible():
 
 def test_learned_range_variance_interpolates():
     """v = 1 gives log β_t, v = -1 the clipped posterior log-variance (improved DDPM)."""
-    from diffseg_jax.diffusion.samplers import _step_log_variance
+    from diffseg_jax.diffusion.samplers import step_log_variance
 
     sched = diffusion.get_schedule("linear", 100)
     t = jnp.array([50])
-    hi = _step_log_variance(sched, t, (1, 1), "learned_range", jnp.ones((1, 1)))
-    lo = _step_log_variance(sched, t, (1, 1), "learned_range", -jnp.ones((1, 1)))
+    hi = step_log_variance(sched, t, (1, 1), "learned_range", jnp.ones((1, 1)))
+    lo = step_log_variance(sched, t, (1, 1), "learned_range", -jnp.ones((1, 1)))
     np.testing.assert_allclose(hi, np.log(sched.betas[50]), rtol=1e-6)
     np.testing.assert_allclose(lo, sched.posterior_log_variance_clipped[50], rtol=1e-6)
 
@@ -182,3 +182,21 @@ def test_mask_ranges_round_trip():
     np.testing.assert_array_equal(diffusion.mask_to_diffusion(m, "symmetric"), [-1, 1, 1, -1])
     with pytest.raises(ValueError):
         diffusion.mask_to_diffusion(m, "ternary")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_return_extras_of_the_last_step(sampler):
+    sched = diffusion.get_schedule("linear", 30)
+
+    def model_fn(x, t):  # An auxiliary head that reports the timestep it saw.
+        return jnp.zeros_like(x), {"cal": jnp.broadcast_to(t[:, None, None, None].astype(jnp.float32), x.shape)}
+
+    kwargs = {"num_steps": 5} if sampler == "ddim" else {}
+    x, extras = diffusion.SAMPLERS[sampler](
+        model_fn, sched, (2, 4, 4, 1), jax.random.PRNGKey(0), return_extras=True, **kwargs
+    )
+    np.testing.assert_array_equal(extras["cal"], 0.0)  # the final call is at t = 0
+    x2, extras2 = diffusion.SAMPLERS[sampler](
+        lambda x, t: model_fn(x, t + 1), sched, (2, 4, 4, 1), jax.random.PRNGKey(0), return_extras=True, **kwargs
+    )
+    np.testing.assert_array_equal(extras2["cal"], 1.0)

@@ -18,6 +18,7 @@ from diffseg_jax.diffusion.samplers import (
     ensemble_sample,
     ensemble_statistics,
     model_x0_eps,
+    step_log_variance,
 )
 from diffseg_jax.diffusion.schedule import (
     BETA_SCHEDULES,
@@ -42,6 +43,7 @@ __all__ = [
     "get_schedule",
     "mask_to_diffusion",
     "model_x0_eps",
+    "step_log_variance",
     "predict_eps_from_x0",
     "predict_x0_from_eps",
     "q_posterior",

@@ -55,6 +55,24 @@ def model_x0_eps(
     return x0, eps
 
 
+def _with_extras(model_fn: ModelFn, shape: tuple[int, ...]):
+    """Wraps ``model_fn`` to always return (output, extras) and gives zero extras of the right structure.
+
+    A network may return ``(output, extras)`` (MedSegDiff's ``cal`` head); samplers carry the extras of the
+    latest call so that those of the final step can be returned.
+    """
+
+    def fn(x, t):
+        out = model_fn(x, t)
+        return out if isinstance(out, tuple) else (out, {})
+
+    abstract = jax.eval_shape(
+        fn, jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((shape[0],), jnp.int32)
+    )
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract[1])
+    return fn, zeros
+
+
 def _split_output(out: jnp.ndarray, variance: str) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     if variance == "learned_range":
         mean_out, v = jnp.split(out, 2, axis=-1)
@@ -64,10 +82,14 @@ def _split_output(out: jnp.ndarray, variance: str) -> tuple[jnp.ndarray, jnp.nda
     return out, None
 
 
-def _step_log_variance(
+def step_log_variance(
     schedule: Schedule, t: jnp.ndarray, shape, variance: str, v: jnp.ndarray | None
 ) -> jnp.ndarray:
-    """log σ_t² of p(x_{t-1} | x_t) for the fixed or learned-range variance of improved DDPM."""
+    """log σ_t² of p(x_{t-1} | x_t) for the fixed or learned-range variance of improved DDPM.
+
+    With ``learned_range`` the network's extra channel v ∈ [-1, 1] interpolates in log space between the
+    clipped posterior variance (v = -1) and β_t (v = 1).
+    """
     if variance == "fixed_small":
         return gaussian.extract(schedule.posterior_log_variance_clipped, t, shape)
     if variance == "fixed_large":
@@ -90,31 +112,43 @@ def ddpm_sample(
     variance: str = "fixed_large",
     clip_range: tuple[float, float] | None = (-1.0, 1.0),
     return_trajectory: bool = False,
+    return_extras: bool = False,
 ):
     """Ancestral DDPM sampling over all T steps, t = T-1 … 0, from x_T ~ N(0, I).
 
     Returns the final x (the clipped x0 estimate at t = 0, where no noise is added) or, with
     ``return_trajectory``, ``(x, {'x': (T, *shape), 'x0': (T, *shape), 't': (T,)})`` in visiting order.
+    With ``return_extras`` the extras the network returned at the last step (t = 0) are appended.
     """
     num_t = schedule.num_timesteps
     init_key, step_key = jax.random.split(key)
     x_init = jax.random.normal(init_key, shape)
+    fn, zero_extras = _with_extras(model_fn, shape)
 
-    def step(x, t):
+    def step(carry, t):
+        x, _ = carry
         tb = jnp.full((shape[0],), t, dtype=jnp.int32)
-        out, v = _split_output(model_fn(x, tb), variance)
+        raw, extras = fn(x, tb)
+        out, v = _split_output(raw, variance)
         x0, _ = model_x0_eps(schedule, out, x, tb, prediction=prediction, clip_range=clip_range)
         mean, _, _ = gaussian.q_posterior(schedule, x0, x, tb)
-        log_var = _step_log_variance(schedule, tb, shape, variance, v)
+        log_var = step_log_variance(schedule, tb, shape, variance, v)
         noise = jax.random.normal(jax.random.fold_in(step_key, t), shape)
         x_prev = mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * noise
-        return x_prev, ((x_prev, x0, t) if return_trajectory else None)
+        return (x_prev, extras), ((x_prev, x0, t) if return_trajectory else None)
 
     ts = jnp.arange(num_t - 1, -1, -1, dtype=jnp.int32)
-    x, traj = jax.lax.scan(step, x_init, ts)
+    (x, extras), traj = jax.lax.scan(step, (x_init, zero_extras), ts)
+    return _result(x, traj, extras, return_trajectory, return_extras)
+
+
+def _result(x, traj, extras, return_trajectory: bool, return_extras: bool):
+    out = (x,)
     if return_trajectory:
-        return x, {"x": traj[0], "x0": traj[1], "t": traj[2]}
-    return x
+        out += ({"x": traj[0], "x0": traj[1], "t": traj[2]},)
+    if return_extras:
+        out += (extras,)
+    return out[0] if len(out) == 1 else out
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -136,6 +170,7 @@ def ddim_sample(
     variance: str = "fixed_large",
     clip_range: tuple[float, float] | None = (-1.0, 1.0),
     return_trajectory: bool = False,
+    return_extras: bool = False,
 ):
     """DDIM (Song et al. 2021) over K of the T timesteps; ``eta`` = 0 is deterministic, 1 ≈ DDPM.
 
@@ -149,11 +184,13 @@ def ddim_sample(
     init_key, step_key = jax.random.split(key)
     x_init = jax.random.normal(init_key, shape)
     ac_ext = jnp.concatenate([schedule.alphas_cumprod, jnp.ones((1,), jnp.float32)])  # index -1 → ᾱ = 1
+    fn, zero_extras = _with_extras(model_fn, shape)
 
-    def step(x, ts_pair):
+    def step(carry, ts_pair):
+        x, _ = carry
         t, t_prev = ts_pair
         tb = jnp.full((shape[0],), t, dtype=jnp.int32)
-        out = model_fn(x, tb)
+        out, extras = fn(x, tb)
         if out.shape[-1] == 2 * shape[-1]:
             out = out[..., : shape[-1]]
         x0, eps = model_x0_eps(schedule, out, x, tb, prediction=prediction, clip_range=clip_range)
@@ -165,12 +202,12 @@ def ddim_sample(
             + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0)) * eps
             + jnp.where(t_prev >= 0, sigma, 0.0) * noise
         )
-        return x_prev, ((x_prev, x0, t) if return_trajectory else None)
+        return (x_prev, extras), ((x_prev, x0, t) if return_trajectory else None)
 
-    x, traj = jax.lax.scan(step, x_init, (jnp.asarray(ts[::-1]), jnp.asarray(ts_prev[::-1])))
-    if return_trajectory:
-        return x, {"x": traj[0], "x0": traj[1], "t": traj[2]}
-    return x
+    (x, extras), traj = jax.lax.scan(
+        step, (x_init, zero_extras), (jnp.asarray(ts[::-1]), jnp.asarray(ts_prev[::-1]))
+    )
+    return _result(x, traj, extras, return_trajectory, return_extras)
 
 
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
