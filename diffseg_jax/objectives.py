@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import optax
 
 from diffseg_jax import diffusion
+from diffseg_jax.diffusion import likelihood
 
 EXPERIMENTS = ("e1", "e2", "e3", "e4")
-# apply_fn(params, x, t, cond_or_None, rng) -> network output; rng feeds dropout when training.
+# apply_fn(params, x, t, cond_or_None, rng) -> output or (output, extras); rng feeds dropout in training.
 ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray | None, jax.Array], jnp.ndarray]
 
 
@@ -65,9 +66,25 @@ def soft_dice_loss(logits: jnp.ndarray, target: jnp.ndarray, smooth: float = 1.0
     return 1.0 - (2.0 * inter + smooth) / (denom + smooth)
 
 
-def per_example_mse(pred: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
-    """Mean squared error over all non-batch axes (improved-diffusion's ``mean_flat``)."""
-    return jnp.mean(jnp.square(pred - target), axis=tuple(range(1, pred.ndim)))
+def per_example_mse(pred: jnp.ndarray, target: jnp.ndarray, reduction: str = "mean") -> jnp.ndarray:
+    """Squared error over all non-batch axes: mean (improved-diffusion's ``mean_flat``) or sum.
+
+    ``reduction='sum'`` reproduces SegDiff's code, whose loss is the error summed over C·H·W.
+    """
+    axes = tuple(range(1, pred.ndim))
+    if reduction == "mean":
+        return jnp.mean(jnp.square(pred - target), axis=axes)
+    if reduction == "sum":
+        return jnp.sum(jnp.square(pred - target), axis=axes)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def split_output(out: Any) -> tuple[jnp.ndarray, dict[str, Any]]:
+    """A network returns its prediction or ``(prediction, extras)``; extras may hold auxiliary heads
+    (MedSegDiff's ``cal``) and updated non-parameter state (``model_state``, e.g. BatchNorm statistics)."""
+    if isinstance(out, tuple):
+        return out[0], dict(out[1])
+    return out, {}
 
 
 def loss_fn(
@@ -81,11 +98,20 @@ def loss_fn(
     mask_range: str = "symmetric",
     t_weights: jnp.ndarray | None = None,
     e1_timestep: int | None = None,
-) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    learn_sigma: bool = False,
+    reduction: str = "mean",
+    aux_weights: dict[str, float] | None = None,
+) -> tuple[jnp.ndarray, dict[str, Any]]:
     """The unified training loss for E1–E4 on one batch; returns (scalar loss, aux).
 
     ``batch`` holds ``image`` (B,H,W,C) in [0,1] and ``mask`` (B,H,W,1) in {0,1}. ``aux`` carries the
-    sampled ``t`` and the unweighted ``per_example`` losses (the raw material of per-timestep loss curves).
+    sampled ``t``, the unweighted ``per_example`` losses (the raw material of per-timestep loss curves) and
+    the network's ``model_state`` if it returned one.
+
+    ``learn_sigma``: the network outputs [prediction, v] (twice the channels) and the loss is improved
+    DDPM's hybrid ``mse + vb``, the VLB term computed with the prediction detached so that it trains only
+    v (EnsemDiff's and MedSegDiff's published loss). ``aux_weights`` weights auxiliary heads: ``{'cal': w}``
+    adds w · MSE(cal, mask) averaged over the batch (MedSegDiff v1 trains its sigmoid ``cal`` with w = 10).
     """
     _check(experiment)
     t_key, noise_key, drop_key = jax.random.split(key, 3)
@@ -97,7 +123,8 @@ def loss_fn(
     if experiment == "e1":
         t = jnp.full((batch_size,), num_t - 1 if e1_timestep is None else e1_timestep, jnp.int32)
         x_in = jax.random.normal(noise_key, x0.shape)
-        logits = apply_fn(params, x_in, t, cond, drop_key)
+        logits, extras = split_output(apply_fn(params, x_in, t, cond, drop_key))
+        logits = logits[..., : x0.shape[-1]]  # A learned-variance channel has no meaning here.
         per_example = soft_dice_loss(logits, batch["mask"]) + jnp.mean(
             optax.sigmoid_binary_cross_entropy(logits, batch["mask"]), axis=tuple(range(1, logits.ndim))
         )
@@ -105,10 +132,23 @@ def loss_fn(
         t = jax.random.randint(t_key, (batch_size,), 0, num_t, dtype=jnp.int32)
         noise = jax.random.normal(noise_key, x0.shape)
         x_t = diffusion.q_sample(schedule, x0, t, noise)
-        out = apply_fn(params, x_t, t, cond, drop_key)
-        target = x0 if prediction_type(experiment) == "x0" else noise
-        per_example = per_example_mse(out, target)
+        out, extras = split_output(apply_fn(params, x_t, t, cond, drop_key))
+        if learn_sigma:
+            out, v = jnp.split(out, 2, axis=-1)
+        pred = prediction_type(experiment)
+        per_example = per_example_mse(out, x0 if pred == "x0" else noise, reduction)
+        if learn_sigma:
+            frozen = jax.lax.stop_gradient(out)
+            model_x0 = frozen if pred == "x0" else diffusion.predict_x0_from_eps(schedule, x_t, t, frozen)
+            log_var = diffusion.step_log_variance(schedule, t, x0.shape, "learned_range", v)
+            per_example = per_example + likelihood.vb_terms_bpd(schedule, x0, x_t, t, model_x0, log_var)
 
     weights = jnp.ones_like(per_example) if t_weights is None else t_weights[t]
     loss = jnp.mean(weights * per_example)
-    return loss, {"t": t, "per_example": per_example}
+    for name, weight in (aux_weights or {}).items():
+        if name in extras and weight:
+            loss = loss + weight * jnp.mean(per_example_mse(extras[name], batch["mask"]))
+    aux = {"t": t, "per_example": per_example}
+    if "model_state" in extras:
+        aux["model_state"] = extras["model_state"]
+    return loss, aux
