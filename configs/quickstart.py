@@ -13,6 +13,7 @@ from configs import base
 def get_config(arg=None):
     config = base.get_config(arg)
     config.experiment = "e2"
+    config.objective.loss = "eps_mse"  # The paper's plain Eq. 3 loss (EnsemDiff's hybrid loss also works).
     config.data.kind = "lesion"
     config.data.image_size = 32
     config.data.num_train = 512

@@ -47,6 +47,16 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             config.diffusion.schedule,
             f"Registered schedules: {sorted(diffusion.BETA_SCHEDULES)}.",
         )
+    if config.objective.loss not in ("published", "eps_mse"):
+        _fail("objective.loss", config.objective.loss, "Choose 'published' or 'eps_mse'.")
+    if config.objective.reduction not in ("mean", "sum"):
+        _fail("objective.reduction", config.objective.reduction, "Choose 'mean' or 'sum'.")
+    if config.diffusion.variance not in ("fixed_large", "fixed_small"):
+        _fail(
+            "diffusion.variance",
+            config.diffusion.variance,
+            "Choose 'fixed_large' or 'fixed_small' (a learned variance is diffusion.learn_sigma=True).",
+        )
     if config.diffusion.num_timesteps < 2:
         _fail("diffusion.num_timesteps", config.diffusion.num_timesteps, "Use at least 2 timesteps.")
     if config.objective.e1_timestep >= config.diffusion.num_timesteps:

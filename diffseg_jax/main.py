@@ -47,8 +47,7 @@ def main(argv):
             logging.warning("Training stopped early at step %d; not evaluating.", int(state.step))
             return
         if config.eval.enabled:
-            params = state.ema_params if config.eval.use_ema else state.params
-            evaluate.evaluate(config, _WORKDIR.value, params=params, step=int(state.step))
+            evaluate.evaluate(config, _WORKDIR.value, state=state)
     else:
         evaluate.evaluate(config, _WORKDIR.value)
 

@@ -31,18 +31,38 @@ from diffseg_jax import checkpoints, configlib, data, diffusion, models, objecti
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes: step counter, parameters, their EMA, optimizer state, base RNG key."""
+    """Everything a step changes: step counter, parameters, their EMA, optimizer state, base RNG key, and
+    the model's non-parameter collections (``model_state``, e.g. MedSegDiff's BatchNorm statistics)."""
 
     step: jnp.ndarray
     params: Any
     ema_params: Any
     opt_state: Any
     key: jnp.ndarray
+    model_state: Any = flax.struct.field(default_factory=dict)
 
 
-def output_channels(experiment: str, image_channels: int, mask_channels: int = 1) -> int:
-    """Channels the network predicts: the image's for E4 (generation), else the mask's."""
-    return image_channels if experiment == "e4" else mask_channels
+def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The loss options of ``config`` after the ``objective.loss`` switch.
+
+    ``'published'`` keeps each architecture's published loss as configured (learned variance and hybrid
+    loss, summed reduction, auxiliary ``cal`` term); ``'eps_mse'`` is the paper's plain Eq. 3/Eq. 2 loss
+    (mean squared error, fixed variance, no auxiliary terms) for every architecture.
+    """
+    published = config.objective.loss == "published"
+    learn_sigma = published and config.diffusion.learn_sigma and config.experiment != "e1"
+    return dict(
+        learn_sigma=learn_sigma,
+        reduction=config.objective.reduction if published else "mean",
+        aux_weights={"cal": config.objective.cal_weight} if published else {},
+    )
+
+
+def output_channels(config: ml_collections.ConfigDict, image_channels: int, mask_channels: int = 1) -> int:
+    """Channels the network predicts: the image's for E4 (generation), else the mask's; doubled for a
+    learned variance."""
+    channels = image_channels if config.experiment == "e4" else mask_channels
+    return channels * (2 if loss_settings(config)["learn_sigma"] else 1)
 
 
 def build_model(model_config: ml_collections.ConfigDict, out_channels: int) -> nn.Module:
@@ -70,10 +90,10 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
     return opt
 
 
-def init_params(
+def init_variables(
     model: nn.Module, key: jax.Array, x_shape: tuple[int, ...], cond_shape: tuple[int, ...] | None
-) -> Any:
-    """Initialises the model's parameters for inputs of the given shapes (batch 1 is enough).
+) -> dict[str, Any]:
+    """Initialises the model's variables (``params`` and any state) for inputs of the given shapes.
 
     ``key`` is any key; it seeds an 'rbg' key for the initialisers, which compile several times faster on
     CPU than threefry ones (init is jitted: eager init of a UNet takes ~20 s on 2 cores).
@@ -82,28 +102,49 @@ def init_params(
     cond = None if cond_shape is None else jnp.zeros(cond_shape, jnp.float32)
     t = jnp.zeros((x_shape[0],), jnp.int32)
     seed = jax.random.randint(key, (), 0, jnp.iinfo(jnp.int32).max)
-    init = jax.jit(
-        lambda s: model.init({"params": jax.random.key(s, impl="rbg")}, x, t, cond, train=False)["params"]
-    )
-    return init(seed)
+    init = jax.jit(lambda s: model.init({"params": jax.random.key(s, impl="rbg")}, x, t, cond, train=False))
+    return dict(init(seed))
 
 
-def create_train_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+def create_train_state(
+    variables: dict[str, Any], optimizer: optax.GradientTransformation, key: jax.Array
+) -> TrainState:
     """A fresh state at step 0; the EMA starts as a copy of the parameters."""
+    params = variables["params"]
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
         params=params,
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=optimizer.init(params),
         key=jnp.asarray(key),
+        model_state={k: v for k, v in variables.items() if k != "params"},
     )
 
 
-def make_apply_fn(model: nn.Module, train: bool) -> objectives.ApplyFn:
-    """``apply(params, x, t, cond, rng)`` for the objective; rng drives dropout when training."""
+def model_rngs(rng: jax.Array) -> dict[str, jax.Array]:
+    """The RNG streams a model may ask for: dropout, and MedSegDiff's optional per-call random projection."""
+    return {"dropout": rng, "bottleneck": jax.random.fold_in(rng, 1)}
+
+
+def make_apply_fn(
+    model: nn.Module, train: bool, model_state: dict[str, Any] | None = None
+) -> objectives.ApplyFn:
+    """``apply(params, x, t, cond, rng)`` for the objective; rng drives dropout when training.
+
+    With ``model_state`` (non-parameter collections) in training, the collections are mutable and their
+    new values are returned in the extras as ``model_state``.
+    """
+    model_state = model_state or {}
 
     def apply(params, x, t, cond, rng):
-        return model.apply({"params": params}, x, t, cond, train=train, rngs={"dropout": rng})
+        variables = {"params": params, **model_state}
+        if train and model_state:
+            out, updates = model.apply(
+                variables, x, t, cond, train=True, rngs=model_rngs(rng), mutable=list(model_state)
+            )
+            out, extras = objectives.split_output(out)
+            return out, {**extras, "model_state": updates}
+        return model.apply(variables, x, t, cond, train=train, rngs=model_rngs(rng))
 
     return apply
 
@@ -115,33 +156,45 @@ def make_train_step(
     config: ml_collections.ConfigDict,
 ):
     """The (un-jitted) train step ``(state, batch) -> (state, metrics)`` for ``config``'s experiment."""
-    apply = make_apply_fn(model, train=True)
     e1_t = config.objective.e1_timestep
     loss = functools.partial(
         objectives.loss_fn,
-        apply,
         schedule=schedule,
         experiment=config.experiment,
         mask_range=config.diffusion.mask_range,
         e1_timestep=None if e1_t < 0 else e1_t,
+        **loss_settings(config),
     )
     ema_decay = config.train.ema_decay
 
     def train_step(state: TrainState, batch: dict[str, jnp.ndarray]):
         key = jax.random.fold_in(state.key, state.step)
-        (value, aux), grads = jax.value_and_grad(lambda p: loss(p, batch, key), has_aux=True)(state.params)
+        apply = make_apply_fn(model, train=True, model_state=state.model_state)
+        (value, aux), grads = jax.value_and_grad(lambda p: loss(apply, p, batch, key), has_aux=True)(
+            state.params
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            ema_params=ema,
+            opt_state=opt_state,
+            model_state=aux.get("model_state", state.model_state),
+        )
         return new_state, {"loss": value, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 
 
 def data_mesh() -> jax.sharding.Mesh:
-    """A 1-D mesh named ``data`` over every device."""
-    return jax.make_mesh((jax.device_count(),), ("data",))
+    """A 1-D mesh named ``data`` over every device.
+
+    Axis type Auto: XLA propagates shardings through the model (with JAX's newer default, Explicit, every
+    op must agree on shardings by hand, e.g. concatenating the sharded image with unsharded noise fails).
+    """
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
@@ -190,7 +243,7 @@ def setup(config: ml_collections.ConfigDict):
     train_ds = data.train_dataset(config.data, batch_size=config.train.batch_size, seed=config.seed)
     first = train_ds[0]
     image_channels = first["image"].shape[-1]
-    model = build_model(config.model, output_channels(config.experiment, image_channels))
+    model = build_model(config.model, output_channels(config, image_channels))
     schedule = build_schedule(config.diffusion)
     optimizer = make_optimizer(config.train)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -198,8 +251,8 @@ def setup(config: ml_collections.ConfigDict):
     cond_shape = (
         (1,) + first["image"].shape[1:] if objectives.uses_image_condition(config.experiment) else None
     )
-    params = init_params(model, init_key, x_shape, cond_shape)
-    state = create_train_state(params, optimizer, state_key)
+    variables = init_variables(model, init_key, x_shape, cond_shape)
+    state = create_train_state(variables, optimizer, state_key)
     return train_ds, model, schedule, optimizer, state
 
 

@@ -55,5 +55,11 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
 
 
 def test_summary_prints_published_ensemdiff_param_count():
+    # The published scheme learns the variance (2 output channels); the plain ε loss has one.
     log = _run(["--config", "configs/e2_isic.py:ensemdiff", "--mode", "summary"], timeout=300)
+    assert "params: 113673218" in log
+    log = _run(
+        ["--config", "configs/e2_isic.py:ensemdiff", "--mode", "summary", "--config.objective.loss=eps_mse"],
+        timeout=300,
+    )
     assert "params: 113672065" in log

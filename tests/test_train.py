@@ -194,3 +194,18 @@ def test_unknown_override_key_fails_at_start(tmp_path):
     )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "num_stpes" in out
+
+
+@pytest.mark.parametrize("experiment", ["e1", "e3", "e4"])
+def test_other_experiments_train_and_evaluate(tmp_path, tfds_dir, experiment):
+    from diffseg_jax import evaluate
+
+    config = tiny_config(f"{experiment}_synthetic", data_dir=tfds_dir)
+    config.train.num_steps = 2
+    state = train.train(config, str(tmp_path))
+    assert int(state.step) == 2
+    result = evaluate.evaluate(config, str(tmp_path))
+    saved = np.load(tmp_path / "eval" / "ensemble.npz")
+    assert saved["mean"].shape[-1] == (3 if experiment == "e4" else 1)
+    assert ("iou" in result) == (experiment == "e1")
+    assert np.all((saved["mean"] >= 0) & (saved["mean"] <= 1))
