@@ -36,6 +36,7 @@ from diffseg_jax.models.layers import (
     Upsample,
     conv3x3,
 )
+from diffseg_jax.models.torch_names import unet_torch_key as torch_key  # noqa: F401 — weight import
 
 
 def default_channel_mult(image_size: int) -> tuple[int, ...]:

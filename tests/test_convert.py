@@ -1,0 +1,79 @@
+"""Official-weight import: names and shapes of the official EnsemDiff state dict, strictness, round trip."""
+
+import jax
+import numpy as np
+import pytest
+
+from diffseg_jax import convert, models
+
+PUBLISHED = dict(model_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_resolutions=(16,))
+
+
+def _template(out_channels=1, **kwargs):
+    model = models.get_model("ensemdiff", out_channels=out_channels, **(kwargs or PUBLISHED))
+    return model, {"params": models.param_shapes(model, (1, 256, 256, 1), (1, 256, 256, 3), (1,))}
+
+
+def test_ensemdiff_keys_match_the_official_state_dict():
+    model, template = _template()
+    names = convert.export_state_dict(
+        jax.tree.map(lambda a: np.zeros(a.shape, np.float32), template), convert.torch_key_for(model)
+    )
+    # Counted from the official structure: 32 ResBlocks x 10 tensors, 20 of them with a 1x1 skip (2 each),
+    # 6 attention blocks x 6, 5 downsamples + 5 upsamples x 2, time_embed 4, stem 2, head 4.
+    assert len(names) == 32 * 10 + 20 * 2 + 6 * 6 + 10 * 2 + 4 + 2 + 4 == 426
+    expected = {
+        "time_embed.0.weight": (512, 128),
+        "time_embed.2.bias": (512,),
+        "input_blocks.0.0.weight": (128, 4, 3, 3),
+        "input_blocks.1.0.in_layers.0.weight": (128,),
+        "input_blocks.1.0.emb_layers.1.weight": (128, 512),
+        "input_blocks.1.0.out_layers.3.weight": (128, 128, 3, 3),
+        "input_blocks.3.0.op.weight": (128, 128, 3, 3),
+        "input_blocks.7.0.skip_connection.weight": (256, 128, 1, 1),
+        "input_blocks.13.1.qkv.weight": (1536, 512, 1),
+        "input_blocks.13.1.proj_out.bias": (512,),
+        "middle_block.1.norm.weight": (512,),
+        "middle_block.2.in_layers.2.weight": (512, 512, 3, 3),
+        "output_blocks.0.0.skip_connection.weight": (512, 1024, 1, 1),
+        "output_blocks.2.1.conv.weight": (512, 512, 3, 3),
+        "output_blocks.5.1.qkv.weight": (1536, 512, 1),
+        "output_blocks.5.2.conv.weight": (512, 512, 3, 3),
+        "output_blocks.17.0.in_layers.2.weight": (128, 256, 3, 3),
+        "out.0.weight": (128,),
+        "out.2.weight": (1, 128, 3, 3),
+    }
+    for key, shape in expected.items():
+        assert names[key].shape == shape, key
+
+
+def test_round_trip_and_strictness():
+    tiny = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,))
+    model = models.get_model("ensemdiff", out_channels=2, **tiny)
+    shapes = {"params": models.param_shapes(model, (1, 16, 16, 1), (1, 16, 16, 3), (1,))}
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), shapes)
+    key_fn = convert.torch_key_for(model)
+    sd = convert.export_state_dict(variables, key_fn)
+    back = convert.import_state_dict(sd, shapes, key_fn)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    # Conv kernels are OIHW in the state dict, attention qkv a 1x1 Conv1d.
+    assert sd["input_blocks.0.0.weight"].shape == (32, 4, 3, 3)
+    assert sd["input_blocks.3.1.qkv.weight"].ndim == 3
+    with pytest.raises(ValueError, match="missing.*out.2.weight"):
+        convert.import_state_dict({k: v for k, v in sd.items() if k != "out.2.weight"}, shapes, key_fn)
+    with pytest.raises(ValueError, match="not mapped.*label_emb.weight"):
+        convert.import_state_dict({**sd, "label_emb.weight": np.zeros(3)}, shapes, key_fn)
+    bad = dict(sd, **{"out.2.weight": np.zeros((1, 32, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match="wrong shape.*out.2.weight"):
+        convert.import_state_dict(bad, shapes, key_fn)
+    # PyTorch's BatchNorm counters have no counterpart and are ignored.
+    convert.import_state_dict({**sd, "x.num_batches_tracked": np.zeros(())}, shapes, key_fn)
+
+
+def test_npz_loading_and_missing_file(tmp_path):
+    np.savez(tmp_path / "w.npz", **{"a.weight": np.ones((2, 3))})
+    assert convert.load_state_dict(str(tmp_path / "w.npz"))["a.weight"].shape == (2, 3)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        convert.load_state_dict(str(tmp_path / "nope.pt"))
