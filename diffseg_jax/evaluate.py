@@ -32,8 +32,8 @@ def make_member_fn(
     E1: sigmoid of the network on fresh noise; E2/E3: a reverse diffusion run of the mask (E3 without the
     image), mapped from diffusion space to [0,1]; E4: a generated image in [0,1]. A model with an
     ``encode_image`` method (SegDiff's image encoder F, independent of x_t and t) has it computed once per
-    image rather than at every step — exact, and about a third of SegDiff's sampling compute. A model class
-    with ``postprocess_member(sample01, extras)`` combines the sample with the extras of its last call
+    image rather than at every step — exact, and about a third of SegDiff's sampling compute. A model with
+    a ``postprocess_member(sample01, extras)`` method combines the sample with the extras of its last call
     (MedSegDiff v1 blends its ``cal`` head in, as its sampler does).
     """
     experiment = config.experiment
@@ -49,7 +49,7 @@ def make_member_fn(
     )
     if config.eval.sampler == "ddim":
         kwargs.update(num_steps=config.eval.ddim_steps, eta=config.eval.ddim_eta)
-    postprocess = getattr(type(model), "postprocess_member", None)
+    postprocess = getattr(model, "postprocess_member", None)
     encode = getattr(type(model), "encode_image", None)
 
     def member(variables, images, x_shape, key):
@@ -96,7 +96,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, state: train.Train
     its EMA weights are used if ``eval.use_ema`` (the EnsemDiff authors sampled with the raw weights).
     """
     eval_cfg = config.eval
-    _, model, schedule, _, fresh = train.setup(config)
+    _, model, schedule, _, fresh = train.setup(config, abstract=True)
     if state is None:
         ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
         step = ckpt.latest_step()

@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffseg_jax import checkpoints, configlib, data, diffusion, models, objectives, writers
 
@@ -65,9 +66,21 @@ def output_channels(config: ml_collections.ConfigDict, image_channels: int, mask
     return channels * (2 if loss_settings(config)["learn_sigma"] else 1)
 
 
-def build_model(model_config: ml_collections.ConfigDict, out_channels: int) -> nn.Module:
-    """Instantiates the registered model named ``model_config.name`` with its own arguments only."""
+def build_model(
+    model_config: ml_collections.ConfigDict, out_channels: int, image_size: int | None = None
+) -> nn.Module:
+    """Instantiates the registered model named ``model_config.name`` with its own arguments only.
+
+    ``image_size`` is passed to models whose weights depend on it (MedSegDiff's FF-Parser).
+    """
     kwargs = {k: v for k, v in model_config.to_dict().items() if k != "name"}
+    cls = models.MODELS.get(model_config.name)
+    if (
+        image_size is not None
+        and cls is not None
+        and "image_size" in getattr(cls, "__dataclass_fields__", {})
+    ):
+        kwargs["image_size"] = image_size
     return models.get_model(model_config.name, out_channels=out_channels, **kwargs)
 
 
@@ -95,15 +108,14 @@ def init_variables(
 ) -> dict[str, Any]:
     """Initialises the model's variables (``params`` and any state) for inputs of the given shapes.
 
-    ``key`` is any key; it seeds an 'rbg' key for the initialisers, which compile several times faster on
-    CPU than threefry ones (init is jitted: eager init of a UNet takes ~20 s on 2 cores).
+    Traceable (call it under ``jax.jit``: eager init of a UNet takes ~20 s on 2 cores). ``key`` seeds an
+    'rbg' key for the initialisers, which compile several times faster on CPU than threefry ones.
     """
     x = jnp.zeros(x_shape, jnp.float32)
     cond = None if cond_shape is None else jnp.zeros(cond_shape, jnp.float32)
     t = jnp.zeros((x_shape[0],), jnp.int32)
     seed = jax.random.randint(key, (), 0, jnp.iinfo(jnp.int32).max)
-    init = jax.jit(lambda s: model.init({"params": jax.random.key(s, impl="rbg")}, x, t, cond, train=False))
-    return dict(init(seed))
+    return dict(model.init({"params": jax.random.key(seed, impl="rbg")}, x, t, cond, train=False))
 
 
 def create_train_state(
@@ -238,12 +250,16 @@ class _Terminate:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def setup(config: ml_collections.ConfigDict):
-    """Builds (train dataset, model, schedule, optimizer, initial state) from a validated config."""
+def setup(config: ml_collections.ConfigDict, abstract: bool = False):
+    """Builds (train dataset, model, schedule, optimizer, initial state) from a validated config.
+
+    With ``abstract`` the state is only shapes (``jax.ShapeDtypeStruct``), e.g. as a restore target: no
+    initialiser is compiled or run.
+    """
     train_ds = data.train_dataset(config.data, batch_size=config.train.batch_size, seed=config.seed)
     first = train_ds[0]
     image_channels = first["image"].shape[-1]
-    model = build_model(config.model, output_channels(config, image_channels))
+    model = build_model(config.model, output_channels(config, image_channels), first["image"].shape[1])
     schedule = build_schedule(config.diffusion)
     optimizer = make_optimizer(config.train)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -251,8 +267,11 @@ def setup(config: ml_collections.ConfigDict):
     cond_shape = (
         (1,) + first["image"].shape[1:] if objectives.uses_image_condition(config.experiment) else None
     )
-    variables = init_variables(model, init_key, x_shape, cond_shape)
-    state = create_train_state(variables, optimizer, state_key)
+
+    def make_state():
+        return create_train_state(init_variables(model, init_key, x_shape, cond_shape), optimizer, state_key)
+
+    state = jax.eval_shape(make_state) if abstract else jax.jit(make_state)()
     return train_ds, model, schedule, optimizer, state
 
 

@@ -6,7 +6,9 @@ import pytest
 
 from diffseg_jax import convert, models
 
-PUBLISHED = dict(model_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_resolutions=(16,))
+PUBLISHED = dict(
+    model_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_resolutions=(16,)
+)
 
 
 def _template(out_channels=1, **kwargs):

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from diffseg_jax import data
-from diffseg_jax.data import pipeline
-from diffseg_jax.data import synthetic
+from diffseg_jax.data import pipeline, synthetic
 
 NUM_EXAMPLES = 30  # per fingerprint check
 

@@ -189,7 +189,9 @@ def test_samplers_return_extras_of_the_last_step(sampler):
     sched = diffusion.get_schedule("linear", 30)
 
     def model_fn(x, t):  # An auxiliary head that reports the timestep it saw.
-        return jnp.zeros_like(x), {"cal": jnp.broadcast_to(t[:, None, None, None].astype(jnp.float32), x.shape)}
+        return jnp.zeros_like(x), {
+            "cal": jnp.broadcast_to(t[:, None, None, None].astype(jnp.float32), x.shape)
+        }
 
     kwargs = {"num_steps": 5} if sampler == "ddim" else {}
     x, extras = diffusion.SAMPLERS[sampler](
@@ -197,6 +199,11 @@ def test_samplers_return_extras_of_the_last_step(sampler):
     )
     np.testing.assert_array_equal(extras["cal"], 0.0)  # the final call is at t = 0
     x2, extras2 = diffusion.SAMPLERS[sampler](
-        lambda x, t: model_fn(x, t + 1), sched, (2, 4, 4, 1), jax.random.PRNGKey(0), return_extras=True, **kwargs
+        lambda x, t: model_fn(x, t + 1),
+        sched,
+        (2, 4, 4, 1),
+        jax.random.PRNGKey(0),
+        return_extras=True,
+        **kwargs,
     )
     np.testing.assert_array_equal(extras2["cal"], 1.0)

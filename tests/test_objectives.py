@@ -171,13 +171,16 @@ def test_learn_sigma_hybrid_loss_matches_closed_form_kl():
     # Means agree, so KL = 0.5 (log β − log σ̃² + σ̃²/β − 1) per pixel, in bits; t = 0 uses the decoder NLL.
     kl_bits = 0.5 * (np.log(betas[t]) - np.log(post_var[t]) + post_var[t] / betas[t] - 1) / np.log(2)
     nll0 = -np.mean(
-        np.asarray(likelihood.discretized_gaussian_log_likelihood(x0, x0, 0.5 * np.log(betas[0]))), axis=(1, 2, 3)
+        np.asarray(likelihood.discretized_gaussian_log_likelihood(x0, x0, 0.5 * np.log(betas[0]))),
+        axis=(1, 2, 3),
     ) / np.log(2)
     expected = np.where(t == 0, nll0, kl_bits)
     np.testing.assert_allclose(aux["per_example"], expected, rtol=2e-3, atol=1e-6)
     # The ε part is exact, so the gradient w.r.t. the ε channel is zero (vb sees it detached).
     grad = jax.grad(
-        lambda o: objectives.loss_fn(lambda *a: o, None, batch, key, SCHED, experiment="e2", learn_sigma=True)[0]
+        lambda o: objectives.loss_fn(
+            lambda *a: o, None, batch, key, SCHED, experiment="e2", learn_sigma=True
+        )[0]
     )(jnp.concatenate([noise, jnp.ones_like(noise)], -1))
     np.testing.assert_allclose(grad[..., 0], 0.0, atol=1e-7)
     assert np.abs(np.asarray(grad[..., 1])).max() > 0
