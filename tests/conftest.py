@@ -10,6 +10,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # configs/ is imported as a package from the repository root.
     sys.path.insert(0, ROOT)
 
+# Tests run tiny programs a few times: cheap XLA compilation matters more than fast code. Subprocesses
+# inherit this (and the tests that set XLA_FLAGS append to it).
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+
 # Subprocesses inherit these: identical programs compile once per session.
 _CACHE = tempfile.mkdtemp(prefix="diffseg_jax_xla_cache_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)

@@ -79,3 +79,29 @@ def test_npz_loading_and_missing_file(tmp_path):
     assert convert.load_state_dict(str(tmp_path / "w.npz"))["a.weight"].shape == (2, 3)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         convert.load_state_dict(str(tmp_path / "nope.pt"))
+
+
+@pytest.mark.parametrize("bottleneck", ["none", "trained"])
+def test_medsegdiff_round_trip_with_batch_stats(bottleneck):
+    """params and BatchNorm statistics map to official names; the trained bottleneck has no official twin."""
+    tiny = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,))
+    model = models.get_model(
+        "medsegdiff", out_channels=2, cond_features=(16, 32), image_size=32, bottleneck=bottleneck, **tiny
+    )
+    shapes = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0, impl="rbg"),
+            np.zeros((1, 32, 32, 1)),
+            np.zeros((1,), np.int32),
+            np.zeros((1, 32, 32, 3)),
+        )
+    )
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), dict(shapes))
+    key_fn = convert.torch_key_for(model)
+    sd = convert.export_state_dict(variables, key_fn)
+    assert any(k.endswith("running_mean") for k in sd) and any("complex_weight" in k for k in sd)
+    assert ("hwm.bottleneck_proj.weight" in sd) == (bottleneck == "trained")
+    back = convert.import_state_dict(sd, shapes, key_fn)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(a, np.asarray(b))
