@@ -28,13 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from diffseg_jax.models.layers import (
-    AttentionBlock,
-    Downsample,
-    GroupNorm32,
-    ResBlock,
     TimestepEmbed,
-    Upsample,
     conv3x3,
+    unet_encoder,
+    unet_middle_decoder_head,
 )
 from diffseg_jax.models.torch_names import unet_torch_key as torch_key  # noqa: F401 — weight import
 
@@ -82,51 +79,6 @@ class EnsemDiffUNet(nn.Module):
         x = x_t if cond is None else jnp.concatenate([cond, x_t], axis=-1)  # image first, then x_t
         h = x.astype(self.dtype)
 
-        def res(ch: int, name: str) -> ResBlock:
-            return ResBlock(ch, self.dropout, self.use_scale_shift_norm, dtype=self.dtype, name=name)
-
-        def attn(heads: int, name: str) -> AttentionBlock:
-            return AttentionBlock(heads, self.num_head_channels, dtype=self.dtype, name=name)
-
-        # Encoder: every block output is pushed onto the skip stack.
         h = conv3x3(int(self.channel_mult[0] * mc), self.dtype, "input_blocks_0_0")(h)
-        hs = [h]
-        ds, i = 1, 1
-        for level, mult in enumerate(self.channel_mult):
-            for _ in range(self.num_res_blocks):
-                h = res(mult * mc, f"input_blocks_{i}_0")(h, emb, train=train)
-                if ds in self.attention_resolutions:
-                    h = attn(self.num_heads, f"input_blocks_{i}_1")(h)
-                hs.append(h)
-                i += 1
-            if level != len(self.channel_mult) - 1:
-                h = Downsample(dtype=self.dtype, name=f"input_blocks_{i}_0")(h)
-                hs.append(h)
-                ds *= 2
-                i += 1
-
-        ch = h.shape[-1]
-        h = res(ch, "middle_block_0")(h, emb, train=train)
-        h = attn(self.num_heads, "middle_block_1")(h)
-        h = res(ch, "middle_block_2")(h, emb, train=train)
-
-        # Decoder: each ResBlock consumes concat([h, skip]) (h first, as th.cat([h, hs.pop()], 1)).
-        heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
-        i = 0
-        for level, mult in reversed(list(enumerate(self.channel_mult))):
-            for j in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, hs.pop()], axis=-1)
-                h = res(mult * mc, f"output_blocks_{i}_0")(h, emb, train=train)
-                k = 1
-                if ds in self.attention_resolutions:
-                    h = attn(heads_up, f"output_blocks_{i}_{k}")(h)
-                    k += 1
-                if level and j == self.num_res_blocks:
-                    h = Upsample(dtype=self.dtype, name=f"output_blocks_{i}_{k}")(h)
-                    ds //= 2
-                i += 1
-        assert not hs, "skip stack not fully consumed"
-
-        h = h.astype(jnp.float32)
-        h = nn.silu(GroupNorm32(name="out_norm")(h))
-        return conv3x3(self.out_channels, jnp.float32, "out_conv", zero_init=True)(h)
+        h, hs, _, ds = unet_encoder(self, h, emb, train)
+        return unet_middle_decoder_head(self, h, hs, ds, emb, train, self.out_channels)

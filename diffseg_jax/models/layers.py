@@ -205,3 +205,77 @@ class Upsample(nn.Module):
         x = x.astype(self.dtype)
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return conv3x3(self.out_channels or x.shape[-1], self.dtype, "conv")(x)
+
+
+# ---------------------------------------------------------------- the guided-diffusion UNet body
+# EnsemDiff, SegDiff and MedSegDiff share the improved/guided-diffusion UNet body and differ only in what
+# enters after the stem conv and at the bottleneck. These helpers build the body inside the calling
+# module's compact ``__call__`` (Flax parents modules created there to the caller), with the official
+# module names, from the caller's attributes: model_channels, channel_mult, num_res_blocks,
+# attention_resolutions (downsample factors), num_heads, num_heads_upsample, num_head_channels, dropout,
+# use_scale_shift_norm, dtype.
+
+
+def _res(m: nn.Module, ch: int, name: str) -> ResBlock:
+    return ResBlock(ch, m.dropout, m.use_scale_shift_norm, dtype=m.dtype, name=name)
+
+
+def _attn(m: nn.Module, heads: int, name: str) -> AttentionBlock:
+    return AttentionBlock(heads, m.num_head_channels, dtype=m.dtype, name=name)
+
+
+def unet_encoder(
+    m: nn.Module, h: jax.Array, emb: jax.Array, train: bool
+) -> tuple[jax.Array, list[jax.Array], list[jax.Array], int]:
+    """Encoder levels after the stem (whose output ``h`` is the first skip): returns (h, skips, the
+    downsample outputs, the final downsample factor)."""
+    mc = m.model_channels
+    hs, downs = [h], []
+    ds, i = 1, 1
+    for level, mult in enumerate(m.channel_mult):
+        for _ in range(m.num_res_blocks):
+            h = _res(m, mult * mc, f"input_blocks_{i}_0")(h, emb, train=train)
+            if ds in m.attention_resolutions:
+                h = _attn(m, m.num_heads, f"input_blocks_{i}_1")(h)
+            hs.append(h)
+            i += 1
+        if level != len(m.channel_mult) - 1:
+            h = Downsample(dtype=m.dtype, name=f"input_blocks_{i}_0")(h)
+            hs.append(h)
+            downs.append(h)
+            ds *= 2
+            i += 1
+    return h, hs, downs, ds
+
+
+def unet_middle_decoder_head(
+    m: nn.Module, h: jax.Array, hs: list[jax.Array], ds: int, emb: jax.Array, train: bool, out_channels: int
+) -> jax.Array:
+    """Middle block (ResBlock, attention, ResBlock), decoder consuming every skip, GN-SiLU-conv head."""
+    ch = h.shape[-1]
+    h = _res(m, ch, "middle_block_0")(h, emb, train=train)
+    h = _attn(m, m.num_heads, "middle_block_1")(h)
+    h = _res(m, ch, "middle_block_2")(h, emb, train=train)
+
+    # Each decoder ResBlock consumes concat([h, skip]) (h first, as th.cat([h, hs.pop()], 1)).
+    hs = list(hs)
+    heads_up = m.num_heads if m.num_heads_upsample == -1 else m.num_heads_upsample
+    i = 0
+    for level, mult in reversed(list(enumerate(m.channel_mult))):
+        for j in range(m.num_res_blocks + 1):
+            h = jnp.concatenate([h, hs.pop()], axis=-1)
+            h = _res(m, mult * m.model_channels, f"output_blocks_{i}_0")(h, emb, train=train)
+            k = 1
+            if ds in m.attention_resolutions:
+                h = _attn(m, heads_up, f"output_blocks_{i}_{k}")(h)
+                k += 1
+            if level and j == m.num_res_blocks:
+                h = Upsample(dtype=m.dtype, name=f"output_blocks_{i}_{k}")(h)
+                ds //= 2
+            i += 1
+    assert not hs, "skip stack not fully consumed"
+
+    # time_embed and the head stay float32, as guided-diffusion's convert_to_fp16 leaves them.
+    h = h.astype(jnp.float32)
+    h = nn.silu(GroupNorm32(name="out_norm")(h))
+    return conv3x3(out_channels, jnp.float32, "out_conv", zero_init=True)(h)

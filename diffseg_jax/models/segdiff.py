@@ -47,13 +47,10 @@ import jax
 import jax.numpy as jnp
 
 from diffseg_jax.models.layers import (
-    AttentionBlock,
-    Downsample,
-    GroupNorm32,
-    ResBlock,
     TimestepEmbed,
-    Upsample,
     conv3x3,
+    unet_encoder,
+    unet_middle_decoder_head,
 )
 from diffseg_jax.models.rrdb import RRDBNet
 from diffseg_jax.models.torch_names import unet_torch_key
@@ -123,53 +120,9 @@ class SegDiffUNet(nn.Module):
                 raise ValueError(f"image_features shape {image_features.shape} != G(x_t) shape {h.shape}")
             h = h + image_features.astype(self.dtype)
 
-        def res(ch: int, name: str) -> ResBlock:
-            return ResBlock(ch, self.dropout, self.use_scale_shift_norm, dtype=self.dtype, name=name)
-
-        def attn(heads: int, name: str) -> AttentionBlock:
-            return AttentionBlock(heads, self.num_head_channels, dtype=self.dtype, name=name)
-
-        # Encoder: the fused stem output and every block output are pushed as skips.
-        hs = [h]
-        ds, i = 1, 1
-        for level, mult in enumerate(self.channel_mult):
-            for _ in range(self.num_res_blocks):
-                h = res(mult * mc, f"input_blocks_{i}_0")(h, emb, train=train)
-                if ds in self.attention_resolutions:
-                    h = attn(self.num_heads, f"input_blocks_{i}_1")(h)
-                hs.append(h)
-                i += 1
-            if level != len(self.channel_mult) - 1:
-                h = Downsample(dtype=self.dtype, name=f"input_blocks_{i}_0")(h)
-                hs.append(h)
-                ds *= 2
-                i += 1
-
-        ch = h.shape[-1]
-        h = res(ch, "middle_block_0")(h, emb, train=train)
-        h = attn(self.num_heads, "middle_block_1")(h)
-        h = res(ch, "middle_block_2")(h, emb, train=train)
-
-        # Decoder: num_res_blocks + 1 ResBlocks per level, each on concat([h, skip]) (h first, as th.cat).
-        heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
-        i = 0
-        for level, mult in reversed(list(enumerate(self.channel_mult))):
-            for j in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, hs.pop()], axis=-1)
-                h = res(mult * mc, f"output_blocks_{i}_0")(h, emb, train=train)
-                k = 1
-                if ds in self.attention_resolutions:
-                    h = attn(heads_up, f"output_blocks_{i}_{k}")(h)
-                    k += 1
-                if level and j == self.num_res_blocks:
-                    h = Upsample(dtype=self.dtype, name=f"output_blocks_{i}_{k}")(h)
-                    ds //= 2
-                i += 1
-        assert not hs, "skip stack not fully consumed"
-
-        h = h.astype(jnp.float32)
-        h = nn.silu(GroupNorm32(name="out_norm")(h))
-        return conv3x3(self.out_channels, jnp.float32, "out_conv", zero_init=True)(h)
+        # The fused stem output is the first skip.
+        h, hs, _, ds = unet_encoder(self, h, emb, train)
+        return unet_middle_decoder_head(self, h, hs, ds, emb, train, self.out_channels)
 
 
 # ---------------------------------------------------------------- official-weight mapping
