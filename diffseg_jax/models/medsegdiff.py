@@ -57,7 +57,6 @@ Parameter names are EnsemDiff's for the diffusion UNet and ``hwm/...`` for the c
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +71,7 @@ from diffseg_jax.models.layers import (
     unet_encoder,
     unet_middle_decoder_head,
 )
+from diffseg_jax.models.torch_names import unet_torch_key
 
 VERSIONS = ("v1", "new")
 CAL_DICE_THRESHOLD = 0.65
@@ -218,34 +218,6 @@ class MedSegDiffNewUNet(MedSegDiffUNet):
 
 
 # ---------------------------------------------------------------- PyTorch state-dict names
-_LEAF = {
-    "kernel": "weight",
-    "scale": "weight",
-    "bias": "bias",
-    "mean": "running_mean",
-    "var": "running_var",
-    "complex_weight": "complex_weight",
-}
-_TOP = {"out_norm": "out.0", "out_conv": "out.2"}
-_TIME_EMBED = {"dense_0": "0", "dense_1": "2"}
-# layers.ResBlock child -> guided-diffusion ResBlock attribute (AttentionBlock, Downsample and Upsample
-# children already carry the PyTorch names: norm, qkv, proj_out, op, conv).
-_RESBLOCK = {
-    "in_norm": "in_layers.0",
-    "in_conv": "in_layers.2",
-    "emb_dense": "emb_layers.1",
-    "out_norm": "out_layers.0",
-    "out_conv": "out_layers.3",
-    "skip_connection": "skip_connection",
-}
-_TRUNK = ("input_blocks_", "middle_block_", "output_blocks_")
-
-
-def _indices_to_dots(name: str) -> str:
-    """``conv_blocks_context_5_0`` -> ``conv_blocks_context.5.0`` (only whole numeric segments)."""
-    return re.sub(r"_(\d+)(?=_|$)", r".\1", name)
-
-
 def torch_key(path: Sequence[str]) -> str:
     """Official PyTorch state-dict key of one Flax 'params' or 'batch_stats' leaf path.
 
@@ -258,20 +230,4 @@ def torch_key(path: Sequence[str]) -> str:
     ``hwm.bottleneck_proj`` (``bottleneck='trained'``) has no official counterpart, and PyTorch's
     ``num_batches_tracked`` buffers none here.
     """
-    parts = [str(p) for p in path]
-    if parts and parts[0] in ("params", "batch_stats"):
-        parts = parts[1:]
-    if len(parts) < 2 or parts[-1] not in _LEAF:
-        raise ValueError(f"not a parameter path of this model: {tuple(path)}")
-    *mods, leaf = parts
-    out = []
-    for depth, name in enumerate(mods):
-        if depth == 0 and len(mods) == 1 and name in _TOP:
-            out.append(_TOP[name])
-        elif depth == 1 and mods[0] == "time_embed":
-            out.append(_TIME_EMBED[name])
-        elif depth == 1 and mods[0].startswith(_TRUNK) and name in _RESBLOCK:
-            out.append(_RESBLOCK[name])
-        else:
-            out.append(_indices_to_dots(name))
-    return ".".join(out + [_LEAF[leaf]])
+    return unet_torch_key(tuple(path))
