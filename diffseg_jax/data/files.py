@@ -1,0 +1,213 @@
+"""Reading, checking, resizing and encoding the image and mask files of user-supplied datasets.
+
+Pure NumPy/PIL, no tfds: the builders call these, and every failure is a :class:`DatasetFileError` that names the
+file, what is wrong with it and how to fix it, so that a bad file stops a build before anything is registered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pathlib
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class DatasetFileError(ValueError):
+    """A dataset file (or folder) that cannot be used; the message names the path and the fix."""
+
+
+def open_array(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, str]:
+    """Decodes `path` fully (a truncated file fails here, not later) into (array, PIL mode)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L"):
+                array = np.asarray(img, dtype=np.uint16)
+            else:
+                array = np.asarray(img)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
+        raise DatasetFileError(
+            f"Cannot read {what} file {path}: {e}. Replace it with an intact copy from the original release "
+            "(a truncated download or a non-image file with an image suffix causes this)."
+        ) from e
+    return array, mode
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An RGB uint8 (H, W, 3) image; grayscale is replicated, an alpha channel dropped, 16-bit scaled to 8."""
+    array, mode = open_array(path, "image")
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    if mode == "P":
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
+        raise DatasetFileError(
+            f"Image {path} has shape {array.shape} and dtype {array.dtype} (mode {mode}); expected an 8-bit RGB "
+            "or grayscale image. Convert it to an 8-bit RGB PNG."
+        )
+    return np.ascontiguousarray(array[..., :3])
+
+
+def mask_levels(array: np.ndarray) -> np.ndarray:
+    """The distinct values of a mask array (any dtype, 2-D or with a trailing channel axis)."""
+    return np.unique(array)
+
+
+def binarise_mask(array: np.ndarray, path: str | os.PathLike, threshold: float | None = None) -> np.ndarray:
+    """A bool (H, W) foreground map from a decoded mask file.
+
+    With `threshold` None the mask must hold at most two values (0/255, 0/1, or any two levels); the higher one is
+    foreground, and a single level is foreground only if it is non-zero. With a `threshold`, foreground is
+    `value > threshold`, for masks with intermediate levels (JPEG masks, soft labels). A colour mask whose three
+    channels are equal is read as gray; other colour masks are rejected (their classes are ambiguous).
+    """
+    if array.ndim == 3:
+        if array.shape[-1] == 4:
+            array = array[..., :3]
+        if array.shape[-1] == 1 or np.all(array == array[..., :1]):
+            array = array[..., 0]
+        else:
+            raise DatasetFileError(
+                f"Mask {path} is a colour image with differing channels; save the mask as a single-channel "
+                "(grayscale or palette) image with one value for background and one for foreground."
+            )
+    if threshold is not None:
+        return array > threshold
+    levels = mask_levels(array)
+    if len(levels) > 2:
+        shown = ", ".join(str(v) for v in levels[:6]) + (", ..." if len(levels) > 6 else "")
+        raise DatasetFileError(
+            f"Mask {path} has {len(levels)} distinct values ({shown}); a binary mask has at most two. "
+            "Masks saved as JPEG or resized with interpolation have intermediate values: re-export the mask as "
+            "a 0/255 PNG, or set config.data.mask_threshold (foreground = value > threshold)."
+        )
+    if len(levels) == 2:
+        return array == levels[1]
+    return np.full(array.shape, bool(levels.size and levels[0] != 0))
+
+
+def read_mask(path: str | os.PathLike, threshold: float | None = None) -> np.ndarray:
+    """A bool (H, W) mask from an image file (see :func:`binarise_mask` for the rules)."""
+    array, mode = open_array(path, "mask")
+    del mode  # palette masks keep their indices, which is what their classes are
+    return binarise_mask(array, path, threshold)
+
+
+def check_same_size(image: np.ndarray, mask: np.ndarray, image_path, mask_path) -> None:
+    """Raises if mask and image differ in height or width."""
+    if image.shape[:2] != mask.shape[:2]:
+        raise DatasetFileError(
+            f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (W x H) but its image {image_path} is "
+            f"{image.shape[1]}x{image.shape[0]}; a mask must have its image's size. Replace the mask with the one "
+            "from the same release, or resize it (nearest neighbour) to the image's size."
+        )
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) RGB uint8 by PIL bilinear with antialiasing, the aspect ratio ignored (torchvision `Resize`)."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int, method: str = "bilinear") -> np.ndarray:
+    """(size, size) bool: 'bilinear' interpolates the 0/255 mask and re-thresholds at half (> 127), 'nearest' picks."""
+    if mask.shape[:2] == (size, size):
+        return mask
+    if method == "nearest":
+        return (
+            np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+        )
+    if method != "bilinear":
+        raise ValueError(f"Unknown mask resize method {method!r}; use 'bilinear' or 'nearest'.")
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)) > 127
+
+
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) int32 instance labels by nearest-neighbour resizing (labels must not be interpolated)."""
+    if labels.shape[:2] == (size, size):
+        return labels.astype(np.int32)
+    return np.asarray(Image.fromarray(labels.astype(np.int32)).resize((size, size), Image.NEAREST)).astype(
+        np.int32
+    )
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Lossless PNG bytes of a uint8 (H, W), (H, W, 1) or (H, W, 3) array (tfds would need TensorFlow for numpy)."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """A bool mask as a 0/255 single-channel PNG."""
+    return png_bytes(mask.astype(np.uint8) * 255)
+
+
+def require_dir(path: str | os.PathLike | None, dataset: str, layout: str) -> pathlib.Path:
+    """The existing, non-empty folder `path`, or an error that says what to download and how to lay it out."""
+    if path is None or str(path) == "":
+        raise DatasetFileError(
+            f"config.data.manual_dir is not set, but dataset {dataset!r} is read from a folder on disk. Pass "
+            f"--config.data.manual_dir=/path/to/folder, with this layout:\n{layout}"
+        )
+    folder = pathlib.Path(os.path.expanduser(str(path)))
+    if not folder.is_dir():
+        raise DatasetFileError(
+            f"config.data.manual_dir={str(path)!r} is not a folder (for dataset {dataset!r}). Expected layout:\n"
+            f"{layout}"
+        )
+    if not any(folder.iterdir()):
+        raise DatasetFileError(f"config.data.manual_dir={str(path)!r} is empty. Expected layout:\n{layout}")
+    return folder
+
+
+def find_files(root: pathlib.Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[pathlib.Path]:
+    """All files under `root` (recursively, hidden entries and macOS `__MACOSX` debris skipped), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(tuple(suffixes)):
+                found.append(pathlib.Path(dirpath) / name)
+    return sorted(found)
+
+
+def split_of(path: pathlib.Path, root: pathlib.Path) -> str | None:
+    """'train' or 'test' from the folder names between `root` and `path` (case-insensitive), None if neither.
+
+    The innermost folder that says 'train' (or 'training') or 'test' wins, so `data/test/train_x/...` is train.
+    """
+    for part in reversed(path.relative_to(root).parts[:-1]):
+        lower = part.lower()
+        if "train" in lower:
+            return "train"
+        if "test" in lower:
+            return "test"
+    return None
+
+
+def fingerprint(paths: Iterable[pathlib.Path], root: pathlib.Path, *extra) -> str:
+    """8 hex digits identifying the file set (relative names and sizes) and `extra` settings.
+
+    Part of a builder config's name: a changed folder builds a new dataset instead of reusing a stale one.
+    """
+    h = hashlib.sha1()
+    for p in sorted(paths):
+        h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
+    h.update(repr(extra).encode())
+    return h.hexdigest()[:8]
