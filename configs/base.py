@@ -51,6 +51,10 @@ def segdiff_model(image_size: int = 256) -> ml_collections.ConfigDict:
             rrdb_blocks=12,
             rrdb_features=64,
             rrdb_growth=32,
+            # The official loader's per-channel statistics of MoNuSeg on the 0-255 scale (datasets/monu.py),
+            # applied to the [0, 1] image inside the model.
+            image_mean=(142.07, 98.48, 132.96),
+            image_std=(65.78, 57.05, 57.78),
         )
     )
 
@@ -124,6 +128,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None → ~/tensorflow_datasets
+    # Real datasets (isic2016, monuseg2018, segmentation_folder) are read from manual_dir and stored at
+    # resize x resize px (None: image_size). Training images larger than image_size are randomly cropped
+    # to it; evaluation cuts them into image_size tiles and stitches the outputs ('tiles') or feeds them
+    # whole ('whole'). fit/validation splits hold out validation_fraction of train; a dataset without a
+    # test split holds out test_fraction of train. mask_threshold binarises many-valued folder masks;
+    # train_ids picks MoNuSeg's classic 30 training tiles or all the zip holds.
+    c.data.manual_dir = config_dict.placeholder(str)
+    c.data.resize = config_dict.placeholder(int)
+    c.data.eval_tiling = "tiles"
+    c.data.validation_fraction = 0.2
+    c.data.test_fraction = 0.2
+    c.data.split_seed = 0
+    c.data.mask_threshold = config_dict.placeholder(float)
+    c.data.train_ids = "classic30"
 
     c.model = MODEL_DEFAULTS[model_name]()
 
@@ -245,3 +263,53 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.eval.num_images = 4
     c.eval.batch_size = 4
     c.eval.num_figure_images = 2
+
+
+# The paper's three datasets (Sec. 3.1 and 4.1): where they are read from, how they are stored and cut, and the
+# ensemble sizes of Table 1 (25 for MoNuSeg, 10 for ISIC16, 5 for HER2, whose stand-in is any image folder).
+DATASET_SETTINGS = {
+    # MedSegDiff's ISIC loader: resized to 256 x 256, no augmentation.
+    "isic": dict(
+        data=dict(name="isic2016", image_size=256, resize=256, augment_flips=False), ensemble_size=10
+    ),
+    # SegDiff's MoNuSeg loader: tiles resized 1000 -> 512, random 256 crops with flips for training, the 512
+    # image evaluated as four 256 tiles. (Its random affine and colour jitter are not reproduced.)
+    "monuseg": dict(
+        data=dict(name="monuseg2018", image_size=256, resize=512, augment_flips=True, eval_tiling="tiles"),
+        ensemble_size=25,
+    ),
+    # A private folder such as the paper's HER2 set: 256 px, a fifth held out as test if no test/ folder.
+    "folder": dict(
+        data=dict(
+            name="segmentation_folder", image_size=256, resize=256, augment_flips=True, test_fraction=0.2
+        ),
+        ensemble_size=5,
+    ),
+}
+# At test scale ('tiny'): 32 px models; MoNuSeg keeps its 2 x 2 tiles of a twice-as-large stored image.
+TINY_RESIZE = {"isic": 32, "monuseg": 64, "folder": 32}
+# What each experiment changes beyond the architecture's published scheme.
+EXPERIMENT_SETTINGS = {
+    "e1": dict(train=dict(lr=1e-5)),  # The paper's feed-forward protocol: Dice + CE, Adam, lr 1e-5.
+    "e2": {},
+    "e3": {},
+    "e4": {},
+}
+
+
+def experiment_config(experiment: str, dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Experiment ``e1``..``e4`` on dataset ``isic`` / ``monuseg`` / ``folder``; ``arg`` as in :func:`get_config`."""
+    model_name, tiny = parse_arg(arg)
+    c = get_config(model_name)
+    c.experiment = experiment
+    settings = DATASET_SETTINGS[dataset]
+    for key, value in settings["data"].items():
+        c.data[key] = value
+    c.eval.ensemble_size = settings["ensemble_size"]
+    for group, values in EXPERIMENT_SETTINGS[experiment].items():
+        for key, value in values.items():
+            c[group][key] = value
+    if tiny:
+        apply_tiny(c)
+        c.data.resize = TINY_RESIZE[dataset]
+    return c

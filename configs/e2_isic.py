@@ -1,28 +1,17 @@
-"""E2 diffusion segmentation on ISIC 2016 with the published EnsemDiff settings (256 px, RGB).
+"""E2 diffusion segmentation (predict eps from x_t, t and the image; Eq. 3) on ISIC 2016.
 
-  python -m diffseg_jax.main --config configs/e2_isic.py:ensemdiff --mode summary   # params: 113672065
   python -m diffseg_jax.main --config configs/e2_isic.py --workdir runs/e2_isic \
-      --config.data.manual_dir=/path/to/ISIC2016                                     # needs the data issue
+      --config.data.manual_dir=/path/to/ISIC2016
+  python -m diffseg_jax.main --config configs/e2_isic.py:segdiff ...   # or :medsegdiff; default EnsemDiff
+  python -m diffseg_jax.main --config configs/e2_isic.py:tiny ...   # CPU-test scale
 
-Model: guided-diffusion UNet as in JuliaWolleb/Diffusion-based-Segmentation (128 channels, channel_mult
-(1,1,2,2,4,4), 2 res blocks, attention at downsample factor 16, one head), image concatenated to x_t.
-Training: AdamW lr 1e-4 (wd 0), batch 10, EMA 0.9999, 60,000 steps, T = 1000 linear betas; sampling:
-DDPM over all 1000 steps, an ensemble of 10 (the paper's ISIC size). The ISIC 2016 loader is not
-registered yet, so training stops at start with a message naming the registered datasets.
+Images and masks resized to 256 x 256 (masks re-thresholded); sampled ensembles of 10 (Table 1).
+The architecture's published training scheme (configs/base.py PUBLISHED_SCHEMES).
+The README's "Data" section shows the folder layout.
 """
-
-from ml_collections import config_dict
 
 from configs import base
 
 
 def get_config(arg=None):
-    config = base.get_config(arg)
-    config.experiment = "e2"
-    config.data.name = "isic2016"
-    config.data.image_size = 256
-    config.data.manual_dir = config_dict.placeholder(str)
-    if config.model.name == "ensemdiff" and not base.parse_arg(arg)[1]:
-        config.model = base.ensemdiff_model(256)
-    config.eval.ensemble_size = 10
-    return config
+    return base.experiment_config("e2", "isic", arg)

@@ -19,6 +19,44 @@ def _fail(key: str, value, fix: str):
     raise ValueError(f"Invalid config: {key}={value!r}. {fix}")
 
 
+def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
+    d = config.data
+    if check_data and d.name in data.MANUAL_DATASETS:
+        manual_dir = d.get("manual_dir", None)
+        if manual_dir is None:
+            _fail(
+                "data.manual_dir",
+                manual_dir,
+                f"Dataset {d.name!r} is read from a folder: pass --config.data.manual_dir=/path/to/it (the "
+                "README's 'Data' section shows each layout).",
+            )
+        if not os.path.isdir(os.path.expanduser(manual_dir)):
+            _fail(
+                "data.manual_dir", manual_dir, "No such folder; pass the folder that holds the unpacked data."
+            )
+    stored = data.stored_size(d)
+    if stored < d.image_size:
+        _fail("data.resize", d.resize, f"Store images at least at data.image_size={d.image_size} px.")
+    if d.eval_tiling not in ("tiles", "whole"):
+        _fail("data.eval_tiling", d.eval_tiling, "Choose 'tiles' or 'whole'.")
+    if stored != d.image_size and d.eval_tiling == "tiles" and stored % d.image_size:
+        _fail(
+            "data.resize",
+            d.resize,
+            f"Tiled evaluation needs a multiple of data.image_size={d.image_size}; or set data.eval_tiling=whole.",
+        )
+    if stored != d.image_size and d.eval_tiling == "whole" and config.model.name.startswith("medsegdiff"):
+        _fail(
+            "data.eval_tiling",
+            d.eval_tiling,
+            "MedSegDiff's FF-Parser weights have the training size, so it cannot run on whole "
+            f"{stored} px images; use data.eval_tiling=tiles.",
+        )
+    for key in ("validation_fraction", "test_fraction"):
+        if not 0.0 <= d[key] < 1.0:
+            _fail(f"data.{key}", d[key], "Use a fraction in [0, 1).")
+
+
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     """Raises ``ValueError`` naming the offending key for an impossible or unknown setting.
 
@@ -30,6 +68,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         _fail("model.name", config.model.name, f"Registered models: {sorted(models.MODELS)}.")
     if check_data and config.data.name not in data.DATASETS:
         _fail("data.name", config.data.name, f"Registered datasets: {sorted(data.DATASETS)}.")
+    _validate_data(config, check_data)
     if not objectives.uses_image_condition(config.experiment) and not models.can_drop_image(
         config.model.name
     ):

@@ -114,17 +114,31 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, state: train.Train
     ensemble = make_ensemble_fn(make_member_fn(model, schedule, config), eval_cfg.ensemble_size, chunk)
     key = jax.random.PRNGKey(eval_cfg.seed)
     x_key = "image" if config.experiment == "e4" else "mask"
+    # Images stored larger than the model's size are cut into model-sized tiles (SegDiff's MoNuSeg protocol)
+    # and the ensemble statistics stitched back, or fed whole to the fully convolutional network.
+    inputs, template_src, grid = test["image"], test[x_key], None
+    if data.stored_size(config.data) > config.data.image_size and config.data.eval_tiling == "tiles":
+        inputs, grid = data.to_tiles(inputs, config.data.image_size)
+        template_src, _ = data.to_tiles(template_src, config.data.image_size)
     means, stds = [], []
     t0 = time.time()
-    for i, start in enumerate(range(0, num, eval_cfg.batch_size)):
-        images = jnp.asarray(test["image"][start : start + eval_cfg.batch_size])
-        template = jnp.zeros(test[x_key][start : start + eval_cfg.batch_size].shape, jnp.float32)
+    for i, start in enumerate(range(0, len(inputs), eval_cfg.batch_size)):
+        images = jnp.asarray(inputs[start : start + eval_cfg.batch_size])
+        template = jnp.zeros(template_src[start : start + eval_cfg.batch_size].shape, jnp.float32)
         out = ensemble(variables, images, template, jax.random.fold_in(key, i))
         means.append(np.asarray(out["mean"]))
         stds.append(np.asarray(out["std"]))
-        done = min(start + eval_cfg.batch_size, num)
-        logging.info("evaluate: %d/%d images, %.2f images/s", done, num, done / (time.time() - t0))
+        done = min(start + eval_cfg.batch_size, len(inputs))
+        logging.info(
+            "evaluate: %d/%d %s, %.2f/s",
+            done,
+            len(inputs),
+            "tiles" if grid else "images",
+            done / (time.time() - t0),
+        )
     mean, std = np.concatenate(means), np.concatenate(stds)
+    if grid is not None:
+        mean, std = data.from_tiles(mean, grid), data.from_tiles(std, grid)
 
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)

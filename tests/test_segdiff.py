@@ -447,3 +447,15 @@ def test_registry():
     assert model.channel_mult == (1, 1, 1, 2, 2, 4, 4) and model.attention_resolutions == (16, 32)
     assert (model.num_res_blocks, model.num_heads, model.rrdb_blocks) == (3, 4, 12)
     assert not model.use_scale_shift_norm and model.dropout == 0.0
+
+
+def test_image_standardisation_is_the_official_loaders():
+    """With MoNuSeg's statistics, F sees (255·image − mean) / std of the [0, 1] image, as the official loader."""
+    mean, std = (142.07, 98.48, 132.96), (65.78, 57.05, 57.78)
+    model = SegDiffUNet(**TINY, image_mean=mean, image_std=std)
+    params = _tiny_params()  # no parameters added by the normalisation
+    image = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (1, 32, 32, 3)), jnp.float32)
+    ours = _jit(lambda v, c: model.apply(v, c, method="encode_image"))(params, image)
+    expected = _encode(params, (image * 255.0 - jnp.asarray(mean)) / jnp.asarray(std))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(ours, _encode(params, image), atol=1e-3)

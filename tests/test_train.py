@@ -218,9 +218,14 @@ def test_each_architecture_trains_and_samples_e2(tmp_path, tfds_dir, arch):
 
     config = tiny_config("e2_synthetic", f"{arch},tiny", data_dir=tfds_dir)
     config.train.num_steps = 2
+    if arch == "segdiff":  # images stored at 64 px: 32 px training crops, evaluation on 2 x 2 stitched tiles
+        config.data.resize = 64
     state = train.train(config, str(tmp_path))
     result = evaluate.evaluate(config, str(tmp_path), state=state)
     assert result["model"] == arch and 0.0 <= result["iou"] <= 1.0
+    saved = np.load(tmp_path / "eval" / "ensemble.npz")
+    size = 64 if arch == "segdiff" else 32
+    assert saved["mean"].shape == (4, size, size, 1) and saved["mask"].shape == (4, size, size, 1)
 
 
 @pytest.mark.parametrize("arch", ["ensemdiff", "segdiff", "medsegdiff"])

@@ -1,12 +1,35 @@
-"""Datasets (tfds builders) and the input pipeline: `load_split`, `train_dataset`, `eval_arrays`."""
+"""Datasets (tfds builders) and the input pipeline: `load_split`, `train_dataset`, `eval_arrays`, tiling."""
 
+from diffseg_jax.data.files import DatasetFileError
 from diffseg_jax.data.pipeline import (
     DATASETS,
+    MANUAL_DATASETS,
+    SPLITS,
     Source,
+    Subset,
     eval_arrays,
+    from_tiles,
+    holdout,
     load_split,
     preprocess,
+    stored_size,
+    to_tiles,
     train_dataset,
 )
 
-__all__ = ["DATASETS", "Source", "eval_arrays", "load_split", "preprocess", "train_dataset"]
+__all__ = [
+    "DATASETS",
+    "MANUAL_DATASETS",
+    "SPLITS",
+    "DatasetFileError",
+    "Source",
+    "Subset",
+    "eval_arrays",
+    "from_tiles",
+    "holdout",
+    "load_split",
+    "preprocess",
+    "stored_size",
+    "to_tiles",
+    "train_dataset",
+]

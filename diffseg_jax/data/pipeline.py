@@ -1,9 +1,17 @@
-"""Input pipeline: the dataset registry, preprocessing, the random-access training stream and whole-split arrays.
+"""Input pipeline: the dataset registry, splits, preprocessing, the random-access training stream, whole-split arrays.
 
-Every dataset is a function `load_split(data_config, split)` returning a random-access source (`len` and `[i]`) of
-examples `{'image': uint8 (H, W, 3), 'mask': uint8 (H, W, 1) in {0, 255} or {0, 1}, 'id': str}`. The training stream is
-a `grain.MapDataset` whose element `ds[step]` is the batch of training step `step`, a pure function of (seed, step):
-the trainer resumes after a crash by reading `ds[step]`, with no iterator state to checkpoint.
+Every dataset is a loader `data_config -> {split: source}` in `DATASETS`, a source being random access (`len` and
+`[i]`) over examples `{'image': uint8 (S, S, 3), 'mask': uint8 (S, S, 1) in {0, 255} or {0, 1}, 'id': str, ...}`
+stored at S = `stored_size(data_config)` (`data.resize`, else `data.image_size`). `load_split` adds the derived
+splits: `fit` and `validation`, a deterministic (1 - f, f) partition of `train` with f = `data.validation_fraction`
+(the feed-forward protocol's 80/20 split), and, for a dataset without a test split (a flat image folder), `test`
+held out of `train` by `data.test_fraction`.
+
+The training stream is a `grain.MapDataset` whose element `ds[step]` is the batch of training step `step`, a pure
+function of (seed, step): the trainer resumes after a crash by reading `ds[step]`, with no iterator state to
+checkpoint. Training images larger than `data.image_size` are randomly cropped to it (MoNuSeg: 256 crops of the
+512 tile, as SegDiff); evaluation sees whole stored images, which `to_tiles` / `from_tiles` cut into model-sized
+tiles and stitch back (`data.eval_tiling`).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from diffseg_jax.data import synthetic
+from diffseg_jax.data import files, isic2016, manual, monuseg2018, segmentation_folder, synthetic
 
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 
@@ -54,6 +62,12 @@ def _data_dir(data_config: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(str(data_dir if data_dir is not None else DEFAULT_DATA_DIR))
 
 
+def stored_size(data_config: ml_collections.ConfigDict) -> int:
+    """The side of the stored images: `data.resize` if set, else `data.image_size`."""
+    resize = data_config.get("resize", None)
+    return int(resize if resize is not None else data_config.image_size)
+
+
 @functools.lru_cache(maxsize=None)
 def _prepared_synthetic(
     kind: str, image_size: int, num_train: int, num_test: int, seed: int, data_dir: str
@@ -64,38 +78,142 @@ def _prepared_synthetic(
     return builder.as_data_source()
 
 
-def load_synthetic_split(data_config: ml_collections.ConfigDict, split: str) -> Source:
-    """The `split` of the synthetic dataset described by `data_config` (kind, image_size, num_train, num_test, seed)."""
+def load_synthetic(data_config: ml_collections.ConfigDict) -> dict[str, Source]:
+    """The splits of the synthetic dataset described by `data_config` (kind, size, num_train, num_test, seed)."""
     kind = synthetic.check_kind(data_config.kind)
-    if split not in synthetic.SPLITS:
-        raise ValueError(
-            f"Unknown split {split!r} for the synthetic dataset; use one of {list(synthetic.SPLITS)}."
-        )
-    sources = _prepared_synthetic(
+    return _prepared_synthetic(
         kind,
-        int(data_config.image_size),
+        stored_size(data_config),
         int(data_config.num_train),
         int(data_config.num_test),
         int(data_config.seed),
         _data_dir(data_config),
     )
-    return _StrIds(sources[split])
 
 
-DATASETS: dict[str, Callable[[ml_collections.ConfigDict, str], Source]] = {
-    "synthetic": load_synthetic_split,
+@functools.lru_cache(maxsize=None)
+def _prepared_manual(make_builder: Callable, manual_dir: str, data_dir: str, **options) -> dict[str, Source]:
+    """Builds a manual-download dataset from `manual_dir` unless built already (same files and options)."""
+    builder = make_builder(manual_dir, data_dir=data_dir, **options)
+    return manual.prepare(builder, manual_dir)
+
+
+def _manual_dir(data_config: ml_collections.ConfigDict, dataset: str, layout: str) -> str:
+    return str(files.require_dir(data_config.get("manual_dir", None), dataset, layout))
+
+
+def load_isic2016(data_config: ml_collections.ConfigDict) -> dict[str, Source]:
+    """ISIC 2016 from `data.manual_dir`, stored at `stored_size` (see `diffseg_jax.data.isic2016`)."""
+    manual_dir = _manual_dir(data_config, "isic2016", isic2016.isic2016.LAYOUT)
+    return _prepared_manual(
+        isic2016.make_builder, manual_dir, _data_dir(data_config), resize=stored_size(data_config)
+    )
+
+
+def load_monuseg2018(data_config: ml_collections.ConfigDict) -> dict[str, Source]:
+    """MoNuSeg 2018 from `data.manual_dir`, stored at `stored_size` (see `diffseg_jax.data.monuseg2018`)."""
+    manual_dir = _manual_dir(data_config, "monuseg2018", monuseg2018.monuseg2018.LAYOUT)
+    return _prepared_manual(
+        monuseg2018.make_builder,
+        manual_dir,
+        _data_dir(data_config),
+        resize=stored_size(data_config),
+        train_ids=data_config.get("train_ids", "classic30"),
+    )
+
+
+def load_segmentation_folder(data_config: ml_collections.ConfigDict) -> dict[str, Source]:
+    """Any images/ + masks/ folder from `data.manual_dir` (see `diffseg_jax.data.segmentation_folder`)."""
+    manual_dir = _manual_dir(
+        data_config, "segmentation_folder", segmentation_folder.segmentation_folder.LAYOUT
+    )
+    return _prepared_manual(
+        segmentation_folder.make_builder,
+        manual_dir,
+        _data_dir(data_config),
+        resize=stored_size(data_config),
+        mask_threshold=data_config.get("mask_threshold", None),
+    )
+
+
+DATASETS: dict[str, Callable[[ml_collections.ConfigDict], dict[str, Source]]] = {
+    "synthetic": load_synthetic,
+    "isic2016": load_isic2016,
+    "monuseg2018": load_monuseg2018,
+    "segmentation_folder": load_segmentation_folder,
 }
+# Datasets read from config.data.manual_dir.
+MANUAL_DATASETS = ("isic2016", "monuseg2018", "segmentation_folder")
+SPLITS = ("train", "test", "fit", "validation")
+
+
+class Subset:
+    """The examples of `source` at `indices` (a random-access source itself)."""
+
+    def __init__(self, source: Source, indices: np.ndarray):
+        self._source = source
+        self._indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._source[int(self._indices[index])]
+
+    def __repr__(self) -> str:
+        return f"Subset({self._source!r}, {len(self)} examples)"
+
+
+def holdout(num: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) sorted index arrays: round(fraction * num) of `num` indices drawn with `seed`.
+
+    At least one example goes to each side when 0 < fraction < 1 and num >= 2. tfds orders a split's records by a
+    hash of their keys, so the partition depends only on the set of example ids, the fraction and the seed.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"A held-out fraction must be in [0, 1), got {fraction}.")
+    k = int(round(fraction * num))
+    if fraction > 0 and num >= 2:
+        k = min(max(k, 1), num - 1)
+    perm = np.random.default_rng([int(seed), 0x5EED]).permutation(num)
+    return np.sort(perm[k:]), np.sort(perm[:k])
 
 
 def load_split(data_config: ml_collections.ConfigDict, split: str) -> Source:
-    """The random-access source of `split` of the dataset named by `data_config.name` (see `DATASETS`)."""
+    """The random-access source of `split` ('train', 'test', 'fit', 'validation') of `data_config.name`."""
     name = data_config.name
     if name not in DATASETS:
         raise ValueError(
             f"Unknown dataset name {name!r} in config.data.name; use one of {sorted(DATASETS)} "
-            "or register a loader `load_split(data_config, split)` in diffseg_jax.data.pipeline.DATASETS."
+            "or register a loader `data_config -> {split: source}` in diffseg_jax.data.pipeline.DATASETS."
         )
-    return DATASETS[name](data_config, split)
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; use one of {list(SPLITS)}.")
+    sources = {k: _StrIds(v) for k, v in DATASETS[name](data_config).items()}
+    seed = int(data_config.get("split_seed", 0))
+    if "test" not in sources and "train" in sources and data_config.get("test_fraction", 0.0) > 0:
+        kept, held = holdout(len(sources["train"]), float(data_config.test_fraction), seed + 1)
+        sources["train"], sources["test"] = Subset(sources["train"], kept), Subset(sources["train"], held)
+    if split in ("fit", "validation") and "train" in sources:
+        fraction = float(data_config.get("validation_fraction", 0.2))
+        if fraction <= 0:
+            raise ValueError(
+                f"Split {split!r} needs config.data.validation_fraction in (0, 1), got {fraction}."
+            )
+        kept, held = holdout(len(sources["train"]), fraction, seed)
+        return Subset(sources["train"], kept if split == "fit" else held)
+    if split not in sources:
+        fix = (
+            "set config.data.test_fraction > 0 to hold out part of the training images, or add a test folder"
+            if split == "test"
+            else "add the training images to config.data.manual_dir"
+        )
+        raise ValueError(
+            f"Dataset {name!r} has no {split!r} split (found {sorted(sources)}"
+            + (f" in manual_dir {data_config.get('manual_dir')}" if name in MANUAL_DATASETS else "")
+            + f"); {fix}."
+        )
+    return sources[split]
 
 
 def preprocess(example: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -109,27 +227,66 @@ def preprocess(example: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"image": image.astype(np.float32) / 255.0, "mask": binary.astype(np.float32)}
 
 
-def _random_flips(example: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Flips image and mask together, horizontally and vertically, each with probability 1/2."""
-    image, mask = example["image"], example["mask"]
-    if rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    if rng.random() < 0.5:
-        image, mask = image[::-1], mask[::-1]
+def _augment(
+    example: dict[str, Any], rng: np.random.Generator, crop: int | None, flips: bool
+) -> dict[str, np.ndarray]:
+    """A random `crop` x `crop` window (if set) and random h/v flips (if `flips`), the same for image and mask."""
+    image, mask = np.asarray(example["image"]), np.asarray(example["mask"])
+    if crop is not None:
+        y = int(rng.integers(0, image.shape[0] - crop + 1))
+        x = int(rng.integers(0, image.shape[1] - crop + 1))
+        image, mask = image[y : y + crop, x : x + crop], mask[y : y + crop, x : x + crop]
+    if flips:
+        if rng.random() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        if rng.random() < 0.5:
+            image, mask = image[::-1], mask[::-1]
     return {"image": np.ascontiguousarray(image), "mask": np.ascontiguousarray(mask)}
 
 
-def train_dataset(data_config: ml_collections.ConfigDict, batch_size: int, seed: int) -> grain.MapDataset:
-    """Infinite, per-epoch reshuffled, batched training stream; `ds[step]` is step's batch, a function of (seed, step)."""
+def train_dataset(
+    data_config: ml_collections.ConfigDict, batch_size: int, seed: int, split: str = "train"
+) -> grain.MapDataset:
+    """Infinite, per-epoch reshuffled, batched stream of `split`; `ds[step]` is step's batch, a function of (seed, step).
+
+    Stored images larger than `data.image_size` are randomly cropped to it; `data.augment_flips` adds h/v flips.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    ds = grain.MapDataset.source(load_split(data_config, "train")).seed(seed)
-    # repeat() folds the epoch into the seeds of the shuffle (and flips) upstream of it: a new order every epoch, and
-    # element k of the stream is still a pure function of (seed, k).
-    ds = ds.shuffle().repeat().map(preprocess)
-    if data_config.get("augment_flips", False):
-        ds = ds.random_map(_random_flips)
-    return ds.batch(batch_size, drop_remainder=True)
+    ds = grain.MapDataset.source(load_split(data_config, split)).seed(seed)
+    # repeat() folds the epoch into the seeds of the shuffle (and crops/flips) upstream of it: a new order every
+    # epoch, and element k of the stream is still a pure function of (seed, k).
+    ds = ds.shuffle().repeat()
+    size, stored = int(data_config.image_size), stored_size(data_config)
+    crop = size if stored > size else None
+    flips = bool(data_config.get("augment_flips", False))
+    if crop is not None or flips:
+        ds = ds.random_map(functools.partial(_augment, crop=crop, flips=flips))
+    return ds.map(preprocess).batch(batch_size, drop_remainder=True)
+
+
+def to_tiles(images: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(N, H, W, C) -> (N * H/tile * W/tile, tile, tile, C) non-overlapping tiles in row-major order, and the grid.
+
+    SegDiff evaluates its 512 px MoNuSeg tiles as four 256 px tiles this way (stride = tile, no overlap).
+    """
+    n, h, w, c = images.shape
+    if h % tile or w % tile:
+        raise ValueError(
+            f"Images of {h}x{w} px cannot be cut into {tile} px tiles; make config.data.resize a multiple of "
+            f"config.data.image_size, or set config.data.eval_tiling='whole'."
+        )
+    rows, cols = h // tile, w // tile
+    tiles = images.reshape(n, rows, tile, cols, tile, c).transpose(0, 1, 3, 2, 4, 5)
+    return tiles.reshape(n * rows * cols, tile, tile, c), (rows, cols)
+
+
+def from_tiles(tiles: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The inverse of :func:`to_tiles`: stitches (N * rows * cols, t, t, C) back into (N, rows * t, cols * t, C)."""
+    rows, cols = grid
+    m, t, _, c = tiles.shape
+    n = m // (rows * cols)
+    return tiles.reshape(n, rows, cols, t, t, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, rows * t, cols * t, c)
 
 
 def eval_arrays(

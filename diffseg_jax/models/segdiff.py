@@ -18,6 +18,8 @@ Parameter names follow the PyTorch module tree with ``.`` -> ``_`` at module ind
 Deviations from the official code (the training-scheme items are for the trainer, not this module):
 
 * NHWC layout.  The image may have any number of channels (Flax infers it; the official F takes 3).
+* The image arrives in [0, 1] and ``image_mean``/``image_std`` standardise it inside the model (the official
+  data loader does it on the 0-255 scale); the config sets MoNuSeg's statistics, as the official code.
 * ``cond=None`` without ``image_features`` removes F entirely (no ``rrdb`` parameters, nothing run): the
   paper's "remove the image branch" for the image-free experiments E3/E4.  The official model always
   needs ``conditioned_image``.
@@ -79,6 +81,10 @@ class SegDiffUNet(nn.Module):
     rrdb_blocks: int = 12
     rrdb_features: int = 64
     rrdb_growth: int = 32
+    # The official loader normalises the [0, 255] image per channel with MoNuSeg's statistics before F
+    # (datasets/monu.py); the data pipeline delivers [0, 1] images, so F does it here. None: no normalisation.
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
@@ -93,7 +99,15 @@ class SegDiffUNet(nn.Module):
         )
 
     def encode_image(self, cond: jax.Array) -> jax.Array:
-        """F(image): (B,H,W,Ci) -> (B,H,W,model_channels); independent of x_t and t, so cacheable."""
+        """F(image): (B,H,W,Ci) -> (B,H,W,model_channels); independent of x_t and t, so cacheable.
+
+        ``cond`` is in [0, 1]; with ``image_mean``/``image_std`` (0-255 scale) it is first standardised as the
+        official loader does.
+        """
+        if self.image_mean is not None:
+            mean = jnp.asarray(self.image_mean, jnp.float32)
+            std = jnp.asarray(self.image_std if self.image_std is not None else 1.0, jnp.float32)
+            cond = (cond * 255.0 - mean) / std
         return self.rrdb(cond)
 
     @nn.compact
