@@ -1,4 +1,4 @@
-"""Segmentation metrics, pure jnp functions (jit/vmap friendly).
+"""Segmentation and calibration metrics, pure jnp functions (jit/vmap friendly).
 
 Each function pools **all pixels it is given**: call it on one image for a per-image value, on a stack for a
 pooled value, or vmap it over images (:func:`per_image`) and average for the mean of per-image values.
@@ -6,10 +6,12 @@ pooled value, or vmap it over images (:func:`per_image`) and average for the mea
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def iou(pred_mask: jnp.ndarray, true_mask: jnp.ndarray, empty_value: float = 1.0) -> jnp.ndarray:
@@ -34,3 +36,92 @@ def dice(pred_mask: jnp.ndarray, true_mask: jnp.ndarray, empty_value: float = 1.
 def per_image(metric: Callable[..., jnp.ndarray], *arrays: jnp.ndarray) -> jnp.ndarray:
     """Applies a pooled metric to each image of stacked arrays (leading axis = image)."""
     return jax.vmap(metric)(*arrays)
+
+
+def calibration_bins(
+    probs: jnp.ndarray, labels: jnp.ndarray, num_bins: int = 10, top_label: bool = False
+) -> dict[str, jnp.ndarray]:
+    """Reliability-diagram data over all pixels given: per bin the mean confidence, accuracy and pixel count.
+
+    Binary (default), as torchmetrics' ``BinaryCalibrationError``: the confidence is the foreground
+    probability ``probs`` and the accuracy the foreground indicator ``labels``. ``top_label``: the
+    confidence is max(p, 1 − p) of the predicted class (foreground iff p > 0.5) and the accuracy whether
+    that class is right.
+
+    Bins as torchmetrics ``_binning_bucketize``: boundaries b_k = k / num_bins (float32; for
+    ``num_bins=10`` bit-identical to torchmetrics' ``linspace``), bin k holds b_k <= c < b_{k+1}, and a
+    last, (num_bins + 1)-th bin holds exactly c = 1. This matters for ensembles: the mean of N members
+    lands on multiples of 1/N, i.e. on bin edges, and clipped diffusion samples give many exact 0s and
+    1s. Returns arrays of length num_bins + 1: ``confidence`` and ``accuracy`` (0 for empty bins) and
+    ``count``. Probabilities outside [0, 1] are clipped.
+    """
+    p = jnp.clip(jnp.ravel(probs).astype(jnp.float32), 0.0, 1.0)
+    y = jnp.ravel(labels).astype(bool)
+    if top_label:
+        pred = p > 0.5
+        conf = jnp.where(pred, p, 1.0 - p)
+        acc = (pred == y).astype(jnp.float32)
+    else:
+        conf, acc = p, y.astype(jnp.float32)
+    boundaries = jnp.asarray((np.arange(num_bins + 1) / num_bins).astype(np.float32))
+    index = jnp.searchsorted(boundaries, conf, side="right") - 1  # torch.bucketize(right=True) - 1
+    count = jnp.zeros(num_bins + 1, jnp.float32).at[index].add(1.0)
+    conf_sum = jnp.zeros(num_bins + 1, jnp.float32).at[index].add(conf)
+    acc_sum = jnp.zeros(num_bins + 1, jnp.float32).at[index].add(acc)
+    safe = jnp.maximum(count, 1.0)
+    return {
+        "confidence": jnp.where(count > 0, conf_sum / safe, 0.0),
+        "accuracy": jnp.where(count > 0, acc_sum / safe, 0.0),
+        "count": count,
+    }
+
+
+def expected_calibration_error(
+    probs: jnp.ndarray, labels: jnp.ndarray, num_bins: int = 10, top_label: bool = False
+) -> jnp.ndarray:
+    """ECE over all pixels given: sum over bins of |accuracy − confidence| × the bin's share of pixels.
+
+    By default exactly torchmetrics' ``BinaryCalibrationError(n_bins=num_bins, norm='l1')`` (see
+    :func:`calibration_bins` for the bins and the ``top_label`` variant). The paper (Öttl et al., Sec. 3.2)
+    uses 10 bins and cites Nixon et al. Pooling is the caller's choice: one image for a per-image ECE, the
+    whole test set for the pooled ECE (what a torchmetrics metric object accumulated over batches gives).
+    """
+    bins = calibration_bins(probs, labels, num_bins, top_label)
+    share = bins["count"] / jnp.maximum(bins["count"].sum(), 1.0)
+    return jnp.sum(jnp.abs(bins["accuracy"] - bins["confidence"]) * share)
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins",))
+def segmentation_report(
+    mean: jnp.ndarray, truth: jnp.ndarray, threshold: float = 0.5, num_bins: int = 10
+) -> dict[str, jnp.ndarray]:
+    """All metrics of an ensemble's mean foreground probability ``mean`` (N, ...) against binary ``truth``.
+
+    The segmentation is ``mean > threshold``. Two poolings, both reported:
+
+    * ``*_per_image``: the metric of each image's pixels (arrays of length N; their average is the
+      "per-image" figure, as SegDiff's evaluation computes IoU);
+    * ``*_pooled``: the metric of all pixels of all N images at once (what torchmetrics' metric objects give
+      when updated batch by batch over a test set).
+
+    Keys: ``iou``, ``dice``, ``ece`` (binary, torchmetrics' definition) and ``ece_top_label`` in both
+    poolings, ``reliability`` (pooled :func:`calibration_bins`), and per image the true and predicted
+    foreground fractions.
+    """
+    pred = mean > threshold
+    truth = truth > 0.5
+    ece = functools.partial(expected_calibration_error, num_bins=num_bins)
+    ece_top = functools.partial(expected_calibration_error, num_bins=num_bins, top_label=True)
+    return {
+        "iou_per_image": per_image(iou, pred, truth),
+        "dice_per_image": per_image(dice, pred, truth),
+        "ece_per_image": per_image(ece, mean, truth),
+        "ece_top_label_per_image": per_image(ece_top, mean, truth),
+        "true_fraction_per_image": jnp.mean(truth.reshape(truth.shape[0], -1), axis=1),
+        "pred_fraction_per_image": jnp.mean(pred.reshape(pred.shape[0], -1), axis=1),
+        "iou_pooled": iou(pred, truth),
+        "dice_pooled": dice(pred, truth),
+        "ece_pooled": ece(mean, truth),
+        "ece_top_label_pooled": ece_top(mean, truth),
+        "reliability": calibration_bins(mean, truth, num_bins),
+    }
