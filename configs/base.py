@@ -181,6 +181,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
+    # member_chunk: members sampled at once per image (lax.map over chunks bounds memory; 0 = all at once).
+    # pooling: which IoU / ECE metrics.json reports as `iou` / `ece` (both are always written):
+    # 'pooled' over all test pixels (a torchmetrics metric object accumulated over the test set) or
+    # 'per_image' (the mean of per-image values). ece_bins: equal-width bins (the paper: 10).
     c.eval = ml_collections.ConfigDict(
         dict(
             enabled=True,
@@ -190,13 +194,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ddim_eta=0.0,
             num_images=-1,
             batch_size=8,
-            member_chunk=0,
+            member_chunk=5,
             use_ema=False,
             clip_denoised=True,
             seed=10,
             num_figure_images=4,
+            pooling="pooled",
+            ece_bins=10,
         )
     )
+
+    # The feed-forward protocol (--mode e1_protocol): at most max_epochs epochs on the 80 % split (-1: as
+    # many as train.num_steps allows), stopping after `patience` epochs without a better validation loss
+    # (0: never); then retraining on all training data for the best epoch count.
+    c.protocol = ml_collections.ConfigDict(dict(max_epochs=-1, patience=0))
 
     apply_scheme(c, model_name)
     if tiny:

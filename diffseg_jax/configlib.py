@@ -109,6 +109,10 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             _fail(f"train.{key}", config.train[key], "Use a positive integer.")
     if not 0.0 <= config.train.ema_decay < 1.0:
         _fail("train.ema_decay", config.train.ema_decay, "Use a value in [0, 1).")
+    if config.eval.pooling not in ("pooled", "per_image"):
+        _fail("eval.pooling", config.eval.pooling, "Choose 'pooled' or 'per_image'.")
+    if config.eval.ece_bins < 1:
+        _fail("eval.ece_bins", config.eval.ece_bins, "Use a positive number of bins (the paper: 10).")
     if config.eval.sampler not in diffusion.SAMPLERS:
         _fail("eval.sampler", config.eval.sampler, f"Choose one of {sorted(diffusion.SAMPLERS)}.")
     if config.eval.sampler == "ddim" and not 1 <= config.eval.ddim_steps <= config.diffusion.num_timesteps:

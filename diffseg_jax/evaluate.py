@@ -1,4 +1,4 @@
-"""Ensemble evaluation: sample N members per test image (vmapped, jitted), mean/std maps, IoU.
+"""Ensemble evaluation: sample N members per test image (vmapped, jitted, sharded), mean/std maps, IoU, ECE.
 
 Follows the EnsemDiff protocol (Wolleb et al.; author's answer in JuliaWolleb/Diffusion-based-Segmentation
 issue #48): N independent reverse runs per image, the pixel-wise mean of the members thresholded at 0.5
@@ -8,6 +8,7 @@ members from the random noise fed in place of x_t, as in the paper (Sec. 4.1).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -18,8 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from diffseg_jax import checkpoints, data, diffusion, metrics, objectives, plots, train
+from diffseg_jax import checkpoints, data, diffusion, metrics, objectives, plots, train, writers
 
 THRESHOLD = 0.5  # A pixel is foreground when the ensemble mean is > 0.5.
 
@@ -89,54 +92,117 @@ def make_ensemble_fn(member, num_members: int, member_chunk: int | None):
     return jax.jit(ensemble)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, state: train.TrainState | None = None) -> dict:
-    """Samples the ensemble on the test split and writes ``workdir/eval/{metrics.json, ensemble.png}``.
+def load_state(config: ml_collections.ConfigDict, workdir: str, fresh: train.TrainState) -> train.TrainState:
+    """The latest checkpoint in ``workdir/checkpoints`` restored into the structure of ``fresh``."""
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first (--mode train).")
+    state, _ = ckpt.restore(step, fresh)
+    ckpt.close()
+    return state
+
+
+def sample_statistics(
+    ensemble: Callable,
+    variables: Any,
+    inputs: np.ndarray,
+    x_shape: tuple[int, ...],
+    batch_size: int,
+    key: jax.Array,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ensemble mean and std for every input, ``batch_size`` images at a time, sharded over all devices.
+
+    Every batch is padded to the same size, a multiple of the device count (one compilation), and split
+    along the image axis (members stay on the device of their image: no communication). Batch ``i`` uses
+    ``fold_in(key, i)``; when ``batch_size`` is a multiple of the device count the samples do not depend on
+    how many devices there are. Logs images/s and the time left.
+    """
+    mesh = train.data_mesh()
+    n_dev = mesh.size
+    per_batch = -(-batch_size // n_dev) * n_dev
+    sharded = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    variables = jax.device_put(variables, replicated)
+    num = len(inputs)
+    means, stds = [], []
+    t0 = time.time()
+    for i, start in enumerate(range(0, num, batch_size)):
+        batch = inputs[start : start + batch_size]
+        n = len(batch)
+        pad = [(0, per_batch - n)] + [(0, 0)] * (batch.ndim - 1) if n < per_batch else None
+        images = jax.device_put(np.pad(batch, pad) if pad else batch, sharded)
+        template = jax.device_put(np.zeros((len(images),) + tuple(x_shape), np.float32), sharded)
+        out = ensemble(variables, images, template, jax.random.fold_in(key, i))
+        means.append(np.asarray(out["mean"])[:n])
+        stds.append(np.asarray(out["std"])[:n])
+        done = start + n
+        rate = done / (time.time() - t0)
+        logging.info(
+            "evaluate: %d/%d images, %.2f images/s, ETA %s",
+            done,
+            num,
+            rate,
+            writers.format_duration((num - done) / rate),
+        )
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def dataset_label(data_config: ml_collections.ConfigDict) -> str:
+    """The dataset's name for tables: ``isic2016``, ``monuseg2018``, the folder's name, ``synthetic-lesion``."""
+    if data_config.name == "synthetic":
+        return f"synthetic-{data_config.kind}"
+    if data_config.name == "segmentation_folder" and data_config.get("manual_dir"):
+        return os.path.basename(os.path.normpath(os.path.expanduser(data_config.manual_dir)))
+    return str(data_config.name)
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    state: train.TrainState | None = None,
+    compare_workdir: str | None = None,
+) -> dict:
+    """Samples the ensemble for every test image and writes ``workdir/eval/``.
 
     ``state`` (e.g. the state training just ended with) defaults to the latest checkpoint in ``workdir``;
     its EMA weights are used if ``eval.use_ema`` (the EnsemDiff authors sampled with the raw weights).
+    Writes ``metrics.json`` (IoU, Dice and ECE of the thresholded / raw ensemble mean, per image averaged and
+    pooled over the test set; ``iou`` and ``ece`` are the ones ``eval.pooling`` names; reliability-diagram
+    bins), ``per_image.csv``, ``ensemble.npz`` (image, mask, mean, std, ids) and ``ensemble.png`` (Fig. 1:
+    image / ground truth / mean / std). With ``compare_workdir`` (an evaluated run of the other training
+    kind, e.g. feed-forward next to diffusion), also ``figure1.png`` with both side by side.
     """
     eval_cfg = config.eval
     _, model, schedule, _, fresh = train.setup(config, abstract=True)
     if state is None:
-        ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first (--mode train).")
-        state, _ = ckpt.restore(step, fresh)
-        ckpt.close()
+        state = load_state(config, workdir, fresh)
     step = int(state.step)
     variables = {"params": state.ema_params if eval_cfg.use_ema else state.params, **state.model_state}
     test = data.eval_arrays(
         config.data, split="test", max_examples=None if eval_cfg.num_images < 0 else eval_cfg.num_images
     )
-    num = len(test["image"])
     chunk = eval_cfg.member_chunk if eval_cfg.member_chunk > 0 else None
     ensemble = make_ensemble_fn(make_member_fn(model, schedule, config), eval_cfg.ensemble_size, chunk)
-    key = jax.random.PRNGKey(eval_cfg.seed)
     x_key = "image" if config.experiment == "e4" else "mask"
     # Images stored larger than the model's size are cut into model-sized tiles (SegDiff's MoNuSeg protocol)
     # and the ensemble statistics stitched back, or fed whole to the fully convolutional network.
-    inputs, template_src, grid = test["image"], test[x_key], None
-    if data.stored_size(config.data) > config.data.image_size and config.data.eval_tiling == "tiles":
-        inputs, grid = data.to_tiles(inputs, config.data.image_size)
-        template_src, _ = data.to_tiles(template_src, config.data.image_size)
-    means, stds = [], []
-    t0 = time.time()
-    for i, start in enumerate(range(0, len(inputs), eval_cfg.batch_size)):
-        images = jnp.asarray(inputs[start : start + eval_cfg.batch_size])
-        template = jnp.zeros(template_src[start : start + eval_cfg.batch_size].shape, jnp.float32)
-        out = ensemble(variables, images, template, jax.random.fold_in(key, i))
-        means.append(np.asarray(out["mean"]))
-        stds.append(np.asarray(out["std"]))
-        done = min(start + eval_cfg.batch_size, len(inputs))
-        logging.info(
-            "evaluate: %d/%d %s, %.2f/s",
-            done,
-            len(inputs),
-            "tiles" if grid else "images",
-            done / (time.time() - t0),
-        )
-    mean, std = np.concatenate(means), np.concatenate(stds)
+    inputs, grid, size = test["image"], None, config.data.image_size
+    if data.stored_size(config.data) > size and config.data.eval_tiling == "tiles":
+        inputs, grid = data.to_tiles(inputs, size)
+    x_shape = inputs.shape[1:3] + test[x_key].shape[-1:]
+    logging.info(
+        "evaluate: %d-member ensembles (%s) of %d %s at step %d with the %s weights.",
+        eval_cfg.ensemble_size,
+        eval_cfg.sampler if eval_cfg.sampler == "ddpm" else f"ddim-{eval_cfg.ddim_steps}",
+        len(inputs),
+        "tiles" if grid else "images",
+        step,
+        "EMA" if eval_cfg.use_ema else "raw",
+    )
+    mean, std = sample_statistics(
+        ensemble, variables, inputs, x_shape, eval_cfg.batch_size, jax.random.PRNGKey(eval_cfg.seed)
+    )
     if grid is not None:
         mean, std = data.from_tiles(mean, grid), data.from_tiles(std, grid)
 
@@ -145,37 +211,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, state: train.Train
     result = {
         "experiment": config.experiment,
         "model": config.model.name,
+        "dataset": dataset_label(config.data),
         "ensemble_size": eval_cfg.ensemble_size,
         "sampler": eval_cfg.sampler,
-        "num_images": num,
+        "ddim_steps": eval_cfg.ddim_steps if eval_cfg.sampler == "ddim" else None,
+        "weights": "ema" if eval_cfg.use_ema else "raw",
+        "num_images": len(mean),
         "step": step,
     }
-    if config.experiment in ("e1", "e2"):
-        truth = test["mask"] > 0.5
-        pred = mean > THRESHOLD
-        per_image = np.asarray(metrics.per_image(metrics.iou, pred, truth))
-        result.update(
-            iou=float(per_image.mean()),
-            iou_pooled=float(metrics.iou(pred, truth)),
-            dice=float(np.mean(metrics.per_image(metrics.dice, pred, truth))),
-            baseline_iou_all_foreground=float(
-                np.mean(metrics.per_image(metrics.iou, np.ones_like(truth), truth))
-            ),
-            baseline_iou_all_background=float(
-                np.mean(metrics.per_image(metrics.iou, np.zeros_like(truth), truth))
-            ),
-            mean_std=float(std.mean()),
-        )
+    if config.experiment in SEGMENTATION_EXPERIMENTS:
+        result.update(_segmentation_results(test, mean, std, eval_cfg, out_dir))
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     np.savez_compressed(
         os.path.join(out_dir, "ensemble.npz"),
-        mean=mean,
-        std=std,
-        mask=test["mask"],
+        image=np.round(test["image"] * 255).astype(np.uint8),
+        mask=test["mask"].astype(np.uint8),
+        mean=mean.astype(np.float32),
+        std=std.astype(np.float32),
         ids=np.asarray(test["id"]),
     )
-    n_fig = min(eval_cfg.num_figure_images, num)
+    n_fig = min(eval_cfg.num_figure_images, len(mean))
     plots.ensemble_figure(
         test["image"][:n_fig],
         test["mask"][:n_fig],
@@ -184,5 +240,57 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, state: train.Train
         os.path.join(out_dir, "ensemble.png"),
         generated=config.experiment == "e4",
     )
-    logging.info("evaluate: %s", json.dumps(result))
+    if compare_workdir:
+        plots.comparison_figure(
+            [out_dir, os.path.join(compare_workdir, "eval")],
+            os.path.join(out_dir, "figure1.png"),
+            num_images=n_fig,
+        )
+    logging.info("evaluate: %s", json.dumps({k: v for k, v in result.items() if k != "reliability"}))
     return result
+
+
+SEGMENTATION_EXPERIMENTS = ("e1", "e2")  # E3 samples masks without the image, E4 images: no ground truth
+
+
+def _segmentation_results(test: dict, mean: np.ndarray, std: np.ndarray, eval_cfg, out_dir: str) -> dict:
+    """metrics.json entries of a segmentation ensemble, and ``per_image.csv``."""
+    truth = test["mask"] > 0.5
+    report = metrics.segmentation_report(mean, truth, THRESHOLD, eval_cfg.ece_bins)
+    report = jax.tree_util.tree_map(np.asarray, report)
+    empty = np.zeros_like(truth)
+    pooling = eval_cfg.pooling
+    summary = {
+        "pooling": pooling,
+        "iou": float(report[f"iou_{pooling}"] if pooling == "pooled" else report["iou_per_image"].mean()),
+        "ece": float(report[f"ece_{pooling}"] if pooling == "pooled" else report["ece_per_image"].mean()),
+        "iou_pooled": float(report["iou_pooled"]),
+        "iou_per_image": float(report["iou_per_image"].mean()),
+        "dice_pooled": float(report["dice_pooled"]),
+        "dice_per_image": float(report["dice_per_image"].mean()),
+        "ece_pooled": float(report["ece_pooled"]),
+        "ece_per_image": float(report["ece_per_image"].mean()),
+        "ece_top_label_pooled": float(report["ece_top_label_pooled"]),
+        "ece_top_label_per_image": float(report["ece_top_label_per_image"].mean()),
+        "ece_bins": eval_cfg.ece_bins,
+        "threshold": THRESHOLD,
+        "baseline_iou_all_foreground": float(np.mean(metrics.per_image(metrics.iou, ~empty, truth))),
+        "baseline_iou_all_background": float(np.mean(metrics.per_image(metrics.iou, empty, truth))),
+        "mean_std": float(std.mean()),
+        "reliability": {k: v.tolist() for k, v in report["reliability"].items()},
+    }
+    columns = {
+        "iou": report["iou_per_image"],
+        "dice": report["dice_per_image"],
+        "ece": report["ece_per_image"],
+        "ece_top_label": report["ece_top_label_per_image"],
+        "true_fraction": report["true_fraction_per_image"],
+        "pred_fraction": report["pred_fraction_per_image"],
+        "mean_std": std.reshape(len(std), -1).mean(axis=1),
+    }
+    with open(os.path.join(out_dir, "per_image.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", *columns])
+        for i, image_id in enumerate(test["id"]):
+            writer.writerow([image_id, *(f"{float(v[i]):.6f}" for v in columns.values())])
+    return summary

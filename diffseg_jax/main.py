@@ -1,8 +1,10 @@
 """Command line: ``python -m diffseg_jax.main --config configs/quickstart.py --workdir runs/quickstart``.
 
 Modes: ``train`` (default; trains, resuming from the workdir's latest checkpoint, then evaluates the
-ensemble on the test split when ``eval.enabled``), ``evaluate`` (evaluates the latest checkpoint),
-``summary`` (prints the model's parameter count without data or training). Override any config value with
+ensemble on the test split when ``eval.enabled``), ``evaluate`` (evaluates the latest checkpoint; with
+``--compare_workdir`` also draws Fig. 1 next to that run), ``e1_protocol`` (the paper's feed-forward protocol:
+select the epoch count on an 80/20 split, retrain on all data, evaluate), ``summary`` (prints the model's
+parameter count without data or training). Override any config value with
 ``--config.train.num_steps=10``; unknown keys fail.
 """
 
@@ -15,7 +17,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/quickstart.py[:arg].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "summary"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "e1_protocol", "summary"], "What to run.")
+_COMPARE = flags.DEFINE_string(
+    "compare_workdir", None, "An evaluated run (e.g. feed-forward) to draw side by side in eval/figure1.png."
+)
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -32,7 +37,7 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    from diffseg_jax import configlib, evaluate, summary, train  # Keep --help fast.
+    from diffseg_jax import configlib, evaluate, protocol, summary, train  # Keep --help fast.
 
     config = _CONFIG.value
     if _MODE.value == "summary":
@@ -40,16 +45,19 @@ def main(argv):
         print(summary.summary_text(config))
         return
     if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required for --mode train/evaluate.")
-    if _MODE.value == "train":
+        raise app.UsageError("--workdir is required for --mode train/evaluate/e1_protocol.")
+    if _MODE.value == "e1_protocol":
+        configlib.validate(config)
+        protocol.run(config, _WORKDIR.value)
+    elif _MODE.value == "train":
         state = train.train(config, _WORKDIR.value)
         if int(state.step) < config.train.num_steps:
             logging.warning("Training stopped early at step %d; not evaluating.", int(state.step))
             return
         if config.eval.enabled:
-            evaluate.evaluate(config, _WORKDIR.value, state=state)
+            evaluate.evaluate(config, _WORKDIR.value, state=state, compare_workdir=_COMPARE.value)
     else:
-        evaluate.evaluate(config, _WORKDIR.value)
+        evaluate.evaluate(config, _WORKDIR.value, compare_workdir=_COMPARE.value)
 
 
 def run():

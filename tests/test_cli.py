@@ -1,10 +1,12 @@
 """The README commands at a tiny scale: quickstart end to end, and --mode summary."""
 
+import csv
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -37,20 +39,31 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
     assert metrics["ensemble_size"] == 2 and metrics["step"] == 4 and metrics["num_images"] == 4
     assert 0.0 <= metrics["iou"] <= 1.0 and metrics["baseline_iou_all_background"] == 0.0
+    # The default pooling (eval.pooling=pooled) names the pooled values iou / ece.
+    assert metrics["iou"] == metrics["iou_pooled"] and metrics["ece"] == metrics["ece_pooled"]
+    assert 0.0 <= metrics["ece_per_image"] <= 1.0 and len(metrics["reliability"]["count"]) == 11
+    with open(workdir / "eval" / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and set(rows[0]) >= {"id", "iou", "dice", "ece", "mean_std"}
+    assert np.mean([float(r["iou"]) for r in rows]) == pytest.approx(metrics["iou_per_image"], abs=1e-5)
     assert (workdir / "eval" / "ensemble.png").stat().st_size > 1000
     assert (workdir / "checkpoints" / "4").is_dir()
     assert os.listdir(workdir / "tensorboard")
-    # Running again resumes at the end: no training, evaluation only.
+    # --mode evaluate on the trained run, drawing Fig. 1 next to another evaluated run (here: itself).
     log = _run(
         [
             "--config",
             "configs/quickstart.py:tiny",
             "--workdir",
             str(workdir),
+            "--mode",
+            "evaluate",
+            f"--compare_workdir={workdir}",
             f"--config.data.data_dir={tfds_dir}",
         ]
     )
-    assert "Resumed" in log and "steps 4 → 4" in log
+    assert "Training" not in log and "at step 4 with the EMA weights" in log
+    assert "images/s" in log and (workdir / "eval" / "figure1.png").stat().st_size > 1000
 
 
 def test_summary_prints_published_ensemdiff_param_count():
