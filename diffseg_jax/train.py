@@ -14,7 +14,7 @@ import functools
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -250,13 +250,15 @@ class _Terminate:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def setup(config: ml_collections.ConfigDict, abstract: bool = False):
+def setup(config: ml_collections.ConfigDict, abstract: bool = False, split: str = "train"):
     """Builds (train dataset, model, schedule, optimizer, initial state) from a validated config.
 
     With ``abstract`` the state is only shapes (``jax.ShapeDtypeStruct``), e.g. as a restore target: no
-    initialiser is compiled or run.
+    initialiser is compiled or run. ``split`` is the data split to train on (``fit`` for the 80 % part).
     """
-    train_ds = data.train_dataset(config.data, batch_size=config.train.batch_size, seed=config.seed)
+    train_ds = data.train_dataset(
+        config.data, batch_size=config.train.batch_size, seed=config.seed, split=split
+    )
     first = train_ds[0]
     image_channels = first["image"].shape[-1]
     model = build_model(config.model, output_channels(config, image_channels), first["image"].shape[1])
@@ -275,8 +277,19 @@ def setup(config: ml_collections.ConfigDict, abstract: bool = False):
     return train_ds, model, schedule, optimizer, state
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final state."""
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    split: str = "train",
+    hook: Callable[[int, TrainState], bool] | None = None,
+    hook_every: int = 0,
+) -> TrainState:
+    """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final state.
+
+    ``split``: the data split (``train``, or ``fit`` for the feed-forward protocol's 80 %). ``hook(step,
+    state)`` runs every ``hook_every`` steps, before that step's checkpoint (e.g. a validation loss per
+    epoch); returning True saves a checkpoint and stops.
+    """
     configlib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     configlib.save(config, os.path.join(workdir, "config.json"))
@@ -287,7 +300,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             f"train.batch_size={config.train.batch_size} is not divisible by the "
             f"{n_dev} devices; choose a multiple of {n_dev}."
         )
-    train_ds, model, schedule, optimizer, state = setup(config)
+    train_ds, model, schedule, optimizer, state = setup(config, split=split)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     latest = ckpt.latest_step()
@@ -320,7 +333,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 state, metrics = step_fn(state, shard_batch(train_ds[step], mesh))
                 done = step + 1
                 is_last = done == num_steps
-                save_now = done % config.train.ckpt_every == 0 or is_last or term.requested
+                stop = bool(
+                    hook is not None and hook_every > 0 and done % hook_every == 0 and hook(done, state)
+                )
+                save_now = done % config.train.ckpt_every == 0 or is_last or term.requested or stop
                 if done % sync_every == 0 or save_now or done % config.train.log_every == 0:
                     loss = float(metrics["loss"])  # Blocks: keeps the device queue short.
                     if not np.isfinite(loss):
@@ -354,6 +370,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     last_saved = done
                 if term.requested:
                     logging.warning("Stopped at step %d on SIGTERM; rerun the same command to resume.", done)
+                    break
+                if stop:
+                    logging.info("Stopped at step %d as asked by the training hook.", done)
                     break
     finally:
         ckpt.close()
