@@ -1,0 +1,177 @@
+"""Table 1 of the paper from evaluated runs: ``python -m diffseg_jax.report --runs DIR... --out DIR``.
+
+Collects every ``eval/metrics.json`` under the given folders (a workdir, its ``eval/`` folder, or a folder
+of many runs) and writes ``table1.md``, ``table1.csv`` and ``table1.tex``: one row per dataset and method,
+the feed-forward (E1) IoU and ECE, the diffusion (E2) IoU and ECE, and their difference (diffusion − feed-
+forward), formatted as the paper (IoU in %, ECE to three decimals). A cell without a run stays blank; two
+runs for one cell are an error naming both (pass one of them). The IoU and ECE are the ``iou``/``ece`` of
+each metrics.json, i.e. its ``eval.pooling``; runs pooled differently are not mixed in one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+from typing import Any, Sequence
+
+# Display names and the paper's order.
+METHODS = {
+    "nnunet": "nnUNet",
+    "segformer": "SegFormer",
+    "ensemdiff": "EnsemDiff",
+    "segdiff": "SegDiff",
+    "medsegdiff": "MedSegDiff",
+    "medsegdiff_new": "MedSegDiff (new)",
+}
+DATASETS = {"isic2016": "ISIC16", "monuseg2018": "MoNuSeg", "her2": "HER2"}
+KINDS = {"e1": "ff", "e2": "diff"}
+COLUMNS = ["dataset", "method", "ff_iou", "ff_ece", "diff_iou", "diff_ece", "delta_iou", "delta_ece"]
+
+
+def find_metrics(paths: Sequence[str]) -> list[str]:
+    """Every ``eval/metrics.json`` at or under ``paths`` (sorted, without duplicates)."""
+    found = set()
+    for path in paths:
+        if os.path.isfile(path):
+            found.add(os.path.abspath(path))
+            continue
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--runs {path}: no such file or folder.")
+        direct = [os.path.join(path, "metrics.json"), os.path.join(path, "eval", "metrics.json")]
+        found.update(os.path.abspath(p) for p in direct if os.path.isfile(p))
+        found.update(
+            os.path.abspath(p)
+            for p in glob.glob(os.path.join(path, "**", "eval", "metrics.json"), recursive=True)
+        )
+    return sorted(found)
+
+
+def collect(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The Table 1 rows (dicts keyed by ``COLUMNS``; None where no run exists) from the runs under ``paths``."""
+    cells: dict[tuple[str, str], dict[str, tuple[dict, str]]] = {}
+    poolings = set()
+    for path in find_metrics(paths):
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+        kind = KINDS.get(m.get("experiment"))
+        if kind is None or "iou" not in m:
+            continue  # E3/E4 runs have no segmentation metrics
+        poolings.add(m.get("pooling", "per_image"))
+        key = (m.get("dataset", "?"), m["model"])
+        previous = cells.setdefault(key, {}).get(kind)
+        if previous is not None:
+            raise ValueError(
+                f"Two {kind} runs for dataset {key[0]!r} and method {key[1]!r}: {previous[1]} and {path}; pass "
+                "only one of them to --runs."
+            )
+        cells[key][kind] = (m, path)
+    if len(poolings) > 1:
+        raise ValueError(
+            f"The runs mix pixel poolings {sorted(poolings)}; evaluate them with the same eval.pooling."
+        )
+
+    def order(key):
+        dataset, method = key
+        d = list(DATASETS).index(dataset) if dataset in DATASETS else len(DATASETS)
+        k = list(METHODS).index(method) if method in METHODS else len(METHODS)
+        return (d, dataset, k, method)
+
+    rows = []
+    for dataset, method in sorted(cells, key=order):
+        kinds = cells[(dataset, method)]
+        row = {"dataset": dataset, "method": method}
+        for kind in ("ff", "diff"):
+            m = kinds.get(kind, (None, None))[0]
+            row[f"{kind}_iou"] = None if m is None else float(m["iou"])
+            row[f"{kind}_ece"] = None if m is None else float(m["ece"])
+        both = "ff" in kinds and "diff" in kinds
+        row["delta_iou"] = row["diff_iou"] - row["ff_iou"] if both else None
+        row["delta_ece"] = row["diff_ece"] - row["ff_ece"] if both else None
+        rows.append(row)
+    return rows
+
+
+def _fmt(column: str, value: float | None) -> str:
+    """The paper's formatting: IoU in % with 2 decimals, ECE with 3, differences signed."""
+    if value is None:
+        return ""
+    if column.endswith("iou"):
+        return f"{100 * value:+.2f}" if column.startswith("delta") else f"{100 * value:.2f}"
+    return f"{value:+.3f}" if column.startswith("delta") else f"{value:.3f}"
+
+
+def _display(rows: list[dict[str, Any]]) -> list[list[str]]:
+    out, last = [], None
+    for row in rows:
+        dataset = DATASETS.get(row["dataset"], row["dataset"])
+        out.append(
+            [dataset if dataset != last else "", METHODS.get(row["method"], row["method"])]
+            + [_fmt(c, row[c]) for c in COLUMNS[2:]]
+        )
+        last = dataset
+    return out
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """Table 1 as a Markdown table."""
+    header = "| Dataset | Method | FF IoU ↑ | FF ECE ↓ | Diff IoU ↑ | Diff ECE ↓ | Δ IoU | Δ ECE |"
+    lines = [header, "|" + "---|" * 8]
+    lines += ["| " + " | ".join(r) + " |" for r in _display(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def latex(rows: list[dict[str, Any]]) -> str:
+    """Table 1 as a LaTeX ``tabular`` (booktabs), grouped headers as in the paper."""
+    lines = [
+        r"\begin{tabular}{llrrrrrr}",
+        r"\toprule",
+        r" & & \multicolumn{2}{c}{Feed-forward} & \multicolumn{2}{c}{Diffusion} & \multicolumn{2}{c}{Difference} \\",
+        r"\cmidrule(lr){3-4}\cmidrule(lr){5-6}\cmidrule(lr){7-8}",
+        r"Dataset & Method & IoU $\uparrow$ & ECE $\downarrow$ & IoU $\uparrow$ & ECE $\downarrow$ & IoU & ECE \\",
+        r"\midrule",
+    ]
+    for r in _display(rows):
+        lines.append(" & ".join(c.replace("_", r"\_").replace("%", r"\%") for c in r) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict[str, Any]], out_dir: str) -> dict[str, str]:
+    """Writes table1.{md,csv,tex} into ``out_dir``; returns their paths. The CSV keeps full precision."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"table1.{ext}") for ext in ("md", "csv", "tex")}
+    with open(paths["md"], "w", encoding="utf-8") as f:
+        f.write(markdown(rows))
+    with open(paths["tex"], "w", encoding="utf-8") as f:
+        f.write(latex(rows))
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--runs", nargs="+", required=True, help="workdirs, eval/ folders, or folders of runs"
+    )
+    parser.add_argument("--out", default="table1", help="output folder (default: ./table1)")
+    args = parser.parse_args(argv)
+    rows = collect(args.runs)
+    if not rows:
+        raise SystemExit(
+            f"No E1/E2 eval/metrics.json under {args.runs}; evaluate runs first (--mode evaluate)."
+        )
+    paths = write(rows, args.out)
+    print(markdown(rows))
+    print("wrote " + ", ".join(paths.values()))
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Runs a grid of E1/E2 experiments and writes Table 1: ``python -m diffseg_jax.table1 --config C --workdir W``.
+
+The config (e.g. ``configs/table1_synthetic.py``) holds the shared settings and a ``table`` group: synthetic
+``kinds``, ``models`` and ``experiments``. Each cell is the model's tiny config with its published scheme, the
+shared settings laid over it, trained and evaluated in ``<workdir>/<kind>/<model>_<experiment>`` (the E1 cells
+through the feed-forward protocol with ``table.e1_protocol``). Finished cells are skipped, unfinished ones
+resume; identical programs compile once (a persistent compilation cache in ``<workdir>/.jax_cache``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffseg_jax import configlib, evaluate, protocol, report, train, writers
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Grid config, e.g. configs/table1_synthetic.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs and the table.")
+
+# Groups copied from the grid config onto every cell (the model and its scheme come from the cell's model).
+SHARED = {
+    "data": ("num_train", "num_test", "seed", "augment_flips", "data_dir"),
+    "objective": ("loss",),
+    "train": ("num_steps", "batch_size", "lr", "ema_decay", "log_every", "ckpt_every", "grad_clip"),
+    "eval": (
+        "use_ema",
+        "ensemble_size",
+        "sampler",
+        "ddim_steps",
+        "num_images",
+        "batch_size",
+        "member_chunk",
+        "seed",
+        "pooling",
+        "ece_bins",
+    ),
+    "protocol": ("max_epochs", "patience"),
+}
+
+
+def cell_config(
+    grid: ml_collections.ConfigDict, kind: str, model: str, experiment: str
+) -> ml_collections.ConfigDict:
+    """The config of one cell: ``model``'s tiny config, the grid's shared settings, ``kind`` and ``experiment``."""
+    try:  # the experiment configs live beside the package, in the repository's configs/
+        from configs import base
+    except ImportError as e:
+        raise ImportError("Run the table from the repository root, where configs/ is importable.") from e
+    c = base.get_config(f"{model},tiny")
+    c.experiment = experiment
+    c.data.kind = kind
+    for group, keys in SHARED.items():
+        for key in keys:
+            c[group][key] = grid[group][key]
+    return c
+
+
+def _finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    path = os.path.join(workdir, "eval", "metrics.json")
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        m = json.load(f)
+    protocol_done = os.path.exists(os.path.join(workdir, "e1_protocol.json"))
+    return m.get("step") == config.train.num_steps or protocol_done
+
+
+def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Trains and evaluates every cell, then writes ``<workdir>/table1.{md,csv,tex}``; returns the rows."""
+    os.makedirs(workdir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cells = [(k, m, e) for k in grid.table.kinds for m in grid.table.models for e in grid.table.experiments]
+    t0 = time.time()
+    for i, (kind, model, experiment) in enumerate(cells):
+        config = cell_config(grid, kind, model, experiment)
+        configlib.validate(config)
+        cell_dir = os.path.join(workdir, kind, f"{model}_{experiment}")
+        elapsed = time.time() - t0
+        logging.info(
+            "table1: cell %d/%d %s %s %s (%s elapsed)",
+            i + 1,
+            len(cells),
+            kind,
+            model,
+            experiment,
+            writers.format_duration(elapsed),
+        )
+        if _finished(config, cell_dir):
+            continue
+        if experiment == "e1" and grid.table.e1_protocol:
+            protocol.run(config, cell_dir)
+        else:
+            state = train.train(config, cell_dir)
+            evaluate.evaluate(config, cell_dir, state=state)
+    rows = report.collect([workdir])
+    paths = report.write(rows, workdir)
+    print(report.markdown(rows))
+    logging.info(
+        "table1: wrote %s in %s", ", ".join(paths.values()), writers.format_duration(time.time() - t0)
+    )
+    return rows
+
+
+def main(argv):
+    del argv
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required.")
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,207 @@
+"""Metrics (IoU, Dice, ECE with torchmetrics' bins), ensembles against single samples, the feed-forward
+protocol, and Table 1 from metrics files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from diffseg_jax import evaluate, metrics, protocol, report, train
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def test_iou_and_dice_known_values():
+    pred = np.zeros((4, 4), bool)
+    true = np.zeros((4, 4), bool)
+    pred[:2, :2] = True  # 4 pixels
+    true[:2, :3] = True  # 6 pixels, 4 shared
+    assert float(metrics.iou(pred, true)) == pytest.approx(4 / 6)
+    assert float(metrics.dice(pred, true)) == pytest.approx(8 / 10)
+    assert float(metrics.iou(np.zeros(3), np.zeros(3))) == 1.0  # both empty: a correct empty prediction
+
+
+def test_ece_perfectly_calibrated_is_zero():
+    # In each bin the mean probability equals the foreground frequency.
+    probs = np.array([0.3] * 10 + [0.75] * 4 + [0.0] * 5 + [1.0] * 3, np.float32)
+    labels = np.array([1] * 3 + [0] * 7 + [1] * 3 + [0] + [0] * 5 + [1] * 3)
+    assert float(metrics.expected_calibration_error(probs, labels)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_ece_all_confident_and_wrong_is_one():
+    probs = np.array([1.0, 1.0, 0.0, 0.0, 0.0], np.float32)
+    labels = np.array([0, 0, 1, 1, 1])
+    assert float(metrics.expected_calibration_error(probs, labels)) == pytest.approx(1.0)
+    assert float(metrics.expected_calibration_error(probs, labels, top_label=True)) == pytest.approx(1.0)
+
+
+def test_ece_worked_example_with_torchmetrics_bins():
+    """Worked by hand; equals torchmetrics' BinaryCalibrationError(n_bins=10) (checked outside the repo).
+
+    bin [0, .1): {0, .05} conf .025 acc 0 -> .025 * 2/8;  bin [.1, .2): {.1, .1} conf .1 acc .5 -> .4 * 2/8;
+    bin [.5, .6): {.55} -> .45 * 1/8;  bin [.9, 1): {.95} -> .05 * 1/8;  p = 1 alone: {1, 1} acc .5 -> .5 * 2/8.
+    Sum 0.29375. A closed last bin [.9, 1] would merge {.95, 1, 1} and give 0.28125.
+    """
+    probs = np.array([0.0, 0.05, 0.1, 0.1, 0.55, 0.95, 1.0, 1.0], np.float32)
+    labels = np.array([0, 0, 1, 0, 1, 1, 1, 0])
+    assert float(metrics.expected_calibration_error(probs, labels)) == pytest.approx(0.29375, abs=1e-6)
+    bins = metrics.calibration_bins(probs, labels)
+    np.testing.assert_array_equal(bins["count"], [2, 2, 0, 0, 0, 1, 0, 0, 0, 1, 2])
+    np.testing.assert_allclose(bins["accuracy"], [0, 0.5, 0, 0, 0, 1, 0, 0, 0, 1, 0.5])
+    # Top-label: confidences max(p, 1-p) = 1, .95, .9, .9, .55, .95, 1, 1; correct: y, y, n, y, y, y, y, n.
+    # [.5,.6): .55 acc 1 -> .45/8; [.9,1): {.95,.9,.9,.95} acc 3/4 conf .925 -> .175*4/8; 1: {1,1,1} acc 2/3.
+    expected_top = 0.45 / 8 + 0.175 * 4 / 8 + (1 - 2 / 3) * 3 / 8
+    assert float(metrics.expected_calibration_error(probs, labels, top_label=True)) == pytest.approx(
+        expected_top, abs=1e-6
+    )
+
+
+def test_segmentation_report_poolings():
+    rng = np.random.default_rng(0)
+    mean = rng.integers(0, 6, (3, 8, 8, 1)) / 5.0  # a 5-member ensemble mean: multiples of 1/5
+    truth = rng.integers(0, 2, (3, 8, 8, 1))
+    r = metrics.segmentation_report(mean, truth)
+    for i in range(3):
+        assert float(r["iou_per_image"][i]) == pytest.approx(float(metrics.iou(mean[i] > 0.5, truth[i])))
+        assert float(r["ece_per_image"][i]) == pytest.approx(
+            float(metrics.expected_calibration_error(mean[i], truth[i]))
+        )
+    assert float(r["ece_pooled"]) == pytest.approx(float(metrics.expected_calibration_error(mean, truth)))
+    assert float(r["iou_pooled"]) == pytest.approx(float(metrics.iou(mean > 0.5, truth)))
+    assert float(r["reliability"]["count"].sum()) == mean.size
+    np.testing.assert_allclose(r["true_fraction_per_image"], truth.reshape(3, -1).mean(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ensembles: make_ensemble_fn against a loop of single members with the same keys.
+
+
+class _TinyNet(nn.Module):
+    """One conv on [x, cond]: enough to make members differ and depend on the image."""
+
+    @nn.compact
+    def __call__(self, x, t, cond=None, train=False):
+        del train
+        h = x if cond is None else jnp.concatenate([x, cond], -1)
+        return nn.Conv(x.shape[-1], (3, 3))(h) + 0.01 * t[:, None, None, None]
+
+
+@pytest.mark.parametrize("experiment", ["e1", "e2"])
+def test_ensemble_statistics_equal_a_loop_over_members(experiment):
+    config = tiny_config(f"{experiment}_synthetic")
+    config.diffusion.num_timesteps = 50
+    config.eval.ddim_steps = 4
+    schedule = train.build_schedule(config.diffusion)
+    model = _TinyNet()
+    images = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)), jnp.float32)
+    variables = model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1]
+    )
+    member = evaluate.make_member_fn(model, schedule, config)
+    key = jax.random.PRNGKey(3)
+    out = evaluate.make_ensemble_fn(member, 3, member_chunk=2)(
+        variables, images, jnp.zeros((2, 8, 8, 1)), key
+    )
+    singles = np.stack(
+        [np.asarray(member(variables, images, (2, 8, 8, 1), k)) for k in jax.random.split(key, 3)]
+    )
+    np.testing.assert_allclose(out["mean"], singles.mean(0), atol=1e-5)
+    np.testing.assert_allclose(out["std"], singles.std(0), atol=1e-5)
+    assert singles.std(0).max() > 1e-3  # the members really differ (noise input / sampling noise)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The feed-forward protocol.
+
+
+def test_choose_epochs_takes_the_lowest_and_earliest():
+    assert protocol.choose_epochs({1: 0.5, 2: 0.3, 3: 0.3, 4: 0.4}) == 2
+    with pytest.raises(ValueError, match="No validation losses"):
+        protocol.choose_epochs({})
+
+
+@pytest.mark.slow
+def test_e1_protocol_selects_on_validation_then_retrains_on_all(tmp_path, tfds_dir):
+    config = tiny_config("e1_synthetic", data_dir=tfds_dir)
+    config.data.num_train = 16
+    config.data.validation_fraction = 0.25  # fit 12 = 3 steps of 4, validation 4
+    config.train.batch_size = 4
+    config.train.lr = 1e-3
+    config.protocol.max_epochs = 2
+    config.eval.num_images = 2
+    summary = protocol.run(config, str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "select" / "validation.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [3, 6]
+    losses = {r["epoch"]: r["validation_loss"] for r in records}
+    assert summary["chosen_epochs"] == min(losses, key=losses.get)
+    assert summary["final_steps"] == summary["chosen_epochs"] * 4  # epochs of the whole 16-example split
+    saved = json.loads((tmp_path / "e1_protocol.json").read_text())
+    assert saved["chosen_epochs"] == summary["chosen_epochs"]
+    assert (tmp_path / "checkpoints" / str(summary["final_steps"])).is_dir()
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["experiment"] == "e1" and m["step"] == summary["final_steps"] and 0 <= m["ece"] <= 1
+    # Rerunning finds both phases done: nothing is trained (or validated) again.
+    config.eval.enabled = False
+    again = protocol.run(config, str(tmp_path))
+    assert again["chosen_epochs"] == summary["chosen_epochs"]
+    assert len(open(tmp_path / "select" / "validation.jsonl").readlines()) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table 1.
+
+
+def _metrics(root, name, dataset, model, experiment, iou, ece, pooling="pooled"):
+    folder = root / name / "eval"
+    folder.mkdir(parents=True)
+    m = dict(dataset=dataset, model=model, experiment=experiment, iou=iou, ece=ece, pooling=pooling)
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return folder.parent
+
+
+def test_report_builds_table1_with_blank_missing_cells(tmp_path):
+    runs = tmp_path / "runs"
+    _metrics(runs, "a", "isic2016", "segdiff", "e1", 0.8586, 0.020)
+    _metrics(runs, "b", "isic2016", "segdiff", "e2", 0.8639, 0.017)
+    _metrics(runs, "c", "isic2016", "ensemdiff", "e2", 0.8659, 0.007)  # no feed-forward run
+    _metrics(runs, "d", "monuseg2018", "segdiff", "e1", 0.6344, 0.059)
+    _metrics(runs, "e", "isic2016", "ensemdiff", "e3", 0.1, 0.1)  # not a Table 1 experiment: ignored
+    rows = report.collect([str(runs)])
+    assert [(r["dataset"], r["method"]) for r in rows] == [
+        ("isic2016", "ensemdiff"),
+        ("isic2016", "segdiff"),
+        ("monuseg2018", "segdiff"),
+    ]
+    seg = rows[1]
+    assert seg["delta_iou"] == pytest.approx(0.0053) and seg["delta_ece"] == pytest.approx(-0.003)
+    assert rows[0]["ff_iou"] is None and rows[0]["delta_iou"] is None
+    md = report.markdown(rows)
+    assert "| ISIC16 | EnsemDiff |  |  | 86.59 | 0.007 |  |  |" in md  # the dataset named once per group
+    assert "|  | SegDiff | 85.86 | 0.020 | 86.39 | 0.017 | +0.53 | -0.003 |" in md
+    assert "| MoNuSeg | SegDiff | 63.44 | 0.059 |  |  |  |  |" in md
+    paths = report.main(["--runs", str(runs), "--out", str(tmp_path / "out")])
+    with open(paths["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert table[2]["diff_iou"] == "" and float(table[1]["ff_iou"]) == pytest.approx(0.8586)
+    tex = open(paths["tex"]).read()
+    assert r"\begin{tabular}" in tex and "SegDiff & 85.86 & 0.020 & 86.39 & 0.017 & +0.53 & -0.003" in tex
+
+
+def test_report_rejects_duplicate_cells_and_mixed_pooling(tmp_path):
+    _metrics(tmp_path / "r", "a", "isic2016", "segdiff", "e1", 0.8, 0.02)
+    second = _metrics(tmp_path / "r", "b", "isic2016", "segdiff", "e1", 0.7, 0.03)
+    with pytest.raises(ValueError, match="Two ff runs .*isic2016.*segdiff"):
+        report.collect([str(tmp_path / "r")])
+    shutil.rmtree(second)
+    _metrics(tmp_path / "r", "c", "isic2016", "segdiff", "e2", 0.8, 0.02, pooling="per_image")
+    with pytest.raises(ValueError, match="mix pixel poolings"):
+        report.collect([str(tmp_path / "r")])
