@@ -3,8 +3,9 @@
 Modes: ``train`` (default; trains, resuming from the workdir's latest checkpoint, then evaluates the
 ensemble on the test split when ``eval.enabled``), ``evaluate`` (evaluates the latest checkpoint; with
 ``--compare_workdir`` also draws Fig. 1 next to that run), ``e1_protocol`` (the paper's feed-forward protocol:
-select the epoch count on an 80/20 split, retrain on all data, evaluate), ``summary`` (prints the model's
-parameter count without data or training). Override any config value with
+select the epoch count on an 80/20 split, retrain on all data, evaluate), ``analyse`` (per-timestep error and
+loss curves, the forward process and the model-free fingerprint into ``<workdir>/analysis/``), ``summary``
+(prints the model's parameter count without data or training). Override any config value with
 ``--config.train.num_steps=10``; unknown keys fail.
 """
 
@@ -17,27 +18,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/quickstart.py[:arg].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "e1_protocol", "summary"], "What to run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "evaluate", "e1_protocol", "analyse", "summary"], "What to run."
+)
 _COMPARE = flags.DEFINE_string(
     "compare_workdir", None, "An evaluated run (e.g. feed-forward) to draw side by side in eval/figure1.png."
 )
 
 
-class _QuietLibraries(logging.logging.Filter):
-    """Drops INFO records of orbax and tfds (dozens per checkpoint); warnings still pass."""
-
-    NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
-
-    def filter(self, record):
-        return record.levelno >= logging.logging.WARNING or not any(
-            part in record.pathname for part in self.NOISY
-        )
-
-
 def main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    from diffseg_jax import configlib, evaluate, protocol, summary, train  # Keep --help fast.
+    from diffseg_jax import configlib, evaluate, protocol, summary, train, writers  # Keep --help fast.
+
+    writers.quiet_libraries()
 
     config = _CONFIG.value
     if _MODE.value == "summary":
@@ -45,8 +38,13 @@ def main(argv):
         print(summary.summary_text(config))
         return
     if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required for --mode train/evaluate/e1_protocol.")
-    if _MODE.value == "e1_protocol":
+        raise app.UsageError("--workdir is required for every mode but summary.")
+    if _MODE.value == "analyse":
+        from diffseg_jax.analysis import run as analysis_run
+
+        configlib.validate(config)
+        analysis_run.analyse(config, _WORKDIR.value)
+    elif _MODE.value == "e1_protocol":
         configlib.validate(config)
         protocol.run(config, _WORKDIR.value)
     elif _MODE.value == "train":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -41,3 +42,19 @@ def format_duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+class _QuietLibraries(logging.Filter):
+    """Drops INFO records of orbax, tfds and JAX internals (dozens per checkpoint); warnings still pass."""
+
+    NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(part in record.pathname for part in self.NOISY)
+
+
+def quiet_libraries() -> None:
+    """Keeps the console to this package's progress lines (call once at the start of a command)."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
