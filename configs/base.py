@@ -209,6 +209,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (0: never); then retraining on all training data for the best epoch count.
     c.protocol = ml_collections.ConfigDict(dict(max_epochs=-1, patience=0))
 
+    # --mode analyse (Sec. 4.2-4.3): which analyses, on a timestep grid of every t_step-th t, over the first
+    # num_images test images and num_draws noise draws each; t_chunk timesteps at once (0: all);
+    # smoothing: moving-average window of the figures (the arrays stay raw).
+    c.analysis = ml_collections.ConfigDict(
+        dict(
+            analyses=("mask_error", "loss", "forward", "model_free"),
+            t_step=1,
+            num_images=16,
+            num_draws=2,
+            batch_size=8,
+            t_chunk=50,
+            smoothing=25,
+            forward_timesteps=(0, 100, 200, 400, 600, 800, 999),
+            seed=20,
+        )
+    )
+
     apply_scheme(c, model_name)
     if tiny:
         apply_tiny(c)
@@ -274,6 +291,11 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.eval.num_images = 4
     c.eval.batch_size = 4
     c.eval.num_figure_images = 2
+    c.analysis.num_images = 4
+    c.analysis.num_draws = 1
+    c.analysis.t_step = 10
+    c.analysis.smoothing = 3
+    c.analysis.forward_timesteps = (0, 20, 40, 60, 80, 99)
 
 
 # The paper's three datasets (Sec. 3.1 and 4.1): where they are read from, how they are stored and cut, and the

@@ -104,3 +104,103 @@ def comparison_figure(eval_dirs: list[str], path: str, num_images: int = 4) -> N
     fig.colorbar(im, ax=axes[:, -1].tolist(), fraction=0.046, pad=0.04)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over ``window`` samples; near the ends the window shrinks to the samples present.
+
+    How the curves of Figs. 3 and 4 are smoothed here (the paper says only "smoothed"); ``window <= 1`` is none.
+    """
+    values = np.asarray(values, np.float64)
+    if window <= 1 or len(values) < 2:
+        return values
+    kernel = np.ones(int(window))
+    sums = np.convolve(values, kernel, mode="same")
+    counts = np.convolve(np.ones_like(values), kernel, mode="same")
+    return sums / counts
+
+
+def _read_curves(paths: list[str]) -> list[dict]:
+    from diffseg_jax.analysis.run import read_rows  # plots stay importable without the analysis stack
+
+    return [r for p in paths for r in read_rows(p)]
+
+
+def curve_series(rows: list[dict]) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """{(dataset, model, experiment, curve): (t, value)} sorted by t."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["model"], r["experiment"], r["curve"]), []).append(
+            (r["t"], r["value"])
+        )
+    return {k: tuple(np.asarray(v, np.float64).T) for k, v in ((k, sorted(v)) for k, v in groups.items())}
+
+
+_CURVE_LABELS = {"mask_error": "mask prediction error (MSE)", "eps_loss": "ε loss (MSE)"}
+
+
+def curve_figure(csv_paths: list[str], path: str, smoothing: int = 1) -> None:
+    """Per-timestep curves (Fig. 3) from curve CSVs, one panel per curve kind, one line per run."""
+    series = curve_series(_read_curves(csv_paths))
+    kinds = sorted({k[3] for k in series})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for (dataset, model, experiment, curve), (t, v) in sorted(series.items()):
+            if curve == kind:
+                ax.plot(t, smooth(v, smoothing), label=f"{model} {experiment} ({dataset})")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel(_CURVE_LABELS.get(kind, kind))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fingerprint_figure(csv_paths: list[str], path: str, smoothing: int = 25) -> None:
+    """Fig. 4: per dataset, each model's mask prediction error (dotted), their average (solid), and the
+    model-free fingerprint (dashed) where present; curves smoothed with :func:`smooth`."""
+    series = {k: v for k, v in curve_series(_read_curves(csv_paths)).items() if k[3] == "mask_error"}
+    datasets = sorted({k[0] for k in series})
+    if not datasets:
+        raise ValueError(f"No mask_error curves in {csv_paths}; run --mode analyse on E2/E3 runs first.")
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False, sharey=True)
+    for ax, dataset in zip(axes[0], datasets):
+        trained = {k: v for k, v in series.items() if k[0] == dataset and k[1] != "model-free"}
+        for (_, model, experiment, _), (t, v) in sorted(trained.items()):
+            ax.plot(t, smooth(v, smoothing), ":", label=f"{model} {experiment}")
+        if trained:
+            grids = [t for t, _ in trained.values()]
+            if all(np.array_equal(grids[0], g) for g in grids):
+                mean = np.mean([v for _, v in trained.values()], axis=0)
+                ax.plot(grids[0], smooth(mean, smoothing), "-", color="black", label="average")
+        free = [
+            (t, v) for (d, model, _, _), (t, v) in series.items() if d == dataset and model == "model-free"
+        ]
+        for t, v in free:
+            ax.plot(t, smooth(v, smoothing), "--", color="gray", label="model-free")
+        ax.set_title(dataset, fontsize=9)
+        ax.set_xlabel("timestep t")
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel(_CURVE_LABELS["mask_error"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def forward_figure(npz_path: str, path: str) -> None:
+    """Fig. 2: the image (upper row) and its mask (lower row) noised at the stored timesteps."""
+    arrays = np.load(npz_path)
+    ts = arrays["t"]
+    fig, axes = plt.subplots(2, len(ts), figsize=(1.6 * len(ts), 3.4), squeeze=False)
+    for col, t in enumerate(ts):
+        for row, name in enumerate(("image", "mask")):
+            panel = arrays[name][col]
+            ax = axes[row, col]
+            ax.imshow(panel[..., 0] if panel.shape[-1] == 1 else panel, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"t = {int(t)}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

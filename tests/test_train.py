@@ -210,6 +210,20 @@ def test_other_experiments_train_and_evaluate(tmp_path, tfds_dir, experiment):
     assert saved["mean"].shape[-1] == (3 if experiment == "e4" else 1)
     assert ("iou" in result) == (experiment == "e1")
     assert np.all((saved["mean"] >= 0) & (saved["mean"] <= 1))
+    from diffseg_jax.analysis import run as analysis
+
+    if experiment == "e4":  # --mode analyse: the eps loss of the image-generation model over t
+        written = analysis.analyse(config, str(tmp_path))
+        rows = analysis.read_rows(written["curves"])
+        assert {r["curve"] for r in rows} == {"eps_loss"} and [r["t"] for r in rows][:3] == [0, 10, 20]
+        assert all(np.isfinite(r["value"]) and r["value"] > 0 for r in rows)
+        assert (tmp_path / "analysis" / "forward.png").is_file() and (
+            tmp_path / "analysis" / "model_free.csv"
+        ).is_file()
+    else:  # a feed-forward model has no per-timestep curves
+        config.analysis.analyses = ("mask_error",)
+        with pytest.raises(ValueError, match="need a diffusion model"):
+            analysis.analyse(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("arch", ["segdiff", "medsegdiff"])

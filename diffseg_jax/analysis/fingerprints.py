@@ -1,0 +1,97 @@
+"""Fig. 4 across runs: ``python -m diffseg_jax.analysis.fingerprints --runs DIR... --out DIR``.
+
+Collects the ``analysis/curves.csv`` and ``analysis/model_free.csv`` files under the given folders (written by
+``--mode analyse``), and writes ``fingerprints.csv`` (all mask prediction error curves), ``fingerprints.png``
+(one panel per dataset: each model dotted, their average solid, the model-free curve dashed) and
+``fingerprints.md``: per dataset and model, the timestep where the smoothed error first reaches half of its
+maximum (``t_half``) and the error at the last timestep, the numbers behind "which dataset loses its mask first".
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+from typing import Sequence
+
+import numpy as np
+
+from diffseg_jax import plots
+from diffseg_jax.analysis.run import read_rows, write_rows
+
+
+def find_curves(paths: Sequence[str]) -> list[str]:
+    """Every analysis curve CSV at or under ``paths``."""
+    found = set()
+    for path in paths:
+        if os.path.isfile(path):
+            found.add(os.path.abspath(path))
+        elif os.path.isdir(path):
+            for name in ("curves.csv", "model_free.csv"):
+                found.update(
+                    os.path.abspath(p) for p in glob.glob(os.path.join(path, "**", name), recursive=True)
+                )
+        else:
+            raise FileNotFoundError(f"--runs {path}: no such file or folder.")
+    return sorted(found)
+
+
+def half_rise(t: np.ndarray, values: np.ndarray, smoothing: int) -> int:
+    """The first t where the smoothed curve reaches half of its maximum."""
+    v = plots.smooth(values, smoothing)
+    return int(t[np.argmax(v >= 0.5 * v.max())])
+
+
+def summarise(rows: list[dict], smoothing: int) -> list[dict]:
+    """Per (dataset, model, experiment): t_half and the error at the first and last timesteps."""
+    out = []
+    for (dataset, model, experiment, curve), (t, v) in sorted(plots.curve_series(rows).items()):
+        if curve == "mask_error":
+            out.append(
+                dict(
+                    dataset=dataset,
+                    model=model,
+                    experiment=experiment,
+                    t_half=half_rise(t, v, smoothing),
+                    error_first=float(v[0]),
+                    error_last=float(v[-1]),
+                )
+            )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="run folders or curve CSVs")
+    parser.add_argument("--out", default="fingerprints", help="output folder")
+    parser.add_argument("--smoothing", type=int, default=25, help="moving-average window in samples")
+    args = parser.parse_args(argv)
+    files = find_curves(args.runs)
+    rows = [r for f in files for r in read_rows(f) if r["curve"] == "mask_error"]
+    if not rows:
+        raise SystemExit(f"No mask_error curves under {args.runs}; run --mode analyse on E2/E3 runs first.")
+    os.makedirs(args.out, exist_ok=True)
+    paths = {
+        "csv": os.path.join(args.out, "fingerprints.csv"),
+        "png": os.path.join(args.out, "fingerprints.png"),
+        "md": os.path.join(args.out, "fingerprints.md"),
+    }
+    write_rows(paths["csv"][:-4], rows)
+    plots.fingerprint_figure([paths["csv"]], paths["png"], args.smoothing)
+    lines = [
+        "| dataset | model | experiment | t_half | error at t=0 | error at T-1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s['dataset']} | {s['model']} | {s['experiment']} | {s['t_half']} | {s['error_first']:.4f} | "
+        f"{s['error_last']:.4f} |"
+        for s in summarise(rows, args.smoothing)
+    ]
+    with open(paths["md"], "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Per-timestep curves (oracle, closed forms, loop equivalence), the model-free fingerprint, the forward process,
+and the curve files feeding the plots."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffseg_jax import diffusion, plots
+from diffseg_jax.analysis import curves, fingerprints, forward, model_free, run
+
+SCHEDULE = diffusion.get_schedule("linear", 100)
+TS = jnp.array([0, 7, 30, 64, 99])
+
+
+def _masks(seed=0, n=3, size=16):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.integers(0, 2, (n, size, size, 1)), jnp.float32)
+
+
+def test_oracle_networks_have_zero_mask_error():
+    x0 = 2.0 * _masks() - 1.0
+    direct = curves.timestep_curves(
+        lambda x_t, t: x0, SCHEDULE, x0, TS, jax.random.PRNGKey(0), prediction="x0"
+    )
+    np.testing.assert_allclose(direct["mask_error"], 0.0, atol=1e-10)
+
+    def eps_oracle(x_t, t):  # the noise that produced x_t from the true x0
+        return diffusion.predict_eps_from_x0(SCHEDULE, x_t, t, x0)
+
+    out = curves.timestep_curves(
+        eps_oracle, SCHEDULE, x0, TS, jax.random.PRNGKey(0), prediction="eps", num_draws=2
+    )
+    np.testing.assert_allclose(out["mask_error"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(out["eps_loss"], 0.0, atol=1e-6)
+
+
+def test_zero_network_matches_closed_forms():
+    """An x0-network that outputs 0: the mask estimate is 1/2 everywhere, so the error is 1/4 at every t, and
+    eps_hat = x_t / sqrt(1 - abar) misses eps by sqrt(abar) x0 / sqrt(1 - abar): the loss is abar / (1 - abar)."""
+    x0 = 2.0 * _masks() - 1.0
+    out = curves.timestep_curves(
+        lambda x_t, t: jnp.zeros_like(x_t),
+        SCHEDULE,
+        x0,
+        TS,
+        jax.random.PRNGKey(1),
+        prediction="x0",
+        num_draws=3,
+    )
+    np.testing.assert_allclose(out["mask_error"], 0.25, rtol=1e-6)
+    abar = np.asarray(SCHEDULE.alphas_cumprod)[np.asarray(TS)]
+    np.testing.assert_allclose(out["eps_loss"], np.repeat((abar / (1 - abar))[:, None], 3, 1), rtol=1e-4)
+
+
+def test_chunked_map_equals_a_loop_over_timesteps():
+    x0 = 2.0 * _masks(1) - 1.0
+    weights = jnp.linspace(0.5, 1.5, 16)[None, :, None, None]
+
+    def net(x_t, t):  # depends on x_t and t, so every timestep differs
+        return jnp.tanh(x_t * weights) * (1.0 + t[:, None, None, None] / 100.0)
+
+    key = jax.random.PRNGKey(4)
+    together = curves.timestep_curves(net, SCHEDULE, x0, TS, key, num_draws=2, t_chunk=2)
+    for i, t in enumerate(np.asarray(TS)):
+        alone = curves.timestep_curves(net, SCHEDULE, x0, jnp.array([t]), key, num_draws=2)
+        for name in ("mask_error", "eps_loss"):
+            np.testing.assert_allclose(together[name][i], alone[name][0], rtol=1e-5)
+
+
+def test_box_sum_matches_a_direct_window_sum():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 9, 1)), jnp.float32)
+    s, n = model_free.box_sum(x, 3)
+    xp = np.pad(np.asarray(x), [(0, 0), (1, 1), (1, 1), (0, 0)])
+    direct = sum(xp[:, dy : dy + 7, dx : dx + 9] for dy in range(3) for dx in range(3))
+    np.testing.assert_allclose(s, direct, atol=1e-5)
+    assert float(n[0, 0, 0, 0]) == 4 and float(n[0, 3, 4, 0]) == 9
+
+
+def test_model_free_fingerprint_limits_and_object_size():
+    schedule = diffusion.get_schedule("linear", 1000)
+    ts = jnp.array([0, 150, 300, 999])
+    key = jax.random.PRNGKey(0)
+    big = np.zeros((4, 32, 32, 1), np.float32)
+    big[:, 4:28, 6:30] = 1.0  # one large blob, 56 % foreground
+    small = np.zeros((4, 32, 32, 1), np.float32)
+    small[:, 1::4, 1::4] = 1.0  # isolated single pixels, 6 % foreground
+    small[:, 2::4, 1::4] = 1.0
+    out_big = model_free.model_free_curve(schedule, jnp.asarray(big), ts, key, num_draws=2)
+    out_small = model_free.model_free_curve(schedule, jnp.asarray(small), ts, key, num_draws=2)
+    for masks, out in ((big, out_big), (small, out_small)):
+        rate = masks.mean()
+        assert float(out["mask_error"][0]) < 1e-4  # no noise yet
+        assert float(out["mask_error"][-1]) == pytest.approx(
+            rate * (1 - rate), rel=0.05
+        )  # all noise: the rate
+        assert np.all(np.diff(np.asarray(out["mask_error"])) > 0)
+    # Large objects keep their information longer (big windows average the noise away); relative to the rate
+    # baseline the small objects are lost earlier.
+    rel_big = float(out_big["mask_error"][2]) / (big.mean() * (1 - big.mean()))
+    rel_small = float(out_small["mask_error"][2]) / (small.mean() * (1 - small.mean()))
+    assert rel_big < rel_small
+    assert int(out_big["window"][2]) > 1 and int(out_small["window"][1]) == 1
+
+
+def test_forward_process_rows():
+    image = np.full((8, 8, 3), 0.25, np.float32)
+    mask = np.zeros((8, 8, 1), np.float32)
+    out = forward.forward_process(SCHEDULE, image, mask, (0, 50, 99), jax.random.PRNGKey(0))
+    assert out["image"].shape == (3, 8, 8, 3) and out["mask"].shape == (3, 8, 8, 1)
+    assert abs(out["image"][0].mean() - 0.25) < 0.01 and out["image"][0].std() < 0.03  # t = 0: almost clean
+    assert out["image"][2].std() > 0.3  # t = T - 1: noise
+
+
+def test_curve_files_round_trip_into_the_plots(tmp_path):
+    ts = np.arange(0, 100, 10)
+    rows = [
+        dict(t=int(t), value=float(v), curve="mask_error", model=m, experiment="e2", dataset=d, step=5)
+        for d in ("synthetic-lesion", "synthetic-nuclei")
+        for m, scale in (("ensemdiff", 1.0), ("segdiff", 0.8))
+        for t, v in zip(ts, scale * ts / 100)
+    ]
+    run.write_rows(str(tmp_path / "curves"), rows)
+    assert run.read_rows(str(tmp_path / "curves.csv")) == rows
+    saved = np.load(tmp_path / "curves.npz")
+    np.testing.assert_array_equal(saved["t"], [r["t"] for r in rows])
+    plots.curve_figure([str(tmp_path / "curves.csv")], str(tmp_path / "curves.png"), smoothing=3)
+    paths = fingerprints.main(["--runs", str(tmp_path), "--out", str(tmp_path / "fp"), "--smoothing", "1"])
+    for key in ("png", "csv", "md"):
+        assert (tmp_path / "fp" / f"fingerprints.{key}").stat().st_size > 100, paths[key]
+    summary = fingerprints.summarise(rows, 1)
+    assert summary[0]["t_half"] == 50 and summary[0]["error_last"] == pytest.approx(0.9)
+
+
+def test_smoothing_keeps_constants_and_shrinks_at_the_ends():
+    np.testing.assert_allclose(plots.smooth(np.full(10, 3.0), 5), 3.0)
+    smoothed = plots.smooth(np.arange(10.0), 3)
+    assert smoothed[0] == pytest.approx(0.5) and smoothed[5] == pytest.approx(5.0)
+    np.testing.assert_array_equal(plots.smooth(np.arange(4.0), 1), np.arange(4.0))
+
+
+def test_timestep_grid_ends_at_the_last_step():
+    np.testing.assert_array_equal(run.timestep_grid(100, 30), [0, 30, 60, 90, 99])
+    assert len(run.timestep_grid(1000, 1)) == 1000
