@@ -8,6 +8,12 @@ rerunning skips finished runs and resumes unfinished ones. Writes <workdir>/tabl
 whole pipeline on a CPU, not the paper's numbers: the models are tiny, the data synthetic, the training short,
 and both objectives use the same learning rate (the paper's 1e-5 for E1 is for its full-length runs; set
 table.e1_protocol=True to run the paper's feed-forward protocol for the E1 cells instead).
+
+The analyses of Sec. 4.2-4.3 (Figs. 3 and 4) on the same data, E2/E3/E4 of the image-droppable models:
+
+  python -m diffseg_jax.table1 --config configs/table1_synthetic.py --workdir runs/table1 \
+      --config.table.analyse=True --config.table.experiments='("e2","e3","e4")' \
+      --config.table.models='("ensemdiff","segdiff")'
 """
 
 import ml_collections
@@ -24,6 +30,7 @@ def get_config(arg=None):
             models=("ensemdiff", "segdiff", "medsegdiff"),
             experiments=("e1", "e2"),
             e1_protocol=False,
+            analyse=False,
         )
     )
     # What every cell shares (set on each model's tiny config with its published scheme).
@@ -44,4 +51,9 @@ def get_config(arg=None):
     c.eval.batch_size = 16
     c.eval.member_chunk = 5
     c.protocol.max_epochs = 4
+    c.analysis.analyses = ("mask_error", "loss", "model_free")
+    c.analysis.t_step = 1  # every t of T = 100
+    c.analysis.num_images = 16
+    c.analysis.num_draws = 2
+    c.analysis.batch_size = 16
     return c

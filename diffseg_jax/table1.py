@@ -5,6 +5,8 @@ The config (e.g. ``configs/table1_synthetic.py``) holds the shared settings and 
 shared settings laid over it, trained and evaluated in ``<workdir>/<kind>/<model>_<experiment>`` (the E1 cells
 through the feed-forward protocol with ``table.e1_protocol``). Finished cells are skipped, unfinished ones
 resume; identical programs compile once (a persistent compilation cache in ``<workdir>/.jax_cache``).
+With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--mode analyse``, with the grid's
+``analysis`` settings) and ``<workdir>/fingerprints/`` gets Fig. 4 across the grid.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffseg_jax import configlib, evaluate, protocol, report, train, writers
+from diffseg_jax.analysis import fingerprints
+from diffseg_jax.analysis import run as analysis_run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Grid config, e.g. configs/table1_synthetic.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs and the table.")
@@ -92,16 +96,31 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             experiment,
             writers.format_duration(elapsed),
         )
-        if _finished(config, cell_dir):
-            continue
-        if experiment == "e1" and grid.table.e1_protocol:
-            protocol.run(config, cell_dir)
-        else:
-            state = train.train(config, cell_dir)
-            evaluate.evaluate(config, cell_dir, state=state)
+        if not _finished(config, cell_dir):
+            if experiment == "e1" and grid.table.e1_protocol:
+                protocol.run(config, cell_dir)
+            else:
+                state = train.train(config, cell_dir)
+                evaluate.evaluate(config, cell_dir, state=state)
+        analysed = os.path.exists(os.path.join(cell_dir, "analysis", "curves.csv"))
+        if grid.table.analyse and experiment in analysis_run.CURVES and not analysed:
+            for key in (
+                "analyses",
+                "t_step",
+                "num_images",
+                "num_draws",
+                "batch_size",
+                "t_chunk",
+                "smoothing",
+            ):
+                config.analysis[key] = grid.analysis[key]
+            analysis_run.analyse(config, cell_dir)
     rows = report.collect([workdir])
-    paths = report.write(rows, workdir)
-    print(report.markdown(rows))
+    paths = report.write(rows, workdir) if rows else {}
+    if rows:
+        print(report.markdown(rows))
+    if grid.table.analyse:
+        paths.update(fingerprints.main(["--runs", workdir, "--out", os.path.join(workdir, "fingerprints")]))
     logging.info(
         "table1: wrote %s in %s", ", ".join(paths.values()), writers.format_duration(time.time() - t0)
     )
@@ -112,6 +131,7 @@ def main(argv):
     del argv
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required.")
+    writers.quiet_libraries()
     run(_CONFIG.value, _WORKDIR.value)
 
 
