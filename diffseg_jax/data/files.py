@@ -115,6 +115,16 @@ def check_same_size(image: np.ndarray, mask: np.ndarray, image_path, mask_path) 
         )
 
 
+def read_pair(
+    image_path: str | os.PathLike, mask_path: str | os.PathLike, threshold: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8 (H, W, 3), mask bool (H, W)) at the files' size; the mask must have the image's size."""
+    image = read_image(image_path)
+    mask = read_mask(mask_path, threshold)
+    check_same_size(image, mask, image_path, mask_path)
+    return image, mask
+
+
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     """(size, size) RGB uint8 by PIL bilinear with antialiasing, the aspect ratio ignored (torchvision `Resize`)."""
     if image.shape[:2] == (size, size):

@@ -26,6 +26,16 @@ import tensorflow_datasets as tfds
 from diffseg_jax.data import files
 
 
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One example of an image/mask dataset: its id, split, image path and mask path."""
+
+    id: str
+    split: str
+    image: pathlib.Path
+    mask: pathlib.Path
+
+
 @dataclasses.dataclass
 class ManualConfig(tfds.core.BuilderConfig):
     """Stored resolution and a fingerprint of the source files and options (see :func:`config_name`)."""

@@ -41,16 +41,6 @@ or the Part 3B zips (ISBI2016_ISIC_Part3B_{Training,Test}_Data/ with images and 
 https://challenge.isic-archive.com/data/#2016 ; folder names must say 'Training' or 'Test'."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    """One lesion: its ISIC id, split, image path and mask path."""
-
-    id: str
-    split: str
-    image: pathlib.Path
-    mask: pathlib.Path
-
-
 def _split(path: pathlib.Path, root: pathlib.Path) -> str:
     split = files.split_of(path, root)
     if split is None:
@@ -61,7 +51,7 @@ def _split(path: pathlib.Path, root: pathlib.Path) -> str:
     return split
 
 
-def find_pairs(root: pathlib.Path) -> dict[str, list[Pair]]:
+def find_pairs(root: pathlib.Path) -> dict[str, list[manual.Pair]]:
     """{split: pairs sorted by id}; every image needs `<id>_Segmentation.png` in the same split."""
     images: dict[tuple[str, str], pathlib.Path] = {}
     masks: dict[tuple[str, str], pathlib.Path] = {}
@@ -81,7 +71,7 @@ def find_pairs(root: pathlib.Path) -> dict[str, list[Pair]]:
         raise files.DatasetFileError(
             f"No ISIC_<7 digits>.jpg images under manual_dir {root}. Expected layout:\n{LAYOUT}"
         )
-    pairs: dict[str, list[Pair]] = {}
+    pairs: dict[str, list[manual.Pair]] = {}
     for (split, image_id), path in sorted(images.items()):
         mask = masks.get((split, image_id))
         if mask is None:
@@ -90,7 +80,7 @@ def find_pairs(root: pathlib.Path) -> dict[str, list[Pair]]:
                 f"{split} folder, e.g. the *_GroundTruth folder of Part 1 or beside the image for Part 3B). Unpack "
                 f"the ground-truth zip of the same split, or remove the image. Expected layout:\n{LAYOUT}"
             )
-        pairs.setdefault(split, []).append(Pair(image_id, split, path, mask))
+        pairs.setdefault(split, []).append(manual.Pair(image_id, split, path, mask))
     orphans = sorted(set(masks) - set(images))
     if orphans:
         logging.warning(
@@ -100,12 +90,9 @@ def find_pairs(root: pathlib.Path) -> dict[str, list[Pair]]:
     return pairs
 
 
-def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(pair: manual.Pair) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 (H, W, 3), mask bool (H, W)) at the file size; the mask must be 2-valued and the image's size."""
-    image = files.read_image(pair.image)
-    mask = files.read_mask(pair.mask)
-    files.check_same_size(image, mask, pair.image, pair.mask)
-    return image, mask
+    return files.read_pair(pair.image, pair.mask)
 
 
 @dataclasses.dataclass
@@ -129,11 +116,11 @@ class DiffsegIsic2016(manual.ManualBuilder):
     BUILDER_CONFIGS = [IsicConfig(name=manual.config_name(256, "default"), resize=256)]
 
     @classmethod
-    def find_examples(cls, root: pathlib.Path, config: Any) -> dict[str, list[Pair]]:
+    def find_examples(cls, root: pathlib.Path, config: Any) -> dict[str, list[manual.Pair]]:
         del config
         return find_pairs(root)
 
-    def load_example(self, record: Pair) -> tuple[str, np.ndarray, np.ndarray, dict[str, Any]]:
+    def load_example(self, record: manual.Pair) -> tuple[str, np.ndarray, np.ndarray, dict[str, Any]]:
         image, mask = load_pair(record)
         return record.id, image, mask, {}
 

@@ -3,10 +3,9 @@
 from diffseg_jax.data.segmentation_folder.segmentation_folder import (
     DiffsegSegmentationFolder,
     FolderConfig,
-    Pair,
     find_pairs,
     load_pair,
     make_builder,
 )
 
-__all__ = ["DiffsegSegmentationFolder", "FolderConfig", "Pair", "find_pairs", "load_pair", "make_builder"]
+__all__ = ["DiffsegSegmentationFolder", "FolderConfig", "find_pairs", "load_pair", "make_builder"]

@@ -35,16 +35,6 @@ A mask has its image's name (or the name plus _mask / _segmentation / _seg) and 
 values (0/255, 0/1) or more with config.data.mask_threshold set."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    """One example: id (the image's stem), split, image path and mask path."""
-
-    id: str
-    split: str
-    image: pathlib.Path
-    mask: pathlib.Path
-
-
 @dataclasses.dataclass
 class FolderConfig(manual.ManualConfig):
     """Stored size, mask threshold (None: two-valued masks) and the source fingerprint."""
@@ -84,9 +74,9 @@ def _split_folders(root: pathlib.Path) -> dict[str, tuple[pathlib.Path, pathlib.
     return splits
 
 
-def find_pairs(root: pathlib.Path) -> dict[str, list[Pair]]:
+def find_pairs(root: pathlib.Path) -> dict[str, list[manual.Pair]]:
     """{split: pairs sorted by id}; every image needs exactly one mask."""
-    pairs: dict[str, list[Pair]] = {}
+    pairs: dict[str, list[manual.Pair]] = {}
     for split, (image_dir, mask_dir) in _split_folders(root).items():
         masks: dict[str, list[pathlib.Path]] = {}
         for path in files.find_files(mask_dir):
@@ -115,7 +105,7 @@ def find_pairs(root: pathlib.Path) -> dict[str, list[Pair]]:
                     f"Image {path} matches several masks: {[str(m) for m in found]}; keep exactly one."
                 )
             used.add(found[0])
-            pairs.setdefault(split, []).append(Pair(stem, split, path, found[0]))
+            pairs.setdefault(split, []).append(manual.Pair(stem, split, path, found[0]))
         unused = sorted({m for ms in masks.values() for m in ms} - used)
         if unused:
             logging.warning(
@@ -127,12 +117,9 @@ def find_pairs(root: pathlib.Path) -> dict[str, list[Pair]]:
     return pairs
 
 
-def load_pair(pair: Pair, mask_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(pair: manual.Pair, mask_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 (H, W, 3), mask bool (H, W)) at the file size."""
-    image = files.read_image(pair.image)
-    mask = files.read_mask(pair.mask, mask_threshold)
-    files.check_same_size(image, mask, pair.image, pair.mask)
-    return image, mask
+    return files.read_pair(pair.image, pair.mask, mask_threshold)
 
 
 class DiffsegSegmentationFolder(manual.ManualBuilder):
@@ -150,11 +137,11 @@ class DiffsegSegmentationFolder(manual.ManualBuilder):
     BUILDER_CONFIGS = [FolderConfig(name=manual.config_name(256, "default"), resize=256)]
 
     @classmethod
-    def find_examples(cls, root: pathlib.Path, config: Any) -> dict[str, list[Pair]]:
+    def find_examples(cls, root: pathlib.Path, config: Any) -> dict[str, list[manual.Pair]]:
         del config
         return find_pairs(root)
 
-    def load_example(self, record: Pair) -> tuple[str, np.ndarray, np.ndarray, dict[str, Any]]:
+    def load_example(self, record: manual.Pair) -> tuple[str, np.ndarray, np.ndarray, dict[str, Any]]:
         image, mask = load_pair(record, self.builder_config.mask_threshold)
         return record.id, image, mask, {}
 
