@@ -37,7 +37,8 @@ def make_member_fn(
     ``encode_image`` method (SegDiff's image encoder F, independent of x_t and t) has it computed once per
     image rather than at every step — exact, and about a third of SegDiff's sampling compute. A model with
     a ``postprocess_member(sample01, extras)`` method combines the sample with the extras of its last call
-    (MedSegDiff v1 blends its ``cal`` head in, as its sampler does).
+    (MedSegDiff v1 blends its ``cal`` head in, as its sampler does), with the extras of trained auxiliary heads
+    only (``objective.cal_weight`` > 0 under the published loss).
     """
     experiment = config.experiment
     e1_t = config.objective.e1_timestep
@@ -75,6 +76,9 @@ def make_member_fn(
             if experiment == "e4":
                 return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
             out = diffusion.diffusion_to_prob(x, config.diffusion.mask_range)
+        # Only heads the loss trained take part: with objective.loss=eps_mse MedSegDiff's cal head is untrained
+        # noise, and blending it in would corrupt the members.
+        extras = {k: v for k, v in (extras or {}).items() if settings["aux_weights"].get(k, 0.0) > 0}
         return postprocess(out, extras) if postprocess is not None and extras else out
 
     return member

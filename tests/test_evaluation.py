@@ -119,6 +119,35 @@ def test_ensemble_statistics_equal_a_loop_over_members(experiment):
     assert singles.std(0).max() > 1e-3  # the members really differ (noise input / sampling noise)
 
 
+class _CalNet(nn.Module):
+    """A network with an auxiliary head and a postprocess that returns it (as MedSegDiff v1 blends ``cal``)."""
+
+    @nn.compact
+    def __call__(self, x, t, cond=None, train=False):
+        out = nn.Conv(1, (3, 3))(jnp.concatenate([x, cond], -1))
+        return out, {"cal": jnp.full_like(out, 0.25)}
+
+    def postprocess_member(self, sample01, extras):
+        return extras["cal"]
+
+
+@pytest.mark.parametrize("cal_weight", [0.0, 10.0])
+def test_untrained_auxiliary_heads_stay_out_of_the_members(cal_weight):
+    config = tiny_config("e1_synthetic")
+    config.objective.cal_weight = cal_weight
+    schedule = train.build_schedule(config.diffusion)
+    model = _CalNet()
+    images = jnp.ones((1, 8, 8, 3))
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images)
+    member = evaluate.make_member_fn(model, schedule, config)(
+        variables, images, (1, 8, 8, 1), jax.random.PRNGKey(1)
+    )
+    if cal_weight > 0:  # the trained cal head is the member, as the postprocess says
+        np.testing.assert_allclose(member, 0.25)
+    else:  # untrained: the network's own sigmoid output
+        assert not np.allclose(member, 0.25) and float(member.min()) > 0 and float(member.max()) < 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The feed-forward protocol.
 
