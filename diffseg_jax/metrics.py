@@ -46,7 +46,8 @@ def calibration_bins(
     Binary (default), as torchmetrics' ``BinaryCalibrationError``: the confidence is the foreground
     probability ``probs`` and the accuracy the foreground indicator ``labels``. ``top_label``: the
     confidence is max(p, 1 − p) of the predicted class (foreground iff p > 0.5) and the accuracy whether
-    that class is right.
+    that class is right, which equals torchmetrics' ``MulticlassCalibrationError`` on the two-class
+    probabilities [1 − p, p] (ties at 0.5 go to background, as its argmax).
 
     Bins as torchmetrics ``_binning_bucketize``: boundaries b_k = k / num_bins (float32; for
     ``num_bins=10`` bit-identical to torchmetrics' ``linspace``), bin k holds b_k <= c < b_{k+1}, and a
