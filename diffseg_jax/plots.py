@@ -127,13 +127,16 @@ def _read_curves(paths: list[str]) -> list[dict]:
 
 
 def curve_series(rows: list[dict]) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
-    """{(dataset, model, experiment, curve): (t, value)} sorted by t."""
-    groups: dict[tuple, list] = {}
+    """{(dataset, model, experiment, curve): (t, value)} sorted by t; values given twice for one t (e.g. the
+    model-free curve of one dataset written by several runs) are averaged."""
+    groups: dict[tuple, dict[int, list[float]]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["model"], r["experiment"], r["curve"]), []).append(
-            (r["t"], r["value"])
-        )
-    return {k: tuple(np.asarray(v, np.float64).T) for k, v in ((k, sorted(v)) for k, v in groups.items())}
+        key = (r["dataset"], r["model"], r["experiment"], r["curve"])
+        groups.setdefault(key, {}).setdefault(int(r["t"]), []).append(float(r["value"]))
+    return {
+        k: (np.asarray(sorted(v), np.float64), np.asarray([np.mean(v[t]) for t in sorted(v)], np.float64))
+        for k, v in groups.items()
+    }
 
 
 _CURVE_LABELS = {"mask_error": "mask prediction error (MSE)", "eps_loss": "ε loss (MSE)"}
@@ -157,8 +160,8 @@ def curve_figure(csv_paths: list[str], path: str, smoothing: int = 1) -> None:
 
 
 def fingerprint_figure(csv_paths: list[str], path: str, smoothing: int = 25) -> None:
-    """Fig. 4: per dataset, each model's mask prediction error (dotted), their average (solid), and the
-    model-free fingerprint (dashed) where present; curves smoothed with :func:`smooth`."""
+    """Fig. 4: per dataset, each model's mask prediction error (dotted), the average over the models of each
+    experiment (solid), and the model-free fingerprint (dashed) where present; smoothed with :func:`smooth`."""
     series = {k: v for k, v in curve_series(_read_curves(csv_paths)).items() if k[3] == "mask_error"}
     datasets = sorted({k[0] for k in series})
     if not datasets:
@@ -168,11 +171,12 @@ def fingerprint_figure(csv_paths: list[str], path: str, smoothing: int = 25) -> 
         trained = {k: v for k, v in series.items() if k[0] == dataset and k[1] != "model-free"}
         for (_, model, experiment, _), (t, v) in sorted(trained.items()):
             ax.plot(t, smooth(v, smoothing), ":", label=f"{model} {experiment}")
-        if trained:
-            grids = [t for t, _ in trained.values()]
-            if all(np.array_equal(grids[0], g) for g in grids):
-                mean = np.mean([v for _, v in trained.values()], axis=0)
-                ax.plot(grids[0], smooth(mean, smoothing), "-", color="black", label="average")
+        for exp in sorted({k[2] for k in trained}):  # one average per experiment (Fig. 4 averages E2 models)
+            curves_e = [tv for k, tv in trained.items() if k[2] == exp]
+            grids = [t for t, _ in curves_e]
+            if len(curves_e) > 1 and all(np.array_equal(grids[0], g) for g in grids):
+                mean = np.mean([v for _, v in curves_e], axis=0)
+                ax.plot(grids[0], smooth(mean, smoothing), "-", label=f"average {exp}")
         free = [
             (t, v) for (d, model, _, _), (t, v) in series.items() if d == dataset and model == "model-free"
         ]

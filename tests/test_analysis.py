@@ -132,6 +132,11 @@ def test_curve_files_round_trip_into_the_plots(tmp_path):
         assert (tmp_path / "fp" / f"fingerprints.{key}").stat().st_size > 100, paths[key]
     summary = fingerprints.summarise(rows, 1)
     assert summary[0]["t_half"] == 50 and summary[0]["error_last"] == pytest.approx(0.9)
+    # A curve written by several runs (the model-free one) counts once, its values averaged.
+    twice = rows[:10] + [dict(r, value=r["value"] + 0.1) for r in rows[:10]]
+    t, v = plots.curve_series(twice)[("synthetic-lesion", "ensemdiff", "e2", "mask_error")]
+    np.testing.assert_array_equal(t, ts)
+    np.testing.assert_allclose(v, ts / 100 + 0.05)
 
 
 def test_smoothing_keeps_constants_and_shrinks_at_the_ends():
