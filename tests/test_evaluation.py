@@ -234,3 +234,54 @@ def test_report_rejects_duplicate_cells_and_mixed_pooling(tmp_path):
     _metrics(tmp_path / "r", "c", "isic2016", "segdiff", "e2", 0.8, 0.02, pooling="per_image")
     with pytest.raises(ValueError, match="mix pixel poolings"):
         report.collect([str(tmp_path / "r")])
+
+
+_SHARDED_SCRIPT = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import flax.linen as nn
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from diffseg_jax import evaluate, train
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, t, cond=None, train=False):
+        return nn.Conv(1, (3, 3))(jnp.concatenate([x, cond], -1)) + 0.01 * t[:, None, None, None]
+
+config = tiny_config("e2_synthetic")
+config.diffusion.num_timesteps = 50
+config.eval.ddim_steps = 3
+schedule = train.build_schedule(config.diffusion)
+model = Net()
+images = np.random.default_rng(0).uniform(0, 1, (6, 8, 8, 3)).astype(np.float32)
+variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1])
+ensemble = evaluate.make_ensemble_fn(evaluate.make_member_fn(model, schedule, config), 3, 2)
+mean, std = evaluate.sample_statistics(ensemble, variables, images, (8, 8, 1), 4, jax.random.PRNGKey(5))
+print(json.dumps({{"devices": jax.device_count(), "mean": mean.ravel().tolist(), "std": std.ravel().tolist()}}))
+"""
+
+
+def test_sharded_evaluation_does_not_depend_on_the_device_count():
+    """6 images in batches of 4 (the last padded), split over 1 or 2 CPU devices: the same statistics."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    results = {}
+    for n in (1, 2):
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+        script = _SHARDED_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        results[n] = json.loads(out.stdout.strip().splitlines()[-1])
+        assert results[n]["devices"] == n
+    np.testing.assert_allclose(results[2]["mean"], results[1]["mean"], atol=1e-5)
+    np.testing.assert_allclose(results[2]["std"], results[1]["std"], atol=1e-5)
+    assert len(results[1]["mean"]) == 6 * 64 and np.std(results[1]["mean"]) > 0
