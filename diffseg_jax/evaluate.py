@@ -131,12 +131,12 @@ def sample_statistics(
     num = len(inputs)
     means, stds = [], []
     t0 = time.time()
+    template = jax.device_put(np.zeros((per_batch,) + tuple(x_shape), np.float32), sharded)
     for i, start in enumerate(range(0, num, batch_size)):
         batch = inputs[start : start + batch_size]
         n = len(batch)
         pad = [(0, per_batch - n)] + [(0, 0)] * (batch.ndim - 1) if n < per_batch else None
         images = jax.device_put(np.pad(batch, pad) if pad else batch, sharded)
-        template = jax.device_put(np.zeros((len(images),) + tuple(x_shape), np.float32), sharded)
         out = ensemble(variables, images, template, jax.random.fold_in(key, i))
         means.append(np.asarray(out["mean"])[:n])
         stds.append(np.asarray(out["std"])[:n])
@@ -264,18 +264,16 @@ def _segmentation_results(test: dict, mean: np.ndarray, std: np.ndarray, eval_cf
     report = jax.tree_util.tree_map(np.asarray, report)
     empty = np.zeros_like(truth)
     pooling = eval_cfg.pooling
+    both = {  # per-image entries are averaged over the images
+        f"{name}_{kind}": float(np.mean(report[f"{name}_{kind}"]))
+        for name in ("iou", "dice", "ece", "ece_top_label")
+        for kind in ("pooled", "per_image")
+    }
     summary = {
         "pooling": pooling,
-        "iou": float(report[f"iou_{pooling}"] if pooling == "pooled" else report["iou_per_image"].mean()),
-        "ece": float(report[f"ece_{pooling}"] if pooling == "pooled" else report["ece_per_image"].mean()),
-        "iou_pooled": float(report["iou_pooled"]),
-        "iou_per_image": float(report["iou_per_image"].mean()),
-        "dice_pooled": float(report["dice_pooled"]),
-        "dice_per_image": float(report["dice_per_image"].mean()),
-        "ece_pooled": float(report["ece_pooled"]),
-        "ece_per_image": float(report["ece_per_image"].mean()),
-        "ece_top_label_pooled": float(report["ece_top_label_pooled"]),
-        "ece_top_label_per_image": float(report["ece_top_label_per_image"].mean()),
+        "iou": both[f"iou_{pooling}"],
+        "ece": both[f"ece_{pooling}"],
+        **both,
         "ece_bins": eval_cfg.ece_bins,
         "threshold": THRESHOLD,
         "baseline_iou_all_foreground": float(np.mean(metrics.per_image(metrics.iou, ~empty, truth))),

@@ -43,10 +43,7 @@ def make_validation_fn(config: ml_collections.ConfigDict, model, schedule):
 
     Uses the weights evaluation would use (``eval.use_ema``); no dropout.
     """
-    arrays = {k: v for k, v in data.eval_arrays(config.data, "validation").items() if k in ("image", "mask")}
-    size = config.data.image_size
-    if arrays["image"].shape[1] > size:  # stored larger than the model: score its model-sized tiles
-        arrays = {k: data.to_tiles(v, size)[0] for k, v in arrays.items()}
+    arrays = data.model_sized_arrays(config.data, "validation")  # tiles where stored larger than the model
     batch_size = config.eval.batch_size
     e1_t = config.objective.e1_timestep
     settings = train.loss_settings(config)

@@ -31,22 +31,26 @@ KINDS = {"e1": "ff", "e2": "diff"}
 COLUMNS = ["dataset", "method", "ff_iou", "ff_ece", "diff_iou", "diff_ece", "delta_iou", "delta_ece"]
 
 
-def find_metrics(paths: Sequence[str]) -> list[str]:
-    """Every ``eval/metrics.json`` at or under ``paths`` (sorted, without duplicates)."""
+def find_run_files(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """Files given directly in ``paths``, and those matching the glob ``patterns`` (``**`` recursive) below each
+    folder in ``paths``; sorted, without duplicates."""
     found = set()
     for path in paths:
         if os.path.isfile(path):
             found.add(os.path.abspath(path))
-            continue
-        if not os.path.isdir(path):
+        elif os.path.isdir(path):
+            for pattern in patterns:
+                found.update(
+                    os.path.abspath(p) for p in glob.glob(os.path.join(path, pattern), recursive=True)
+                )
+        else:
             raise FileNotFoundError(f"--runs {path}: no such file or folder.")
-        direct = [os.path.join(path, "metrics.json"), os.path.join(path, "eval", "metrics.json")]
-        found.update(os.path.abspath(p) for p in direct if os.path.isfile(p))
-        found.update(
-            os.path.abspath(p)
-            for p in glob.glob(os.path.join(path, "**", "eval", "metrics.json"), recursive=True)
-        )
     return sorted(found)
+
+
+def find_metrics(paths: Sequence[str]) -> list[str]:
+    """Every ``eval/metrics.json`` at or under ``paths`` (an eval folder's own ``metrics.json`` too)."""
+    return find_run_files(paths, ("metrics.json", os.path.join("**", "eval", "metrics.json")))
 
 
 def collect(paths: Sequence[str]) -> list[dict[str, Any]]:

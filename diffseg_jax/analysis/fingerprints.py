@@ -10,30 +10,20 @@ maximum (``t_half``) and the error at the last timestep, the numbers behind "whi
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 from typing import Sequence
 
 import numpy as np
 
-from diffseg_jax import plots
+from diffseg_jax import plots, report
 from diffseg_jax.analysis.run import read_rows, write_rows
 
 
 def find_curves(paths: Sequence[str]) -> list[str]:
     """Every analysis curve CSV at or under ``paths``."""
-    found = set()
-    for path in paths:
-        if os.path.isfile(path):
-            found.add(os.path.abspath(path))
-        elif os.path.isdir(path):
-            for name in ("curves.csv", "model_free.csv"):
-                found.update(
-                    os.path.abspath(p) for p in glob.glob(os.path.join(path, "**", name), recursive=True)
-                )
-        else:
-            raise FileNotFoundError(f"--runs {path}: no such file or folder.")
-    return sorted(found)
+    return report.find_run_files(
+        paths, (os.path.join("**", "curves.csv"), os.path.join("**", "model_free.csv"))
+    )
 
 
 def half_rise(t: np.ndarray, values: np.ndarray, smoothing: int) -> int:

@@ -57,14 +57,6 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
-def _test_arrays(config: ml_collections.ConfigDict, num_images: int) -> dict[str, np.ndarray]:
-    test = data.eval_arrays(config.data, "test", max_examples=num_images)
-    size = config.data.image_size
-    if test["image"].shape[1] > size:  # stored larger than the model: its model-sized tiles
-        test = {k: data.to_tiles(test[k], size)[0] for k in ("image", "mask")}
-    return test
-
-
 def network_curves(config, workdir, test, ts, key) -> tuple[dict[str, np.ndarray], int]:
     """Mean over images of the trained network's curves at ``ts``, and the checkpoint step."""
     experiment = config.experiment
@@ -137,7 +129,7 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
             f"config.analysis.forward_timesteps has {late}, outside 0..{schedule.num_timesteps - 1} "
             f"(diffusion.num_timesteps={schedule.num_timesteps}); pass timesteps inside that range."
         )
-    test = _test_arrays(config, a.num_images)
+    test = data.model_sized_arrays(config.data, "test", a.num_images)
     key = jax.random.PRNGKey(a.seed)
     dataset = evaluate.dataset_label(config.data)
     meta = dict(model=config.model.name, experiment=config.experiment, dataset=dataset)

@@ -60,11 +60,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(array[..., :3])
 
 
-def mask_levels(array: np.ndarray) -> np.ndarray:
-    """The distinct values of a mask array (any dtype, 2-D or with a trailing channel axis)."""
-    return np.unique(array)
-
-
 def binarise_mask(array: np.ndarray, path: str | os.PathLike, threshold: float | None = None) -> np.ndarray:
     """A bool (H, W) foreground map from a decoded mask file.
 
@@ -85,7 +80,7 @@ def binarise_mask(array: np.ndarray, path: str | os.PathLike, threshold: float |
             )
     if threshold is not None:
         return array > threshold
-    levels = mask_levels(array)
+    levels = np.unique(array)
     if len(levels) > 2:
         shown = ", ".join(str(v) for v in levels[:6]) + (", ..." if len(levels) > 6 else "")
         raise DatasetFileError(
@@ -136,13 +131,12 @@ def resize_mask(mask: np.ndarray, size: int, method: str = "bilinear") -> np.nda
     """(size, size) bool: 'bilinear' interpolates the 0/255 mask and re-thresholds at half (> 127), 'nearest' picks."""
     if mask.shape[:2] == (size, size):
         return mask
-    if method == "nearest":
-        return (
-            np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
-        )
-    if method != "bilinear":
+    filters = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+    if method not in filters:
         raise ValueError(f"Unknown mask resize method {method!r}; use 'bilinear' or 'nearest'.")
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)) > 127
+    return (
+        np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), filters[method])) > 127
+    )
 
 
 def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:

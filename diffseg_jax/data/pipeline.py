@@ -305,3 +305,14 @@ def eval_arrays(
         "mask": np.stack([p["mask"] for p in processed]),
         "id": np.array([e["id"] for e in examples]),
     }
+
+
+def model_sized_arrays(
+    data_config: ml_collections.ConfigDict, split: str, max_examples: int | None = None
+) -> dict[str, np.ndarray]:
+    """`eval_arrays` image and mask of `split`, cut into `data.image_size` tiles where stored larger."""
+    arrays = eval_arrays(data_config, split, max_examples)
+    size = int(data_config.image_size)
+    if arrays["image"].shape[1] > size:
+        return {k: to_tiles(arrays[k], size)[0] for k in ("image", "mask")}
+    return {k: arrays[k] for k in ("image", "mask")}
