@@ -78,6 +78,13 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             f"Experiment {config.experiment} withholds the image, but this architecture cannot run "
             "without it; choose an image-droppable model.",
         )
+    if models.is_feed_forward(config.model.name) and config.experiment != "e1":
+        _fail(
+            "experiment",
+            config.experiment,
+            f"{config.model.name} is a feed-forward reference (image -> mask logits, no x_t): train it as "
+            "e1, or choose a diffusion architecture.",
+        )
     if config.diffusion.mask_range not in diffusion.MASK_RANGES:
         _fail("diffusion.mask_range", config.diffusion.mask_range, f"Choose one of {diffusion.MASK_RANGES}.")
     if config.diffusion.schedule not in diffusion.BETA_SCHEDULES:

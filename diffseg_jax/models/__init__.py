@@ -1,7 +1,9 @@
 """Model registry: names -> Flax modules, plus parameter counting helpers.
 
 Every registered model is called as ``model.apply(variables, x_t, t, cond, train=...)`` with NHWC
-arrays; ``cond=None`` is only allowed where the class sets ``CAN_DROP_IMAGE = True``.
+arrays; ``cond=None`` is only allowed where the class sets ``CAN_DROP_IMAGE = True``. A feed-forward
+reference (class attribute ``FEED_FORWARD = True``) maps the image ``cond`` to mask logits and ignores
+``x_t`` and ``t``: it can only be trained as E1.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def can_drop_image(name: str) -> bool:
     return bool(getattr(_model_class(name), "CAN_DROP_IMAGE", False))
 
 
+def is_feed_forward(name: str) -> bool:
+    """Whether model ``name`` is a feed-forward reference (image -> logits; ignores x_t and t; E1 only)."""
+    return bool(getattr(_model_class(name), "FEED_FORWARD", False))
+
+
 def param_count(params: Any) -> int:
     """Total number of scalars in a pytree of arrays or ``jax.ShapeDtypeStruct``s."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
@@ -76,6 +83,7 @@ __all__ = [
     "EnsemDiffUNet",
     "get_model",
     "can_drop_image",
+    "is_feed_forward",
     "param_count",
     "param_shapes",
     "count_params",
