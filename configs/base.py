@@ -30,6 +30,8 @@ def ensemdiff_model(image_size: int = 256) -> ml_collections.ConfigDict:
             num_head_channels=-1,
             dropout=0.0,
             use_scale_shift_norm=False,
+            dtype="float32",  # compute dtype: 'bfloat16' for mixed precision (params stay float32)
+            remat=False,  # recompute ResBlock activations in the backward pass to save memory
         )
     )
 
@@ -55,6 +57,8 @@ def segdiff_model(image_size: int = 256) -> ml_collections.ConfigDict:
             # applied to the [0, 1] image inside the model.
             image_mean=(142.07, 98.48, 132.96),
             image_std=(65.78, 57.05, 57.78),
+            dtype="float32",
+            remat=False,
         )
     )
 

@@ -14,6 +14,8 @@ import ml_collections
 
 from diffseg_jax import data, diffusion, models, objectives
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
 
 def _fail(key: str, value, fix: str):
     raise ValueError(f"Invalid config: {key}={value!r}. {fix}")
@@ -77,6 +79,12 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             config.model.name,
             f"Experiment {config.experiment} withholds the image, but this architecture cannot run "
             "without it; choose an image-droppable model.",
+        )
+    if config.model.get("dtype", "float32") not in COMPUTE_DTYPES:
+        _fail(
+            "model.dtype",
+            config.model.dtype,
+            f"Choose one of {COMPUTE_DTYPES} (bfloat16: mixed precision with float32 parameters).",
         )
     if models.is_feed_forward(config.model.name) and config.experiment != "e1":
         _fail(

@@ -71,9 +71,12 @@ def build_model(
 ) -> nn.Module:
     """Instantiates the registered model named ``model_config.name`` with its own arguments only.
 
-    ``image_size`` is passed to models whose weights depend on it (MedSegDiff's FF-Parser).
+    ``image_size`` is passed to models whose weights depend on it (MedSegDiff's FF-Parser). A ``dtype``
+    name (``'bfloat16'``) becomes the model's compute dtype; parameters stay float32 either way.
     """
     kwargs = {k: v for k, v in model_config.to_dict().items() if k != "name"}
+    if "dtype" in kwargs:
+        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
     cls = models.MODELS.get(model_config.name)
     if (
         image_size is not None

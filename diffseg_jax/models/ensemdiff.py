@@ -64,7 +64,10 @@ class EnsemDiffUNet(nn.Module):
     num_heads_upsample: int = -1  # -1: same as num_heads
     dropout: float = 0.0
     use_scale_shift_norm: bool = False
-    dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # compute dtype of the UNet body; parameters stay float32
+    remat: bool = (
+        False  # recompute ResBlock activations in the backward pass (guided-diffusion use_checkpoint)
+    )
 
     @nn.compact
     def __call__(

@@ -106,7 +106,7 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         """Map x (B,H,W,Cin) and emb (B,E) to (B,H,W,out_channels)."""
         x = x.astype(self.dtype)
         c = self.out_channels
@@ -213,11 +213,16 @@ class Upsample(nn.Module):
 # module's compact ``__call__`` (Flax parents modules created there to the caller), with the official
 # module names, from the caller's attributes: model_channels, channel_mult, num_res_blocks,
 # attention_resolutions (downsample factors), num_heads, num_heads_upsample, num_head_channels, dropout,
-# use_scale_shift_norm, dtype.
+# use_scale_shift_norm, dtype, and optionally remat.
+
+# ResBlock with rematerialisation: its activations are recomputed in the backward pass instead of kept
+# (guided-diffusion's ``use_checkpoint``). ``train`` (argument 3, counting self) must stay a Python bool.
+RematResBlock = nn.remat(ResBlock, static_argnums=(3,))
 
 
 def _res(m: nn.Module, ch: int, name: str) -> ResBlock:
-    return ResBlock(ch, m.dropout, m.use_scale_shift_norm, dtype=m.dtype, name=name)
+    cls = RematResBlock if getattr(m, "remat", False) else ResBlock
+    return cls(ch, m.dropout, m.use_scale_shift_norm, dtype=m.dtype, name=name)
 
 
 def _attn(m: nn.Module, heads: int, name: str) -> AttentionBlock:
@@ -234,7 +239,7 @@ def unet_encoder(
     ds, i = 1, 1
     for level, mult in enumerate(m.channel_mult):
         for _ in range(m.num_res_blocks):
-            h = _res(m, mult * mc, f"input_blocks_{i}_0")(h, emb, train=train)
+            h = _res(m, mult * mc, f"input_blocks_{i}_0")(h, emb, train)
             if ds in m.attention_resolutions:
                 h = _attn(m, m.num_heads, f"input_blocks_{i}_1")(h)
             hs.append(h)
@@ -253,9 +258,9 @@ def unet_middle_decoder_head(
 ) -> jax.Array:
     """Middle block (ResBlock, attention, ResBlock), decoder consuming every skip, GN-SiLU-conv head."""
     ch = h.shape[-1]
-    h = _res(m, ch, "middle_block_0")(h, emb, train=train)
+    h = _res(m, ch, "middle_block_0")(h, emb, train)
     h = _attn(m, m.num_heads, "middle_block_1")(h)
-    h = _res(m, ch, "middle_block_2")(h, emb, train=train)
+    h = _res(m, ch, "middle_block_2")(h, emb, train)
 
     # Each decoder ResBlock consumes concat([h, skip]) (h first, as th.cat([h, hs.pop()], 1)).
     hs = list(hs)
@@ -264,7 +269,7 @@ def unet_middle_decoder_head(
     for level, mult in reversed(list(enumerate(m.channel_mult))):
         for j in range(m.num_res_blocks + 1):
             h = jnp.concatenate([h, hs.pop()], axis=-1)
-            h = _res(m, mult * m.model_channels, f"output_blocks_{i}_0")(h, emb, train=train)
+            h = _res(m, mult * m.model_channels, f"output_blocks_{i}_0")(h, emb, train)
             k = 1
             if ds in m.attention_resolutions:
                 h = _attn(m, heads_up, f"output_blocks_{i}_{k}")(h)

@@ -118,7 +118,10 @@ class MedSegDiffUNet(nn.Module):
     cond_dropout: float = 0.5
     bottleneck: str = "trained"  # v1 only: 'trained' | 'random_per_call' | 'none'
     image_size: int = 256  # v1 only: the FF-Parser weights' spatial shapes
-    dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # compute dtype of the UNet body; parameters stay float32
+    remat: bool = (
+        False  # recompute ResBlock activations in the backward pass (guided-diffusion use_checkpoint)
+    )
 
     @property
     def blends_cal(self) -> bool:

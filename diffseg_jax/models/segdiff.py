@@ -85,7 +85,10 @@ class SegDiffUNet(nn.Module):
     # (datasets/monu.py); the data pipeline delivers [0, 1] images, so F does it here. None: no normalisation.
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
-    dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # compute dtype of the UNet body; parameters stay float32
+    remat: bool = (
+        False  # recompute ResBlock activations in the backward pass (guided-diffusion use_checkpoint)
+    )
 
     def setup(self) -> None:
         # Defined in setup so that encode_image and __call__ share it; Flax creates its parameters only
