@@ -129,6 +129,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_test=64,
             seed=0,
             augment_flips=False,
+            # Input pipeline: threads read batches ahead; worker processes (grain mp_prefetch) decode and
+            # augment off the training process for real datasets on accelerators (0 in tests and on CPUs).
+            num_threads=4,
+            num_workers=0,
+            prefetch=8,
         )
     )
     c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None → ~/tensorflow_datasets

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 class Checkpointer:
@@ -35,9 +36,17 @@ class Checkpointer:
         )
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores the state at ``step`` with the structure, dtypes and shardings of ``target``."""
+        """Restores the state at ``step`` with the structure, dtypes and shardings of ``target``.
+
+        Leaves without a sharding (e.g. ``jax.eval_shape`` output) are restored replicated over every
+        device, so a checkpoint written on one topology (8 GPUs, two hosts) reads on another (one CPU).
+        """
+        replicated = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), PartitionSpec())
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=getattr(x, "sharding", None) or replicated
+            ),
+            target,
         )
         out = self._manager.restore(
             step,

@@ -22,7 +22,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffseg_jax import checkpoints, data, diffusion, metrics, objectives, plots, train, writers
+from diffseg_jax import checkpoints, data, diffusion, distributed, metrics, objectives, plots, train, writers
 
 THRESHOLD = 0.5  # A pixel is foreground when the ensemble mean is > 0.5.
 
@@ -118,7 +118,7 @@ def sample_statistics(
     """Ensemble mean and std for every input, ``batch_size`` images at a time, sharded over all devices.
 
     Every batch is padded to the same size, a multiple of the device count (one compilation), and split
-    along the image axis (members stay on the device of their image: no communication). Batch ``i`` uses
+    along the image axis over every host's devices (each host holds all inputs and gets all outputs) (members stay on the device of their image: no communication). Batch ``i`` uses
     ``fold_in(key, i)``; when ``batch_size`` is a multiple of the device count the samples do not depend on
     how many devices there are. Logs images/s and the time left.
     """
@@ -131,15 +131,15 @@ def sample_statistics(
     num = len(inputs)
     means, stds = [], []
     t0 = time.time()
-    template = jax.device_put(np.zeros((per_batch,) + tuple(x_shape), np.float32), sharded)
+    template = distributed.from_global(np.zeros((per_batch,) + tuple(x_shape), np.float32), sharded)
     for i, start in enumerate(range(0, num, batch_size)):
         batch = inputs[start : start + batch_size]
         n = len(batch)
         pad = [(0, per_batch - n)] + [(0, 0)] * (batch.ndim - 1) if n < per_batch else None
-        images = jax.device_put(np.pad(batch, pad) if pad else batch, sharded)
+        images = distributed.from_global(np.pad(batch, pad) if pad else batch, sharded)
         out = ensemble(variables, images, template, jax.random.fold_in(key, i))
-        means.append(np.asarray(out["mean"])[:n])
-        stds.append(np.asarray(out["std"])[:n])
+        means.append(distributed.to_host(out["mean"])[:n])
+        stds.append(distributed.to_host(out["std"])[:n])
         done = start + n
         rate = done / (time.time() - t0)
         logging.info(
@@ -210,6 +210,8 @@ def evaluate(
     if grid is not None:
         mean, std = data.from_tiles(mean, grid), data.from_tiles(std, grid)
 
+    if not distributed.is_primary():
+        return {}  # A multi-host evaluation samples on every host; process 0 scores and writes.
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     result = {

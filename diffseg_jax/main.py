@@ -28,9 +28,18 @@ _COMPARE = flags.DEFINE_string(
 
 def main(argv):
     del argv
-    from diffseg_jax import configlib, evaluate, protocol, summary, train, writers  # Keep --help fast.
+    from diffseg_jax import (  # Fast --help.
+        configlib,
+        distributed,
+        evaluate,
+        protocol,
+        summary,
+        train,
+        writers,
+    )
 
     writers.quiet_libraries()
+    distributed.initialize_from_env()  # Several hosts: JAX_COORDINATOR_ADDRESS etc. (see distributed.py)
 
     config = _CONFIG.value
     if _MODE.value == "summary":

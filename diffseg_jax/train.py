@@ -10,11 +10,12 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import flax.struct
@@ -27,7 +28,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffseg_jax import checkpoints, configlib, data, diffusion, models, objectives, writers
+from diffseg_jax import checkpoints, configlib, data, diffusion, distributed, models, objectives, writers
 
 
 @flax.struct.dataclass
@@ -213,9 +214,25 @@ def data_mesh() -> jax.sharding.Mesh:
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Puts a host batch on the devices, split along the leading (batch) axis."""
+    """Puts this host's rows of a batch on the devices as one global array split along the batch axis.
+
+    On a single host the rows are the whole batch; on several, each host passes its own rows (see
+    :func:`diffseg_jax.data.train_dataset`'s ``shard``) and the global batch is their concatenation.
+    """
     sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.device_put(v, sharding) for k, v in batch.items() if k != "id"}
+    return {k: distributed.global_array(v, sharding) for k, v in batch.items() if k != "id"}
+
+
+def device_batches(batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh, ahead: int = 2):
+    """Yields device batches with ``ahead`` more already transferred: the copy of step s+1's batch overlaps
+    step s's compute (``device_put`` is asynchronous)."""
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(shard_batch(batch, mesh))
+        if len(queue) > ahead:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def jit_train_step(train_step, mesh: jax.sharding.Mesh):
@@ -258,9 +275,11 @@ def setup(config: ml_collections.ConfigDict, abstract: bool = False, split: str 
 
     With ``abstract`` the state is only shapes (``jax.ShapeDtypeStruct``), e.g. as a restore target: no
     initialiser is compiled or run. ``split`` is the data split to train on (``fit`` for the 80 % part).
+    On several hosts the dataset yields this host's rows of each batch.
     """
+    _, host, hosts = distributed.host_local_batch(config.train.batch_size)
     train_ds = data.train_dataset(
-        config.data, batch_size=config.train.batch_size, seed=config.seed, split=split
+        config.data, batch_size=config.train.batch_size, seed=config.seed, split=split, shard=(host, hosts)
     )
     first = train_ds[0]
     image_channels = first["image"].shape[-1]
@@ -295,7 +314,9 @@ def train(
     """
     configlib.validate(config)
     os.makedirs(workdir, exist_ok=True)
-    configlib.save(config, os.path.join(workdir, "config.json"))
+    primary = distributed.is_primary()
+    if primary:
+        configlib.save(config, os.path.join(workdir, "config.json"))
     mesh = data_mesh()
     n_dev = mesh.size
     if config.train.batch_size % n_dev:
@@ -313,27 +334,33 @@ def train(
     start = int(state.step)
     num_steps = config.train.num_steps
     logging.info(
-        "Training %s (%s) on %d device(s) [%s], %s parameters, steps %d → %d.",
+        "Training %s (%s) on %d device(s) [%s] of %d host(s), %s parameters, steps %d → %d.",
         config.model.name,
         config.experiment,
         n_dev,
         jax.devices()[0].platform,
+        jax.process_count(),
         f"{models.param_count(state.params):,}",
         start,
         num_steps,
     )
     step_fn = jit_train_step(make_train_step(model, optimizer, schedule, config), mesh)
-    writer = writers.MetricWriter(workdir)
+    writer = writers.MetricWriter(workdir) if primary else writers.NullWriter()
     # On CPU with several devices, queueing many collective steps without waiting can deadlock the
     # all-reduce: wait on the loss at least this often (and at every log / checkpoint).
     sync_every = max(1, min(config.train.log_every, 8))
     meta = {"config": config.to_dict(), "num_devices": n_dev}
     last_saved = latest
     t_start, step_at_start = time.time(), start
+    d = config.data  # (.get: configs saved before these keys existed still load)
+    stream = data.batch_stream(
+        train_ds, start, d.get("num_threads", 4), d.get("num_workers", 0), d.get("prefetch", 8)
+    )
+    batches = device_batches(stream, mesh)
     try:
         with _Terminate() as term:
-            for step in range(start, num_steps):
-                state, metrics = step_fn(state, shard_batch(train_ds[step], mesh))
+            for step, batch in zip(range(start, num_steps), batches):
+                state, metrics = step_fn(state, batch)
                 done = step + 1
                 is_last = done == num_steps
                 stop = bool(

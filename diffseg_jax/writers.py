@@ -34,6 +34,16 @@ class MetricWriter:
         self._jsonl.close()
 
 
+class NullWriter:
+    """A writer that drops everything: processes other than the first in a multi-host run."""
+
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
+        del step, scalars
+
+    def close(self) -> None:
+        pass
+
+
 def format_duration(seconds: float) -> str:
     """Human-readable duration, e.g. ``1h02m``, ``3m05s``, ``42s``."""
     seconds = int(round(seconds))

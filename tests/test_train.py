@@ -83,15 +83,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tfds_dir):
     assert lines[-1]["step"] == steps and all(np.isfinite(l["loss"]) for l in lines)
 
 
-class _Hooked:
-    """Wraps a train dataset to act at a given step (inject NaN, send SIGTERM)."""
-
-    def __init__(self, ds, at, action):
-        self.ds, self.at, self.action = ds, at, action
-
-    def __getitem__(self, step):
-        batch = self.ds[step]
-        return self.action(batch) if step == self.at else batch
+def _hooked(ds, at, action):
+    """The train dataset with ``action`` applied to step ``at``'s batch (inject NaN, send SIGTERM)."""
+    return ds.map_with_index(lambda step, batch: action(batch) if step == at else batch)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir, monkeypatch):
@@ -100,7 +94,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir, monke
     real = data.train_dataset
 
     def poisoned(*args, **kwargs):
-        return _Hooked(real(*args, **kwargs), 4, lambda b: dict(b, image=b["image"] * np.nan))
+        return _hooked(real(*args, **kwargs), 4, lambda b: dict(b, image=b["image"] * np.nan))
 
     monkeypatch.setattr(data, "train_dataset", poisoned)
     with pytest.raises(FloatingPointError, match="loss is nan at step 6.*last good checkpoint \\(step 4\\)"):
@@ -108,22 +102,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir, monke
     assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
 
 
-def test_sigterm_saves_and_stops(tmp_path, tfds_dir, monkeypatch):
+def test_sigterm_saves_and_stops(tmp_path, tfds_dir):
     config = tiny_config(data_dir=tfds_dir)
     config.train.num_steps, config.train.ckpt_every, config.train.log_every = 20, 100, 100
-    real = data.train_dataset
 
-    def terminating(*args, **kwargs):
-        def term(batch):
+    def terminate_after_step_2(step, state):
+        if step == 2:  # (batches are read ahead, so the signal is sent from the loop, not the data)
             os.kill(os.getpid(), signal.SIGTERM)
-            return batch
+        return False
 
-        return _Hooked(real(*args, **kwargs), 2, term)
-
-    monkeypatch.setattr(data, "train_dataset", terminating)
-    state = train.train(config, str(tmp_path))
-    assert int(state.step) == 3
-    assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 3
+    state = train.train(config, str(tmp_path), hook=terminate_after_step_2, hook_every=1)
+    assert int(state.step) == 2
+    assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
 
 
 _LOSSES_SCRIPT = textwrap.dedent("""

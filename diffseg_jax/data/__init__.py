@@ -7,6 +7,7 @@ from diffseg_jax.data.pipeline import (
     SPLITS,
     Source,
     Subset,
+    batch_stream,
     eval_arrays,
     from_tiles,
     holdout,
@@ -33,5 +34,6 @@ __all__ = [
     "preprocess",
     "stored_size",
     "to_tiles",
+    "batch_stream",
     "train_dataset",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import grain
 import ml_collections
@@ -245,14 +245,21 @@ def _augment(
 
 
 def train_dataset(
-    data_config: ml_collections.ConfigDict, batch_size: int, seed: int, split: str = "train"
+    data_config: ml_collections.ConfigDict,
+    batch_size: int,
+    seed: int,
+    split: str = "train",
+    shard: tuple[int, int] = (0, 1),
 ) -> grain.MapDataset:
     """Infinite, per-epoch reshuffled, batched stream of `split`; `ds[step]` is step's batch, a function of (seed, step).
 
     Stored images larger than `data.image_size` are randomly cropped to it; `data.augment_flips` adds h/v flips.
+    ``shard=(host, hosts)``: this host's rows of every global batch of ``batch_size`` (host h of n reads rows
+    h·B/n … (h+1)·B/n − 1 and nothing else); the hosts' batches of a step concatenate to the single-host batch.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    index, count = shard
+    if batch_size < 1 or batch_size % count:
+        raise ValueError(f"batch_size must be a positive multiple of the {count} hosts, got {batch_size}.")
     ds = grain.MapDataset.source(load_split(data_config, split)).seed(seed)
     # repeat() folds the epoch into the seeds of the shuffle (and crops/flips) upstream of it: a new order every
     # epoch, and element k of the stream is still a pure function of (seed, k).
@@ -262,7 +269,25 @@ def train_dataset(
     flips = bool(data_config.get("augment_flips", False))
     if crop is not None or flips:
         ds = ds.random_map(functools.partial(_augment, crop=crop, flips=flips))
-    return ds.map(preprocess).batch(batch_size, drop_remainder=True)
+    ds = ds.map(preprocess).batch(batch_size // count, drop_remainder=True)
+    return ds[index::count] if count > 1 else ds
+
+
+def batch_stream(
+    ds: grain.MapDataset, start: int, num_threads: int = 4, num_workers: int = 0, buffer: int = 8
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches ``ds[start]``, ``ds[start + 1]``, … read ahead of the training loop.
+
+    ``num_threads`` threads read up to ``buffer`` batches ahead; ``num_workers`` > 0 moves decoding and
+    augmentation into that many worker processes (grain's ``mp_prefetch``; they need a ``__main__`` guard,
+    which the CLI has, and take seconds to start). The order, and so every batch, is the same either way.
+    """
+    it = ds[start:].to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, buffer))
+    )
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it)
 
 
 def to_tiles(images: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int]]:
