@@ -221,7 +221,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # A weights file (.safetensors, .pt/.pth/.bin, .npz) imported by name into a run that has no checkpoint
     # yet (diffseg_jax.convert, with the model's import rules: e.g. an ImageNet-pretrained SegFormer encoder
-    # such as nvidia/mit-b3's model.safetensors, its decoder left at initialisation). None: random init.
+    # such as nvidia/mit-b3's weights file, its decoder left at initialisation). None: random init.
     c.train.init_weights = config_dict.placeholder(str)
 
     # member_chunk: members sampled at once per image (lax.map over chunks bounds memory; 0 = all at once).

@@ -116,8 +116,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         _fail(
             "train.init_weights",
             init_weights,
-            "No such file: pass a .safetensors, .pt/.pth/.bin or .npz state dict (e.g. the model.safetensors of "
-            "nvidia/mit-b3 for SegFormer-B3), or leave it unset to start from random initialisation.",
+            "No such file: pass a .safetensors, .pt/.pth/.bin or .npz state dict (e.g. nvidia/mit-b3's weights "
+            "file for SegFormer-B3), or leave it unset to start from random initialisation.",
         )
     for key in ("num_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         if config.train[key] < 1:
