@@ -75,9 +75,39 @@ def medsegdiff_model(image_size: int = 256, version: str = "v1") -> ml_collectio
     return model
 
 
+def segformer_model(image_size: int = 256, variant: str = "b3") -> ml_collections.ConfigDict:
+    """The SegFormer feed-forward reference (HF SegformerForSemanticSegmentation), B3 by default.
+
+    ``variant`` picks depths, widths, heads, spatial-reduction ratios and decoder width from
+    ``diffseg_jax/models/segformer.py:VARIANTS`` (b0..b5); the keys left at None override single entries
+    (``--config.model.depths='(1,1,1,1)'``). ``normalize``: ImageNet mean/std inside the model, as HF's
+    image processor (the pretrained encoders expect it); needs 3-channel images.
+    """
+    del image_size  # Any size: the logits are upsampled to the input.
+    return ml_collections.ConfigDict(
+        dict(
+            name="segformer",
+            variant=variant,
+            depths=config_dict.placeholder(tuple),
+            hidden_sizes=config_dict.placeholder(tuple),
+            num_heads=config_dict.placeholder(tuple),
+            sr_ratios=config_dict.placeholder(tuple),
+            decoder_size=config_dict.placeholder(int),
+            drop_path_rate=0.1,
+            classifier_dropout=0.1,
+            normalize=True,
+        )
+    )
+
+
 def tiny_model(name: str) -> ml_collections.ConfigDict:
     """A few-channel variant of ``name`` from the same code, for tests and CPU runs."""
     model = MODEL_DEFAULTS[name]()
+    if name == "segformer":  # not a UNet: a B0-like Mix Transformer with one block per stage
+        model.update(
+            depths=(1, 1, 1, 1), hidden_sizes=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), decoder_size=32
+        )
+        return model
     model.update(
         model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), num_heads=1
     )
@@ -95,7 +125,16 @@ MODEL_DEFAULTS = {
     "segdiff": segdiff_model,
     "medsegdiff": medsegdiff_model,
     "medsegdiff_new": lambda image_size=256: medsegdiff_model(image_size, version="new"),
+    "segformer": segformer_model,
 }
+
+
+def is_feed_forward(model_name: str) -> bool:
+    """Whether ``model_name`` is a feed-forward reference (the registry's ``FEED_FORWARD``): E1 only, and
+    deterministic, so one ensemble member is the whole ensemble."""
+    from diffseg_jax import models  # noqa: PLC0415 — the registry is the one source of truth.
+
+    return models.is_feed_forward(model_name)
 
 
 def parse_arg(arg: str | None) -> tuple[str, bool]:
@@ -189,6 +228,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             keep_checkpoints=3,
         )
     )
+    # A weights file (.safetensors, .pt/.pth/.bin, .npz) imported by name into a run that has no checkpoint
+    # yet (diffseg_jax.convert, with the model's import rules: e.g. an ImageNet-pretrained SegFormer encoder
+    # such as nvidia/mit-b3's weights file, its decoder left at initialisation). None: random init.
+    c.train.init_weights = config_dict.placeholder(str)
 
     # member_chunk: members sampled at once per image (lax.map over chunks bounds memory; 0 = all at once).
     # pooling: which IoU / ECE metrics.json reports as `iou` / `ece` (both are always written):
@@ -238,6 +281,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     apply_scheme(c, model_name)
     if tiny:
         apply_tiny(c)
+    if is_feed_forward(model_name):
+        c.eval.ensemble_size = 1
     return c
 
 
@@ -273,6 +318,15 @@ PUBLISHED_SCHEMES = {
     },
 }
 PUBLISHED_SCHEMES["medsegdiff_new"] = PUBLISHED_SCHEMES["medsegdiff"]
+# NVlabs/SegFormer (mmseg configs segformer_mit-b*_512x512_160k_ade20k) and HF's fine-tuning recipe: AdamW(6e-5,
+# wd 0.01), batch 16 (2 x 8 GPUs), 160k iterations, no EMA; deterministic, so one ensemble member.
+# Not reproduced: the poly (power 1) decay after a 1500-iteration linear warm-up, the decoder's 10x learning
+# rate and no weight decay on norms (a constant rate, one group here), and the random resize / crop / flip /
+# photometric augmentation (as for the other architectures, data.augment_flips only).
+PUBLISHED_SCHEMES["segformer"] = {
+    "train": dict(lr=6e-5, batch_size=16, num_steps=160_000, weight_decay=0.01, grad_clip=0.0),
+    "eval": dict(use_ema=False, ensemble_size=1),
+}
 
 
 def apply_scheme(c: ml_collections.ConfigDict, model_name: str) -> None:
@@ -331,6 +385,8 @@ DATASET_SETTINGS = {
 # At test scale ('tiny'): 32 px models; MoNuSeg keeps its 2 x 2 tiles of a twice-as-large stored image.
 TINY_RESIZE = {"isic": 32, "monuseg": 64, "folder": 32}
 # What each experiment changes beyond the architecture's published scheme.
+# A feed-forward reference (SegFormer) keeps its own published scheme: these are the paper's protocol for the
+# diffusion architectures.
 EXPERIMENT_SETTINGS = {
     "e1": dict(train=dict(lr=1e-5)),  # The paper's feed-forward protocol: Dice + CE, Adam, lr 1e-5.
     "e2": {},
@@ -347,11 +403,14 @@ def experiment_config(experiment: str, dataset: str, arg: str | None = None) -> 
     settings = DATASET_SETTINGS[dataset]
     for key, value in settings["data"].items():
         c.data[key] = value
-    c.eval.ensemble_size = settings["ensemble_size"]
-    for group, values in EXPERIMENT_SETTINGS[experiment].items():
+    feed_forward = is_feed_forward(model_name)
+    c.eval.ensemble_size = 1 if feed_forward else settings["ensemble_size"]
+    for group, values in ({} if feed_forward else EXPERIMENT_SETTINGS[experiment]).items():
         for key, value in values.items():
             c[group][key] = value
     if tiny:
         apply_tiny(c)
         c.data.resize = TINY_RESIZE[dataset]
+        if feed_forward:
+            c.eval.ensemble_size = 1
     return c

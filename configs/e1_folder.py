@@ -8,6 +8,7 @@
 Any images/ + masks/ folder (optionally train/ and test/), 256 px; a fifth held out as test when
 there is no test/ folder; sampled ensembles of 5 (the paper's HER2 size).
 Adam lr 1e-5 as the paper's feed-forward protocol; the rest of the architecture's published scheme.
+:segformer is the feed-forward reference (SegFormer-B3): its own published scheme, one deterministic member.
 The README's "Data" section shows the folder layout.
 """
 

@@ -7,6 +7,7 @@
 
 Images and masks resized to 256 x 256 (masks re-thresholded); sampled ensembles of 10 (Table 1).
 Adam lr 1e-5 as the paper's feed-forward protocol; the rest of the architecture's published scheme.
+:segformer is the feed-forward reference (SegFormer-B3): its own published scheme, one deterministic member.
 The README's "Data" section shows the folder layout.
 """
 

@@ -8,6 +8,7 @@
 Tiles resized 1000 -> 512, random 256 crops with flips for training; the 512 test images
 evaluated as four stitched 256 tiles; sampled ensembles of 25 (Table 1).
 Adam lr 1e-5 as the paper's feed-forward protocol; the rest of the architecture's published scheme.
+:segformer is the feed-forward reference (SegFormer-B3): its own published scheme, one deterministic member.
 The README's "Data" section shows the folder layout.
 """
 

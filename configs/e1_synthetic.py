@@ -2,6 +2,7 @@
 
   python -m diffseg_jax.main --config configs/e1_synthetic.py --workdir runs/e1_synthetic
   python -m diffseg_jax.main --config configs/e1_synthetic.py:tiny --workdir /tmp/e1  # CPU-test scale
+  python -m diffseg_jax.main --config configs/e1_synthetic.py:segformer --workdir runs/e1_segformer  # reference
 
 Writes checkpoints, TensorBoard/JSONL logs and eval/ (metrics.json, ensemble.png) under the workdir.
 Pick the fingerprint with --config.data.kind=lesion|nuclei|clusters.
@@ -13,5 +14,6 @@ from configs import base
 def get_config(arg=None):
     config = base.get_config(arg)
     config.experiment = "e1"
-    config.train.lr = 1e-5  # The paper's feed-forward protocol: Adam, lr 1e-5.
+    if not base.is_feed_forward(config.model.name):  # A feed-forward reference keeps its published scheme.
+        config.train.lr = 1e-5  # The paper's feed-forward protocol: Adam, lr 1e-5.
     return config

@@ -119,6 +119,14 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             config.objective.e1_timestep,
             f"Use -1 (T-1) or a value below diffusion.num_timesteps={config.diffusion.num_timesteps}.",
         )
+    init_weights = config.train.get("init_weights", None)
+    if init_weights is not None and not os.path.isfile(init_weights):
+        _fail(
+            "train.init_weights",
+            init_weights,
+            "No such file: pass a .safetensors, .pt/.pth/.bin or .npz state dict (e.g. nvidia/mit-b3's weights "
+            "file for SegFormer-B3), or leave it unset to start from random initialisation.",
+        )
     for key in ("num_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         if config.train[key] < 1:
             _fail(f"train.{key}", config.train[key], "Use a positive integer.")

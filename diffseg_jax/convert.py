@@ -1,14 +1,20 @@
-"""Import official PyTorch weights (EnsemDiff, SegDiff, MedSegDiff) into our Flax variables.
+"""Import official PyTorch weights (EnsemDiff, SegDiff, MedSegDiff, SegFormer) into our Flax variables.
 
 Each model module exports ``torch_key(path) -> str``, the official state-dict key of one Flax leaf
 (``('input_blocks_1_0', 'in_conv', 'kernel')`` → ``'input_blocks.1.0.in_layers.2.weight'``). This module
 maps every tensor by that name, converts layouts (conv OIHW → HWIO, Linear (out, in) → (in, out), the 1×1
 Conv1d of attention (out, in, 1) → (in, out)) and checks shapes, failing on any unmapped, missing or
-mis-shaped tensor with its name. PyTorch is optional: ``.pt``/``.pth`` files need it installed; an ``.npz``
-of named arrays (``np.savez(path, **{k: v.numpy() for k, v in sd.items()})``) does not.
+mis-shaped tensor with its name. A model module may add explicit, logged exceptions (:func:`import_rules`:
+SegFormer skips an ImageNet classifier and lets an encoder-only checkpoint leave its decoder at
+initialisation). PyTorch is optional: ``.pt``/``.pth``/``.bin`` files need it installed; ``.safetensors``
+needs the small ``safetensors`` package; an ``.npz`` of named arrays
+(``np.savez(path, **{k: v.numpy() for k, v in sd.items()})``) needs neither.
 
   python -m diffseg_jax.convert --config configs/e2_isic.py:ensemdiff --weights savedmodel.pt --workdir DIR
   python -m diffseg_jax.main --config configs/e2_isic.py:ensemdiff --workdir DIR --mode evaluate
+
+To start training from imported weights instead (e.g. an ImageNet-pretrained SegFormer encoder), set
+``--config.train.init_weights=PATH``: a run without a checkpoint imports them into its step-0 state.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 TorchKey = Callable[[tuple[str, ...]], str]
 # PyTorch buffers with no Flax counterpart.
 IGNORED_SUFFIXES = (".num_batches_tracked",)
 _CONV1D_KERNELS = ("qkv", "proj_out")  # guided-diffusion's attention uses 1x1 Conv1d; ours are Dense.
+DEFAULT_HINT = "Check that the config (architecture, channels, learn_sigma) matches the checkpoint."
 
 
 def _leaf_path(key_path) -> tuple[str, ...]:
@@ -55,27 +63,67 @@ def to_torch_layout(path: tuple[str, ...], w: np.ndarray) -> np.ndarray:
     return w.T
 
 
-def import_state_dict(state_dict: Mapping[str, Any], template: Any, torch_key: TorchKey) -> Any:
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch-layout shape of a Flax leaf of ``shape`` (for error messages; allocates nothing)."""
+    return tuple(to_torch_layout(path, np.broadcast_to(np.float32(0), shape)).shape)
+
+
+def import_state_dict(
+    state_dict: Mapping[str, Any],
+    template: Any,
+    torch_key: TorchKey,
+    *,
+    canonical_key: Callable[[str], str] | None = None,
+    skip_reason: Callable[[str], str | None] | None = None,
+    optional_group: Callable[[tuple[str, ...]], str | None] | None = None,
+    hint: str = DEFAULT_HINT,
+) -> Any:
     """Flax variables shaped like ``template`` from an official state dict; strict both ways.
 
     ``template`` is any pytree of arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape`` of the
-    model's ``init``). Raises ``ValueError`` naming every missing, mis-shaped or unused tensor.
+    model's ``init``). Raises ``ValueError`` naming every missing, mis-shaped or unused tensor, ending with
+    ``hint`` (the fix). A model module may relax this with explicit, logged rules (see :func:`import_weights`):
+    ``canonical_key`` renames the file's keys first (e.g. another naming of the same modules);
+    ``skip_reason(key)`` names why a tensor is deliberately not imported; ``optional_group(path)`` names the
+    group of parameters a leaf belongs to that a checkpoint may leave out as a whole (e.g. a decoder missing
+    from an encoder checkpoint): then those leaves keep their ``template`` values, which must be arrays.
     """
+    if canonical_key is not None:
+        renamed: dict[str, Any] = {}
+        for key, value in state_dict.items():
+            new = canonical_key(key)
+            if new in renamed:
+                raise ValueError(f"Two state-dict tensors map to {new} (one of them is {key}).")
+            renamed[new] = value
+        state_dict = renamed
+    skipped = {k: skip_reason(k) for k in state_dict} if skip_reason is not None else {}
+    skipped = {k: why for k, why in skipped.items() if why}
+    for key, why in sorted(skipped.items()):
+        logging.info("Weight import: skipping %s %s: %s.", key, tuple(np.shape(state_dict[key])), why)
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    leaves, used, missing, bad = [], set(), [], []
-    for key_path, leaf in flat:
-        path = _leaf_path(key_path)
+    paths = [_leaf_path(key_path) for key_path, _ in flat]
+    groups = [optional_group(p) if optional_group is not None else None for p in paths]
+    present = {g for g, p in zip(groups, paths) if g is not None and torch_key(p) in state_dict}
+    leaves, used, missing, bad, kept = [], set(), [], [], {}
+    for path, (_, leaf), group in zip(paths, flat, groups):
         key = torch_key(path)
         if key not in state_dict:
+            if group is not None and group not in present and not isinstance(leaf, jax.ShapeDtypeStruct):
+                kept.setdefault(group, []).append(key)
+                leaves.append(leaf)
+                continue
             missing.append(f"{key} (for {'/'.join(path)})")
             leaves.append(None)
             continue
         used.add(key)
         w = to_flax_layout(path, np.asarray(state_dict[key], dtype=np.float32))
         if w.shape != tuple(leaf.shape):
-            bad.append(f"{key}: {tuple(np.shape(state_dict[key]))} → {w.shape}, expected {tuple(leaf.shape)}")
+            bad.append(
+                f"{key}: the file has {tuple(np.shape(state_dict[key]))}, the model needs "
+                f"{_torch_shape(path, tuple(leaf.shape))}"
+            )
         leaves.append(jnp.asarray(w, dtype=leaf.dtype))
-    unused = sorted(k for k in set(state_dict) - used if not k.endswith(IGNORED_SUFFIXES))
+    unused = sorted(k for k in set(state_dict) - used - set(skipped) if not k.endswith(IGNORED_SUFFIXES))
     problems = []
     if missing:
         problems.append(f"{len(missing)} tensors missing from the state dict: {missing[:8]}")
@@ -84,10 +132,14 @@ def import_state_dict(state_dict: Mapping[str, Any], template: Any, torch_key: T
     if unused:
         problems.append(f"{len(unused)} state-dict tensors not mapped to any parameter: {unused[:8]}")
     if problems:
-        raise ValueError(
-            "Cannot import the state dict: " + "; ".join(problems) + ". Check that the config "
-            "(architecture, channels, learn_sigma) matches the checkpoint."
+        raise ValueError("Cannot import the state dict: " + "; ".join(problems) + ". " + hint)
+    for group, keys in kept.items():
+        logging.warning(
+            "Weight import: the checkpoint has no %s.* tensors: those %d tensors keep their initialisation.",
+            group,
+            len(keys),
         )
+    logging.info("Weight import: %d tensors imported, %d skipped.", len(used), len(skipped))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -100,17 +152,25 @@ def export_state_dict(variables: Any, torch_key: TorchKey) -> dict[str, np.ndarr
         key = torch_key(path)
         if key in out:
             raise ValueError(f"two parameters map to {key}")
-        out[key] = to_torch_layout(path, np.asarray(leaf))
+        # Contiguous: safetensors' save_file writes a transposed view's buffer as if it were C-ordered.
+        out[key] = np.ascontiguousarray(to_torch_layout(path, np.asarray(leaf)))
     return out
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a ``.npz`` of named arrays, or a PyTorch ``.pt``/``.pth`` (needs torch installed)."""
+    """Reads a ``.npz`` of named arrays, a ``.safetensors`` file (needs the ``safetensors`` package), or a
+    PyTorch ``.pt``/``.pth``/``.bin`` (needs torch installed)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"No weights file at {path}")
     if path.endswith(".npz"):
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.numpy import load_file  # noqa: PLC0415 — optional dependency.
+        except ImportError as e:
+            raise ImportError(f"Reading {path} needs the safetensors package: pip install safetensors") from e
+        return {k.removeprefix("module."): v for k, v in load_file(path).items()}
     try:
         import torch  # noqa: PLC0415 — optional dependency.
     except ImportError as e:
@@ -120,7 +180,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         ) from e
     sd = torch.load(path, map_location="cpu", weights_only=True)
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    return {k.removeprefix("module."): v.detach().cpu().numpy() for k, v in sd.items()}
+    return {k.removeprefix("module."): v.detach().cpu().float().numpy() for k, v in sd.items()}
 
 
 def torch_key_for(model) -> TorchKey:
@@ -131,9 +191,19 @@ def torch_key_for(model) -> TorchKey:
     return module.torch_key
 
 
+def import_rules(model) -> dict[str, Any]:
+    """The optional import rules of ``model``'s module: ``canonical_key``, ``skip_reason``,
+    ``optional_group`` functions and an ``IMPORT_HINT`` string (see :func:`import_state_dict`)."""
+    module = importlib.import_module(type(model).__module__)
+    return {
+        **{k: getattr(module, k, None) for k in ("canonical_key", "skip_reason", "optional_group")},
+        "hint": getattr(module, "IMPORT_HINT", DEFAULT_HINT),
+    }
+
+
 def import_weights(model, template: Any, state_dict: Mapping[str, Any]) -> Any:
-    """Imports ``state_dict`` into variables shaped like ``template`` for ``model``."""
-    return import_state_dict(state_dict, template, torch_key_for(model))
+    """Imports ``state_dict`` into variables shaped like ``template`` for ``model``, with its module's rules."""
+    return import_state_dict(state_dict, template, torch_key_for(model), **import_rules(model))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
-    parser.add_argument("--weights", required=True, help=".pt/.pth (needs torch) or .npz state dict")
+    parser.add_argument(
+        "--weights", required=True, help=".pt/.pth/.bin (needs torch), .safetensors or .npz state dict"
+    )
     parser.add_argument("--workdir", required=True)
     args = parser.parse_args(argv)
     file, _, arg = args.config.partition(":")
@@ -159,14 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     config = module.get_config(arg or None)
     configlib.validate(config)
     _, model, _, optimizer, state = train.setup(config)
-    variables = {"params": state.params, **state.model_state}
-    state_dict = load_state_dict(args.weights)
-    imported = import_weights(model, variables, state_dict)
-    state = train.create_train_state(imported, optimizer, state.key)
+    state = train.import_initial_weights(args.weights, model, optimizer, state)
     ckpt = checkpoints.Checkpointer(os.path.join(args.workdir, "checkpoints"))
     ckpt.save(0, state, {"imported_from": os.path.abspath(args.weights), "config": config.to_dict()})
     ckpt.close()
-    print(f"Imported {len(state_dict)} tensors into {ckpt.directory}/0")
+    print(f"Imported {args.weights} into {ckpt.directory}/0")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,17 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffseg_jax import checkpoints, configlib, data, diffusion, distributed, models, objectives, writers
+from diffseg_jax import (
+    checkpoints,
+    configlib,
+    convert,
+    data,
+    diffusion,
+    distributed,
+    models,
+    objectives,
+    writers,
+)
 
 
 @flax.struct.dataclass
@@ -135,6 +145,17 @@ def create_train_state(
         key=jnp.asarray(key),
         model_state={k: v for k, v in variables.items() if k != "params"},
     )
+
+
+def import_initial_weights(
+    path: str, model: nn.Module, optimizer: optax.GradientTransformation, state: TrainState
+) -> TrainState:
+    """A fresh step-0 state whose variables are imported from the weights file ``path`` by name and shape
+    (:mod:`diffseg_jax.convert`, with the model's import rules); the rest is ``state``'s initialisation."""
+    variables = {"params": state.params, **state.model_state}
+    imported = convert.import_weights(model, variables, convert.load_state_dict(path))
+    logging.info("Initialised %s from %s.", type(model).__name__, path)
+    return create_train_state(imported, optimizer, state.key)
 
 
 def model_rngs(rng: jax.Array) -> dict[str, jax.Array]:
@@ -331,6 +352,9 @@ def train(
     if latest is not None:
         state, _ = ckpt.restore(latest, state)
         logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
+    elif config.train.get("init_weights"):
+        state = import_initial_weights(config.train.init_weights, model, optimizer, state)
+        state = jax.device_put(state, NamedSharding(mesh, P()))
     start = int(state.step)
     num_steps = config.train.num_steps
     logging.info(

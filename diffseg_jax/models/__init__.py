@@ -18,12 +18,14 @@ import jax.numpy as jnp
 from diffseg_jax.models.ensemdiff import EnsemDiffUNet
 from diffseg_jax.models.medsegdiff import MedSegDiffNewUNet, MedSegDiffUNet
 from diffseg_jax.models.segdiff import SegDiffUNet
+from diffseg_jax.models.segformer import SegFormer
 
 MODELS: dict[str, type[nn.Module]] = {
     "ensemdiff": EnsemDiffUNet,
     "medsegdiff": MedSegDiffUNet,  # v1: FF-Parser + dynamic conditional encoding (the paper's model)
     "medsegdiff_new": MedSegDiffNewUNet,  # the repository's default --version new (anchors)
     "segdiff": SegDiffUNet,
+    "segformer": SegFormer,  # feed-forward reference: HF SegformerForSemanticSegmentation, B3 by default
 }
 
 
