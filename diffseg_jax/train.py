@@ -56,6 +56,8 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         learn_sigma=learn_sigma,
         reduction=config.objective.reduction if published else "mean",
         aux_weights={"cal": config.objective.cal_weight} if published else {},
+        dice=config.objective.get("dice", "per_example"),
+        dice_smooth=config.objective.get("dice_smooth", 1.0),
     )
 
 
