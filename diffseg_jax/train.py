@@ -94,12 +94,34 @@ def build_schedule(diffusion_config: ml_collections.ConfigDict) -> diffusion.Sch
     return diffusion.get_schedule(diffusion_config.schedule, diffusion_config.num_timesteps, **kwargs)
 
 
+def learning_rate(train_config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
+    """``train.lr``, constant or (``lr_schedule='poly'``) nnU-Net's poly decay lr·(1 - step/num_steps)^0.9."""
+    schedule = train_config.get("lr_schedule", "constant")
+    if schedule == "constant":
+        return train_config.lr
+    if schedule == "poly":
+        return optax.polynomial_schedule(train_config.lr, 0.0, 0.9, train_config.num_steps)
+    raise ValueError(f"train.lr_schedule must be 'constant' or 'poly', got {schedule!r}")
+
+
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam (AdamW when weight decay > 0, as the published codes' ``AdamW``), optional global-norm clip."""
-    if train_config.weight_decay > 0:
-        opt = optax.adamw(train_config.lr, weight_decay=train_config.weight_decay)
+    """Adam (AdamW when weight decay > 0, as the published codes' ``AdamW``), optional global-norm clip.
+
+    ``train.optimizer='sgd_nesterov'`` is nnU-Net's ``torch.optim.SGD(momentum=0.99, nesterov=True,
+    weight_decay)``: torch's weight decay is an L2 term added to the (clipped) gradient before the momentum.
+    """
+    lr = learning_rate(train_config)
+    name = train_config.get("optimizer", "adam")
+    if name == "sgd_nesterov":
+        opt = optax.sgd(lr, momentum=train_config.momentum, nesterov=True)
+        if train_config.weight_decay > 0:
+            opt = optax.chain(optax.add_decayed_weights(train_config.weight_decay), opt)
+    elif name != "adam":
+        raise ValueError(f"train.optimizer must be 'adam' or 'sgd_nesterov', got {name!r}")
+    elif train_config.weight_decay > 0:
+        opt = optax.adamw(lr, weight_decay=train_config.weight_decay)
     else:
-        opt = optax.adam(train_config.lr)
+        opt = optax.adam(lr)
     if train_config.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(train_config.grad_clip), opt)
     return opt
