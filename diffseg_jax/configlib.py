@@ -13,6 +13,7 @@ import os
 import ml_collections
 
 from diffseg_jax import data, diffusion, models, objectives
+from diffseg_jax.data.augment import AUGMENTATIONS
 
 
 def _fail(key: str, value, fix: str):
@@ -55,6 +56,9 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
     for key in ("validation_fraction", "test_fraction"):
         if not 0.0 <= d[key] < 1.0:
             _fail(f"data.{key}", d[key], "Use a fraction in [0, 1).")
+    augment = d.get("augment", "none")
+    if augment not in AUGMENTATIONS:
+        _fail("data.augment", augment, f"Choose one of {sorted(AUGMENTATIONS)}.")
 
 
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:

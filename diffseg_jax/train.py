@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffseg_jax import checkpoints, configlib, data, diffusion, models, objectives, writers
+from diffseg_jax.data import augment as augmentation
 
 
 @flax.struct.dataclass
@@ -202,9 +203,14 @@ def make_train_step(
         **loss_settings(config),
     )
     ema_decay = config.train.ema_decay
+    # data.augment: a jitted per-example augmentation inside the step (nnU-Net's); none by default.
+    augment, model = augmentation.for_training(config.data.get("augment", "none"), model)
 
     def train_step(state: TrainState, batch: dict[str, jnp.ndarray]):
         key = jax.random.fold_in(state.key, state.step)
+        if augment is not None:
+            key, augment_key = jax.random.split(key)
+            batch = augment(augment_key, batch)
         apply = make_apply_fn(model, train=True, model_state=state.model_state)
         (value, aux), grads = jax.value_and_grad(lambda p: loss(apply, p, batch, key), has_aux=True)(
             state.params
