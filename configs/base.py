@@ -71,9 +71,51 @@ def medsegdiff_model(image_size: int = 256, version: str = "v1") -> ml_collectio
     return model
 
 
+def nnunet_model(image_size: int = 256) -> ml_collections.ConfigDict:
+    """nnU-Net's 2D PlainConvUNet (nnU-Net v2.8.1 planner and trainer defaults), a feed-forward reference.
+
+    ``plan.mode='auto'`` plans the network, the patch (``data.image_size``) and the batch size from the training
+    split at start-up (``diffseg_jax.planning``); ``'fixed'`` uses the values below as they stand: the plan of
+    256 px images (ISIC 2016: 900 training images, 7 stages, batch 45). ``plan.num_classes`` counts the
+    background, as nnU-Net's labels (it enters the VRAM estimate only); the network predicts one logit.
+    """
+    del image_size  # the plan follows the data
+    return ml_collections.ConfigDict(
+        dict(
+            name="nnunet",
+            plan=dict(
+                mode="auto",
+                base_features=32,
+                max_features=512,
+                gpu_memory_gb=8.0,
+                num_classes=2,
+                median_size=(0.0, 0.0),  # set by the planner: the fingerprint it planned from
+                num_images=0,
+            ),
+            features_per_stage=(32, 64, 128, 256, 512, 512, 512),
+            strides=((1, 1),) + ((2, 2),) * 6,
+            kernel_sizes=((3, 3),) * 7,
+            n_conv_per_stage=(2,) * 7,
+            n_conv_per_stage_decoder=(2,) * 6,
+            deep_supervision=True,
+            normalize=True,  # nnU-Net's per-image, per-channel z-score, inside the network
+        )
+    )
+
+
 def tiny_model(name: str) -> ml_collections.ConfigDict:
     """A few-channel variant of ``name`` from the same code, for tests and CPU runs."""
     model = MODEL_DEFAULTS[name]()
+    if name == "nnunet":  # still planned from the data, with 8 base features up to 32: 4 stages at 32 px
+        model.plan.update(base_features=8, max_features=32)
+        model.update(
+            features_per_stage=(8, 16, 32, 32),
+            strides=((1, 1),) + ((2, 2),) * 3,
+            kernel_sizes=((3, 3),) * 4,
+            n_conv_per_stage=(2,) * 4,
+            n_conv_per_stage_decoder=(2,) * 3,
+        )
+        return model
     model.update(
         model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), num_heads=1
     )
@@ -91,7 +133,11 @@ MODEL_DEFAULTS = {
     "segdiff": segdiff_model,
     "medsegdiff": medsegdiff_model,
     "medsegdiff_new": lambda image_size=256: medsegdiff_model(image_size, version="new"),
+    "nnunet": nnunet_model,
 }
+# Feed-forward references (E1 only): they train with their own published scheme rather than the paper's E1
+# protocol for the diffusion architectures (Adam, lr 1e-5), and are deterministic, so one ensemble member.
+FEED_FORWARD_REFERENCES = ("nnunet",)
 
 
 def parse_arg(arg: str | None) -> tuple[str, bool]:
@@ -125,6 +171,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_test=64,
             seed=0,
             augment_flips=False,
+            augment="none",  # or 'nnunet': nnU-Net's 2D augmentation inside the train step
         )
     )
     c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None → ~/tensorflow_datasets
@@ -165,6 +212,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.objective = ml_collections.ConfigDict(
         dict(loss="published", reduction="mean", cal_weight=0.0, e1_timestep=-1)  # e1_timestep -1: T-1
     )
+    # E1's Dice term: 'per_example' (smooth 1) or nnU-Net's 'batch' Dice (pooled over the batch, smooth 1e-5).
+    c.objective.dice = "per_example"
+    c.objective.dice_smooth = 1.0
 
     # EnsemDiff's published scheme: AdamW(lr 1e-4, wd 0) = Adam, batch 10, EMA 0.9999, no clipping.
     c.train = ml_collections.ConfigDict(
@@ -180,6 +230,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             keep_checkpoints=3,
         )
     )
+    # optimizer: 'adam' (AdamW if weight_decay > 0) or nnU-Net's 'sgd_nesterov' (momentum, L2 weight decay);
+    # lr_schedule: 'constant' or nnU-Net's 'poly' (lr·(1 - step/num_steps)^0.9).
+    c.train.optimizer = "adam"
+    c.train.momentum = 0.99
+    c.train.lr_schedule = "constant"
 
     # member_chunk: members sampled at once per image (lax.map over chunks bounds memory; 0 = all at once).
     # pooling: which IoU / ECE metrics.json reports as `iou` / `ece` (both are always written):
@@ -229,6 +284,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     apply_scheme(c, model_name)
     if tiny:
         apply_tiny(c)
+    apply_reference(c, model_name)
     return c
 
 
@@ -264,6 +320,24 @@ PUBLISHED_SCHEMES = {
     },
 }
 PUBLISHED_SCHEMES["medsegdiff_new"] = PUBLISHED_SCHEMES["medsegdiff"]
+# nnU-Net v2.8.1's nnUNetTrainer: SGD (Nesterov, momentum 0.99, weight decay 3e-5), lr 1e-2 with poly decay
+# (exponent 0.9; per epoch there, per step here), gradients clipped to norm 12, 1000 epochs x 250 iterations,
+# Dice (batch, smooth 1e-5) + CE with deep supervision, its 2D augmentation, no EMA; batch size from the plan.
+PUBLISHED_SCHEMES["nnunet"] = {
+    "train": dict(
+        optimizer="sgd_nesterov",
+        momentum=0.99,
+        lr=1e-2,
+        lr_schedule="poly",
+        weight_decay=3e-5,
+        grad_clip=12.0,
+        num_steps=250_000,
+        ema_decay=0.0,
+    ),
+    "objective": dict(dice="batch", dice_smooth=1e-5),
+    "data": dict(augment="nnunet"),
+    "eval": dict(use_ema=False),
+}
 
 
 def apply_scheme(c: ml_collections.ConfigDict, model_name: str) -> None:
@@ -271,6 +345,14 @@ def apply_scheme(c: ml_collections.ConfigDict, model_name: str) -> None:
     for group, values in PUBLISHED_SCHEMES.get(model_name, {}).items():
         for key, value in values.items():
             c[group][key] = value
+
+
+def apply_reference(c: ml_collections.ConfigDict, model_name: str) -> None:
+    """For a feed-forward reference: E1, its own published learning rate, and one ensemble member."""
+    if model_name in FEED_FORWARD_REFERENCES:
+        c.experiment = "e1"
+        c.train.lr = PUBLISHED_SCHEMES[model_name]["train"]["lr"]
+        c.eval.ensemble_size = 1
 
 
 def apply_tiny(c: ml_collections.ConfigDict) -> None:
@@ -345,4 +427,10 @@ def experiment_config(experiment: str, dataset: str, arg: str | None = None) -> 
     if tiny:
         apply_tiny(c)
         c.data.resize = TINY_RESIZE[dataset]
+    if model_name in FEED_FORWARD_REFERENCES:
+        if experiment != "e1":
+            raise ValueError(
+                f"{model_name} is a feed-forward reference: it runs in E1 only, not {experiment}."
+            )
+        apply_reference(c, model_name)
     return c

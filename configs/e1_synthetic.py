@@ -14,4 +14,5 @@ def get_config(arg=None):
     config = base.get_config(arg)
     config.experiment = "e1"
     config.train.lr = 1e-5  # The paper's feed-forward protocol: Adam, lr 1e-5.
+    base.apply_reference(config, config.model.name)  # nnU-Net keeps its own training scheme
     return config

@@ -27,7 +27,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffseg_jax import checkpoints, configlib, data, diffusion, models, objectives, writers
+from diffseg_jax import checkpoints, configlib, data, diffusion, models, objectives, planning, writers
 from diffseg_jax.data import augment as augmentation
 
 
@@ -76,7 +76,8 @@ def build_model(
 
     ``image_size`` is passed to models whose weights depend on it (MedSegDiff's FF-Parser).
     """
-    kwargs = {k: v for k, v in model_config.to_dict().items() if k != "name"}
+    # 'plan' holds a model's planning settings (nnU-Net), consumed before the build (diffseg_jax.planning).
+    kwargs = {k: v for k, v in model_config.to_dict().items() if k not in ("name", "plan")}
     cls = models.MODELS.get(model_config.name)
     if (
         image_size is not None
@@ -321,6 +322,7 @@ def train(
     epoch); returning True saves a checkpoint and stops.
     """
     configlib.validate(config)
+    config = planning.resolve(config)  # a data-driven plan (nnU-Net's), recorded in config.json
     os.makedirs(workdir, exist_ok=True)
     configlib.save(config, os.path.join(workdir, "config.json"))
     mesh = data_mesh()
@@ -331,6 +333,10 @@ def train(
             f"{n_dev} devices; choose a multiple of {n_dev}."
         )
     train_ds, model, schedule, optimizer, state = setup(config, split=split)
+    plan = planning.describe(config)
+    if plan is not None:  # printed as well as logged: the plan decides the network, patch and batch
+        print(plan, flush=True)
+        logging.info("%s", plan)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     latest = ckpt.latest_step()
