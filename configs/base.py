@@ -100,12 +100,54 @@ def segformer_model(image_size: int = 256, variant: str = "b3") -> ml_collection
     )
 
 
+def nnunet_model(image_size: int = 256) -> ml_collections.ConfigDict:
+    """nnU-Net's 2D PlainConvUNet (nnU-Net v2.8.1 planner and trainer defaults), a feed-forward reference.
+
+    ``plan.mode='auto'`` plans the network, the patch (``data.image_size``) and the batch size from the training
+    split at start-up (``diffseg_jax.planning``); ``'fixed'`` uses the values below as they stand: the plan of
+    256 px images (ISIC 2016: 900 training images, 7 stages, batch 45). ``plan.num_classes`` counts the
+    background, as nnU-Net's labels (it enters the VRAM estimate only); the network predicts one logit.
+    """
+    del image_size  # the plan follows the data
+    return ml_collections.ConfigDict(
+        dict(
+            name="nnunet",
+            plan=dict(
+                mode="auto",
+                base_features=32,
+                max_features=512,
+                gpu_memory_gb=8.0,
+                num_classes=2,
+                median_size=(0.0, 0.0),  # set by the planner: the fingerprint it planned from
+                num_images=0,
+            ),
+            features_per_stage=(32, 64, 128, 256, 512, 512, 512),
+            strides=((1, 1),) + ((2, 2),) * 6,
+            kernel_sizes=((3, 3),) * 7,
+            n_conv_per_stage=(2,) * 7,
+            n_conv_per_stage_decoder=(2,) * 6,
+            deep_supervision=True,
+            normalize=True,  # nnU-Net's per-image, per-channel z-score, inside the network
+        )
+    )
+
+
 def tiny_model(name: str) -> ml_collections.ConfigDict:
     """A few-channel variant of ``name`` from the same code, for tests and CPU runs."""
     model = MODEL_DEFAULTS[name]()
     if name == "segformer":  # not a UNet: a B0-like Mix Transformer with one block per stage
         model.update(
             depths=(1, 1, 1, 1), hidden_sizes=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), decoder_size=32
+        )
+        return model
+    if name == "nnunet":  # still planned from the data, with 8 base features up to 32: 4 stages at 32 px
+        model.plan.update(base_features=8, max_features=32)
+        model.update(
+            features_per_stage=(8, 16, 32, 32),
+            strides=((1, 1),) + ((2, 2),) * 3,
+            kernel_sizes=((3, 3),) * 4,
+            n_conv_per_stage=(2,) * 4,
+            n_conv_per_stage_decoder=(2,) * 3,
         )
         return model
     model.update(
@@ -126,6 +168,7 @@ MODEL_DEFAULTS = {
     "medsegdiff": medsegdiff_model,
     "medsegdiff_new": lambda image_size=256: medsegdiff_model(image_size, version="new"),
     "segformer": segformer_model,
+    "nnunet": nnunet_model,
 }
 
 
@@ -173,6 +216,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_threads=4,
             num_workers=0,
             prefetch=8,
+            augment="none",  # or 'nnunet': nnU-Net's 2D augmentation inside the train step
         )
     )
     c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None → ~/tensorflow_datasets
@@ -213,6 +257,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.objective = ml_collections.ConfigDict(
         dict(loss="published", reduction="mean", cal_weight=0.0, e1_timestep=-1)  # e1_timestep -1: T-1
     )
+    # E1's Dice term: 'per_example' (smooth 1) or nnU-Net's 'batch' Dice (pooled over the batch, smooth 1e-5).
+    c.objective.dice = "per_example"
+    c.objective.dice_smooth = 1.0
 
     # EnsemDiff's published scheme: AdamW(lr 1e-4, wd 0) = Adam, batch 10, EMA 0.9999, no clipping.
     c.train = ml_collections.ConfigDict(
@@ -232,6 +279,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # yet (diffseg_jax.convert, with the model's import rules: e.g. an ImageNet-pretrained SegFormer encoder
     # such as nvidia/mit-b3's weights file, its decoder left at initialisation). None: random init.
     c.train.init_weights = config_dict.placeholder(str)
+    # optimizer: 'adam' (AdamW if weight_decay > 0) or nnU-Net's 'sgd_nesterov' (momentum, L2 weight decay);
+    # lr_schedule: 'constant' or nnU-Net's 'poly' (lr·(1 - step/num_steps)^0.9).
+    c.train.optimizer = "adam"
+    c.train.momentum = 0.99
+    c.train.lr_schedule = "constant"
 
     # member_chunk: members sampled at once per image (lax.map over chunks bounds memory; 0 = all at once).
     # pooling: which IoU / ECE metrics.json reports as `iou` / `ece` (both are always written):
@@ -281,8 +333,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     apply_scheme(c, model_name)
     if tiny:
         apply_tiny(c)
-    if is_feed_forward(model_name):
-        c.eval.ensemble_size = 1
+    apply_reference(c, model_name)
     return c
 
 
@@ -327,6 +378,24 @@ PUBLISHED_SCHEMES["segformer"] = {
     "train": dict(lr=6e-5, batch_size=16, num_steps=160_000, weight_decay=0.01, grad_clip=0.0),
     "eval": dict(use_ema=False, ensemble_size=1),
 }
+# nnU-Net v2.8.1's nnUNetTrainer: SGD (Nesterov, momentum 0.99, weight decay 3e-5), lr 1e-2 with poly decay
+# (exponent 0.9; per epoch there, per step here), gradients clipped to norm 12, 1000 epochs x 250 iterations,
+# Dice (batch, smooth 1e-5) + CE with deep supervision, its 2D augmentation, no EMA; batch size from the plan.
+PUBLISHED_SCHEMES["nnunet"] = {
+    "train": dict(
+        optimizer="sgd_nesterov",
+        momentum=0.99,
+        lr=1e-2,
+        lr_schedule="poly",
+        weight_decay=3e-5,
+        grad_clip=12.0,
+        num_steps=250_000,
+        ema_decay=0.0,
+    ),
+    "objective": dict(dice="batch", dice_smooth=1e-5),
+    "data": dict(augment="nnunet"),
+    "eval": dict(use_ema=False),
+}
 
 
 def apply_scheme(c: ml_collections.ConfigDict, model_name: str) -> None:
@@ -334,6 +403,14 @@ def apply_scheme(c: ml_collections.ConfigDict, model_name: str) -> None:
     for group, values in PUBLISHED_SCHEMES.get(model_name, {}).items():
         for key, value in values.items():
             c[group][key] = value
+
+
+def apply_reference(c: ml_collections.ConfigDict, model_name: str) -> None:
+    """For a feed-forward reference: E1, its own published learning rate, and one ensemble member."""
+    if is_feed_forward(model_name):
+        c.experiment = "e1"
+        c.train.lr = PUBLISHED_SCHEMES[model_name]["train"]["lr"]
+        c.eval.ensemble_size = 1
 
 
 def apply_tiny(c: ml_collections.ConfigDict) -> None:
@@ -411,6 +488,10 @@ def experiment_config(experiment: str, dataset: str, arg: str | None = None) -> 
     if tiny:
         apply_tiny(c)
         c.data.resize = TINY_RESIZE[dataset]
-        if feed_forward:
-            c.eval.ensemble_size = 1
+    if feed_forward:
+        if experiment != "e1":
+            raise ValueError(
+                f"{model_name} is a feed-forward reference: it runs in E1 only, not {experiment}."
+            )
+        apply_reference(c, model_name)
     return c

@@ -14,6 +14,6 @@ from configs import base
 def get_config(arg=None):
     config = base.get_config(arg)
     config.experiment = "e1"
-    if not base.is_feed_forward(config.model.name):  # A feed-forward reference keeps its published scheme.
-        config.train.lr = 1e-5  # The paper's feed-forward protocol: Adam, lr 1e-5.
+    config.train.lr = 1e-5  # The paper's feed-forward protocol: Adam, lr 1e-5.
+    base.apply_reference(config, config.model.name)  # nnU-Net keeps its own training scheme
     return config

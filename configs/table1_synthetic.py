@@ -9,6 +9,12 @@ whole pipeline on a CPU, not the paper's numbers: the models are tiny, the data 
 and both objectives use the same learning rate (the paper's 1e-5 for E1 is for its full-length runs; set
 table.e1_protocol=True to run the paper's feed-forward protocol for the E1 cells instead).
 
+nnU-Net's reference rows (E1 only; it keeps its own SGD/poly training, planned batch size and augmentation, and
+takes the grid's step count):
+
+  python -m diffseg_jax.table1 --config configs/table1_synthetic.py --workdir runs/table1 \
+      --config.table.models='("nnunet","ensemdiff","segdiff","medsegdiff")'
+
 The analyses of Sec. 4.2-4.3 (Figs. 3 and 4) on the same data, E2/E3/E4 of the image-droppable models:
 
   python -m diffseg_jax.table1 --config configs/table1_synthetic.py --workdir runs/table1 \

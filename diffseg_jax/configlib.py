@@ -13,6 +13,7 @@ import os
 import ml_collections
 
 from diffseg_jax import data, diffusion, models, objectives
+from diffseg_jax.data.augment import AUGMENTATIONS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -57,6 +58,29 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
     for key in ("validation_fraction", "test_fraction"):
         if not 0.0 <= d[key] < 1.0:
             _fail(f"data.{key}", d[key], "Use a fraction in [0, 1).")
+    augment = d.get("augment", "none")
+    if augment not in AUGMENTATIONS:
+        _fail("data.augment", augment, f"Choose one of {sorted(AUGMENTATIONS)}.")
+
+
+def _validate_plan(config: ml_collections.ConfigDict) -> None:
+    """A planned model (nnU-Net): a known plan mode, and image sizes its strides divide."""
+    plan = config.model.get("plan", None)
+    if plan is None:
+        return
+    if plan.mode not in ("auto", "planned", "fixed"):
+        _fail("model.plan.mode", plan.mode, "Choose 'auto' (planned from the training set), or 'fixed'.")
+    if plan.mode == "auto":
+        return  # data.image_size and the architecture are set by the planner
+    factor = 1
+    for stride in config.model.strides:
+        factor *= max(stride)
+    sizes = {"data.image_size": config.data.image_size}
+    if config.data.eval_tiling == "whole":
+        sizes["data.resize"] = data.stored_size(config.data)
+    for key, size in sizes.items():
+        if size % factor:
+            _fail(key, size, f"The network's strides (model.strides) need a multiple of {factor} px.")
 
 
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
@@ -71,6 +95,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     if check_data and config.data.name not in data.DATASETS:
         _fail("data.name", config.data.name, f"Registered datasets: {sorted(data.DATASETS)}.")
     _validate_data(config, check_data)
+    _validate_plan(config)
     if not objectives.uses_image_condition(config.experiment) and not models.can_drop_image(
         config.model.name
     ):
@@ -105,6 +130,12 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         _fail("objective.loss", config.objective.loss, "Choose 'published' or 'eps_mse'.")
     if config.objective.reduction not in ("mean", "sum"):
         _fail("objective.reduction", config.objective.reduction, "Choose 'mean' or 'sum'.")
+    if config.objective.get("dice", "per_example") not in ("per_example", "batch"):
+        _fail("objective.dice", config.objective.dice, "Choose 'per_example' or 'batch' (nnU-Net's).")
+    if config.train.get("optimizer", "adam") not in ("adam", "sgd_nesterov"):
+        _fail("train.optimizer", config.train.optimizer, "Choose 'adam' or 'sgd_nesterov' (nnU-Net's).")
+    if config.train.get("lr_schedule", "constant") not in ("constant", "poly"):
+        _fail("train.lr_schedule", config.train.lr_schedule, "Choose 'constant' or 'poly' (nnU-Net's).")
     if config.diffusion.variance not in ("fixed_large", "fixed_small"):
         _fail(
             "diffusion.variance",

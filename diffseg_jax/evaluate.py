@@ -22,7 +22,18 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffseg_jax import checkpoints, data, diffusion, distributed, metrics, objectives, plots, train, writers
+from diffseg_jax import (
+    checkpoints,
+    data,
+    diffusion,
+    distributed,
+    metrics,
+    objectives,
+    planning,
+    plots,
+    train,
+    writers,
+)
 
 THRESHOLD = 0.5  # A pixel is foreground when the ensemble mean is > 0.5.
 
@@ -177,6 +188,7 @@ def evaluate(
     image / ground truth / mean / std). With ``compare_workdir`` (an evaluated run of the other training
     kind, e.g. feed-forward next to diffusion), also ``figure1.png`` with both side by side.
     """
+    config = planning.resolve(config)  # the plan training used (it depends only on the data)
     eval_cfg = config.eval
     _, model, schedule, _, fresh = train.setup(config, abstract=True)
     if state is None:

@@ -66,6 +66,47 @@ def soft_dice_loss(logits: jnp.ndarray, target: jnp.ndarray, smooth: float = 1.0
     return 1.0 - (2.0 * inter + smooth) / (denom + smooth)
 
 
+def batch_soft_dice_loss(logits: jnp.ndarray, target: jnp.ndarray, smooth: float = 1e-5) -> jnp.ndarray:
+    """1 − soft Dice with intersection and sums pooled over the whole batch (nnU-Net's ``batch_dice``)."""
+    probs = jax.nn.sigmoid(logits)
+    inter = jnp.sum(probs * target)
+    return 1.0 - (2.0 * inter + smooth) / jnp.maximum(jnp.sum(probs) + jnp.sum(target) + smooth, 1e-8)
+
+
+def e1_per_example(logits: jnp.ndarray, target: jnp.ndarray, dice: str = "per_example", smooth: float = 1.0):
+    """E1's Dice + binary CE per example; ``dice='batch'`` adds the batch's pooled Dice loss to every example.
+
+    The batch form is nnU-Net's for 2D plans (``DC_and_CE_loss`` with ``batch_dice``, foreground only): with
+    one sigmoid logit, BCE and the foreground Dice equal its 2-class softmax versions.
+    """
+    ce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target), axis=tuple(range(1, logits.ndim)))
+    if dice == "per_example":
+        return soft_dice_loss(logits, target, smooth) + ce
+    if dice == "batch":
+        return batch_soft_dice_loss(logits, target, smooth) + ce
+    raise ValueError(f"dice must be 'per_example' or 'batch', got {dice!r}")
+
+
+def deep_supervision_weights(num_outputs: int) -> jnp.ndarray:
+    """nnU-Net's weights of the outputs, full resolution first: 1/2^i, the lowest resolution 0, summing to 1."""
+    weights = [0.5**i for i in range(num_outputs)]
+    if num_outputs > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return jnp.asarray([w / total for w in weights], jnp.float32)
+
+
+def downsample_mask(mask: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+    """A (B,H,W,C) mask at (height, width) by nearest-exact sampling (pixel i takes floor((i + 0.5)·H/h)), as
+    nnU-Net's ``DownsampleSegForDSTransform``; H and W must be multiples of height and width."""
+    fy, fx = mask.shape[1] // height, mask.shape[2] // width
+    if fy * height != mask.shape[1] or fx * width != mask.shape[2]:
+        raise ValueError(
+            f"Cannot downsample a {mask.shape[1:3]} mask to {(height, width)} by an integer factor."
+        )
+    return mask[:, fy // 2 :: fy, fx // 2 :: fx]
+
+
 def per_example_mse(pred: jnp.ndarray, target: jnp.ndarray, reduction: str = "mean") -> jnp.ndarray:
     """Squared error over all non-batch axes: mean (improved-diffusion's ``mean_flat``) or sum.
 
@@ -101,6 +142,8 @@ def loss_fn(
     learn_sigma: bool = False,
     reduction: str = "mean",
     aux_weights: dict[str, float] | None = None,
+    dice: str = "per_example",
+    dice_smooth: float = 1.0,
 ) -> tuple[jnp.ndarray, dict[str, Any]]:
     """The unified training loss for E1–E4 on one batch; returns (scalar loss, aux).
 
@@ -112,6 +155,10 @@ def loss_fn(
     DDPM's hybrid ``mse + vb``, the VLB term computed with the prediction detached so that it trains only
     v (EnsemDiff's and MedSegDiff's published loss). ``aux_weights`` weights auxiliary heads: ``{'cal': w}``
     adds w · MSE(cal, mask) averaged over the batch (MedSegDiff v1 trains its sigmoid ``cal`` with w = 10).
+
+    E1: ``dice`` ('per_example' or nnU-Net's 'batch') and ``dice_smooth`` pick the Dice term; a network that
+    returns lower-resolution heads as ``extras['deep_supervision']`` (nnU-Net) is trained on all of them, with
+    the mask downsampled to each and weighted by :func:`deep_supervision_weights`.
     """
     _check(experiment)
     t_key, noise_key, drop_key = jax.random.split(key, 3)
@@ -125,8 +172,12 @@ def loss_fn(
         x_in = jax.random.normal(noise_key, x0.shape)
         logits, extras = split_output(apply_fn(params, x_in, t, cond, drop_key))
         logits = logits[..., : x0.shape[-1]]  # A learned-variance channel has no meaning here.
-        per_example = soft_dice_loss(logits, batch["mask"]) + jnp.mean(
-            optax.sigmoid_binary_cross_entropy(logits, batch["mask"]), axis=tuple(range(1, logits.ndim))
+        outputs = (logits, *extras.pop("deep_supervision", ()))
+        weights = deep_supervision_weights(len(outputs))
+        per_example = sum(
+            weights[i]
+            * e1_per_example(out, downsample_mask(batch["mask"], *out.shape[1:3]), dice, dice_smooth)
+            for i, out in enumerate(outputs)
         )
     else:
         t = jax.random.randint(t_key, (batch_size,), 0, num_t, dtype=jnp.int32)

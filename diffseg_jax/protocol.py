@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from diffseg_jax import data, evaluate, objectives, train
+from diffseg_jax import data, evaluate, objectives, planning, train
 
 
 def epoch_steps(data_config: ml_collections.ConfigDict, split: str, batch_size: int) -> int:
@@ -115,6 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"--mode e1_protocol trains the feed-forward experiment; config.experiment={config.experiment!r}. "
             "Use an e1 config (e.g. configs/e1_isic.py)."
         )
+    config = planning.resolve(config)  # nnU-Net's plan sets the batch size the epochs are counted in
     batch_size = config.train.batch_size
     fit_steps = epoch_steps(config.data, "fit", batch_size)
     train_steps = epoch_steps(config.data, "train", batch_size)

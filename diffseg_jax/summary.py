@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from diffseg_jax import models, objectives, train
+from diffseg_jax import data, models, objectives, planning, train
 
 
 def model_param_count(config: ml_collections.ConfigDict) -> int:
@@ -16,10 +16,29 @@ def model_param_count(config: ml_collections.ConfigDict) -> int:
     return models.count_params(model, x_shape, cond_shape, (1,))
 
 
+def assumed_fingerprint(config: ml_collections.ConfigDict) -> tuple[tuple[float, float], int, int]:
+    """The training set as the config describes it, for planning without data: images of the stored size, as
+    many as ``data.num_train`` (known for synthetic data only; the architecture depends on the size alone)."""
+    size = float(data.stored_size(config.data))
+    return (size, size), int(config.data.num_train), int(config.data.image_channels)
+
+
 def summary_text(config: ml_collections.ConfigDict) -> str:
-    """The text ``--mode summary`` prints; its last line is ``params: N``."""
+    """The text ``--mode summary`` prints; its last line is ``params: N``.
+
+    A model planned from the data (nnU-Net, ``model.plan.mode=auto``) is planned for stored-size images and
+    its plan is shown; a run plans from the actual training split.
+    """
+    planned = planning.resolve(config, fingerprint=assumed_fingerprint(config))
+    source = None  # synthetic data: the fingerprint is exact, the plan that of a run
+    if planned is not config and config.data.name != "synthetic":
+        size = data.stored_size(config.data)
+        source = f"{size}x{size} px images (as stored; a run plans from its training split)"
+    config = planned
+    plan = planning.describe(config, source)
     return (
         f"model: {config.model.name}  experiment: {config.experiment}  "
         f"input: {config.data.image_size}x{config.data.image_size}x{config.data.image_channels}\n"
-        f"params: {model_param_count(config)}"
+        + (f"{plan}\n" if plan else "")
+        + f"params: {model_param_count(config)}"
     )

@@ -20,7 +20,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffseg_jax import configlib, evaluate, protocol, report, train, writers
+from diffseg_jax import configlib, evaluate, models, protocol, report, train, writers
 from diffseg_jax.analysis import fingerprints
 from diffseg_jax.analysis import run as analysis_run
 
@@ -46,6 +46,23 @@ SHARED = {
     ),
     "protocol": ("max_epochs", "patience"),
 }
+# A feed-forward reference (nnU-Net) keeps its own training: optimizer settings, its planned batch size, no EMA,
+# one ensemble member. It has an E1 cell only (its reference row of Table 1).
+REFERENCE_OWN = {
+    "train": ("batch_size", "lr", "ema_decay", "grad_clip"),
+    "eval": ("use_ema", "ensemble_size"),
+}
+
+
+def cells(grid: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
+    """(kind, model, experiment) of every cell; feed-forward references only in E1."""
+    return [
+        (k, m, e)
+        for k in grid.table.kinds
+        for m in grid.table.models
+        for e in grid.table.experiments
+        if e == "e1" or not models.is_feed_forward(m)
+    ]
 
 
 def cell_config(
@@ -59,9 +76,11 @@ def cell_config(
     c = base.get_config(f"{model},tiny")
     c.experiment = experiment
     c.data.kind = kind
+    own = REFERENCE_OWN if models.is_feed_forward(model) else {}
     for group, keys in SHARED.items():
         for key in keys:
-            c[group][key] = grid[group][key]
+            if key not in own.get(group, ()):
+                c[group][key] = grid[group][key]
     return c
 
 
@@ -80,9 +99,9 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     os.makedirs(workdir, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cells = [(k, m, e) for k in grid.table.kinds for m in grid.table.models for e in grid.table.experiments]
+    grid_cells = cells(grid)
     t0 = time.time()
-    for i, (kind, model, experiment) in enumerate(cells):
+    for i, (kind, model, experiment) in enumerate(grid_cells):
         config = cell_config(grid, kind, model, experiment)
         configlib.validate(config)
         cell_dir = os.path.join(workdir, kind, f"{model}_{experiment}")
@@ -90,7 +109,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         logging.info(
             "table1: cell %d/%d %s %s %s (%s elapsed)",
             i + 1,
-            len(cells),
+            len(grid_cells),
             kind,
             model,
             experiment,

@@ -37,8 +37,10 @@ from diffseg_jax import (
     distributed,
     models,
     objectives,
+    planning,
     writers,
 )
+from diffseg_jax.data import augment as augmentation
 
 
 @flax.struct.dataclass
@@ -67,6 +69,8 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         learn_sigma=learn_sigma,
         reduction=config.objective.reduction if published else "mean",
         aux_weights={"cal": config.objective.cal_weight} if published else {},
+        dice=config.objective.get("dice", "per_example"),
+        dice_smooth=config.objective.get("dice_smooth", 1.0),
     )
 
 
@@ -85,7 +89,8 @@ def build_model(
     ``image_size`` is passed to models whose weights depend on it (MedSegDiff's FF-Parser). A ``dtype``
     name (``'bfloat16'``) becomes the model's compute dtype; parameters stay float32 either way.
     """
-    kwargs = {k: v for k, v in model_config.to_dict().items() if k != "name"}
+    # 'plan' holds a model's planning settings (nnU-Net), consumed before the build (diffseg_jax.planning).
+    kwargs = {k: v for k, v in model_config.to_dict().items() if k not in ("name", "plan")}
     if "dtype" in kwargs:
         kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
     cls = models.MODELS.get(model_config.name)
@@ -106,12 +111,34 @@ def build_schedule(diffusion_config: ml_collections.ConfigDict) -> diffusion.Sch
     return diffusion.get_schedule(diffusion_config.schedule, diffusion_config.num_timesteps, **kwargs)
 
 
+def learning_rate(train_config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
+    """``train.lr``, constant or (``lr_schedule='poly'``) nnU-Net's poly decay lr·(1 - step/num_steps)^0.9."""
+    schedule = train_config.get("lr_schedule", "constant")
+    if schedule == "constant":
+        return train_config.lr
+    if schedule == "poly":
+        return optax.polynomial_schedule(train_config.lr, 0.0, 0.9, train_config.num_steps)
+    raise ValueError(f"train.lr_schedule must be 'constant' or 'poly', got {schedule!r}")
+
+
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam (AdamW when weight decay > 0, as the published codes' ``AdamW``), optional global-norm clip."""
-    if train_config.weight_decay > 0:
-        opt = optax.adamw(train_config.lr, weight_decay=train_config.weight_decay)
+    """Adam (AdamW when weight decay > 0, as the published codes' ``AdamW``), optional global-norm clip.
+
+    ``train.optimizer='sgd_nesterov'`` is nnU-Net's ``torch.optim.SGD(momentum=0.99, nesterov=True,
+    weight_decay)``: torch's weight decay is an L2 term added to the (clipped) gradient before the momentum.
+    """
+    lr = learning_rate(train_config)
+    name = train_config.get("optimizer", "adam")
+    if name == "sgd_nesterov":
+        opt = optax.sgd(lr, momentum=train_config.momentum, nesterov=True)
+        if train_config.weight_decay > 0:
+            opt = optax.chain(optax.add_decayed_weights(train_config.weight_decay), opt)
+    elif name != "adam":
+        raise ValueError(f"train.optimizer must be 'adam' or 'sgd_nesterov', got {name!r}")
+    elif train_config.weight_decay > 0:
+        opt = optax.adamw(lr, weight_decay=train_config.weight_decay)
     else:
-        opt = optax.adam(train_config.lr)
+        opt = optax.adam(lr)
     if train_config.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(train_config.grad_clip), opt)
     return opt
@@ -203,9 +230,14 @@ def make_train_step(
         **loss_settings(config),
     )
     ema_decay = config.train.ema_decay
+    # data.augment: a jitted per-example augmentation inside the step (nnU-Net's); none by default.
+    augment, model = augmentation.for_training(config.data.get("augment", "none"), model)
 
     def train_step(state: TrainState, batch: dict[str, jnp.ndarray]):
         key = jax.random.fold_in(state.key, state.step)
+        if augment is not None:
+            key, augment_key = jax.random.split(key)
+            batch = augment(augment_key, batch)
         apply = make_apply_fn(model, train=True, model_state=state.model_state)
         (value, aux), grads = jax.value_and_grad(lambda p: loss(apply, p, batch, key), has_aux=True)(
             state.params
@@ -334,6 +366,7 @@ def train(
     epoch); returning True saves a checkpoint and stops.
     """
     configlib.validate(config)
+    config = planning.resolve(config)  # a data-driven plan (nnU-Net's), recorded in config.json
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()
     if primary:
@@ -346,6 +379,10 @@ def train(
             f"{n_dev} devices; choose a multiple of {n_dev}."
         )
     train_ds, model, schedule, optimizer, state = setup(config, split=split)
+    plan = planning.describe(config)
+    if plan is not None:  # printed as well as logged: the plan decides the network, patch and batch
+        print(plan, flush=True)
+        logging.info("%s", plan)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     latest = ckpt.latest_step()

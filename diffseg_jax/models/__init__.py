@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from diffseg_jax.models.ensemdiff import EnsemDiffUNet
 from diffseg_jax.models.medsegdiff import MedSegDiffNewUNet, MedSegDiffUNet
+from diffseg_jax.models.nnunet import NNUNet
 from diffseg_jax.models.segdiff import SegDiffUNet
 from diffseg_jax.models.segformer import SegFormer
 
@@ -26,6 +27,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "medsegdiff_new": MedSegDiffNewUNet,  # the repository's default --version new (anchors)
     "segdiff": SegDiffUNet,
     "segformer": SegFormer,  # feed-forward reference: HF SegformerForSemanticSegmentation, B3 by default
+    "nnunet": NNUNet,  # feed-forward reference: nnU-Net v2.8.1's 2D PlainConvUNet, planned from the data
 }
 
 
@@ -83,6 +85,7 @@ def count_params(
 __all__ = [
     "MODELS",
     "EnsemDiffUNet",
+    "NNUNet",
     "get_model",
     "can_drop_image",
     "is_feed_forward",

@@ -1,0 +1,134 @@
+"""Data-driven plans, resolved before a run: nnU-Net plans its network, patch and batch from the training set.
+
+A model config with a ``plan`` group (``configs/base.py:nnunet_model``) is planned when ``model.plan.mode`` is
+``'auto'``: :func:`resolve` reads the fingerprint of the ``train`` split (the median stored image size, the number
+of images, the channels; nnU-Net plans on all training cases, so the feed-forward protocol's 80 % phase uses the
+same plan), runs nnU-Net's 2D planner (``diffseg_jax.models.nnunet_plan``) and returns a config with the planned
+architecture, ``data.image_size`` = the patch size and ``train.batch_size`` = the planned batch size (rounded up
+to a multiple of the device count: a sharded batch splits evenly, where nnU-Net's DDP splits it unevenly), marked
+``'planned'``. ``'fixed'`` uses the architecture, image size and batch size as configured. Every entry point
+(training, evaluation, the feed-forward protocol) resolves the config it is given, and the result depends only on
+the data, so they agree; a resolved config resolves to itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffseg_jax import configlib, data
+from diffseg_jax.models import nnunet_plan
+
+PLAN_MODES = ("auto", "planned", "fixed")
+
+
+@functools.lru_cache(maxsize=8)
+def _train_fingerprint(data_json: str) -> tuple[tuple[float, float], int, int]:
+    source = data.load_split(ml_collections.ConfigDict(json.loads(data_json)), "train")
+    shapes = np.array([np.shape(source[i]["image"]) for i in range(len(source))])
+    if not len(shapes):
+        raise ValueError("The training split is empty: nothing to plan from.")
+    median = np.median(shapes[:, :2], axis=0)
+    return (float(median[0]), float(median[1])), len(shapes), int(shapes[0][2])
+
+
+def train_fingerprint(data_config: ml_collections.ConfigDict) -> tuple[tuple[float, float], int, int]:
+    """(median stored (H, W), number of images, channels) of the ``train`` split, as nnU-Net's fingerprint."""
+    return _train_fingerprint(data_config.to_json_best_effort(sort_keys=True))
+
+
+def _plan_settings(plan_config: ml_collections.ConfigDict) -> dict:
+    return dict(
+        num_classes=plan_config.num_classes,
+        base_features=plan_config.base_features,
+        max_features=plan_config.max_features,
+        gpu_memory_gb=plan_config.gpu_memory_gb,
+    )
+
+
+def resolve(
+    config: ml_collections.ConfigDict, fingerprint: tuple[tuple[float, float], int, int] | None = None
+) -> ml_collections.ConfigDict:
+    """``config`` with its model planned if ``model.plan.mode == 'auto'`` (see the module docstring), else itself.
+
+    ``fingerprint`` ((H, W), images, channels) replaces reading the training split (``--mode summary``).
+    """
+    plan_config = config.model.get("plan", None)
+    if plan_config is None or plan_config.mode != "auto":
+        return config
+    (h, w), num_images, channels = fingerprint or train_fingerprint(config.data)
+    plan = nnunet_plan.plan_2d((h, w), num_images, channels, **_plan_settings(plan_config))
+    patch, stored = plan.patch_size, data.stored_size(config.data)
+    if patch[0] != patch[1] or patch[0] > stored:
+        raise ValueError(
+            f"nnU-Net planned a {patch[0]}x{patch[1]} patch for {h:g}x{w:g} images stored at {stored} px; the input "
+            "pipeline trains on square crops of the stored images. Store the images at a multiple of 16 px "
+            "(data.resize), or set model.plan.mode=fixed with the architecture, data.image_size and "
+            "train.batch_size of your choice."
+        )
+    c = copy.deepcopy(config)
+    for key, value in plan.architecture().items():
+        c.model[key] = value
+    c.model.plan.mode = "planned"
+    c.model.plan.median_size = (h, w)
+    c.model.plan.num_images = num_images
+    c.data.image_size = patch[0]
+    devices = jax.device_count()
+    c.train.batch_size = -(-plan.batch_size // devices) * devices
+    if c.train.batch_size != plan.batch_size:
+        logging.warning(
+            "nnU-Net planned batch size %d; using %d, a multiple of the %d devices.",
+            plan.batch_size,
+            c.train.batch_size,
+            devices,
+        )
+    configlib.validate(c, check_data=fingerprint is None)
+    return c
+
+
+def describe(config: ml_collections.ConfigDict, source: str | None = None) -> str | None:
+    """The plan of ``config``'s model as printed at the start of training (None for a model without a plan).
+
+    ``source`` replaces the description of where the plan came from; the config's batch size is shown unless
+    ``source`` is given and the config's ``train.batch_size`` is not from a plan (``--mode summary``)."""
+    p = config.model.get("plan", None)
+    if p is None:
+        return None
+    m = config.model
+    size = config.data.image_size
+    strides = tuple(tuple(s) for s in m.strides)
+    estimate = nnunet_plan.feature_map_size(
+        (size, size),
+        m.features_per_stage,
+        strides,
+        m.n_conv_per_stage,
+        m.n_conv_per_stage_decoder,
+        p.num_classes,
+    )
+    plan = nnunet_plan.Plan(
+        patch_size=(size, size),
+        batch_size=config.train.batch_size if source is None else None,
+        features_per_stage=tuple(m.features_per_stage),
+        strides=strides,
+        kernel_sizes=tuple(tuple(k) for k in m.kernel_sizes),
+        n_conv_per_stage=tuple(m.n_conv_per_stage),
+        n_conv_per_stage_decoder=tuple(m.n_conv_per_stage_decoder),
+        vram_estimate=estimate,
+        vram_reference=nnunet_plan.REFERENCE_VRAM_2D * p.gpu_memory_gb / nnunet_plan.REFERENCE_GB,
+    )
+    if source is not None:
+        pass
+    elif p.mode == "planned":
+        h, w = p.median_size
+        source = f"a training set of {p.num_images} images of median size {h:g}x{w:g}"
+    elif p.mode == "fixed":
+        source = "model.plan.mode=fixed: as configured"
+    else:
+        source = "not yet planned (model.plan.mode=auto plans from the training set)"
+    return nnunet_plan.format_plan(plan, source)
