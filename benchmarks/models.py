@@ -46,7 +46,7 @@ def _forward_flops(model, variables, x, t, cond) -> float:
     fwd = jax.jit(
         lambda v, x, t, c: model.apply(v, x, t, c, train=False, rngs=train.model_rngs(jax.random.PRNGKey(0)))
     )
-    return common.compiled_figures(fwd.lower(variables, x, t, cond).compile())["flops"] / x.shape[0]
+    return common.hlo_flops(fwd.lower(variables, x, t, cond)) / x.shape[0]
 
 
 def bench(name: str, tiny: bool, batch: int, repeats: int, time_it: bool, dtype: str, remat: bool) -> dict:
@@ -91,10 +91,11 @@ def bench(name: str, tiny: bool, batch: int, repeats: int, time_it: bool, dtype:
     }
     device_batch = train.shard_batch(batch_np, mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(state, device_batch).compile()  # jit reuses this executable below
+    lowered = step.lower(state, device_batch)
+    compiled = lowered.compile()  # jit reuses this executable below
     row["compile_s"] = time.perf_counter() - t0
-    row.update(common.compiled_figures(compiled))
-    row["train_step_gflops"] = row.pop("flops") / 1e9
+    row["train_step_gflops"] = common.hlo_flops(lowered) / 1e9
+    row["xla_memory_gib"] = common.memory_gib(compiled)
     holder = {"state": state}
 
     def one_step():
