@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -22,6 +23,17 @@ def device_line() -> str:
         f"backend: {jax.default_backend()}  device: {dev.device_kind}  count: {jax.device_count()}  "
         f"jax {jax.__version__}  {datetime.date.today().isoformat()}"
     )
+
+
+def comparison_parser(doc: str, images: int) -> argparse.ArgumentParser:
+    """The flags of the structure-against-loop benchmarks (sampling.py, curves.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="ensemdiff")
+    parser.add_argument("--size", default="tiny", choices=("tiny", "published"))
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    return parser
 
 
 def block(tree: Any) -> Any:

@@ -12,8 +12,6 @@ shows the largest difference. Throughput: network evaluations (images Ã— draws Ã
 
 from __future__ import annotations
 
-import argparse
-
 import common
 import jax
 import jax.numpy as jnp
@@ -73,18 +71,11 @@ def bench(name, published, images, timesteps, t_step, draws, t_chunk, repeats) -
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--models", default="ensemdiff")
-    parser.add_argument("--size", default="tiny", choices=("tiny", "published"))
-    parser.add_argument("--images", type=int, default=4)
+    parser = common.comparison_parser(__doc__, images=4)
     parser.add_argument("--timesteps", type=int, default=100)
     parser.add_argument("--t-step", type=int, default=1)
     parser.add_argument("--draws", type=int, default=1)
     parser.add_argument("--t-chunk", type=int, default=0, help="timesteps at once in the evaluator (0: all)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(common.device_line(), flush=True)
     print(

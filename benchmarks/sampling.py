@@ -14,8 +14,6 @@ largest difference. Throughput is member-steps per second: images × members × 
 
 from __future__ import annotations
 
-import argparse
-
 import common
 import jax
 import jax.numpy as jnp
@@ -97,17 +95,10 @@ def bench(
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--models", default="ensemdiff")
-    parser.add_argument("--size", default="tiny", choices=("tiny", "published"))
-    parser.add_argument("--images", type=int, default=2)
+    parser = common.comparison_parser(__doc__, images=2)
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="T of the DDPM (cosine) schedule")
     parser.add_argument("--chunk", type=int, default=0, help="members at once in the scan sampler (0: all)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(common.device_line(), flush=True)
     print(
