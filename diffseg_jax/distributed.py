@@ -8,7 +8,7 @@ The same command runs on every host; three variables say where it stands::
 On clusters whose scheduler JAX recognises (SLURM, TPU pods, Open MPI), ``DIFFSEG_DISTRIBUTED=auto`` calls
 ``jax.distributed.initialize()`` with no arguments instead. After initialisation ``jax.devices()`` lists every
 host's devices; the train step's mesh spans them all, each host reads only its rows of every batch
-(:func:`host_local_batch` → :func:`global_array`), orbax writes each checkpoint once, and only process 0
+(:func:`host_shard` → :func:`global_array`), orbax writes each checkpoint once, and only process 0
 writes logs, metrics and evaluation files (:func:`is_primary`). On CPU the collectives go over gloo.
 """
 
@@ -64,14 +64,10 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def host_local_batch(global_batch_size: int) -> tuple[int, int, int]:
-    """(rows per host, this host's index, host count) for a global batch; rows split evenly over hosts."""
-    count, index = jax.process_count(), jax.process_index()
-    if global_batch_size % count:
-        raise ValueError(
-            f"train.batch_size={global_batch_size} must be divisible by the {count} processes (hosts)."
-        )
-    return global_batch_size // count, index, count
+def host_shard() -> tuple[int, int]:
+    """(this host's index, host count): which rows of every global batch this host reads
+    (:func:`diffseg_jax.data.train_dataset`'s ``shard``, which checks that the batch splits evenly)."""
+    return jax.process_index(), jax.process_count()
 
 
 def global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:

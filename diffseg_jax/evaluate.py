@@ -129,7 +129,8 @@ def sample_statistics(
     """Ensemble mean and std for every input, ``batch_size`` images at a time, sharded over all devices.
 
     Every batch is padded to the same size, a multiple of the device count (one compilation), and split
-    along the image axis over every host's devices (each host holds all inputs and gets all outputs) (members stay on the device of their image: no communication). Batch ``i`` uses
+    along the image axis over every host's devices (members stay on the device of their image: no
+    communication); each host holds all inputs and gets all outputs. Batch ``i`` uses
     ``fold_in(key, i)``; when ``batch_size`` is a multiple of the device count the samples do not depend on
     how many devices there are. Logs images/s and the time left.
     """

@@ -122,13 +122,10 @@ def describe(config: ml_collections.ConfigDict, source: str | None = None) -> st
         vram_estimate=estimate,
         vram_reference=nnunet_plan.REFERENCE_VRAM_2D * p.gpu_memory_gb / nnunet_plan.REFERENCE_GB,
     )
-    if source is not None:
-        pass
-    elif p.mode == "planned":
-        h, w = p.median_size
-        source = f"a training set of {p.num_images} images of median size {h:g}x{w:g}"
-    elif p.mode == "fixed":
-        source = "model.plan.mode=fixed: as configured"
-    else:
-        source = "not yet planned (model.plan.mode=auto plans from the training set)"
+    if source is None:
+        source = {
+            "planned": f"a training set of {p.num_images} images of median size "
+            f"{p.median_size[0]:g}x{p.median_size[1]:g}",
+            "fixed": "model.plan.mode=fixed: as configured",
+        }.get(p.mode, "not yet planned (model.plan.mode=auto plans from the training set)")
     return nnunet_plan.format_plan(plan, source)

@@ -330,9 +330,12 @@ def setup(config: ml_collections.ConfigDict, abstract: bool = False, split: str 
     initialiser is compiled or run. ``split`` is the data split to train on (``fit`` for the 80 % part).
     On several hosts the dataset yields this host's rows of each batch.
     """
-    _, host, hosts = distributed.host_local_batch(config.train.batch_size)
     train_ds = data.train_dataset(
-        config.data, batch_size=config.train.batch_size, seed=config.seed, split=split, shard=(host, hosts)
+        config.data,
+        batch_size=config.train.batch_size,
+        seed=config.seed,
+        split=split,
+        shard=distributed.host_shard(),
     )
     first = train_ds[0]
     image_channels = first["image"].shape[-1]
