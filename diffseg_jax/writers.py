@@ -64,7 +64,12 @@ class _QuietLibraries(logging.Filter):
 
 
 def quiet_libraries() -> None:
-    """Keeps the console to this package's progress lines (call once at the start of a command)."""
+    """Keeps the console to this package's progress lines (call once at the start of a command or notebook).
+
+    The filter sits on absl's handler (the command line's console) and on absl's logger, whose records reach
+    other handlers in a notebook, where absl's handler is not installed.
+    """
     from absl import logging as absl_logging
 
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+    absl_logging.get_absl_logger().addFilter(_QuietLibraries())
