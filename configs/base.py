@@ -251,6 +251,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             variance="fixed_large",
         )
     )
+    # Terminal noise (beyond the paper, diffseg_jax.analysis.adaptive): 'rescale' (√ᾱ rescaled, Lin et al. 2024)
+    # or 'snr_shift' moves ᾱ_{T-1} to alpha_bar_T; -1 picks the largest ᾱ_{T-1} at which the training masks'
+    # model-free error curve has converged (information left <= terminal_tol), recorded in config.json.
+    c.diffusion.terminal = "none"
+    c.diffusion.alpha_bar_T = -1.0
+    c.diffusion.terminal_tol = 0.01
+
+    # Which timesteps training sees (diffseg_jax.diffusion.timesteps). weighting 'fingerprint': loss weights
+    # ∝ |d error/dt| of the mask prediction error curve (smoothed over smoothing·T steps, floored at floor x the
+    # mean, mean 1). sampling 'fingerprint': t drawn ∝ those weights; 'loss_aware': improved DDPM's sampler
+    # (history losses per t, uniform_prob); any proposal comes with the importance correction 1/(T p(t)).
+    # curve: 'model_free' (from num_masks training masks, under the run's schedule) or a curves.csv /
+    # model_free.csv from --mode analyse.
+    c.timesteps = ml_collections.ConfigDict(
+        dict(
+            weighting="uniform",
+            sampling="uniform",
+            curve="model_free",
+            smoothing=0.05,
+            floor=0.1,
+            num_masks=64,
+            history=10,
+            uniform_prob=0.001,
+        )
+    )
 
     # loss: 'published' = each architecture's published loss (learned variance, reduction, cal term, as
     # set by its scheme below); 'eps_mse' = the paper's plain Eq. 3 (Eq. 2 for E3) for every architecture.

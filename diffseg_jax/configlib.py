@@ -14,6 +14,7 @@ import ml_collections
 
 from diffseg_jax import data, diffusion, models, objectives
 from diffseg_jax.data.augment import AUGMENTATIONS
+from diffseg_jax.diffusion import timesteps
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -83,6 +84,51 @@ def _validate_plan(config: ml_collections.ConfigDict) -> None:
             _fail(key, size, f"The network's strides (model.strides) need a multiple of {factor} px.")
 
 
+def _validate_timesteps(config: ml_collections.ConfigDict) -> None:
+    """Terminal noise and the timestep weighting / sampling (configs saved before they existed pass)."""
+    d = config.diffusion
+    terminal = d.get("terminal", "none")
+    if terminal not in diffusion.TERMINAL_METHODS:
+        _fail("diffusion.terminal", terminal, f"Choose one of {diffusion.TERMINAL_METHODS}.")
+    if terminal != "none" and not (d.alpha_bar_T == -1 or 0 < d.alpha_bar_T < 1):
+        _fail(
+            "diffusion.alpha_bar_T",
+            d.alpha_bar_T,
+            "Use a terminal ᾱ in (0, 1) (e.g. 1e-6), or -1 to choose it from the training masks' fingerprint.",
+        )
+    if terminal != "none" and not 0 < d.get("terminal_tol", 0.01) < 1:
+        _fail("diffusion.terminal_tol", d.terminal_tol, "Use a fraction in (0, 1), e.g. 0.01.")
+    tc = config.get("timesteps", None)
+    if tc is None:
+        return
+    if tc.weighting not in timesteps.WEIGHTINGS:
+        _fail("timesteps.weighting", tc.weighting, f"Choose one of {timesteps.WEIGHTINGS}.")
+    if tc.sampling not in timesteps.SAMPLINGS:
+        _fail("timesteps.sampling", tc.sampling, f"Choose one of {timesteps.SAMPLINGS}.")
+    if config.experiment == "e1" and (tc.weighting, tc.sampling) != ("uniform", "uniform"):
+        _fail(
+            "timesteps.weighting/sampling",
+            (tc.weighting, tc.sampling),
+            "E1 sees one fixed timestep: leave both 'uniform'.",
+        )
+    if not 0.0 <= tc.floor < 1.0:
+        _fail("timesteps.floor", tc.floor, "Use a fraction of the mean weight in [0, 1).")
+    if not 0.0 <= tc.smoothing < 1.0:
+        _fail("timesteps.smoothing", tc.smoothing, "Use a fraction of T in [0, 1), e.g. 0.05.")
+    if tc.curve != "model_free" and not os.path.isfile(tc.curve):
+        _fail(
+            "timesteps.curve",
+            tc.curve,
+            "Use 'model_free' or an existing curves.csv / model_free.csv written by --mode analyse.",
+        )
+    if tc.history < 1 or not 0.0 <= tc.uniform_prob <= 1.0:
+        _fail(
+            "timesteps.history/uniform_prob",
+            (tc.history, tc.uniform_prob),
+            "Use history >= 1 and uniform_prob in [0, 1] (improved DDPM: 10 and 0.001).",
+        )
+
+
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     """Raises ``ValueError`` naming the offending key for an impossible or unknown setting.
 
@@ -142,6 +188,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             config.diffusion.variance,
             "Choose 'fixed_large' or 'fixed_small' (a learned variance is diffusion.learn_sigma=True).",
         )
+    _validate_timesteps(config)
     if config.diffusion.num_timesteps < 2:
         _fail("diffusion.num_timesteps", config.diffusion.num_timesteps, "Use at least 2 timesteps.")
     if config.objective.e1_timestep >= config.diffusion.num_timesteps:

@@ -12,8 +12,9 @@ E4     x_t of the image             none                 ε                   �
 
 Masks enter diffusion space through :func:`diffseg_jax.diffusion.mask_to_diffusion` (``mask_range``);
 images are in [0, 1] as conditions and mapped to [-1, 1] when they are the diffused variable (E4).
-Timesteps are drawn uniformly from {0, …, T-1}; ``t_weights`` (shape (T,)) reweights the per-example
-losses. E1 feeds the timestep ``e1_timestep`` (default T-1: the noise it sees is distributed as x_T).
+Timesteps are drawn uniformly from {0, …, T-1} or from a proposal ``t_probs`` with the importance
+correction 1/(T p(t)); ``t_weights`` (shape (T,)) reweights the per-example losses
+(``diffseg_jax.diffusion.timesteps``). E1 feeds the timestep ``e1_timestep`` (default T-1: the noise it sees is distributed as x_T).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from diffseg_jax import diffusion
-from diffseg_jax.diffusion import likelihood
+from diffseg_jax.diffusion import likelihood, timesteps
 
 EXPERIMENTS = ("e1", "e2", "e3", "e4")
 # apply_fn(params, x, t, cond_or_None, rng) -> output or (output, extras); rng feeds dropout in training.
@@ -138,6 +139,7 @@ def loss_fn(
     experiment: str,
     mask_range: str = "symmetric",
     t_weights: jnp.ndarray | None = None,
+    t_probs: jnp.ndarray | None = None,
     e1_timestep: int | None = None,
     learn_sigma: bool = False,
     reduction: str = "mean",
@@ -155,6 +157,10 @@ def loss_fn(
     DDPM's hybrid ``mse + vb``, the VLB term computed with the prediction detached so that it trains only
     v (EnsemDiff's and MedSegDiff's published loss). ``aux_weights`` weights auxiliary heads: ``{'cal': w}``
     adds w · MSE(cal, mask) averaged over the batch (MedSegDiff v1 trains its sigmoid ``cal`` with w = 10).
+
+    Timesteps: ``t_probs`` (T,) draws t from that distribution instead of uniformly, and each example's loss is
+    multiplied by ``t_weights[t] / (T t_probs[t])``, so the loss estimates ``mean_t t_weights[t] L_t`` whatever
+    the proposal (``t_probs = t_weights / T`` samples the weighted objective with factor 1).
 
     E1: ``dice`` ('per_example' or nnU-Net's 'batch') and ``dice_smooth`` pick the Dice term; a network that
     returns lower-resolution heads as ``extras['deep_supervision']`` (nnU-Net) is trained on all of them, with
@@ -180,7 +186,7 @@ def loss_fn(
             for i, out in enumerate(outputs)
         )
     else:
-        t = jax.random.randint(t_key, (batch_size,), 0, num_t, dtype=jnp.int32)
+        t = timesteps.sample_timesteps(t_key, batch_size, t_probs, num_t)
         noise = jax.random.normal(noise_key, x0.shape)
         x_t = diffusion.q_sample(schedule, x0, t, noise)
         out, extras = split_output(apply_fn(params, x_t, t, cond, drop_key))
@@ -195,6 +201,8 @@ def loss_fn(
             per_example = per_example + likelihood.vb_terms_bpd(schedule, x0, x_t, t, model_x0, log_var)
 
     weights = jnp.ones_like(per_example) if t_weights is None else t_weights[t]
+    if experiment != "e1":
+        weights = weights * timesteps.importance_factor(t, t_probs)
     loss = jnp.mean(weights * per_example)
     for name, weight in (aux_weights or {}).items():
         if name in extras and weight:

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from diffseg_jax import configlib, data
+from diffseg_jax.analysis import adaptive
 from diffseg_jax.models import nnunet_plan
 
 PLAN_MODES = ("auto", "planned", "fixed")
@@ -55,10 +56,15 @@ def _plan_settings(plan_config: ml_collections.ConfigDict) -> dict:
 def resolve(
     config: ml_collections.ConfigDict, fingerprint: tuple[tuple[float, float], int, int] | None = None
 ) -> ml_collections.ConfigDict:
-    """``config`` with its model planned if ``model.plan.mode == 'auto'`` (see the module docstring), else itself.
+    """``config`` with its model planned if ``model.plan.mode == 'auto'`` (see the module docstring) and, with
+    ``diffusion.terminal`` set and ``diffusion.alpha_bar_T == -1``, the terminal noise chosen from the training
+    masks (``diffseg_jax.analysis.adaptive``); else ``config`` itself.
 
-    ``fingerprint`` ((H, W), images, channels) replaces reading the training split (``--mode summary``).
+    ``fingerprint`` ((H, W), images, channels) replaces reading the training split (``--mode summary``, which
+    leaves an automatic terminal noise unresolved: it needs the masks).
     """
+    if fingerprint is None:
+        config = adaptive.resolve_terminal(config)
     plan_config = config.model.get("plan", None)
     if plan_config is None or plan_config.mode != "auto":
         return config

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from diffseg_jax.diffusion import timesteps  # noqa: E402
+
 
 def ensemble_figure(
     images: np.ndarray,
@@ -107,17 +109,11 @@ def comparison_figure(eval_dirs: list[str], path: str, num_images: int = 4) -> N
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average over ``window`` samples; near the ends the window shrinks to the samples present.
+    """Centred moving average over ``window`` samples (``diffusion.timesteps.moving_average``).
 
     How the curves of Figs. 3 and 4 are smoothed here (the paper says only "smoothed"); ``window <= 1`` is none.
     """
-    values = np.asarray(values, np.float64)
-    if window <= 1 or len(values) < 2:
-        return values
-    kernel = np.ones(int(window))
-    sums = np.convolve(values, kernel, mode="same")
-    counts = np.convolve(np.ones_like(values), kernel, mode="same")
-    return sums / counts
+    return timesteps.moving_average(values, window)
 
 
 def _read_curves(paths: list[str]) -> list[dict]:
@@ -207,4 +203,32 @@ def forward_figure(npz_path: str, path: str) -> None:
                 ax.set_title(f"t = {int(t)}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def convergence_figure(curves: dict, path: str) -> None:
+    """IoU and ECE against training steps: one column per dataset, one line per variant (mean over seeds, shaded
+    ± one standard deviation). ``curves[(dataset, variant)] = (steps, iou (seeds, n), ece (seeds, n))``."""
+    datasets = sorted({d for d, _ in curves})
+    variants = list(dict.fromkeys(v for _, v in curves))
+    fig, axes = plt.subplots(2, len(datasets), figsize=(3.2 * len(datasets), 5.2), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, dataset in enumerate(datasets):
+        for row, (name, index) in enumerate((("IoU", 1), ("ECE", 2))):
+            ax = axes[row, col]
+            for i, variant in enumerate(variants):
+                if (dataset, variant) not in curves:
+                    continue
+                entry = curves[(dataset, variant)]
+                steps, values = entry[0], np.asarray(entry[index])
+                mean, sd = values.mean(0), values.std(0)
+                colour = colours[i % len(colours)]
+                ax.plot(steps, mean, marker="o", ms=3, color=colour, label=variant)
+                ax.fill_between(steps, mean - sd, mean + sd, color=colour, alpha=0.15)
+            ax.set_title(f"{dataset}: {name}", fontsize=9)
+            ax.set_xlabel("training step", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

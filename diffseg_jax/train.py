@@ -40,13 +40,17 @@ from diffseg_jax import (
     planning,
     writers,
 )
+from diffseg_jax.analysis import adaptive
 from diffseg_jax.data import augment as augmentation
+from diffseg_jax.diffusion import timesteps
 
 
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes: step counter, parameters, their EMA, optimizer state, base RNG key, and
-    the model's non-parameter collections (``model_state``, e.g. MedSegDiff's BatchNorm statistics)."""
+    the model's non-parameter collections (``model_state``, e.g. MedSegDiff's BatchNorm statistics) and the
+    timestep sampler's state (``sampler_state``: improved DDPM's loss history with ``timesteps.sampling=
+    'loss_aware'``, else empty)."""
 
     step: jnp.ndarray
     params: Any
@@ -54,6 +58,7 @@ class TrainState:
     opt_state: Any
     key: jnp.ndarray
     model_state: Any = flax.struct.field(default_factory=dict)
+    sampler_state: Any = flax.struct.field(default_factory=dict)
 
 
 def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -104,11 +109,23 @@ def build_model(
 
 
 def build_schedule(diffusion_config: ml_collections.ConfigDict) -> diffusion.Schedule:
-    """The noise schedule named by the config."""
-    kwargs = {}
-    if diffusion_config.schedule == "linear":
-        kwargs = dict(beta_start=diffusion_config.beta_start, beta_end=diffusion_config.beta_end)
-    return diffusion.get_schedule(diffusion_config.schedule, diffusion_config.num_timesteps, **kwargs)
+    """The noise schedule named by the config, its terminal ᾱ moved to ``alpha_bar_T`` if ``terminal`` is set.
+
+    An automatic terminal (``alpha_bar_T=-1``) must have been resolved from the data first
+    (``planning.resolve``, which every entry point calls).
+    """
+    d = diffusion_config
+    kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end) if d.schedule == "linear" else {}
+    betas = diffusion.BETA_SCHEDULES[d.schedule](d.num_timesteps, **kwargs)
+    terminal = d.get("terminal", "none")
+    if terminal != "none":
+        if d.alpha_bar_T <= 0:
+            raise ValueError(
+                "diffusion.alpha_bar_T=-1 (from the data) is resolved by diffseg_jax.planning.resolve(config); "
+                "call it first, or set a value such as 1e-6."
+            )
+        betas = diffusion.adapt_terminal(betas, d.alpha_bar_T, terminal)
+    return diffusion.schedule_from_betas(betas)
 
 
 def learning_rate(train_config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
@@ -182,7 +199,7 @@ def import_initial_weights(
     variables = {"params": state.params, **state.model_state}
     imported = convert.import_weights(model, variables, convert.load_state_dict(path))
     logging.info("Initialised %s from %s.", type(model).__name__, path)
-    return create_train_state(imported, optimizer, state.key)
+    return create_train_state(imported, optimizer, state.key).replace(sampler_state=state.sampler_state)
 
 
 def model_rngs(rng: jax.Array) -> dict[str, jax.Array]:
@@ -218,8 +235,19 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     schedule: diffusion.Schedule,
     config: ml_collections.ConfigDict,
+    tables: dict[str, Any] | None = None,
 ):
-    """The (un-jitted) train step ``(state, batch) -> (state, metrics)`` for ``config``'s experiment."""
+    """The (un-jitted) train step ``(state, batch) -> (state, metrics)`` for ``config``'s experiment.
+
+    ``tables``: the timestep weights and proposal of ``config.timesteps`` (``adaptive.training_tables``;
+    computed here when not given). With ``timesteps.sampling='loss_aware'`` the proposal comes from the loss
+    history in ``state.sampler_state``, which the step updates with the batch's unweighted losses.
+    """
+    tables = adaptive.training_tables(config, schedule) if tables is None else tables
+    t_weights = None if tables["weights"] is None else jnp.asarray(tables["weights"], jnp.float32)
+    t_probs = None if tables["probs"] is None else jnp.asarray(tables["probs"], jnp.float32)
+    tc = config.get("timesteps", None)
+    loss_aware = tc is not None and tc.sampling == "loss_aware"
     e1_t = config.objective.e1_timestep
     loss = functools.partial(
         objectives.loss_fn,
@@ -239,9 +267,10 @@ def make_train_step(
             key, augment_key = jax.random.split(key)
             batch = augment(augment_key, batch)
         apply = make_apply_fn(model, train=True, model_state=state.model_state)
-        (value, aux), grads = jax.value_and_grad(lambda p: loss(apply, p, batch, key), has_aux=True)(
-            state.params
-        )
+        probs = timesteps.loss_aware_probs(state.sampler_state, tc.uniform_prob) if loss_aware else t_probs
+        (value, aux), grads = jax.value_and_grad(
+            lambda p: loss(apply, p, batch, key, t_weights=t_weights, t_probs=probs), has_aux=True
+        )(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
@@ -251,6 +280,11 @@ def make_train_step(
             ema_params=ema,
             opt_state=opt_state,
             model_state=aux.get("model_state", state.model_state),
+            sampler_state=(
+                timesteps.update_loss_history(state.sampler_state, aux["t"], aux["per_example"])
+                if loss_aware
+                else state.sampler_state
+            ),
         )
         return new_state, {"loss": value, "grad_norm": optax.tree.norm(grads)}
 
@@ -348,8 +382,16 @@ def setup(config: ml_collections.ConfigDict, abstract: bool = False, split: str 
         (1,) + first["image"].shape[1:] if objectives.uses_image_condition(config.experiment) else None
     )
 
+    tc = config.get("timesteps", None)
+    sampler_state = (
+        timesteps.init_loss_history(schedule.num_timesteps, tc.history)
+        if tc is not None and tc.sampling == "loss_aware"
+        else {}
+    )
+
     def make_state():
-        return create_train_state(init_variables(model, init_key, x_shape, cond_shape), optimizer, state_key)
+        state = create_train_state(init_variables(model, init_key, x_shape, cond_shape), optimizer, state_key)
+        return state.replace(sampler_state=sampler_state)
 
     state = jax.eval_shape(make_state) if abstract else jax.jit(make_state)()
     return train_ds, model, schedule, optimizer, state
@@ -408,7 +450,10 @@ def train(
         start,
         num_steps,
     )
-    step_fn = jit_train_step(make_train_step(model, optimizer, schedule, config), mesh)
+    tables = adaptive.training_tables(config, schedule)
+    if primary and tables["curve"] is not None:
+        adaptive.write_tables(os.path.join(workdir, "timesteps.csv"), tables, schedule.num_timesteps)
+    step_fn = jit_train_step(make_train_step(model, optimizer, schedule, config, tables), mesh)
     writer = writers.MetricWriter(workdir) if primary else writers.NullWriter()
     # On CPU with several devices, queueing many collective steps without waiting can deadlock the
     # all-reduce: wait on the loss at least this often (and at every log / checkpoint).

@@ -210,6 +210,9 @@ def test_other_experiments_train_and_evaluate(tmp_path, tfds_dir, experiment):
         assert (tmp_path / "analysis" / "forward.png").is_file() and (
             tmp_path / "analysis" / "model_free.csv"
         ).is_file()
+        report = json.loads((tmp_path / "analysis" / "convergence.json").read_text())
+        # The tiny synthetic masks keep nothing at T = 100 (their information left is within noise of 0).
+        assert report["converged"] and report["adapted_alpha_bar_T"] == pytest.approx(report["alpha_bar_T"])
     else:  # a feed-forward model has no per-timestep curves
         config.analysis.analyses = ("mask_error",)
         with pytest.raises(ValueError, match="need a diffusion model"):

@@ -4,7 +4,9 @@ Collects the ``analysis/curves.csv`` and ``analysis/model_free.csv`` files under
 ``--mode analyse``), and writes ``fingerprints.csv`` (all mask prediction error curves), ``fingerprints.png``
 (one panel per dataset: each model dotted, their average solid, the model-free curve dashed) and
 ``fingerprints.md``: per dataset and model, the timestep where the smoothed error first reaches half of its
-maximum (``t_half``) and the error at the last timestep, the numbers behind "which dataset loses its mask first".
+maximum (``t_half``), the error at the last timestep and how much the smoothed curve still rises over its last
+10 % of timesteps (``rise_tail``, a fraction of its range; ``converged`` when at most ``--tol``), the numbers behind
+"which dataset loses its mask first" and "which needs a higher final noise level".
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from diffseg_jax import plots, report
+from diffseg_jax.analysis.adaptive import tail_rise
 from diffseg_jax.analysis.run import read_rows, write_rows
 
 
@@ -32,8 +35,9 @@ def half_rise(t: np.ndarray, values: np.ndarray, smoothing: int) -> int:
     return int(t[np.argmax(v >= 0.5 * v.max())])
 
 
-def summarise(rows: list[dict], smoothing: int) -> list[dict]:
-    """Per (dataset, model, experiment): t_half and the error at the first and last timesteps."""
+def summarise(rows: list[dict], smoothing: int, tol: float = 0.02) -> list[dict]:
+    """Per (dataset, model, experiment): t_half, the error at the first and last timesteps, the rise over the
+    last 10 % of timesteps and whether it has converged (rise at most ``tol``)."""
     out = []
     for (dataset, model, experiment, curve), (t, v) in sorted(plots.curve_series(rows).items()):
         if curve == "mask_error":
@@ -45,6 +49,8 @@ def summarise(rows: list[dict], smoothing: int) -> list[dict]:
                     t_half=half_rise(t, v, smoothing),
                     error_first=float(v[0]),
                     error_last=float(v[-1]),
+                    rise_tail=tail_rise(t, v, smoothing),
+                    converged=tail_rise(t, v, smoothing) <= tol,
                 )
             )
     return out
@@ -55,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     parser.add_argument("--runs", nargs="+", required=True, help="run folders or curve CSVs")
     parser.add_argument("--out", default="fingerprints", help="output folder")
     parser.add_argument("--smoothing", type=int, default=25, help="moving-average window in samples")
+    parser.add_argument("--tol", type=float, default=0.02, help="largest final rise of a converged curve")
     args = parser.parse_args(argv)
     files = find_curves(args.runs)
     rows = [r for f in files for r in read_rows(f) if r["curve"] == "mask_error"]
@@ -69,13 +76,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     write_rows(paths["csv"][:-4], rows)
     plots.fingerprint_figure([paths["csv"]], paths["png"], args.smoothing)
     lines = [
-        "| dataset | model | experiment | t_half | error at t=0 | error at T-1 |",
-        "|---|---|---|---|---|---|",
+        "| dataset | model | experiment | t_half | error at t=0 | error at T-1 | rise over last 10 % | converged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {s['dataset']} | {s['model']} | {s['experiment']} | {s['t_half']} | {s['error_first']:.4f} | "
-        f"{s['error_last']:.4f} |"
-        for s in summarise(rows, args.smoothing)
+        f"{s['error_last']:.4f} | {s['rise_tail']:.3f} | {'yes' if s['converged'] else 'no'} |"
+        for s in summarise(rows, args.smoothing, args.tol)
     ]
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

@@ -40,6 +40,56 @@ def box_sum(x: jnp.ndarray, k: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     return s, n
 
 
+def windows_for(size: int) -> tuple[int, ...]:
+    """:data:`WINDOWS` and further odd windows 65, 129, ... that still fit in ``size`` px images."""
+    windows, k = list(WINDOWS), 65
+    while k <= size:
+        windows.append(k)
+        k = 2 * k - 1
+    return tuple(windows)
+
+
+def foreground_prior(
+    masks: jnp.ndarray, foreground_rate: float | None = None
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(rate, its logit): the masks' foreground rate (or ``foreground_rate``), clipped away from 0 and 1."""
+    rate = jnp.mean(masks) if foreground_rate is None else jnp.asarray(foreground_rate, jnp.float32)
+    rate = jnp.clip(rate, 1e-6, 1 - 1e-6)
+    return rate, jnp.log(rate) - jnp.log1p(-rate)
+
+
+def window_errors(
+    alpha_bar: jnp.ndarray,
+    masks: jnp.ndarray,
+    key: jax.Array,
+    *,
+    windows: tuple[int, ...] = WINDOWS,
+    num_draws: int = 1,
+    foreground_rate: float | None = None,
+) -> jnp.ndarray:
+    """Mask prediction error (len(windows),) of each window's posterior denoiser at noise level ᾱ = ``alpha_bar``.
+
+    ``masks`` (B, H, W, 1) in {0, 1}; averaged over ``num_draws`` noise draws from ``key``. Jittable in
+    ``alpha_bar``, so it can be evaluated at any noise level, not only a schedule's.
+    """
+    masks = masks.astype(jnp.float32)
+    x0 = 2.0 * masks - 1.0
+    _, prior = foreground_prior(masks, foreground_rate)
+    a = jnp.asarray(alpha_bar, jnp.float32)
+
+    def draw(k):
+        noise = jax.random.normal(k, x0.shape)
+        x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+        errs = []
+        for w in windows:
+            s, _ = box_sum(x_t, w)
+            p = jax.nn.sigmoid(prior + 2.0 * jnp.sqrt(a) * s / (1.0 - a))
+            errs.append(jnp.mean((p - masks) ** 2))
+        return jnp.stack(errs)
+
+    return jax.vmap(draw)(jax.random.split(key, num_draws)).mean(0)
+
+
 def model_free_curve(
     schedule: diffusion.Schedule,
     masks: jnp.ndarray,
@@ -56,28 +106,17 @@ def model_free_curve(
     ``masks`` (B, H, W, 1); ``foreground_rate`` defaults to the masks' own rate. Noise at t comes from
     ``fold_in(key, t)`` as in :func:`diffseg_jax.analysis.curves.timestep_curves`.
     """
-    masks = masks.astype(jnp.float32)
-    x0 = 2.0 * masks - 1.0
-    rate = jnp.mean(masks) if foreground_rate is None else jnp.asarray(foreground_rate, jnp.float32)
-    rate = jnp.clip(rate, 1e-6, 1 - 1e-6)
-    prior = jnp.log(rate) - jnp.log1p(-rate)
     abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
 
     def at_t(t):
-        a = abar[t]
-
-        def draw(k):
-            noise = jax.random.normal(k, x0.shape)
-            x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
-            errs = []
-            for w in windows:
-                s, _ = box_sum(x_t, w)
-                p = jax.nn.sigmoid(prior + 2.0 * jnp.sqrt(a) * s / (1.0 - a))
-                errs.append(jnp.mean((p - masks) ** 2))
-            return jnp.stack(errs)
-
-        keys = jax.random.split(jax.random.fold_in(key, t), num_draws)
-        return jax.vmap(draw)(keys).mean(0)
+        return window_errors(
+            abar[t],
+            masks,
+            jax.random.fold_in(key, t),
+            windows=windows,
+            num_draws=num_draws,
+            foreground_rate=foreground_rate,
+        )
 
     errors = jax.lax.map(at_t, jnp.asarray(ts, jnp.int32), batch_size=t_chunk)
     best = jnp.argmin(errors, axis=1)

@@ -5,7 +5,9 @@ Writes into ``<workdir>/analysis/``:
 * ``curves.csv`` / ``curves.npz`` (t, value, curve, model, experiment, dataset, step): the trained network's
   mask prediction error (E2, E3) and eps loss (E2, E4) at every t of the grid, averaged over the first
   ``num_images`` test images and ``num_draws`` noise draws each (needs a checkpoint in the workdir);
-* ``model_free.csv`` / ``.npz``: the training-free fingerprint of the test masks (see ``model_free``);
+* ``model_free.csv`` / ``.npz``: the training-free fingerprint of the test masks (see ``model_free``), and
+  ``convergence.json``: whether it has converged by t = T-1 under the run's schedule (information left at T) and
+  the terminal ᾱ at which it would (``diffseg_jax.analysis.adaptive``);
 * ``forward.npz``: the forward process of the first test image and mask at ``forward_timesteps`` (Fig. 2);
 * ``curves.png``, ``model_free.png``, ``forward.png``: drawn from those arrays by ``diffseg_jax.plots``.
 
@@ -15,6 +17,7 @@ Fig. 4 across runs and datasets: ``python -m diffseg_jax.analysis.fingerprints -
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 
@@ -24,8 +27,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffseg_jax import data, diffusion, evaluate, objectives, plots, train
-from diffseg_jax.analysis import curves, forward, model_free
+from diffseg_jax import data, diffusion, evaluate, objectives, planning, plots, train
+from diffseg_jax.analysis import adaptive, curves, forward, model_free
 
 ANALYSES = ("mask_error", "loss", "forward", "model_free")
 CSV_COLUMNS = ("t", "value", "curve", "model", "experiment", "dataset", "step")
@@ -119,6 +122,7 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     unknown = sorted(set(a.analyses) - set(ANALYSES))
     if unknown:
         raise ValueError(f"Unknown analyses {unknown} in config.analysis.analyses; choose from {ANALYSES}.")
+    config = planning.resolve(config)  # the terminal noise and plan training used (they depend on the data)
     out_dir = os.path.join(workdir, "analysis")
     os.makedirs(out_dir, exist_ok=True)
     schedule = train.build_schedule(config.diffusion)
@@ -174,6 +178,15 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
             windows=np.asarray(model_free.WINDOWS),
         )
         plots.curve_figure([written["model_free"]], os.path.join(out_dir, "model_free.png"), a.smoothing)
+        # Has the curve converged by T under this schedule, and which terminal ᾱ would make it converge?
+        report = adaptive.convergence(schedule, test["mask"], key, config.diffusion.get("terminal_tol", 0.01))
+        report["adapted_alpha_bar_T"] = adaptive.terminal_alpha_bar(
+            test["mask"], key, report["alpha_bar_T"], config.diffusion.get("terminal_tol", 0.01)
+        )
+        written["convergence"] = os.path.join(out_dir, "convergence.json")
+        with open(written["convergence"], "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        logging.info("analyse: model-free convergence at T: %s", report)
 
     if {"mask_error", "loss"} & set(a.analyses):
         values, step = network_curves(config, workdir, test, ts, key)

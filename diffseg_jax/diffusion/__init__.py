@@ -22,7 +22,10 @@ from diffseg_jax.diffusion.samplers import (
 )
 from diffseg_jax.diffusion.schedule import (
     BETA_SCHEDULES,
+    TERMINAL_METHODS,
     Schedule,
+    adapt_terminal,
+    alphas_cumprod_of,
     get_schedule,
     register_beta_schedule,
     schedule_from_betas,
@@ -33,6 +36,9 @@ __all__ = [
     "MASK_RANGES",
     "SAMPLERS",
     "Schedule",
+    "TERMINAL_METHODS",
+    "adapt_terminal",
+    "alphas_cumprod_of",
     "ddim_sample",
     "ddim_timesteps",
     "ddpm_sample",

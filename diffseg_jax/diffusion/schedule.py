@@ -61,6 +61,71 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     )
 
 
+# Ways to raise the terminal noise of a schedule to a chosen ᾱ_{T-1} (see adapt_terminal).
+TERMINAL_METHODS = ("none", "rescale", "snr_shift")
+
+
+def alphas_cumprod_of(betas: np.ndarray) -> np.ndarray:
+    """ᾱ_t = ∏_{s≤t} (1 - β_s) in float64."""
+    return np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+
+
+def betas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """The betas of a decreasing ᾱ_t (the inverse of :func:`alphas_cumprod_of`)."""
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    return 1.0 - ac / np.append(1.0, ac[:-1])
+
+
+def rescale_terminal(betas: np.ndarray, alpha_bar_T: float) -> np.ndarray:
+    """Betas whose √ᾱ_t is shifted and scaled so that ᾱ_0 is kept and ᾱ_{T-1} = ``alpha_bar_T``.
+
+    Lin et al. (2024), "Common diffusion noise schedules and sample steps are flawed", Algorithm 1, rescales √ᾱ_t
+    linearly to end at 0 (zero terminal SNR); this is the same map with the end point √alpha_bar_T. The end
+    point must stay positive here: an ε-predicting network cannot give x0 where ᾱ = 0 (Lin et al. switch to
+    v-prediction for that).
+    """
+    ac = alphas_cumprod_of(betas)
+    a0, a_end = np.sqrt(ac[0]), np.sqrt(ac[-1])
+    target = np.sqrt(_check_terminal(alpha_bar_T, ac[0]))
+    root = (np.sqrt(ac) - a_end) * (a0 - target) / (a0 - a_end) + target
+    return betas_from_alphas_cumprod(root**2)
+
+
+def shift_snr(betas: np.ndarray, alpha_bar_T: float) -> np.ndarray:
+    """Betas whose SNR ᾱ/(1-ᾱ) is multiplied at every t by one factor, chosen so that ᾱ_{T-1} = ``alpha_bar_T``.
+
+    A constant SNR shift (Hoogeboom et al. 2023, "simple diffusion"; Chen 2023, "On the importance of noise
+    scheduling for diffusion models") equals scaling the mask by √factor before noising and renormalising the
+    variance; unlike :func:`rescale_terminal` it also makes the first steps noisier when the factor is < 1.
+    """
+    ac = alphas_cumprod_of(betas)
+    target = _check_terminal(alpha_bar_T, 1.0)
+    snr = ac / (1.0 - ac)
+    factor = (target / (1.0 - target)) / snr[-1]
+    shifted = factor * snr
+    return betas_from_alphas_cumprod(shifted / (1.0 + shifted))
+
+
+def _check_terminal(alpha_bar_T: float, upper: float) -> float:
+    if not 0.0 < alpha_bar_T < upper:
+        raise ValueError(
+            f"alpha_bar_T={alpha_bar_T!r} must lie in (0, {upper:.6g}): a positive terminal ᾱ below the first "
+            "step's. ᾱ_T = 0 (zero terminal SNR) leaves an ε-predicting network no way to give x0; use e.g. 1e-6."
+        )
+    return float(alpha_bar_T)
+
+
+def adapt_terminal(betas: np.ndarray, alpha_bar_T: float, method: str = "rescale") -> np.ndarray:
+    """``betas`` with ᾱ_{T-1} moved to ``alpha_bar_T`` by ``method`` ('rescale', 'snr_shift'; 'none': as given)."""
+    if method == "none":
+        return np.asarray(betas, dtype=np.float64)
+    if method == "rescale":
+        return rescale_terminal(betas, alpha_bar_T)
+    if method == "snr_shift":
+        return shift_snr(betas, alpha_bar_T)
+    raise ValueError(f"Unknown terminal method {method!r}; choose one of {TERMINAL_METHODS}.")
+
+
 @flax.struct.dataclass
 class Schedule:
     """All per-timestep quantities of a discrete Gaussian diffusion, index t = 0..T-1 (float32 arrays).
@@ -96,7 +161,7 @@ def schedule_from_betas(betas: np.ndarray) -> Schedule:
             f"range [{betas.min()}, {betas.max()}]"
         )
     alphas = 1.0 - betas
-    ac = np.cumprod(alphas)
+    ac = alphas_cumprod_of(betas)
     ac_prev = np.append(1.0, ac[:-1])
     post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
     # The posterior variance is 0 at t = 0; improved-diffusion clips its log with the value at t = 1.
