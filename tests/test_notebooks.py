@@ -137,7 +137,13 @@ def test_fingerprints_notebook_draws_the_curves(tmp_path, tfds_dir, monkeypatch)
         and "| synthetic-lesion | model-free | none |" in table
     )
     assert (workdir / "fig4" / "fingerprints.png").stat().st_size > 1000
-    assert _images(nb) >= 4  # forward process, model-free curves, Fig. 3, Fig. 4
+    # The adapted schedules: never less noise at T than the base schedule, converged, weights of mean 1.
+    adapted = json.loads((workdir / "adapted_schedules.json").read_text())
+    assert sorted(adapted) == ["clusters", "lesion", "nuclei"]
+    for report in adapted.values():
+        assert report["alpha_bar_T"] <= report["base_alpha_bar_T"] and report["converged"]
+        assert report["weights_mean"] == pytest.approx(1.0) and report["weights_min"] > 0.0
+    assert _images(nb) >= 5  # forward process, model-free curves, Fig. 3, Fig. 4, the adapted schedules
 
 
 @pytest.mark.slow
