@@ -4,8 +4,10 @@ Modes: ``train`` (default; trains, resuming from the workdir's latest checkpoint
 ensemble on the test split when ``eval.enabled``), ``evaluate`` (evaluates the latest checkpoint; with
 ``--compare_workdir`` also draws Fig. 1 next to that run), ``e1_protocol`` (the paper's feed-forward protocol:
 select the epoch count on an 80/20 split, retrain on all data, evaluate), ``analyse`` (per-timestep error and
-loss curves, the forward process and the model-free fingerprint into ``<workdir>/analysis/``), ``summary``
-(prints the model's parameter count without data or training). Override any config value with
+loss curves, the forward process and the model-free fingerprint into ``<workdir>/analysis/``), ``fingerprint``
+(seconds, no training: whether the training masks' error curve has converged by T under the config's schedule,
+the terminal ᾱ at which it would, where the fingerprint weights peak; printed and written to
+``<workdir>/fingerprint.json``), ``summary`` (prints the model's parameter count without data or training). Override any config value with
 ``--config.train.num_steps=10``; unknown keys fail.
 """
 
@@ -19,7 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation outputs.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "evaluate", "e1_protocol", "analyse", "summary"], "What to run."
+    "mode", "train", ["train", "evaluate", "e1_protocol", "analyse", "fingerprint", "summary"], "What to run."
 )
 _COMPARE = flags.DEFINE_string(
     "compare_workdir", None, "An evaluated run (e.g. feed-forward) to draw side by side in eval/figure1.png."
@@ -48,7 +50,20 @@ def main(argv):
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required for every mode but summary.")
-    if _MODE.value == "analyse":
+    if _MODE.value == "fingerprint":
+        import json
+        import os
+
+        from diffseg_jax import planning
+        from diffseg_jax.analysis import adaptive
+
+        configlib.validate(config)
+        report = adaptive.fingerprint_report(planning.resolve(config))
+        os.makedirs(_WORKDIR.value, exist_ok=True)
+        with open(os.path.join(_WORKDIR.value, "fingerprint.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(adaptive.report_text(report))
+    elif _MODE.value == "analyse":
         from diffseg_jax.analysis import run as analysis_run
 
         configlib.validate(config)

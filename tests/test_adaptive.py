@@ -256,3 +256,14 @@ def test_tail_rise_tells_a_converged_curve_from_a_climbing_one():
     saturating = 0.25 / (1.0 + np.exp(-(t - 400) / 40.0))
     assert adaptive.tail_rise(t, saturating) < 1e-3
     assert adaptive.tail_rise(t, t / 1000.0) == pytest.approx(0.1, rel=0.02)  # a straight line: 10 % of its range
+
+
+def test_fingerprint_report_flags_a_schedule_that_leaves_the_mask_visible(monkeypatch):
+    config = tiny_config()
+    config.diffusion.beta_end = 0.002  # far too little noise: large blocks stay visible at T
+    monkeypatch.setattr(adaptive, "training_masks", lambda data_config, num: _blobs())
+    report = adaptive.fingerprint_report(config)
+    assert not report["converged"] and report["information_T"] > config.diffusion.terminal_tol
+    assert report["adapted_alpha_bar_T"] < report["alpha_bar_T"]
+    assert 0 <= report["weight_peak_t"] < 100 and report["mask_size"] == 32
+    assert "has NOT converged" in adaptive.report_text(report)
