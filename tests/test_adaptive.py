@@ -38,6 +38,12 @@ def test_derivative_weights_are_normalised_floored_and_follow_the_slope():
     assert floor_value == pytest.approx(0.1 / np.maximum(slope / slope.mean(), 0.1).mean(), rel=1e-3)
 
 
+def test_moving_average_keeps_the_length_and_averages_what_is_there():
+    v = np.array([0.0, 1.0, 2.0, 3.0])
+    np.testing.assert_allclose(timesteps.moving_average(v, 3), [0.5, 1.0, 2.0, 2.5])  # shrunk at the ends
+    np.testing.assert_allclose(timesteps.moving_average(v, 25), [0.5, 1.0, 1.5, 2.0])  # cut to 4 samples
+
+
 def test_derivative_weights_reject_a_flat_curve_and_bad_floor():
     with pytest.raises(ValueError, match="flat"):
         timesteps.derivative_weights(np.arange(10), np.ones(10), 10)

@@ -30,12 +30,12 @@ SAMPLINGS = ("uniform", "fingerprint", "loss_aware")
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average over ``window`` samples; near the ends the window shrinks to the samples present.
 
-    ``window <= 1`` returns the values unchanged (as float64).
+    ``window <= 1`` returns the values unchanged (as float64); a window longer than the curve is cut to its length.
     """
     values = np.asarray(values, np.float64)
     if window <= 1 or len(values) < 2:
         return values
-    kernel = np.ones(int(window))
+    kernel = np.ones(min(int(window), len(values)))  # a longer kernel would lengthen the 'same' convolution
     sums = np.convolve(values, kernel, mode="same")
     counts = np.convolve(np.ones_like(values), kernel, mode="same")
     return sums / counts
