@@ -115,8 +115,7 @@ def build_schedule(diffusion_config: ml_collections.ConfigDict) -> diffusion.Sch
     (``planning.resolve``, which every entry point calls).
     """
     d = diffusion_config
-    kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end) if d.schedule == "linear" else {}
-    betas = diffusion.BETA_SCHEDULES[d.schedule](d.num_timesteps, **kwargs)
+    betas = adaptive.config_betas(d)
     terminal = d.get("terminal", "none")
     if terminal != "none":
         if d.alpha_bar_T <= 0:

@@ -144,6 +144,22 @@ def base_betas(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
     return diffusion.BETA_SCHEDULES[name](num_timesteps, **kwargs)
 
 
+def config_betas(diffusion_config: ml_collections.ConfigDict) -> np.ndarray:
+    """The betas ``config.diffusion`` names, before any terminal adaptation (the linear one with its end points)."""
+    d = diffusion_config
+    kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end) if d.schedule == "linear" else {}
+    return base_betas(d.schedule, d.num_timesteps, **kwargs)
+
+
+def terminal_report(
+    schedule: diffusion.Schedule, masks: np.ndarray, key: jax.Array, tol: float = 0.01
+) -> dict:
+    """:func:`convergence` under ``schedule`` plus ``adapted_alpha_bar_T``, the largest ᾱ_T that converges."""
+    report = convergence(schedule, masks, key, tol)
+    report["adapted_alpha_bar_T"] = terminal_alpha_bar(masks, key, report["alpha_bar_T"], tol)
+    return report
+
+
 def adapted_schedule(
     masks: np.ndarray,
     key: jax.Array,
@@ -238,8 +254,7 @@ def resolve_terminal(config: ml_collections.ConfigDict) -> ml_collections.Config
     if d.get("terminal", "none") == "none" or d.alpha_bar_T > 0:
         return config
     masks = training_masks(config.data, config.timesteps.num_masks)
-    kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end) if d.schedule == "linear" else {}
-    upper = float(diffusion.alphas_cumprod_of(base_betas(d.schedule, d.num_timesteps, **kwargs))[-1])
+    upper = float(diffusion.alphas_cumprod_of(config_betas(d))[-1])
     target = terminal_alpha_bar(masks, _run_key(config, 1), upper, d.terminal_tol)
     logging.info(
         "Terminal noise from %d training masks: alpha_bar_T %.3g -> %.3g (%s, tol %g).",
@@ -299,8 +314,7 @@ def fingerprint_report(config: ml_collections.ConfigDict) -> dict:
     schedule = _build_schedule(config)
     masks = training_masks(config.data, config.timesteps.num_masks)
     tol = config.diffusion.get("terminal_tol", 0.01)
-    report = convergence(schedule, masks, _run_key(config, 1), tol)
-    report["adapted_alpha_bar_T"] = terminal_alpha_bar(masks, _run_key(config, 1), report["alpha_bar_T"], tol)
+    report = terminal_report(schedule, masks, _run_key(config, 1), tol)
     ts, curve = model_free_fingerprint(schedule, masks, _run_key(config, 2))
     weights = timestep_weights(schedule, ts, curve, config.timesteps.smoothing, config.timesteps.floor)
     heavy = np.flatnonzero(weights >= 1.0)

@@ -179,9 +179,8 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
         )
         plots.curve_figure([written["model_free"]], os.path.join(out_dir, "model_free.png"), a.smoothing)
         # Has the curve converged by T under this schedule, and which terminal ᾱ would make it converge?
-        report = adaptive.convergence(schedule, test["mask"], key, config.diffusion.get("terminal_tol", 0.01))
-        report["adapted_alpha_bar_T"] = adaptive.terminal_alpha_bar(
-            test["mask"], key, report["alpha_bar_T"], config.diffusion.get("terminal_tol", 0.01)
+        report = adaptive.terminal_report(
+            schedule, test["mask"], key, config.diffusion.get("terminal_tol", 0.01)
         )
         written["convergence"] = os.path.join(out_dir, "convergence.json")
         with open(written["convergence"], "w", encoding="utf-8") as f:
