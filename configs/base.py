@@ -339,7 +339,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.protocol = ml_collections.ConfigDict(dict(max_epochs=-1, patience=0))
 
     # --mode analyse (Sec. 4.2-4.3): which analyses, on a timestep grid of every t_step-th t, over the first
-    # num_images test images and num_draws noise draws each; t_chunk timesteps at once (0: all);
+    # num_images test images and num_draws noise draws each; t_chunk timesteps at once (0: all; the
+    # model-free curve sizes its chunks to memory, model_free.CHUNK_FLOATS, with t_chunk as the cap);
     # smoothing: moving-average window of the figures (the arrays stay raw).
     c.analysis = ml_collections.ConfigDict(
         dict(

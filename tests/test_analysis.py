@@ -105,6 +105,23 @@ def test_model_free_fingerprint_limits_and_object_size():
     assert int(out_big["window"][2]) > 1 and int(out_small["window"][1]) == 1
 
 
+def test_model_free_chunks_are_sized_to_memory_and_leave_the_curve_unchanged(monkeypatch):
+    # 16 masks of 256 px, 2 draws, 6 windows: 12.6 M floats per timestep, so one timestep at a time (50 at
+    # once held 13 GB on the CPU); small masks fill a chunk up to the cap.
+    assert model_free.chunk_size(16 * 256 * 256, 6, 2, cap=50) == 1
+    assert model_free.chunk_size(4 * 32 * 32, 6, 1, cap=50) == 50
+    assert model_free.chunk_size(4 * 32 * 32, 6, 1) == int(model_free.CHUNK_FLOATS // (4 * 32 * 32 * 6))
+    masks = jnp.asarray(_masks(3))
+    ts = jnp.arange(0, 100, 9)
+    key = jax.random.PRNGKey(2)
+    one_at_a_time = model_free.model_free_curve(SCHEDULE, masks, ts, key, num_draws=2, t_chunk=1)
+    # A budget of three timesteps' window sums: chunks of 3 over 12 timesteps.
+    monkeypatch.setattr(model_free, "CHUNK_FLOATS", 3 * masks.size * len(model_free.WINDOWS) * 2)
+    assert model_free.chunk_size(masks.size, len(model_free.WINDOWS), 2) == 3
+    chunked = model_free.model_free_curve(SCHEDULE, masks, ts, key, num_draws=2)
+    np.testing.assert_allclose(chunked["errors"], one_at_a_time["errors"], rtol=1e-5, atol=1e-7)
+
+
 def test_forward_process_rows():
     image = np.full((8, 8, 3), 0.25, np.float32)
     mask = np.zeros((8, 8, 1), np.float32)

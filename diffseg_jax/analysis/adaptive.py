@@ -203,9 +203,7 @@ def model_free_fingerprint(
     ts = np.unique(np.linspace(0, num_t - 1, min(num_points, num_t)).round().astype(np.int32))
     masks = jnp.asarray(masks, jnp.float32)
     windows = model_free.windows_for(masks.shape[1])
-    # Timesteps at once, sized so one chunk's window sums stay near 2e7 floats (256 px masks: one at a time).
-    chunk = max(1, min(10, int(2e7 // (masks.size * len(windows)))))
-    curve = model_free.model_free_curve(schedule, masks, jnp.asarray(ts), key, windows=windows, t_chunk=chunk)
+    curve = model_free.model_free_curve(schedule, masks, jnp.asarray(ts), key, windows=windows, t_chunk=10)
     return ts, np.asarray(curve["mask_error"], np.float64)
 
 
