@@ -3,19 +3,37 @@
   python benchmarks/models.py                       # tiny configs timed; published configs counted only
   python benchmarks/models.py --time-published      # also time the published configs (use an accelerator)
   python benchmarks/models.py --models ensemdiff,segdiff --dtype bfloat16 --remat --json out.json
+  python benchmarks/models.py --sizes published --time-published --compile-workers 7 \
+      --models segformer,ensemdiff,segdiff,medsegdiff,nnunet,ensemdiff+bfloat16,ensemdiff+remat
 
 Prints the backend and device, then one row per (architecture, size). FLOPs are XLA's cost analysis: one
 forward pass of one image, and one whole train step (forward, backward, optimizer) of the batch; achieved
 TFLOP/s = train-step FLOPs / median step time. The step is each architecture's own: E2 with its published
-loss for the diffusion models, E1 for the feed-forward references. Compile time (lowering + XLA compilation
-of the step) is reported apart from the steady-state median. Memory: XLA's analysis of the compiled step (arguments + outputs +
-temporaries) and, where the backend exposes it (GPU/TPU), the allocator's peak so far in this process.
+loss for the diffusion models, E1 for the feed-forward references. Compile time (lowering and XLA
+compilation of the step) is reported apart from the steady-state median, and the state's initialisation
+(compiled too) apart from both. Memory: XLA's
+analysis of the compiled step (arguments + outputs + temporaries) and, where the backend exposes it (GPU/TPU),
+the allocator's peak so far in this process.
+
+A model entry may carry its own variant: ``ensemdiff+bfloat16``, ``ensemdiff+remat``,
+``ensemdiff+bfloat16+remat`` (``--dtype`` / ``--remat`` are the default of entries without one).
+
+``--compile-workers N`` prepares up to N rows at once in threads (XLA releases the GIL while it compiles), then
+times the rows one after another once every compilation has finished, so no compilation (nor the GPU's
+convolution autotuning) runs beside a timed step. On a GPU, where each published step compiles for about a
+minute, the wall time becomes the longest compilation plus the timings instead of the sum of the
+compilations; each row's ``compile_s`` is then measured beside the others' (``compile_concurrency`` in the
+row says with how many), so it is an upper bound of its compile time alone. A row that fails (out of memory,
+an unsupported op) is reported with its error and the others go on.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import threading
 import time
+from typing import Callable
 
 import common
 import jax
@@ -28,6 +46,29 @@ from configs import base
 from diffseg_jax import models, train
 
 PUBLISHED_SIZE = 256  # the size the paper's ISIC runs use; MoNuSeg trains on 256 crops too
+VARIANT_TOKENS = {
+    "float32": ("dtype", "float32"),
+    "bfloat16": ("dtype", "bfloat16"),
+    "remat": ("remat", True),
+}
+
+
+def parse_entry(entry: str, dtype: str, remat: bool) -> tuple[str, str, bool]:
+    """``'ensemdiff+bfloat16+remat'`` → ``('ensemdiff', 'bfloat16', True)``; unmarked entries get the defaults."""
+    name, *tokens = entry.strip().split("+")
+    if name not in models.MODELS:
+        raise SystemExit(
+            f"--models: unknown architecture {name!r} in {entry!r}; known: {sorted(models.MODELS)}"
+        )
+    variant = {"dtype": dtype, "remat": remat}
+    for token in tokens:
+        if token not in VARIANT_TOKENS:
+            raise SystemExit(
+                f"--models: unknown variant {token!r} in {entry!r}; use {sorted(VARIANT_TOKENS)}"
+            )
+        key, value = VARIANT_TOKENS[token]
+        variant[key] = value
+    return name, variant["dtype"], variant["remat"]
 
 
 def _config(name: str, tiny: bool, dtype: str, remat: bool):
@@ -49,7 +90,10 @@ def _forward_flops(model, variables, x, t, cond) -> float:
     return common.hlo_flops(fwd.lower(variables, x, t, cond)) / x.shape[0]
 
 
-def bench(name: str, tiny: bool, batch: int, repeats: int, time_it: bool, dtype: str, remat: bool) -> dict:
+def prepare(
+    name: str, tiny: bool, batch: int, time_it: bool, dtype: str, remat: bool
+) -> tuple[dict, Callable[[int], None] | None]:
+    """(the row's counts, and a function that times the compiled step and adds its figures) — None if untimed."""
     config = _config(name, tiny, dtype, remat)
     size, ch = config.data.image_size, config.data.image_channels
     model = train.build_model(config.model, train.output_channels(config, ch), size)
@@ -69,7 +113,8 @@ def bench(name: str, tiny: bool, batch: int, repeats: int, time_it: bool, dtype:
     variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), dict(abstract))
     row["forward_gflops_per_image"] = _forward_flops(model, variables, x, t, cond) / 1e9
     if not time_it:
-        return row
+        return row, None
+    t0 = time.perf_counter()
     optimizer = train.make_optimizer(config.train)
     state = jax.jit(
         lambda: train.create_train_state(
@@ -79,7 +124,8 @@ def bench(name: str, tiny: bool, batch: int, repeats: int, time_it: bool, dtype:
         )
     )()
     mesh = train.data_mesh()
-    # Replicated as the train loop places it: the step's output sharding, so the step compiles once.
+    # Replicated as the train loop places it: the step's output sharding, so the compiled step takes its own
+    # output back (the AOT executable below refuses anything else instead of recompiling quietly).
     state = jax.device_put(state, NamedSharding(mesh, P()))
     step = train.jit_train_step(
         train.make_train_step(model, optimizer, train.build_schedule(config.diffusion), config), mesh
@@ -90,23 +136,50 @@ def bench(name: str, tiny: bool, batch: int, repeats: int, time_it: bool, dtype:
         "mask": (rng.random((batch, size, size, 1)) > 0.5).astype(np.float32),
     }
     device_batch = train.shard_batch(batch_np, mesh)
+    common.block(state)
+    row["init_s"] = time.perf_counter() - t0  # compiling and running the state's initialisation
     t0 = time.perf_counter()
     lowered = step.lower(state, device_batch)
-    compiled = lowered.compile()  # jit reuses this executable below
+    compiled = lowered.compile()
     row["compile_s"] = time.perf_counter() - t0
     row["train_step_gflops"] = common.hlo_flops(lowered) / 1e9
     row["xla_memory_gib"] = common.memory_gib(compiled)
     holder = {"state": state}
 
     def one_step():
-        holder["state"], metrics = step(holder["state"], device_batch)
+        holder["state"], metrics = compiled(holder["state"], device_batch)
         return metrics["loss"]
 
-    row["first_step_s"], row["train_step_median_s"] = common.timed(one_step, repeats)
-    row["images_per_s"] = batch / row["train_step_median_s"]
-    row["achieved_tflops"] = row["train_step_gflops"] / row["train_step_median_s"] / 1e3
-    row["device_peak_gib"] = common.device_peak_gib()
-    return row
+    def run(repeats: int) -> None:
+        row["first_step_s"], row["train_step_median_s"] = common.timed(one_step, repeats)
+        row["images_per_s"] = batch / row["train_step_median_s"]
+        row["achieved_tflops"] = row["train_step_gflops"] / row["train_step_median_s"] / 1e3
+        row["device_peak_gib"] = common.device_peak_gib()
+        holder.clear()  # the state's device memory goes before the next row is timed
+
+    return row, run
+
+
+def _failed(name: str, tiny: bool, dtype: str, remat: bool, batch: int, error: BaseException) -> dict:
+    msg = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    print(f"{name}: FAILED — {msg}", flush=True)
+    size = "tiny" if tiny else "published"
+    return {"model": name, "size": size, "dtype": dtype, "remat": remat, "batch": batch, "error": msg}
+
+
+def _print_row(row: dict) -> None:
+    if "error" in row:
+        return
+    fmt = lambda k, f: (f % row[k]) if row.get(k) is not None else "-"  # noqa: E731
+    label = row["dtype"][:8] + ("+remat" if row["remat"] else "")
+    print(
+        f"{row['model']:15s} {row['size']:9s} {row['image_size']:4d} {label:14s} {row['params']:12,d} "
+        f"{row['forward_gflops_per_image']:7.1f} {fmt('train_step_gflops', '%8.1f'):>8s} "
+        f"{fmt('compile_s', '%8.1f'):>8s} {fmt('train_step_median_s', '%7.3f'):>7s} "
+        f"{fmt('images_per_s', '%7.1f'):>7s} {fmt('achieved_tflops', '%8.2f'):>8s} "
+        f"{fmt('xla_memory_gib', '%8.2f'):>8s}",
+        flush=True,
+    )
 
 
 def main():
@@ -120,32 +193,75 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--time-published", action="store_true")
+    parser.add_argument("--compile-workers", type=int, default=1, help="rows prepared at once (threads)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(common.device_line(), flush=True)
-    rows = []
+    specs = [
+        (*parse_entry(entry, args.dtype, args.remat), size == "tiny")
+        for entry in args.models.split(",")
+        for size in args.sizes.split(",")
+    ]
+    rows: list[dict | None] = [None] * len(specs)
+    lock = threading.Lock()
+
+    def record(i: int, row: dict) -> None:
+        with lock:
+            rows[i] = row
+            done = [r for r in rows if r is not None]
+            common.write_json(args.json, done, batch=args.batch, compile_workers=args.compile_workers)
+
+    def prepare_one(i: int):
+        name, dtype, remat, tiny = specs[i]
+        try:
+            row, run = prepare(name, tiny, args.batch, tiny or args.time_published, dtype, remat)
+        except Exception as error:  # noqa: BLE001 — one failing row must not lose the others
+            record(i, _failed(name, tiny, dtype, remat, args.batch, error))
+            return None
+        row["compile_concurrency"] = min(args.compile_workers, len(specs))
+        record(i, row)
+        return run
+
+    def time_one(i: int, run) -> None:
+        if run is None:
+            return
+        name, dtype, remat, tiny = specs[i]
+        try:
+            run(args.repeats)
+        except Exception as error:  # noqa: BLE001
+            record(i, {**rows[i], **_failed(name, tiny, dtype, remat, args.batch, error)})
+            return
+        record(i, rows[i])
+
     header = (
-        f"{'model':15s} {'size':9s} {'px':>4s} {'dtype':8s} {'params':>12s} {'GF/img':>7s} {'GF/step':>8s} "
+        f"{'model':15s} {'size':9s} {'px':>4s} {'variant':14s} {'params':>12s} {'GF/img':>7s} {'GF/step':>8s} "
         f"{'compile':>8s} {'step s':>7s} {'img/s':>7s} {'TFLOP/s':>8s} {'XLA GiB':>8s}"
     )
+    if args.compile_workers <= 1:
+        print(header)
+        for i in range(len(specs)):
+            time_one(i, prepare_one(i))
+            _print_row(rows[i])
+        return
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.compile_workers) as pool:
+        futures = {pool.submit(prepare_one, i): i for i in range(len(specs))}
+        runs = {}
+        for future in concurrent.futures.as_completed(futures):
+            i = futures[future]
+            runs[i] = future.result()
+            if "compile_s" in rows[i]:
+                r = rows[i]
+                print(
+                    f"compiled {specs[i][0]} {r['size']}: init {r['init_s']:.1f} s, step {r['compile_s']:.1f} s"
+                )
+    print(
+        f"all {len(specs)} rows prepared in {time.perf_counter() - t0:.1f} s ({args.compile_workers} workers)"
+    )
     print(header)
-    for name in args.models.split(","):
-        for size in args.sizes.split(","):
-            tiny = size == "tiny"
-            row = bench(
-                name, tiny, args.batch, args.repeats, tiny or args.time_published, args.dtype, args.remat
-            )
-            rows.append(row)
-            common.write_json(args.json, rows, dtype=args.dtype, remat=args.remat, batch=args.batch)
-            fmt = lambda k, f: (f % row[k]) if row.get(k) is not None else "-"  # noqa: E731
-            print(
-                f"{name:15s} {row['size']:9s} {row['image_size']:4d} {args.dtype[:8]:8s} {row['params']:12,d} "
-                f"{row['forward_gflops_per_image']:7.1f} {fmt('train_step_gflops', '%8.1f'):>8s} "
-                f"{fmt('compile_s', '%8.1f'):>8s} {fmt('train_step_median_s', '%7.3f'):>7s} "
-                f"{fmt('images_per_s', '%7.1f'):>7s} {fmt('achieved_tflops', '%8.2f'):>8s} "
-                f"{fmt('xla_memory_gib', '%8.2f'):>8s}",
-                flush=True,
-            )
+    for i in range(len(specs)):
+        time_one(i, runs[i])
+        _print_row(rows[i])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ def _f(value, fmt: str) -> str:
 
 
 def main(directory: str) -> None:
-    files = sorted(glob.glob(os.path.join(directory, "*.json")))
+    files = [p for p in sorted(glob.glob(os.path.join(directory, "*.json"))) if "rows" in json.load(open(p))]
     if not files:
         print(f"no benchmark JSON in {directory}")
         return
@@ -22,6 +22,10 @@ def main(directory: str) -> None:
     for path in files:
         name = os.path.splitext(os.path.basename(path))[0]
         for r in json.load(open(path))["rows"]:
+            if "error" in r:
+                what = f"{r['dtype']}{' remat' if r.get('remat') else ''} batch {r['batch']}"
+                print(f"{name:20s} {r['model']:15s} {'':4s} {what:32s} FAILED: {r['error'][:60]}")
+                continue
             if "images_per_s" in r or "train_step_gflops" in r:
                 what = f"{r['dtype']}{' remat' if r.get('remat') else ''} batch {r['batch']}"
                 figure = (
