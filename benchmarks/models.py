@@ -23,14 +23,18 @@ times the rows one after another once every compilation has finished, so no comp
 convolution autotuning) runs beside a timed step. On a GPU, where each published step compiles for about a
 minute, the wall time becomes the longest compilation plus the timings instead of the sum of the
 compilations; each row's ``compile_s`` is then measured beside the others' (``compile_concurrency`` in the
-row says with how many), so it is an upper bound of its compile time alone. A row that fails (out of memory,
-an unsupported op) is reported with its error and the others go on.
+row says with how many), so it is an upper bound of its compile time alone. ``--compile-deadline S``: after
+S seconds the rows that are ready are timed anyway, beside the compilations still running (marked
+``timed_beside_compilation``), and the rest as they come, so one slow compilation under a time limit does
+not lose every timing. A row that fails (out of memory, an unsupported op) is reported with its error and
+the others go on.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import threading
 import time
 from typing import Callable
@@ -194,6 +198,12 @@ def main():
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--time-published", action="store_true")
     parser.add_argument("--compile-workers", type=int, default=1, help="rows prepared at once (threads)")
+    parser.add_argument(
+        "--compile-deadline",
+        type=float,
+        default=None,
+        help="seconds after which the compiled rows are timed even if others still compile (default: wait)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(common.device_line(), flush=True)
@@ -220,6 +230,8 @@ def main():
             return None
         row["compile_concurrency"] = min(args.compile_workers, len(specs))
         record(i, row)
+        if args.compile_workers > 1 and run is not None:
+            print(f"compiled {name} {row['size']}: init {row['init_s']:.1f} s, step {row['compile_s']:.1f} s")
         return run
 
     def time_one(i: int, run) -> None:
@@ -246,22 +258,25 @@ def main():
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.compile_workers) as pool:
         futures = {pool.submit(prepare_one, i): i for i in range(len(specs))}
-        runs = {}
-        for future in concurrent.futures.as_completed(futures):
-            i = futures[future]
-            runs[i] = future.result()
-            if "compile_s" in rows[i]:
-                r = rows[i]
-                print(
-                    f"compiled {specs[i][0]} {r['size']}: init {r['init_s']:.1f} s, step {r['compile_s']:.1f} s"
-                )
-    print(
-        f"all {len(specs)} rows prepared in {time.perf_counter() - t0:.1f} s ({args.compile_workers} workers)"
-    )
-    print(header)
-    for i in range(len(specs)):
-        time_one(i, runs[i])
-        _print_row(rows[i])
+        ready, pending = concurrent.futures.wait(futures, timeout=args.compile_deadline)
+        if pending:
+            print(
+                f"{len(pending)} of {len(specs)} rows still compiling after {args.compile_deadline:.0f} s: "
+                "timing each row as it is ready, beside the compilations still running (timed_beside_compilation)",
+                flush=True,
+            )
+        else:
+            print(f"all {len(specs)} rows prepared in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(header)
+        # The ready rows in order, then each late one as it comes (a lazy chain: a list would wait for all).
+        for future in itertools.chain(
+            sorted(ready, key=futures.get), concurrent.futures.as_completed(pending)
+        ):
+            i, run = futures[future], future.result()
+            if run is not None:
+                rows[i]["timed_beside_compilation"] = any(not f.done() for f in futures)
+            time_one(i, run)
+            _print_row(rows[i])
 
 
 if __name__ == "__main__":

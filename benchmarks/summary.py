@@ -18,16 +18,17 @@ def main(directory: str) -> None:
         print(f"no benchmark JSON in {directory}")
         return
     print(f"\n==== summary ({json.load(open(files[0]))['device']})")
-    print(f"{'benchmark':20s} {'model':15s} {'px':>4s} {'what':32s} {'figure':>36s}")
+    print(f"{'benchmark':20s} {'model':15s} {'px':>4s} {'what':44s} {'figure':>36s}")
     for path in files:
         name = os.path.splitext(os.path.basename(path))[0]
         for r in json.load(open(path))["rows"]:
             if "error" in r:
                 what = f"{r['dtype']}{' remat' if r.get('remat') else ''} batch {r['batch']}"
-                print(f"{name:20s} {r['model']:15s} {'':4s} {what:32s} FAILED: {r['error'][:60]}")
+                print(f"{name:20s} {r['model']:15s} {'':4s} {what:44s} FAILED: {r['error'][:60]}")
                 continue
             if "images_per_s" in r or "train_step_gflops" in r:
                 what = f"{r['dtype']}{' remat' if r.get('remat') else ''} batch {r['batch']}"
+                what += " (timed beside compiles)" if r.get("timed_beside_compilation") else ""
                 figure = (
                     f"{_f(r.get('images_per_s'), '%.1f')} img/s {_f(r.get('achieved_tflops'), '%.1f')} TFLOP/s "
                     f"{_f(r.get('device_peak_gib') or r.get('xla_memory_gib'), '%.1f')} GiB"
@@ -40,7 +41,7 @@ def main(directory: str) -> None:
                 figure = f"eval {r['evaluator_evals_per_s']:.0f} vs loop {r['loop_evals_per_s']:.0f} n/s ×{r['speedup']:.1f}"
             else:
                 continue
-            print(f"{name:20s} {r['model']:15s} {r['image_size']:4d} {what:32s} {figure:>36s}")
+            print(f"{name:20s} {r['model']:15s} {r['image_size']:4d} {what:44s} {figure:>36s}")
 
 
 if __name__ == "__main__":
