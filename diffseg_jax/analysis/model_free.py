@@ -25,7 +25,8 @@ from diffseg_jax import diffusion
 
 WINDOWS = (1, 3, 5, 9, 17, 33)
 # Floats one chunk of timesteps may hold in window sums (masks x draws x windows x timesteps): 16 masks of
-# 256 px with 2 draws and 6 windows, 50 timesteps at once, held 13 GB on the CPU; sized by this, ~1 GB.
+# 256 px with 2 draws and 6 windows held 13.2 GB on the CPU 50 timesteps at once and 1.8 GB 5 at once; this
+# budget takes them one at a time.
 CHUNK_FLOATS = 2e7
 
 
