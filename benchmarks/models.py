@@ -11,9 +11,8 @@ forward pass of one image, and one whole train step (forward, backward, optimize
 TFLOP/s = train-step FLOPs / median step time. The step is each architecture's own: E2 with its published
 loss for the diffusion models, E1 for the feed-forward references. Compile time (lowering and XLA
 compilation of the step) is reported apart from the steady-state median, and the state's initialisation
-(compiled too) apart from both. Memory: XLA's
-analysis of the compiled step (arguments + outputs + temporaries) and, where the backend exposes it (GPU/TPU),
-the allocator's peak so far in this process.
+(compiled too) apart from both. Memory: XLA's analysis of the compiled step (arguments + outputs +
+temporaries) and, where the backend exposes it (GPU/TPU), the allocator's peak so far in this process.
 
 A model entry may carry its own variant: ``ensemdiff+bfloat16``, ``ensemdiff+remat``,
 ``ensemdiff+bfloat16+remat`` (``--dtype`` / ``--remat`` are the default of entries without one).
@@ -164,7 +163,9 @@ def prepare(
     return row, run
 
 
-def _failed(name: str, tiny: bool, dtype: str, remat: bool, batch: int, error: BaseException) -> dict:
+def _failed(spec: tuple[str, str, bool, bool], batch: int, error: BaseException) -> dict:
+    """The row of ``spec`` = (name, dtype, remat, tiny) that raised ``error``."""
+    name, dtype, remat, tiny = spec
     msg = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     print(f"{name}: FAILED — {msg}", flush=True)
     size = "tiny" if tiny else "published"
@@ -226,7 +227,7 @@ def main():
         try:
             row, run = prepare(name, tiny, args.batch, tiny or args.time_published, dtype, remat)
         except Exception as error:  # noqa: BLE001 — one failing row must not lose the others
-            record(i, _failed(name, tiny, dtype, remat, args.batch, error))
+            record(i, _failed(specs[i], args.batch, error))
             return None
         row["compile_concurrency"] = min(args.compile_workers, len(specs))
         record(i, row)
@@ -237,11 +238,10 @@ def main():
     def time_one(i: int, run) -> None:
         if run is None:
             return
-        name, dtype, remat, tiny = specs[i]
         try:
             run(args.repeats)
         except Exception as error:  # noqa: BLE001
-            record(i, {**rows[i], **_failed(name, tiny, dtype, remat, args.batch, error)})
+            record(i, {**rows[i], **_failed(specs[i], args.batch, error)})
             return
         record(i, rows[i])
 
