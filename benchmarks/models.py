@@ -163,13 +163,18 @@ def prepare(
     return row, run
 
 
-def _failed(spec: tuple[str, str, bool, bool], batch: int, error: BaseException) -> dict:
-    """The row of ``spec`` = (name, dtype, remat, tiny) that raised ``error``."""
+def _pending(spec: tuple[str, str, bool, bool], batch: int) -> dict:
+    """The row of ``spec`` = (name, dtype, remat, tiny) before it is prepared."""
     name, dtype, remat, tiny = spec
-    msg = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-    print(f"{name}: FAILED — {msg}", flush=True)
     size = "tiny" if tiny else "published"
-    return {"model": name, "size": size, "dtype": dtype, "remat": remat, "batch": batch, "error": msg}
+    return {"model": name, "size": size, "dtype": dtype, "remat": remat, "batch": batch, "pending": True}
+
+
+def _failed(spec: tuple[str, str, bool, bool], batch: int, error: BaseException) -> dict:
+    """The row of ``spec`` that raised ``error``."""
+    msg = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    print(f"{spec[0]}: FAILED — {msg}", flush=True)
+    return {**_pending(spec, batch), "pending": False, "error": msg}
 
 
 def _print_row(row: dict) -> None:
@@ -213,14 +218,15 @@ def main():
         for entry in args.models.split(",")
         for size in args.sizes.split(",")
     ]
-    rows: list[dict | None] = [None] * len(specs)
+    # Every row is in the JSON from the start, marked pending until prepared: if a time limit kills the run,
+    # the file still says which rows never finished compiling.
+    rows: list[dict] = [_pending(spec, args.batch) for spec in specs]
     lock = threading.Lock()
 
     def record(i: int, row: dict) -> None:
         with lock:
             rows[i] = row
-            done = [r for r in rows if r is not None]
-            common.write_json(args.json, done, batch=args.batch, compile_workers=args.compile_workers)
+            common.write_json(args.json, rows, batch=args.batch, compile_workers=args.compile_workers)
 
     def prepare_one(i: int):
         name, dtype, remat, tiny = specs[i]

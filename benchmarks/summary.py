@@ -18,22 +18,33 @@ def _train_what(r: dict) -> str:
 
 def main(directory: str) -> None:
     results = []  # (benchmark name, its JSON), every file read once
+    # gpu_check.sh logs every part; a log without JSON is a part its time limit stopped before its first row.
+    empty = [
+        os.path.basename(log)
+        for log in sorted(glob.glob(os.path.join(directory, "*.log")))
+        if not os.path.exists(os.path.splitext(log)[0] + ".json")
+    ]
     for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
         with open(path, encoding="utf-8") as f:
             result = json.load(f)
         if "rows" in result:
             results.append((os.path.splitext(os.path.basename(path))[0], result))
-    if not results:
-        print(f"no benchmark JSON in {directory}")
-        return
-    print(f"\n==== summary ({results[0][1]['device']})")
+    device = results[0][1]["device"] if results else f"no benchmark JSON in {directory}"
+    print(f"\n==== summary ({device})")
     print(f"{'benchmark':20s} {'model':15s} {'px':>4s} {'what':44s} {'figure':>36s}")
     for name, result in results:
         for r in result["rows"]:
             if "error" in r:
                 print(f"{name:20s} {r['model']:15s} {'':4s} {_train_what(r):44s} FAILED: {r['error'][:60]}")
                 continue
-            if "train_step_gflops" in r:
+            if r.get("pending"):  # models.py lists every row first: this one never finished compiling
+                print(
+                    f"{name:20s} {r['model']:15s} {'':4s} {_train_what(r):44s} {'not compiled: time limit':>36s}"
+                )
+                continue
+            if "train_step_gflops" in r and r.get("images_per_s") is None:
+                what, figure = _train_what(r), f"compiled in {r['init_s'] + r['compile_s']:.0f} s, not timed"
+            elif "train_step_gflops" in r:
                 what = _train_what(r)
                 what += " (timed beside compiles)" if r.get("timed_beside_compilation") else ""
                 figure = (
@@ -53,6 +64,10 @@ def main(directory: str) -> None:
             else:
                 continue
             print(f"{name:20s} {r['model']:15s} {r['image_size']:4d} {what:44s} {figure:>36s}")
+    for log in empty:
+        print(
+            f"{os.path.splitext(log)[0]:20s} no row: stopped (time limit?) before its first result; see {log}"
+        )
 
 
 if __name__ == "__main__":

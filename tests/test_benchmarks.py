@@ -1,0 +1,87 @@
+"""benchmarks/: XLA's FLOP count against a closed form, a tiny models.py run, and the summary gpu_check.sh prints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import common  # noqa: E402
+import summary  # noqa: E402
+
+
+def test_hlo_flops_of_a_matmul_is_the_closed_form():
+    m, k, n = 8, 16, 4
+    lowered = jax.jit(jnp.matmul).lower(jnp.zeros((m, k)), jnp.zeros((k, n)))
+    assert common.hlo_flops(lowered) == 2 * m * k * n
+
+
+def test_summary_says_what_each_row_and_part_came_to(tmp_path, capsys):
+    base = {"size": "published", "image_size": 256, "dtype": "float32", "remat": False, "batch": 8}
+    rows = [
+        {**base, "model": "segformer", "pending": True},
+        {**base, "model": "segdiff", "pending": False, "error": "XlaRuntimeError: RESOURCE_EXHAUSTED"},
+        {**base, "model": "medsegdiff", "train_step_gflops": 1553.0, "init_s": 20.0, "compile_s": 40.4},
+        {
+            **base,
+            "model": "ensemdiff",
+            "remat": True,
+            "train_step_gflops": 2954.0,
+            "init_s": 5.0,
+            "compile_s": 48.5,
+            "images_per_s": 89.4,
+            "achieved_tflops": 133.0,
+            "device_peak_gib": 36.1,
+            "timed_beside_compilation": True,
+        },
+    ]
+    (tmp_path / "train.json").write_text(json.dumps({"device": "backend: gpu", "rows": rows}))
+    (tmp_path / "train.log").write_text("")
+    (tmp_path / "curves.log").write_text("=== curves stopped at its 40s limit\n")
+    summary.main(str(tmp_path))
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["segformer"].endswith("not compiled: time limit")
+    assert "FAILED: XlaRuntimeError: RESOURCE_EXHAUSTED" in lines["segdiff"]
+    assert lines["medsegdiff"].endswith("compiled in 60 s, not timed")
+    assert "float32 remat batch 8 (timed beside compiles)" in lines["ensemdiff"]
+    assert lines["ensemdiff"].endswith("89.4 img/s 133.0 TFLOP/s 36.1 GiB")
+    assert lines["no"].startswith("curves") and "see curves.log" in lines["no"]  # a part without any row
+
+
+@pytest.mark.slow
+def test_models_benchmark_counts_and_times_a_tiny_step(tmp_path):
+    out = tmp_path / "models.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/models.py", "--models", "nnunet", "--sizes", "tiny", "--batch", "2"]
+        + ["--repeats", "2", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.startswith("backend: cpu")
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "pending" not in row and "error" not in row  # the pending placeholder was replaced
+    from configs import base
+    from diffseg_jax import models, train
+
+    config = base.get_config("nnunet,tiny")
+    size, ch = config.data.image_size, config.data.image_channels
+    model = train.build_model(config.model, train.output_channels(config, ch), size)
+    x, t, cond = jnp.zeros((1, size, size, 1)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, size, size, ch))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t, cond))
+    assert row["params"] == models.param_count(abstract["params"]) and row["image_size"] == size
+    assert row["images_per_s"] == pytest.approx(2 / row["train_step_median_s"])
+    assert row["achieved_tflops"] == pytest.approx(
+        row["train_step_gflops"] / row["train_step_median_s"] / 1e3
+    )
+    # A train step is a forward and a backward pass (about twice the forward's FLOPs) per image, plus the update:
+    # about 3 forward passes per image (3.06 here); counting only the forward, or the batch twice, would not be.
+    ratio = row["train_step_gflops"] / (2 * row["forward_gflops_per_image"])
+    assert 2.5 < ratio < 4
