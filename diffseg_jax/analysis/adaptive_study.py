@@ -167,8 +167,25 @@ def fingerprint_reports(datasets: Sequence[str], args: argparse.Namespace) -> di
             tol=config.diffusion.terminal_tol,
         )
         report["foreground_rate"] = float(masks.mean())
+        report["image_size"] = args.image_size
         out[dataset] = report
     return out
+
+
+def cached_reports(path: str, datasets: Sequence[str], args: argparse.Namespace) -> dict[str, dict]:
+    """The fingerprint reports of ``datasets``, read from ``path`` where it has them at this image size and
+    computed (and added to ``path``) for the rest, so a rerun with another dataset or size is not stale."""
+    reports = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            reports = json.load(f)
+    missing = [d for d in datasets if reports.get(d, {}).get("image_size") != args.image_size]
+    if missing:
+        reports.update(fingerprint_reports(missing, args))
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(reports, f, indent=2)
+        os.replace(path + ".tmp", path)
+    return {d: reports[d] for d in datasets}
 
 
 def tasks(datasets: Sequence[str], reports: dict[str, dict]) -> list[tuple[str, str]]:
@@ -197,7 +214,9 @@ def load_results(out: str, datasets, seeds) -> dict[tuple[str, str], list[dict]]
     return results
 
 
-def summarise(out: str, datasets, seeds, reports: dict[str, dict]) -> dict[str, str]:
+def summarise(
+    out: str, datasets, seeds, reports: dict[str, dict], variants: Sequence[str] = tuple(VARIANTS)
+) -> dict[str, str]:
     """Writes ``analysis/adaptive_study.{csv,npz,md,png}`` from the result files; returns their paths."""
     results = load_results(out, datasets, seeds)
     adir = os.path.join(out, "analysis")
@@ -243,7 +262,7 @@ def summarise(out: str, datasets, seeds, reports: dict[str, dict]) -> dict[str, 
             f"| {d} | {v} | {len(runs)} | {spread(iou)} | {spread(ece)} | {d_iou} | {d_ece} | {auc} | {secs:.0f} |"
         )
     for d in datasets:
-        if (d, "adapted") not in results and (d, "uniform") in results and "adapted" in VARIANTS:
+        if (d, "adapted") not in results and (d, "uniform") in results and "adapted" in variants:
             md.append(
                 f"| {d} | adapted | – | = uniform | = uniform | – | – | – | (the linear schedule already converges) |"
             )
@@ -287,20 +306,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     if MONUSEG in datasets and not os.path.isdir(args.monuseg_dir):
         print(f"Skipping MoNuSeg: no folder {args.monuseg_dir} (pass --monuseg_dir).", flush=True)
         datasets.remove(MONUSEG)
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]  # before any work
     if unknown:
         raise SystemExit(f"Unknown variants {unknown}; choose from {list(VARIANTS)}.")
     seeds = [int(s) for s in args.seeds.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    report_path = os.path.join(args.out, "fingerprints.json")
-    if os.path.exists(report_path):
-        with open(report_path, encoding="utf-8") as f:
-            reports = json.load(f)
-    else:
-        reports = fingerprint_reports(datasets, args)
-        with open(report_path, "w", encoding="utf-8") as f:
-            json.dump(reports, f, indent=2)
-    todo = [t for t in tasks(datasets, reports) if t[1] in args.variants.split(",")]
+    reports = cached_reports(os.path.join(args.out, "fingerprints.json"), datasets, args)
+    variants = args.variants.split(",")
+    todo = [t for t in tasks(datasets, reports) if t[1] in variants]
     if args.workers > 1:
         base_cmd = [sys.executable, "-m", "diffseg_jax.analysis.adaptive_study"] + [
             f"--{k}={v}" for k, v in vars(args).items() if k not in ("workers", "shard")
@@ -318,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
             run_variant(dataset, variant, seeds, args, args.out)
         if count > 1:
             return {}
-    return summarise(args.out, datasets, seeds, reports)
+    return summarise(args.out, datasets, seeds, reports, variants)
 
 
 if __name__ == "__main__":

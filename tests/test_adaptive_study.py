@@ -1,0 +1,78 @@
+"""analysis.adaptive_study: paired runs across variants, whole result files, resuming, and the report cache."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from diffseg_jax.analysis import adaptive_study
+
+
+@pytest.mark.slow
+def test_variants_of_a_seed_are_paired_and_a_rerun_resumes(tmp_path, tfds_dir, monkeypatch):
+    study_config = adaptive_study.study_config
+
+    def with_test_data(*args, **kwargs):
+        config = study_config(*args, **kwargs)
+        config.data.update(data_dir=tfds_dir, num_train=64)
+        return config
+
+    monkeypatch.setattr(adaptive_study, "study_config", with_test_data)
+    # A variant that changes nothing: the study promises the same data order, initialisation and evaluation
+    # noise for every variant of a seed, so it must reproduce the baseline exactly.
+    monkeypatch.setitem(adaptive_study.VARIANTS, "same_as_uniform", {})
+    out = tmp_path / "study"
+    argv = [
+        "--out",
+        str(out),
+        "--datasets",
+        "lesion",
+        "--variants",
+        "uniform,same_as_uniform",
+        "--seeds",
+        "0",
+    ]
+    argv += ["--steps", "4", "--eval_every", "2", "--eval_images", "4"]
+    paths = adaptive_study.main(argv)
+
+    base = dict(np.load(out / "runs" / "lesion_uniform_s0.npz"))
+    same = dict(np.load(out / "runs" / "lesion_same_as_uniform_s0.npz"))
+    assert list(base["steps"]) == [2, 4] and base["loss"].shape == (4,)
+    for key in ("loss", "iou", "ece", "iou_per_image", "ece_per_image"):
+        np.testing.assert_array_equal(same[key], base[key], err_msg=key)
+    assert 0 <= base["iou"].min() and base["iou"].max() <= 1 and np.isfinite(base["loss"]).all()
+    assert not list((out / "runs").glob("*.tmp*"))  # only whole result files remain
+
+    md = open(paths["md"], encoding="utf-8").read()
+    assert "| lesion | same_as_uniform | 1 |" in md and "| 0.0000 ± 0.0000 | 0.0000 ± 0.0000 |" in md
+    assert "| adapted |" not in md  # not asked for, so no row says it equals the baseline
+    csv_rows = open(paths["csv"], encoding="utf-8").read().strip().splitlines()[1:]
+    assert len(csv_rows) == 2 * 2  # two variants x two evaluations
+
+    # A rerun finds every result and the fingerprint report on disk: nothing is trained or measured again.
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(adaptive_study.train, "setup", fail)
+    monkeypatch.setattr(adaptive_study, "fingerprint_reports", fail)
+    again = adaptive_study.main(argv)
+    assert open(again["md"], encoding="utf-8").read() == md
+
+
+def test_report_cache_computes_only_what_it_lacks(tmp_path, monkeypatch):
+    calls = []
+
+    def reports(datasets, args):
+        calls.append(list(datasets))
+        return {d: {"image_size": args.image_size, "alpha_bar_T": 0.1} for d in datasets}
+
+    monkeypatch.setattr(adaptive_study, "fingerprint_reports", reports)
+    path = str(tmp_path / "fingerprints.json")
+    at32, at64 = argparse.Namespace(image_size=32), argparse.Namespace(image_size=64)
+    assert set(adaptive_study.cached_reports(path, ["lesion"], at32)) == {"lesion"}
+    assert set(adaptive_study.cached_reports(path, ["lesion", "nuclei"], at32)) == {"lesion", "nuclei"}
+    assert adaptive_study.cached_reports(path, ["nuclei"], at64)["nuclei"]["image_size"] == 64
+    assert calls == [["lesion"], ["nuclei"], ["nuclei"]]  # a new dataset, then a new size: never stale
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f)["lesion"]["image_size"] == 32  # the other entries are kept
