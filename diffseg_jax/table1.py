@@ -4,7 +4,8 @@ The config (e.g. ``configs/table1_synthetic.py``) holds the shared settings and 
 ``kinds``, ``models`` and ``experiments``. Each cell is the model's tiny config with its published scheme, the
 shared settings laid over it, trained and evaluated in ``<workdir>/<kind>/<model>_<experiment>`` (the E1 cells
 through the feed-forward protocol with ``table.e1_protocol``). Finished cells are skipped, unfinished ones
-resume; identical programs compile once (a persistent compilation cache in ``<workdir>/.jax_cache``).
+resume; identical programs compile once (a persistent compilation cache in ``<workdir>/.jax_cache`` unless
+one is set already).
 With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--mode analyse``, with the grid's
 ``analysis`` settings) and ``<workdir>/fingerprints/`` gets Fig. 4 across the grid.
 """
@@ -97,8 +98,9 @@ def _finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
 def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains and evaluates every cell, then writes ``<workdir>/table1.{md,csv,tex}``; returns the rows."""
     os.makedirs(workdir, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    if not jax.config.jax_compilation_cache_dir:  # a cache the user set (JAX_COMPILATION_CACHE_DIR) is kept
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     grid_cells = cells(grid)
     t0 = time.time()
     for i, (kind, model, experiment) in enumerate(grid_cells):
