@@ -10,8 +10,13 @@ initialisation). PyTorch is optional: ``.pt``/``.pth``/``.bin`` files need it in
 needs the small ``safetensors`` package; an ``.npz`` of named arrays
 (``np.savez(path, **{k: v.numpy() for k, v in sd.items()})``) needs neither.
 
-  python -m diffseg_jax.convert --config configs/e2_isic.py:ensemdiff --weights savedmodel.pt --workdir DIR
-  python -m diffseg_jax.main --config configs/e2_isic.py:ensemdiff --workdir DIR --mode evaluate
+  python -m diffseg_jax.convert --config configs/e2_isic.py:ensemdiff --config.data.manual_dir=/path/to/ISIC2016 \
+      --weights savedmodel.pt --workdir DIR
+  python -m diffseg_jax.main --config configs/e2_isic.py:ensemdiff --config.data.manual_dir=/path/to/ISIC2016 \
+      --workdir DIR --mode evaluate
+
+The config takes the same ``--config.key=value`` overrides as ``diffseg_jax.main`` (the data is needed for
+the model's input size; a workdir that already holds a checkpoint is refused).
 
 To start training from imported weights instead (e.g. an ImageNet-pretrained SegFormer encoder), set
 ``--config.train.init_weights=PATH``: a run without a checkpoint imports them into its step-0 state.
@@ -20,9 +25,7 @@ To start training from imported weights instead (e.g. an ImageNet-pretrained Seg
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
-import sys
 from typing import Any, Callable, Mapping
 
 import jax
@@ -206,36 +209,57 @@ def import_weights(model, template: Any, state_dict: Mapping[str, Any]) -> Any:
     return import_state_dict(state_dict, template, torch_key_for(model), **import_rules(model))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: write a step-0 checkpoint holding official weights into a workdir, ready for --mode evaluate."""
-    import argparse
+def convert_to_workdir(config: Any, weights: str, workdir: str) -> str:
+    """Writes a step-0 checkpoint of ``config``'s model holding the weights file ``weights`` into
+    ``<workdir>/checkpoints``, ready for ``--mode evaluate``; returns the checkpoint folder.
 
-    from ml_collections import config_flags  # noqa: F401 — config files are plain modules here.
+    Refuses a workdir that already holds a checkpoint: evaluation reads the latest step, which would then
+    be the older one, not the imported weights.
+    """
+    from diffseg_jax import checkpoints, configlib, train  # noqa: PLC0415 — train imports this module
 
-    from diffseg_jax import checkpoints, configlib, train
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
-    parser.add_argument(
-        "--weights", required=True, help=".pt/.pth/.bin (needs torch), .safetensors or .npz state dict"
-    )
-    parser.add_argument("--workdir", required=True)
-    args = parser.parse_args(argv)
-    file, _, arg = args.config.partition(":")
-    spec = importlib.util.spec_from_file_location("_config", file)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.getcwd())
-    spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
     configlib.validate(config)
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+    latest = ckpt.latest_step()
+    if latest is not None:
+        ckpt.close()
+        raise FileExistsError(
+            f"{ckpt.directory} already holds a checkpoint at step {latest}; --mode evaluate reads the latest "
+            "step, so the imported weights would not be used. Give a new --workdir."
+        )
     _, model, _, optimizer, state = train.setup(config)
-    state = train.import_initial_weights(args.weights, model, optimizer, state)
-    ckpt = checkpoints.Checkpointer(os.path.join(args.workdir, "checkpoints"))
-    ckpt.save(0, state, {"imported_from": os.path.abspath(args.weights), "config": config.to_dict()})
+    state = train.import_initial_weights(weights, model, optimizer, state)
+    ckpt.save(0, state, {"imported_from": os.path.abspath(weights), "config": config.to_dict()})
     ckpt.close()
-    print(f"Imported {args.weights} into {ckpt.directory}/0")
+    return os.path.join(ckpt.directory, "0")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``--config FILE[:arg]`` (with ``--config.key=value`` overrides, as ``diffseg_jax.main``),
+    ``--weights FILE``, ``--workdir DIR``."""
+    from absl import app, flags  # noqa: PLC0415 — flags are defined only when this module is the command
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    from diffseg_jax import writers  # noqa: PLC0415
+
+    config = config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/e2_isic.py:ensemdiff.", lock_config=True
+    )
+    weights = flags.DEFINE_string(
+        "weights", None, ".pt/.pth/.bin (needs torch), .safetensors or .npz state dict"
+    )
+    workdir = flags.DEFINE_string(
+        "workdir", None, "a new run folder; the checkpoint goes to DIR/checkpoints/0"
+    )
+    flags.mark_flags_as_required(["config", "weights", "workdir"])
+
+    def run(_):
+        writers.quiet_libraries()
+        print(
+            f"Imported {weights.value} into {convert_to_workdir(config.value, weights.value, workdir.value)}"
+        )
+
+    app.run(run, argv=argv)
 
 
 if __name__ == "__main__":

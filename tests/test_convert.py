@@ -105,3 +105,41 @@ def test_medsegdiff_round_trip_with_batch_stats(bottleneck):
     back = convert.import_state_dict(sd, shapes, key_fn)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.mark.slow
+def test_cli_writes_a_step0_checkpoint_of_the_weights_and_refuses_a_used_workdir(tmp_path, tfds_dir):
+    """``python -m diffseg_jax.convert`` with a config override, as the README runs it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, tiny_config
+
+    from diffseg_jax import checkpoints, train
+
+    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
+    _, model, _, _, state = train.setup(config)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), state.params)
+    sd = convert.export_state_dict({"params": params}, convert.torch_key_for(model))
+    np.savez(tmp_path / "weights.npz", **sd)
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "diffseg_jax.convert", "--config=configs/e2_synthetic.py:tiny"]
+    cmd += [
+        f"--config.data.data_dir={tfds_dir}",
+        f"--weights={tmp_path / 'weights.npz'}",
+        f"--workdir={workdir}",
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
+    restored, meta = ckpt.restore(0, state)
+    ckpt.close()
+    assert meta["imported_from"] == str(tmp_path / "weights.npz") and int(restored.step) == 0
+    for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), want)  # every tensor, by name and layout
+    for got, want in zip(jax.tree.leaves(restored.ema_params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), want)  # evaluation samples the EMA weights by default
+    # Again into the same workdir: refused, since --mode evaluate would read the latest step, not step 0.
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "already holds a checkpoint at step 0" in again.stderr
