@@ -179,6 +179,56 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         configlib.validate(config)
 
 
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"experiment": "e5"}, "experiment='e5'.*Choose one of"),
+        ({"data.name": "imagenet"}, "data.name='imagenet'.*Registered datasets"),
+        ({"data.name": "isic2016"}, "data.manual_dir=None.*--config.data.manual_dir="),
+        (
+            {"data.name": "isic2016", "data.manual_dir": "/no/such/isic"},
+            "data.manual_dir='/no/such/isic'.*No such folder",
+        ),
+        ({"data.resize": 16}, "data.resize=16.*at least at data.image_size=32"),
+        ({"data.resize": 48}, "data.resize=48.*multiple of data.image_size=32"),
+        ({"data.eval_tiling": "grid"}, "data.eval_tiling='grid'"),
+        ({"data.validation_fraction": 1.0}, "data.validation_fraction=1.0.*fraction in"),
+        ({"data.augment": "mixup"}, "data.augment='mixup'"),
+        ({"model.name": "segformer"}, "experiment='e2'.*feed-forward reference"),
+        ({"model.name": "medsegdiff", "data.resize": 64, "data.eval_tiling": "whole"}, "FF-Parser"),
+        ({"model.dtype": "float16"}, "model.dtype='float16'"),
+        ({"diffusion.mask_range": "0_255"}, "diffusion.mask_range='0_255'"),
+        ({"diffusion.schedule": "sqrt_nonsense"}, "diffusion.schedule='sqrt_nonsense'.*Registered schedules"),
+        ({"diffusion.variance": "learned"}, "diffusion.variance='learned'.*learn_sigma"),
+        ({"diffusion.num_timesteps": 1}, "diffusion.num_timesteps=1"),
+        ({"objective.e1_timestep": 100}, "objective.e1_timestep=100.*below diffusion.num_timesteps=100"),
+        ({"objective.loss": "l1"}, "objective.loss='l1'"),
+        ({"objective.reduction": "max"}, "objective.reduction='max'"),
+        ({"objective.dice": "global"}, "objective.dice='global'"),
+        ({"train.optimizer": "sgd"}, "train.optimizer='sgd'"),
+        ({"train.lr_schedule": "cosine"}, "train.lr_schedule='cosine'"),
+        ({"train.init_weights": "/no/such/weights.pt"}, "train.init_weights=.*No such file"),
+        ({"train.batch_size": 0}, "train.batch_size=0.*positive integer"),
+        ({"train.ema_decay": 1.0}, "train.ema_decay=1.0"),
+        ({"eval.pooling": "mean"}, "eval.pooling='mean'"),
+        ({"eval.ece_bins": 0}, "eval.ece_bins=0"),
+        ({"eval.sampler": "euler"}, "eval.sampler='euler'"),
+        ({"eval.ensemble_size": 0}, "eval.ensemble_size=0"),
+    ],
+)
+def test_every_impossible_setting_fails_naming_its_key(settings, match):
+    config = tiny_config()
+    configlib.validate(config, check_data=False)  # the tiny config itself is valid
+    for dotted, value in settings.items():
+        *groups, key = dotted.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[key] = value
+    with pytest.raises(ValueError, match=match):
+        configlib.validate(config)
+
+
 def test_unknown_override_key_fails_at_start(tmp_path):
     proc = _cli(
         ["--config", "configs/e2_synthetic.py:tiny", "--workdir", str(tmp_path), "--config.train.num_stpes=3"]
