@@ -60,6 +60,32 @@ def test_mask_rules(tmp_path):
     np.testing.assert_array_equal(files.read_mask(palette), two == 200)
 
 
+def test_images_of_every_common_mode_read_as_8bit_rgb(tmp_path):
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 14
+    gray = rgb[..., 0]
+
+    def saved(name, img):
+        img.save(tmp_path / name)
+        return files.read_image(tmp_path / name)
+
+    np.testing.assert_array_equal(saved("rgb.png", Image.fromarray(rgb)), rgb)
+    np.testing.assert_array_equal(saved("gray.png", Image.fromarray(gray)), np.repeat(gray[..., None], 3, -1))
+    np.testing.assert_array_equal(saved("rgba.png", Image.fromarray(np.dstack([rgb, gray]))), rgb)
+    palette = Image.new("P", (3, 2))
+    palette.putdata(list(range(6)))
+    palette.putpalette(rgb.reshape(-1).tolist())  # index i -> the i-th pixel's colour
+    np.testing.assert_array_equal(saved("p.png", palette), rgb)
+    sixteen = gray.astype(np.uint16) * 256 + 255  # 16-bit: the high byte
+    np.testing.assert_array_equal(
+        saved("g16.png", Image.fromarray(sixteen)), np.repeat(gray[..., None], 3, -1)
+    )
+    bits = gray > 100  # 1-bit: 0 / 255
+    got = saved("bits.png", Image.fromarray(bits).convert("1"))
+    np.testing.assert_array_equal(got, np.repeat(bits[..., None], 3, -1).astype(np.uint8) * 255)
+    with pytest.raises(files.DatasetFileError, match=r"Image .*la\.png has shape \(2, 3, 2\).*8-bit RGB PNG"):
+        saved("la.png", Image.fromarray(np.dstack([gray, gray])))
+
+
 def test_unreadable_and_truncated_files_name_the_file(tmp_path):
     jpg = _save(tmp_path / "a.jpg", np.full((64, 64, 3), 90, np.uint8), quality=90)
     truncated = tmp_path / "t.jpg"
