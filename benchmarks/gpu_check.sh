@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh sampling_tiny curves # only these parts
 #   TRAIN_MODELS=segformer,nnunet+bfloat16 TRAIN_LIMIT=120 bash benchmarks/gpu_check.sh train
 #   SIZE=tiny bash benchmarks/gpu_check.sh            # the same parts at tiny size: checks the script on a CPU
+#                                                     # (7 min on 2 cores; the two short parts hit their GPU-sized limits)
 #
 # XLA compiles each published UNet's train step in about a minute on a GPU (convolution autotuning), and
 # SegFormer-B3's in over three: one after another the train rows alone would take the 8 minutes. So the train
