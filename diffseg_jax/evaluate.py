@@ -9,8 +9,10 @@ members from the random noise fed in place of x_t, as in the paper (Sec. 4.1).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -118,6 +121,29 @@ def load_state(config: ml_collections.ConfigDict, workdir: str, fresh: train.Tra
     return state
 
 
+def _weights_digest(variables: Any) -> str:
+    """A cheap fingerprint of the weights (sum of |w| and the leaf count): tells a retrained model from the one
+    a partial evaluation sampled, without moving the weights to the host."""
+    # The first local copy of each (replicated) leaf: also defined when the arrays span several hosts.
+    leaves = [x.addressable_data(0) if isinstance(x, jax.Array) else x for x in jax.tree.leaves(variables)]
+    total = jax.jit(lambda ls: sum(jnp.sum(jnp.abs(jnp.asarray(x, jnp.float32))) for x in ls))(leaves)
+    return f"{len(leaves)}:{float(total):.9g}"
+
+
+def _resumable_batches(resume_dir: str, run_id: dict) -> int:
+    """How many leading batches ``resume_dir`` holds for exactly this evaluation (0 for another one)."""
+    try:
+        with open(os.path.join(resume_dir, "meta.json"), encoding="utf-8") as f:
+            if json.load(f) != run_id:
+                return 0
+    except (OSError, ValueError):
+        return 0
+    done = 0
+    while os.path.exists(os.path.join(resume_dir, f"batch_{done:05d}.npz")):
+        done += 1
+    return done
+
+
 def sample_statistics(
     ensemble: Callable,
     variables: Any,
@@ -125,6 +151,8 @@ def sample_statistics(
     x_shape: tuple[int, ...],
     batch_size: int,
     key: jax.Array,
+    resume_dir: str | None = None,
+    run_id: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ensemble mean and std for every input, ``batch_size`` images at a time, sharded over all devices.
 
@@ -133,6 +161,12 @@ def sample_statistics(
     communication); each host holds all inputs and gets all outputs. Batch ``i`` uses
     ``fold_in(key, i)``; when ``batch_size`` is a multiple of the device count the samples do not depend on
     how many devices there are. Logs images/s and the time left.
+
+    With ``resume_dir`` nothing sampled is lost on a crash: process 0 writes each batch's statistics there as
+    it is done (whole files only), and a rerun of the same evaluation (``run_id``, e.g. the step and sampler,
+    plus the inputs, the weights, the key and the batching) reads them back and samples only the rest; since
+    batch ``i`` depends only on ``fold_in(key, i)``, the result equals an uninterrupted run. Several hosts
+    need a shared ``resume_dir`` (as they need a shared checkpoint folder); process 0's count is used by all.
     """
     mesh = train.data_mesh()
     n_dev = mesh.size
@@ -142,9 +176,44 @@ def sample_statistics(
     variables = jax.device_put(variables, replicated)
     num = len(inputs)
     means, stds = [], []
+    done_batches = 0
+    if resume_dir is not None:
+        run_id = {
+            **json.loads(json.dumps(run_id or {})),  # as it reads back from meta.json (tuples as lists)
+            "num": num,
+            "x_shape": [int(d) for d in x_shape],
+            "batch_size": int(batch_size),
+            "per_batch": int(per_batch),
+            "inputs_sha1": hashlib.sha1(np.ascontiguousarray(inputs).tobytes()).hexdigest(),
+            "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
+            "weights_digest": _weights_digest(variables),
+        }
+        done_batches = _resumable_batches(resume_dir, run_id)
+        if jax.process_count() > 1:
+            done_batches = int(multihost_utils.broadcast_one_to_all(np.int32(done_batches)))
+        for i in range(done_batches):
+            with np.load(os.path.join(resume_dir, f"batch_{i:05d}.npz")) as saved:
+                means.append(saved["mean"])
+                stds.append(saved["std"])
+        if done_batches:
+            logging.info(
+                "evaluate: resuming after %d of %d images, read from %s.",
+                sum(len(m) for m in means),
+                num,
+                resume_dir,
+            )
+        if distributed.is_primary():
+            if not done_batches and os.path.isdir(resume_dir):
+                shutil.rmtree(resume_dir)  # another evaluation's batches
+            os.makedirs(resume_dir, exist_ok=True)
+            with open(os.path.join(resume_dir, "meta.json"), "w", encoding="utf-8") as f:
+                json.dump(run_id, f)
     t0 = time.time()
+    start0 = done_batches * batch_size
     template = distributed.from_global(np.zeros((per_batch,) + tuple(x_shape), np.float32), sharded)
     for i, start in enumerate(range(0, num, batch_size)):
+        if i < done_batches:
+            continue
         batch = inputs[start : start + batch_size]
         n = len(batch)
         pad = [(0, per_batch - n)] + [(0, 0)] * (batch.ndim - 1) if n < per_batch else None
@@ -152,8 +221,12 @@ def sample_statistics(
         out = ensemble(variables, images, template, jax.random.fold_in(key, i))
         means.append(distributed.to_host(out["mean"])[:n])
         stds.append(distributed.to_host(out["std"])[:n])
+        if resume_dir is not None and distributed.is_primary():
+            path = os.path.join(resume_dir, f"batch_{i:05d}.npz")
+            np.savez(path + ".tmp.npz", mean=means[-1], std=stds[-1])
+            os.replace(path + ".tmp.npz", path)
         done = start + n
-        rate = done / (time.time() - t0)
+        rate = (done - start0) / (time.time() - t0)
         logging.info(
             "evaluate: %d/%d images, %.2f images/s, ETA %s",
             done,
@@ -217,8 +290,25 @@ def evaluate(
         step,
         "EMA" if eval_cfg.use_ema else "raw",
     )
+    resume_dir = os.path.join(workdir, "eval", "partial")  # batches done so far: a crash loses none
+    run_id = {
+        "experiment": config.experiment,
+        "model": config.model.name,
+        "step": step,
+        "weights": "ema" if eval_cfg.use_ema else "raw",
+        "ensemble_size": eval_cfg.ensemble_size,
+        "sampler": eval_cfg.sampler,
+        "ddim_steps": eval_cfg.ddim_steps,
+    }
     mean, std = sample_statistics(
-        ensemble, variables, inputs, x_shape, eval_cfg.batch_size, jax.random.PRNGKey(eval_cfg.seed)
+        ensemble,
+        variables,
+        inputs,
+        x_shape,
+        eval_cfg.batch_size,
+        jax.random.PRNGKey(eval_cfg.seed),
+        resume_dir=resume_dir,
+        run_id={"evaluation": run_id},
     )
     if grid is not None:
         mean, std = data.from_tiles(mean, grid), data.from_tiles(std, grid)
@@ -265,6 +355,7 @@ def evaluate(
             os.path.join(out_dir, "figure1.png"),
             num_images=n_fig,
         )
+    shutil.rmtree(resume_dir, ignore_errors=True)  # everything is in eval/ now
     logging.info("evaluate: %s", json.dumps({k: v for k, v in result.items() if k != "reliability"}))
     return result
 

@@ -263,6 +263,57 @@ print(json.dumps({{"devices": jax.device_count(), "mean": mean.ravel().tolist(),
 """
 
 
+class _ToyNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, t, cond=None, train=False):
+        return nn.Conv(1, (3, 3))(jnp.concatenate([x, cond], -1)) + 0.01 * t[:, None, None, None]
+
+
+def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(tmp_path):
+    import os
+
+    config = tiny_config("e2_synthetic")
+    config.diffusion.num_timesteps = 50
+    config.eval.ddim_steps = 3
+    model = _ToyNet()
+    images = np.random.default_rng(0).uniform(0, 1, (7, 8, 8, 3)).astype(np.float32)
+    variables = model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1]
+    )
+    member = evaluate.make_member_fn(model, train.build_schedule(config.diffusion), config)
+    ensemble = evaluate.make_ensemble_fn(member, 3, 2)
+    key, calls = jax.random.PRNGKey(5), []
+
+    def counting(*args):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise RuntimeError("killed")
+        return ensemble(*args)
+
+    def run(params, run_id, resume=str(tmp_path / "partial")):
+        calls.clear()
+        return evaluate.sample_statistics(counting, params, images, (8, 8, 1), 2, key, resume, run_id)
+
+    crash_at = None
+    full_mean, full_std = run(variables, None, resume=None)  # 7 images in 4 batches, no files
+    crash_at = 3  # killed while sampling the third batch
+    with pytest.raises(RuntimeError, match="killed"):
+        run(variables, {"step": 4})
+    assert sorted(os.listdir(tmp_path / "partial")) == ["batch_00000.npz", "batch_00001.npz", "meta.json"]
+    crash_at = None
+    mean, std = run(variables, {"step": 4})
+    assert len(calls) == 2  # only batches 2 and 3 were sampled again
+    np.testing.assert_array_equal(mean, full_mean)  # batch i depends on fold_in(key, i) alone
+    np.testing.assert_array_equal(std, full_std)
+    # Another evaluation (another step, or other weights at the same step) samples everything again.
+    run(variables, {"step": 5})
+    assert len(calls) == 4
+    run(jax.tree.map(lambda w: 1.5 * w, variables), {"step": 5})
+    assert len(calls) == 4
+    run(jax.tree.map(lambda w: 1.5 * w, variables), {"step": 5})
+    assert len(calls) == 0  # finished before: read back whole
+
+
 def test_sharded_evaluation_does_not_depend_on_the_device_count():
     """6 images in batches of 4 (the last padded), split over 1 or 2 CPU devices: the same statistics."""
     import os

@@ -114,20 +114,24 @@ def _logged_losses(log):
 
 @pytest.mark.slow
 def test_two_hosts_train_in_lock_step_to_the_single_host_parameters(tmp_path, tfds_dir):
-    """Two processes on localhost (one CPU device each, gloo collectives) against one process, same global batch."""
+    """Two processes on localhost (one CPU device each, gloo collectives) against one process, same global batch:
+    the dataset built once into a fresh data_dir, the same losses, parameters and evaluation."""
+    from diffseg_jax import evaluate
+
     steps = 4
     config = tiny_config(data_dir=tfds_dir)
     config.train.num_steps, config.train.log_every, config.train.ckpt_every = steps, 1, steps
-    config.eval.enabled = False
     ref_dir = str(tmp_path / "one_host")
-    train.train(config, ref_dir)
+    ref_metrics = evaluate.evaluate(config, ref_dir, state=train.train(config, ref_dir))
 
     multi_dir = tmp_path / "two_hosts"
     port = _free_port()
     args = [
         sys.executable, "-m", "diffseg_jax.main", "--config", "configs/e2_synthetic.py:tiny",
-        "--workdir", str(multi_dir), f"--config.data.data_dir={tfds_dir}", f"--config.train.num_steps={steps}",
-        "--config.train.log_every=1", f"--config.train.ckpt_every={steps}", "--config.eval.enabled=False",
+        # Both hosts find the dataset missing: process 0 builds it while the other waits (else both build it
+        # and one fails renaming tfds' temporary folder).
+        "--workdir", str(multi_dir), f"--config.data.data_dir={tmp_path / 'tfds_two_hosts'}",
+        f"--config.train.num_steps={steps}", "--config.train.log_every=1", f"--config.train.ckpt_every={steps}",
     ]  # fmt: skip
     procs = []
     for pid in range(2):
@@ -168,6 +172,12 @@ def test_two_hosts_train_in_lock_step_to_the_single_host_parameters(tmp_path, tf
         ckpt.close()
     for a, b in zip(jax.tree.leaves(restored[0].params), jax.tree.leaves(restored[1].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    # The evaluation sampled on both hosts (its batch a multiple of the 2 devices) scores as the single host's.
+    metrics = json.loads((multi_dir / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == ref_metrics["num_images"] == 4 and metrics["step"] == steps
+    for key in ("iou", "ece", "mean_std"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-3, abs=1e-4), key
+    assert not (multi_dir / "eval" / "partial").exists()  # the batches kept for a resume are gone when done
 
 
 def test_distributed_environment_is_checked():

@@ -68,14 +68,38 @@ def stored_size(data_config: ml_collections.ConfigDict) -> int:
     return int(resize if resize is not None else data_config.image_size)
 
 
+def _process_0_first(prepare: Callable[[], dict[str, Source]]) -> dict[str, Source]:
+    """``prepare()`` on process 0 first, then on the other processes of a multi-host run.
+
+    Hosts that share a data_dir would otherwise build the same dataset at once, and all but one fail when tfds
+    renames its temporary folder ("Destination ... already exists"); after process 0 the others find it built
+    (or, with a data_dir of their own, build their copy). ``prepare`` makes its builder itself: a tfds builder
+    made before the files existed keeps the default file format and cannot read them. Every process reaches
+    the barrier the same number of times: the callers are cached per dataset and run in the same order.
+    """
+    import jax  # noqa: PLC0415 — the data package does not need JAX otherwise (grain workers import it)
+
+    if jax.process_count() == 1:
+        return prepare()
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    first = prepare() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("diffseg_jax: dataset prepared by process 0")
+    return first if first is not None else prepare()
+
+
 @functools.lru_cache(maxsize=None)
 def _prepared_synthetic(
     kind: str, image_size: int, num_train: int, num_test: int, seed: int, data_dir: str
 ) -> dict[str, Source]:
     """Builds a synthetic variant on first use (later calls, and later processes, reuse the files); its sources."""
-    builder = synthetic.make_builder(kind, image_size, num_train, num_test, seed, data_dir=data_dir)
-    builder.download_and_prepare(file_format="array_record")
-    return builder.as_data_source()
+
+    def prepare():  # the builder is made here: one made before another process built the files reads them wrong
+        builder = synthetic.make_builder(kind, image_size, num_train, num_test, seed, data_dir=data_dir)
+        builder.download_and_prepare(file_format="array_record")
+        return builder.as_data_source()
+
+    return _process_0_first(prepare)
 
 
 def load_synthetic(data_config: ml_collections.ConfigDict) -> dict[str, Source]:
@@ -94,8 +118,9 @@ def load_synthetic(data_config: ml_collections.ConfigDict) -> dict[str, Source]:
 @functools.lru_cache(maxsize=None)
 def _prepared_manual(make_builder: Callable, manual_dir: str, data_dir: str, **options) -> dict[str, Source]:
     """Builds a manual-download dataset from `manual_dir` unless built already (same files and options)."""
-    builder = make_builder(manual_dir, data_dir=data_dir, **options)
-    return manual.prepare(builder, manual_dir)
+    return _process_0_first(
+        lambda: manual.prepare(make_builder(manual_dir, data_dir=data_dir, **options), manual_dir)
+    )
 
 
 def _manual_dir(data_config: ml_collections.ConfigDict, dataset: str, layout: str) -> str:
