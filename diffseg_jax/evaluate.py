@@ -179,7 +179,8 @@ def sample_statistics(
     done_batches = 0
     if resume_dir is not None:
         run_id = {
-            **json.loads(json.dumps(run_id or {})),  # as it reads back from meta.json (tuples as lists)
+            # As it reads back from meta.json (tuples as lists; anything else JSON lacks as its repr).
+            **json.loads(json.dumps(run_id or {}, default=repr)),
             "num": num,
             "x_shape": [int(d) for d in x_shape],
             "batch_size": int(batch_size),
@@ -291,14 +292,12 @@ def evaluate(
         "EMA" if eval_cfg.use_ema else "raw",
     )
     resume_dir = os.path.join(workdir, "eval", "partial")  # batches done so far: a crash loses none
-    run_id = {
+    run_id = {  # everything that shapes the samples (conservative: any change starts afresh)
         "experiment": config.experiment,
-        "model": config.model.name,
+        "model": config.model.to_dict(),
         "step": step,
-        "weights": "ema" if eval_cfg.use_ema else "raw",
-        "ensemble_size": eval_cfg.ensemble_size,
-        "sampler": eval_cfg.sampler,
-        "ddim_steps": eval_cfg.ddim_steps,
+        "diffusion": config.diffusion.to_dict(),
+        "eval": {k: v for k, v in eval_cfg.to_dict().items() if k not in _REPORTING_ONLY},
     }
     mean, std = sample_statistics(
         ensemble,
@@ -360,6 +359,8 @@ def evaluate(
     return result
 
 
+# Evaluation settings that change only the scoring or the figures, not the samples.
+_REPORTING_ONLY = ("enabled", "num_figure_images", "pooling", "ece_bins")
 SEGMENTATION_EXPERIMENTS = ("e1", "e2")  # E3 samples masks without the image, E4 images: no ground truth
 
 
