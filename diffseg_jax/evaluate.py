@@ -144,6 +144,30 @@ def _resumable_batches(resume_dir: str, run_id: dict) -> int:
     return done
 
 
+def _resume(resume_dir: str, run_id: dict, num: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The means and stds of the leading batches ``resume_dir`` holds for this evaluation (every process reads
+    process 0's count); process 0 then clears another evaluation's batches and records ``run_id``."""
+    done = _resumable_batches(resume_dir, run_id)
+    if jax.process_count() > 1:
+        done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    means, stds = [], []
+    for i in range(done):
+        with np.load(os.path.join(resume_dir, f"batch_{i:05d}.npz")) as saved:
+            means.append(saved["mean"])
+            stds.append(saved["std"])
+    if done:
+        logging.info(
+            "evaluate: resuming after %d of %d images, read from %s.", sum(map(len, means)), num, resume_dir
+        )
+    if distributed.is_primary():
+        if not done and os.path.isdir(resume_dir):
+            shutil.rmtree(resume_dir)  # another evaluation's batches
+        os.makedirs(resume_dir, exist_ok=True)
+        with open(os.path.join(resume_dir, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(run_id, f)
+    return means, stds
+
+
 def sample_statistics(
     ensemble: Callable,
     variables: Any,
@@ -175,8 +199,7 @@ def sample_statistics(
     replicated = NamedSharding(mesh, P())
     variables = jax.device_put(variables, replicated)
     num = len(inputs)
-    means, stds = [], []
-    done_batches = 0
+    means, stds = [], []  # with resume_dir: the batches a previous run of this evaluation finished
     if resume_dir is not None:
         run_id = {
             # As it reads back from meta.json (tuples as lists; anything else JSON lacks as its repr).
@@ -189,32 +212,10 @@ def sample_statistics(
             "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
             "weights_digest": _weights_digest(variables),
         }
-        done_batches = _resumable_batches(resume_dir, run_id)
-        if jax.process_count() > 1:
-            done_batches = int(multihost_utils.broadcast_one_to_all(np.int32(done_batches)))
-        for i in range(done_batches):
-            with np.load(os.path.join(resume_dir, f"batch_{i:05d}.npz")) as saved:
-                means.append(saved["mean"])
-                stds.append(saved["std"])
-        if done_batches:
-            logging.info(
-                "evaluate: resuming after %d of %d images, read from %s.",
-                sum(len(m) for m in means),
-                num,
-                resume_dir,
-            )
-        if distributed.is_primary():
-            if not done_batches and os.path.isdir(resume_dir):
-                shutil.rmtree(resume_dir)  # another evaluation's batches
-            os.makedirs(resume_dir, exist_ok=True)
-            with open(os.path.join(resume_dir, "meta.json"), "w", encoding="utf-8") as f:
-                json.dump(run_id, f)
-    t0 = time.time()
-    start0 = done_batches * batch_size
+        means, stds = _resume(resume_dir, run_id, num)
+    t0, start0 = time.time(), len(means) * batch_size
     template = distributed.from_global(np.zeros((per_batch,) + tuple(x_shape), np.float32), sharded)
-    for i, start in enumerate(range(0, num, batch_size)):
-        if i < done_batches:
-            continue
+    for i, start in enumerate(range(start0, num, batch_size), start=len(means)):
         batch = inputs[start : start + batch_size]
         n = len(batch)
         pad = [(0, per_batch - n)] + [(0, 0)] * (batch.ndim - 1) if n < per_batch else None
@@ -223,9 +224,9 @@ def sample_statistics(
         means.append(distributed.to_host(out["mean"])[:n])
         stds.append(distributed.to_host(out["std"])[:n])
         if resume_dir is not None and distributed.is_primary():
-            path = os.path.join(resume_dir, f"batch_{i:05d}.npz")
-            np.savez(path + ".tmp.npz", mean=means[-1], std=stds[-1])
-            os.replace(path + ".tmp.npz", path)
+            writers.save_npz_whole(
+                os.path.join(resume_dir, f"batch_{i:05d}.npz"), mean=means[-1], std=stds[-1]
+            )
         done = start + n
         rate = (done - start0) / (time.time() - t0)
         logging.info(

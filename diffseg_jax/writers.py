@@ -34,6 +34,14 @@ class MetricWriter:
         self._jsonl.close()
 
 
+def save_npz_whole(path: str, **arrays: Any) -> None:
+    """``np.savez(path, **arrays)`` through a temporary file renamed into place: a crash never leaves half a file."""
+    import numpy as np  # noqa: PLC0415 — the scalar writers do not need it
+
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)
+
+
 class NullWriter:
     """A writer that drops everything: processes other than the first in a multi-host run."""
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffseg_jax import data, evaluate, metrics, planning, plots, train
+from diffseg_jax import data, evaluate, metrics, planning, plots, train, writers
 from diffseg_jax.analysis import adaptive
 
 # Variant name -> config overrides (dotted keys). 'uniform' is the published setting.
@@ -139,8 +139,8 @@ def run_variant(dataset: str, variant: str, seeds: Sequence[int], args: argparse
                 )
         os.makedirs(os.path.dirname(path), exist_ok=True)
         arr = np.asarray(rows)
-        np.savez(
-            path + ".tmp.npz",
+        writers.save_npz_whole(  # a crash never leaves half a result
+            path,
             steps=arr[:, 0].astype(np.int32),
             iou=arr[:, 1],
             ece=arr[:, 2],
@@ -151,7 +151,6 @@ def run_variant(dataset: str, variant: str, seeds: Sequence[int], args: argparse
             weights=np.zeros(0) if tables["weights"] is None else tables["weights"],
             seconds=time.time() - t0,
         )
-        os.replace(path + ".tmp.npz", path)  # whole files only: a crash never leaves half a result
 
 
 def fingerprint_reports(datasets: Sequence[str], args: argparse.Namespace) -> dict[str, dict]:
