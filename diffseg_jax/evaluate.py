@@ -144,7 +144,7 @@ def _resumable_batches(resume_dir: str, run_id: dict) -> int:
     return done
 
 
-def _resume(resume_dir: str, run_id: dict, num: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _resume(resume_dir: str, run_id: dict, num: int, what: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The means and stds of the leading batches ``resume_dir`` holds for this evaluation (every process reads
     process 0's count); process 0 then clears another evaluation's batches and records ``run_id``."""
     done = _resumable_batches(resume_dir, run_id)
@@ -157,7 +157,7 @@ def _resume(resume_dir: str, run_id: dict, num: int) -> tuple[list[np.ndarray], 
             stds.append(saved["std"])
     if done:
         logging.info(
-            "evaluate: resuming after %d of %d images, read from %s.", sum(map(len, means)), num, resume_dir
+            "%s: resuming after %d of %d images, read from %s.", what, sum(map(len, means)), num, resume_dir
         )
     if distributed.is_primary():
         if not done and os.path.isdir(resume_dir):
@@ -177,6 +177,7 @@ def sample_statistics(
     key: jax.Array,
     resume_dir: str | None = None,
     run_id: dict | None = None,
+    what: str = "evaluate",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ensemble mean and std for every input, ``batch_size`` images at a time, sharded over all devices.
 
@@ -184,7 +185,7 @@ def sample_statistics(
     along the image axis over every host's devices (members stay on the device of their image: no
     communication); each host holds all inputs and gets all outputs. Batch ``i`` uses
     ``fold_in(key, i)``; when ``batch_size`` is a multiple of the device count the samples do not depend on
-    how many devices there are. Logs images/s and the time left.
+    how many devices there are. Logs images/s and the time left, each line starting with ``what``.
 
     With ``resume_dir`` nothing sampled is lost on a crash: process 0 writes each batch's statistics there as
     it is done (whole files only), and a rerun of the same evaluation (``run_id``, e.g. the step and sampler,
@@ -212,7 +213,7 @@ def sample_statistics(
             "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
             "weights_digest": _weights_digest(variables),
         }
-        means, stds = _resume(resume_dir, run_id, num)
+        means, stds = _resume(resume_dir, run_id, num, what)
     t0, start0 = time.time(), len(means) * batch_size
     template = distributed.from_global(np.zeros((per_batch,) + tuple(x_shape), np.float32), sharded)
     for i, start in enumerate(range(start0, num, batch_size), start=len(means)):
@@ -230,7 +231,8 @@ def sample_statistics(
         done = start + n
         rate = (done - start0) / (time.time() - t0)
         logging.info(
-            "evaluate: %d/%d images, %.2f images/s, ETA %s",
+            "%s: %d/%d images, %.2f images/s, ETA %s",
+            what,
             done,
             num,
             rate,
@@ -274,44 +276,16 @@ def evaluate(
     test = data.eval_arrays(
         config.data, split="test", max_examples=None if eval_cfg.num_images < 0 else eval_cfg.num_images
     )
-    chunk = eval_cfg.member_chunk if eval_cfg.member_chunk > 0 else None
-    ensemble = make_ensemble_fn(make_member_fn(model, schedule, config), eval_cfg.ensemble_size, chunk)
-    x_key = "image" if config.experiment == "e4" else "mask"
-    # Images stored larger than the model's size are cut into model-sized tiles (SegDiff's MoNuSeg protocol)
-    # and the ensemble statistics stitched back, or fed whole to the fully convolutional network.
-    inputs, grid, size = test["image"], None, config.data.image_size
-    if data.stored_size(config.data) > size and config.data.eval_tiling == "tiles":
-        inputs, grid = data.to_tiles(inputs, size)
-    x_shape = inputs.shape[1:3] + test[x_key].shape[-1:]
-    logging.info(
-        "evaluate: %d-member ensembles (%s) of %d %s at step %d with the %s weights.",
-        eval_cfg.ensemble_size,
-        eval_cfg.sampler if eval_cfg.sampler == "ddpm" else f"ddim-{eval_cfg.ddim_steps}",
-        len(inputs),
-        "tiles" if grid else "images",
-        step,
-        "EMA" if eval_cfg.use_ema else "raw",
-    )
-    resume_dir = os.path.join(workdir, "eval", "partial")  # batches done so far: a crash loses none
-    run_id = {  # everything that shapes the samples (conservative: any change starts afresh)
-        "experiment": config.experiment,
-        "model": config.model.to_dict(),
-        "step": step,
-        "diffusion": config.diffusion.to_dict(),
-        "eval": {k: v for k, v in eval_cfg.to_dict().items() if k not in _REPORTING_ONLY},
-    }
-    mean, std = sample_statistics(
-        ensemble,
+    mean, std = ensemble_maps(
+        config,
+        model,
+        schedule,
         variables,
-        inputs,
-        x_shape,
-        eval_cfg.batch_size,
-        jax.random.PRNGKey(eval_cfg.seed),
-        resume_dir=resume_dir,
-        run_id={"evaluation": run_id},
+        test["image"],
+        step,
+        resume_dir=os.path.join(workdir, "eval", "partial"),  # batches done so far: a crash loses none
+        x_channels=test["image" if config.experiment == "e4" else "mask"].shape[-1],
     )
-    if grid is not None:
-        mean, std = data.from_tiles(mean, grid), data.from_tiles(std, grid)
 
     if not distributed.is_primary():
         return {}  # A multi-host evaluation samples on every host; process 0 scores and writes.
@@ -355,9 +329,65 @@ def evaluate(
             os.path.join(out_dir, "figure1.png"),
             num_images=n_fig,
         )
-    shutil.rmtree(resume_dir, ignore_errors=True)  # everything is in eval/ now
+    shutil.rmtree(os.path.join(workdir, "eval", "partial"), ignore_errors=True)  # everything is in eval/ now
     logging.info("evaluate: %s", json.dumps({k: v for k, v in result.items() if k != "reliability"}))
     return result
+
+
+def ensemble_maps(
+    config: ml_collections.ConfigDict,
+    model,
+    schedule: diffusion.Schedule,
+    variables: Any,
+    images: np.ndarray,
+    step: int,
+    resume_dir: str | None = None,
+    x_channels: int = 1,
+    what: str = "evaluate",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble mean and std maps of ``images`` (N, S, S, C) at the stored size, as ``--mode evaluate``
+    samples them: images stored larger than the model's size are cut into model-sized tiles (SegDiff's MoNuSeg
+    protocol) and the maps stitched back, or fed whole to the fully convolutional network
+    (``data.eval_tiling``); ``eval.ensemble_size`` members in chunks of ``eval.member_chunk``, ``eval.batch_size``
+    images at a time, key ``eval.seed``. ``step`` and the config identify the samples kept in ``resume_dir``.
+    """
+    eval_cfg = config.eval
+    chunk = eval_cfg.member_chunk if eval_cfg.member_chunk > 0 else None
+    ensemble = make_ensemble_fn(make_member_fn(model, schedule, config), eval_cfg.ensemble_size, chunk)
+    inputs, grid, size = images, None, config.data.image_size
+    if data.stored_size(config.data) > size and config.data.eval_tiling == "tiles":
+        inputs, grid = data.to_tiles(inputs, size)
+    logging.info(
+        "%s: %d-member ensembles (%s) of %d %s at step %d with the %s weights.",
+        what,
+        eval_cfg.ensemble_size,
+        eval_cfg.sampler if eval_cfg.sampler == "ddpm" else f"ddim-{eval_cfg.ddim_steps}",
+        len(inputs),
+        "tiles" if grid else "images",
+        step,
+        "EMA" if eval_cfg.use_ema else "raw",
+    )
+    run_id = {  # everything that shapes the samples (conservative: any change starts afresh)
+        "experiment": config.experiment,
+        "model": config.model.to_dict(),
+        "step": step,
+        "diffusion": config.diffusion.to_dict(),
+        "eval": {k: v for k, v in eval_cfg.to_dict().items() if k not in _REPORTING_ONLY},
+    }
+    mean, std = sample_statistics(
+        ensemble,
+        variables,
+        inputs,
+        inputs.shape[1:3] + (x_channels,),
+        eval_cfg.batch_size,
+        jax.random.PRNGKey(eval_cfg.seed),
+        resume_dir=resume_dir,
+        run_id={"evaluation": run_id},
+        what=what,
+    )
+    if grid is not None:
+        mean, std = data.from_tiles(mean, grid), data.from_tiles(std, grid)
+    return mean, std
 
 
 # Evaluation settings that change only the scoring or the figures, not the samples.

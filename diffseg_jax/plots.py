@@ -16,7 +16,7 @@ from diffseg_jax.diffusion import timesteps  # noqa: E402
 
 def ensemble_figure(
     images: np.ndarray,
-    masks: np.ndarray,
+    masks: np.ndarray | None,
     mean: np.ndarray,
     std: np.ndarray,
     path: str,
@@ -24,19 +24,22 @@ def ensemble_figure(
 ) -> None:
     """Rows of image / ground truth / ensemble mean / ensemble std (Fig. 1 of the paper) saved to ``path``.
 
-    With ``generated`` (E4) the mean/std columns are of generated images rather than masks.
+    With ``generated`` (E4) the mean/std columns are of generated images rather than masks; without ``masks``
+    (images segmented by ``--mode predict``) the ground-truth column is left out.
     """
     n = len(images)
-    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n + 0.4), squeeze=False)
     titles = ["image", "ground truth", "ensemble mean", "ensemble std"]
+    if masks is None:
+        del titles[1]
+    fig, axes = plt.subplots(n, len(titles), figsize=(2 * len(titles), 2 * n + 0.4), squeeze=False)
     for row in range(n):
-        panels = [images[row], masks[row, ..., 0], mean[row], std[row]]
+        panels = [images[row], *([] if masks is None else [masks[row, ..., 0]]), mean[row], std[row]]
         for col, panel in enumerate(panels):
             ax = axes[row, col]
             panel = np.asarray(panel)
             if panel.ndim == 3 and panel.shape[-1] == 1:
                 panel = panel[..., 0]
-            if col == 3:
+            if col == len(titles) - 1:
                 im = ax.imshow(panel if panel.ndim == 2 else panel.mean(-1), cmap="magma", vmin=0)
                 fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
             elif panel.ndim == 2:
@@ -46,7 +49,8 @@ def ensemble_figure(
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(("generated " if generated and col >= 2 else "") + titles[col], fontsize=9)
+                mapped = titles[col].startswith("ensemble")
+                ax.set_title(("generated " if generated and mapped else "") + titles[col], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

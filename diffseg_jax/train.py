@@ -370,16 +370,25 @@ def setup(config: ml_collections.ConfigDict, abstract: bool = False, split: str 
         split=split,
         shard=distributed.host_shard(),
     )
-    first = train_ds[0]
-    image_channels = first["image"].shape[-1]
-    model = build_model(config.model, output_channels(config, image_channels), first["image"].shape[1])
+    model, schedule, optimizer, state = model_and_state(config, train_ds[0]["image"].shape[1:], abstract)
+    return train_ds, model, schedule, optimizer, state
+
+
+def model_and_state(
+    config: ml_collections.ConfigDict, image_shape: tuple[int, int, int], abstract: bool = False
+):
+    """(model, schedule, optimizer, initial state) for images of ``image_shape`` (H, W, C), reading no data.
+
+    What :func:`setup` builds from the shape of the dataset's first batch; with a state restored afterwards (a
+    trained run's checkpoint), sampling a model needs nothing else (``--mode predict``).
+    """
+    h, w, image_channels = (int(d) for d in image_shape)
+    model = build_model(config.model, output_channels(config, image_channels), h)
     schedule = build_schedule(config.diffusion)
     optimizer = make_optimizer(config.train)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    x_shape = (1,) + (first["image"] if config.experiment == "e4" else first["mask"]).shape[1:]
-    cond_shape = (
-        (1,) + first["image"].shape[1:] if objectives.uses_image_condition(config.experiment) else None
-    )
+    x_shape = (1, h, w, image_channels if config.experiment == "e4" else 1)
+    cond_shape = (1, h, w, image_channels) if objectives.uses_image_condition(config.experiment) else None
 
     tc = config.get("timesteps", None)
     sampler_state = (
@@ -393,7 +402,7 @@ def setup(config: ml_collections.ConfigDict, abstract: bool = False, split: str 
         return state.replace(sampler_state=sampler_state)
 
     state = jax.eval_shape(make_state) if abstract else jax.jit(make_state)()
-    return train_ds, model, schedule, optimizer, state
+    return model, schedule, optimizer, state
 
 
 def train(
