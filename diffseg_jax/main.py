@@ -2,7 +2,9 @@
 
 Modes: ``train`` (default; trains, resuming from the workdir's latest checkpoint, then evaluates the
 ensemble on the test split when ``eval.enabled``), ``evaluate`` (evaluates the latest checkpoint; with
-``--compare_workdir`` also draws Fig. 1 next to that run), ``e1_protocol`` (the paper's feed-forward protocol:
+``--compare_workdir`` also draws Fig. 1 next to that run), ``predict`` (segments the image files at ``--images``,
+which have no masks, with the latest checkpoint: mask, probability and uncertainty maps at each file's size in
+``--predict_dir``, default ``<workdir>/predict``; see ``diffseg_jax.predict``), ``e1_protocol`` (the paper's feed-forward protocol:
 select the epoch count on an 80/20 split, retrain on all data, evaluate), ``analyse`` (per-timestep error and
 loss curves, the forward process and the model-free fingerprint into ``<workdir>/analysis/``), ``fingerprint``
 (seconds, no training: whether the training masks' error curve has converged by T under the config's schedule,
@@ -21,7 +23,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation outputs.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "evaluate", "e1_protocol", "analyse", "fingerprint", "summary"], "What to run."
+    "mode",
+    "train",
+    ["train", "evaluate", "predict", "e1_protocol", "analyse", "fingerprint", "summary"],
+    "What to run.",
+)
+_IMAGES = flags.DEFINE_string(
+    "images", None, "--mode predict: an image file, or a folder of images (searched recursively), to segment."
+)
+_PREDICT_DIR = flags.DEFINE_string(
+    "predict_dir", None, "--mode predict: where to write (default WORKDIR/predict)."
 )
 _COMPARE = flags.DEFINE_string(
     "compare_workdir", None, "An evaluated run (e.g. feed-forward) to draw side by side in eval/figure1.png."
@@ -68,6 +79,13 @@ def main(argv):
 
         configlib.validate(config)
         analysis_run.analyse(config, _WORKDIR.value)
+    elif _MODE.value == "predict":
+        from diffseg_jax import predict
+
+        if not _IMAGES.value:
+            raise app.UsageError("--mode predict needs --images: an image file or a folder of images.")
+        configlib.validate(config, check_data=False)  # the training data need not be here
+        predict.predict(config, _WORKDIR.value, _IMAGES.value, _PREDICT_DIR.value)
     elif _MODE.value == "e1_protocol":
         configlib.validate(config)
         protocol.run(config, _WORKDIR.value)

@@ -10,6 +10,7 @@ import os
 import sys
 
 import nbformat
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -106,7 +107,11 @@ def test_quickstart_notebook_trains_samples_and_scores(tmp_path, tfds_dir, monke
     assert ours["iou"] == pytest.approx(theirs["iou"], abs=1e-6)
     assert ours["ece"] == pytest.approx(theirs["ece"], abs=1e-6)
     assert (workdir / "notebook" / "ensemble.png").stat().st_size > 1000
-    assert _images(nb) >= 4  # examples, loss curve, Fig. 1, reliability diagram
+    # Two test images segmented as image files: masks and maps at their size, the rows printed.
+    with np.load(workdir / "predict" / "predictions.npz") as pred:
+        assert pred["mean"].shape == (2, 32, 32) and pred["original_size"].tolist() == [[32, 32]] * 2
+    assert text.count("32x32 px, foreground") == 2
+    assert _images(nb) >= 5  # examples, loss curve, Fig. 1, reliability diagram, the predictions
 
 
 @pytest.mark.slow

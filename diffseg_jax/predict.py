@@ -1,0 +1,211 @@
+"""Segmenting new images with a trained run: ``--mode predict --images PATH`` (images without masks).
+
+Each image file is read as the dataset builders read theirs (8-bit RGB; grey replicated, alpha dropped), resized
+to the side the run's dataset stores (``data.resize``, else ``data.image_size``; PIL bilinear, the aspect ratio
+ignored, as :mod:`diffseg_jax.data.manual` stores ISIC 2016 and the folders), cut into model-sized tiles where
+``--mode evaluate`` cuts the test images (SegDiff's MoNuSeg protocol), and given the same ensemble as the
+evaluation: ``eval.ensemble_size`` members (EnsemDiff's protocol, Wolleb et al.), the members' per-pixel mean
+thresholded at 0.5 is the segmentation and their per-pixel standard deviation the uncertainty map. The maps are
+then resized (bilinear) back to each file's own size. The images, the batching and the key are those of an
+evaluation with the same config, so an image that is also a test image gets exactly its ensemble from
+``eval/ensemble.npz``.
+
+Writes into ``out_dir`` (default ``<workdir>/predict``), for the image ``<id>`` (its path under ``PATH``
+without the suffix):
+
+* ``<id>_mask.png``: the segmentation, 0/255, at the file's size;
+* ``<id>_mean.png``: the foreground probability (ensemble mean) × 255, rounded, 8 bit;
+* ``<id>_std.png``: the ensemble standard deviation × 510 (255 at 0.5, the largest spread of values in [0, 1]);
+* ``predictions.csv``: per image its file, size, foreground fraction, mean and largest std (to rank the images
+  a reader should check first); ``predictions.npz``: ids, files, original sizes and the float32 mean and std
+  maps at the stored size; ``predictions.png``: image / mean / std of the first ``eval.num_figure_images``;
+  ``predict.json``: the checkpoint step, weights, sampler and ensemble that made them, and the PNG scalings.
+
+Only image-conditioned segmentation runs can segment an image: E1 (feed-forward) and E2 (diffusion). Finished
+batches are kept in ``out_dir/partial`` until the end, so a rerun after a crash samples only the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import shutil
+
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from diffseg_jax import data, distributed, evaluate, planning, plots, train
+from diffseg_jax.data import files
+
+STD_SCALE = 510.0  # std in [0, 0.5] -> [0, 255] in <id>_std.png
+
+
+def find_images(
+    path: str | os.PathLike, exclude: str | os.PathLike | None = None
+) -> tuple[list[str], list[pathlib.Path]]:
+    """(ids, files) of the images at ``path``: one image file, or every image under a folder (recursively) but
+    those under ``exclude`` (the output folder, when it lies inside: a rerun must not segment its own outputs).
+
+    An id is the file's path under the folder without its suffix (``case1/slice03``), or the file's stem.
+    """
+    root = pathlib.Path(os.path.expanduser(str(path)))
+    suffixes = ", ".join(files.IMAGE_SUFFIXES)
+    if root.is_file():
+        if not root.name.lower().endswith(files.IMAGE_SUFFIXES):
+            raise files.DatasetFileError(
+                f"{root} is not an image file ({suffixes}); pass an image or a folder."
+            )
+        return [root.stem], [root]
+    if not root.is_dir():
+        raise files.DatasetFileError(
+            f"--images {root} does not exist; pass an image file or a folder of images."
+        )
+    found = files.find_files(root)
+    if exclude is not None:
+        skip = pathlib.Path(os.path.expanduser(str(exclude))).resolve()
+        found = [p for p in found if not p.resolve().is_relative_to(skip)]
+    if not found:
+        raise files.DatasetFileError(
+            f"No image files ({suffixes}) under {root}; pass the folder that holds the images to segment."
+        )
+    ids = [p.relative_to(root).with_suffix("").as_posix() for p in found]
+    seen: dict[str, pathlib.Path] = {}
+    for image_id, p in zip(ids, found):
+        if image_id in seen:
+            raise files.DatasetFileError(
+                f"{seen[image_id]} and {p} would write the same outputs ({image_id}_mask.png); "
+                "rename one of them or move it to another folder."
+            )
+        seen[image_id] = p
+    return ids, found
+
+
+def read_inputs(paths: list[pathlib.Path], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (N, size, size, 3) images in [0, 1] as the builders store and ``data.preprocess`` scales them, and
+    the files' (H, W)."""
+    images, shapes = [], []
+    for p in paths:
+        image = files.read_image(p)
+        shapes.append(image.shape[:2])
+        images.append(files.resize_image(image, size).astype(np.float32) / 255.0)
+    return np.stack(images), np.asarray(shapes, np.int32)
+
+
+def resize_map(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A float (S, S) map resized to (H, W) bilinearly (PIL's 32-bit float mode: no 8-bit rounding)."""
+    if values.shape == tuple(shape):
+        return values.astype(np.float32)
+    image = Image.fromarray(np.asarray(values, np.float32), mode="F")
+    return np.asarray(image.resize((int(shape[1]), int(shape[0])), Image.BILINEAR), np.float32)
+
+
+def _save_png(path: str, array: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def predict(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    images: str,
+    out_dir: str | None = None,
+    state: train.TrainState | None = None,
+) -> list[dict]:
+    """Segments every image at ``images`` (a file or a folder) with the run in ``workdir``; see the module doc.
+
+    ``state`` defaults to the latest checkpoint in ``workdir`` (its EMA weights if ``eval.use_ema``). Returns the
+    rows of ``predictions.csv``.
+    """
+    if config.experiment not in evaluate.SEGMENTATION_EXPERIMENTS:
+        raise ValueError(
+            f"--mode predict segments images given the image, which experiment {config.experiment!r} does not "
+            "(E3 samples masks without the image, E4 generates images); use an e1 or e2 run."
+        )
+    config = planning.resolve(config)  # the plan training used
+    out_dir = out_dir or os.path.join(workdir, "predict")
+    ids, paths = find_images(images, exclude=out_dir)
+    size = data.stored_size(config.data)
+    # The run's network, built as training built it (for data.image_size crops), from the config alone: segmenting
+    # images needs no training data (except to resolve a data-driven plan above: nnU-Net's automatic plan, an
+    # automatic terminal noise).
+    crop = config.data.image_size
+    model, schedule, _, fresh = train.model_and_state(config, (crop, crop, 3), abstract=True)
+    if state is None:
+        state = evaluate.load_state(config, workdir, fresh)
+    step = int(state.step)
+    variables = {"params": state.ema_params if config.eval.use_ema else state.params, **state.model_state}
+    inputs, shapes = read_inputs(paths, size)
+    logging.info("predict: %d images from %s into %s.", len(ids), images, out_dir)
+    mean, std = evaluate.ensemble_maps(
+        config,
+        model,
+        schedule,
+        variables,
+        inputs,
+        step,
+        resume_dir=os.path.join(out_dir, "partial"),
+        what="predict",
+    )
+    mean, std = mean[..., 0], std[..., 0]
+    if not distributed.is_primary():
+        return []  # every host samples; process 0 writes
+    rows = []
+    for i, (image_id, path) in enumerate(zip(ids, paths)):
+        m, s = resize_map(mean[i], shapes[i]), resize_map(std[i], shapes[i])
+        base = os.path.join(out_dir, image_id)
+        _save_png(base + "_mask.png", ((m > evaluate.THRESHOLD) * 255).astype(np.uint8))
+        _save_png(base + "_mean.png", np.round(np.clip(m, 0, 1) * 255).astype(np.uint8))
+        _save_png(base + "_std.png", np.round(np.clip(s * STD_SCALE, 0, 255)).astype(np.uint8))
+        rows.append(
+            {
+                "id": image_id,
+                "file": str(path),
+                "height": int(shapes[i][0]),
+                "width": int(shapes[i][1]),
+                "foreground_fraction": float(np.mean(m > evaluate.THRESHOLD)),
+                "mean_std": float(np.mean(s)),
+                "max_std": float(np.max(s)),
+            }
+        )
+    with open(os.path.join(out_dir, "predictions.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
+    np.savez_compressed(
+        os.path.join(out_dir, "predictions.npz"),
+        ids=np.asarray(ids),
+        files=np.asarray([str(p) for p in paths]),
+        original_size=shapes,
+        mean=mean.astype(np.float32),
+        std=std.astype(np.float32),
+    )
+    n_fig = min(config.eval.num_figure_images, len(ids))
+    plots.ensemble_figure(
+        inputs[:n_fig], None, mean[:n_fig], std[:n_fig], os.path.join(out_dir, "predictions.png")
+    )
+    record = {
+        "workdir": os.path.abspath(workdir),
+        "images": os.path.abspath(os.path.expanduser(images)),
+        "num_images": len(ids),
+        "experiment": config.experiment,
+        "model": config.model.name,
+        "step": step,
+        "weights": "ema" if config.eval.use_ema else "raw",
+        "ensemble_size": config.eval.ensemble_size,
+        "sampler": config.eval.sampler,
+        "ddim_steps": config.eval.ddim_steps if config.eval.sampler == "ddim" else None,
+        "stored_size": size,
+        "threshold": evaluate.THRESHOLD,
+        "mean_png": "probability x 255",
+        "std_png": f"std x {STD_SCALE:g}",
+    }
+    with open(os.path.join(out_dir, "predict.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    shutil.rmtree(os.path.join(out_dir, "partial"), ignore_errors=True)  # everything is written
+    logging.info("predict: wrote masks, mean and std maps of %d images to %s.", len(ids), out_dir)
+    return rows

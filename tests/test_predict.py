@@ -1,0 +1,171 @@
+"""``--mode predict``: segmenting image files without masks with a trained run."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config
+from PIL import Image
+
+from diffseg_jax import evaluate, predict, train
+from diffseg_jax.data import files
+
+
+def _png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _read(path):
+    return np.asarray(Image.open(path))
+
+
+@pytest.mark.slow
+def test_predict_gives_the_evaluation_ensemble_of_the_same_images(tmp_path, tfds_dir):
+    """The test images written as PNG files and segmented with ``--mode predict`` get exactly the ensemble means
+    and stds ``--mode evaluate`` wrote for them: the same reading, 2 x 2 tiling, batching and keys."""
+    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
+    config.data.resize = 64  # stored at 64 px: the 32 px model sees each image as four tiles
+    config.data.num_train = 16
+    config.train.num_steps = 2
+    workdir = tmp_path / "run"
+    state = train.train(config, str(workdir))
+    evaluate.evaluate(config, str(workdir), state=state)
+    with np.load(workdir / "eval" / "ensemble.npz") as ev:
+        ev = dict(ev)
+    for image_id, image in zip(ev["ids"], ev["image"]):
+        _png(str(tmp_path / "images" / f"{image_id}.png"), image)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffseg_jax.main",
+            "--config=configs/e2_synthetic.py:tiny",
+            f"--workdir={workdir}",
+            "--mode=predict",
+            f"--images={tmp_path / 'images'}",
+            f"--config.data.data_dir={tfds_dir}",
+            "--config.data.resize=64",
+            "--config.data.num_train=16",
+            "--config.train.num_steps=2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "predict: 16/16 images" in out.stderr  # progress over the 16 tiles
+    pred_dir = workdir / "predict"
+    with np.load(pred_dir / "predictions.npz") as pred:
+        pred = dict(pred)
+    assert pred["ids"].tolist() == ev["ids"].tolist()
+    np.testing.assert_array_equal(pred["mean"], ev["mean"][..., 0])
+    np.testing.assert_array_equal(pred["std"], ev["std"][..., 0])
+    assert np.std(pred["mean"]) > 0  # a real ensemble, not a constant map
+    first = ev["ids"][0]
+    np.testing.assert_array_equal(_read(pred_dir / f"{first}_mask.png"), (ev["mean"][0, ..., 0] > 0.5) * 255)
+    np.testing.assert_array_equal(
+        _read(pred_dir / f"{first}_mean.png"), np.round(ev["mean"][0, ..., 0] * 255).astype(np.uint8)
+    )
+    np.testing.assert_array_equal(
+        _read(pred_dir / f"{first}_std.png"), np.round(ev["std"][0, ..., 0] * 510).astype(np.uint8)
+    )
+    record = json.loads((pred_dir / "predict.json").read_text())
+    assert record["step"] == 2 and record["num_images"] == 4 and record["ensemble_size"] == 2
+    assert not (pred_dir / "partial").exists() and (pred_dir / "predictions.png").stat().st_size > 1000
+
+
+def _fresh_state(config):
+    """An initialised state for a tiny model, made without reading any data."""
+    model, _, _, state = train.model_and_state(config, (config.data.image_size, config.data.image_size, 3))
+    return model, state
+
+
+def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_path):
+    """Images of other sizes, modes and folders: outputs at each file's size, consistent with the stored maps;
+    the run's dataset (a folder that does not exist here) is never read."""
+    config = tiny_config("e2_folder")
+    config.data.manual_dir = str(tmp_path / "not_here")  # the training data lives elsewhere
+    config.eval.ddim_steps = 2
+    _, state = _fresh_state(config)
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    _png(str(images / "wide.png"), rng.integers(0, 256, (40, 50, 3), np.uint8))
+    _png(str(images / "case2" / "grey.png"), rng.integers(0, 256, (20, 30), np.uint8))
+    _png(str(images / "case2" / "alpha.png"), rng.integers(0, 256, (32, 32, 4), np.uint8))
+    rows = predict.predict(config, str(tmp_path / "run"), str(images), str(tmp_path / "out"), state=state)
+    out = tmp_path / "out"
+    assert [r["id"] for r in rows] == ["case2/alpha", "case2/grey", "wide"]
+    with np.load(out / "predictions.npz") as pred:
+        mean, std, sizes = pred["mean"], pred["std"], pred["original_size"]
+    assert mean.shape == (3, 32, 32) and sizes.tolist() == [[32, 32], [20, 30], [40, 50]]
+    for i, row in enumerate(rows):
+        h, w = sizes[i]
+        full = predict.resize_map(mean[i], (h, w))
+        mask = _read(out / f"{row['id']}_mask.png")
+        assert mask.shape == (h, w) and (row["height"], row["width"]) == (h, w)
+        np.testing.assert_array_equal(mask, (full > 0.5) * 255)
+        np.testing.assert_array_equal(_read(out / f"{row['id']}_mean.png"), np.round(full * 255))
+        assert row["foreground_fraction"] == pytest.approx(np.mean(full > 0.5))
+        assert row["max_std"] == pytest.approx(predict.resize_map(std[i], (h, w)).max())
+    # The stored-size inputs are the files read and resized as the dataset builders store them.
+    inputs, _ = predict.read_inputs([images / "case2" / "grey.png"], 32)
+    grey = files.resize_image(files.read_image(images / "case2" / "grey.png"), 32)
+    np.testing.assert_array_equal(inputs[0], grey / np.float32(255))
+    assert np.array_equal(grey[..., 0], grey[..., 2])  # grey replicated into RGB
+    with open(out / "predictions.csv", newline="") as f:
+        assert [r["id"] for r in csv.DictReader(f)] == ["case2/alpha", "case2/grey", "wide"]
+
+
+def test_resize_map_keeps_constants_and_the_range():
+    const = np.full((32, 32), 0.37, np.float32)
+    np.testing.assert_allclose(predict.resize_map(const, (45, 21)), 0.37, rtol=1e-6)
+    ramp = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+    up = predict.resize_map(ramp, (64, 100))
+    assert up.shape == (64, 100) and up.min() >= 0 and up.max() <= 1
+    assert np.all(np.diff(up[0]) >= -1e-6)  # bilinear keeps a ramp monotone
+    np.testing.assert_array_equal(predict.resize_map(ramp, (32, 32)), ramp)
+
+
+def test_predict_refuses_what_it_cannot_segment(tmp_path):
+    config = tiny_config("e2_synthetic")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(files.DatasetFileError, match="No image files .* under .*empty"):
+        predict.find_images(empty)
+    with pytest.raises(files.DatasetFileError, match="does not exist"):
+        predict.find_images(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(files.DatasetFileError, match="not an image file"):
+        predict.find_images(tmp_path / "notes.txt")
+    twins = tmp_path / "twins"
+    _png(str(twins / "a.png"), np.zeros((4, 4), np.uint8))
+    _png(str(twins / "a.jpg"), np.zeros((4, 4), np.uint8))
+    with pytest.raises(files.DatasetFileError, match=r"a\.jpg and .*a\.png would write the same outputs"):
+        predict.find_images(twins)
+    ids, paths = predict.find_images(twins / "a.png")
+    assert ids == ["a"] and paths == [twins / "a.png"]
+    # Outputs written inside the image folder are not segmented on a rerun.
+    (twins / "a.jpg").unlink()
+    _png(str(twins / "out" / "a_mask.png"), np.zeros((4, 4), np.uint8))
+    assert predict.find_images(twins, exclude=twins / "out")[0] == ["a"]
+    assert predict.find_images(twins)[0] == ["a", "out/a_mask"]
+    e3 = tiny_config("e3_synthetic")
+    with pytest.raises(ValueError, match="experiment 'e3'"):
+        predict.predict(e3, str(tmp_path / "run"), str(twins / "a.png"))
+    with pytest.raises(FileNotFoundError, match="No checkpoint in .*run.*train first"):
+        predict.predict(config, str(tmp_path / "run"), str(twins / "a.png"))
+
+
+def test_model_and_state_is_the_state_training_starts_from(tfds_dir):
+    """The data-free builder gives the parameters ``train.setup`` initialises from the dataset's first batch."""
+    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
+    _, _, _, _, from_data = train.setup(config)
+    _, _, _, fresh = train.model_and_state(config, (32, 32, 3))
+    jax.tree.map(np.testing.assert_array_equal, fresh.params, from_data.params)
