@@ -255,8 +255,13 @@ def evaluate(
     workdir: str,
     state: train.TrainState | None = None,
     compare_workdir: str | None = None,
+    out_dir: str | None = None,
 ) -> dict:
-    """Samples the ensemble for every test image and writes ``workdir/eval/``.
+    """Samples the ensemble for every test image and writes ``out_dir`` (default ``workdir/eval/``).
+
+    Only the test split is read (the network is built from the config), so a trained run can be evaluated on
+    an external test set: another ``config.data`` whose folder holds a ``test`` split alone, written to another
+    ``out_dir`` (``--eval_dir``) so the run's own evaluation stays.
 
     ``state`` (e.g. the state training just ended with) defaults to the latest checkpoint in ``workdir``;
     its EMA weights are used if ``eval.use_ema`` (the EnsemDiff authors sampled with the raw weights).
@@ -268,14 +273,18 @@ def evaluate(
     """
     config = planning.resolve(config)  # the plan training used (it depends only on the data)
     eval_cfg = config.eval
-    _, model, schedule, _, fresh = train.setup(config, abstract=True)
+    test = data.eval_arrays(
+        config.data, split="test", max_examples=None if eval_cfg.num_images < 0 else eval_cfg.num_images
+    )
+    crop = config.data.image_size  # the network as training built it, for its crops
+    model, schedule, _, fresh = train.model_and_state(
+        config, (crop, crop, test["image"].shape[-1]), abstract=True
+    )
     if state is None:
         state = load_state(config, workdir, fresh)
     step = int(state.step)
     variables = {"params": state.ema_params if eval_cfg.use_ema else state.params, **state.model_state}
-    test = data.eval_arrays(
-        config.data, split="test", max_examples=None if eval_cfg.num_images < 0 else eval_cfg.num_images
-    )
+    out_dir = out_dir or os.path.join(workdir, "eval")
     mean, std = ensemble_maps(
         config,
         model,
@@ -283,13 +292,12 @@ def evaluate(
         variables,
         test["image"],
         step,
-        resume_dir=os.path.join(workdir, "eval", "partial"),  # batches done so far: a crash loses none
+        resume_dir=os.path.join(out_dir, "partial"),  # batches done so far: a crash loses none
         x_channels=test["image" if config.experiment == "e4" else "mask"].shape[-1],
     )
 
     if not distributed.is_primary():
         return {}  # A multi-host evaluation samples on every host; process 0 scores and writes.
-    out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     result = {
         "experiment": config.experiment,
@@ -329,7 +337,7 @@ def evaluate(
             os.path.join(out_dir, "figure1.png"),
             num_images=n_fig,
         )
-    shutil.rmtree(os.path.join(workdir, "eval", "partial"), ignore_errors=True)  # everything is in eval/ now
+    shutil.rmtree(os.path.join(out_dir, "partial"), ignore_errors=True)  # everything is in out_dir now
     logging.info("evaluate: %s", json.dumps({k: v for k, v in result.items() if k != "reliability"}))
     return result
 

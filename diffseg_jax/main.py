@@ -1,7 +1,8 @@
 """Command line: ``python -m diffseg_jax.main --config configs/quickstart.py --workdir runs/quickstart``.
 
 Modes: ``train`` (default; trains, resuming from the workdir's latest checkpoint, then evaluates the
-ensemble on the test split when ``eval.enabled``), ``evaluate`` (evaluates the latest checkpoint; with
+ensemble on the test split when ``eval.enabled``), ``evaluate`` (evaluates the latest checkpoint on the test
+split of ``config.data``, which may be an external test set, into ``--eval_dir``, default ``<workdir>/eval``; with
 ``--compare_workdir`` also draws Fig. 1 next to that run), ``predict`` (segments the image files at ``--images``,
 which have no masks, with the latest checkpoint: mask, probability and uncertainty maps at each file's size in
 ``--predict_dir``, default ``<workdir>/predict``; see ``diffseg_jax.predict``), ``e1_protocol`` (the paper's feed-forward protocol:
@@ -33,6 +34,11 @@ _IMAGES = flags.DEFINE_string(
 )
 _PREDICT_DIR = flags.DEFINE_string(
     "predict_dir", None, "--mode predict: where to write (default WORKDIR/predict)."
+)
+_EVAL_DIR = flags.DEFINE_string(
+    "eval_dir",
+    None,
+    "--mode evaluate: where to write (default WORKDIR/eval); e.g. an external test set's results beside the run's.",
 )
 _COMPARE = flags.DEFINE_string(
     "compare_workdir", None, "An evaluated run (e.g. feed-forward) to draw side by side in eval/figure1.png."
@@ -97,7 +103,8 @@ def main(argv):
         if config.eval.enabled:
             evaluate.evaluate(config, _WORKDIR.value, state=state, compare_workdir=_COMPARE.value)
     else:
-        evaluate.evaluate(config, _WORKDIR.value, compare_workdir=_COMPARE.value)
+        configlib.validate(config)  # e.g. a missing manual_dir is named before anything is loaded
+        evaluate.evaluate(config, _WORKDIR.value, compare_workdir=_COMPARE.value, out_dir=_EVAL_DIR.value)
 
 
 def run():

@@ -25,10 +25,25 @@ def _read(path):
     return np.asarray(Image.open(path))
 
 
+def _main(*args):
+    out = subprocess.run(
+        [sys.executable, "-m", "diffseg_jax.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stderr
+
+
 @pytest.mark.slow
-def test_predict_gives_the_evaluation_ensemble_of_the_same_images(tmp_path, tfds_dir):
-    """The test images written as PNG files and segmented with ``--mode predict`` get exactly the ensemble means
-    and stds ``--mode evaluate`` wrote for them: the same reading, 2 x 2 tiling, batching and keys."""
+def test_image_files_get_the_evaluation_ensembles_by_predict_and_by_an_external_evaluation(
+    tmp_path, tfds_dir
+):
+    """The test images written as files, and segmented with ``--mode predict`` or evaluated as an external test
+    folder with ``--mode evaluate --eval_dir``, get exactly the ensembles ``--mode evaluate`` gave them in the
+    run's own dataset: the same reading, 2 x 2 tiling, batching and keys."""
     config = tiny_config("e2_synthetic", data_dir=tfds_dir)
     config.data.resize = 64  # stored at 64 px: the 32 px model sees each image as four tiles
     config.data.num_train = 16
@@ -38,29 +53,21 @@ def test_predict_gives_the_evaluation_ensemble_of_the_same_images(tmp_path, tfds
     evaluate.evaluate(config, str(workdir), state=state)
     with np.load(workdir / "eval" / "ensemble.npz") as ev:
         ev = dict(ev)
-    for image_id, image in zip(ev["ids"], ev["image"]):
+    own = (workdir / "eval" / "metrics.json").read_text()
+    for image_id, image, mask in zip(ev["ids"], ev["image"], ev["mask"]):
         _png(str(tmp_path / "images" / f"{image_id}.png"), image)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffseg_jax.main",
-            "--config=configs/e2_synthetic.py:tiny",
-            f"--workdir={workdir}",
-            "--mode=predict",
-            f"--images={tmp_path / 'images'}",
-            f"--config.data.data_dir={tfds_dir}",
-            "--config.data.resize=64",
-            "--config.data.num_train=16",
-            "--config.train.num_steps=2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert "predict: 16/16 images" in out.stderr  # progress over the 16 tiles
+        _png(str(tmp_path / "external" / "test" / "images" / f"{image_id}.png"), image)
+        _png(str(tmp_path / "external" / "test" / "masks" / f"{image_id}.png"), mask[..., 0] * 255)
+    run = [
+        "--config=configs/e2_synthetic.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={tfds_dir}",
+        "--config.data.resize=64",
+        "--config.data.num_train=16",
+        "--config.train.num_steps=2",
+    ]
+    log = _main(*run, "--mode=predict", f"--images={tmp_path / 'images'}")
+    assert "predict: 16/16 images" in log  # progress over the 16 tiles
     pred_dir = workdir / "predict"
     with np.load(pred_dir / "predictions.npz") as pred:
         pred = dict(pred)
@@ -79,6 +86,25 @@ def test_predict_gives_the_evaluation_ensemble_of_the_same_images(tmp_path, tfds
     record = json.loads((pred_dir / "predict.json").read_text())
     assert record["step"] == 2 and record["num_images"] == 4 and record["ensemble_size"] == 2
     assert not (pred_dir / "partial").exists() and (pred_dir / "predictions.png").stat().st_size > 1000
+
+    # The same images with their masks as an external test folder (a test split alone, no training data).
+    ext_dir = tmp_path / "external_eval"
+    _main(
+        *run,
+        "--mode=evaluate",
+        f"--eval_dir={ext_dir}",
+        "--config.data.name=segmentation_folder",
+        f"--config.data.manual_dir={tmp_path / 'external'}",
+    )
+    with np.load(ext_dir / "ensemble.npz") as ext:
+        np.testing.assert_array_equal(ext["mean"], ev["mean"])
+        assert ext["ids"].tolist() == ev["ids"].tolist()
+    ext_metrics = json.loads((ext_dir / "metrics.json").read_text())
+    own_metrics = json.loads(own)
+    assert ext_metrics["dataset"] == "external" and own_metrics["dataset"] == "synthetic-lesion"
+    for key in ("iou", "ece", "dice_per_image", "mean_std", "step"):
+        assert ext_metrics[key] == own_metrics[key], key
+    assert (workdir / "eval" / "metrics.json").read_text() == own  # the run's own evaluation is kept
 
 
 def _fresh_state(config):
