@@ -271,7 +271,7 @@ def evaluate(
     image / ground truth / mean / std). With ``compare_workdir`` (an evaluated run of the other training
     kind, e.g. feed-forward next to diffusion), also ``figure1.png`` with both side by side.
     """
-    config = planning.resolve(config)  # the plan training used (it depends only on the data)
+    config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
     eval_cfg = config.eval
     test = data.eval_arrays(
         config.data, split="test", max_examples=None if eval_cfg.num_images < 0 else eval_cfg.num_images

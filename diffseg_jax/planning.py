@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 
 import jax
 import ml_collections
@@ -95,6 +96,51 @@ def resolve(
             devices,
         )
     configlib.validate(c, check_data=fingerprint is None)
+    return c
+
+
+def _tuples(value):
+    """JSON lists back as the tuples the configs hold (ml_collections does not assign a list to a tuple field)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def resolve_as_trained(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """``config`` resolved as the training run in ``workdir`` resolved it, from the ``config.json`` it recorded.
+
+    The data-driven parts (nnU-Net's automatic plan: architecture, patch and batch size; an automatic terminal
+    noise) are taken from the record instead of the data, so that a trained run can be evaluated on an external
+    test set or segment image files (whose folders have no training split to plan from) with the network its
+    checkpoint holds. Without a record, or with nothing to resolve, this is :func:`resolve`.
+    """
+    plan_config = config.model.get("plan", None)
+    needs_plan = plan_config is not None and plan_config.mode == "auto"
+    d = config.diffusion
+    needs_terminal = d.get("terminal", "none") != "none" and d.alpha_bar_T <= 0
+    path = os.path.join(workdir, "config.json")
+    if not (needs_plan or needs_terminal) or not os.path.exists(path):
+        return resolve(config)
+    recorded = configlib.load(path)
+    c = copy.deepcopy(config)
+    if needs_terminal:
+        c.diffusion.alpha_bar_T = float(recorded.diffusion.alpha_bar_T)
+    if needs_plan:
+        if recorded.model.get("name") != config.model.name or recorded.model.plan.mode != "planned":
+            raise ValueError(
+                f"{path} records model {recorded.model.get('name')!r} (plan {recorded.model.plan.mode!r}), not the "
+                f"planned {config.model.name!r} of this config; pass the config the run in {workdir} was trained with."
+            )
+        with c.unlocked():
+            for key, value in recorded.model.items():
+                c.model[key] = _tuples(
+                    value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+                )
+        c.data.image_size = int(recorded.data.image_size)
+        c.train.batch_size = int(recorded.train.batch_size)
+    logging.info("Plan / terminal noise as recorded by the training run in %s.", path)
     return c
 
 

@@ -21,8 +21,10 @@ without the suffix):
   maps at the stored size; ``predictions.png``: image / mean / std of the first ``eval.num_figure_images``;
   ``predict.json``: the checkpoint step, weights, sampler and ensemble that made them, and the PNG scalings.
 
-Only image-conditioned segmentation runs can segment an image: E1 (feed-forward) and E2 (diffusion). Finished
-batches are kept in ``out_dir/partial`` until the end, so a rerun after a crash samples only the rest.
+Only image-conditioned segmentation runs can segment an image: E1 (feed-forward) and E2 (diffusion). No training
+data is read: the network comes from the config, and a data-driven plan (nnU-Net's, an automatic terminal noise)
+from the run's ``config.json``. Finished batches are kept in ``out_dir/partial`` until the end, so a rerun after a
+crash samples only the rest.
 """
 
 from __future__ import annotations
@@ -125,13 +127,12 @@ def predict(
             f"--mode predict segments images given the image, which experiment {config.experiment!r} does not "
             "(E3 samples masks without the image, E4 generates images); use an e1 or e2 run."
         )
-    config = planning.resolve(config)  # the plan training used
+    config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
     out_dir = out_dir or os.path.join(workdir, "predict")
     ids, paths = find_images(images, exclude=out_dir)
     size = data.stored_size(config.data)
     # The run's network, built as training built it (for data.image_size crops), from the config alone: segmenting
-    # images needs no training data (except to resolve a data-driven plan above: nnU-Net's automatic plan, an
-    # automatic terminal noise).
+    # images needs no training data.
     crop = config.data.image_size
     model, schedule, _, fresh = train.model_and_state(config, (crop, crop, 3), abstract=True)
     if state is None:

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import tiny_config
+from PIL import Image
 
 from configs import base
 from diffseg_jax import configlib, objectives, planning, train
@@ -336,6 +337,34 @@ def test_tiny_planned_run_trains_and_evaluates(tmp_path, tfds_dir, capsys):
     assert saved.model.plan.mode == "planned" and saved.train.batch_size == 2
     metrics = evaluate.evaluate(config, str(tmp_path), state=state)
     assert metrics["ensemble_size"] == 1 and metrics["mean_std"] == 0.0 and 0.0 <= metrics["iou"] <= 1.0
+    # Elsewhere, without the training data: the plan comes from the run's config.json, so the checkpoint restores
+    # into the planned network for image files and for an external test set alike.
+    from diffseg_jax import predict
+
+    with np.load(tmp_path / "eval" / "ensemble.npz") as ev:
+        image, mask, image_id = ev["image"][0], ev["mask"][0, ..., 0], str(ev["ids"][0])
+    external = tmp_path / "external" / "test"
+    for folder, array in (("images", image), ("masks", mask * 255)):
+        (external / folder).mkdir(parents=True)
+        Image.fromarray(array).save(external / folder / f"{image_id}.png")
+    elsewhere = tiny_config("e1_synthetic", "nnunet,tiny")
+    elsewhere.data.name = "segmentation_folder"
+    elsewhere.data.manual_dir = str(tmp_path / "external")
+    elsewhere.data.data_dir = str(tmp_path / "tfds_external")
+    with pytest.raises(ValueError, match="no 'train' split"):
+        planning.resolve(elsewhere)  # nothing to plan from here
+    assert planning.resolve_as_trained(elsewhere, str(tmp_path)).model == planning.resolve(config).model
+    rows = predict.predict(elsewhere, str(tmp_path), str(external / "images"))
+    assert [r["id"] for r in rows] == [image_id]
+    ext = evaluate.evaluate(elsewhere, str(tmp_path), out_dir=str(tmp_path / "eval_external"))
+    assert ext["step"] == 2 and ext["num_images"] == 1 and ext["dataset"] == "external"
+    # The same image, the same noise in place of x_t (one member, same key): the same probabilities.
+    with (
+        np.load(tmp_path / "predict" / "predictions.npz") as pred,
+        np.load(tmp_path / "eval_external" / "ensemble.npz") as ext_maps,
+    ):
+        np.testing.assert_array_equal(pred["mean"][0], ext_maps["mean"][0, ..., 0])
+        assert ext_maps["mean"].std() > 0
 
 
 def test_table1_gives_nnunet_an_e1_reference_cell_with_its_own_training():
