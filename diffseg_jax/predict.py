@@ -6,9 +6,8 @@ ignored, as :mod:`diffseg_jax.data.manual` stores ISIC 2016 and the folders), cu
 ``--mode evaluate`` cuts the test images (SegDiff's MoNuSeg protocol), and given the same ensemble as the
 evaluation: ``eval.ensemble_size`` members (EnsemDiff's protocol, Wolleb et al.), the members' per-pixel mean
 thresholded at 0.5 is the segmentation and their per-pixel standard deviation the uncertainty map. The maps are
-then resized (bilinear) back to each file's own size. The images, the batching and the key are those of an
-evaluation with the same config, so an image that is also a test image gets exactly its ensemble from
-``eval/ensemble.npz``.
+then resized (bilinear) back to each file's own size. Batching and keys are the evaluation's: the run's test
+images written as files and segmented together get exactly their ensembles in ``eval/ensemble.npz``.
 
 Writes into ``out_dir`` (default ``<workdir>/predict``), for the image ``<id>`` (its path under ``PATH``
 without the suffix):
@@ -24,7 +23,8 @@ without the suffix):
 Only image-conditioned segmentation runs can segment an image: E1 (feed-forward) and E2 (diffusion). No training
 data is read: the network comes from the config, and a data-driven plan (nnU-Net's, an automatic terminal noise)
 from the run's ``config.json``. Finished batches are kept in ``out_dir/partial`` until the end, so a rerun after a
-crash samples only the rest.
+crash samples only the rest. All images are held at the stored size as float32 while they are sampled
+(1,000 images at 256 px take 0.8 GB; segment a larger folder in parts).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Shared fixtures: one tfds data dir and one XLA compilation cache per test session."""
 
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -38,3 +39,13 @@ def tiny_config(config_file: str = "e2_synthetic", arg: str = "tiny", data_dir: 
     if data_dir is not None:
         config.data.data_dir = data_dir
     return config
+
+
+def run_module(module: str, *args: str, timeout: int = 900) -> str:
+    """``python -m <module> <args>`` from the repository root, as a user runs it; asserts it succeeds and returns
+    its stdout and stderr (absl logs to stderr)."""
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout + out.stderr

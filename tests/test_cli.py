@@ -3,24 +3,14 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import run_module
 
 
 def _run(args, timeout=900):
-    out = subprocess.run(
-        [sys.executable, "-m", "diffseg_jax.main", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return out.stdout + out.stderr
+    return run_module("diffseg_jax.main", *args, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -98,15 +88,7 @@ def test_table1_grid_trains_every_cell_writes_the_table_and_resumes(tmp_path, tf
     ]
 
     def run():
-        out = subprocess.run(
-            [sys.executable, "-m", "diffseg_jax.table1", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-        return out.stdout + out.stderr
+        return run_module("diffseg_jax.table1", *args)
 
     log = run()
     cells = {

@@ -3,16 +3,14 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import run_module, tiny_config
 from PIL import Image
 
-from diffseg_jax import evaluate, predict, train
+from diffseg_jax import checkpoints, evaluate, predict, train
 from diffseg_jax.data import files
 
 
@@ -26,15 +24,7 @@ def _read(path):
 
 
 def _main(*args):
-    out = subprocess.run(
-        [sys.executable, "-m", "diffseg_jax.main", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return out.stderr
+    return run_module("diffseg_jax.main", *args, timeout=600)
 
 
 @pytest.mark.slow
@@ -47,10 +37,14 @@ def test_image_files_get_the_evaluation_ensembles_by_predict_and_by_an_external_
     config = tiny_config("e2_synthetic", data_dir=tfds_dir)
     config.data.resize = 64  # stored at 64 px: the 32 px model sees each image as four tiles
     config.data.num_train = 16
-    config.train.num_steps = 2
     workdir = tmp_path / "run"
-    state = train.train(config, str(workdir))
-    evaluate.evaluate(config, str(workdir), state=state)
+    _, state = _fresh_state(config)  # a checkpoint of the initial weights stands in for training
+    state = state.replace(step=state.step + 3)
+    ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
+    ckpt.save(3, state, {})
+    ckpt.wait()
+    ckpt.close()
+    evaluate.evaluate(config, str(workdir))
     with np.load(workdir / "eval" / "ensemble.npz") as ev:
         ev = dict(ev)
     own = (workdir / "eval" / "metrics.json").read_text()
@@ -64,7 +58,6 @@ def test_image_files_get_the_evaluation_ensembles_by_predict_and_by_an_external_
         f"--config.data.data_dir={tfds_dir}",
         "--config.data.resize=64",
         "--config.data.num_train=16",
-        "--config.train.num_steps=2",
     ]
     log = _main(*run, "--mode=predict", f"--images={tmp_path / 'images'}")
     assert "predict: 16/16 images" in log  # progress over the 16 tiles
@@ -84,7 +77,7 @@ def test_image_files_get_the_evaluation_ensembles_by_predict_and_by_an_external_
         _read(pred_dir / f"{first}_std.png"), np.round(ev["std"][0, ..., 0] * 510).astype(np.uint8)
     )
     record = json.loads((pred_dir / "predict.json").read_text())
-    assert record["step"] == 2 and record["num_images"] == 4 and record["ensemble_size"] == 2
+    assert record["step"] == 3 and record["num_images"] == 4 and record["ensemble_size"] == 2
     assert not (pred_dir / "partial").exists() and (pred_dir / "predictions.png").stat().st_size > 1000
 
     # The same images with their masks as an external test folder (a test split alone, no training data).
