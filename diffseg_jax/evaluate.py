@@ -352,12 +352,14 @@ def ensemble_maps(
     resume_dir: str | None = None,
     x_channels: int = 1,
     what: str = "evaluate",
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ensemble mean and std maps of ``images`` (N, S, S, C) at the stored size, as ``--mode evaluate``
     samples them: images stored larger than the model's size are cut into model-sized tiles (SegDiff's MoNuSeg
     protocol) and the maps stitched back, or fed whole to the fully convolutional network
     (``data.eval_tiling``); ``eval.ensemble_size`` members in chunks of ``eval.member_chunk``, ``eval.batch_size``
-    images at a time, key ``eval.seed``. ``step`` and the config identify the samples kept in ``resume_dir``.
+    images at a time (or ``batch_size``), key ``eval.seed``. ``step`` and the config identify the samples kept in
+    ``resume_dir``.
     """
     eval_cfg = config.eval
     chunk = eval_cfg.member_chunk if eval_cfg.member_chunk > 0 else None
@@ -387,7 +389,7 @@ def ensemble_maps(
         variables,
         inputs,
         inputs.shape[1:3] + (x_channels,),
-        eval_cfg.batch_size,
+        batch_size or eval_cfg.batch_size,
         jax.random.PRNGKey(eval_cfg.seed),
         resume_dir=resume_dir,
         run_id={"evaluation": run_id},

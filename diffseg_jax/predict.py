@@ -6,8 +6,10 @@ ignored, as :mod:`diffseg_jax.data.manual` stores ISIC 2016 and the folders), cu
 ``--mode evaluate`` cuts the test images (SegDiff's MoNuSeg protocol), and given the same ensemble as the
 evaluation: ``eval.ensemble_size`` members (EnsemDiff's protocol, Wolleb et al.), the members' per-pixel mean
 thresholded at 0.5 is the segmentation and their per-pixel standard deviation the uncertainty map. The maps are
-then resized (bilinear) back to each file's own size. Batching and keys are the evaluation's: the run's test
-images written as files and segmented together get exactly their ensembles in ``eval/ensemble.npz``.
+then resized (bilinear) back to each file's own size. Batching and keys are the evaluation's (fewer inputs
+than ``eval.batch_size`` are one smaller batch, not padded to a whole one: the same samples up to float
+rounding): the run's test images written as files and segmented together get exactly their ensembles in
+``eval/ensemble.npz``.
 
 Writes into ``out_dir`` (default ``<workdir>/predict``), for the image ``<id>`` (its path under ``PATH``
 without the suffix):
@@ -97,6 +99,12 @@ def read_inputs(paths: list[pathlib.Path], size: int) -> tuple[np.ndarray, np.nd
     return np.stack(images), np.asarray(shapes, np.int32)
 
 
+def _tiles_per_image(config: ml_collections.ConfigDict) -> int:
+    """How many model-sized tiles the evaluation cuts a stored image into (1: fed whole)."""
+    stored, size = data.stored_size(config.data), config.data.image_size
+    return (stored // size) ** 2 if stored > size and config.data.eval_tiling == "tiles" else 1
+
+
 def resize_map(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """A float (S, S) map resized to (H, W) bilinearly (PIL's 32-bit float mode: no 8-bit rounding)."""
     if values.shape == tuple(shape):
@@ -150,6 +158,8 @@ def predict(
         step,
         resume_dir=os.path.join(out_dir, "partial"),
         what="predict",
+        # A few files are not padded to a whole evaluation batch (one image would cost eval.batch_size).
+        batch_size=min(config.eval.batch_size, len(inputs) * _tiles_per_image(config)),
     )
     mean, std = mean[..., 0], std[..., 0]
     if not distributed.is_primary():

@@ -106,7 +106,7 @@ def _fresh_state(config):
     return model, state
 
 
-def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_path):
+def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_path, monkeypatch):
     """Images of other sizes, modes and folders: outputs at each file's size, consistent with the stored maps;
     the run's dataset (a folder that does not exist here) is never read."""
     config = tiny_config("e2_folder")
@@ -140,6 +140,23 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
     assert np.array_equal(grey[..., 0], grey[..., 2])  # grey replicated into RGB
     with open(out / "predictions.csv", newline="") as f:
         assert [r["id"] for r in csv.DictReader(f)] == ["case2/alpha", "case2/grey", "wide"]
+    # One file is sampled as a batch of one, not padded to a whole evaluation batch (8 here), and padding would
+    # not change its samples: JAX's counter-based random numbers give each image the same noise either way.
+    config.eval.batch_size = 8
+    batches = []
+    sample = evaluate.sample_statistics
+    monkeypatch.setattr(
+        evaluate, "sample_statistics", lambda *a, **k: batches.append(a[4]) or sample(*a, **k)
+    )
+    predict.predict(config, "unused", str(images / "wide.png"), str(tmp_path / "one"), state=state)
+    with np.load(tmp_path / "one" / "predictions.npz") as pred:
+        alone = pred["mean"]
+    model, schedule, _, _ = train.model_and_state(config, (32, 32, 3), abstract=True)
+    inputs, _ = predict.read_inputs([images / "wide.png"], 32)
+    weights = {"params": state.ema_params if config.eval.use_ema else state.params, **state.model_state}
+    padded, _ = evaluate.ensemble_maps(config, model, schedule, weights, inputs, 0)
+    assert batches == [1, 8]
+    np.testing.assert_allclose(alone, padded[..., 0], atol=1e-6)  # programs of other shapes may round apart
 
 
 def test_resize_map_keeps_constants_and_the_range():
