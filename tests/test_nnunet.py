@@ -358,12 +358,13 @@ def test_tiny_planned_run_trains_and_evaluates(tmp_path, tfds_dir, capsys):
     assert [r["id"] for r in rows] == [image_id]
     ext = evaluate.evaluate(elsewhere, str(tmp_path), out_dir=str(tmp_path / "eval_external"))
     assert ext["step"] == 2 and ext["num_images"] == 1 and ext["dataset"] == "external"
-    # The same image, the same noise in place of x_t (one member, same key): the same probabilities.
+    # The same image, the same noise in place of x_t (one member, same key): the same probabilities, up to the
+    # rounding of programs of another batch length (predict samples one file alone, evaluate pads to 4).
     with (
         np.load(tmp_path / "predict" / "predictions.npz") as pred,
         np.load(tmp_path / "eval_external" / "ensemble.npz") as ext_maps,
     ):
-        np.testing.assert_array_equal(pred["mean"][0], ext_maps["mean"][0, ..., 0])
+        np.testing.assert_allclose(pred["mean"][0], ext_maps["mean"][0, ..., 0], atol=2e-5)
         assert ext_maps["mean"].std() > 0
 
 
