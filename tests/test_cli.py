@@ -49,11 +49,16 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
             "--mode",
             "evaluate",
             f"--compare_workdir={workdir}",
+            f"--eval_dir={workdir / 'eval_again'}",
             f"--config.data.data_dir={tfds_dir}",
         ]
     )
     assert "Training" not in log and "at step 4 with the EMA weights" in log
-    assert "images/s" in log and (workdir / "eval" / "figure1.png").stat().st_size > 1000
+    assert "images/s" in log and (workdir / "eval_again" / "figure1.png").stat().st_size > 1000
+    # Written to --eval_dir, the run's eval/ kept: the same checkpoint and keys give the same ensembles.
+    again = json.loads((workdir / "eval_again" / "metrics.json").read_text())
+    assert json.loads((workdir / "eval" / "metrics.json").read_text()) == metrics
+    assert again["iou"] == metrics["iou"] and again["ece"] == metrics["ece"]
 
 
 def test_summary_prints_published_ensemdiff_param_count():

@@ -4,7 +4,6 @@ import csv
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from conftest import run_module, tiny_config
@@ -80,15 +79,13 @@ def test_image_files_get_the_evaluation_ensembles_by_predict_and_by_an_external_
     assert record["step"] == 3 and record["num_images"] == 4 and record["ensemble_size"] == 2
     assert not (pred_dir / "partial").exists() and (pred_dir / "predictions.png").stat().st_size > 1000
 
-    # The same images with their masks as an external test folder (a test split alone, no training data).
+    # The same images with their masks as an external test folder (a test split alone, no training data);
+    # --eval_dir on the command line is tested in test_cli.
+    external = config.copy_and_resolve_references()
+    external.data.name = "segmentation_folder"
+    external.data.manual_dir = str(tmp_path / "external")
     ext_dir = tmp_path / "external_eval"
-    _main(
-        *run,
-        "--mode=evaluate",
-        f"--eval_dir={ext_dir}",
-        "--config.data.name=segmentation_folder",
-        f"--config.data.manual_dir={tmp_path / 'external'}",
-    )
+    evaluate.evaluate(external, str(workdir), out_dir=str(ext_dir))
     with np.load(ext_dir / "ensemble.npz") as ext:
         np.testing.assert_array_equal(ext["mean"], ev["mean"])
         assert ext["ids"].tolist() == ev["ids"].tolist()
@@ -197,11 +194,3 @@ def test_predict_refuses_what_it_cannot_segment(tmp_path):
         predict.predict(e3, str(tmp_path / "run"), str(twins / "a.png"))
     with pytest.raises(FileNotFoundError, match="No checkpoint in .*run.*train first"):
         predict.predict(config, str(tmp_path / "run"), str(twins / "a.png"))
-
-
-def test_model_and_state_is_the_state_training_starts_from(tfds_dir):
-    """The data-free builder gives the parameters ``train.setup`` initialises from the dataset's first batch."""
-    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
-    _, _, _, _, from_data = train.setup(config)
-    _, _, _, fresh = train.model_and_state(config, (32, 32, 3))
-    jax.tree.map(np.testing.assert_array_equal, fresh.params, from_data.params)
