@@ -121,6 +121,26 @@ def load_state(config: ml_collections.ConfigDict, workdir: str, fresh: train.Tra
     return state
 
 
+def trained_network(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    image_channels: int,
+    state: train.TrainState | None = None,
+) -> tuple[Any, diffusion.Schedule, int, dict]:
+    """(model, schedule, step, variables) of the run in ``workdir`` to sample with, reading no data.
+
+    The network is built from the (resolved) config as training built it, for ``data.image_size`` crops of
+    ``image_channels``-channel images; ``state`` defaults to the latest checkpoint. The variables hold the EMA
+    weights if ``eval.use_ema``, else the raw ones.
+    """
+    crop = config.data.image_size
+    model, schedule, _, fresh = train.model_and_state(config, (crop, crop, image_channels), abstract=True)
+    if state is None:
+        state = load_state(config, workdir, fresh)
+    variables = {"params": state.ema_params if config.eval.use_ema else state.params, **state.model_state}
+    return model, schedule, int(state.step), variables
+
+
 def _weights_digest(variables: Any) -> str:
     """A cheap fingerprint of the weights (sum of |w| and the leaf count): tells a retrained model from the one
     a partial evaluation sampled, without moving the weights to the host."""
@@ -276,14 +296,7 @@ def evaluate(
     test = data.eval_arrays(
         config.data, split="test", max_examples=None if eval_cfg.num_images < 0 else eval_cfg.num_images
     )
-    crop = config.data.image_size  # the network as training built it, for its crops
-    model, schedule, _, fresh = train.model_and_state(
-        config, (crop, crop, test["image"].shape[-1]), abstract=True
-    )
-    if state is None:
-        state = load_state(config, workdir, fresh)
-    step = int(state.step)
-    variables = {"params": state.ema_params if eval_cfg.use_ema else state.params, **state.model_state}
+    model, schedule, step, variables = trained_network(config, workdir, test["image"].shape[-1], state)
     out_dir = out_dir or os.path.join(workdir, "eval")
     mean, std = ensemble_maps(
         config,
@@ -352,13 +365,14 @@ def ensemble_maps(
     resume_dir: str | None = None,
     x_channels: int = 1,
     what: str = "evaluate",
-    batch_size: int | None = None,
+    pad_to_batch: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ensemble mean and std maps of ``images`` (N, S, S, C) at the stored size, as ``--mode evaluate``
     samples them: images stored larger than the model's size are cut into model-sized tiles (SegDiff's MoNuSeg
     protocol) and the maps stitched back, or fed whole to the fully convolutional network
     (``data.eval_tiling``); ``eval.ensemble_size`` members in chunks of ``eval.member_chunk``, ``eval.batch_size``
-    images at a time (or ``batch_size``), key ``eval.seed``. ``step`` and the config identify the samples kept in
+    images (or tiles) at a time, key ``eval.seed``; with ``pad_to_batch`` False, fewer inputs than that are one
+    smaller batch instead of a padded whole one. ``step`` and the config identify the samples kept in
     ``resume_dir``.
     """
     eval_cfg = config.eval
@@ -389,7 +403,7 @@ def ensemble_maps(
         variables,
         inputs,
         inputs.shape[1:3] + (x_channels,),
-        batch_size or eval_cfg.batch_size,
+        eval_cfg.batch_size if pad_to_batch else min(eval_cfg.batch_size, len(inputs)),
         jax.random.PRNGKey(eval_cfg.seed),
         resume_dir=resume_dir,
         run_id={"evaluation": run_id},

@@ -99,12 +99,6 @@ def read_inputs(paths: list[pathlib.Path], size: int) -> tuple[np.ndarray, np.nd
     return np.stack(images), np.asarray(shapes, np.int32)
 
 
-def _tiles_per_image(config: ml_collections.ConfigDict) -> int:
-    """How many model-sized tiles the evaluation cuts a stored image into (1: fed whole)."""
-    stored, size = data.stored_size(config.data), config.data.image_size
-    return (stored // size) ** 2 if stored > size and config.data.eval_tiling == "tiles" else 1
-
-
 def resize_map(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """A float (S, S) map resized to (H, W) bilinearly (PIL's 32-bit float mode: no 8-bit rounding)."""
     if values.shape == tuple(shape):
@@ -139,14 +133,9 @@ def predict(
     out_dir = out_dir or os.path.join(workdir, "predict")
     ids, paths = find_images(images, exclude=out_dir)
     size = data.stored_size(config.data)
-    # The run's network, built as training built it (for data.image_size crops), from the config alone: segmenting
-    # images needs no training data.
-    crop = config.data.image_size
-    model, schedule, _, fresh = train.model_and_state(config, (crop, crop, 3), abstract=True)
-    if state is None:
-        state = evaluate.load_state(config, workdir, fresh)
-    step = int(state.step)
-    variables = {"params": state.ema_params if config.eval.use_ema else state.params, **state.model_state}
+    model, schedule, step, variables = evaluate.trained_network(
+        config, workdir, 3, state
+    )  # files read as RGB
     inputs, shapes = read_inputs(paths, size)
     logging.info("predict: %d images from %s into %s.", len(ids), images, out_dir)
     mean, std = evaluate.ensemble_maps(
@@ -158,8 +147,7 @@ def predict(
         step,
         resume_dir=os.path.join(out_dir, "partial"),
         what="predict",
-        # A few files are not padded to a whole evaluation batch (one image would cost eval.batch_size).
-        batch_size=min(config.eval.batch_size, len(inputs) * _tiles_per_image(config)),
+        pad_to_batch=False,  # a few files are not padded to a whole evaluation batch
     )
     mean, std = mean[..., 0], std[..., 0]
     if not distributed.is_primary():
