@@ -15,6 +15,14 @@ takes the grid's step count):
   python -m diffseg_jax.table1 --config configs/table1_synthetic.py --workdir runs/table1 \
       --config.table.models='("nnunet","ensemdiff","segdiff","medsegdiff")'
 
+Real data at the same scale: any folder holding train/{images,masks} and test/{images,masks} (the
+segmentation_folder layout; MoNuSeg's 512 px tiles here, or a private set like the paper's HER2) becomes a
+dataset of the grid, stored at data.resize px, trained on random 32 px crops and evaluated on 32 px tiles:
+
+  python -m diffseg_jax.table1 --config configs/table1_synthetic.py --workdir runs/table1 \
+      --config.table.kinds='()' --config.table.folders='("../shared/data/monuseg2018_512",)' \
+      --config.data.resize=128
+
 The analyses of Sec. 4.2-4.3 (Figs. 3 and 4) on the same data, E2/E3/E4 of the image-droppable models:
 
   python -m diffseg_jax.table1 --config configs/table1_synthetic.py --workdir runs/table1 \
@@ -33,6 +41,7 @@ def get_config(arg=None):
     c.table = ml_collections.ConfigDict(
         dict(
             kinds=("lesion", "nuclei", "clusters"),
+            folders=(),  # real datasets: folders holding train/ and test/ images/ + masks/
             models=("ensemdiff", "segdiff", "medsegdiff"),
             experiments=("e1", "e2"),
             e1_protocol=False,

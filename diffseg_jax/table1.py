@@ -1,8 +1,10 @@
 """Runs a grid of E1/E2 experiments and writes Table 1: ``python -m diffseg_jax.table1 --config C --workdir W``.
 
 The config (e.g. ``configs/table1_synthetic.py``) holds the shared settings and a ``table`` group: synthetic
-``kinds``, ``models`` and ``experiments``. Each cell is the model's tiny config with its published scheme, the
-shared settings laid over it, trained and evaluated in ``<workdir>/<kind>/<model>_<experiment>`` (the E1 cells
+``kinds``, image/mask ``folders`` (real datasets in the ``segmentation_folder`` layout, read with the grid's
+``data.resize``, ``data.eval_tiling`` and ``data.mask_threshold``), ``models`` and ``experiments``. Each cell
+is the model's tiny config with its published scheme, the shared settings laid over it, trained and evaluated
+in ``<workdir>/<dataset>/<model>_<experiment>`` (``<dataset>`` a kind or the folder's name; the E1 cells
 through the feed-forward protocol with ``table.e1_protocol``). Finished cells are skipped, unfinished ones
 resume; identical programs compile once (a persistent compilation cache in ``<workdir>/.jax_cache`` unless
 one is set already).
@@ -24,6 +26,7 @@ from ml_collections import config_flags
 from diffseg_jax import configlib, evaluate, models, protocol, report, train, writers
 from diffseg_jax.analysis import fingerprints
 from diffseg_jax.analysis import run as analysis_run
+from diffseg_jax.data import synthetic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Grid config, e.g. configs/table1_synthetic.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs and the table.")
@@ -55,11 +58,35 @@ REFERENCE_OWN = {
 }
 
 
+# What a folder dataset's cells take from the grid's data group (the synthetic cells have no use for them).
+FOLDER_DATA = ("resize", "eval_tiling", "mask_threshold")
+
+
+def datasets(grid: ml_collections.ConfigDict) -> list[str]:
+    """The grid's datasets: its synthetic kinds, then its folders (as given)."""
+    names = [*grid.table.kinds, *grid.table.get("folders", ())]
+    labels = [dataset_name(d) for d in names]
+    for label in set(labels):
+        clash = [d for d, lab in zip(names, labels) if lab == label]
+        if len(clash) > 1:
+            raise ValueError(
+                f"table: datasets {clash} would share the folder <workdir>/{label}; rename a folder or drop one."
+            )
+    return names
+
+
+def dataset_name(dataset: str) -> str:
+    """Where a dataset's cells live under the workdir: a synthetic kind as it is, a folder by its name."""
+    if dataset in synthetic.KINDS:
+        return dataset
+    return os.path.basename(os.path.normpath(os.path.expanduser(dataset)))
+
+
 def cells(grid: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
-    """(kind, model, experiment) of every cell; feed-forward references only in E1."""
+    """(dataset, model, experiment) of every cell; feed-forward references only in E1."""
     return [
         (k, m, e)
-        for k in grid.table.kinds
+        for k in datasets(grid)
         for m in grid.table.models
         for e in grid.table.experiments
         if e == "e1" or not models.is_feed_forward(m)
@@ -67,16 +94,23 @@ def cells(grid: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
 
 
 def cell_config(
-    grid: ml_collections.ConfigDict, kind: str, model: str, experiment: str
+    grid: ml_collections.ConfigDict, dataset: str, model: str, experiment: str
 ) -> ml_collections.ConfigDict:
-    """The config of one cell: ``model``'s tiny config, the grid's shared settings, ``kind`` and ``experiment``."""
+    """The config of one cell: ``model``'s tiny config, the grid's shared settings, ``dataset`` (a synthetic
+    kind or an image/mask folder) and ``experiment``."""
     try:  # the experiment configs live beside the package, in the repository's configs/
         from configs import base
     except ImportError as e:
         raise ImportError("Run the table from the repository root, where configs/ is importable.") from e
     c = base.get_config(f"{model},tiny")
     c.experiment = experiment
-    c.data.kind = kind
+    if dataset in synthetic.KINDS:
+        c.data.kind = dataset
+    else:
+        c.data.name = "segmentation_folder"
+        c.data.manual_dir = dataset
+        for key in FOLDER_DATA:
+            c.data[key] = grid.data[key]
     own = REFERENCE_OWN if models.is_feed_forward(model) else {}
     for group, keys in SHARED.items():
         for key in keys:
@@ -103,16 +137,16 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     grid_cells = cells(grid)
     t0 = time.time()
-    for i, (kind, model, experiment) in enumerate(grid_cells):
-        config = cell_config(grid, kind, model, experiment)
+    for i, (dataset, model, experiment) in enumerate(grid_cells):
+        config = cell_config(grid, dataset, model, experiment)
         configlib.validate(config)
-        cell_dir = os.path.join(workdir, kind, f"{model}_{experiment}")
+        cell_dir = os.path.join(workdir, dataset_name(dataset), f"{model}_{experiment}")
         elapsed = time.time() - t0
         logging.info(
             "table1: cell %d/%d %s %s %s (%s elapsed)",
             i + 1,
             len(grid_cells),
-            kind,
+            dataset_name(dataset),
             model,
             experiment,
             writers.format_duration(elapsed),

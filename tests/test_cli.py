@@ -72,14 +72,65 @@ def test_summary_prints_published_ensemdiff_param_count():
     assert "params: 113672065" in log
 
 
+def _write_folder_dataset(root, counts=(("train", 6), ("test", 2)), size=64):
+    """A tiny dataset in the segmentation_folder layout: bright disks (the masks) on a noisy dark background."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for split, count in counts:
+        for folder in ("images", "masks"):
+            (root / split / folder).mkdir(parents=True)
+        for i in range(count):
+            cy, cx, r = rng.uniform(16, size - 16, 2).tolist() + [rng.uniform(6, 14)]
+            mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2).astype(np.uint8)
+            image = np.clip(60 + 140 * mask[..., None] + rng.normal(0, 20, (size, size, 3)), 0, 255)
+            Image.fromarray(image.astype(np.uint8)).save(root / split / "images" / f"{split}{i}.png")
+            Image.fromarray(mask * 255).save(root / split / "masks" / f"{split}{i}.png")
+
+
+def test_table1_folder_cells_read_the_folder_and_names_must_differ(tmp_path):
+    from configs import table1_synthetic
+    from diffseg_jax import configlib, table1
+
+    grid = table1_synthetic.get_config()
+    grid.table.kinds, grid.table.models = ("nuclei",), ("segdiff",)
+    folder = tmp_path / "her2"
+    _write_folder_dataset(folder, counts=(("train", 1), ("test", 1)))
+    grid.table.folders = (str(folder) + "/",)
+    grid.data.resize, grid.data.mask_threshold = 128, 100.0
+    assert table1.cells(grid) == [
+        (d, "segdiff", e) for d in ("nuclei", str(folder) + "/") for e in ("e1", "e2")
+    ]
+    assert table1.dataset_name(str(folder) + "/") == "her2"
+    cell = table1.cell_config(grid, str(folder) + "/", "segdiff", "e2")
+    assert (cell.data.name, cell.data.manual_dir, cell.data.resize) == (
+        "segmentation_folder",
+        str(folder) + "/",
+        128,
+    )
+    assert cell.data.mask_threshold == 100.0 and cell.data.image_size == 32 and cell.train.lr == grid.train.lr
+    configlib.validate(cell, check_data=False)
+    synthetic_cell = table1.cell_config(grid, "nuclei", "segdiff", "e2")
+    assert synthetic_cell.data.name == "synthetic" and synthetic_cell.data.resize is None
+    grid.table.folders = (str(tmp_path / "nuclei"),)  # would share <workdir>/nuclei with the synthetic kind
+    with pytest.raises(ValueError, match="would share the folder <workdir>/nuclei"):
+        table1.cells(grid)
+
+
 @pytest.mark.slow
 def test_table1_grid_trains_every_cell_writes_the_table_and_resumes(tmp_path, tfds_dir):
-    """``python -m diffseg_jax.table1`` (README, Reproducing the paper) on a one-row grid at the smallest scale."""
+    """``python -m diffseg_jax.table1`` (README, Reproducing the paper) on a grid of one synthetic kind and one
+    image/mask folder, one model, at the smallest scale."""
     workdir = tmp_path / "table1"
+    folder = tmp_path / "my_set"  # a real dataset's layout (train/ and test/ images + masks), stored at 64 px
+    _write_folder_dataset(folder)
     args = [
         "--config=configs/table1_synthetic.py",
         f"--workdir={workdir}",
         "--config.table.kinds=('lesion',)",
+        f"--config.table.folders=('{folder}',)",
+        "--config.data.resize=64",
         "--config.table.models=('ensemdiff',)",
         f"--config.data.data_dir={tfds_dir}",
         "--config.data.num_train=16",
@@ -96,24 +147,36 @@ def test_table1_grid_trains_every_cell_writes_the_table_and_resumes(tmp_path, tf
         return run_module("diffseg_jax.table1", *args)
 
     log = run()
-    cells = {
-        e: json.loads((workdir / "lesion" / f"ensemdiff_{e}" / "eval" / "metrics.json").read_text())
-        for e in ("e1", "e2")
-    }
-    assert cells["e1"]["step"] == cells["e2"]["step"] == 2 and cells["e2"]["ensemble_size"] == 2
     with open(workdir / "table1.csv", newline="") as f:
-        (row,) = list(csv.DictReader(f))
-    ff, diff = float(row["ff_iou"]), float(row["diff_iou"])  # the CSV keeps the fractions at full precision
-    assert ff == pytest.approx(cells["e1"]["iou"]) and diff == pytest.approx(cells["e2"]["iou"])
-    assert float(row["delta_iou"]) == pytest.approx(diff - ff)
-    assert float(row["delta_ece"]) == pytest.approx(cells["e2"]["ece"] - cells["e1"]["ece"])
+        rows = {r["dataset"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["my_set", "synthetic-lesion"]
+    for dataset, cell_dir in (("synthetic-lesion", "lesion"), ("my_set", "my_set")):
+        cells = {
+            e: json.loads((workdir / cell_dir / f"ensemdiff_{e}" / "eval" / "metrics.json").read_text())
+            for e in ("e1", "e2")
+        }
+        assert cells["e1"]["step"] == cells["e2"]["step"] == 2 and cells["e2"]["ensemble_size"] == 2
+        assert cells["e1"]["dataset"] == cells["e2"]["dataset"] == dataset
+        row = rows[dataset]
+        ff, diff = (
+            float(row["ff_iou"]),
+            float(row["diff_iou"]),
+        )  # the CSV keeps the fractions at full precision
+        assert ff == pytest.approx(cells["e1"]["iou"]) and diff == pytest.approx(cells["e2"]["iou"])
+        assert float(row["delta_iou"]) == pytest.approx(diff - ff)
+        assert float(row["delta_ece"]) == pytest.approx(cells["e2"]["ece"] - cells["e1"]["ece"])
+    # The folder's cells read its images, stored at data.resize and evaluated on the model's 32 px tiles.
+    saved = json.loads((workdir / "my_set" / "ensemdiff_e2" / "config.json").read_text())
+    assert saved["data"]["manual_dir"] == str(folder) and saved["data"]["resize"] == 64
+    with np.load(workdir / "my_set" / "ensemdiff_e2" / "eval" / "ensemble.npz") as ev:
+        assert ev["mean"].shape == (2, 64, 64, 1) and sorted(ev["ids"].tolist()) == ["test0", "test1"]
     assert (
-        "cell 2/2" in log
+        "cell 4/4" in log
         and "Training ensemdiff (e2)" in log
         and (workdir / "table1.md").exists()
         and (workdir / "table1.tex").exists()
     )
-    # A rerun finds both cells finished: nothing is trained again and the table is the same.
+    # A rerun finds every cell finished: nothing is trained again and the table is the same.
     table = (workdir / "table1.csv").read_text()
     log = run()
     assert "Training" not in log and "steps/s" not in log
