@@ -67,9 +67,7 @@ def network_curves(config, workdir, test, ts, key) -> tuple[dict[str, np.ndarray
         raise ValueError(
             f"Per-timestep curves need a diffusion model (e2, e3 or e4); this run is {experiment!r}."
         )
-    _, model, schedule, _, fresh = train.setup(config, abstract=True)
-    state = evaluate.load_state(config, workdir, fresh)
-    variables = {"params": state.ema_params if config.eval.use_ema else state.params, **state.model_state}
+    model, schedule, step, variables = evaluate.trained_network(config, workdir, test["image"].shape[-1])
     a = config.analysis
     prediction = objectives.prediction_type(experiment)
     mask_range = config.diffusion.mask_range if experiment != "e4" else "symmetric"
@@ -113,7 +111,7 @@ def network_curves(config, workdir, test, ts, key) -> tuple[dict[str, np.ndarray
             len(ts),
             done / (time.time() - t0),
         )
-    return {name: sums[name] / num for name in CURVES[experiment]}, int(state.step)
+    return {name: sums[name] / num for name in CURVES[experiment]}, step
 
 
 def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
@@ -122,7 +120,7 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     unknown = sorted(set(a.analyses) - set(ANALYSES))
     if unknown:
         raise ValueError(f"Unknown analyses {unknown} in config.analysis.analyses; choose from {ANALYSES}.")
-    config = planning.resolve(config)  # the terminal noise and plan training used (they depend on the data)
+    config = planning.resolve_as_trained(config, workdir)  # the terminal noise and plan training used
     out_dir = os.path.join(workdir, "analysis")
     os.makedirs(out_dir, exist_ok=True)
     schedule = train.build_schedule(config.diffusion)
