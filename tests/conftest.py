@@ -49,3 +49,10 @@ def run_module(module: str, *args: str, timeout: int = 900) -> str:
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out.stdout + out.stderr
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (the order is otherwise kept): the two xdist workers share out the long runs at the
+    start and end on short tests, instead of one worker starting a two-minute run while the other has finished."""
+    del config
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

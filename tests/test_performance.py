@@ -52,6 +52,7 @@ def _losses(state, step, n):
     return np.asarray(out), state
 
 
+@pytest.mark.slow
 def test_bf16_computes_in_bf16_keeps_f32_params_and_tracks_the_f32_loss_curve():
     model, state32, step32 = _setup("float32")
     _, state16, step16 = _setup("bfloat16")
@@ -81,6 +82,7 @@ def test_bf16_computes_in_bf16_keeps_f32_params_and_tracks_the_f32_loss_curve():
     assert l16[-1] < l16[0]  # and it learns
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_parameters_and_step():
     _, plain, step_plain = _setup(remat=False)
     _, remat, step_remat = _setup(remat=True)

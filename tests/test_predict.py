@@ -103,6 +103,7 @@ def _fresh_state(config):
     return model, state
 
 
+@pytest.mark.slow
 def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_path, monkeypatch):
     """Images of other sizes, modes and folders: outputs at each file's size, consistent with the stored maps;
     the run's dataset (a folder that does not exist here) is never read."""
