@@ -38,7 +38,6 @@ def _final_params(workdir, config):
     return step, restored, meta
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tfds_dir):
     steps = 16
     overrides = [
@@ -148,7 +147,6 @@ def _losses(devices, tfds_dir):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_losses(tfds_dir):
     tiny_config(data_dir=tfds_dir)  # Builds nothing by itself; the subprocesses share tfds_dir.
     one, eight = _losses(1, tfds_dir), _losses(8, tfds_dir)
@@ -239,7 +237,6 @@ def test_unknown_override_key_fails_at_start(tmp_path):
     assert proc.returncode != 0 and "num_stpes" in out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["e1", "e4"])  # E3 samples as E2 does, without the image
 def test_other_experiments_train_and_evaluate(tmp_path, tfds_dir, experiment):
     from diffseg_jax import evaluate
@@ -272,7 +269,6 @@ def test_other_experiments_train_and_evaluate(tmp_path, tfds_dir, experiment):
             analysis.analyse(config, str(tmp_path))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["segdiff", "medsegdiff"])
 def test_each_architecture_trains_and_samples_e2(tmp_path, tfds_dir, arch):
     from diffseg_jax import evaluate
