@@ -266,8 +266,13 @@ def dataset_label(data_config: ml_collections.ConfigDict) -> str:
     if data_config.name == "synthetic":
         return f"synthetic-{data_config.kind}"
     if data_config.name == "segmentation_folder" and data_config.get("manual_dir"):
-        return os.path.basename(os.path.normpath(os.path.expanduser(data_config.manual_dir)))
+        return folder_label(data_config.manual_dir)
     return str(data_config.name)
+
+
+def folder_label(path: str) -> str:
+    """An image/mask folder's name for tables and cell folders: its last component (``/data/her2/`` → ``her2``)."""
+    return os.path.basename(os.path.normpath(os.path.expanduser(path)))
 
 
 def evaluate(

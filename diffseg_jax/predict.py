@@ -133,9 +133,8 @@ def predict(
     out_dir = out_dir or os.path.join(workdir, "predict")
     ids, paths = find_images(images, exclude=out_dir)
     size = data.stored_size(config.data)
-    model, schedule, step, variables = evaluate.trained_network(
-        config, workdir, 3, state
-    )  # files read as RGB
+    # The run's network from its config alone (no training data), for the RGB the files are read as.
+    model, schedule, step, variables = evaluate.trained_network(config, workdir, 3, state)
     inputs, shapes = read_inputs(paths, size)
     logging.info("predict: %d images from %s into %s.", len(ids), images, out_dir)
     mean, std = evaluate.ensemble_maps(

@@ -65,21 +65,21 @@ FOLDER_DATA = ("resize", "eval_tiling", "mask_threshold")
 def datasets(grid: ml_collections.ConfigDict) -> list[str]:
     """The grid's datasets: its synthetic kinds, then its folders (as given)."""
     names = [*grid.table.kinds, *grid.table.get("folders", ())]
-    labels = [dataset_name(d) for d in names]
-    for label in set(labels):
-        clash = [d for d, lab in zip(names, labels) if lab == label]
-        if len(clash) > 1:
+    seen: dict[str, str] = {}
+    for dataset in names:
+        label = dataset_name(dataset)
+        if label in seen:
             raise ValueError(
-                f"table: datasets {clash} would share the folder <workdir>/{label}; rename a folder or drop one."
+                f"table: datasets {[seen[label], dataset]} would share the folder <workdir>/{label}; rename a "
+                "folder or drop one."
             )
+        seen[label] = dataset
     return names
 
 
 def dataset_name(dataset: str) -> str:
     """Where a dataset's cells live under the workdir: a synthetic kind as it is, a folder by its name."""
-    if dataset in synthetic.KINDS:
-        return dataset
-    return os.path.basename(os.path.normpath(os.path.expanduser(dataset)))
+    return dataset if dataset in synthetic.KINDS else evaluate.folder_label(dataset)
 
 
 def cells(grid: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
@@ -140,13 +140,14 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     for i, (dataset, model, experiment) in enumerate(grid_cells):
         config = cell_config(grid, dataset, model, experiment)
         configlib.validate(config)
-        cell_dir = os.path.join(workdir, dataset_name(dataset), f"{model}_{experiment}")
+        name = dataset_name(dataset)
+        cell_dir = os.path.join(workdir, name, f"{model}_{experiment}")
         elapsed = time.time() - t0
         logging.info(
             "table1: cell %d/%d %s %s %s (%s elapsed)",
             i + 1,
             len(grid_cells),
-            dataset_name(dataset),
+            name,
             model,
             experiment,
             writers.format_duration(elapsed),

@@ -149,9 +149,8 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
     predict.predict(config, "unused", str(images / "wide.png"), str(tmp_path / "one"), state=state)
     with np.load(tmp_path / "one" / "predictions.npz") as pred:
         alone = pred["mean"]
-    model, schedule, _, _ = train.model_and_state(config, (32, 32, 3), abstract=True)
+    model, schedule, _, weights = evaluate.trained_network(config, "unused", 3, state)
     inputs, _ = predict.read_inputs([images / "wide.png"], 32)
-    weights = {"params": state.ema_params if config.eval.use_ema else state.params, **state.model_state}
     padded, _ = evaluate.ensemble_maps(config, model, schedule, weights, inputs, 0)
     assert batches == [1, 8]
     np.testing.assert_allclose(alone, padded[..., 0], atol=1e-6)  # programs of other shapes may round apart
