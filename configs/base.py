@@ -314,6 +314,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # pooling: which IoU / ECE metrics.json reports as `iou` / `ece` (both are always written):
     # 'pooled' over all test pixels (a torchmetrics metric object accumulated over the test set) or
     # 'per_image' (the mean of per-image values). ece_bins: equal-width bins (the paper: 10).
+    # predict_chunk: images --mode predict reads and samples at a time (a multiple of batch_size; bounds memory).
     c.eval = ml_collections.ConfigDict(
         dict(
             enabled=True,
@@ -330,6 +331,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_figure_images=4,
             pooling="pooled",
             ece_bins=10,
+            predict_chunk=256,
         )
     )
 

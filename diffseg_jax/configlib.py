@@ -222,6 +222,9 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             config.eval.ddim_steps,
             f"Use 1..diffusion.num_timesteps={config.diffusion.num_timesteps}.",
         )
+    for key in ("batch_size", "predict_chunk"):
+        if config.eval[key] < 1:
+            _fail(f"eval.{key}", config.eval[key], "Use a positive number of images.")
     if config.eval.ensemble_size < 1:
         _fail("eval.ensemble_size", config.eval.ensemble_size, "Use at least one member.")
 

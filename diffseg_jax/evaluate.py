@@ -98,6 +98,12 @@ def make_member_fn(
     return member
 
 
+def ensemble_fn(config: ml_collections.ConfigDict, model, schedule: diffusion.Schedule) -> Callable:
+    """The jitted ensemble ``config.eval`` describes (:func:`make_ensemble_fn` of :func:`make_member_fn`)."""
+    chunk = config.eval.member_chunk if config.eval.member_chunk > 0 else None
+    return make_ensemble_fn(make_member_fn(model, schedule, config), config.eval.ensemble_size, chunk)
+
+
 def make_ensemble_fn(member, num_members: int, member_chunk: int | None):
     """Jitted ``(variables, images, x_template, key) -> {mean, std}`` over ``num_members`` vmapped members."""
 
@@ -141,7 +147,7 @@ def trained_network(
     return model, schedule, int(state.step), variables
 
 
-def _weights_digest(variables: Any) -> str:
+def weights_digest(variables: Any) -> str:
     """A cheap fingerprint of the weights (sum of |w| and the leaf count): tells a retrained model from the one
     a partial evaluation sampled, without moving the weights to the host."""
     # The first local copy of each (replicated) leaf: also defined when the arrays span several hosts.
@@ -198,14 +204,16 @@ def sample_statistics(
     resume_dir: str | None = None,
     run_id: dict | None = None,
     what: str = "evaluate",
+    first_batch: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ensemble mean and std for every input, ``batch_size`` images at a time, sharded over all devices.
 
     Every batch is padded to the same size, a multiple of the device count (one compilation), and split
     along the image axis over every host's devices (members stay on the device of their image: no
     communication); each host holds all inputs and gets all outputs. Batch ``i`` uses
-    ``fold_in(key, i)``; when ``batch_size`` is a multiple of the device count the samples do not depend on
-    how many devices there are. Logs images/s and the time left, each line starting with ``what``.
+    ``fold_in(key, first_batch + i)`` (a later part of a longer set of inputs passes its first batch's index);
+    when ``batch_size`` is a multiple of the device count the samples do not depend on how many devices there
+    are. Logs images/s and the time left, each line starting with ``what``.
 
     With ``resume_dir`` nothing sampled is lost on a crash: process 0 writes each batch's statistics there as
     it is done (whole files only), and a rerun of the same evaluation (``run_id``, e.g. the step and sampler,
@@ -231,7 +239,8 @@ def sample_statistics(
             "per_batch": int(per_batch),
             "inputs_sha1": hashlib.sha1(np.ascontiguousarray(inputs).tobytes()).hexdigest(),
             "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
-            "weights_digest": _weights_digest(variables),
+            "first_batch": int(first_batch),
+            "weights_digest": weights_digest(variables),
         }
         means, stds = _resume(resume_dir, run_id, num, what)
     t0, start0 = time.time(), len(means) * batch_size
@@ -241,7 +250,7 @@ def sample_statistics(
         n = len(batch)
         pad = [(0, per_batch - n)] + [(0, 0)] * (batch.ndim - 1) if n < per_batch else None
         images = distributed.from_global(np.pad(batch, pad) if pad else batch, sharded)
-        out = ensemble(variables, images, template, jax.random.fold_in(key, i))
+        out = ensemble(variables, images, template, jax.random.fold_in(key, first_batch + i))
         means.append(distributed.to_host(out["mean"])[:n])
         stds.append(distributed.to_host(out["std"])[:n])
         if resume_dir is not None and distributed.is_primary():
@@ -370,22 +379,25 @@ def ensemble_maps(
     resume_dir: str | None = None,
     x_channels: int = 1,
     what: str = "evaluate",
-    pad_to_batch: bool = True,
+    batch_size: int | None = None,
+    first_batch: int = 0,
+    ensemble: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ensemble mean and std maps of ``images`` (N, S, S, C) at the stored size, as ``--mode evaluate``
     samples them: images stored larger than the model's size are cut into model-sized tiles (SegDiff's MoNuSeg
     protocol) and the maps stitched back, or fed whole to the fully convolutional network
     (``data.eval_tiling``); ``eval.ensemble_size`` members in chunks of ``eval.member_chunk``, ``eval.batch_size``
-    images (or tiles) at a time, key ``eval.seed``; with ``pad_to_batch`` False, fewer inputs than that are one
-    smaller batch instead of a padded whole one. ``step`` and the config identify the samples kept in
+    images (or tiles) at a time (``batch_size`` overrides it: fewer inputs than a batch can be one smaller batch
+    instead of a padded whole one), key ``eval.seed``; ``first_batch`` is the index of the first batch when
+    ``images`` continue a longer set (see :func:`sample_statistics`); such a caller passes the same
+    :func:`ensemble_fn` to every part, compiled once. ``step`` and the config identify the samples kept in
     ``resume_dir``.
     """
     eval_cfg = config.eval
-    chunk = eval_cfg.member_chunk if eval_cfg.member_chunk > 0 else None
-    ensemble = make_ensemble_fn(make_member_fn(model, schedule, config), eval_cfg.ensemble_size, chunk)
-    inputs, grid, size = images, None, config.data.image_size
-    if data.stored_size(config.data) > size and config.data.eval_tiling == "tiles":
-        inputs, grid = data.to_tiles(inputs, size)
+    ensemble = ensemble or ensemble_fn(config, model, schedule)
+    inputs, grid = images, None
+    if tiles_per_image(config.data) > 1:
+        inputs, grid = data.to_tiles(inputs, config.data.image_size)
     logging.info(
         "%s: %d-member ensembles (%s) of %d %s at step %d with the %s weights.",
         what,
@@ -396,31 +408,43 @@ def ensemble_maps(
         step,
         "EMA" if eval_cfg.use_ema else "raw",
     )
-    run_id = {  # everything that shapes the samples (conservative: any change starts afresh)
-        "experiment": config.experiment,
-        "model": config.model.to_dict(),
-        "step": step,
-        "diffusion": config.diffusion.to_dict(),
-        "eval": {k: v for k, v in eval_cfg.to_dict().items() if k not in _REPORTING_ONLY},
-    }
     mean, std = sample_statistics(
         ensemble,
         variables,
         inputs,
         inputs.shape[1:3] + (x_channels,),
-        eval_cfg.batch_size if pad_to_batch else min(eval_cfg.batch_size, len(inputs)),
+        batch_size or eval_cfg.batch_size,
         jax.random.PRNGKey(eval_cfg.seed),
         resume_dir=resume_dir,
-        run_id={"evaluation": run_id},
+        run_id={"evaluation": sampling_id(config, step)},
         what=what,
+        first_batch=first_batch,
     )
     if grid is not None:
         mean, std = data.from_tiles(mean, grid), data.from_tiles(std, grid)
     return mean, std
 
 
-# Evaluation settings that change only the scoring or the figures, not the samples.
-_REPORTING_ONLY = ("enabled", "num_figure_images", "pooling", "ece_bins")
+def tiles_per_image(data_config: ml_collections.ConfigDict) -> int:
+    """How many model-sized tiles :func:`ensemble_maps` cuts each stored image into (1: fed whole)."""
+    stored, size = data.stored_size(data_config), data_config.image_size
+    return (stored // size) ** 2 if stored > size and data_config.eval_tiling == "tiles" else 1
+
+
+def sampling_id(config: ml_collections.ConfigDict, step: int) -> dict:
+    """Everything in the config, and the step, that shapes an ensemble's samples (conservative: a change to any
+    of it starts a resumed evaluation or prediction afresh)."""
+    return {
+        "experiment": config.experiment,
+        "model": config.model.to_dict(),
+        "step": step,
+        "diffusion": config.diffusion.to_dict(),
+        "eval": {k: v for k, v in config.eval.to_dict().items() if k not in _REPORTING_ONLY},
+    }
+
+
+# Evaluation settings that change only the scoring, the figures or the memory held, not the samples.
+_REPORTING_ONLY = ("enabled", "num_figure_images", "pooling", "ece_bins", "predict_chunk")
 SEGMENTATION_EXPERIMENTS = ("e1", "e2")  # E3 samples masks without the image, E4 images: no ground truth
 
 

@@ -24,9 +24,13 @@ without the suffix):
 
 Only image-conditioned segmentation runs can segment an image: E1 (feed-forward) and E2 (diffusion). No training
 data is read: the network comes from the config, and a data-driven plan (nnU-Net's, an automatic terminal noise)
-from the run's ``config.json``. Finished batches are kept in ``out_dir/partial`` until the end, so a rerun after a
-crash samples only the rest. All images are held at the stored size as float32 while they are sampled
-(1,000 images at 256 px take 0.8 GB; segment a larger folder in parts).
+from the run's ``config.json``.
+
+Memory does not grow with the folder: ``eval.predict_chunk`` images (rounded up to whole evaluation batches) are
+read, sampled and written at a time, and the maps of all images go to memory-mapped files in ``out_dir/partial``
+(8 bytes a pixel at the stored size) that ``predictions.npz`` is written from at the end. Finished chunks and
+the batches of an unfinished one are kept there until the end, so a rerun after a crash samples only the rest;
+the chunking does not change the samples.
 """
 
 from __future__ import annotations
@@ -36,13 +40,16 @@ import json
 import os
 import pathlib
 import shutil
+import time
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from PIL import Image
 
-from diffseg_jax import data, distributed, evaluate, planning, plots, train
+from diffseg_jax import data, distributed, evaluate, planning, plots, train, writers
 from diffseg_jax.data import files
 
 STD_SCALE = 510.0  # std in [0, 0.5] -> [0, 255] in <id>_std.png
@@ -112,6 +119,73 @@ def _save_png(path: str, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
+def _progress_id(config, step, variables, paths, size, chunk, batch) -> dict:
+    """What identifies a prediction's finished chunks: the sampling, the weights, the files (path, bytes, mtime)
+    and the chunking; as it reads back from JSON."""
+    stats = [p.stat() for p in paths]
+    run_id = {
+        "sampling": evaluate.sampling_id(config, step),
+        "weights": evaluate.weights_digest(variables),
+        "files": [[str(p), st.st_size, st.st_mtime_ns] for p, st in zip(paths, stats)],
+        "stored_size": size,
+        "chunk": chunk,
+        "batch_size": batch,
+    }
+    return json.loads(json.dumps(run_id, default=repr))
+
+
+def _open_progress(partial: str, run_id: dict, num: int, size: int):
+    """(chunks done, their rows, the mean and std maps as float32 (num, size, size) memory-mapped files).
+
+    A rerun of the same prediction reopens what ``partial`` holds; anything else starts afresh there. Every
+    process uses process 0's count; only process 0 opens the maps (None elsewhere).
+    """
+    done, rows = 0, []
+    names = [os.path.join(partial, f"{name}.npy") for name in ("mean", "std")]
+    try:
+        with open(os.path.join(partial, "progress.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved["id"] == run_id and all(map(os.path.exists, names)):
+            done, rows = int(saved["chunks_done"]), saved["rows"]
+    except (OSError, ValueError, KeyError):
+        pass
+    if jax.process_count() > 1:
+        done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    if not distributed.is_primary():
+        return done, rows, None, None
+    os.makedirs(partial, exist_ok=True)  # batches of an unfinished chunk stay: they carry their own identity
+    maps = [
+        np.lib.format.open_memmap(n, mode="r+")
+        if done
+        else np.lib.format.open_memmap(n, mode="w+", dtype=np.float32, shape=(num, size, size))
+        for n in names
+    ]
+    return done, rows, maps[0], maps[1]
+
+
+def _write_outputs(out_dir, ids, paths, shapes, mean, std) -> list[dict]:
+    """The PNGs of some images (maps at the stored size, resized to each file's (H, W)), and their csv rows."""
+    rows = []
+    for image_id, path, shape, m, s in zip(ids, paths, shapes, mean, std):
+        m, s = resize_map(m, shape), resize_map(s, shape)
+        base = os.path.join(out_dir, image_id)
+        _save_png(base + "_mask.png", ((m > evaluate.THRESHOLD) * 255).astype(np.uint8))
+        _save_png(base + "_mean.png", np.round(np.clip(m, 0, 1) * 255).astype(np.uint8))
+        _save_png(base + "_std.png", np.round(np.clip(s * STD_SCALE, 0, 255)).astype(np.uint8))
+        rows.append(
+            {
+                "id": image_id,
+                "file": str(path),
+                "height": int(shape[0]),
+                "width": int(shape[1]),
+                "foreground_fraction": float(np.mean(m > evaluate.THRESHOLD)),
+                "mean_std": float(np.mean(s)),
+                "max_std": float(np.max(s)),
+            }
+        )
+    return rows
+
+
 def predict(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -132,64 +206,84 @@ def predict(
     config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
     out_dir = out_dir or os.path.join(workdir, "predict")
     ids, paths = find_images(images, exclude=out_dir)
-    size = data.stored_size(config.data)
+    num, size = len(ids), data.stored_size(config.data)
     # The run's network from its config alone (no training data), for the RGB the files are read as.
     model, schedule, step, variables = evaluate.trained_network(config, workdir, 3, state)
-    inputs, shapes = read_inputs(paths, size)
-    logging.info("predict: %d images from %s into %s.", len(ids), images, out_dir)
-    mean, std = evaluate.ensemble_maps(
-        config,
-        model,
-        schedule,
-        variables,
-        inputs,
-        step,
-        resume_dir=os.path.join(out_dir, "partial"),
-        what="predict",
-        pad_to_batch=False,  # a few files are not padded to a whole evaluation batch
-    )
-    mean, std = mean[..., 0], std[..., 0]
-    if not distributed.is_primary():
-        return []  # every host samples; process 0 writes
-    rows = []
-    for i, (image_id, path) in enumerate(zip(ids, paths)):
-        m, s = resize_map(mean[i], shapes[i]), resize_map(std[i], shapes[i])
-        base = os.path.join(out_dir, image_id)
-        _save_png(base + "_mask.png", ((m > evaluate.THRESHOLD) * 255).astype(np.uint8))
-        _save_png(base + "_mean.png", np.round(np.clip(m, 0, 1) * 255).astype(np.uint8))
-        _save_png(base + "_std.png", np.round(np.clip(s * STD_SCALE, 0, 255)).astype(np.uint8))
-        rows.append(
-            {
-                "id": image_id,
-                "file": str(path),
-                "height": int(shapes[i][0]),
-                "width": int(shapes[i][1]),
-                "foreground_fraction": float(np.mean(m > evaluate.THRESHOLD)),
-                "mean_std": float(np.mean(s)),
-                "max_std": float(np.max(s)),
-            }
+    tiles = evaluate.tiles_per_image(config.data)
+    # A few files are one smaller batch, not padded to a whole evaluation batch. Chunks are whole batches, so
+    # chunk c's first batch has the index the evaluation gives it: the same keys, the same samples.
+    batch = min(config.eval.batch_size, num * tiles)
+    chunk = -(-config.eval.predict_chunk // config.eval.batch_size) * config.eval.batch_size
+    num_chunks = -(-num // chunk)
+    partial = os.path.join(out_dir, "partial")
+    run_id = _progress_id(config, step, variables, paths, size, chunk, batch)
+    done, rows, mean_map, std_map = _open_progress(partial, run_id, num, size)
+    logging.info("predict: %d images from %s into %s.", num, images, out_dir)
+    if done:
+        logging.info("predict: resuming after %d of %d images, read from %s.", len(rows), num, partial)
+    ensemble = evaluate.ensemble_fn(config, model, schedule)  # one compilation for every chunk
+    t0 = time.time()
+    for c in range(done, num_chunks):
+        first, last = c * chunk, min(num, (c + 1) * chunk)
+        inputs, shapes = read_inputs(paths[first:last], size)
+        mean, std = evaluate.ensemble_maps(
+            config,
+            model,
+            schedule,
+            variables,
+            inputs,
+            step,
+            resume_dir=os.path.join(partial, "batches"),
+            what="predict" if num_chunks == 1 else f"predict (images {first + 1}-{last} of {num})",
+            batch_size=batch,
+            first_batch=first * tiles // batch,
+            ensemble=ensemble,
         )
+        if not distributed.is_primary():
+            continue  # every host samples; process 0 writes
+        rows += _write_outputs(out_dir, ids[first:last], paths[first:last], shapes, mean[..., 0], std[..., 0])
+        mean_map[first:last], std_map[first:last] = mean[..., 0], std[..., 0]
+        mean_map.flush()
+        std_map.flush()
+        with open(os.path.join(partial, "progress.tmp"), "w", encoding="utf-8") as f:
+            json.dump({"id": run_id, "chunks_done": c + 1, "rows": rows}, f)
+        os.replace(os.path.join(partial, "progress.tmp"), os.path.join(partial, "progress.json"))
+        if num_chunks > 1:
+            rate = (last - done * chunk) / (time.time() - t0)
+            logging.info(
+                "predict: %d/%d images written, ETA %s",
+                last,
+                num,
+                writers.format_duration((num - last) / rate),
+            )
+    if not distributed.is_primary():
+        return []
     with open(os.path.join(out_dir, "predictions.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
             writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
-    np.savez_compressed(
+    np.savez_compressed(  # written from the memory-mapped files 16 MB at a time
         os.path.join(out_dir, "predictions.npz"),
         ids=np.asarray(ids),
         files=np.asarray([str(p) for p in paths]),
-        original_size=shapes,
-        mean=mean.astype(np.float32),
-        std=std.astype(np.float32),
+        original_size=np.asarray([[r["height"], r["width"]] for r in rows], np.int32),
+        mean=mean_map,
+        std=std_map,
     )
-    n_fig = min(config.eval.num_figure_images, len(ids))
+    n_fig = min(config.eval.num_figure_images, num)
     plots.ensemble_figure(
-        inputs[:n_fig], None, mean[:n_fig], std[:n_fig], os.path.join(out_dir, "predictions.png")
+        read_inputs(paths[:n_fig], size)[0],
+        None,
+        np.asarray(mean_map[:n_fig]),
+        np.asarray(std_map[:n_fig]),
+        os.path.join(out_dir, "predictions.png"),
     )
+    del mean_map, std_map  # closes the memory-mapped files before their folder goes
     record = {
         "workdir": os.path.abspath(workdir),
         "images": os.path.abspath(os.path.expanduser(images)),
-        "num_images": len(ids),
+        "num_images": num,
         "experiment": config.experiment,
         "model": config.model.name,
         "step": step,
@@ -204,6 +298,6 @@ def predict(
     }
     with open(os.path.join(out_dir, "predict.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
-    shutil.rmtree(os.path.join(out_dir, "partial"), ignore_errors=True)  # everything is written
-    logging.info("predict: wrote masks, mean and std maps of %d images to %s.", len(ids), out_dir)
+    shutil.rmtree(partial, ignore_errors=True)  # everything is written
+    logging.info("predict: wrote masks, mean and std maps of %d images to %s.", num, out_dir)
     return rows

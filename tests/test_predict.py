@@ -156,6 +156,61 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
     np.testing.assert_allclose(alone, padded[..., 0], atol=1e-6)  # programs of other shapes may round apart
 
 
+def test_predict_in_chunks_gives_the_same_samples_and_resumes_after_a_crash(tmp_path, monkeypatch):
+    """A folder segmented ``eval.predict_chunk`` images at a time (here 2 images of 4 tiles: 4 batches a chunk)
+    gets exactly the maps of one pass over all of it; after a crash in the middle of a chunk, a rerun samples
+    only the batches not finished and ends with the same outputs."""
+    config = tiny_config("e2_folder")
+    config.data.manual_dir = str(tmp_path / "not_here")
+    config.data.resize = 64  # the 32 px model sees each image as four tiles
+    config.eval.update(ddim_steps=2, batch_size=2, predict_chunk=1)  # chunks of 2 images (whole batches)
+    _, state = _fresh_state(config)
+    rng = np.random.default_rng(1)
+    images = tmp_path / "images"
+    for i, shape in enumerate([(64, 64, 3), (50, 70, 3), (64, 64), (30, 40, 3), (64, 64, 3)]):
+        _png(str(images / f"im{i}.png"), rng.integers(0, 256, shape, np.uint8))
+    whole = config.copy_and_resolve_references()
+    whole.eval.predict_chunk = 100
+    rows = predict.predict(whole, "unused", str(images), str(tmp_path / "whole"), state=state)
+
+    saved = []  # batch results written to partial/ as they finish
+    save = evaluate.writers.save_npz_whole
+
+    def crash_at_sixth(path, **arrays):
+        if len(saved) == 5:
+            raise RuntimeError("simulated crash")
+        saved.append(path)
+        save(path, **arrays)
+
+    monkeypatch.setattr(evaluate.writers, "save_npz_whole", crash_at_sixth)
+    out = tmp_path / "chunked"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        predict.predict(config, "unused", str(images), str(out), state=state)
+    progress = json.loads((out / "partial" / "progress.json").read_text())
+    assert progress["chunks_done"] == 1 and [r["id"] for r in progress["rows"]] == ["im0", "im1"]
+    assert (out / "im1_mask.png").exists() and not (out / "im2_mask.png").exists()
+
+    saved.clear()
+    first_batches = []
+    maps = evaluate.ensemble_maps
+    monkeypatch.setattr(evaluate.writers, "save_npz_whole", lambda p, **a: saved.append(p) or save(p, **a))
+    monkeypatch.setattr(
+        evaluate, "ensemble_maps", lambda *a, **k: first_batches.append(k["first_batch"]) or maps(*a, **k)
+    )
+    assert predict.predict(config, "unused", str(images), str(out), state=state) == rows
+    # Chunk 1 (images 2-3) starts at batch 4 and had one batch done; chunk 2 (image 4) starts at batch 8.
+    assert first_batches == [4, 8] and len(saved) == 3 + 2
+    with np.load(tmp_path / "whole" / "predictions.npz") as a, np.load(out / "predictions.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert a["mean"].shape == (5, 64, 64) and np.std(a["mean"]) > 0
+        assert b["original_size"].tolist()[1] == [50, 70]
+    for name in ("im1_std.png", "im4_mask.png", "predictions.csv", "predictions.png"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert not (out / "partial").exists()
+
+
 def test_resize_map_keeps_constants_and_the_range():
     const = np.full((32, 32), 0.37, np.float32)
     np.testing.assert_allclose(predict.resize_map(const, (45, 21)), 0.37, rtol=1e-6)
