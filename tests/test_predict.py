@@ -156,6 +156,7 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
     np.testing.assert_allclose(alone, padded[..., 0], atol=1e-6)  # programs of other shapes may round apart
 
 
+@pytest.mark.slow
 def test_predict_in_chunks_gives_the_same_samples_and_resumes_after_a_crash(tmp_path, monkeypatch):
     """A folder segmented ``eval.predict_chunk`` images at a time (here 2 images of 4 tiles: 4 batches a chunk)
     gets exactly the maps of one pass over all of it; after a crash in the middle of a chunk, a rerun samples

@@ -214,6 +214,8 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         ({"eval.ece_bins": 0}, "eval.ece_bins=0"),
         ({"eval.sampler": "euler"}, "eval.sampler='euler'"),
         ({"eval.ensemble_size": 0}, "eval.ensemble_size=0"),
+        ({"eval.batch_size": 0}, "eval.batch_size=0.*positive number of images"),
+        ({"eval.predict_chunk": 0}, "eval.predict_chunk=0.*positive number of images"),
     ],
 )
 def test_every_impossible_setting_fails_naming_its_key(settings, match):
