@@ -10,6 +10,10 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose arrays do not fit the state the config builds (other settings, or an older version)."""
+
+
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` saving ``{'state': pytree, 'meta': json}`` per step.
 
@@ -40,19 +44,55 @@ class Checkpointer:
 
         Leaves without a sharding (e.g. ``jax.eval_shape`` output) are restored replicated over every
         device, so a checkpoint written on one topology (8 GPUs, two hosts) reads on another (one CPU).
+        Raises :class:`CheckpointMismatchError`, naming the checkpoint and orbax's first difference, when
+        its tree or shapes differ from ``target``'s.
         """
-        replicated = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), PartitionSpec())
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(
-                x.shape, x.dtype, sharding=getattr(x, "sharding", None) or replicated
-            ),
-            target,
-        )
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-        )
+        try:
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except ValueError as e:  # orbax: "tree structures do not match" or "shape ... is not compatible"
+            raise self._mismatch(step, e) from e
         return out["state"], out["meta"]
+
+    def restore_fields(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
+        """Restores only the saved state's top-level fields that ``target`` names (``{'params': tree, ...}``).
+
+        What evaluation needs, the weights, then reads whatever optimizer or timestep sampler wrote the rest
+        of the checkpoint (another optimizer's state does not fit, and need not). Shardings as :meth:`restore`.
+        """
+        abstract = _abstract(target)
+        manager = ocp.CheckpointManager(
+            self.directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()}
+        )
+        try:
+            out = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        abstract,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                        partial_restore=True,
+                    )
+                ),
+            )
+        except ValueError as e:
+            raise self._mismatch(step, e) from e
+        finally:
+            manager.close()
+        return dict(out["state"])
+
+    def _mismatch(self, step: int, error: ValueError) -> CheckpointMismatchError:
+        detail = " ".join(line.strip() for line in str(error).splitlines()[:4])
+        return CheckpointMismatchError(
+            f"The checkpoint {os.path.join(self.directory, str(step))} does not fit the state this config "
+            f"builds ({detail}). It was written with other settings (model, optimizer, diffusion or timestep "
+            "sampling: compare the run's config.json with this command's config and overrides) or by an older "
+            "diffseg-jax. Run with the settings it was trained with, or train into a new --workdir."
+        )
 
     def wait(self) -> None:
         """Blocks until pending saves are on disk."""
@@ -62,3 +102,12 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _abstract(target: Any) -> Any:
+    """``target``'s leaves as ShapeDtypeStructs; a leaf without a sharding is replicated over every device."""
+    replicated = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), PartitionSpec())
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or replicated),
+        target,
+    )

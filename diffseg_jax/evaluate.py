@@ -116,15 +116,23 @@ def make_ensemble_fn(member, num_members: int, member_chunk: int | None):
     return jax.jit(ensemble)
 
 
+WEIGHT_FIELDS = ("step", "params", "ema_params", "model_state")  # what sampling reads of a train state
+
+
 def load_state(config: ml_collections.ConfigDict, workdir: str, fresh: train.TrainState) -> train.TrainState:
-    """The latest checkpoint in ``workdir/checkpoints`` restored into the structure of ``fresh``."""
+    """``fresh`` with the weights (:data:`WEIGHT_FIELDS`) of the latest checkpoint in ``workdir/checkpoints``.
+
+    The optimizer's and the timestep sampler's states are not read (``fresh``'s stay): a run evaluates
+    whatever optimizer trained it, and under another ``train.optimizer`` or ``timesteps.sampling`` setting.
+    """
+    del config  # the structure comes from ``fresh``
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
     step = ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first (--mode train).")
-    state, _ = ckpt.restore(step, fresh)
+    weights = ckpt.restore_fields(step, {k: getattr(fresh, k) for k in WEIGHT_FIELDS})
     ckpt.close()
-    return state
+    return fresh.replace(**weights)
 
 
 def trained_network(

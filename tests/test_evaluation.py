@@ -336,3 +336,32 @@ def test_sharded_evaluation_does_not_depend_on_the_device_count():
     np.testing.assert_allclose(results[2]["mean"], results[1]["mean"], atol=1e-5)
     np.testing.assert_allclose(results[2]["std"], results[1]["std"], atol=1e-5)
     assert len(results[1]["mean"]) == 6 * 64 and np.std(results[1]["mean"]) > 0
+
+
+def test_sampling_reads_the_weights_whatever_optimizer_or_sampler_trained_them(tmp_path):
+    """Evaluation restores only the weights: a run trained with Adam and uniform timesteps evaluates under a
+    config with nnU-Net's SGD and the loss-aware sampler (whose states do not fit), while a whole-state
+    restore of that checkpoint fails naming it and the fix."""
+    from diffseg_jax import checkpoints  # noqa: PLC0415
+
+    config = tiny_config("e2_synthetic")
+    _, _, _, state = train.model_and_state(config, (32, 32, 3))
+    state = state.replace(
+        step=state.step + 7, ema_params=jax.tree.map(lambda p: p + 1.0, state.params)
+    )  # weights a fresh state does not have
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(7, state, {})
+    ckpt.close()
+    other = tiny_config("e2_synthetic")
+    other.train.optimizer = "sgd_nesterov"
+    other.timesteps.sampling = "loss_aware"
+    for use_ema, expected in ((False, state.params), (True, state.ema_params)):
+        other.eval.use_ema = use_ema
+        _, _, step, variables = evaluate.trained_network(other, str(tmp_path), 3)
+        assert step == 7
+        jax.tree.map(np.testing.assert_array_equal, variables["params"], expected)
+    _, _, _, fresh = train.model_and_state(other, (32, 32, 3), abstract=True)
+    with pytest.raises(
+        checkpoints.CheckpointMismatchError, match=r"checkpoints/7 does not fit .*new --workdir"
+    ):
+        checkpoints.Checkpointer(str(tmp_path / "checkpoints")).restore(7, fresh)
