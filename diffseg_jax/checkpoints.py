@@ -1,4 +1,5 @@
-"""Orbax checkpointing of the train state: keep the last N, resume from the latest, wait on exit."""
+"""Orbax checkpointing of the train state: keep the last N, resume from the latest, wait on exit; evaluation
+reads the weights alone (:meth:`Checkpointer.restore_fields`)."""
 
 from __future__ import annotations
 
