@@ -64,6 +64,13 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def primary_count(count: int) -> int:
+    """Process 0's ``count`` on every process (e.g. how many finished parts a resumed run found on disk)."""
+    if jax.process_count() == 1:
+        return count
+    return int(multihost_utils.broadcast_one_to_all(np.int32(count)))
+
+
 def host_shard() -> tuple[int, int]:
     """(this host's index, host count): which rows of every global batch this host reads
     (:func:`diffseg_jax.data.train_dataset`'s ``shard``, which checks that the batch splits evenly)."""

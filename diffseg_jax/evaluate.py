@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -119,13 +118,12 @@ def make_ensemble_fn(member, num_members: int, member_chunk: int | None):
 WEIGHT_FIELDS = ("step", "params", "ema_params", "model_state")  # what sampling reads of a train state
 
 
-def load_state(config: ml_collections.ConfigDict, workdir: str, fresh: train.TrainState) -> train.TrainState:
+def load_state(workdir: str, fresh: train.TrainState) -> train.TrainState:
     """``fresh`` with the weights (:data:`WEIGHT_FIELDS`) of the latest checkpoint in ``workdir/checkpoints``.
 
     The optimizer's and the timestep sampler's states are not read (``fresh``'s stay): a run evaluates
     whatever optimizer trained it, and under another ``train.optimizer`` or ``timesteps.sampling`` setting.
     """
-    del config  # the structure comes from ``fresh``
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
     step = ckpt.latest_step()
     if step is None:
@@ -150,7 +148,7 @@ def trained_network(
     crop = config.data.image_size
     model, schedule, _, fresh = train.model_and_state(config, (crop, crop, image_channels), abstract=True)
     if state is None:
-        state = load_state(config, workdir, fresh)
+        state = load_state(workdir, fresh)
     variables = {"params": state.ema_params if config.eval.use_ema else state.params, **state.model_state}
     return model, schedule, int(state.step), variables
 
@@ -181,9 +179,7 @@ def _resumable_batches(resume_dir: str, run_id: dict) -> int:
 def _resume(resume_dir: str, run_id: dict, num: int, what: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The means and stds of the leading batches ``resume_dir`` holds for this evaluation (every process reads
     process 0's count); process 0 then clears another evaluation's batches and records ``run_id``."""
-    done = _resumable_batches(resume_dir, run_id)
-    if jax.process_count() > 1:
-        done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    done = distributed.primary_count(_resumable_batches(resume_dir, run_id))
     means, stds = [], []
     for i in range(done):
         with np.load(os.path.join(resume_dir, f"batch_{i:05d}.npz")) as saved:

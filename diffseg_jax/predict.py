@@ -42,11 +42,9 @@ import pathlib
 import shutil
 import time
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from PIL import Image
 
 from diffseg_jax import data, distributed, evaluate, planning, plots, train, writers
@@ -149,8 +147,7 @@ def _open_progress(partial: str, run_id: dict, num: int, size: int):
             done, rows = int(saved["chunks_done"]), saved["rows"]
     except (OSError, ValueError, KeyError):
         pass
-    if jax.process_count() > 1:
-        done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    done = distributed.primary_count(done)
     if not distributed.is_primary():
         return done, rows, None, None
     os.makedirs(partial, exist_ok=True)  # batches of an unfinished chunk stay: they carry their own identity
@@ -245,9 +242,9 @@ def predict(
         mean_map[first:last], std_map[first:last] = mean[..., 0], std[..., 0]
         mean_map.flush()
         std_map.flush()
-        with open(os.path.join(partial, "progress.tmp"), "w", encoding="utf-8") as f:
-            json.dump({"id": run_id, "chunks_done": c + 1, "rows": rows}, f)
-        os.replace(os.path.join(partial, "progress.tmp"), os.path.join(partial, "progress.json"))
+        writers.save_json_whole(
+            os.path.join(partial, "progress.json"), {"id": run_id, "chunks_done": c + 1, "rows": rows}
+        )
         if num_chunks > 1:
             rate = (last - done * chunk) / (time.time() - t0)
             logging.info(

@@ -42,6 +42,13 @@ def save_npz_whole(path: str, **arrays: Any) -> None:
     os.replace(path + ".tmp.npz", path)
 
 
+def save_json_whole(path: str, obj: Any, indent: int | None = None) -> None:
+    """``json.dump(obj)`` to ``path`` through a temporary file renamed into place, as :func:`save_npz_whole`."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(path + ".tmp", path)
+
+
 class NullWriter:
     """A writer that drops everything: processes other than the first in a multi-host run."""
 

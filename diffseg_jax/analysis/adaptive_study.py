@@ -181,9 +181,7 @@ def cached_reports(path: str, datasets: Sequence[str], args: argparse.Namespace)
     missing = [d for d in datasets if reports.get(d, {}).get("image_size") != args.image_size]
     if missing:
         reports.update(fingerprint_reports(missing, args))
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(reports, f, indent=2)
-        os.replace(path + ".tmp", path)
+        writers.save_json_whole(path, reports, indent=2)
     return {d: reports[d] for d in datasets}
 
 
