@@ -225,7 +225,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # to it; evaluation cuts them into image_size tiles and stitches the outputs ('tiles') or feeds them
     # whole ('whole'). fit/validation splits hold out validation_fraction of train; a dataset without a
     # test split holds out test_fraction of train. mask_threshold binarises many-valued folder masks;
-    # train_ids picks MoNuSeg's classic 30 training tiles or all the zip holds.
+    # image_scaling brings folder (and --mode predict) images of more than 8 bits to 8: 'auto' stretches each
+    # 16-bit/float image from its 1st to 99.8th percentile, 'high_byte' keeps 16-bit images' high byte,
+    # 'percentile' stretches every image (see diffseg_jax.data.files.read_image); train_ids picks MoNuSeg's
+    # classic 30 training tiles or all the zip holds.
     c.data.manual_dir = config_dict.placeholder(str)
     c.data.resize = config_dict.placeholder(int)
     c.data.eval_tiling = "tiles"
@@ -233,6 +236,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.test_fraction = 0.2
     c.data.split_seed = 0
     c.data.mask_threshold = config_dict.placeholder(float)
+    c.data.image_scaling = "auto"
     c.data.train_ids = "classic30"
 
     c.model = MODEL_DEFAULTS[model_name]()

@@ -38,6 +38,16 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
             _fail(
                 "data.manual_dir", manual_dir, "No such folder; pass the folder that holds the unpacked data."
             )
+    scaling = d.get("image_scaling", "auto")
+    if scaling not in data.files.IMAGE_SCALINGS:
+        _fail("data.image_scaling", scaling, f"Choose one of {list(data.files.IMAGE_SCALINGS)}.")
+    if scaling != "auto" and d.name != "segmentation_folder":
+        _fail(
+            "data.image_scaling",
+            scaling,
+            f"Dataset {d.name!r} stores 8-bit images as they are; the setting is for segmentation_folder "
+            "datasets (and --mode predict of a run trained on one). Leave it at 'auto'.",
+        )
     stored = data.stored_size(d)
     if stored < d.image_size:
         _fail("data.resize", d.resize, f"Store images at least at data.image_size={d.image_size} px.")

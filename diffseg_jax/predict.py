@@ -93,12 +93,12 @@ def find_images(
     return ids, found
 
 
-def read_inputs(paths: list[pathlib.Path], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32 (N, size, size, 3) images in [0, 1] as the builders store and ``data.preprocess`` scales them, and
-    the files' (H, W)."""
+def read_inputs(paths: list[pathlib.Path], size: int, scaling: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """float32 (N, size, size, 3) images in [0, 1] as the builders store and ``data.preprocess`` scales them
+    (``scaling``: ``config.data.image_scaling``, see ``files.read_image``), and the files' (H, W)."""
     images, shapes = [], []
     for p in paths:
-        image = files.read_image(p)
+        image = files.read_image(p, scaling)
         shapes.append(image.shape[:2])
         images.append(files.resize_image(image, size).astype(np.float32) / 255.0)
     return np.stack(images), np.asarray(shapes, np.int32)
@@ -118,14 +118,15 @@ def _save_png(path: str, array: np.ndarray) -> None:
 
 
 def _progress_id(config, step, variables, paths, size, chunk, batch) -> dict:
-    """What identifies a prediction's finished chunks: the sampling, the weights, the files (path, bytes, mtime)
-    and the chunking; as it reads back from JSON."""
+    """What identifies a prediction's finished chunks: the sampling, the weights, the files (path, bytes, mtime),
+    how they are read and the chunking; as it reads back from JSON."""
     stats = [p.stat() for p in paths]
     run_id = {
         "sampling": evaluate.sampling_id(config, step),
         "weights": evaluate.weights_digest(variables),
         "files": [[str(p), st.st_size, st.st_mtime_ns] for p, st in zip(paths, stats)],
         "stored_size": size,
+        "image_scaling": config.data.get("image_scaling", "auto"),
         "chunk": chunk,
         "batch_size": batch,
     }
@@ -219,10 +220,11 @@ def predict(
     if done:
         logging.info("predict: resuming after %d of %d images, read from %s.", len(rows), num, partial)
     ensemble = evaluate.ensemble_fn(config, model, schedule)  # one compilation for every chunk
+    scaling = config.data.get("image_scaling", "auto")  # as the run's images were read
     t0 = time.time()
     for c in range(done, num_chunks):
         first, last = c * chunk, min(num, (c + 1) * chunk)
-        inputs, shapes = read_inputs(paths[first:last], size)
+        inputs, shapes = read_inputs(paths[first:last], size, scaling)
         mean, std = evaluate.ensemble_maps(
             config,
             model,
@@ -270,7 +272,7 @@ def predict(
     )
     n_fig = min(config.eval.num_figure_images, num)
     plots.ensemble_figure(
-        read_inputs(paths[:n_fig], size)[0],
+        read_inputs(paths[:n_fig], size, scaling)[0],
         None,
         np.asarray(mean_map[:n_fig]),
         np.asarray(std_map[:n_fig]),

@@ -59,7 +59,7 @@ REFERENCE_OWN = {
 
 
 # What a folder dataset's cells take from the grid's data group (the synthetic cells have no use for them).
-FOLDER_DATA = ("resize", "eval_tiling", "mask_threshold")
+FOLDER_DATA = ("resize", "eval_tiling", "mask_threshold", "image_scaling")
 
 
 def datasets(grid: ml_collections.ConfigDict) -> list[str]:

@@ -136,6 +136,12 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
     grey = files.resize_image(files.read_image(images / "case2" / "grey.png"), 32)
     np.testing.assert_array_equal(inputs[0], grey / np.float32(255))
     assert np.array_equal(grey[..., 0], grey[..., 2])  # grey replicated into RGB
+    deep = tmp_path / "deep.png"  # a 12-bit image in a 16-bit file, read by the run's data.image_scaling
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 4).astype(np.uint16)).save(deep)
+    for scaling in ("auto", "high_byte"):
+        inputs, _ = predict.read_inputs([deep], 32, scaling)
+        np.testing.assert_array_equal(inputs[0], files.read_image(deep, scaling) / np.float32(255))
+    assert inputs.max() < 0.07  # high_byte leaves 0..15 of a 12-bit image; auto stretches it to 0..255
     with open(out / "predictions.csv", newline="") as f:
         assert [r["id"] for r in csv.DictReader(f)] == ["case2/alpha", "case2/grey", "wide"]
     # One file is sampled as a batch of one, not padded to a whole evaluation batch (8 here), and padding would

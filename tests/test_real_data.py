@@ -75,15 +75,79 @@ def test_images_of_every_common_mode_read_as_8bit_rgb(tmp_path):
     palette.putdata(list(range(6)))
     palette.putpalette(rgb.reshape(-1).tolist())  # index i -> the i-th pixel's colour
     np.testing.assert_array_equal(saved("p.png", palette), rgb)
-    sixteen = gray.astype(np.uint16) * 256 + 255  # 16-bit: the high byte
+    sixteen = gray.astype(np.uint16) * 256 + 255  # 16-bit over its whole range: the high byte
+    Image.fromarray(sixteen).save(tmp_path / "g16.png")
     np.testing.assert_array_equal(
-        saved("g16.png", Image.fromarray(sixteen)), np.repeat(gray[..., None], 3, -1)
+        files.read_image(tmp_path / "g16.png", "high_byte"), np.repeat(gray[..., None], 3, -1)
     )
     bits = gray > 100  # 1-bit: 0 / 255
     got = saved("bits.png", Image.fromarray(bits).convert("1"))
     np.testing.assert_array_equal(got, np.repeat(bits[..., None], 3, -1).astype(np.uint8) * 255)
-    with pytest.raises(files.DatasetFileError, match=r"Image .*la\.png has shape \(2, 3, 2\).*8-bit RGB PNG"):
-        saved("la.png", Image.fromarray(np.dstack([gray, gray])))
+    # Grayscale + alpha reads as the grayscale; CMYK through PIL's RGB (before, its C, M, Y were taken as R, G, B).
+    np.testing.assert_array_equal(
+        saved("la.png", Image.fromarray(np.dstack([gray, gray + 1]), "LA")), np.repeat(gray[..., None], 3, -1)
+    )
+    np.testing.assert_array_equal(saved("cmyk.tif", Image.fromarray(rgb).convert("CMYK")), rgb)
+
+
+def test_images_of_more_than_8_bits_are_stretched_per_image(tmp_path):
+    """'auto' maps 16-bit and float images by their own 1st-99.8th percentiles: the result does not depend on how
+    many of the 16 bits the scanner used, and a two-level image becomes exactly 0 / 255."""
+    rng = np.random.default_rng(0)
+    twelve = rng.integers(0, 4096, (20, 30)).astype(np.uint16)  # a 12-bit image in a 16-bit file
+    paths = {}
+    for name, array in (
+        ("12bit.png", twelve),
+        ("16bit.png", twelve * 16),
+        ("float.tif", twelve.astype(np.float32)),
+    ):
+        paths[name] = tmp_path / name
+        Image.fromarray(array).save(paths[name])
+    auto = files.read_image(paths["12bit.png"])
+    for name in ("16bit.png", "float.tif"):
+        np.testing.assert_array_equal(files.read_image(paths[name]), auto)
+    lo, hi = np.percentile(twelve, files.PERCENTILES)
+    assert auto.dtype == np.uint8 and auto.shape == (20, 30, 3)
+    assert np.all(auto[twelve <= lo] == 0) and np.all(auto[twelve >= hi] == 255)
+    order = np.argsort(twelve, axis=None, kind="stable")
+    assert np.all(np.diff(auto[..., 0].reshape(-1)[order].astype(int)) >= 0)  # monotone in the stored value
+    assert 100 < auto.mean() < 155  # uniform values stay spread over the 8-bit range
+    assert files.read_image(paths["12bit.png"], "high_byte").max() == 15  # what the old mapping left of it
+    two = np.where(np.arange(600).reshape(20, 30) % 3 == 0, 100, 3000).astype(np.uint16)
+    Image.fromarray(two).save(tmp_path / "two.png")
+    np.testing.assert_array_equal(
+        files.read_image(tmp_path / "two.png")[..., 0], np.where(two == 100, 0, 255)
+    )
+    Image.fromarray(np.full((4, 4), 7, np.uint16)).save(tmp_path / "flat.png")
+    assert not files.read_image(tmp_path / "flat.png").any()
+    # 8-bit images stay as stored unless 'percentile' asks for every image to be stretched.
+    dim = (rng.integers(0, 64, (20, 30, 3))).astype(np.uint8)
+    Image.fromarray(dim).save(tmp_path / "dim.png")
+    np.testing.assert_array_equal(files.read_image(tmp_path / "dim.png"), dim)
+    stretched = files.read_image(tmp_path / "dim.png", "percentile")
+    assert stretched.max() == 255 and stretched.min() == 0
+    with pytest.raises(files.DatasetFileError, match=r"float\.tif is float32.*image_scaling='high_byte'"):
+        files.read_image(paths["float.tif"], "high_byte")
+
+
+def test_a_folder_of_16bit_images_is_stored_stretched_and_named_by_its_scaling(tmp_path):
+    root = tmp_path / "xray"
+    rng = np.random.default_rng(2)
+    for k in range(3):
+        _save(root / "images" / f"x{k}.png", (rng.integers(0, 4096, (32, 32)) * (k + 1)).astype(np.uint16))
+        _save(root / "masks" / f"x{k}.png", _square_mask(32, 5 + k))
+    builds = {
+        scaling: segmentation_folder.make_builder(
+            root, 32, data_dir=str(tmp_path / "tfds"), image_scaling=scaling
+        )
+        for scaling in ("auto", "high_byte")
+    }
+    assert builds["auto"].builder_config.name != builds["high_byte"].builder_config.name  # no stale reuse
+    stored = manual.prepare(builds["auto"], root)
+    for example in stored["train"]:
+        source = root / "images" / f"{example['id'].decode()}.png"
+        np.testing.assert_array_equal(example["image"], files.read_image(source))
+        assert example["image"].max() == 255
 
 
 def test_unreadable_and_truncated_files_name_the_file(tmp_path):

@@ -194,6 +194,8 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         ({"data.eval_tiling": "grid"}, "data.eval_tiling='grid'"),
         ({"data.validation_fraction": 1.0}, "data.validation_fraction=1.0.*fraction in"),
         ({"data.augment": "mixup"}, "data.augment='mixup'"),
+        ({"data.image_scaling": "gamma"}, "data.image_scaling='gamma'.*Choose one of"),
+        ({"data.image_scaling": "percentile"}, "data.image_scaling='percentile'.*for segmentation_folder"),
         ({"model.name": "segformer"}, "experiment='e2'.*feed-forward reference"),
         ({"model.name": "medsegdiff", "data.resize": 64, "data.eval_tiling": "whole"}, "FF-Parser"),
         ({"model.dtype": "float16"}, "model.dtype='float16'"),

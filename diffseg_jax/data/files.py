@@ -40,24 +40,68 @@ def open_array(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray
     return array, mode
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An RGB uint8 (H, W, 3) image; grayscale is replicated, an alpha channel dropped, 16-bit scaled to 8."""
+# How images of more than 8 bits (and, on request, every image) become the 8-bit RGB that datasets store.
+IMAGE_SCALINGS = ("auto", "high_byte", "percentile")
+# Per-image percentiles mapped to 0 and 255 (CSBDeep's / StarDist's default normalisation of microscopy images).
+PERCENTILES = (1.0, 99.8)
+
+
+def percentile_stretch(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
+    """uint8 of `array` with its `percentiles` (over all pixels and channels, so colours keep their balance)
+    mapped to 0 and 255 and clipped; a constant image gives zeros, NaN the low end."""
+    values = np.asarray(array, np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros(values.shape, np.uint8)
+    lo, hi = np.percentile(finite, percentiles)
+    if hi <= lo:  # few distinct values: the full range instead
+        lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return np.zeros(values.shape, np.uint8)
+    values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+    return np.round(np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def read_image(path: str | os.PathLike, scaling: str = "auto") -> np.ndarray:
+    """An RGB uint8 (H, W, 3) image; grayscale is replicated, an alpha channel dropped.
+
+    `scaling` says how intensities become 8 bits (`config.data.image_scaling`):
+
+    - ``auto``: 8-bit images as stored; 16-bit, 32-bit integer and float images (microscopy, X-ray: their
+      bit depth in use, e.g. 12 of 16, is not recorded in the file) by :func:`percentile_stretch` per image.
+    - ``high_byte``: 8-bit as stored, 16-bit by their high byte (value // 256), the same mapping for every image;
+      right only for images that use the whole 16-bit range (a 12-bit image becomes 0..15).
+    - ``percentile``: every image, 8-bit too, by :func:`percentile_stretch`.
+    """
+    if scaling not in IMAGE_SCALINGS:
+        raise ValueError(f"Unknown image scaling {scaling!r}; choose one of {IMAGE_SCALINGS}.")
     array, mode = open_array(path, "image")
-    if array.dtype == np.uint16:
-        array = (array >> 8).astype(np.uint8)
-    if mode == "P":
+    if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette and other colour spaces: PIL's RGB
         with Image.open(path) as img:
             array = np.asarray(img.convert("RGB"))
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
-    if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
+    if array.ndim == 3 and array.shape[-1] in (2, 4):  # drop alpha before scaling: it is not intensity
+        array = array[..., : array.shape[-1] - 1]
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype.kind not in "uif":
         raise DatasetFileError(
-            f"Image {path} has shape {array.shape} and dtype {array.dtype} (mode {mode}); expected an 8-bit RGB "
-            "or grayscale image. Convert it to an 8-bit RGB PNG."
+            f"Image {path} has shape {array.shape} and dtype {array.dtype} (mode {mode}); expected an RGB or "
+            "grayscale image. Convert it to an RGB or grayscale PNG."
         )
-    return np.ascontiguousarray(array[..., :3])
+    if array.dtype == np.uint8 and scaling != "percentile":
+        return np.ascontiguousarray(array)
+    if array.dtype == np.uint16 and scaling == "high_byte":
+        return (array >> 8).astype(np.uint8)
+    if scaling == "high_byte":
+        raise DatasetFileError(
+            f"Image {path} is {array.dtype} (mode {mode}): config.data.image_scaling='high_byte' maps only 16-bit "
+            "images. Use image_scaling='auto' (per-image percentiles) or convert the images to 8 or 16 bits."
+        )
+    return percentile_stretch(array)
 
 
 def binarise_mask(array: np.ndarray, path: str | os.PathLike, threshold: float | None = None) -> np.ndarray:
@@ -111,10 +155,14 @@ def check_same_size(image: np.ndarray, mask: np.ndarray, image_path, mask_path) 
 
 
 def read_pair(
-    image_path: str | os.PathLike, mask_path: str | os.PathLike, threshold: float | None = None
+    image_path: str | os.PathLike,
+    mask_path: str | os.PathLike,
+    threshold: float | None = None,
+    scaling: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(image uint8 (H, W, 3), mask bool (H, W)) at the files' size; the mask must have the image's size."""
-    image = read_image(image_path)
+    """(image uint8 (H, W, 3), mask bool (H, W)) at the files' size; the mask must have the image's size;
+    `scaling` as :func:`read_image`."""
+    image = read_image(image_path, scaling)
     mask = read_mask(mask_path, threshold)
     check_same_size(image, mask, image_path, mask_path)
     return image, mask

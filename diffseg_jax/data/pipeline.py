@@ -158,6 +158,7 @@ def load_segmentation_folder(data_config: ml_collections.ConfigDict) -> dict[str
         _data_dir(data_config),
         resize=stored_size(data_config),
         mask_threshold=data_config.get("mask_threshold", None),
+        image_scaling=data_config.get("image_scaling", "auto"),
     )
 
 

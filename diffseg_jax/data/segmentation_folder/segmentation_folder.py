@@ -8,8 +8,9 @@ Layouts (folder names case-insensitive):
 A mask pairs with the image of the same stem (`a.jpg` with `a.png`), or with the stem plus `_mask`,
 `_segmentation` or `_seg` (any case). With a flat layout, the pipeline holds out `config.data.test_fraction` of
 the images (deterministically) as the test split. Masks may be 0/255, 0/1 or any two levels (the higher is
-foreground); masks with more levels need `mask_threshold` (foreground = value > threshold). Images and masks
-are resized to `resize` x `resize` (image bilinear, mask bilinear and re-thresholded at half).
+foreground); masks with more levels need `mask_threshold` (foreground = value > threshold). Images of more than
+8 bits are brought to 8 by `image_scaling` (see `diffseg_jax.data.files.read_image`). Images and masks are
+resized to `resize` x `resize` (image bilinear, mask bilinear and re-thresholded at half).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ values (0/255, 0/1) or more with config.data.mask_threshold set."""
 
 @dataclasses.dataclass
 class FolderConfig(manual.ManualConfig):
-    """Stored size, mask threshold (None: two-valued masks) and the source fingerprint."""
+    """Stored size, mask threshold (None: two-valued masks), image scaling and the source fingerprint."""
 
     mask_threshold: float | None = None
+    image_scaling: str = "auto"
 
 
 def _child(folder: pathlib.Path, name: str) -> pathlib.Path | None:
@@ -117,9 +119,11 @@ def find_pairs(root: pathlib.Path) -> dict[str, list[manual.Pair]]:
     return pairs
 
 
-def load_pair(pair: manual.Pair, mask_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(image uint8 (H, W, 3), mask bool (H, W)) at the file size."""
-    return files.read_pair(pair.image, pair.mask, mask_threshold)
+def load_pair(
+    pair: manual.Pair, mask_threshold: float | None = None, image_scaling: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8 (H, W, 3), mask bool (H, W)) at the file size (`image_scaling`: see `files.read_image`)."""
+    return files.read_pair(pair.image, pair.mask, mask_threshold, image_scaling)
 
 
 class DiffsegSegmentationFolder(manual.ManualBuilder):
@@ -142,7 +146,8 @@ class DiffsegSegmentationFolder(manual.ManualBuilder):
         return find_pairs(root)
 
     def load_example(self, record: manual.Pair) -> tuple[str, np.ndarray, np.ndarray, dict[str, Any]]:
-        image, mask = load_pair(record, self.builder_config.mask_threshold)
+        c = self.builder_config
+        image, mask = load_pair(record, c.mask_threshold, c.image_scaling)
         return record.id, image, mask, {}
 
 
@@ -151,17 +156,20 @@ def make_builder(
     resize: int = 256,
     mask_threshold: float | None = None,
     data_dir: str | None = None,
+    image_scaling: str = "auto",
 ) -> DiffsegSegmentationFolder:
-    """The builder for the folder `manual_dir` at these settings (named by a fingerprint of the files)."""
+    """The builder for the folder `manual_dir` at these settings (named by a fingerprint of the files and
+    settings)."""
     root = files.require_dir(manual_dir, "segmentation_folder", LAYOUT)
     pairs = find_pairs(root)
     paths = [p for split in pairs.values() for x in split for p in (x.image, x.mask)]
-    fp = files.fingerprint(paths, root, mask_threshold)
+    fp = files.fingerprint(paths, root, mask_threshold, image_scaling)
     config = FolderConfig(
         name=manual.config_name(resize, fp),
         resize=int(resize),
         fingerprint=fp,
         mask_threshold=None if mask_threshold is None else float(mask_threshold),
+        image_scaling=str(image_scaling),
         description=f"{root.name} at {resize} px",
     )
     return DiffsegSegmentationFolder(config=config, data_dir=data_dir)
