@@ -302,6 +302,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             log_every=100,
             ckpt_every=5000,
             keep_checkpoints=3,
+            # Checkpoints at multiples of keep_every (0: none) are kept for good besides the last
+            # keep_checkpoints, e.g. 15000 of 60000 steps keeps the model after 75 % of training (the paper's
+            # Fig. 3) for --mode analyse --config.eval.step=45000.
+            keep_every=0,
         )
     )
     # A weights file (.safetensors, .pt/.pth/.bin, .npz) imported by name into a run that has no checkpoint
@@ -319,6 +323,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'pooled' over all test pixels (a torchmetrics metric object accumulated over the test set) or
     # 'per_image' (the mean of per-image values). ece_bins: equal-width bins (the paper: 10).
     # predict_chunk: images --mode predict reads and samples at a time (a multiple of batch_size; bounds memory).
+    # step: the checkpoint that evaluate, predict and analyse read (-1: the latest; an earlier one must be kept,
+    # see train.keep_every).
     c.eval = ml_collections.ConfigDict(
         dict(
             enabled=True,
@@ -336,6 +342,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             pooling="pooled",
             ece_bins=10,
             predict_chunk=256,
+            step=-1,
         )
     )
 

@@ -1,5 +1,5 @@
-"""Orbax checkpointing of the train state: keep the last N, resume from the latest, wait on exit; evaluation
-reads the weights alone (:meth:`Checkpointer.restore_fields`)."""
+"""Orbax checkpointing of the train state: keep the last N (and, optionally, every K-th step for good), resume from
+the latest, wait on exit; evaluation reads the weights alone (:meth:`Checkpointer.restore_fields`)."""
 
 from __future__ import annotations
 
@@ -22,15 +22,27 @@ class Checkpointer:
     (even with SIGKILL) leaves the previous checkpoint as the latest one.
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 3):
+    def __init__(self, directory: str, max_to_keep: int = 3, keep_every: int = 0):
+        """Saves keep the newest ``max_to_keep`` checkpoints and, with ``keep_every`` > 0, every checkpoint whose
+        step is a multiple of it (e.g. the paper's models after 75 % of training, for Fig. 3)."""
         self.directory = os.path.abspath(directory)
+        policies = [ocp.checkpoint_managers.LatestN(max_to_keep)]
+        if keep_every > 0:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), create=True
+            ),
         )
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """The steps of every complete checkpoint, ascending."""
+        return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Starts saving ``state`` at ``step`` (asynchronously; :meth:`wait` to finish)."""

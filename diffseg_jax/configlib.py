@@ -218,6 +218,16 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     for key in ("num_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         if config.train[key] < 1:
             _fail(f"train.{key}", config.train[key], "Use a positive integer.")
+    keep_every = config.train.get("keep_every", 0)
+    if keep_every < 0 or (keep_every and keep_every % config.train.ckpt_every):
+        _fail(
+            "train.keep_every",
+            keep_every,
+            f"Use 0 (keep only the last train.keep_checkpoints) or a multiple of train.ckpt_every="
+            f"{config.train.ckpt_every}, on which checkpoints are written.",
+        )
+    if config.eval.get("step", -1) < -1:
+        _fail("eval.step", config.eval.step, "Use -1 (the latest checkpoint) or a checkpoint's step.")
     if not 0.0 <= config.train.ema_decay < 1.0:
         _fail("train.ema_decay", config.train.ema_decay, "Use a value in [0, 1).")
     if config.eval.pooling not in ("pooled", "per_image"):

@@ -118,18 +118,30 @@ def make_ensemble_fn(member, num_members: int, member_chunk: int | None):
 WEIGHT_FIELDS = ("step", "params", "ema_params", "model_state")  # what sampling reads of a train state
 
 
-def load_state(workdir: str, fresh: train.TrainState) -> train.TrainState:
-    """``fresh`` with the weights (:data:`WEIGHT_FIELDS`) of the latest checkpoint in ``workdir/checkpoints``.
+def load_state(workdir: str, fresh: train.TrainState, step: int = -1) -> train.TrainState:
+    """``fresh`` with the weights (:data:`WEIGHT_FIELDS`) of the checkpoint at ``step`` (-1: the latest) in
+    ``workdir/checkpoints``.
 
     The optimizer's and the timestep sampler's states are not read (``fresh``'s stay): a run evaluates
     whatever optimizer trained it, and under another ``train.optimizer`` or ``timesteps.sampling`` setting.
     """
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first (--mode train).")
-    weights = ckpt.restore_fields(step, {k: getattr(fresh, k) for k in WEIGHT_FIELDS})
-    ckpt.close()
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first (--mode train).")
+        if step >= 0 and step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint of step {step} in {ckpt.directory} (config.eval.step={step}); it holds steps "
+                f"{steps}. Pass one of them, or -1 for the latest. Training keeps the last train.keep_checkpoints "
+                "checkpoints and those at multiples of train.keep_every (set it before training to keep earlier "
+                "models)."
+            )
+        weights = ckpt.restore_fields(
+            steps[-1] if step < 0 else step, {k: getattr(fresh, k) for k in WEIGHT_FIELDS}
+        )
+    finally:
+        ckpt.close()
     return fresh.replace(**weights)
 
 
@@ -142,13 +154,15 @@ def trained_network(
     """(model, schedule, step, variables) of the run in ``workdir`` to sample with, reading no data.
 
     The network is built from the (resolved) config as training built it, for ``data.image_size`` crops of
-    ``image_channels``-channel images; ``state`` defaults to the latest checkpoint. The variables hold the EMA
-    weights if ``eval.use_ema``, else the raw ones.
+    ``image_channels``-channel images. The weights are ``state``'s, unless ``config.eval.step`` names another
+    step, else the checkpoint at ``eval.step`` (-1: the latest); the EMA weights if ``eval.use_ema``, else the
+    raw ones.
     """
     crop = config.data.image_size
     model, schedule, _, fresh = train.model_and_state(config, (crop, crop, image_channels), abstract=True)
-    if state is None:
-        state = load_state(workdir, fresh)
+    step = config.eval.get("step", -1)
+    if state is None or 0 <= step != int(state.step):
+        state = load_state(workdir, fresh, step)
     variables = {"params": state.ema_params if config.eval.use_ema else state.params, **state.model_state}
     return model, schedule, int(state.step), variables
 

@@ -437,7 +437,9 @@ def train(
         print(plan, flush=True)
         logging.info("%s", plan)
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.get("keep_every", 0)
+    )
     latest = ckpt.latest_step()
     if latest is not None:
         state, _ = ckpt.restore(latest, state)

@@ -365,3 +365,37 @@ def test_sampling_reads_the_weights_whatever_optimizer_or_sampler_trained_them(t
         checkpoints.CheckpointMismatchError, match=r"checkpoints/7 does not fit .*new --workdir"
     ):
         checkpoints.Checkpointer(str(tmp_path / "checkpoints")).restore(7, fresh)
+
+
+def test_an_earlier_checkpoint_kept_by_keep_every_is_the_one_eval_step_reads(tmp_path):
+    """``train.keep_every`` keeps checkpoints at its multiples beside the last ``keep_checkpoints``; evaluation,
+    prediction and the analyses read ``eval.step`` (the paper's Fig. 3 uses the models after 75 % of training),
+    and a step that was not kept is refused with the steps there are."""
+    from diffseg_jax import checkpoints  # noqa: PLC0415
+
+    config = tiny_config("e2_synthetic")
+    _, _, _, state = train.model_and_state(config, (32, 32, 3))
+    states = {}
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=1, keep_every=4)
+    for step in (2, 4, 6, 8):
+        states[step] = state.replace(step=step, params=jax.tree.map(lambda p, s=step: p + s, state.params))
+        ckpt.save(step, states[step], {})
+        ckpt.wait()
+    ckpt.close()
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.all_steps() == [4, 8] and ckpt.latest_step() == 8
+    ckpt.close()
+    for step, state_given, expected in ((-1, None, 8), (4, None, 4), (-1, states[8], 8), (4, states[8], 4)):
+        config.eval.step = step
+        _, _, got, variables = evaluate.trained_network(config, str(tmp_path), 3, state_given)
+        assert got == expected
+        jax.tree.map(np.testing.assert_array_equal, variables["params"], states[expected].params)
+    config.eval.step = 6
+    with pytest.raises(
+        FileNotFoundError, match=r"No checkpoint of step 6 .*holds steps \[4, 8\].*train\.keep_every"
+    ):
+        evaluate.trained_network(config, str(tmp_path), 3)
+    assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [
+        4,
+        8,
+    ]  # reading deletes none

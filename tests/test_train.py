@@ -212,6 +212,8 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         ({"train.init_weights": "/no/such/weights.pt"}, "train.init_weights=.*No such file"),
         ({"train.batch_size": 0}, "train.batch_size=0.*positive integer"),
         ({"train.ema_decay": 1.0}, "train.ema_decay=1.0"),
+        ({"train.keep_every": 3}, "train.keep_every=3.*multiple of train.ckpt_every=2"),
+        ({"eval.step": -2}, "eval.step=-2.*latest checkpoint"),
         ({"eval.pooling": "mean"}, "eval.pooling='mean'"),
         ({"eval.ece_bins": 0}, "eval.ece_bins=0"),
         ({"eval.sampler": "euler"}, "eval.sampler='euler'"),
