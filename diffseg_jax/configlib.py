@@ -226,6 +226,21 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             f"Use 0 (keep only the last train.keep_checkpoints) or a multiple of train.ckpt_every="
             f"{config.train.ckpt_every}, on which checkpoints are written.",
         )
+    p = config.protocol
+    if p.get("validate_every", 0) < 0:
+        _fail(
+            "protocol.validate_every",
+            p.validate_every,
+            "Use a positive step count, or 0 for train.ckpt_every.",
+        )
+    if p.get("ensemble_size", 1) < 1:
+        _fail("protocol.ensemble_size", p.ensemble_size, "Use at least one member.")
+    if not 1 <= p.get("ddim_steps", 1) <= config.diffusion.num_timesteps:
+        _fail(
+            "protocol.ddim_steps",
+            p.ddim_steps,
+            f"Use 1 to diffusion.num_timesteps={config.diffusion.num_timesteps} DDIM steps for the validation ensembles.",
+        )
     if config.eval.get("step", -1) < -1:
         _fail("eval.step", config.eval.step, "Use -1 (the latest checkpoint) or a checkpoint's step.")
     if not 0.0 <= config.train.ema_decay < 1.0:

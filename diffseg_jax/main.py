@@ -6,7 +6,8 @@ split of ``config.data``, which may be an external test set, into ``--eval_dir``
 ``--compare_workdir`` also draws Fig. 1 next to that run), ``predict`` (segments the image files at ``--images``,
 which have no masks, with the latest checkpoint: mask, probability and uncertainty maps at each file's size in
 ``--predict_dir``, default ``<workdir>/predict``; see ``diffseg_jax.predict``), ``e1_protocol`` (the paper's feed-forward protocol:
-select the epoch count on an 80/20 split, retrain on all data, evaluate), ``analyse`` (per-timestep error and
+select the epoch count on an 80/20 split, retrain on all data, evaluate), ``e2_protocol`` (the same for diffusion
+segmentation, selecting on the validation IoU of small ensembles; see ``diffseg_jax.protocol``), ``analyse`` (per-timestep error and
 loss curves, the forward process and the model-free fingerprint into ``<workdir>/analysis/``), ``fingerprint``
 (seconds, no training: whether the training masks' error curve has converged by T under the config's schedule,
 the terminal ᾱ at which it would, where the fingerprint weights peak; printed and written to
@@ -26,7 +27,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "evaluate", "predict", "e1_protocol", "analyse", "fingerprint", "summary"],
+    ["train", "evaluate", "predict", "e1_protocol", "e2_protocol", "analyse", "fingerprint", "summary"],
     "What to run.",
 )
 _IMAGES = flags.DEFINE_string(
@@ -92,8 +93,14 @@ def main(argv):
             raise app.UsageError("--mode predict needs --images: an image file or a folder of images.")
         configlib.validate(config, check_data=False)  # the training data need not be here
         predict.predict(config, _WORKDIR.value, _IMAGES.value, _PREDICT_DIR.value)
-    elif _MODE.value == "e1_protocol":
+    elif _MODE.value in ("e1_protocol", "e2_protocol"):
         configlib.validate(config)
+        experiment = _MODE.value[:2]
+        if config.experiment != experiment:
+            raise ValueError(
+                f"--mode {_MODE.value} needs an {experiment} config; config.experiment={config.experiment!r}. Use "
+                f"e.g. configs/{experiment}_isic.py, or --mode {config.experiment}_protocol."
+            )
         protocol.run(config, _WORKDIR.value)
     elif _MODE.value == "train":
         state = train.train(config, _WORKDIR.value)

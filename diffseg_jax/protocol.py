@@ -1,14 +1,25 @@
-"""The paper's feed-forward protocol (Öttl et al., Sec. 3.2), one command: ``--mode e1_protocol``.
+"""The paper's feed-forward protocol (Öttl et al., Sec. 3.2), ``--mode e1_protocol``, and the same for diffusion
+segmentation, ``--mode e2_protocol`` (beyond the paper).
 
-1. *Select*: train E1 (Dice + CE, Adam, lr 1e-5, random noise in place of x_t) on the ``fit`` split, the 80 % of
-   the training set (``data.validation_fraction`` = 0.2 held out, deterministically), and compute the loss on
-   the ``validation`` split after every epoch. The epoch count with the lowest validation loss wins.
-2. *Retrain*: train from scratch on the whole training set for that many epochs (of the whole set), without
-   validation, so the feed-forward model sees as much data as the diffusion models; then evaluate it.
+1. *Select*: train on the ``fit`` split, the 80 % of the training set (``data.validation_fraction`` = 0.2 held
+   out, deterministically), and validate on the ``validation`` split as training goes:
 
-Phase 1 runs in ``<workdir>/select`` (its validation losses in ``validation.jsonl``), phase 2 in ``<workdir>``
-itself, so ``--mode evaluate`` and the report read it like any run; ``<workdir>/e1_protocol.json`` records the
-losses, the chosen epoch count and the step counts. Both phases resume after a crash: rerun the command.
+   - E1 (Dice + CE, Adam, lr 1e-5, random noise in place of x_t): the loss after every epoch, as the paper;
+   - E2: the paper trains its diffusion models for a fixed step count and suspects (Sec. 4.1) that the missing
+     validation scheme is why they fit HER2 poorly. Every ``protocol.validate_every`` steps (default
+     ``train.ckpt_every``) a small ensemble (``protocol.ensemble_size`` DDIM members, ``protocol.ddim_steps``
+     steps, the same noise every time) is sampled for every validation image, and the pooled IoU and ECE of
+     its mean are recorded. The diffusion loss is not used: it says little about the segmentation.
+
+   The step count with the lowest loss (E1) or the highest IoU (E2) wins; ``protocol.patience`` validations
+   without a better one stop the phase early.
+2. *Retrain*: train from scratch on the whole training set for as many epochs (of the whole set), without
+   validation, so the model sees as much data as a plain run; then evaluate it.
+
+Phase 1 runs in ``<workdir>/select`` (its validations in ``validation.jsonl``), phase 2 in ``<workdir>`` itself,
+so ``--mode evaluate`` and the report read it like any run; ``<workdir>/e1_protocol.json`` (or
+``e2_protocol.json``) records the validations, the choice and the step counts. Both phases resume after a crash:
+rerun the command.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from diffseg_jax import data, evaluate, objectives, planning, train
+from diffseg_jax import data, evaluate, metrics, objectives, planning, train
 
 
 def epoch_steps(data_config: ml_collections.ConfigDict, split: str, batch_size: int) -> int:
@@ -77,107 +88,184 @@ def make_validation_fn(config: ml_collections.ConfigDict, model, schedule):
     return validation_loss
 
 
+def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
+    """``state -> {validation_iou, validation_ece}`` of a small ensemble on the validation split (E2).
+
+    ``protocol.ensemble_size`` DDIM members with ``protocol.ddim_steps`` steps (cheaper than the final
+    evaluation's), sampled as ``--mode evaluate`` samples (tiles where stored larger than the model, the weights
+    of ``eval.use_ema``) with the same key every time, so validations differ only by the weights; IoU of the
+    mean at 0.5 and ECE (``eval.ece_bins``), pooled over all validation pixels.
+    """
+    arrays = data.eval_arrays(config.data, "validation")
+    truth = jnp.asarray(arrays["mask"] > 0.5)
+    sampling = _unlocked(config)
+    sampling.eval.sampler = "ddim"
+    sampling.eval.ddim_steps = config.protocol.ddim_steps
+    sampling.eval.ensemble_size = config.protocol.ensemble_size
+    ensemble = evaluate.ensemble_fn(sampling, model, schedule)  # one compilation for every validation
+
+    def validate(state: train.TrainState) -> dict[str, float]:
+        params = state.ema_params if config.eval.use_ema else state.params
+        mean, _ = evaluate.ensemble_maps(
+            sampling,
+            model,
+            schedule,
+            {"params": params, **state.model_state},
+            arrays["image"],
+            int(state.step),
+            what="validate",
+            ensemble=ensemble,
+        )
+        mean = jnp.asarray(mean)
+        return {
+            "validation_iou": float(metrics.iou(mean > evaluate.THRESHOLD, truth)),
+            "validation_ece": float(metrics.expected_calibration_error(mean, truth, config.eval.ece_bins)),
+        }
+
+    return validate
+
+
 def _read_records(path: str) -> dict[int, dict[str, Any]]:
-    """Validation records by epoch (a record repeated after a crash-and-resume keeps its last value)."""
+    """Validation records by step (a record repeated after a crash-and-resume keeps its last value)."""
     records = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             for line in f:
                 if line.strip():
                     r = json.loads(line)
-                    records[int(r["epoch"])] = r
+                    records[int(r["step"])] = r
     return records
 
 
 def choose_epochs(losses: dict[int, float]) -> int:
-    """The epoch count with the lowest validation loss (the earliest on ties)."""
+    """The epoch count (or step) with the lowest validation loss (the earliest on ties)."""
     if not losses:
         raise ValueError("No validation losses recorded; the selection phase did not complete an epoch.")
     return min(sorted(losses), key=lambda e: losses[e])
-
-
-def _selection_done(records: dict[int, dict[str, Any]], max_epochs: int, patience: int) -> bool:
-    """Whether phase 1 already ran to its end (all epochs, or stopped early by ``patience``)."""
-    if not records:
-        return False
-    best = choose_epochs({e: r["validation_loss"] for e, r in records.items()})
-    return max(records) >= max_epochs or (patience > 0 and max(records) - best >= patience)
 
 
 def _unlocked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config.to_dict())
 
 
+# What each protocol validates: the record's score (lower is better) and its name in the summary.
+_SCORE = {"e1": ("validation_loss", 1.0), "e2": ("validation_iou", -1.0)}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs both phases in ``workdir`` (see the module docstring); returns the recorded protocol summary."""
-    if config.experiment != "e1":
+    experiment = config.experiment
+    if experiment not in _SCORE:
         raise ValueError(
-            f"--mode e1_protocol trains the feed-forward experiment; config.experiment={config.experiment!r}. "
-            "Use an e1 config (e.g. configs/e1_isic.py)."
+            f"--mode e1_protocol / e2_protocol train the feed-forward (e1) or diffusion segmentation (e2) "
+            f"experiment; config.experiment={experiment!r}. Use an e1 or e2 config (e.g. configs/e1_isic.py)."
         )
+    name = f"{experiment}_protocol"
     config = planning.resolve(config)  # nnU-Net's plan sets the batch size the epochs are counted in
     batch_size = config.train.batch_size
     fit_steps = epoch_steps(config.data, "fit", batch_size)
     train_steps = epoch_steps(config.data, "train", batch_size)
+    # E1 validates after every epoch (the paper), E2 every protocol.validate_every steps (an ensemble each time).
+    every = fit_steps if experiment == "e1" else (config.protocol.validate_every or config.train.ckpt_every)
     max_epochs = config.protocol.max_epochs
-    if max_epochs <= 0:  # as many steps as the architecture's training budget, in whole epochs of `fit`
-        max_epochs = max(1, math.ceil(config.train.num_steps / fit_steps))
+    budget = max_epochs * fit_steps if max_epochs > 0 else config.train.num_steps  # the architecture's budget
+    validations = max(1, math.ceil(budget / every))
     patience = config.protocol.patience
+    metric, sign = _SCORE[experiment]
 
-    # Phase 1: select the epoch count on the validation split.
+    # Phase 1: select the step count on the validation split.
     select_dir = os.path.join(workdir, "select")
     os.makedirs(select_dir, exist_ok=True)
     select = _unlocked(config)
-    select.train.num_steps = max_epochs * fit_steps
-    select.train.ckpt_every = fit_steps
+    select.train.num_steps = validations * every
+    select.train.ckpt_every = every
     select.train.keep_checkpoints = 1
     records_path = os.path.join(select_dir, "validation.jsonl")
     records = _read_records(records_path)
     _, model, schedule, _, _ = train.setup(select, abstract=True, split="fit")
-    validation_loss = make_validation_fn(select, model, schedule)
+    if experiment == "e1":
+        loss_fn = make_validation_fn(select, model, schedule)
+        validate = lambda state: {"validation_loss": loss_fn(state)}
+    else:
+        validate = make_validation_iou_fn(select, model, schedule)
+
+    def best_step() -> int:
+        return choose_epochs({s: sign * r[metric] for s, r in records.items()})
 
     def hook(step: int, state: train.TrainState) -> bool:
-        epoch = step // fit_steps
-        loss = validation_loss(state)
-        records[epoch] = {"epoch": epoch, "step": step, "validation_loss": loss}
+        record = {"step": step, "epoch": step // fit_steps} if experiment == "e1" else {"step": step}
+        record.update(validate(state), epochs=round(step / fit_steps, 3))
+        records[step] = record
         with open(records_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(records[epoch]) + "\n")
-        best = choose_epochs({e: r["validation_loss"] for e, r in records.items()})
+            f.write(json.dumps(record) + "\n")
+        best = best_step()
         logging.info(
-            "e1_protocol: epoch %d/%d validation loss %.5f (best: epoch %d)", epoch, max_epochs, loss, best
+            "%s: step %d/%d (%.1f epochs) %s %.5f (best: step %d)",
+            name,
+            step,
+            select.train.num_steps,
+            step / fit_steps,
+            metric,
+            record[metric],
+            best,
         )
-        return bool(patience > 0 and epoch - best >= patience)
+        return bool(patience > 0 and (step - best) // every >= patience)
 
-    if not _selection_done(records, max_epochs, patience):
+    done = bool(records) and (
+        max(records) >= select.train.num_steps
+        or (patience > 0 and (max(records) - best_step()) // every >= patience)
+    )
+    if not done:
         logging.info(
-            "e1_protocol: selecting the epoch count: up to %d epochs of %d steps on the %d%% fit split.",
-            max_epochs,
+            "%s: selecting the step count: up to %d steps (%d validations, %d steps per epoch) on the %d%% fit "
+            "split.",
+            name,
+            select.train.num_steps,
+            validations,
             fit_steps,
             round(100 * (1 - config.data.validation_fraction)),
         )
-        train.train(select, select_dir, split="fit", hook=hook, hook_every=fit_steps)
-    losses = {e: r["validation_loss"] for e, r in sorted(records.items())}
-    chosen = choose_epochs(losses)
+        train.train(select, select_dir, split="fit", hook=hook, hook_every=every)
+    if not records:
+        choose_epochs({})  # says that no validation was recorded
+    chosen = best_step()
 
-    # Phase 2: retrain on all training data for the chosen number of epochs.
+    # Phase 2: retrain on all training data for as many epochs (of the whole training set).
     final = _unlocked(config)
-    final.train.num_steps = chosen * train_steps
+    final.train.num_steps = max(1, round(chosen * train_steps / fit_steps))
     summary = {
-        "chosen_epochs": chosen,
-        "max_epochs": max_epochs,
-        "patience": patience,
         "validation_fraction": config.data.validation_fraction,
         "steps_per_epoch_fit": fit_steps,
         "steps_per_epoch_train": train_steps,
+        "patience": patience,
         "final_steps": final.train.num_steps,
-        "validation_losses": {str(e): v for e, v in losses.items()},
     }
-    with open(os.path.join(workdir, "e1_protocol.json"), "w", encoding="utf-8") as f:
+    if experiment == "e1":
+        summary.update(
+            chosen_epochs=chosen // fit_steps,
+            max_epochs=validations,
+            validation_losses={str(r["epoch"]): r[metric] for _, r in sorted(records.items())},
+        )
+    else:
+        summary.update(
+            chosen_step=chosen,
+            chosen_epochs=round(chosen / fit_steps, 3),
+            validate_every=every,
+            max_steps=select.train.num_steps,
+            ensemble_size=config.protocol.ensemble_size,
+            ddim_steps=config.protocol.ddim_steps,
+            validation_iou={str(s): r["validation_iou"] for s, r in sorted(records.items())},
+            validation_ece={str(s): r["validation_ece"] for s, r in sorted(records.items())},
+        )
+    with open(os.path.join(workdir, f"{name}.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     logging.info(
-        "e1_protocol: lowest validation loss after %d epoch(s); retraining on all %d training batches per epoch "
+        "%s: best validation %s after %d steps (%.1f epochs); retraining on all %d training batches per epoch "
         "for %d steps.",
+        name,
+        metric,
         chosen,
+        chosen / fit_steps,
         train_steps,
         final.train.num_steps,
     )

@@ -10,6 +10,7 @@ import shutil
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -399,3 +400,45 @@ def test_an_earlier_checkpoint_kept_by_keep_every_is_the_one_eval_step_reads(tmp
         4,
         8,
     ]  # reading deletes none
+
+
+@pytest.mark.slow
+def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tfds_dir):
+    """Beyond the paper: the diffusion model's step count chosen by the validation IoU of small ensembles."""
+    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
+    config.data.num_train = 16
+    config.data.validation_fraction = 0.25  # fit 12 = 3 steps of 4, validation 4 images
+    config.train.batch_size = 4
+    config.train.num_steps = 4
+    config.train.lr = 1e-3
+    config.protocol.validate_every = 2
+    config.protocol.ensemble_size = 2
+    config.protocol.ddim_steps = 2
+    config.eval.num_images = 2
+    summary = protocol.run(config, str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "select" / "validation.jsonl")]
+    assert [r["step"] for r in records] == [2, 4] and [r["epochs"] for r in records] == [0.667, 1.333]
+    ious = {r["step"]: r["validation_iou"] for r in records}
+    assert all(0.0 <= v <= 1.0 for v in ious.values()) and all(
+        0.0 <= r["validation_ece"] <= 1.0 for r in records
+    )
+    assert summary["chosen_step"] == max(sorted(ious), key=ious.get)  # the highest IoU, the earliest on ties
+    assert summary["final_steps"] == round(
+        summary["chosen_step"] * 4 / 3
+    )  # as many epochs of all 16 examples
+    saved = json.loads((tmp_path / "e2_protocol.json").read_text())
+    assert saved["validation_iou"] == {str(k): v for k, v in ious.items()}
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["experiment"] == "e2" and m["step"] == summary["final_steps"]
+    # The recorded IoU is that of the step's weights, and the same noise every time: recomputed from the
+    # selection run's last checkpoint, it is the same number.
+    select = ml_collections.ConfigDict(config.to_dict())
+    select.train.num_steps = 4
+    _, model, schedule, _, fresh = train.setup(select, abstract=True, split="fit")
+    state = evaluate.load_state(str(tmp_path / "select"), fresh)
+    validate = protocol.make_validation_iou_fn(select, model, schedule)
+    assert int(state.step) == 4 and validate(state)["validation_iou"] == pytest.approx(ious[4], abs=1e-6)
+    # Rerunning finds both phases done: nothing is trained or validated again.
+    config.eval.enabled = False
+    assert protocol.run(config, str(tmp_path))["chosen_step"] == summary["chosen_step"]
+    assert len(open(tmp_path / "select" / "validation.jsonl").readlines()) == 2
