@@ -45,6 +45,7 @@ def get_config(arg=None):
             models=("ensemdiff", "segdiff", "medsegdiff"),
             experiments=("e1", "e2"),
             e1_protocol=False,
+            e2_protocol=False,  # the E2 cells through --mode e2_protocol (validated step count; beyond the paper)
             analyse=False,
         )
     )

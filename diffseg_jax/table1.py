@@ -5,7 +5,8 @@ The config (e.g. ``configs/table1_synthetic.py``) holds the shared settings and 
 ``data.resize``, ``data.eval_tiling`` and ``data.mask_threshold``), ``models`` and ``experiments``. Each cell
 is the model's tiny config with its published scheme, the shared settings laid over it, trained and evaluated
 in ``<workdir>/<dataset>/<model>_<experiment>`` (``<dataset>`` a kind or the folder's name; the E1 cells
-through the feed-forward protocol with ``table.e1_protocol``). Finished cells are skipped, unfinished ones
+through the feed-forward protocol with ``table.e1_protocol``, the E2 cells through ``--mode e2_protocol`` with
+``table.e2_protocol``). Finished cells are skipped, unfinished ones
 resume; identical programs compile once (a persistent compilation cache in ``<workdir>/.jax_cache`` unless
 one is set already).
 With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--mode analyse``, with the grid's
@@ -48,7 +49,7 @@ SHARED = {
         "pooling",
         "ece_bins",
     ),
-    "protocol": ("max_epochs", "patience"),
+    "protocol": ("max_epochs", "patience", "validate_every", "ensemble_size", "ddim_steps"),
 }
 # A feed-forward reference (nnU-Net) keeps its own training: optimizer settings, its planned batch size, no EMA,
 # one ensemble member. It has an E1 cell only (its reference row of Table 1).
@@ -125,7 +126,7 @@ def _finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
         return False
     with open(path, encoding="utf-8") as f:
         m = json.load(f)
-    protocol_done = os.path.exists(os.path.join(workdir, "e1_protocol.json"))
+    protocol_done = os.path.exists(os.path.join(workdir, f"{config.experiment}_protocol.json"))
     return m.get("step") == config.train.num_steps or protocol_done
 
 
@@ -153,7 +154,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             writers.format_duration(elapsed),
         )
         if not _finished(config, cell_dir):
-            if experiment == "e1" and grid.table.e1_protocol:
+            if grid.table.get(f"{experiment}_protocol", False):  # e1_protocol / e2_protocol
                 protocol.run(config, cell_dir)
             else:
                 state = train.train(config, cell_dir)
