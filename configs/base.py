@@ -324,7 +324,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'per_image' (the mean of per-image values). ece_bins: equal-width bins (the paper: 10).
     # predict_chunk: images --mode predict reads and samples at a time (a multiple of batch_size; bounds memory).
     # step: the checkpoint that evaluate, predict and analyse read (-1: the latest; an earlier one must be kept,
-    # see train.keep_every).
+    # see train.keep_every). tta: test-time augmentation, every member also run on the flipped ('flips', x4) or
+    # all eight rotated/flipped ('d4', x8) images and its output turned back (E1/E2; beyond the paper).
     c.eval = ml_collections.ConfigDict(
         dict(
             enabled=True,
@@ -343,6 +344,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ece_bins=10,
             predict_chunk=256,
             step=-1,
+            tta="none",
         )
     )
 

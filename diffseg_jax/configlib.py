@@ -241,6 +241,16 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             p.ddim_steps,
             f"Use 1 to diffusion.num_timesteps={config.diffusion.num_timesteps} DDIM steps for the validation ensembles.",
         )
+    tta = config.eval.get("tta", "none")
+    if tta not in ("none", "flips", "d4"):
+        _fail("eval.tta", tta, "Choose 'none', 'flips' (4 transforms) or 'd4' (8 rotations and flips).")
+    if tta != "none" and config.experiment not in ("e1", "e2"):
+        _fail(
+            "eval.tta",
+            tta,
+            f"Test-time augmentation transforms the image a segmentation is conditioned on; experiment "
+            f"{config.experiment!r} samples without one. Leave it at 'none'.",
+        )
     if config.eval.get("step", -1) < -1:
         _fail("eval.step", config.eval.step, "Use -1 (the latest checkpoint) or a checkpoint's step.")
     if not 0.0 <= config.train.ema_decay < 1.0:

@@ -288,6 +288,7 @@ def predict(
         "step": step,
         "weights": "ema" if config.eval.use_ema else "raw",
         "ensemble_size": config.eval.ensemble_size,
+        "tta": config.eval.get("tta", "none"),
         "sampler": config.eval.sampler,
         "ddim_steps": config.eval.ddim_steps if config.eval.sampler == "ddim" else None,
         "stored_size": size,

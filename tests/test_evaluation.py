@@ -442,3 +442,55 @@ def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tf
     config.eval.enabled = False
     assert protocol.run(config, str(tmp_path))["chosen_step"] == summary["chosen_step"]
     assert len(open(tmp_path / "select" / "validation.jsonl").readlines()) == 2
+
+
+class _RampNet(nn.Module):
+    """Logits that rise from left to right whatever the input: what test-time augmentation does to a network
+    that is not flip-invariant has a closed form."""
+
+    @nn.compact
+    def __call__(self, x, t, cond=None, train=False):
+        del t, cond, train
+        scale = self.param("scale", nn.initializers.constant(4.0), ())
+        ramp = jnp.linspace(-1.0, 1.0, x.shape[2])[None, None, :, None]
+        return scale * ramp + 0.0 * x
+
+
+def test_test_time_augmentation_averages_the_outputs_turned_back():
+    config = tiny_config("e1_synthetic")
+    schedule = train.build_schedule(config.diffusion)
+    model = _RampNet()
+    images = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+    member = evaluate.make_member_fn(model, schedule, config)
+    key, template = jax.random.PRNGKey(1), jnp.zeros((2, 8, 8, 1))
+    p = jax.nn.sigmoid(4.0 * jnp.linspace(-1.0, 1.0, 8))[None, None, :, None] * jnp.ones((2, 8, 8, 1))
+    plain = evaluate.make_ensemble_fn(member, 3, None)(variables, images, template, key)
+    np.testing.assert_allclose(plain["mean"], p, atol=1e-6)
+    # Flips: identity and the height flip give p back, the width flip and the 180° turn its mirror image.
+    flips = evaluate.make_ensemble_fn(member, 3, 2, tta="flips")(variables, images, template, key)
+    mirror = p[:, :, ::-1]
+    np.testing.assert_allclose(flips["mean"], (p + mirror) / 2, atol=1e-6)
+    np.testing.assert_allclose(flips["std"], jnp.abs(p - mirror) / 2, atol=1e-6)
+    # All eight: the mean of an orbit is unchanged by every rotation and flip.
+    d4 = evaluate.make_ensemble_fn(member, 2, None, tta="d4")(variables, images, template, key)
+    for r, f in evaluate.TTA_TRANSFORMS["d4"]:
+        np.testing.assert_allclose(evaluate.dihedral(d4["mean"], r, f), d4["mean"], atol=1e-6)
+        x = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
+        np.testing.assert_array_equal(evaluate.dihedral(evaluate.dihedral(x, r, f), r, f, inverse=True), x)
+    assert float(d4["std"].max()) > 0.1
+    # On an image-dependent network: a loop over the transforms, each with its members' keys (the identity's
+    # are the plain ensemble's), outputs turned back.
+    tiny = _TinyNet()
+    tv = tiny.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1])
+    m = evaluate.make_member_fn(tiny, schedule, config)
+    loop = []
+    for i, (r, f) in enumerate(evaluate.TTA_TRANSFORMS["flips"]):
+        seen = evaluate.dihedral(images, r, f)
+        for k in jax.random.split(key if i == 0 else jax.random.fold_in(key, i), 3):
+            loop.append(np.asarray(evaluate.dihedral(m(tv, seen, (2, 8, 8, 1), k), r, f, inverse=True)))
+    both = evaluate.make_ensemble_fn(m, 3, None, tta="flips")(tv, images, template, key)
+    np.testing.assert_allclose(both["mean"], np.mean(loop, 0), atol=1e-5)
+    np.testing.assert_allclose(both["std"], np.std(loop, 0), atol=1e-5)
+    plain = evaluate.make_ensemble_fn(m, 3, None)(tv, images, template, key)
+    np.testing.assert_allclose(plain["mean"], np.mean(loop[:3], 0), atol=1e-5)
