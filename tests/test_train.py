@@ -246,36 +246,38 @@ def test_unknown_override_key_fails_at_start(tmp_path):
     assert proc.returncode != 0 and "num_stpes" in out
 
 
-@pytest.mark.parametrize("experiment", ["e1", "e4"])  # E3 samples as E2 does, without the image
-def test_other_experiments_train_and_evaluate(tmp_path, tfds_dir, experiment):
+def test_image_generation_trains_evaluates_and_analyses(tmp_path, tfds_dir):
+    """E4 end to end (E1's runs through the feed-forward protocol in test_evaluation; E3 samples as E2 does)."""
     from diffseg_jax import evaluate
+    from diffseg_jax.analysis import run as analysis
 
-    config = tiny_config(f"{experiment}_synthetic", data_dir=tfds_dir)
+    config = tiny_config("e4_synthetic", data_dir=tfds_dir)
     config.train.num_steps = 2
     state = train.train(config, str(tmp_path))
     assert int(state.step) == 2
     result = evaluate.evaluate(config, str(tmp_path))
     saved = np.load(tmp_path / "eval" / "ensemble.npz")
-    assert saved["mean"].shape[-1] == (3 if experiment == "e4" else 1)
-    assert ("iou" in result) == (experiment == "e1")
+    assert saved["mean"].shape[-1] == 3 and "iou" not in result
     assert np.all((saved["mean"] >= 0) & (saved["mean"] <= 1))
+    written = analysis.analyse(config, str(tmp_path))  # --mode analyse: the eps loss of the generator over t
+    rows = analysis.read_rows(written["curves"])
+    assert {r["curve"] for r in rows} == {"eps_loss"} and [r["t"] for r in rows][:3] == [0, 10, 20]
+    assert all(np.isfinite(r["value"]) and r["value"] > 0 for r in rows)
+    assert (tmp_path / "analysis" / "forward.png").is_file() and (
+        tmp_path / "analysis" / "model_free.csv"
+    ).is_file()
+    report = json.loads((tmp_path / "analysis" / "convergence.json").read_text())
+    # The tiny synthetic masks keep nothing at T = 100 (their information left is within noise of 0).
+    assert report["converged"] and report["adapted_alpha_bar_T"] == pytest.approx(report["alpha_bar_T"])
+
+
+def test_a_feed_forward_run_has_no_per_timestep_curves(tmp_path, tfds_dir):
     from diffseg_jax.analysis import run as analysis
 
-    if experiment == "e4":  # --mode analyse: the eps loss of the image-generation model over t
-        written = analysis.analyse(config, str(tmp_path))
-        rows = analysis.read_rows(written["curves"])
-        assert {r["curve"] for r in rows} == {"eps_loss"} and [r["t"] for r in rows][:3] == [0, 10, 20]
-        assert all(np.isfinite(r["value"]) and r["value"] > 0 for r in rows)
-        assert (tmp_path / "analysis" / "forward.png").is_file() and (
-            tmp_path / "analysis" / "model_free.csv"
-        ).is_file()
-        report = json.loads((tmp_path / "analysis" / "convergence.json").read_text())
-        # The tiny synthetic masks keep nothing at T = 100 (their information left is within noise of 0).
-        assert report["converged"] and report["adapted_alpha_bar_T"] == pytest.approx(report["alpha_bar_T"])
-    else:  # a feed-forward model has no per-timestep curves
-        config.analysis.analyses = ("mask_error",)
-        with pytest.raises(ValueError, match="need a diffusion model"):
-            analysis.analyse(config, str(tmp_path))
+    config = tiny_config("e1_synthetic", data_dir=tfds_dir)
+    config.analysis.analyses = ("mask_error",)
+    with pytest.raises(ValueError, match="need a diffusion model"):
+        analysis.analyse(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("arch", ["segdiff", "medsegdiff"])
