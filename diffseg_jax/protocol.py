@@ -148,7 +148,7 @@ def _unlocked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config.to_dict())
 
 
-# What each protocol validates: the record's score (lower is better) and its name in the summary.
+# What each protocol chooses by: the record's key, and the sign that makes lower better.
 _SCORE = {"e1": ("validation_loss", 1.0), "e2": ("validation_iou", -1.0)}
 
 
@@ -226,9 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             round(100 * (1 - config.data.validation_fraction)),
         )
         train.train(select, select_dir, split="fit", hook=hook, hook_every=every)
-    if not records:
-        choose_epochs({})  # says that no validation was recorded
-    chosen = best_step()
+    chosen = best_step()  # (no record: says that no validation was recorded)
 
     # Phase 2: retrain on all training data for as many epochs (of the whole training set).
     final = _unlocked(config)
