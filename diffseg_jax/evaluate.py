@@ -199,9 +199,9 @@ def trained_network(
     """(model, schedule, step, variables) of the run in ``workdir`` to sample with, reading no data.
 
     The network is built from the (resolved) config as training built it, for ``data.image_size`` crops of
-    ``image_channels``-channel images. The weights are ``state``'s, unless ``config.eval.step`` names another
-    step, else the checkpoint at ``eval.step`` (-1: the latest); the EMA weights if ``eval.use_ema``, else the
-    raw ones.
+    ``image_channels``-channel images. The weights are ``state``'s when it is given and ``config.eval.step`` is -1
+    or its step, else those of the checkpoint at ``eval.step`` (-1: the latest); the EMA weights if
+    ``eval.use_ema``, else the raw ones.
     """
     crop = config.data.image_size
     model, schedule, _, fresh = train.model_and_state(config, (crop, crop, image_channels), abstract=True)
