@@ -414,7 +414,7 @@ def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tf
     config.protocol.validate_every = 2
     config.protocol.ensemble_size = 2
     config.protocol.ddim_steps = 2
-    config.eval.num_images = 2
+    config.eval.enabled = False  # the E1 test checks the evaluation after retraining; here the selection
     summary = protocol.run(config, str(tmp_path))
     records = [json.loads(line) for line in open(tmp_path / "select" / "validation.jsonl")]
     assert [r["step"] for r in records] == [2, 4] and [r["epochs"] for r in records] == [0.667, 1.333]
@@ -428,8 +428,7 @@ def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tf
     )  # as many epochs of all 16 examples
     saved = json.loads((tmp_path / "e2_protocol.json").read_text())
     assert saved["validation_iou"] == {str(k): v for k, v in ious.items()}
-    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert m["experiment"] == "e2" and m["step"] == summary["final_steps"]
+    assert (tmp_path / "checkpoints" / str(summary["final_steps"])).is_dir()  # retrained on all 16 examples
     # The recorded IoU is that of the step's weights, and the same noise every time: recomputed from the
     # selection run's last checkpoint, it is the same number.
     select = ml_collections.ConfigDict(config.to_dict())
@@ -439,7 +438,6 @@ def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tf
     validate = protocol.make_validation_iou_fn(select, model, schedule)
     assert int(state.step) == 4 and validate(state)["validation_iou"] == pytest.approx(ious[4], abs=1e-6)
     # Rerunning finds both phases done: nothing is trained or validated again.
-    config.eval.enabled = False
     assert protocol.run(config, str(tmp_path))["chosen_step"] == summary["chosen_step"]
     assert len(open(tmp_path / "select" / "validation.jsonl").readlines()) == 2
 
