@@ -108,22 +108,70 @@ def _tuples(value):
     return value
 
 
+# What a trained network means, beyond its array shapes (which the checkpoint restore checks): sampling a run
+# under other values gives wrong results without an error, e.g. an E1 network run as an E2 denoiser.
+AS_TRAINED = (
+    "experiment",
+    "model.name",
+    "data.image_size",
+    "diffusion.schedule",
+    "diffusion.num_timesteps",
+    "diffusion.beta_start",
+    "diffusion.beta_end",
+    "diffusion.mask_range",
+    "diffusion.learn_sigma",
+    "diffusion.terminal",
+    "objective.e1_timestep",
+)
+
+
+def _check_as_trained(config, recorded, path: str, workdir: str) -> None:
+    """Raises if ``config`` differs from the run's record on a key of :data:`AS_TRAINED`."""
+
+    def get(c, dotted):
+        node = c
+        for part in dotted.split("."):
+            node = node.get(part, None) if node is not None else None
+        return node
+
+    keys = [
+        k
+        for k in AS_TRAINED
+        if not (k == "data.image_size" and config.model.get("plan"))  # a planned patch comes from the record
+        and not (k == "objective.e1_timestep" and config.experiment != "e1")
+    ]
+    differ = [(k, get(recorded, k), get(config, k)) for k in keys]
+    differ = [(k, a, b) for k, a, b in differ if a is not None and b is not None and a != b]
+    if differ:
+        shown = "; ".join(f"{k}: trained with {a!r}, this config has {b!r}" for k, a, b in differ)
+        raise ValueError(
+            f"The run in {workdir} was trained with other settings than this command's config ({shown}); its "
+            f"network would sample wrong results. Pass the config it was trained with (the same --config file and "
+            f"overrides; {path} records them). Another test set (data.name, data.manual_dir, data.resize) and "
+            "the sampling settings (eval.*, diffusion.variance) may differ."
+        )
+
+
 def resolve_as_trained(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """``config`` resolved as the training run in ``workdir`` resolved it, from the ``config.json`` it recorded.
 
     The data-driven parts (nnU-Net's automatic plan: architecture, patch and batch size; an automatic terminal
     noise) are taken from the record instead of the data, so that a trained run can be evaluated on an external
     test set or segment image files (whose folders have no training split to plan from) with the network its
-    checkpoint holds. Without a record, or with nothing to resolve, this is :func:`resolve`.
+    checkpoint holds. Without a record, or with nothing to resolve, this is :func:`resolve`. A config that
+    differs from the record on what the network means (:data:`AS_TRAINED`) is refused, naming the keys.
     """
     plan_config = config.model.get("plan", None)
     needs_plan = plan_config is not None and plan_config.mode == "auto"
     d = config.diffusion
     needs_terminal = d.get("terminal", "none") != "none" and d.alpha_bar_T <= 0
     path = os.path.join(workdir, "config.json")
-    if not (needs_plan or needs_terminal) or not os.path.exists(path):
+    if not os.path.exists(path):
         return resolve(config)
     recorded = configlib.load(path)
+    _check_as_trained(config, recorded, path, workdir)
+    if not (needs_plan or needs_terminal):
+        return resolve(config)
     c = copy.deepcopy(config)
     if needs_terminal:
         c.diffusion.alpha_bar_T = float(recorded.diffusion.alpha_bar_T)

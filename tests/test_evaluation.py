@@ -492,3 +492,22 @@ def test_test_time_augmentation_averages_the_outputs_turned_back():
     np.testing.assert_allclose(both["std"], np.std(loop, 0), atol=1e-5)
     plain = evaluate.make_ensemble_fn(m, 3, None)(tv, images, template, key)
     np.testing.assert_allclose(plain["mean"], np.mean(loop[:3], 0), atol=1e-5)
+
+
+def test_a_run_is_sampled_only_with_the_settings_that_give_its_network_meaning(tmp_path):
+    """evaluate / predict / analyse refuse a config that would run the network as something it was not trained
+    as (an E1 network as an E2 denoiser, another schedule); another test set and other sampling settings pass."""
+    from diffseg_jax import configlib, planning  # noqa: PLC0415
+
+    trained = tiny_config("e1_synthetic")
+    configlib.save(trained, str(tmp_path / "config.json"))
+    same = tiny_config("e1_synthetic")
+    same.data.name, same.data.manual_dir, same.data.resize = "segmentation_folder", "/external", 64
+    same.eval.sampler, same.diffusion.variance = "ddim", "fixed_small"
+    assert planning.resolve_as_trained(same, str(tmp_path)).experiment == "e1"
+    wrong = tiny_config("e2_synthetic")
+    wrong.diffusion.num_timesteps = 1000
+    with pytest.raises(
+        ValueError, match=r"experiment: trained with 'e1', this config has 'e2'; diffusion\.num_timesteps"
+    ):
+        planning.resolve_as_trained(wrong, str(tmp_path))
