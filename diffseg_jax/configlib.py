@@ -242,7 +242,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             f"Use 1 to diffusion.num_timesteps={config.diffusion.num_timesteps} DDIM steps for the validation ensembles.",
         )
     tta = config.eval.get("tta", "none")
-    if tta not in ("none", "flips", "d4"):
+    if tta not in diffusion.TTA_TRANSFORMS:
         _fail("eval.tta", tta, "Choose 'none', 'flips' (4 transforms) or 'd4' (8 rotations and flips).")
     if tta != "none" and config.experiment not in ("e1", "e2"):
         _fail(

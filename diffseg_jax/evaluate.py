@@ -108,24 +108,6 @@ def ensemble_fn(config: ml_collections.ConfigDict, model, schedule: diffusion.Sc
     )
 
 
-# Test-time augmentation: the dihedral transforms of a square image, as (rot90 count, flip); 'flips' is the
-# subgroup of flips (identity, both axes = rotation by 180°, width, height), 'd4' all eight.
-TTA_TRANSFORMS = {
-    "none": ((0, False),),
-    "flips": ((0, False), (2, False), (0, True), (2, True)),
-    "d4": tuple((r, f) for f in (False, True) for r in range(4)),
-}
-
-
-def dihedral(x: jnp.ndarray, rotations: int, flip: bool, inverse: bool = False) -> jnp.ndarray:
-    """``x`` (..., H, W, C) flipped along W (if ``flip``) and then turned ``rotations`` x 90°; or back."""
-    if not inverse:
-        x = jnp.flip(x, -2) if flip else x
-        return jnp.rot90(x, rotations, axes=(-3, -2))
-    x = jnp.rot90(x, -rotations, axes=(-3, -2))
-    return jnp.flip(x, -2) if flip else x
-
-
 def make_ensemble_fn(member, num_members: int, member_chunk: int | None, tta: str = "none"):
     """Jitted ``(variables, images, x_template, key) -> {mean, std}`` over ``num_members`` vmapped members.
 
@@ -135,7 +117,7 @@ def make_ensemble_fn(member, num_members: int, member_chunk: int | None, tta: st
     diffusion. The transforms run in a ``lax.map`` (the sampler is traced once); the identity's members use
     ``key`` itself, so they equal the ensemble without augmentation.
     """
-    transforms = TTA_TRANSFORMS[tta]
+    transforms = diffusion.TTA_TRANSFORMS[tta]
 
     def members_of(variables, images, x_template, key):
         return diffusion.ensemble_sample(
@@ -148,8 +130,8 @@ def make_ensemble_fn(member, num_members: int, member_chunk: int | None, tta: st
 
         def one(args):
             i, k = args
-            forward = [lambda a, r=r, f=f: dihedral(a, r, f) for r, f in transforms]
-            back = [lambda a, r=r, f=f: dihedral(a, r, f, inverse=True) for r, f in transforms]
+            forward = [lambda a, r=r, f=f: diffusion.dihedral(a, r, f) for r, f in transforms]
+            back = [lambda a, r=r, f=f: diffusion.dihedral(a, r, f, inverse=True) for r, f in transforms]
             seen = jax.lax.switch(i, forward, images)
             return jax.lax.switch(i, back, members_of(variables, seen, x_template, k))
 
@@ -468,7 +450,7 @@ def ensemble_maps(
         what,
         eval_cfg.ensemble_size,
         eval_cfg.sampler if eval_cfg.sampler == "ddpm" else f"ddim-{eval_cfg.ddim_steps}",
-        "" if tta == "none" else f", each on the {len(TTA_TRANSFORMS[tta])} '{tta}' transforms",
+        "" if tta == "none" else f", each on the {len(diffusion.TTA_TRANSFORMS[tta])} '{tta}' transforms",
         len(inputs),
         "tiles" if grid else "images",
         step,

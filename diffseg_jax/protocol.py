@@ -116,11 +116,10 @@ def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
             what="validate",
             ensemble=ensemble,
         )
-        mean = jnp.asarray(mean)
-        return {
-            "validation_iou": float(metrics.iou(mean > evaluate.THRESHOLD, truth)),
-            "validation_ece": float(metrics.expected_calibration_error(mean, truth, config.eval.ece_bins)),
-        }
+        scores = metrics.segmentation_report(
+            jnp.asarray(mean), truth, evaluate.THRESHOLD, config.eval.ece_bins
+        )
+        return {"validation_iou": float(scores["iou_pooled"]), "validation_ece": float(scores["ece_pooled"])}
 
     return validate
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from diffseg_jax import evaluate, metrics, protocol, report, train
+from diffseg_jax import diffusion, evaluate, metrics, protocol, report, train
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics.
@@ -472,10 +472,10 @@ def test_test_time_augmentation_averages_the_outputs_turned_back():
     np.testing.assert_allclose(flips["std"], jnp.abs(p - mirror) / 2, atol=1e-6)
     # All eight: the mean of an orbit is unchanged by every rotation and flip.
     d4 = evaluate.make_ensemble_fn(member, 2, None, tta="d4")(variables, images, template, key)
-    for r, f in evaluate.TTA_TRANSFORMS["d4"]:
-        np.testing.assert_allclose(evaluate.dihedral(d4["mean"], r, f), d4["mean"], atol=1e-6)
+    for r, f in diffusion.TTA_TRANSFORMS["d4"]:
+        np.testing.assert_allclose(diffusion.dihedral(d4["mean"], r, f), d4["mean"], atol=1e-6)
         x = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
-        np.testing.assert_array_equal(evaluate.dihedral(evaluate.dihedral(x, r, f), r, f, inverse=True), x)
+        np.testing.assert_array_equal(diffusion.dihedral(diffusion.dihedral(x, r, f), r, f, inverse=True), x)
     assert float(d4["std"].max()) > 0.1
     # On an image-dependent network: a loop over the transforms, each with its members' keys (the identity's
     # are the plain ensemble's), outputs turned back.
@@ -483,10 +483,10 @@ def test_test_time_augmentation_averages_the_outputs_turned_back():
     tv = tiny.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1])
     m = evaluate.make_member_fn(tiny, schedule, config)
     loop = []
-    for i, (r, f) in enumerate(evaluate.TTA_TRANSFORMS["flips"]):
-        seen = evaluate.dihedral(images, r, f)
+    for i, (r, f) in enumerate(diffusion.TTA_TRANSFORMS["flips"]):
+        seen = diffusion.dihedral(images, r, f)
         for k in jax.random.split(key if i == 0 else jax.random.fold_in(key, i), 3):
-            loop.append(np.asarray(evaluate.dihedral(m(tv, seen, (2, 8, 8, 1), k), r, f, inverse=True)))
+            loop.append(np.asarray(diffusion.dihedral(m(tv, seen, (2, 8, 8, 1), k), r, f, inverse=True)))
     both = evaluate.make_ensemble_fn(m, 3, None, tta="flips")(tv, images, template, key)
     np.testing.assert_allclose(both["mean"], np.mean(loop, 0), atol=1e-5)
     np.testing.assert_allclose(both["std"], np.std(loop, 0), atol=1e-5)

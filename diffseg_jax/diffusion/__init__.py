@@ -12,9 +12,11 @@ from diffseg_jax.diffusion.gaussian import (
 )
 from diffseg_jax.diffusion.samplers import (
     SAMPLERS,
+    TTA_TRANSFORMS,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
+    dihedral,
     ensemble_sample,
     ensemble_statistics,
     model_x0_eps,
@@ -36,6 +38,7 @@ __all__ = [
     "MASK_RANGES",
     "SAMPLERS",
     "Schedule",
+    "TTA_TRANSFORMS",
     "TERMINAL_METHODS",
     "adapt_terminal",
     "alphas_cumprod_of",
@@ -43,6 +46,7 @@ __all__ = [
     "ddim_timesteps",
     "ddpm_sample",
     "diffusion_to_prob",
+    "dihedral",
     "ensemble_sample",
     "ensemble_statistics",
     "extract",

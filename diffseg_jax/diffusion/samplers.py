@@ -233,3 +233,21 @@ def ensemble_sample(
 def ensemble_statistics(probs: jnp.ndarray) -> dict[str, jnp.ndarray]:
     """Per-pixel mean and standard deviation over the leading member axis of foreground values in [0,1]."""
     return {"mean": probs.mean(axis=0), "std": probs.std(axis=0)}
+
+
+# Test-time augmentation: the dihedral transforms of a square image, as (rot90 count, flip); 'flips' is the
+# subgroup of flips (identity, both axes = rotation by 180°, width, height), 'd4' all eight.
+TTA_TRANSFORMS = {
+    "none": ((0, False),),
+    "flips": ((0, False), (2, False), (0, True), (2, True)),
+    "d4": tuple((r, f) for f in (False, True) for r in range(4)),
+}
+
+
+def dihedral(x: jnp.ndarray, rotations: int, flip: bool, inverse: bool = False) -> jnp.ndarray:
+    """``x`` (..., H, W, C) flipped along W (if ``flip``) and then turned ``rotations`` x 90°; or back."""
+    if not inverse:
+        x = jnp.flip(x, -2) if flip else x
+        return jnp.rot90(x, rotations, axes=(-3, -2))
+    x = jnp.rot90(x, -rotations, axes=(-3, -2))
+    return jnp.flip(x, -2) if flip else x
