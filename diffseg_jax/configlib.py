@@ -7,6 +7,7 @@ naming the key, the value and a fix, before any data is built or compiled.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -285,3 +286,38 @@ def load(path: str) -> ml_collections.ConfigDict:
     """Reads a config saved by :func:`save`."""
     with open(path, encoding="utf-8") as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+def tuples(value):
+    """JSON lists back as the tuples the configs hold (ml_collections does not assign a list to a tuple field)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: tuples(v) for k, v in value.items()}
+    return value
+
+
+def load_onto(default: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+    """A config saved by :func:`save` (a run's ``config.json``), read onto ``default``.
+
+    ``default`` is the config file's config for the run's architecture: it gives the declared types (tuples,
+    typed placeholders) and the lock, the file gives every value. Keys the file lacks (a run recorded before
+    they existed) keep their defaults; keys only the file has (a planned network's) are added.
+    """
+    c = copy.deepcopy(default)
+
+    def merge(node: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(node.get(key, None), ml_collections.ConfigDict):
+                merge(node[key], value, f"{prefix}{key}.")
+                continue
+            try:
+                with node.unlocked():
+                    node[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else tuples(value)
+            except TypeError as e:
+                raise TypeError(
+                    f"{path}: {prefix}{key}={value!r} does not fit this version's config ({e})."
+                ) from e
+
+    merge(c, load(path).to_dict(), "")
+    return c

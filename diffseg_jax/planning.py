@@ -99,15 +99,6 @@ def resolve(
     return c
 
 
-def _tuples(value):
-    """JSON lists back as the tuples the configs hold (ml_collections does not assign a list to a tuple field)."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_tuples(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    return value
-
-
 # What a trained network means, beyond its array shapes (which the checkpoint restore checks): sampling a run
 # under other values gives wrong results without an error, e.g. an E1 network run as an E2 denoiser.
 AS_TRAINED = (
@@ -183,7 +174,7 @@ def resolve_as_trained(config: ml_collections.ConfigDict, workdir: str) -> ml_co
             )
         with c.unlocked():
             for key, value in recorded.model.items():
-                c.model[key] = _tuples(
+                c.model[key] = configlib.tuples(
                     value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
                 )
         c.data.image_size = int(recorded.data.image_size)

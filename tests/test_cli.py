@@ -39,18 +39,19 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     assert (workdir / "eval" / "ensemble.png").stat().st_size > 1000
     assert (workdir / "checkpoints" / "4").is_dir()
     assert os.listdir(workdir / "tensorboard")
-    # --mode evaluate on the trained run, drawing Fig. 1 next to another evaluated run (here: itself).
+    # --mode evaluate on the trained run with the config it recorded (configs/from_run.py: nothing retyped),
+    # drawing Fig. 1 next to another evaluated run (here: itself).
     log = _run(
         [
             "--config",
-            "configs/quickstart.py:tiny",
+            f"configs/from_run.py:{workdir}",
             "--workdir",
             str(workdir),
             "--mode",
             "evaluate",
             f"--compare_workdir={workdir}",
             f"--eval_dir={workdir / 'eval_again'}",
-            f"--config.data.data_dir={tfds_dir}",
+            "--config.eval.num_figure_images=2",
         ]
     )
     assert "Training" not in log and "at step 4 with the EMA weights" in log
@@ -59,6 +60,43 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     again = json.loads((workdir / "eval_again" / "metrics.json").read_text())
     assert json.loads((workdir / "eval" / "metrics.json").read_text()) == metrics
     assert again["iou"] == metrics["iou"] and again["ece"] == metrics["ece"]
+
+
+def test_from_run_reads_back_every_config_file_as_it_was_recorded(tmp_path):
+    # configs/from_run.py:<run> rebuilds the config a run recorded: every value, with the declared types
+    # (tuples, typed placeholders), for every experiment, dataset and architecture.
+    import glob
+    import importlib
+
+    from configs import from_run
+    from diffseg_jax import configlib
+
+    def leaves(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: (type(v), v)})
+        return out
+
+    count = 0
+    for path in sorted(glob.glob("configs/e[1-4]_*.py")) + ["configs/quickstart.py"]:
+        module = importlib.import_module("configs." + os.path.basename(path)[:-3])
+        for arg in (None, "tiny", "segdiff", "medsegdiff_new,tiny", "nnunet", "segformer,tiny"):
+            if arg and arg.split(",")[0] in ("nnunet", "segformer") and "/e1_" not in path:
+                continue  # the feed-forward references are E1 models
+            config = module.get_config(arg)
+            config.train.lr = 2.5e-4  # an override made at training time
+            run = tmp_path / f"{count}"
+            configlib.save(config, str(run / "config.json"))
+            assert leaves(from_run.get_config(str(run)).to_dict()) == leaves(config.to_dict()), (path, arg)
+            count += 1
+    assert count == 4 * 4 * 6 - 3 * 4 * 2 + 4
+    # A run recorded before a key existed gets that key's default; a folder without a record is named.
+    record = json.loads((tmp_path / "0" / "config.json").read_text())
+    del record["data"]["image_scaling"]
+    (tmp_path / "0" / "config.json").write_text(json.dumps(record))
+    assert from_run.get_config(str(tmp_path / "0")).data.image_scaling == "auto"
+    with pytest.raises(FileNotFoundError, match="not a trained run's folder"):
+        from_run.get_config(str(tmp_path / "missing"))
 
 
 def test_summary_prints_published_ensemdiff_param_count():
