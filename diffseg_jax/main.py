@@ -3,7 +3,7 @@
 Modes: ``train`` (default; trains, resuming from the workdir's latest checkpoint, then evaluates the
 ensemble on the test split when ``eval.enabled``), ``evaluate`` (evaluates the latest checkpoint on the test
 split of ``config.data``, which may be an external test set, into ``--eval_dir``, default ``<workdir>/eval``; with
-``--compare_workdir`` also draws Fig. 1 next to that run), ``predict`` (segments the image files at ``--images``,
+``--compare_workdir`` also draws Fig. 1 next to that run and compares their uncertainty maps), ``predict`` (segments the image files at ``--images``,
 which have no masks, with the latest checkpoint: mask, probability and uncertainty maps at each file's size in
 ``--predict_dir``, default ``<workdir>/predict``; see ``diffseg_jax.predict``), ``e1_protocol`` (the paper's feed-forward protocol:
 select the epoch count on an 80/20 split, retrain on all data, evaluate), ``e2_protocol`` (the same for diffusion
@@ -42,7 +42,9 @@ _EVAL_DIR = flags.DEFINE_string(
     "--mode evaluate: where to write (default WORKDIR/eval); e.g. an external test set's results beside the run's.",
 )
 _COMPARE = flags.DEFINE_string(
-    "compare_workdir", None, "An evaluated run (e.g. feed-forward) to draw side by side in eval/figure1.png."
+    "compare_workdir",
+    None,
+    "An evaluated run (e.g. feed-forward) to compare with: eval/figure1.png, eval/comparison.json.",
 )
 
 

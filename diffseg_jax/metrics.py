@@ -126,3 +126,113 @@ def segmentation_report(
         "ece_top_label_pooled": ece_top(mean, truth),
         "reliability": calibration_bins(mean, truth, num_bins),
     }
+
+
+def brier_score(probs: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """Mean squared difference between the foreground probability and the binary label (a proper score)."""
+    p = jnp.clip(probs.astype(jnp.float32), 0.0, 1.0)
+    return jnp.mean(jnp.square(p - labels.astype(jnp.float32)))
+
+
+def binary_entropy(probs: jnp.ndarray) -> jnp.ndarray:
+    """Entropy of a Bernoulli(p) in bits, in [0, 1]: the predictive (total) uncertainty of an ensemble mean."""
+    p = jnp.clip(probs.astype(jnp.float32), 0.0, 1.0)
+    q = 1.0 - p
+    plogp = jnp.where(p > 0, p * jnp.log2(jnp.where(p > 0, p, 1.0)), 0.0)
+    qlogq = jnp.where(q > 0, q * jnp.log2(jnp.where(q > 0, q, 1.0)), 0.0)
+    return jnp.abs(plogp + qlogq)  # abs: no -0.0 where p is 0 or 1
+
+
+def _blockwise_mean(x: jnp.ndarray, block: int = 4096) -> jnp.ndarray:
+    """Mean of a long float32 vector as a mean of block means: two short sums instead of one long one."""
+    n = x.shape[0]
+    pad = -n % block
+    blocks = jnp.pad(x, (0, pad)).reshape(-1, block)
+    return jnp.sum(jnp.sum(blocks, axis=1)) / n
+
+
+def pearson_correlation(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Pearson correlation of two maps over all pixels given (NaN if either is constant)."""
+    a = jnp.ravel(a).astype(jnp.float32)
+    b = jnp.ravel(b).astype(jnp.float32)
+    da, db = a - _blockwise_mean(a), b - _blockwise_mean(b)
+    cov, va, vb = (_blockwise_mean(x * y) for x, y in ((da, db), (da, da), (db, db)))
+    return jnp.where((va > 0) & (vb > 0), cov / jnp.sqrt(jnp.maximum(va * vb, 1e-30)), jnp.nan)
+
+
+def error_auroc(uncertainty: jnp.ndarray, error: jnp.ndarray) -> jnp.ndarray:
+    """Area under the ROC curve of ``uncertainty`` as a detector of the ``error`` pixels, over all pixels given.
+
+    The probability that an erroneous pixel is more uncertain than a correct one, ties counted half (the
+    Mann–Whitney statistic, which is what ``sklearn.metrics.roc_auc_score`` computes): 1 when every error is
+    more uncertain than every correct pixel, 0.5 for an uninformative map, NaN without errors or without correct
+    pixels. Exact in O(n log n): for each correct pixel, the errors above and level with it are counted by
+    binary search in the sorted error scores (int32 counts; the average over correct pixels is taken block-wise
+    in float32, accurate to about 1e-6).
+    """
+    u = jnp.ravel(uncertainty).astype(jnp.float32)
+    e = jnp.ravel(error).astype(bool)
+    n_err = jnp.sum(e)
+    n_ok = u.shape[0] - n_err
+    # Errors' scores sorted, the correct pixels' pushed past every real score so the searches ignore them.
+    err_sorted = jnp.sort(jnp.where(e, u, jnp.inf))
+    below_or_level = jnp.searchsorted(err_sorted, u, side="right")
+    below = jnp.searchsorted(err_sorted, u, side="left")
+    above = n_err - below_or_level
+    level = below_or_level - below
+    credit = (above.astype(jnp.float32) + 0.5 * level.astype(jnp.float32)) / jnp.maximum(n_err, 1)
+    mean_credit = _blockwise_mean(jnp.where(e, 0.0, credit)) * u.shape[0] / jnp.maximum(n_ok, 1)
+    return jnp.where((n_err > 0) & (n_ok > 0), mean_credit, jnp.nan)
+
+
+def uncertainty_error_overlap(
+    uncertainty: jnp.ndarray, error: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """UEO (Jungo & Reyes, MICCAI 2019): the best Dice between ``uncertainty >= τ`` and the ``error`` pixels.
+
+    Exact over every threshold (not a grid): pixels sorted by decreasing uncertainty, the Dice of flagging the
+    top k is 2 · (errors among them) / (k + errors), and a cut is allowed only between two different values.
+    Returns (UEO, the τ that attains it: the lowest uncertainty still flagged). Without errors the best is to
+    flag nothing, an empty Dice of 1 (as :func:`dice`), and τ is NaN.
+    """
+    u = jnp.ravel(uncertainty).astype(jnp.float32)
+    e = jnp.ravel(error).astype(bool)
+    order = jnp.argsort(-u)
+    u_desc, e_desc = u[order], e[order]
+    n_err = jnp.sum(e)
+    k = jnp.arange(1, u.shape[0] + 1)
+    hits = jnp.cumsum(e_desc.astype(jnp.int32))
+    dice = 2.0 * hits.astype(jnp.float32) / (k + n_err).astype(jnp.float32)
+    cut_ok = jnp.concatenate([u_desc[:-1] > u_desc[1:], jnp.array([True])])  # top-k is a threshold set
+    dice = jnp.where(cut_ok, dice, -1.0)
+    best = jnp.argmax(dice)
+    ueo = jnp.where(n_err > 0, dice[best], 1.0)
+    return ueo, jnp.where(n_err > 0, u_desc[best], jnp.nan)
+
+
+@jax.jit
+def uncertainty_report(
+    mean: jnp.ndarray, std: jnp.ndarray, truth: jnp.ndarray, threshold: float = 0.5
+) -> dict[str, jnp.ndarray]:
+    """How well an ensemble's uncertainty maps point at its errors, pooled over all pixels given.
+
+    The paper (Öttl et al., Sec. 3.2 and Fig. 1) shows the ensemble's std maps and observes that feed-forward
+    ensembles mark "similar areas as uncertain" but less so; this puts numbers on it. The errors are the pixels
+    where ``mean > threshold`` disagrees with ``truth``. Two maps: ``std`` (the members' spread, the map the
+    paper shows; the epistemic part) and ``entropy`` (:func:`binary_entropy` of the mean; the total predictive
+    uncertainty, informative even when the members agree, as feed-forward ones nearly do). For each:
+    ``*_error_auroc`` (:func:`error_auroc`) and ``*_ueo`` / ``*_ueo_threshold``
+    (:func:`uncertainty_error_overlap`). Also the pooled and per-image Brier score of the mean and the error
+    fraction.
+    """
+    truth = truth > 0.5
+    error = (mean > threshold) != truth
+    out = {
+        "brier_pooled": brier_score(mean, truth),
+        "brier_per_image": per_image(brier_score, mean, truth),
+        "error_fraction": jnp.mean(error.astype(jnp.float32)),
+    }
+    for name, u in (("std", std), ("entropy", binary_entropy(mean))):
+        out[f"{name}_error_auroc"] = error_auroc(u, error)
+        out[f"{name}_ueo"], out[f"{name}_ueo_threshold"] = uncertainty_error_overlap(u, error)
+    return out

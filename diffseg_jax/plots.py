@@ -59,12 +59,11 @@ def ensemble_figure(
 _KIND = {"e1": "feed-forward", "e2": "diffusion", "e3": "mask prediction", "e4": "generation"}
 
 
-def comparison_figure(eval_dirs: list[str], path: str, num_images: int = 4) -> None:
-    """Fig. 1 of the paper from evaluated runs: image, ground truth, then mean and std of each run.
+def read_evaluations(eval_dirs: list[str]) -> tuple[list[tuple[dict, dict]], list[list[int]]]:
+    """The ``ensemble.npz`` arrays and ``metrics.json`` of evaluated runs, and where their shared images are.
 
-    ``eval_dirs`` are ``<workdir>/eval`` folders with ``ensemble.npz`` and ``metrics.json`` (e.g. a diffusion
-    and a feed-forward run on the same test set); the rows are the first ``num_images`` ids they share, and
-    the std colour scale is shared across runs so the spreads compare directly.
+    Returns ``runs`` ((arrays, metrics) per folder) and ``rows``: for each test image id that every run has (in
+    the first run's order), its index in each run's arrays.
     """
     runs = []
     for d in eval_dirs:
@@ -74,15 +73,26 @@ def comparison_figure(eval_dirs: list[str], path: str, num_images: int = 4) -> N
         with open(os.path.join(d, "metrics.json"), encoding="utf-8") as f:
             meta = json.load(f)
         runs.append((dict(np.load(npz)), meta))
-    ids = [i for i in runs[0][0]["ids"] if all(i in r["ids"] for r, _ in runs[1:])][:num_images]
+    ids = [i for i in runs[0][0]["ids"] if all(i in r["ids"] for r, _ in runs[1:])]
     if not ids:
         raise ValueError(
             f"The runs in {eval_dirs} share no test image ids; evaluate them on the same test set."
         )
-    rows = [[int(np.nonzero(r["ids"] == i)[0][0]) for r, _ in runs] for i in ids]
+    return runs, [[int(np.nonzero(r["ids"] == i)[0][0]) for r, _ in runs] for i in ids]
+
+
+def comparison_figure(eval_dirs: list[str], path: str, num_images: int = 4) -> None:
+    """Fig. 1 of the paper from evaluated runs: image, ground truth, then mean and std of each run.
+
+    ``eval_dirs`` are ``<workdir>/eval`` folders with ``ensemble.npz`` and ``metrics.json`` (e.g. a diffusion
+    and a feed-forward run on the same test set); the rows are the first ``num_images`` ids they share, and
+    the std colour scale is shared across runs so the spreads compare directly.
+    """
+    runs, rows = read_evaluations(eval_dirs)
+    rows = rows[:num_images]
     vmax = max(float(r["std"].max()) for r, _ in runs) or 1.0
     ncols = 2 + 2 * len(runs)
-    fig, axes = plt.subplots(len(ids), ncols, figsize=(2 * ncols, 2 * len(ids) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(2 * ncols, 2 * len(rows) + 0.5), squeeze=False)
     first = runs[0][0]
     for row, index in enumerate(rows):
         panels = [

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from conftest import run_module
 
+from diffseg_jax import metrics as metrics_lib
+
 
 def _run(args, timeout=900):
     return run_module("diffseg_jax.main", *args, timeout=timeout)
@@ -39,6 +41,15 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     assert (workdir / "eval" / "ensemble.png").stat().st_size > 1000
     assert (workdir / "checkpoints" / "4").is_dir()
     assert os.listdir(workdir / "tensorboard")
+    # The uncertainty block and the Brier column: the metric functions on the arrays written beside them.
+    arrays = np.load(workdir / "eval" / "ensemble.npz")
+    unc = metrics_lib.uncertainty_report(arrays["mean"], arrays["std"], arrays["mask"])
+    assert metrics["uncertainty"]["error_fraction"] == pytest.approx(float(unc["error_fraction"]))
+    for name in ("std", "entropy"):
+        for key in ("error_auroc", "ueo"):
+            value = float(unc[f"{name}_{key}"])
+            assert metrics["uncertainty"][name][key] == (pytest.approx(value) if np.isfinite(value) else None)
+    assert [float(r["brier"]) for r in rows] == pytest.approx(np.asarray(unc["brier_per_image"]), abs=1e-6)
     # --mode evaluate on the trained run with the config it recorded (configs/from_run.py: nothing retyped),
     # drawing Fig. 1 next to another evaluated run (here: itself).
     log = _run(
@@ -60,6 +71,9 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     again = json.loads((workdir / "eval_again" / "metrics.json").read_text())
     assert json.loads((workdir / "eval" / "metrics.json").read_text()) == metrics
     assert again["iou"] == metrics["iou"] and again["ece"] == metrics["ece"]
+    compared = json.loads((workdir / "eval_again" / "comparison.json").read_text())
+    assert compared["num_images"] == 4 and compared["runs"][1]["mean_std_over_first"] == pytest.approx(1.0)
+    assert compared["runs"][1]["uncertainty"] == metrics["uncertainty"]
 
 
 def test_from_run_reads_back_every_config_file_as_it_was_recorded(tmp_path):

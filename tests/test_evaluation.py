@@ -66,6 +66,117 @@ def test_ece_worked_example_with_torchmetrics_bins():
     )
 
 
+def _auroc_by_pairs(u, error):
+    """The definition: over all (error, correct) pixel pairs, 1 if the error is more uncertain, 1/2 if level."""
+    u, error = np.ravel(u).astype(np.float64), np.ravel(error).astype(bool)
+    a, b = u[error][:, None], u[~error][None, :]
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def _ueo_by_thresholds(u, error):
+    """The definition: the best Dice of (u >= τ) with the errors over every τ the map takes."""
+    u, error = np.ravel(u), np.ravel(error).astype(bool)
+    scores = [(2 * np.sum((u >= t) & error) / (np.sum(u >= t) + error.sum()), t) for t in np.unique(u)]
+    return max(scores, key=lambda s: (s[0], -s[1]))
+
+
+def test_error_auroc_and_ueo_equal_their_definitions_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        u = rng.integers(0, 7, size=(3, 13, 13)).astype(np.float32) / 6  # few levels: many ties
+        error = rng.random(u.shape) < 0.1 + 0.4 * u
+        assert float(metrics.error_auroc(u, error)) == pytest.approx(_auroc_by_pairs(u, error), abs=1e-6)
+        ueo, tau = metrics.uncertainty_error_overlap(u, error)
+        best, best_tau = _ueo_by_thresholds(u, error)
+        assert float(ueo) == pytest.approx(best, abs=1e-6) and float(tau) == pytest.approx(best_tau)
+    # Known values: a map that is the error itself, its inverse, a constant, and no errors at all.
+    error = rng.random((2, 8, 8)) < 0.3
+    assert float(metrics.error_auroc(error.astype(np.float32), error)) == 1.0
+    assert float(metrics.error_auroc(1.0 - error, error)) == 0.0
+    assert float(metrics.error_auroc(np.full(error.shape, 0.2), error)) == 0.5
+    assert (
+        float(metrics.uncertainty_error_overlap(error + 0.5 * rng.random(error.shape) * error, error)[0])
+        == 1.0
+    )
+    assert np.isnan(float(metrics.error_auroc(rng.random((4, 4)), np.zeros((4, 4), bool))))
+    ueo, tau = metrics.uncertainty_error_overlap(rng.random((4, 4)), np.zeros((4, 4), bool))
+    assert float(ueo) == 1.0 and np.isnan(float(tau))
+
+
+def test_error_auroc_stays_exact_on_a_million_pixels():
+    # Block-wise float32 averaging: against the closed form of a binormal model it is exact to sampling noise,
+    # and against the rank formula in float64 to 1e-6.
+    rng = np.random.default_rng(1)
+    error = rng.random(1_000_000) < 0.1
+    u = rng.normal(0.0, 1.0, error.shape) + error  # errors shifted by 1: AUROC = Φ(1 / √2) = 0.76025
+    ranks = np.argsort(np.argsort(u)) + 1.0
+    n1 = error.sum()
+    expected = (ranks[error].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(u) - n1))
+    got = float(metrics.error_auroc(u.astype(np.float32), error))
+    assert got == pytest.approx(expected, abs=1e-6) and got == pytest.approx(0.76025, abs=0.003)
+
+
+def test_entropy_brier_and_correlation_known_values():
+    h = np.asarray(metrics.binary_entropy(jnp.array([0.0, 0.25, 0.5, 1.0])))
+    np.testing.assert_allclose(h, [0.0, 0.8112781, 1.0, 0.0], atol=1e-6)
+    assert not np.signbit(h).any()
+    p, y = jnp.array([0.0, 0.5, 1.0, 0.9]), jnp.array([0, 1, 0, 1])
+    assert float(metrics.brier_score(p, y)) == pytest.approx((0 + 0.25 + 1 + 0.01) / 4)
+    rng = np.random.default_rng(2)
+    a, b = rng.random((3, 10, 10)), rng.random((3, 10, 10))
+    assert float(metrics.pearson_correlation(a, 2 * a + 1)) == pytest.approx(1.0, abs=1e-6)
+    assert float(metrics.pearson_correlation(a, -a)) == pytest.approx(-1.0, abs=1e-6)
+    assert float(metrics.pearson_correlation(a, b)) == pytest.approx(
+        np.corrcoef(a.ravel(), b.ravel())[0, 1], abs=1e-5
+    )
+    assert np.isnan(float(metrics.pearson_correlation(a, np.ones_like(a))))
+    r = metrics.uncertainty_report(
+        jnp.asarray(a), jnp.asarray(b), jnp.asarray(a > 0.3)
+    )  # errors: 0.3 < a <= 0.5
+    error = (a > 0.5) != (a > 0.3)
+    assert float(r["error_fraction"]) == pytest.approx(error.mean())
+    assert float(r["std_error_auroc"]) == pytest.approx(_auroc_by_pairs(b, error), abs=1e-6)
+    entropy = np.asarray(metrics.binary_entropy(jnp.asarray(a)))
+    assert float(r["entropy_error_auroc"]) == pytest.approx(_auroc_by_pairs(entropy, error), abs=1e-6)
+
+
+def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
+    # Run B holds run A's images in another order, one of them missing and one extra, with half the spread
+    # and a mean unrelated to A's: similar areas (std correlation 1), half as uncertain, other means.
+    rng = np.random.default_rng(3)
+    ids = np.array(["a", "b", "c", "d"])
+    mean, std = rng.random((4, 8, 8, 1)), rng.random((4, 8, 8, 1)) * 0.4
+    order = [2, 0, 3]  # B: c, a, d, then an image A has not
+    dirs = []
+    for name, arrays in (
+        ("A", dict(ids=ids, mean=mean, std=std)),
+        (
+            "B",
+            dict(
+                ids=np.append(ids[order], "z"),
+                mean=rng.random((4, 8, 8, 1)),
+                std=np.concatenate([0.5 * std[order], rng.random((1, 8, 8, 1))]),
+            ),
+        ),
+    ):
+        d = tmp_path / name
+        d.mkdir()
+        np.savez(
+            d / "ensemble.npz", image=np.zeros((4, 8, 8, 3), np.uint8), mask=np.zeros((4, 8, 8, 1)), **arrays
+        )
+        (d / "metrics.json").write_text(json.dumps({"model": name, "experiment": "e2"}))
+        dirs.append(str(d))
+    out = evaluate.compare_evaluations(dirs)
+    shared = [0, 2, 3]  # a, c, d in A's order
+    assert out["num_images"] == 3
+    first, second = out["runs"]
+    assert first["std_correlation_with_first"] == pytest.approx(1.0, abs=1e-6)
+    assert second["std_correlation_with_first"] == pytest.approx(1.0, abs=1e-6)
+    assert second["mean_std_over_first"] == pytest.approx(0.5, rel=1e-5)
+    assert first["mean_std"] == pytest.approx(std[shared].mean(), rel=1e-5)
+    assert abs(second["mean_correlation_with_first"]) < 0.3
+
+
 def test_segmentation_report_poolings():
     rng = np.random.default_rng(0)
     mean = rng.integers(0, 6, (3, 8, 8, 1)) / 5.0  # a 5-member ensemble mean: multiples of 1/5
