@@ -192,8 +192,8 @@ def uncertainty_error_overlap(
 
     Exact over every threshold (not a grid): pixels sorted by decreasing uncertainty, the Dice of flagging the
     top k is 2 · (errors among them) / (k + errors), and a cut is allowed only between two different values.
-    Returns (UEO, the τ that attains it: the lowest uncertainty still flagged). Without errors the best is to
-    flag nothing, an empty Dice of 1 (as :func:`dice`), and τ is NaN.
+    Returns (UEO, the τ that attains it: the lowest uncertainty still flagged; of equally good τ the highest).
+    Without errors the best is to flag nothing, an empty Dice of 1 (as :func:`dice`), and τ is NaN.
     """
     u = jnp.ravel(uncertainty).astype(jnp.float32)
     e = jnp.ravel(error).astype(bool)

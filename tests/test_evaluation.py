@@ -77,7 +77,7 @@ def _ueo_by_thresholds(u, error):
     """The definition: the best Dice of (u >= τ) with the errors over every τ the map takes."""
     u, error = np.ravel(u), np.ravel(error).astype(bool)
     scores = [(2 * np.sum((u >= t) & error) / (np.sum(u >= t) + error.sum()), t) for t in np.unique(u)]
-    return max(scores, key=lambda s: (s[0], -s[1]))
+    return max(scores, key=lambda s: (s[0], s[1]))  # ties: the highest τ, the fewest pixels flagged
 
 
 def test_error_auroc_and_ueo_equal_their_definitions_with_ties():
@@ -89,6 +89,9 @@ def test_error_auroc_and_ueo_equal_their_definitions_with_ties():
         ueo, tau = metrics.uncertainty_error_overlap(u, error)
         best, best_tau = _ueo_by_thresholds(u, error)
         assert float(ueo) == pytest.approx(best, abs=1e-6) and float(tau) == pytest.approx(best_tau)
+    # Flagging the top pixel or all four is equally good (Dice 2/3): the higher τ is reported.
+    ueo, tau = metrics.uncertainty_error_overlap(np.array([4.0, 3, 2, 1]), np.array([1, 0, 0, 1]))
+    assert float(ueo) == pytest.approx(2 / 3) and float(tau) == 4.0
     # Known values: a map that is the error itself, its inverse, a constant, and no errors at all.
     error = rng.random((2, 8, 8)) < 0.3
     assert float(metrics.error_auroc(error.astype(np.float32), error)) == 1.0
