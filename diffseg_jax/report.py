@@ -5,7 +5,9 @@ of many runs) and writes ``table1.md``, ``table1.csv`` and ``table1.tex``: one r
 the feed-forward (E1) IoU and ECE, the diffusion (E2) IoU and ECE, and their difference (diffusion − feed-
 forward), formatted as the paper (IoU in %, ECE to three decimals). A cell without a run stays blank; two
 runs for one cell are an error naming both (pass one of them). The IoU and ECE are the ``iou``/``ece`` of
-each metrics.json, i.e. its ``eval.pooling``; runs pooled differently are not mixed in one table.
+each metrics.json, i.e. its ``eval.pooling``; runs pooled differently are not mixed in one table. Beyond the
+paper, ``uncertainty.{md,csv}``: per run, how well its std and entropy maps point at its errors
+(``metrics.json``'s ``uncertainty`` block).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def find_metrics(paths: Sequence[str]) -> list[str]:
     return find_run_files(paths, ("metrics.json", os.path.join("**", "eval", "metrics.json")))
 
 
-def collect(paths: Sequence[str]) -> list[dict[str, Any]]:
-    """The Table 1 rows (dicts keyed by ``COLUMNS``; None where no run exists) from the runs under ``paths``."""
+def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, str]]]:
+    """{(dataset, method): {'ff' / 'diff': (metrics.json's dict, its path)}} of the E1/E2 runs under ``paths``,
+    in the paper's order; two runs for one cell, or runs of different poolings, are refused."""
     cells: dict[tuple[str, str], dict[str, tuple[dict, str]]] = {}
     poolings = set()
     for path in find_metrics(paths):
@@ -83,9 +86,13 @@ def collect(paths: Sequence[str]) -> list[dict[str, Any]]:
         k = list(METHODS).index(method) if method in METHODS else len(METHODS)
         return (d, dataset, k, method)
 
+    return {key: cells[key] for key in sorted(cells, key=order)}
+
+
+def collect(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The Table 1 rows (dicts keyed by ``COLUMNS``; None where no run exists) from the runs under ``paths``."""
     rows = []
-    for dataset, method in sorted(cells, key=order):
-        kinds = cells[(dataset, method)]
+    for (dataset, method), kinds in _cells(paths).items():
         row = {"dataset": dataset, "method": method}
         for kind in ("ff", "diff"):
             m = kinds.get(kind, (None, None))[0]
@@ -96,6 +103,61 @@ def collect(paths: Sequence[str]) -> list[dict[str, Any]]:
         row["delta_ece"] = row["diff_ece"] - row["ff_ece"] if both else None
         rows.append(row)
     return rows
+
+
+# The companion table (beyond the paper): how well each ensemble's uncertainty maps point at its errors,
+# metrics.json's ``uncertainty`` block (diffseg_jax.metrics.uncertainty_report).
+UNCERTAINTY_COLUMNS = [
+    "dataset",
+    "method",
+    "kind",
+    "iou",
+    "brier",
+    "error_fraction",
+    "mean_std",
+    "std_error_auroc",
+    "std_ueo",
+    "entropy_error_auroc",
+    "entropy_ueo",
+]
+
+
+def collect_uncertainty(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows keyed by ``UNCERTAINTY_COLUMNS``, one per evaluated E1/E2 run under ``paths`` whose metrics.json has
+    an ``uncertainty`` block (runs evaluated before it existed are left out); None where a score is undefined."""
+    rows = []
+    for (dataset, method), kinds in _cells(paths).items():
+        for kind in ("ff", "diff"):
+            m = kinds.get(kind, (None, None))[0]
+            if m is None or "uncertainty" not in m:
+                continue
+            u = m["uncertainty"]
+            row = {"dataset": dataset, "method": method, "kind": kind, "iou": float(m["iou"])}
+            row.update(brier=m["brier_pooled"], error_fraction=u["error_fraction"], mean_std=m["mean_std"])
+            for name in ("std", "entropy"):
+                row[f"{name}_error_auroc"] = u[name]["error_auroc"]
+                row[f"{name}_ueo"] = u[name]["ueo"]
+            rows.append(row)
+    return rows
+
+
+def uncertainty_markdown(rows: list[dict[str, Any]]) -> str:
+    """The uncertainty table as Markdown: IoU and error pixels in %, the scores to three decimals."""
+    header = (
+        "| Dataset | Method | Kind | IoU ↑ | Brier ↓ | error pixels | mean std | std: error AUROC ↑ | std: UEO ↑ "
+        "| entropy: error AUROC ↑ | entropy: UEO ↑ |"
+    )
+    lines = [header, "|" + "---|" * 11]
+    last = None
+    for r in rows:
+        dataset = DATASETS.get(r["dataset"], r["dataset"])
+        cells = [dataset if dataset != last else "", METHODS.get(r["method"], r["method"])]
+        cells.append({"ff": "FF", "diff": "Diff"}[r["kind"]])
+        cells += [f"{100 * r['iou']:.2f}", f"{r['brier']:.3f}", f"{100 * r['error_fraction']:.1f} %"]
+        cells += ["" if r[c] is None else f"{r[c]:.3f}" for c in UNCERTAINTY_COLUMNS[6:]]
+        lines.append("| " + " | ".join(cells) + " |")
+        last = dataset
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(column: str, value: float | None) -> str:
@@ -143,19 +205,32 @@ def latex(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(rows: list[dict[str, Any]], out_dir: str) -> dict[str, str]:
-    """Writes table1.{md,csv,tex} into ``out_dir``; returns their paths. The CSV keeps full precision."""
+def _write_csv(rows: list[dict[str, Any]], columns: list[str], path: str) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row[k] is None else row[k] for k in columns})
+
+
+def write(
+    rows: list[dict[str, Any]], out_dir: str, uncertainty: list[dict[str, Any]] | None = None
+) -> dict[str, str]:
+    """Writes table1.{md,csv,tex} into ``out_dir``, and uncertainty.{md,csv} when ``uncertainty`` rows
+    (:func:`collect_uncertainty`) are given; returns their paths. The CSVs keep full precision."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"table1.{ext}") for ext in ("md", "csv", "tex")}
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(markdown(rows))
     with open(paths["tex"], "w", encoding="utf-8") as f:
         f.write(latex(rows))
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+    _write_csv(rows, COLUMNS, paths["csv"])
+    if uncertainty:
+        paths["uncertainty_md"] = os.path.join(out_dir, "uncertainty.md")
+        paths["uncertainty_csv"] = os.path.join(out_dir, "uncertainty.csv")
+        with open(paths["uncertainty_md"], "w", encoding="utf-8") as f:
+            f.write(uncertainty_markdown(uncertainty))
+        _write_csv(uncertainty, UNCERTAINTY_COLUMNS, paths["uncertainty_csv"])
     return paths
 
 
@@ -171,8 +246,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         raise SystemExit(
             f"No E1/E2 eval/metrics.json under {args.runs}; evaluate runs first (--mode evaluate)."
         )
-    paths = write(rows, args.out)
+    uncertainty = collect_uncertainty(args.runs)
+    paths = write(rows, args.out, uncertainty)
     print(markdown(rows))
+    if uncertainty:
+        print(uncertainty_markdown(uncertainty))
     print("wrote " + ", ".join(paths.values()))
     return paths
 

@@ -173,7 +173,8 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 config.analysis[key] = grid.analysis[key]
             analysis_run.analyse(config, cell_dir)
     rows = report.collect([workdir])
-    paths = report.write(rows, workdir) if rows else {}
+    uncertainty = report.collect_uncertainty([workdir])
+    paths = report.write(rows, workdir, uncertainty) if rows else {}
     if rows:
         print(report.markdown(rows))
     if grid.table.analyse:

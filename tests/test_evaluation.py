@@ -304,10 +304,10 @@ def test_e1_protocol_selects_on_validation_then_retrains_on_all(tmp_path, tfds_d
 # Table 1.
 
 
-def _metrics(root, name, dataset, model, experiment, iou, ece, pooling="pooled"):
+def _metrics(root, name, dataset, model, experiment, iou, ece, pooling="pooled", **more):
     folder = root / name / "eval"
     folder.mkdir(parents=True)
-    m = dict(dataset=dataset, model=model, experiment=experiment, iou=iou, ece=ece, pooling=pooling)
+    m = dict(dataset=dataset, model=model, experiment=experiment, iou=iou, ece=ece, pooling=pooling, **more)
     (folder / "metrics.json").write_text(json.dumps(m))
     return folder.parent
 
@@ -315,7 +315,10 @@ def _metrics(root, name, dataset, model, experiment, iou, ece, pooling="pooled")
 def test_report_builds_table1_with_blank_missing_cells(tmp_path):
     runs = tmp_path / "runs"
     _metrics(runs, "a", "isic2016", "segdiff", "e1", 0.8586, 0.020)
-    _metrics(runs, "b", "isic2016", "segdiff", "e2", 0.8639, 0.017)
+    scores = dict(error_auroc=0.71234, ueo=0.5, ueo_threshold=0.2)
+    uncertainty = dict(error_fraction=0.0432, std=scores, entropy={**scores, "error_auroc": None})
+    _metrics(runs, "b", "isic2016", "segdiff", "e2", 0.8639, 0.017, brier_pooled=0.0311, mean_std=0.25,
+             uncertainty=uncertainty)  # fmt: skip
     _metrics(runs, "c", "isic2016", "ensemdiff", "e2", 0.8659, 0.007)  # no feed-forward run
     _metrics(runs, "d", "monuseg2018", "segdiff", "e1", 0.6344, 0.059)
     _metrics(runs, "e", "isic2016", "ensemdiff", "e3", 0.1, 0.1)  # not a Table 1 experiment: ignored
@@ -338,6 +341,13 @@ def test_report_builds_table1_with_blank_missing_cells(tmp_path):
     assert table[2]["diff_iou"] == "" and float(table[1]["ff_iou"]) == pytest.approx(0.8586)
     tex = open(paths["tex"]).read()
     assert r"\begin{tabular}" in tex and "SegDiff & 85.86 & 0.020 & 86.39 & 0.017 & +0.53 & -0.003" in tex
+    # The uncertainty table: only the run evaluated with the block, an undefined score left blank.
+    assert open(paths["uncertainty_md"]).read().splitlines()[2] == (
+        "| ISIC16 | SegDiff | Diff | 86.39 | 0.031 | 4.3 % | 0.250 | 0.712 | 0.500 |  | 0.500 |"
+    )
+    with open(paths["uncertainty_csv"], newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["std_error_auroc"]) == 0.71234 and row["entropy_error_auroc"] == ""
 
 
 def test_report_rejects_duplicate_cells_and_mixed_pooling(tmp_path):
