@@ -219,7 +219,7 @@ def uncertainty_report(
     The paper (Öttl et al., Sec. 3.2 and Fig. 1) shows the ensemble's std maps and observes that feed-forward
     ensembles mark "similar areas as uncertain" but less so; this puts numbers on it. The errors are the pixels
     where ``mean > threshold`` disagrees with ``truth``. Two maps: ``std`` (the members' spread, the map the
-    paper shows; the epistemic part) and ``entropy`` (:func:`binary_entropy` of the mean; the total predictive
+    paper shows) and ``entropy`` (:func:`binary_entropy` of the mean; the total predictive
     uncertainty, informative even when the members agree, as feed-forward ones nearly do). For each:
     ``*_error_auroc`` (:func:`error_auroc`) and ``*_ueo`` / ``*_ueo_threshold``
     (:func:`uncertainty_error_overlap`). Also the pooled and per-image Brier score of the mean and the error
