@@ -33,6 +33,7 @@ from diffseg_jax import (
     objectives,
     planning,
     plots,
+    report,
     train,
     writers,
 )
@@ -350,7 +351,7 @@ def evaluate(
     ``metrics.uncertainty_report``), ``per_image.csv``, ``ensemble.npz`` (image, mask, mean, std, ids) and
     ``ensemble.png`` (Fig. 1: image / ground truth / mean / std). With ``compare_workdir`` (an evaluated run of the other training
     kind, e.g. feed-forward next to diffusion), also ``figure1.png`` with both side by side and
-    ``comparison.json`` (:func:`compare_evaluations`).
+    ``comparison.json`` (:func:`diffseg_jax.report.write_comparison`).
     """
     config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
     eval_cfg = config.eval
@@ -407,48 +408,10 @@ def evaluate(
         generated=config.experiment == "e4",
     )
     if compare_workdir:
-        eval_dirs = [out_dir, os.path.join(compare_workdir, "eval")]
-        plots.comparison_figure(eval_dirs, os.path.join(out_dir, "figure1.png"), num_images=n_fig)
-        with open(os.path.join(out_dir, "comparison.json"), "w", encoding="utf-8") as f:
-            json.dump(compare_evaluations(eval_dirs), f, indent=2)
+        report.write_comparison([out_dir, os.path.join(compare_workdir, "eval")], out_dir, n_fig)
     shutil.rmtree(os.path.join(out_dir, "partial"), ignore_errors=True)  # everything is in out_dir now
     logging.info("evaluate: %s", json.dumps({k: v for k, v in result.items() if k != "reliability"}))
     return result
-
-
-def compare_evaluations(eval_dirs: list[str]) -> dict:
-    """How the uncertainty maps of evaluated runs relate, on the test images they all have (``comparison.json``).
-
-    The paper's Fig. 1 observation in numbers: feed-forward ensembles "highlight similar areas as the
-    diffusion models as uncertain", but are "less uncertain overall". Per run: its mean std on the shared
-    images and, against the first run, the Pearson correlation of the std maps (similar areas) and of the
-    mean maps, and the ratio of the mean stds (how much less uncertain). Also each run's ``uncertainty`` block
-    from its ``metrics.json`` (whether its maps point at its errors), when it has one.
-    """
-    runs, rows = plots.read_evaluations(eval_dirs)
-    index = np.asarray(rows)  # (shared images, runs)
-    maps = [{k: arrays[k][index[:, j]] for k in ("mean", "std")} for j, (arrays, _) in enumerate(runs)]
-    first = maps[0]
-    entries = []
-    for d, (_, meta), m in zip(eval_dirs, runs, maps):
-        first_std = float(first["std"].mean())
-        entries.append(
-            {
-                "eval_dir": d,
-                "model": meta.get("model"),
-                "experiment": meta.get("experiment"),
-                "mean_std": float(m["std"].mean()),
-                "std_correlation_with_first": _finite_or_none(
-                    metrics.pearson_correlation(first["std"], m["std"])
-                ),
-                "mean_correlation_with_first": _finite_or_none(
-                    metrics.pearson_correlation(first["mean"], m["mean"])
-                ),
-                "mean_std_over_first": float(m["std"].mean()) / first_std if first_std > 0 else None,
-                "uncertainty": meta.get("uncertainty"),
-            }
-        )
-    return {"num_images": len(rows), "runs": entries}
 
 
 def ensemble_maps(
@@ -532,18 +495,14 @@ _REPORTING_ONLY = ("enabled", "num_figure_images", "pooling", "ece_bins", "predi
 SEGMENTATION_EXPERIMENTS = ("e1", "e2")  # E3 samples masks without the image, E4 images: no ground truth
 
 
-def _finite_or_none(value) -> float | None:
-    """A score for JSON: None where it is undefined (NaN: no errors, a constant map), as strict JSON has no NaN."""
-    return float(value) if np.isfinite(value) else None
-
-
 def _uncertainty_entries(unc: dict) -> dict:
     """metrics.json's ``uncertainty`` block: per map (std, entropy) its error AUROC and UEO."""
     return {
         "error_fraction": float(unc["error_fraction"]),
         **{
             name: {
-                key: _finite_or_none(unc[f"{name}_{key}"]) for key in ("error_auroc", "ueo", "ueo_threshold")
+                key: report.json_number(unc[f"{name}_{key}"])
+                for key in ("error_auroc", "ueo", "ueo_threshold")
             }
             for name in ("std", "entropy")
         },

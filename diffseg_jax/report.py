@@ -1,4 +1,4 @@
-"""Table 1 of the paper from evaluated runs: ``python -m diffseg_jax.report --runs DIR... --out DIR``.
+"""Table 1 (and Fig. 1) of the paper from evaluated runs: ``python -m diffseg_jax.report --runs DIR... --out DIR``.
 
 Collects every ``eval/metrics.json`` under the given folders (a workdir, its ``eval/`` folder, or a folder
 of many runs) and writes ``table1.md``, ``table1.csv`` and ``table1.tex``: one row per dataset and method,
@@ -7,7 +7,8 @@ forward), formatted as the paper (IoU in %, ECE to three decimals). A cell witho
 runs for one cell are an error naming both (pass one of them). The IoU and ECE are the ``iou``/``ece`` of
 each metrics.json, i.e. its ``eval.pooling``; runs pooled differently are not mixed in one table. Beyond the
 paper, ``uncertainty.{md,csv}``: per run, how well its std and entropy maps point at its errors
-(``metrics.json``'s ``uncertainty`` block).
+(``metrics.json``'s ``uncertainty`` block). ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated runs and writes
+``comparison.json`` (:func:`write_comparison`) from their ``ensemble.npz``, without sampling again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import csv
 import glob
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -160,6 +162,67 @@ def uncertainty_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def json_number(value) -> float | None:
+    """A score for JSON: None where it is undefined (NaN: no errors, a constant map), as strict JSON has no NaN."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
+    """How the uncertainty maps of evaluated runs relate, on the test images they all have (``comparison.json``).
+
+    The paper's Fig. 1 observation in numbers: feed-forward ensembles "highlight similar areas as the
+    diffusion models as uncertain", but are "less uncertain overall". Per run: its mean std on the shared
+    images and, against the first run, the Pearson correlation of the std maps (similar areas) and of the
+    mean maps, and the ratio of the mean stds (how much less uncertain). Also each run's ``uncertainty`` block
+    from its ``metrics.json`` (whether its maps point at its errors), when it has one. Reads ``ensemble.npz``
+    files only: nothing is sampled again.
+    """
+    from diffseg_jax import metrics, plots  # noqa: PLC0415 — JAX only when comparing: --help stays fast.
+
+    runs, rows = plots.read_evaluations(list(eval_dirs))
+    maps = [
+        {k: arrays[k][[r[j] for r in rows]] for k in ("mean", "std")} for j, (arrays, _) in enumerate(runs)
+    ]
+    first = maps[0]
+    first_std = float(first["std"].mean())
+    entries = []
+    for d, (_, meta), m in zip(eval_dirs, runs, maps):
+        entries.append(
+            {
+                "eval_dir": d,
+                "model": meta.get("model"),
+                "experiment": meta.get("experiment"),
+                "mean_std": float(m["std"].mean()),
+                "std_correlation_with_first": json_number(
+                    metrics.pearson_correlation(first["std"], m["std"])
+                ),
+                "mean_correlation_with_first": json_number(
+                    metrics.pearson_correlation(first["mean"], m["mean"])
+                ),
+                "mean_std_over_first": float(m["std"].mean()) / first_std if first_std > 0 else None,
+                "uncertainty": meta.get("uncertainty"),
+            }
+        )
+    return {"num_images": len(rows), "runs": entries}
+
+
+def write_comparison(eval_dirs: Sequence[str], out_dir: str, num_images: int = 4) -> dict[str, str]:
+    """``figure1.png`` (Fig. 1: image, truth, then each run's mean and std; ``num_images`` rows) and
+    ``comparison.json`` (:func:`compare`) of evaluated runs, into ``out_dir``; returns their paths."""
+    from diffseg_jax import plots  # noqa: PLC0415
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {
+        "figure1": os.path.join(out_dir, "figure1.png"),
+        "comparison": os.path.join(out_dir, "comparison.json"),
+    }
+    plots.comparison_figure(list(eval_dirs), paths["figure1"], num_images=num_images)
+    with open(paths["comparison"], "w", encoding="utf-8") as f:
+        json.dump(compare(eval_dirs), f, indent=2)
+    return paths
+
+
 def _fmt(column: str, value: float | None) -> str:
     """The paper's formatting: IoU in % with 2 decimals, ECE with 3, differences signed."""
     if value is None:
@@ -236,18 +299,36 @@ def write(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", help="workdirs, eval/ folders, or folders of runs")
     parser.add_argument(
-        "--runs", nargs="+", required=True, help="workdirs, eval/ folders, or folders of runs"
+        "--compare",
+        nargs="+",
+        metavar="EVAL_DIR",
+        help="evaluated runs' eval/ folders (e.g. a diffusion and a feed-forward run): Fig. 1 and comparison.json "
+        "into --out, from their ensemble.npz, nothing sampled again",
+    )
+    parser.add_argument(
+        "--num_images", type=int, default=4, help="--compare: rows of figure1.png (default 4)"
     )
     parser.add_argument("--out", default="table1", help="output folder (default: ./table1)")
     args = parser.parse_args(argv)
+    if not (args.runs or args.compare):
+        parser.error("give --runs (Table 1) and/or --compare (Fig. 1 and comparison.json).")
+    paths = {}
+    if args.compare:
+        paths.update(write_comparison(args.compare, args.out, args.num_images))
+        with open(paths["comparison"], encoding="utf-8") as f:
+            print(f.read())
+    if not args.runs:
+        print("wrote " + ", ".join(paths.values()))
+        return paths
     rows = collect(args.runs)
     if not rows:
         raise SystemExit(
             f"No E1/E2 eval/metrics.json under {args.runs}; evaluate runs first (--mode evaluate)."
         )
     uncertainty = collect_uncertainty(args.runs)
-    paths = write(rows, args.out, uncertainty)
+    paths.update(write(rows, args.out, uncertainty))
     print(markdown(rows))
     if uncertainty:
         print(uncertainty_markdown(uncertainty))

@@ -169,7 +169,9 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
         )
         (d / "metrics.json").write_text(json.dumps({"model": name, "experiment": "e2"}))
         dirs.append(str(d))
-    out = evaluate.compare_evaluations(dirs)
+    paths = report.main(["--compare", *dirs, "--num_images", "2", "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "figure1.png").stat().st_size > 1000
+    out = json.loads(open(paths["comparison"]).read())
     shared = [0, 2, 3]  # a, c, d in A's order
     assert out["num_images"] == 3
     first, second = out["runs"]
