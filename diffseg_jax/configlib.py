@@ -236,6 +236,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         )
     if p.get("ensemble_size", 1) < 1:
         _fail("protocol.ensemble_size", p.ensemble_size, "Use at least one member.")
+    if p.get("sampler", "ddim") not in diffusion.SAMPLERS:
+        _fail("protocol.sampler", p.sampler, f"Choose one of {sorted(diffusion.SAMPLERS)}.")
     if not 1 <= p.get("ddim_steps", 1) <= config.diffusion.num_timesteps:
         _fail(
             "protocol.ddim_steps",

@@ -7,8 +7,8 @@ segmentation, ``--mode e2_protocol`` (beyond the paper).
    - E1 (Dice + CE, Adam, lr 1e-5, random noise in place of x_t): the loss after every epoch, as the paper;
    - E2: the paper trains its diffusion models for a fixed step count and suspects (Sec. 4.1) that the missing
      validation scheme is why they fit HER2 poorly. Every ``protocol.validate_every`` steps (default
-     ``train.ckpt_every``) a small ensemble (``protocol.ensemble_size`` DDIM members, ``protocol.ddim_steps``
-     steps, the same noise every time) is sampled for every validation image, and the pooled IoU and ECE of
+     ``train.ckpt_every``) a small ensemble (``protocol.ensemble_size`` members, DDIM with ``protocol.ddim_steps``
+     steps or ``protocol.sampler`` = ddpm, the same noise every time) is sampled for every validation image, and the pooled IoU and ECE of
      its mean are recorded. The diffusion loss is not used: it says little about the segmentation.
 
    The step count with the lowest loss (E1) or the highest IoU (E2) wins; ``protocol.patience`` validations
@@ -91,15 +91,16 @@ def make_validation_fn(config: ml_collections.ConfigDict, model, schedule):
 def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
     """``state -> {validation_iou, validation_ece}`` of a small ensemble on the validation split (E2).
 
-    ``protocol.ensemble_size`` DDIM members with ``protocol.ddim_steps`` steps (cheaper than the final
-    evaluation's), sampled as ``--mode evaluate`` samples (tiles where stored larger than the model, the weights
+    ``protocol.ensemble_size`` members sampled with ``protocol.sampler`` (DDIM with ``protocol.ddim_steps``
+    steps by default, cheaper than the final evaluation's; deterministic DDIM understates a short-trained model
+    against DDPM, so ``ddpm`` validates as a DDPM evaluation samples), sampled as ``--mode evaluate`` samples (tiles where stored larger than the model, the weights
     of ``eval.use_ema``) with the same key every time, so validations differ only by the weights; IoU of the
     mean at 0.5 and ECE (``eval.ece_bins``), pooled over all validation pixels.
     """
     arrays = data.eval_arrays(config.data, "validation")
     truth = jnp.asarray(arrays["mask"] > 0.5)
     sampling = _unlocked(config)
-    sampling.eval.sampler = "ddim"
+    sampling.eval.sampler = config.protocol.get("sampler", "ddim")
     sampling.eval.ddim_steps = config.protocol.ddim_steps
     sampling.eval.ensemble_size = config.protocol.ensemble_size
     ensemble = evaluate.ensemble_fn(sampling, model, schedule)  # one compilation for every validation
@@ -122,6 +123,29 @@ def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
         return {"validation_iou": float(scores["iou_pooled"]), "validation_ece": float(scores["ece_pooled"])}
 
     return validate
+
+
+def _validation_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """How an E2 validation samples, recorded with each score (DDIM's step count only where DDIM samples)."""
+    p = config.protocol
+    sampler = p.get("sampler", "ddim")
+    return dict(
+        sampler=sampler, ensemble_size=p.ensemble_size, ddim_steps=p.ddim_steps if sampler == "ddim" else None
+    )
+
+
+def _check_recorded_settings(records: dict[int, dict[str, Any]], settings: dict[str, Any], path: str) -> None:
+    """Refuses to resume a selection whose recorded validations were sampled otherwise (records written before
+    the settings were recorded are taken as they are)."""
+    for step, record in sorted(records.items()):
+        recorded = {k: record[k] for k in settings if k in record}
+        differ = {k: (v, settings[k]) for k, v in recorded.items() if v != settings[k]}
+        if differ:
+            what = ", ".join(f"protocol.{k}: recorded {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(
+                f"{path} holds validations sampled with other settings (step {step}: {what}); their scores would "
+                "mix with new ones. Rerun with the recorded settings, or use another --workdir."
+            )
 
 
 def _read_records(path: str) -> dict[int, dict[str, Any]]:
@@ -181,6 +205,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     select.train.keep_checkpoints = 1
     records_path = os.path.join(select_dir, "validation.jsonl")
     records = _read_records(records_path)
+    # E2's validation scores depend on how the ensembles are sampled: a rerun with other settings must not mix
+    # its scores with the recorded ones.
+    settings = {} if experiment == "e1" else _validation_settings(config)
+    _check_recorded_settings(records, settings, records_path)
     _, model, schedule, _, _ = train.setup(select, abstract=True, split="fit")
     if experiment == "e1":
         loss_fn = make_validation_fn(select, model, schedule)
@@ -193,7 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     def hook(step: int, state: train.TrainState) -> bool:
         record = {"step": step, "epoch": step // fit_steps} if experiment == "e1" else {"step": step}
-        record.update(validate(state), epochs=round(step / fit_steps, 3))
+        record.update(validate(state), epochs=round(step / fit_steps, 3), **settings)
         records[step] = record
         with open(records_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -250,6 +278,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             validate_every=every,
             max_steps=select.train.num_steps,
             ensemble_size=config.protocol.ensemble_size,
+            sampler=config.protocol.get("sampler", "ddim"),
             ddim_steps=config.protocol.ddim_steps,
             validation_iou={str(s): r["validation_iou"] for s, r in sorted(records.items())},
             validation_ece={str(s): r["validation_ece"] for s, r in sorted(records.items())},

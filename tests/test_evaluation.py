@@ -529,7 +529,7 @@ def test_an_earlier_checkpoint_kept_by_keep_every_is_the_one_eval_step_reads(tmp
 
 
 @pytest.mark.slow
-def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tfds_dir):
+def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tfds_dir, monkeypatch):
     """Beyond the paper: the diffusion model's step count chosen by the validation IoU of small ensembles."""
     config = tiny_config("e2_synthetic", data_dir=tfds_dir)
     config.data.num_train = 16
@@ -563,9 +563,21 @@ def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tf
     state = evaluate.load_state(str(tmp_path / "select"), fresh)
     validate = protocol.make_validation_iou_fn(select, model, schedule)
     assert int(state.step) == 4 and validate(state)["validation_iou"] == pytest.approx(ious[4], abs=1e-6)
+    # protocol.sampler=ddpm: the validation ensemble is built as an evaluation's with eval.sampler=ddpm.
+    built = []
+    monkeypatch.setattr(evaluate, "ensemble_fn", lambda c, *args: built.append(c.eval.to_dict()))
+    select.protocol.sampler = "ddpm"
+    protocol.make_validation_iou_fn(select, model, schedule)
+    assert built[0]["sampler"] == "ddpm" and built[0]["ensemble_size"] == 2
+    monkeypatch.undo()
     # Rerunning finds both phases done: nothing is trained or validated again.
     assert protocol.run(config, str(tmp_path))["chosen_step"] == summary["chosen_step"]
     assert len(open(tmp_path / "select" / "validation.jsonl").readlines()) == 2
+    # Each score records how it was sampled; a rerun sampling otherwise is refused, not mixed in.
+    assert (records[0]["sampler"], records[0]["ensemble_size"], records[0]["ddim_steps"]) == ("ddim", 2, 2)
+    config.protocol.ensemble_size = 3
+    with pytest.raises(ValueError, match="protocol.ensemble_size: recorded 2, now 3"):
+        protocol.run(config, str(tmp_path))
 
 
 class _RampNet(nn.Module):

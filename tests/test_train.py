@@ -217,6 +217,7 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         ({"eval.tta": "mirror"}, "eval.tta='mirror'.*'d4'"),
         ({"experiment": "e4", "eval.tta": "flips"}, "eval.tta='flips'.*experiment 'e4' samples without"),
         ({"protocol.ddim_steps": 0}, "protocol.ddim_steps=0.*DDIM steps"),
+        ({"protocol.sampler": "euler"}, "protocol.sampler='euler'.*ddim"),
         ({"eval.pooling": "mean"}, "eval.pooling='mean'"),
         ({"eval.ece_bins": 0}, "eval.ece_bins=0"),
         ({"eval.sampler": "euler"}, "eval.sampler='euler'"),
