@@ -546,6 +546,8 @@ def _segmentation_results(test: dict, mean: np.ndarray, std: np.ndarray, eval_cf
         "pred_fraction": report["pred_fraction_per_image"],
         "mean_std": std.reshape(len(std), -1).mean(axis=1),
         "brier": unc["brier_per_image"],
+        "std_error_auroc": unc["std_error_auroc_per_image"],  # nan: no error in the image
+        "entropy_error_auroc": unc["entropy_error_auroc_per_image"],
     }
     with open(os.path.join(out_dir, "per_image.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

@@ -222,8 +222,8 @@ def uncertainty_report(
     paper shows) and ``entropy`` (:func:`binary_entropy` of the mean; the total predictive
     uncertainty, informative even when the members agree, as feed-forward ones nearly do). For each:
     ``*_error_auroc`` (:func:`error_auroc`) and ``*_ueo`` / ``*_ueo_threshold``
-    (:func:`uncertainty_error_overlap`). Also the pooled and per-image Brier score of the mean and the error
-    fraction.
+    (:func:`uncertainty_error_overlap`), pooled, and ``*_error_auroc_per_image``, which finds the images whose
+    maps miss their errors. Also the pooled and per-image Brier score of the mean and the error fraction.
     """
     truth = truth > 0.5
     error = (mean > threshold) != truth
@@ -234,5 +234,8 @@ def uncertainty_report(
     }
     for name, u in (("std", std), ("entropy", binary_entropy(mean))):
         out[f"{name}_error_auroc"] = error_auroc(u, error)
+        out[f"{name}_error_auroc_per_image"] = per_image(
+            error_auroc, u, error
+        )  # NaN: an image without errors
         out[f"{name}_ueo"], out[f"{name}_ueo_threshold"] = uncertainty_error_overlap(u, error)
     return out

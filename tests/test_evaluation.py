@@ -141,6 +141,8 @@ def test_entropy_brier_and_correlation_known_values():
     assert float(r["std_error_auroc"]) == pytest.approx(_auroc_by_pairs(b, error), abs=1e-6)
     entropy = np.asarray(metrics.binary_entropy(jnp.asarray(a)))
     assert float(r["entropy_error_auroc"]) == pytest.approx(_auroc_by_pairs(entropy, error), abs=1e-6)
+    per_image = [_auroc_by_pairs(b[i], error[i]) for i in range(3)]
+    np.testing.assert_allclose(np.asarray(r["std_error_auroc_per_image"]), per_image, atol=1e-6)
 
 
 def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
