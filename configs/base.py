@@ -353,8 +353,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (0: never); then retraining on all training data for the best epoch count. The same for diffusion
     # segmentation (--mode e2_protocol, beyond the paper): every validate_every steps (0: train.ckpt_every) the
     # pooled validation IoU of an ensemble_size-member ensemble (sampler 'ddim' with ddim_steps steps, or 'ddpm'
-    # over all T: slower, but what a short-trained model's evaluation with DDPM sees; see the README's ISIC
-    # results); the best step count (in epochs) is retrained on all training data.
+    # over all T: slower, but what an evaluation with DDPM sees, which can differ by 15 IoU points for a
+    # short-trained model; see the README's results); the best step count (in epochs) is retrained on all
+    # training data.
     c.protocol = ml_collections.ConfigDict(
         dict(max_epochs=-1, patience=0, validate_every=0, ensemble_size=3, sampler="ddim", ddim_steps=25)
     )
