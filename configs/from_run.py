@@ -26,4 +26,4 @@ def get_config(arg=None):
             f"{path} does not exist: {arg!r} is not a trained run's folder (--mode train writes config.json there)."
         )
     recorded = configlib.load(path)
-    return configlib.load_onto(base.get_config(recorded.model.name), path)
+    return configlib.load_onto(base.get_config(recorded.model.name), recorded, path)

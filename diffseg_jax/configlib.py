@@ -299,8 +299,11 @@ def tuples(value):
     return value
 
 
-def load_onto(default: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
-    """A config saved by :func:`save` (a run's ``config.json``), read onto ``default``.
+def load_onto(
+    default: ml_collections.ConfigDict, recorded: ml_collections.ConfigDict, path: str
+) -> ml_collections.ConfigDict:
+    """A config saved by :func:`save` (a run's ``config.json`` at ``path``, read by :func:`load` into
+    ``recorded``), merged onto ``default``.
 
     ``default`` is the config file's config for the run's architecture: it gives the declared types (tuples,
     typed placeholders) and the lock, the file gives every value. Keys the file lacks (a run recorded before
@@ -321,5 +324,5 @@ def load_onto(default: ml_collections.ConfigDict, path: str) -> ml_collections.C
                     f"{path}: {prefix}{key}={value!r} does not fit this version's config ({e})."
                 ) from e
 
-    merge(c, load(path).to_dict(), "")
+    merge(c, recorded.to_dict(), "")
     return c

@@ -349,9 +349,9 @@ def evaluate(
     pooled over the test set; ``iou`` and ``ece`` are the ones ``eval.pooling`` names; reliability-diagram
     bins; the Brier score; in ``uncertainty``, how well the std and entropy maps point at the errors,
     ``metrics.uncertainty_report``), ``per_image.csv``, ``ensemble.npz`` (image, mask, mean, std, ids) and
-    ``ensemble.png`` (Fig. 1: image / ground truth / mean / std). With ``compare_workdir`` (an evaluated run of the other training
-    kind, e.g. feed-forward next to diffusion), also ``figure1.png`` with both side by side and
-    ``comparison.json`` (:func:`diffseg_jax.report.write_comparison`).
+    ``ensemble.png`` (Fig. 1: image / ground truth / mean / std). With ``compare_workdir`` (an evaluated run
+    of the other training kind, e.g. feed-forward next to diffusion), also ``figure1.png`` with both side by
+    side and ``comparison.json`` (:func:`diffseg_jax.report.write_comparison`).
     """
     config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
     eval_cfg = config.eval

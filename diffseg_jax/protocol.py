@@ -7,9 +7,9 @@ segmentation, ``--mode e2_protocol`` (beyond the paper).
    - E1 (Dice + CE, Adam, lr 1e-5, random noise in place of x_t): the loss after every epoch, as the paper;
    - E2: the paper trains its diffusion models for a fixed step count and suspects (Sec. 4.1) that the missing
      validation scheme is why they fit HER2 poorly. Every ``protocol.validate_every`` steps (default
-     ``train.ckpt_every``) a small ensemble (``protocol.ensemble_size`` members, DDIM with ``protocol.ddim_steps``
-     steps or ``protocol.sampler`` = ddpm, the same noise every time) is sampled for every validation image, and the pooled IoU and ECE of
-     its mean are recorded. The diffusion loss is not used: it says little about the segmentation.
+     ``train.ckpt_every``) a small ensemble (``protocol.ensemble_size`` members, DDIM with
+     ``protocol.ddim_steps`` steps or ``protocol.sampler`` = ddpm, the same noise every time) is sampled for
+     every validation image, and the pooled IoU and ECE of its mean are recorded. The diffusion loss is not used: it says little about the segmentation.
 
    The step count with the lowest loss (E1) or the highest IoU (E2) wins; ``protocol.patience`` validations
    without a better one stop the phase early.
@@ -94,8 +94,9 @@ def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
     ``protocol.ensemble_size`` members sampled with ``protocol.sampler`` (DDIM with ``protocol.ddim_steps``
     steps by default, cheaper than the final evaluation's; the two samplers score a short-trained model up to
     15 IoU points apart, so ``ddpm`` validates as a DDPM evaluation samples), as ``--mode evaluate`` samples
-    (tiles where stored larger than the model, the weights of ``eval.use_ema``) with the same key every time, so validations differ only by the weights; IoU of the
-    mean at 0.5 and ECE (``eval.ece_bins``), pooled over all validation pixels.
+    (tiles where stored larger than the model, the weights of ``eval.use_ema``) with the same key every time,
+    so validations differ only by the weights; IoU of the mean at 0.5 and ECE (``eval.ece_bins``), pooled over
+    all validation pixels.
     """
     arrays = data.eval_arrays(config.data, "validation")
     truth = jnp.asarray(arrays["mask"] > 0.5)
