@@ -348,8 +348,9 @@ def evaluate(
     Writes ``metrics.json`` (IoU, Dice and ECE of the thresholded / raw ensemble mean, per image averaged and
     pooled over the test set; ``iou`` and ``ece`` are the ones ``eval.pooling`` names; reliability-diagram
     bins; the Brier score; in ``uncertainty``, how well the std and entropy maps point at the errors,
-    ``metrics.uncertainty_report``), ``per_image.csv``, ``ensemble.npz`` (image, mask, mean, std, ids) and
-    ``ensemble.png`` (Fig. 1: image / ground truth / mean / std). With ``compare_workdir`` (an evaluated run
+    ``metrics.uncertainty_report``), ``per_image.csv``, ``ensemble.npz`` (image, mask, mean, std, ids),
+    ``ensemble.png`` (Fig. 1: image / ground truth / mean / std) and, for E1/E2, ``reliability.png`` (the
+    reliability diagram of the ensemble mean, :func:`diffseg_jax.plots.reliability_figure`). With ``compare_workdir`` (an evaluated run
     of the other training kind, e.g. feed-forward next to diffusion), also ``figure1.png`` with both side by
     side and ``comparison.json`` (:func:`diffseg_jax.report.write_comparison`).
     """
@@ -407,6 +408,11 @@ def evaluate(
         os.path.join(out_dir, "ensemble.png"),
         generated=config.experiment == "e4",
     )
+    if "reliability" in result:
+        title = f"{plots.run_name(result)} · {result['dataset']}"
+        plots.reliability_figure(
+            [(title, [("ensemble mean", result["reliability"])])], os.path.join(out_dir, "reliability.png")
+        )
     if compare_workdir:
         report.write_comparison([out_dir, os.path.join(compare_workdir, "eval")], out_dir, n_fig)
     shutil.rmtree(os.path.join(out_dir, "partial"), ignore_errors=True)  # everything is in out_dir now

@@ -59,6 +59,11 @@ def ensemble_figure(
 _KIND = {"e1": "feed-forward", "e2": "diffusion", "e3": "mask prediction", "e4": "generation"}
 
 
+def run_name(meta: dict) -> str:
+    """'<model> <kind of training>' of an evaluated run from its ``metrics.json`` (e.g. 'segdiff diffusion')."""
+    return f"{meta.get('model', '?')} {_KIND.get(meta.get('experiment'), meta.get('experiment', ''))}"
+
+
 def read_evaluations(eval_dirs: list[str]) -> tuple[list[tuple[dict, dict]], list[list[int]]]:
     """The ``ensemble.npz`` arrays and ``metrics.json`` of evaluated runs, and where their shared images are.
 
@@ -100,7 +105,7 @@ def comparison_figure(eval_dirs: list[str], path: str, num_images: int = 4) -> N
             (first["mask"][index[0], ..., 0], "ground truth", None),
         ]
         for (r, meta), j in zip(runs, index):
-            name = f"{meta.get('model', '?')} {_KIND.get(meta.get('experiment'), meta.get('experiment', ''))}"
+            name = run_name(meta)
             panels += [
                 (r["mean"][j, ..., 0], f"{name}\nmean", "gray"),
                 (r["std"][j, ..., 0], f"{name}\nstd", "magma"),
@@ -119,6 +124,68 @@ def comparison_figure(eval_dirs: list[str], path: str, num_images: int = 4) -> N
                 ax.set_title(title, fontsize=8)
     fig.colorbar(im, ax=axes[:, -1].tolist(), fraction=0.046, pad=0.04)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def reliability_points(bins: dict) -> dict[str, np.ndarray | float]:
+    """The non-empty bins of a reliability diagram and the ECE they imply.
+
+    ``bins`` is :func:`diffseg_jax.metrics.calibration_bins`' output or ``metrics.json``'s ``reliability``
+    (per bin the mean confidence, the accuracy and the pixel count). Returns, for the bins that hold pixels,
+    ``confidence``, ``accuracy`` and ``share`` (their fraction of all pixels), and ``ece``, the share-weighted
+    gap |accuracy - confidence|: the pooled ECE of :func:`diffseg_jax.metrics.expected_calibration_error`.
+    """
+    count = np.asarray(bins["count"], np.float64)
+    if count.sum() <= 0:
+        raise ValueError(f"A reliability diagram needs pixels; every bin is empty: {bins}")
+    keep = count > 0
+    conf = np.asarray(bins["confidence"], np.float64)[keep]
+    acc = np.asarray(bins["accuracy"], np.float64)[keep]
+    share = count[keep] / count.sum()
+    return {
+        "confidence": conf,
+        "accuracy": acc,
+        "share": share,
+        "ece": float(np.sum(share * np.abs(acc - conf))),
+    }
+
+
+def reliability_figure(panels: list[tuple[str, list[tuple[str, dict]]]], path: str, ncols: int = 5) -> None:
+    """Reliability diagrams: per panel ``(title, [(label, bins), ...])`` one line per run.
+
+    Above, the observed foreground fraction against the mean predicted foreground probability of each
+    non-empty bin (on the diagonal: calibrated; below it: over-confident in foreground), the label carrying
+    the ECE; below, each bin's share of the pixels on a log scale (most pixels sit in the extreme bins, which
+    is why a pooled ECE is small). ``bins`` as :func:`reliability_points`.
+    """
+    if not panels:
+        raise ValueError("No reliability diagrams to draw: evaluate E1/E2 runs first (--mode evaluate).")
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = plt.figure(figsize=(3.2 * ncols, 3.9 * nrows))
+    grid = fig.add_gridspec(2 * nrows, ncols, height_ratios=[3, 1] * nrows, hspace=0.08)
+    for i, (title, series) in enumerate(panels):
+        row, col = divmod(i, ncols)
+        top = fig.add_subplot(grid[2 * row, col])
+        bottom = fig.add_subplot(grid[2 * row + 1, col], sharex=top)
+        top.plot([0, 1], [0, 1], "--", color="gray", lw=0.8)
+        for label, bins in series:
+            pts = reliability_points(bins)
+            (line,) = top.plot(
+                pts["confidence"], pts["accuracy"], "o-", ms=3, label=f"{label} (ECE {pts['ece']:.4f})"
+            )
+            bottom.plot(pts["confidence"], pts["share"], "o-", ms=2, color=line.get_color())
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_title(title, fontsize=9)
+        top.legend(fontsize=7, loc="upper left")
+        top.tick_params(labelbottom=False)
+        bottom.set_yscale("log")
+        bottom.set_xlabel("mean predicted foreground probability", fontsize=8)
+        if col == 0:
+            top.set_ylabel("observed foreground fraction", fontsize=8)
+            bottom.set_ylabel("pixel share", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

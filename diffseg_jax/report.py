@@ -7,8 +7,10 @@ forward), formatted as the paper (IoU in %, ECE to three decimals). A cell witho
 runs for one cell are an error naming both (pass one of them). The IoU and ECE are the ``iou``/``ece`` of
 each metrics.json, i.e. its ``eval.pooling``; runs pooled differently are not mixed in one table. Beyond the
 paper, ``uncertainty.{md,csv}``: per run, how well its std and entropy maps point at its errors
-(``metrics.json``'s ``uncertainty`` block). ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated runs and writes
-``comparison.json`` (:func:`write_comparison`) from their ``ensemble.npz``, without sampling again.
+(``metrics.json``'s ``uncertainty`` block), and ``reliability.png``: the reliability diagram behind each ECE,
+a panel per cell with its feed-forward and diffusion runs. ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated
+runs and writes ``comparison.json`` and their reliability diagrams (:func:`write_comparison`) from their
+``ensemble.npz``, without sampling again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import json
 import math
 import os
 from typing import Any, Sequence
+
+import numpy as np
 
 # Display names and the paper's order.
 METHODS = {
@@ -91,10 +95,26 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, 
     return {key: cells[key] for key in sorted(cells, key=order)}
 
 
+def tables(paths: Sequence[str]) -> dict[str, list]:
+    """Everything the report draws from the runs under ``paths``, each ``metrics.json`` read once: ``rows``
+    (:func:`collect`), ``uncertainty`` (:func:`collect_uncertainty`) and ``reliability`` (:func:`collect_reliability`),
+    the arguments of :func:`write`."""
+    cells = _cells(paths)
+    return {
+        "rows": _rows(cells),
+        "uncertainty": _uncertainty_rows(cells),
+        "reliability": _reliability_panels(cells),
+    }
+
+
 def collect(paths: Sequence[str]) -> list[dict[str, Any]]:
     """The Table 1 rows (dicts keyed by ``COLUMNS``; None where no run exists) from the runs under ``paths``."""
+    return _rows(_cells(paths))
+
+
+def _rows(cells: dict) -> list[dict[str, Any]]:
     rows = []
-    for (dataset, method), kinds in _cells(paths).items():
+    for (dataset, method), kinds in cells.items():
         row = {"dataset": dataset, "method": method}
         for kind in ("ff", "diff"):
             m = kinds.get(kind, (None, None))[0]
@@ -127,8 +147,12 @@ UNCERTAINTY_COLUMNS = [
 def collect_uncertainty(paths: Sequence[str]) -> list[dict[str, Any]]:
     """Rows keyed by ``UNCERTAINTY_COLUMNS``, one per evaluated E1/E2 run under ``paths`` whose metrics.json has
     an ``uncertainty`` block (runs evaluated before it existed are left out); None where a score is undefined."""
+    return _uncertainty_rows(_cells(paths))
+
+
+def _uncertainty_rows(cells: dict) -> list[dict[str, Any]]:
     rows = []
-    for (dataset, method), kinds in _cells(paths).items():
+    for (dataset, method), kinds in cells.items():
         for kind in ("ff", "diff"):
             m = kinds.get(kind, (None, None))[0]
             if m is None or "uncertainty" not in m:
@@ -141,6 +165,26 @@ def collect_uncertainty(paths: Sequence[str]) -> list[dict[str, Any]]:
                 row[f"{name}_ueo"] = u[name]["ueo"]
             rows.append(row)
     return rows
+
+
+def collect_reliability(paths: Sequence[str]) -> list[tuple[str, list[tuple[str, dict]]]]:
+    """The reliability diagrams behind Table 1's ECE columns: a panel per (dataset, method) cell, in the table's
+    order, with its feed-forward ('FF') and diffusion ('Diff') runs' pooled bins from ``metrics.json``, as
+    :func:`diffseg_jax.plots.reliability_figure` takes them."""
+    return _reliability_panels(_cells(paths))
+
+
+def _reliability_panels(cells: dict) -> list[tuple[str, list[tuple[str, dict]]]]:
+    panels = []
+    for (dataset, method), kinds in cells.items():
+        series = [
+            (label, kinds[kind][0]["reliability"])
+            for kind, label in (("ff", "FF"), ("diff", "Diff"))
+            if kind in kinds and "reliability" in kinds[kind][0]
+        ]
+        if series:
+            panels.append((f"{DATASETS.get(dataset, dataset)} · {METHODS.get(method, method)}", series))
+    return panels
 
 
 def uncertainty_markdown(rows: list[dict[str, Any]]) -> str:
@@ -174,7 +218,8 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
     The paper's Fig. 1 observation in numbers: feed-forward ensembles "highlight similar areas as the
     diffusion models as uncertain", but are "less uncertain overall". Per run: its mean std on the shared
     images and, against the first run, the Pearson correlation of the std maps (similar areas) and of the
-    mean maps, and the ratio of the mean stds (how much less uncertain). Also each run's ``uncertainty`` block
+    mean maps, the ratio of the mean stds (how much less uncertain), and the reliability-diagram bins of its
+    ensemble mean on the shared images (``reliability``, as ``metrics.json``'s). Also each run's ``uncertainty`` block
     from its ``metrics.json`` (whether its maps point at its errors), when it has one. Reads ``ensemble.npz``
     files only: nothing is sampled again.
     """
@@ -182,7 +227,8 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
 
     runs, rows = plots.read_evaluations(list(eval_dirs))
     maps = [
-        {k: arrays[k][[r[j] for r in rows]] for k in ("mean", "std")} for j, (arrays, _) in enumerate(runs)
+        {k: arrays[k][[r[j] for r in rows]] for k in ("mean", "std", "mask")}
+        for j, (arrays, _) in enumerate(runs)
     ]
     first = maps[0]
     first_std = float(first["std"].mean())
@@ -201,6 +247,12 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
                     metrics.pearson_correlation(first["mean"], m["mean"])
                 ),
                 "mean_std_over_first": float(m["std"].mean()) / first_std if first_std > 0 else None,
+                "reliability": {
+                    k: np.asarray(v).tolist()
+                    for k, v in metrics.calibration_bins(
+                        m["mean"], m["mask"] > 0.5, meta.get("ece_bins", 10)
+                    ).items()
+                },
                 "uncertainty": meta.get("uncertainty"),
             }
         )
@@ -208,18 +260,24 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
 
 
 def write_comparison(eval_dirs: Sequence[str], out_dir: str, num_images: int = 4) -> dict[str, str]:
-    """``figure1.png`` (Fig. 1: image, truth, then each run's mean and std; ``num_images`` rows) and
-    ``comparison.json`` (:func:`compare`) of evaluated runs, into ``out_dir``; returns their paths."""
+    """``figure1.png`` (Fig. 1: image, truth, then each run's mean and std; ``num_images`` rows),
+    ``comparison.json`` (:func:`compare`) and ``reliability.png`` (the runs' reliability diagrams on their shared
+    images, one panel) of evaluated runs, into ``out_dir``; returns their paths."""
     from diffseg_jax import plots  # noqa: PLC0415
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {
         "figure1": os.path.join(out_dir, "figure1.png"),
         "comparison": os.path.join(out_dir, "comparison.json"),
+        "reliability": os.path.join(out_dir, "reliability.png"),
     }
     plots.comparison_figure(list(eval_dirs), paths["figure1"], num_images=num_images)
+    comparison = compare(eval_dirs)
     with open(paths["comparison"], "w", encoding="utf-8") as f:
-        json.dump(compare(eval_dirs), f, indent=2)
+        json.dump(comparison, f, indent=2)
+    title = f"{comparison['num_images']} shared test images"
+    series = [(plots.run_name(r), r["reliability"]) for r in comparison["runs"]]
+    plots.reliability_figure([(title, series)], paths["reliability"])
     return paths
 
 
@@ -277,10 +335,14 @@ def _write_csv(rows: list[dict[str, Any]], columns: list[str], path: str) -> Non
 
 
 def write(
-    rows: list[dict[str, Any]], out_dir: str, uncertainty: list[dict[str, Any]] | None = None
+    rows: list[dict[str, Any]],
+    out_dir: str,
+    uncertainty: list[dict[str, Any]] | None = None,
+    reliability: list[tuple[str, list[tuple[str, dict]]]] | None = None,
 ) -> dict[str, str]:
-    """Writes table1.{md,csv,tex} into ``out_dir``, and uncertainty.{md,csv} when ``uncertainty`` rows
-    (:func:`collect_uncertainty`) are given; returns their paths. The CSVs keep full precision."""
+    """Writes table1.{md,csv,tex} into ``out_dir``, uncertainty.{md,csv} when ``uncertainty`` rows
+    (:func:`collect_uncertainty`) are given and reliability.png when ``reliability`` panels
+    (:func:`collect_reliability`) are; returns their paths. The CSVs keep full precision."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"table1.{ext}") for ext in ("md", "csv", "tex")}
     with open(paths["md"], "w", encoding="utf-8") as f:
@@ -294,6 +356,11 @@ def write(
         with open(paths["uncertainty_md"], "w", encoding="utf-8") as f:
             f.write(uncertainty_markdown(uncertainty))
         _write_csv(uncertainty, UNCERTAINTY_COLUMNS, paths["uncertainty_csv"])
+    if reliability:
+        from diffseg_jax import plots  # noqa: PLC0415
+
+        paths["reliability"] = os.path.join(out_dir, "reliability.png")
+        plots.reliability_figure(reliability, paths["reliability"])
     return paths
 
 
@@ -322,16 +389,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     if not args.runs:
         print("wrote " + ", ".join(paths.values()))
         return paths
-    rows = collect(args.runs)
-    if not rows:
+    found = tables(args.runs)
+    if not found["rows"]:
         raise SystemExit(
             f"No E1/E2 eval/metrics.json under {args.runs}; evaluate runs first (--mode evaluate)."
         )
-    uncertainty = collect_uncertainty(args.runs)
-    paths.update(write(rows, args.out, uncertainty))
-    print(markdown(rows))
-    if uncertainty:
-        print(uncertainty_markdown(uncertainty))
+    paths.update(write(found["rows"], args.out, found["uncertainty"], found["reliability"]))
+    print(markdown(found["rows"]))
+    if found["uncertainty"]:
+        print(uncertainty_markdown(found["uncertainty"]))
     print("wrote " + ", ".join(paths.values()))
     return paths
 

@@ -172,9 +172,9 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             ):
                 config.analysis[key] = grid.analysis[key]
             analysis_run.analyse(config, cell_dir)
-    rows = report.collect([workdir])
-    uncertainty = report.collect_uncertainty([workdir])
-    paths = report.write(rows, workdir, uncertainty) if rows else {}
+    found = report.tables([workdir])
+    rows = found["rows"]
+    paths = report.write(rows, workdir, found["uncertainty"], found["reliability"]) if rows else {}
     if rows:
         print(report.markdown(rows))
     if grid.table.analyse:

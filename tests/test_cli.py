@@ -39,6 +39,7 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     assert len(rows) == 4 and set(rows[0]) >= {"id", "iou", "dice", "ece", "mean_std"}
     assert np.mean([float(r["iou"]) for r in rows]) == pytest.approx(metrics["iou_per_image"], abs=1e-5)
     assert (workdir / "eval" / "ensemble.png").stat().st_size > 1000
+    assert (workdir / "eval" / "reliability.png").stat().st_size > 1000
     assert (workdir / "checkpoints" / "4").is_dir()
     assert os.listdir(workdir / "tensorboard")
     # The uncertainty block and the Brier column: the metric functions on the arrays written beside them.
@@ -73,6 +74,9 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     assert again["iou"] == metrics["iou"] and again["ece"] == metrics["ece"]
     compared = json.loads((workdir / "eval_again" / "comparison.json").read_text())
     assert compared["num_images"] == 4 and compared["runs"][1]["mean_std_over_first"] == pytest.approx(1.0)
+    # Its reliability bins, recomputed from ensemble.npz, are those metrics.json has: the same images and means.
+    for key in ("count", "confidence", "accuracy"):
+        assert compared["runs"][0]["reliability"][key] == pytest.approx(metrics["reliability"][key], abs=1e-6)
     assert compared["runs"][1]["uncertainty"] == metrics["uncertainty"]
 
 
@@ -227,6 +231,7 @@ def test_table1_grid_trains_every_cell_writes_the_table_and_resumes(tmp_path, tf
         and "Training ensemdiff (e2)" in log
         and (workdir / "table1.md").exists()
         and (workdir / "table1.tex").exists()
+        and (workdir / "reliability.png").stat().st_size > 1000  # a panel per cell, FF and Diff runs
     )
     # A rerun finds every cell finished: nothing is trained again and the table is the same.
     table = (workdir / "table1.csv").read_text()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from diffseg_jax import diffusion, evaluate, metrics, protocol, report, train
+from diffseg_jax import diffusion, evaluate, metrics, plots, protocol, report, train
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics.
@@ -64,6 +64,27 @@ def test_ece_worked_example_with_torchmetrics_bins():
     assert float(metrics.expected_calibration_error(probs, labels, top_label=True)) == pytest.approx(
         expected_top, abs=1e-6
     )
+
+
+def test_reliability_points_give_the_pooled_ece():
+    # Known value: bins [.2, .3) (conf .25, acc .5) and [.7, .8) (conf .75, acc 1), half the pixels each.
+    pts = plots.reliability_points(
+        metrics.calibration_bins(np.array([0.25, 0.25, 0.75, 0.75]), np.array([0, 1, 1, 1]))
+    )
+    np.testing.assert_allclose(pts["confidence"], [0.25, 0.75])
+    np.testing.assert_allclose(pts["accuracy"], [0.5, 1.0])
+    np.testing.assert_allclose(pts["share"], [0.5, 0.5])
+    assert pts["ece"] == pytest.approx(0.25)
+    # An ensemble-like mean (multiples of 1/5, exact 0s and 1s on the bin edges): the diagram's points imply
+    # metrics.expected_calibration_error, the empty bins are left out and the shares add up to one.
+    rng = np.random.default_rng(1)
+    mean = rng.integers(0, 6, (4, 16, 16, 1)) / 5.0
+    truth = rng.random(mean.shape) < mean * 0.8
+    pts = plots.reliability_points(metrics.calibration_bins(mean, truth))
+    assert len(pts["confidence"]) == 6 and pts["share"].sum() == pytest.approx(1.0)
+    assert pts["ece"] == pytest.approx(float(metrics.expected_calibration_error(mean, truth)), abs=1e-6)
+    with pytest.raises(ValueError, match="every bin is empty"):
+        plots.reliability_points({"count": [0, 0], "confidence": [0, 0], "accuracy": [0, 0]})
 
 
 def _auroc_by_pairs(u, error):
@@ -151,6 +172,7 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
     rng = np.random.default_rng(3)
     ids = np.array(["a", "b", "c", "d"])
     mean, std = rng.random((4, 8, 8, 1)), rng.random((4, 8, 8, 1)) * 0.4
+    masks = (rng.random((4, 8, 8, 1)) < 0.5).astype(np.uint8)
     order = [2, 0, 3]  # B: c, a, d, then an image A has not
     dirs = []
     for name, arrays in (
@@ -166,9 +188,8 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
     ):
         d = tmp_path / name
         d.mkdir()
-        np.savez(
-            d / "ensemble.npz", image=np.zeros((4, 8, 8, 3), np.uint8), mask=np.zeros((4, 8, 8, 1)), **arrays
-        )
+        index = [list(ids).index(i) if i in ids else 0 for i in arrays["ids"]]  # the same images, same masks
+        np.savez(d / "ensemble.npz", image=np.zeros((4, 8, 8, 3), np.uint8), mask=masks[index], **arrays)
         (d / "metrics.json").write_text(json.dumps({"model": name, "experiment": "e2"}))
         dirs.append(str(d))
     paths = report.main(["--compare", *dirs, "--num_images", "2", "--out", str(tmp_path / "out")])
@@ -182,6 +203,13 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
     assert second["mean_std_over_first"] == pytest.approx(0.5, rel=1e-5)
     assert first["mean_std"] == pytest.approx(std[shared].mean(), rel=1e-5)
     assert abs(second["mean_correlation_with_first"]) < 0.3
+    # The reliability diagrams are of the shared images only: A's bins are those of its mean on a, c, d.
+    assert sum(first["reliability"]["count"]) == 3 * 64
+    ece = plots.reliability_points(first["reliability"])["ece"]
+    assert ece == pytest.approx(
+        float(metrics.expected_calibration_error(mean[shared], masks[shared])), abs=1e-6
+    )
+    assert (tmp_path / "out" / "reliability.png").stat().st_size > 1000
 
 
 def test_segmentation_report_poolings():
@@ -318,11 +346,13 @@ def _metrics(root, name, dataset, model, experiment, iou, ece, pooling="pooled",
 
 def test_report_builds_table1_with_blank_missing_cells(tmp_path):
     runs = tmp_path / "runs"
-    _metrics(runs, "a", "isic2016", "segdiff", "e1", 0.8586, 0.020)
+    bins_ff = {"confidence": [0.05, 0.95], "accuracy": [0.1, 0.9], "count": [30, 10]}
+    bins_diff = {"confidence": [0.05, 0.5, 0.95], "accuracy": [0.0, 0.5, 1.0], "count": [20, 10, 10]}
+    _metrics(runs, "a", "isic2016", "segdiff", "e1", 0.8586, 0.020, reliability=bins_ff)
     scores = dict(error_auroc=0.71234, ueo=0.5, ueo_threshold=0.2)
     uncertainty = dict(error_fraction=0.0432, std=scores, entropy={**scores, "error_auroc": None})
     _metrics(runs, "b", "isic2016", "segdiff", "e2", 0.8639, 0.017, brier_pooled=0.0311, mean_std=0.25,
-             uncertainty=uncertainty)  # fmt: skip
+             uncertainty=uncertainty, reliability=bins_diff)  # fmt: skip
     _metrics(runs, "c", "isic2016", "ensemdiff", "e2", 0.8659, 0.007)  # no feed-forward run
     _metrics(runs, "d", "monuseg2018", "segdiff", "e1", 0.6344, 0.059)
     _metrics(runs, "e", "isic2016", "ensemdiff", "e3", 0.1, 0.1)  # not a Table 1 experiment: ignored
@@ -352,6 +382,12 @@ def test_report_builds_table1_with_blank_missing_cells(tmp_path):
     with open(paths["uncertainty_csv"], newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["std_error_auroc"]) == 0.71234 and row["entropy_error_auroc"] == ""
+    # The reliability diagrams: a panel for the one cell whose runs have bins, feed-forward first.
+    found = report.tables([str(runs)])
+    assert found["rows"] == rows and found["reliability"] == [
+        ("ISIC16 · SegDiff", [("FF", bins_ff), ("Diff", bins_diff)])
+    ]
+    assert open(paths["reliability"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_rejects_duplicate_cells_and_mixed_pooling(tmp_path):
