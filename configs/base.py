@@ -326,6 +326,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # step: the checkpoint that evaluate, predict and analyse read (-1: the latest; an earlier one must be kept,
     # see train.keep_every). tta: test-time augmentation, every member also run on the flipped ('flips', x4) or
     # all eight rotated/flipped ('d4', x8) images and its output turned back (E1/E2; beyond the paper).
+    # member_output: 'soft' averages the members' values in [0, 1] (a diffusion sample mapped from mask space, a
+    # feed-forward sigmoid), as all three official codes do; 'hard' thresholds each member at 0.5 first, so the
+    # mean is the fraction of members voting foreground (E1/E2/E3; beyond the paper).
     c.eval = ml_collections.ConfigDict(
         dict(
             enabled=True,
@@ -345,6 +348,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             predict_chunk=256,
             step=-1,
             tta="none",
+            member_output="soft",
         )
     )
 

@@ -254,6 +254,19 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             f"Test-time augmentation transforms the image a segmentation is conditioned on; experiment "
             f"{config.experiment!r} samples without one. Leave it at 'none'.",
         )
+    member_output = config.eval.get("member_output", "soft")
+    if member_output not in ("soft", "hard"):
+        _fail(
+            "eval.member_output",
+            member_output,
+            "Choose 'soft' (average the members' values, as the official codes) or 'hard' (average their votes).",
+        )
+    if member_output == "hard" and config.experiment == "e4":
+        _fail(
+            "eval.member_output",
+            member_output,
+            "E4 generates images, which have no foreground to vote on; use 'soft'.",
+        )
     if config.eval.get("step", -1) < -1:
         _fail("eval.step", config.eval.step, "Use -1 (the latest checkpoint) or a checkpoint's step.")
     if not 0.0 <= config.train.ema_decay < 1.0:

@@ -52,7 +52,9 @@ def make_member_fn(
     image rather than at every step — exact, and about a third of SegDiff's sampling compute. A model with
     a ``postprocess_member(sample01, extras)`` method combines the sample with the extras of its last call
     (MedSegDiff v1 blends its ``cal`` head in, as its sampler does), with the extras of trained auxiliary heads
-    only (``objective.cal_weight`` > 0 under the published loss).
+    only (``objective.cal_weight`` > 0 under the published loss). With ``eval.member_output='hard'`` each
+    segmentation member is then thresholded at 0.5 (a vote); the default 'soft' keeps its values, as the
+    EnsemDiff, SegDiff and MedSegDiff codes average their continuous samples.
     """
     experiment = config.experiment
     e1_t = config.objective.e1_timestep
@@ -69,6 +71,7 @@ def make_member_fn(
         kwargs.update(num_steps=config.eval.ddim_steps, eta=config.eval.ddim_eta)
     postprocess = getattr(model, "postprocess_member", None)
     encode = getattr(type(model), "encode_image", None)
+    hard = config.eval.get("member_output", "soft") == "hard"
 
     def member(variables, images, x_shape, key):
         cond = images if objectives.uses_image_condition(experiment) else None
@@ -93,7 +96,8 @@ def make_member_fn(
         # Only heads the loss trained take part: with objective.loss=eps_mse MedSegDiff's cal head is untrained
         # noise, and blending it in would corrupt the members.
         extras = {k: v for k, v in (extras or {}).items() if settings["aux_weights"].get(k, 0.0) > 0}
-        return postprocess(out, extras) if postprocess is not None and extras else out
+        out = postprocess(out, extras) if postprocess is not None and extras else out
+        return (out > THRESHOLD).astype(out.dtype) if hard else out
 
     return member
 
@@ -381,6 +385,7 @@ def evaluate(
         "dataset": dataset_label(config.data),
         "ensemble_size": eval_cfg.ensemble_size,
         "tta": eval_cfg.get("tta", "none"),
+        "member_output": eval_cfg.get("member_output", "soft"),
         "sampler": eval_cfg.sampler,
         "ddim_steps": eval_cfg.ddim_steps if eval_cfg.sampler == "ddim" else None,
         "weights": "ema" if eval_cfg.use_ema else "raw",

@@ -60,8 +60,15 @@ _KIND = {"e1": "feed-forward", "e2": "diffusion", "e3": "mask prediction", "e4":
 
 
 def run_name(meta: dict) -> str:
-    """'<model> <kind of training>' of an evaluated run from its ``metrics.json`` (e.g. 'segdiff diffusion')."""
-    return f"{meta.get('model', '?')} {_KIND.get(meta.get('experiment'), meta.get('experiment', ''))}"
+    """'<model> <kind of training>' of an evaluated run from its ``metrics.json``, with the sampler where one
+    was run (e.g. 'segdiff diffusion, ddim-10'; E1's members are one forward pass)."""
+    name = f"{meta.get('model', '?')} {_KIND.get(meta.get('experiment'), meta.get('experiment', ''))}"
+    sampler = meta.get("sampler")
+    if meta.get("experiment") == "e1" or sampler is None:
+        return name
+    return f"{name}, {sampler}" + (
+        f"-{meta['ddim_steps']}" if sampler == "ddim" and meta.get("ddim_steps") else ""
+    )
 
 
 def read_evaluations(eval_dirs: list[str]) -> tuple[list[tuple[dict, dict]], list[list[int]]]:
@@ -105,7 +112,7 @@ def comparison_figure(eval_dirs: list[str], path: str, num_images: int = 4) -> N
             (first["mask"][index[0], ..., 0], "ground truth", None),
         ]
         for (r, meta), j in zip(runs, index):
-            name = run_name(meta)
+            name = run_name(meta).replace(", ", "\n")  # the sampler on a line of its own
             panels += [
                 (r["mean"][j, ..., 0], f"{name}\nmean", "gray"),
                 (r["std"][j, ..., 0], f"{name}\nstd", "magma"),

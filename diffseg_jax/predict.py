@@ -289,6 +289,7 @@ def predict(
         "weights": "ema" if config.eval.use_ema else "raw",
         "ensemble_size": config.eval.ensemble_size,
         "tta": config.eval.get("tta", "none"),
+        "member_output": config.eval.get("member_output", "soft"),
         "sampler": config.eval.sampler,
         "ddim_steps": config.eval.ddim_steps if config.eval.sampler == "ddim" else None,
         "stored_size": size,

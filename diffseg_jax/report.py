@@ -237,6 +237,7 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
         entries.append(
             {
                 "eval_dir": d,
+                "name": plots.run_name(meta),
                 "model": meta.get("model"),
                 "experiment": meta.get("experiment"),
                 "mean_std": float(m["std"].mean()),
@@ -276,7 +277,7 @@ def write_comparison(eval_dirs: Sequence[str], out_dir: str, num_images: int = 4
     with open(paths["comparison"], "w", encoding="utf-8") as f:
         json.dump(comparison, f, indent=2)
     title = f"{comparison['num_images']} shared test images"
-    series = [(plots.run_name(r), r["reliability"]) for r in comparison["runs"]]
+    series = [(r["name"], r["reliability"]) for r in comparison["runs"]]
     plots.reliability_figure([(title, series)], paths["reliability"])
     return paths
 

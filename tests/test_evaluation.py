@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from diffseg_jax import diffusion, evaluate, metrics, plots, protocol, report, train
+from diffseg_jax import configlib, diffusion, evaluate, metrics, plots, protocol, report, train
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics.
@@ -85,6 +85,14 @@ def test_reliability_points_give_the_pooled_ece():
     assert pts["ece"] == pytest.approx(float(metrics.expected_calibration_error(mean, truth)), abs=1e-6)
     with pytest.raises(ValueError, match="every bin is empty"):
         plots.reliability_points({"count": [0, 0], "confidence": [0, 0], "accuracy": [0, 0]})
+
+
+def test_run_names_say_the_training_and_the_sampler_that_made_the_members():
+    e2 = {"model": "segdiff", "experiment": "e2", "sampler": "ddim", "ddim_steps": 10}
+    assert plots.run_name(e2) == "segdiff diffusion, ddim-10"
+    assert plots.run_name({**e2, "sampler": "ddpm"}) == "segdiff diffusion, ddpm"
+    assert plots.run_name({**e2, "experiment": "e1"}) == "segdiff feed-forward"  # one forward pass a member
+    assert plots.run_name({"model": "ensemdiff", "experiment": "e2"}) == "ensemdiff diffusion"  # older runs
 
 
 def _auroc_by_pairs(u, error):
@@ -264,6 +272,37 @@ def test_ensemble_statistics_equal_a_loop_over_members(experiment):
     np.testing.assert_allclose(out["mean"], singles.mean(0), atol=1e-5)
     np.testing.assert_allclose(out["std"], singles.std(0), atol=1e-5)
     assert singles.std(0).max() > 1e-3  # the members really differ (noise input / sampling noise)
+
+
+def test_hard_members_average_the_votes_of_the_soft_ones():
+    # The same keys give the same members; 'hard' thresholds each at 0.5, so the mean is a vote fraction.
+    config = tiny_config("e2_synthetic")
+    config.diffusion.num_timesteps = 50
+    config.eval.ddim_steps = 4
+    schedule = train.build_schedule(config.diffusion)
+    model = _TinyNet()
+    images = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)), jnp.float32)
+    variables = model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1]
+    )
+    key, template = jax.random.PRNGKey(3), jnp.zeros((2, 8, 8, 1))
+    soft = evaluate.make_member_fn(model, schedule, config)
+    singles = np.stack(
+        [np.asarray(soft(variables, images, (2, 8, 8, 1), k)) for k in jax.random.split(key, 4)]
+    )
+    config.eval.member_output = "hard"
+    configlib.validate(config)
+    out = evaluate.make_ensemble_fn(evaluate.make_member_fn(model, schedule, config), 4, 2)(
+        variables, images, template, key
+    )
+    votes = (singles > 0.5).astype(np.float32)
+    np.testing.assert_allclose(out["mean"], votes.mean(0), atol=1e-6)
+    np.testing.assert_allclose(out["std"], votes.std(0), atol=1e-6)
+    assert set(np.unique(np.round(4 * np.asarray(out["mean"])))) <= {0, 1, 2, 3, 4}
+    assert not np.allclose(singles, votes)  # the soft members were not already binary
+    config.eval.member_output = "majority"
+    with pytest.raises(ValueError, match="eval.member_output"):
+        configlib.validate(config)
 
 
 class _CalNet(nn.Module):
