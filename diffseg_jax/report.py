@@ -5,10 +5,11 @@ of many runs) and writes ``table1.md``, ``table1.csv`` and ``table1.tex``: one r
 the feed-forward (E1) IoU and ECE, the diffusion (E2) IoU and ECE, and their difference (diffusion − feed-
 forward), formatted as the paper (IoU in %, ECE to three decimals). A cell without a run stays blank; two
 runs for one cell are an error naming both (pass one of them). The IoU and ECE are the ``iou``/``ece`` of
-each metrics.json, i.e. its ``eval.pooling``; runs pooled differently are not mixed in one table. Beyond the
-paper, ``uncertainty.{md,csv}``: per run, how well its std and entropy maps point at its errors
-(``metrics.json``'s ``uncertainty`` block), and ``reliability.png``: the reliability diagram behind each ECE,
-a panel per cell with its feed-forward and diffusion runs. ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated
+each metrics.json, i.e. its ``eval.pooling``; runs pooled differently, or averaging soft and hard members
+(``eval.member_output``), are not mixed in one table. Beyond the paper, ``uncertainty.{md,csv}``: per run, how
+well its std and entropy maps point at its errors (``metrics.json``'s ``uncertainty`` block), and
+``reliability.png``: the reliability diagram behind each ECE, a panel per cell with its feed-forward and
+diffusion runs. ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated
 runs and writes ``comparison.json`` and their reliability diagrams (:func:`write_comparison`) from their
 ``ensemble.npz``, without sampling again.
 """
@@ -63,9 +64,9 @@ def find_metrics(paths: Sequence[str]) -> list[str]:
 
 def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, str]]]:
     """{(dataset, method): {'ff' / 'diff': (metrics.json's dict, its path)}} of the E1/E2 runs under ``paths``,
-    in the paper's order; two runs for one cell, or runs of different poolings, are refused."""
+    in the paper's order; two runs for one cell, or runs of different poolings or member outputs, are refused."""
     cells: dict[tuple[str, str], dict[str, tuple[dict, str]]] = {}
-    poolings = set()
+    poolings, member_outputs = set(), set()
     for path in find_metrics(paths):
         with open(path, encoding="utf-8") as f:
             m = json.load(f)
@@ -73,6 +74,7 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, 
         if kind is None or "iou" not in m:
             continue  # E3/E4 runs have no segmentation metrics
         poolings.add(m.get("pooling", "per_image"))
+        member_outputs.add(m.get("member_output", "soft"))
         key = (m.get("dataset", "?"), m["model"])
         previous = cells.setdefault(key, {}).get(kind)
         if previous is not None:
@@ -84,6 +86,11 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, 
     if len(poolings) > 1:
         raise ValueError(
             f"The runs mix pixel poolings {sorted(poolings)}; evaluate them with the same eval.pooling."
+        )
+    if len(member_outputs) > 1:
+        raise ValueError(
+            f"The runs mix ensemble means of soft and hard members {sorted(member_outputs)}, whose ECEs score "
+            "different probabilities; evaluate them with the same eval.member_output."
         )
 
     def order(key):

@@ -438,6 +438,10 @@ def test_report_rejects_duplicate_cells_and_mixed_pooling(tmp_path):
     _metrics(tmp_path / "r", "c", "isic2016", "segdiff", "e2", 0.8, 0.02, pooling="per_image")
     with pytest.raises(ValueError, match="mix pixel poolings"):
         report.collect([str(tmp_path / "r")])
+    shutil.rmtree(tmp_path / "r" / "c")
+    _metrics(tmp_path / "r", "c", "isic2016", "segdiff", "e2", 0.8, 0.02, member_output="hard")
+    with pytest.raises(ValueError, match="eval.member_output"):
+        report.collect([str(tmp_path / "r")])
 
 
 _SHARDED_SCRIPT = """
