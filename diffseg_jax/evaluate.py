@@ -354,9 +354,10 @@ def evaluate(
     bins; the Brier score; in ``uncertainty``, how well the std and entropy maps point at the errors,
     ``metrics.uncertainty_report``), ``per_image.csv``, ``ensemble.npz`` (image, mask, mean, std, ids),
     ``ensemble.png`` (Fig. 1: image / ground truth / mean / std) and, for E1/E2, ``reliability.png`` (the
-    reliability diagram of the ensemble mean, :func:`diffseg_jax.plots.reliability_figure`). With ``compare_workdir`` (an evaluated run
-    of the other training kind, e.g. feed-forward next to diffusion), also ``figure1.png`` with both side by
-    side and ``comparison.json`` (:func:`diffseg_jax.report.write_comparison`).
+    reliability diagram of the ensemble mean, :func:`diffseg_jax.plots.reliability_figure`). With
+    ``compare_workdir`` (an evaluated run of the other training kind, e.g. feed-forward next to diffusion),
+    also ``figure1.png`` with both side by side, ``comparison.json`` and their reliability diagrams
+    (:func:`diffseg_jax.report.write_comparison`).
     """
     config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
     eval_cfg = config.eval

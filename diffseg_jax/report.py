@@ -9,9 +9,8 @@ each metrics.json, i.e. its ``eval.pooling``; runs pooled differently, or averag
 (``eval.member_output``), are not mixed in one table. Beyond the paper, ``uncertainty.{md,csv}``: per run, how
 well its std and entropy maps point at its errors (``metrics.json``'s ``uncertainty`` block), and
 ``reliability.png``: the reliability diagram behind each ECE, a panel per cell with its feed-forward and
-diffusion runs. ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated
-runs and writes ``comparison.json`` and their reliability diagrams (:func:`write_comparison`) from their
-``ensemble.npz``, without sampling again.
+diffusion runs. ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated runs and writes ``comparison.json`` and
+their reliability diagrams (:func:`write_comparison`) from their ``ensemble.npz``, without sampling again.
 """
 
 from __future__ import annotations
@@ -104,8 +103,8 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, 
 
 def tables(paths: Sequence[str]) -> dict[str, list]:
     """Everything the report draws from the runs under ``paths``, each ``metrics.json`` read once: ``rows``
-    (:func:`collect`), ``uncertainty`` (:func:`collect_uncertainty`) and ``reliability`` (:func:`collect_reliability`),
-    the arguments of :func:`write`."""
+    (:func:`collect`), ``uncertainty`` (:func:`collect_uncertainty`) and ``reliability``
+    (:func:`collect_reliability`), the arguments of :func:`write`."""
     cells = _cells(paths)
     return {
         "rows": _rows(cells),
@@ -226,9 +225,9 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
     diffusion models as uncertain", but are "less uncertain overall". Per run: its mean std on the shared
     images and, against the first run, the Pearson correlation of the std maps (similar areas) and of the
     mean maps, the ratio of the mean stds (how much less uncertain), and the reliability-diagram bins of its
-    ensemble mean on the shared images (``reliability``, as ``metrics.json``'s). Also each run's ``uncertainty`` block
-    from its ``metrics.json`` (whether its maps point at its errors), when it has one. Reads ``ensemble.npz``
-    files only: nothing is sampled again.
+    ensemble mean on the shared images (``reliability``, as ``metrics.json``'s). Also each run's
+    ``uncertainty`` block from its ``metrics.json`` (whether its maps point at its errors), when it has one.
+    Reads ``ensemble.npz`` files only: nothing is sampled again.
     """
     from diffseg_jax import metrics, plots  # noqa: PLC0415 — JAX only when comparing: --help stays fast.
 

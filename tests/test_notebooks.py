@@ -171,7 +171,8 @@ def test_reproduce_table1_notebook_builds_the_table(tmp_path, tfds_dir, monkeypa
     assert (runs / "isic" / "ensemdiff_e1" / "e1_protocol.json").exists()  # E1 through the paper's protocol
     assert json.loads((runs / "isic" / "ensemdiff_e2" / "eval" / "metrics.json").read_text())["step"] == 4
     assert (runs / "table1.md").exists() and (runs / "table1.tex").exists()
-    assert _images(nb) == 1  # Fig. 1: E2 next to E1
+    assert (runs / "reliability.png").stat().st_size > 1000
+    assert _images(nb) == 2  # the reliability diagrams, then Fig. 1: E2 next to E1
     # Run all again, as after a runtime reset: the finished cells are skipped, the table is built again.
     nb = run_notebook("reproduce_table1.ipynb", tmp_path, monkeypatch, **params)
     assert _text(nb).count("done already") == 2 and "| synthetic-lesion | EnsemDiff |" in _text(nb)
