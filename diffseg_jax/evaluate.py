@@ -508,13 +508,14 @@ SEGMENTATION_EXPERIMENTS = ("e1", "e2")  # E3 samples masks without the image, E
 
 
 def _uncertainty_entries(unc: dict) -> dict:
-    """metrics.json's ``uncertainty`` block: per map (std, entropy) its error AUROC and UEO."""
+    """metrics.json's ``uncertainty`` block: per map (std, entropy) its error AUROC, UEO and image-level
+    Spearman correlation with 1 − IoU."""
     return {
         "error_fraction": float(unc["error_fraction"]),
         **{
             name: {
                 key: report.json_number(unc[f"{name}_{key}"])
-                for key in ("error_auroc", "ueo", "ueo_threshold")
+                for key in ("error_auroc", "ueo", "ueo_threshold", "image_spearman")
             }
             for name in ("std", "entropy")
         },

@@ -160,6 +160,22 @@ def pearson_correlation(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.where((va > 0) & (vb > 0), cov / jnp.sqrt(jnp.maximum(va * vb, 1e-30)), jnp.nan)
 
 
+def average_ranks(values: jnp.ndarray) -> jnp.ndarray:
+    """1-based ranks of the values given, ties sharing their average rank (``scipy.stats.rankdata``'s default):
+    a value's rank is the mean of the first and last place it takes in sorted order, by binary search."""
+    x = jnp.ravel(values).astype(jnp.float32)
+    ordered = jnp.sort(x)
+    first = jnp.searchsorted(ordered, x, side="left")
+    last = jnp.searchsorted(ordered, x, side="right")
+    return (first + last + 1).astype(jnp.float32) / 2.0
+
+
+def spearman_correlation(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Spearman's rank correlation: the Pearson correlation of the average ranks (``scipy.stats.spearmanr``);
+    NaN if either is constant."""
+    return pearson_correlation(average_ranks(a), average_ranks(b))
+
+
 def error_auroc(uncertainty: jnp.ndarray, error: jnp.ndarray) -> jnp.ndarray:
     """Area under the ROC curve of ``uncertainty`` as a detector of the ``error`` pixels, over all pixels given.
 
@@ -223,10 +239,13 @@ def uncertainty_report(
     uncertainty, informative even when the members agree, as feed-forward ones nearly do). For each:
     ``*_error_auroc`` (:func:`error_auroc`) and ``*_ueo`` / ``*_ueo_threshold``
     (:func:`uncertainty_error_overlap`), pooled, and ``*_error_auroc_per_image``, which finds the images whose
-    maps miss their errors. Also the pooled and per-image Brier score of the mean and the error fraction.
+    maps miss their errors. Per image, ``*_image_spearman``: the rank correlation of the map's mean with the
+    image's failure, 1 − IoU of the thresholded mean (does the ensemble flag the images it segments badly, as a
+    quality check would use it?). Also the pooled and per-image Brier score of the mean and the error fraction.
     """
     truth = truth > 0.5
     error = (mean > threshold) != truth
+    failure = 1.0 - per_image(iou, mean > threshold, truth)
     out = {
         "brier_pooled": brier_score(mean, truth),
         "brier_per_image": per_image(brier_score, mean, truth),
@@ -238,4 +257,7 @@ def uncertainty_report(
             error_auroc, u, error
         )  # NaN: an image without errors
         out[f"{name}_ueo"], out[f"{name}_ueo_threshold"] = uncertainty_error_overlap(u, error)
+        out[f"{name}_image_spearman"] = spearman_correlation(
+            jnp.mean(u.reshape(u.shape[0], -1), axis=1), failure
+        )
     return out

@@ -145,8 +145,10 @@ UNCERTAINTY_COLUMNS = [
     "mean_std",
     "std_error_auroc",
     "std_ueo",
+    "std_image_spearman",
     "entropy_error_auroc",
     "entropy_ueo",
+    "entropy_image_spearman",
 ]
 
 
@@ -169,6 +171,9 @@ def _uncertainty_rows(cells: dict) -> list[dict[str, Any]]:
             for name in ("std", "entropy"):
                 row[f"{name}_error_auroc"] = u[name]["error_auroc"]
                 row[f"{name}_ueo"] = u[name]["ueo"]
+                row[f"{name}_image_spearman"] = u[name].get(
+                    "image_spearman"
+                )  # None: evaluated before it existed
             rows.append(row)
     return rows
 
@@ -194,12 +199,13 @@ def _reliability_panels(cells: dict) -> list[tuple[str, list[tuple[str, dict]]]]
 
 
 def uncertainty_markdown(rows: list[dict[str, Any]]) -> str:
-    """The uncertainty table as Markdown: IoU and error pixels in %, the scores to three decimals."""
+    """The uncertainty table as Markdown: IoU and error pixels in %, the scores to three decimals; 'image ρ' is
+    the Spearman correlation of an image's mean uncertainty with its 1 − IoU."""
     header = (
         "| Dataset | Method | Kind | IoU ↑ | Brier ↓ | error pixels | mean std | std: error AUROC ↑ | std: UEO ↑ "
-        "| entropy: error AUROC ↑ | entropy: UEO ↑ |"
+        "| std: image ρ ↑ | entropy: error AUROC ↑ | entropy: UEO ↑ | entropy: image ρ ↑ |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 13]
     last = None
     for r in rows:
         dataset = DATASETS.get(r["dataset"], r["dataset"])

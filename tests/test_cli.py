@@ -47,7 +47,7 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     unc = metrics_lib.uncertainty_report(arrays["mean"], arrays["std"], arrays["mask"])
     assert metrics["uncertainty"]["error_fraction"] == pytest.approx(float(unc["error_fraction"]))
     for name in ("std", "entropy"):
-        for key in ("error_auroc", "ueo"):
+        for key in ("error_auroc", "ueo", "image_spearman"):
             value = float(unc[f"{name}_{key}"])
             assert metrics["uncertainty"][name][key] == (pytest.approx(value) if np.isfinite(value) else None)
     assert [float(r["brier"]) for r in rows] == pytest.approx(np.asarray(unc["brier_per_image"]), abs=1e-6)

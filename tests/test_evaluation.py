@@ -174,6 +174,40 @@ def test_entropy_brier_and_correlation_known_values():
     np.testing.assert_allclose(np.asarray(r["std_error_auroc_per_image"]), per_image, atol=1e-6)
 
 
+def _spearman_by_definition(a, b):
+    """Pearson correlation of ranks, a value's rank being 1 + the values below it + half the others level."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ranks = [np.array([(x < v).sum() + ((x == v).sum() + 1) / 2 for v in x]) for x in (a, b)]
+    return np.corrcoef(*ranks)[0, 1]
+
+
+def test_spearman_and_the_image_level_uncertainty_score():
+    np.testing.assert_allclose(metrics.average_ranks(jnp.array([3.0, 1, 4, 1, 5])), [3, 1.5, 4, 1.5, 5])
+    rng = np.random.default_rng(4)
+    a = rng.random(30)
+    b = np.round(a + 0.5 * rng.random(30), 1)  # related, with ties
+    assert float(metrics.spearman_correlation(a, np.exp(3 * a))) == pytest.approx(1.0, abs=1e-6)  # monotone
+    assert float(metrics.spearman_correlation(a, -a)) == pytest.approx(-1.0, abs=1e-6)
+    assert float(metrics.spearman_correlation(a, b)) == pytest.approx(_spearman_by_definition(a, b), abs=1e-5)
+    assert np.isnan(float(metrics.spearman_correlation(a, np.ones_like(a))))
+    # Per image: the rank correlation of each map's image mean with the image's 1 - IoU. Images that get
+    # harder (the truth drifts from the mean) with stds that follow, and an entropy map on the mean.
+    n = 6
+    mean = np.clip(rng.random((n, 16, 16, 1)), 0, 1).astype(np.float32)
+    truth = np.stack([(mean[i] > 0.5) ^ (rng.random((16, 16, 1)) < 0.08 * i) for i in range(n)])
+    std = rng.random((n, 16, 16, 1)).astype(np.float32) * np.arange(1, n + 1)[:, None, None, None] / n
+    r = metrics.uncertainty_report(jnp.asarray(mean), jnp.asarray(std), jnp.asarray(truth))
+    failure = [1 - float(metrics.iou(mean[i] > 0.5, truth[i])) for i in range(n)]
+    assert float(r["std_image_spearman"]) == pytest.approx(
+        _spearman_by_definition(std.reshape(n, -1).mean(1), failure), abs=1e-5
+    )
+    entropy = np.asarray(metrics.binary_entropy(jnp.asarray(mean))).reshape(n, -1).mean(1)
+    assert float(r["entropy_image_spearman"]) == pytest.approx(
+        _spearman_by_definition(entropy, failure), abs=1e-5
+    )
+    assert float(r["std_image_spearman"]) > 0.8  # stds that grow with the failure rank high
+
+
 def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
     # Run B holds run A's images in another order, one of them missing and one extra, with half the spread
     # and a mean unrelated to A's: similar areas (std correlation 1), half as uncertain, other means.
@@ -388,7 +422,7 @@ def test_report_builds_table1_with_blank_missing_cells(tmp_path):
     bins_ff = {"confidence": [0.05, 0.95], "accuracy": [0.1, 0.9], "count": [30, 10]}
     bins_diff = {"confidence": [0.05, 0.5, 0.95], "accuracy": [0.0, 0.5, 1.0], "count": [20, 10, 10]}
     _metrics(runs, "a", "isic2016", "segdiff", "e1", 0.8586, 0.020, reliability=bins_ff)
-    scores = dict(error_auroc=0.71234, ueo=0.5, ueo_threshold=0.2)
+    scores = dict(error_auroc=0.71234, ueo=0.5, ueo_threshold=0.2, image_spearman=0.4)
     uncertainty = dict(error_fraction=0.0432, std=scores, entropy={**scores, "error_auroc": None})
     _metrics(runs, "b", "isic2016", "segdiff", "e2", 0.8639, 0.017, brier_pooled=0.0311, mean_std=0.25,
              uncertainty=uncertainty, reliability=bins_diff)  # fmt: skip
@@ -416,7 +450,7 @@ def test_report_builds_table1_with_blank_missing_cells(tmp_path):
     assert r"\begin{tabular}" in tex and "SegDiff & 85.86 & 0.020 & 86.39 & 0.017 & +0.53 & -0.003" in tex
     # The uncertainty table: only the run evaluated with the block, an undefined score left blank.
     assert open(paths["uncertainty_md"]).read().splitlines()[2] == (
-        "| ISIC16 | SegDiff | Diff | 86.39 | 0.031 | 4.3 % | 0.250 | 0.712 | 0.500 |  | 0.500 |"
+        "| ISIC16 | SegDiff | Diff | 86.39 | 0.031 | 4.3 % | 0.250 | 0.712 | 0.500 | 0.400 |  | 0.500 | 0.400 |"
     )
     with open(paths["uncertainty_csv"], newline="") as f:
         (row,) = list(csv.DictReader(f))
