@@ -284,17 +284,22 @@ class _TinyNet(nn.Module):
         return nn.Conv(x.shape[-1], (3, 3))(h) + 0.01 * t[:, None, None, None]
 
 
-@pytest.mark.parametrize("experiment", ["e1", "e2"])
-def test_ensemble_statistics_equal_a_loop_over_members(experiment):
+def _tiny_sampling(experiment):
+    """A 4-step DDIM config of ``experiment``, its schedule, a :class:`_TinyNet`, two 8 px images, its weights."""
     config = tiny_config(f"{experiment}_synthetic")
     config.diffusion.num_timesteps = 50
     config.eval.ddim_steps = 4
-    schedule = train.build_schedule(config.diffusion)
     model = _TinyNet()
     images = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)), jnp.float32)
     variables = model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1]
     )
+    return config, train.build_schedule(config.diffusion), model, images, variables
+
+
+@pytest.mark.parametrize("experiment", ["e1", "e2"])
+def test_ensemble_statistics_equal_a_loop_over_members(experiment):
+    config, schedule, model, images, variables = _tiny_sampling(experiment)
     member = evaluate.make_member_fn(model, schedule, config)
     key = jax.random.PRNGKey(3)
     out = evaluate.make_ensemble_fn(member, 3, member_chunk=2)(
@@ -310,15 +315,7 @@ def test_ensemble_statistics_equal_a_loop_over_members(experiment):
 
 def test_hard_members_average_the_votes_of_the_soft_ones():
     # The same keys give the same members; 'hard' thresholds each at 0.5, so the mean is a vote fraction.
-    config = tiny_config("e2_synthetic")
-    config.diffusion.num_timesteps = 50
-    config.eval.ddim_steps = 4
-    schedule = train.build_schedule(config.diffusion)
-    model = _TinyNet()
-    images = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)), jnp.float32)
-    variables = model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1]
-    )
+    config, schedule, model, images, variables = _tiny_sampling("e2")
     key, template = jax.random.PRNGKey(3), jnp.zeros((2, 8, 8, 1))
     soft = evaluate.make_member_fn(model, schedule, config)
     singles = np.stack(
