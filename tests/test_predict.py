@@ -131,6 +131,10 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
         np.testing.assert_array_equal(_read(out / f"{row['id']}_mean.png"), np.round(full * 255))
         assert row["foreground_fraction"] == pytest.approx(np.mean(full > 0.5))
         assert row["max_std"] == pytest.approx(predict.resize_map(std[i], (h, w)).max())
+        q = np.clip(full.astype(np.float64), 1e-12, 1 - 1e-12)  # the entropy's definition, in bits
+        assert row["mean_entropy"] == pytest.approx(
+            np.mean(-q * np.log2(q) - (1 - q) * np.log2(1 - q)), abs=1e-5
+        )
     # The stored-size inputs are the files read and resized as the dataset builders store them.
     inputs, _ = predict.read_inputs([images / "case2" / "grey.png"], 32)
     grey = files.resize_image(files.read_image(images / "case2" / "grey.png"), 32)
