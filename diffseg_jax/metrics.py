@@ -261,3 +261,63 @@ def uncertainty_report(
             jnp.mean(u.reshape(u.shape[0], -1), axis=1), failure
         )
     return out
+
+
+def image_statistics(
+    mean: jnp.ndarray, truth: jnp.ndarray, threshold: float = 0.5, num_bins: int = 10
+) -> dict[str, jnp.ndarray]:
+    """Per-image sums from which the pooled IoU and ECE of any multiset of the images follow exactly.
+
+    For each image (leading axis): ``intersection`` and ``union`` of ``mean > threshold`` with the truth, its
+    ``pixels``, and per calibration bin (:func:`calibration_bins`, ``num_bins + 1`` of them) the summed
+    confidence ``confidence_sum`` and summed foreground indicator ``accuracy_sum``. See :func:`pooled_scores`.
+    """
+    pred, truth = mean > threshold, truth > 0.5
+    flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
+    bins = per_image(functools.partial(calibration_bins, num_bins=num_bins), mean, truth)
+    return {
+        "intersection": jnp.sum(flat(pred & truth), axis=1).astype(jnp.float32),
+        "union": jnp.sum(flat(pred | truth), axis=1).astype(jnp.float32),
+        "pixels": jnp.full((mean.shape[0],), np.prod(mean.shape[1:]), jnp.float32),
+        "confidence_sum": bins["confidence"] * bins["count"],
+        "accuracy_sum": bins["accuracy"] * bins["count"],
+    }
+
+
+def pooled_scores(stats: dict[str, jnp.ndarray], weights: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Pooled IoU and ECE of the images taken ``weights`` times each (:func:`image_statistics`).
+
+    ``weights`` (..., N): with all ones, :func:`iou` of all pixels (1 where no image has foreground) and
+    :func:`expected_calibration_error`, since the ECE is sum_k |confidence_sum_k - accuracy_sum_k| / pixels;
+    with a bootstrap resample's multiplicities, the scores of that resample. Leading axes of ``weights`` batch.
+    """
+    w = jnp.asarray(weights, jnp.float32)
+    # Full float32 products: an accelerator's default matmul precision (TF32/bf16 passes) would blur the sums.
+    total = functools.partial(jnp.matmul, w, precision=jax.lax.Precision.HIGHEST)
+    inter, union = total(stats["intersection"]), total(stats["union"])
+    gap = jnp.abs(total(stats["confidence_sum"]) - total(stats["accuracy_sum"]))
+    return {
+        "iou": jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0),
+        "ece": jnp.sum(gap, axis=-1) / total(stats["pixels"]),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples",))
+def paired_bootstrap(
+    stats_a: dict[str, jnp.ndarray], stats_b: dict[str, jnp.ndarray], key: jax.Array, num_samples: int = 1000
+) -> dict[str, jnp.ndarray]:
+    """Differences b − a of the pooled IoU and ECE of two runs on the same N images, and ``num_samples``
+    bootstrap replicates of them: each resample draws N images with replacement and scores both runs on it,
+    so the pairing by image is kept (the image-to-image variation both runs share cancels out). Returns
+    ``iou_delta`` / ``ece_delta`` (on all images) and ``iou_deltas`` / ``ece_deltas`` (num_samples,).
+    """
+    n = stats_a["intersection"].shape[0]
+    draws = jax.random.randint(key, (num_samples, n), 0, n)
+    weights = jnp.zeros((num_samples, n), jnp.float32).at[jnp.arange(num_samples)[:, None], draws].add(1.0)
+    ones = jnp.ones((n,), jnp.float32)
+    a, b = pooled_scores(stats_a, ones), pooled_scores(stats_b, ones)
+    ra, rb = pooled_scores(stats_a, weights), pooled_scores(stats_b, weights)
+    return {
+        **{f"{k}_delta": b[k] - a[k] for k in ("iou", "ece")},
+        **{f"{k}_deltas": rb[k] - ra[k] for k in ("iou", "ece")},
+    }

@@ -208,6 +208,35 @@ def test_spearman_and_the_image_level_uncertainty_score():
     assert float(r["std_image_spearman"]) > 0.8  # stds that grow with the failure rank high
 
 
+def test_pooled_scores_of_any_resample_follow_from_the_image_statistics():
+    rng = np.random.default_rng(5)
+    mean = rng.integers(0, 6, (6, 8, 8, 1)) / 5.0  # ensemble-like: values on the bin edges
+    truth = rng.random(mean.shape) < mean
+    stats = metrics.image_statistics(jnp.asarray(mean), jnp.asarray(truth))
+    for index in (np.arange(6), np.array([0, 0, 3, 5, 5, 5])):  # all images; a resample with repeats
+        scores = metrics.pooled_scores(stats, np.bincount(index, minlength=6))
+        assert float(scores["iou"]) == pytest.approx(
+            float(metrics.iou(mean[index] > 0.5, truth[index])), abs=1e-6
+        )
+        expected = float(metrics.expected_calibration_error(mean[index], truth[index]))
+        assert float(scores["ece"]) == pytest.approx(expected, abs=1e-6)
+    # The paired bootstrap: replicate r scores both runs on the r-th draw of images; a run against itself
+    # differs by nothing in every replicate.
+    other = np.clip(mean + rng.normal(0, 0.2, mean.shape), 0, 1)
+    other_stats = metrics.image_statistics(jnp.asarray(other), jnp.asarray(truth))
+    key = jax.random.PRNGKey(7)
+    out = metrics.paired_bootstrap(stats, other_stats, key, 50)
+    draws = np.asarray(jax.random.randint(key, (50, 6), 0, 6))
+    for r in (0, 17):
+        i = draws[r]
+        delta = metrics.expected_calibration_error(other[i], truth[i]) - metrics.expected_calibration_error(
+            mean[i], truth[i]
+        )
+        assert float(out["ece_deltas"][r]) == pytest.approx(float(delta), abs=1e-6)
+    same = metrics.paired_bootstrap(stats, stats, key, 50)
+    assert not np.any(np.asarray(same["iou_deltas"])) and not np.any(np.asarray(same["ece_deltas"]))
+
+
 def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
     # Run B holds run A's images in another order, one of them missing and one extra, with half the spread
     # and a mean unrelated to A's: similar areas (std correlation 1), half as uncertain, other means.
@@ -216,6 +245,7 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
     mean, std = rng.random((4, 8, 8, 1)), rng.random((4, 8, 8, 1)) * 0.4
     masks = (rng.random((4, 8, 8, 1)) < 0.5).astype(np.uint8)
     order = [2, 0, 3]  # B: c, a, d, then an image A has not
+    second_mean = rng.random((4, 8, 8, 1))
     dirs = []
     for name, arrays in (
         ("A", dict(ids=ids, mean=mean, std=std)),
@@ -223,7 +253,7 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
             "B",
             dict(
                 ids=np.append(ids[order], "z"),
-                mean=rng.random((4, 8, 8, 1)),
+                mean=second_mean,
                 std=np.concatenate([0.5 * std[order], rng.random((1, 8, 8, 1))]),
             ),
         ),
@@ -252,6 +282,17 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
         float(metrics.expected_calibration_error(mean[shared], masks[shared])), abs=1e-6
     )
     assert (tmp_path / "out" / "reliability.png").stat().st_size > 1000
+    # B minus A on the shared images, with a bootstrap interval around it.
+    boot = second["paired_bootstrap_vs_first"]
+    b_mean = second_mean[[1, 0, 2]]  # B's a, c, d (B holds c, a, d)
+    iou_delta = float(
+        metrics.iou(b_mean > 0.5, masks[shared]) - metrics.iou(mean[shared] > 0.5, masks[shared])
+    )
+    assert first["paired_bootstrap_vs_first"] is None and boot["iou_delta"] == pytest.approx(
+        iou_delta, abs=1e-6
+    )
+    lo, hi = boot["iou_delta_ci95"]
+    assert lo <= boot["iou_delta"] <= hi and lo < hi
 
 
 def test_segmentation_report_poolings():
