@@ -3,7 +3,9 @@
 Collects every ``eval/metrics.json`` under the given folders (a workdir, its ``eval/`` folder, or a folder
 of many runs) and writes ``table1.md``, ``table1.csv`` and ``table1.tex``: one row per dataset and method,
 the feed-forward (E1) IoU and ECE, the diffusion (E2) IoU and ECE, and their difference (diffusion − feed-
-forward), formatted as the paper (IoU in %, ECE to three decimals). A cell without a run stays blank; two
+forward), formatted as the paper (IoU in %, ECE to three decimals); where both runs of a cell kept their
+``ensemble.npz`` (and pool pixels, the default), each difference carries its 95 % paired-bootstrap interval over
+the test images (:func:`compare`). A cell without a run stays blank; two
 runs for one cell are an error naming both (pass one of them). The IoU and ECE are the ``iou``/``ece`` of
 each metrics.json, i.e. its ``eval.pooling``; runs pooled differently, or averaging soft and hard members
 (``eval.member_output``), are not mixed in one table. Beyond the paper, ``uncertainty.{md,csv}``: per run, how
@@ -37,6 +39,8 @@ METHODS = {
 DATASETS = {"isic2016": "ISIC16", "monuseg2018": "MoNuSeg", "her2": "HER2"}
 KINDS = {"e1": "ff", "e2": "diff"}
 COLUMNS = ["dataset", "method", "ff_iou", "ff_ece", "diff_iou", "diff_ece", "delta_iou", "delta_ece"]
+# The CSV also keeps the 95 % paired-bootstrap interval of each difference (blank without both ensemble.npz).
+INTERVAL_COLUMNS = ["delta_iou_ci_low", "delta_iou_ci_high", "delta_ece_ci_low", "delta_ece_ci_high"]
 
 
 def find_run_files(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
@@ -129,6 +133,13 @@ def _rows(cells: dict) -> list[dict[str, Any]]:
         both = "ff" in kinds and "diff" in kinds
         row["delta_iou"] = row["diff_iou"] - row["ff_iou"] if both else None
         row["delta_ece"] = row["diff_ece"] - row["ff_ece"] if both else None
+        row.update(dict.fromkeys(INTERVAL_COLUMNS))
+        eval_dirs = [os.path.dirname(kinds[k][1]) for k in ("ff", "diff")] if both else []
+        pooled = all(kinds[k][0].get("pooling") == "pooled" for k in ("ff", "diff")) if both else False
+        if pooled and all(os.path.exists(os.path.join(d, "ensemble.npz")) for d in eval_dirs):
+            boot = compare(eval_dirs)["runs"][1]["paired_bootstrap_vs_first"]  # diffusion minus feed-forward
+            for name in ("iou", "ece"):
+                row[f"delta_{name}_ci_low"], row[f"delta_{name}_ci_high"] = boot[f"{name}_delta_ci95"]
         rows.append(row)
     return rows
 
@@ -327,13 +338,16 @@ def _fmt(column: str, value: float | None) -> str:
 
 
 def _display(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Table cells; a difference with a bootstrap interval reads '+0.53 [-0.21, +1.30]'."""
     out, last = [], None
     for row in rows:
         dataset = DATASETS.get(row["dataset"], row["dataset"])
-        out.append(
-            [dataset if dataset != last else "", METHODS.get(row["method"], row["method"])]
-            + [_fmt(c, row[c]) for c in COLUMNS[2:]]
-        )
+        cells = [_fmt(c, row[c]) for c in COLUMNS[2:]]
+        for i, name in ((4, "delta_iou"), (5, "delta_ece")):
+            low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+            if low is not None and high is not None:
+                cells[i] += f" [{_fmt(name, low)}, {_fmt(name, high)}]"
+        out.append([dataset if dataset != last else "", METHODS.get(row["method"], row["method"])] + cells)
         last = dataset
     return out
 
@@ -385,7 +399,7 @@ def write(
         f.write(markdown(rows))
     with open(paths["tex"], "w", encoding="utf-8") as f:
         f.write(latex(rows))
-    _write_csv(rows, COLUMNS, paths["csv"])
+    _write_csv(rows, COLUMNS + INTERVAL_COLUMNS, paths["csv"])
     if uncertainty:
         paths["uncertainty_md"] = os.path.join(out_dir, "uncertainty.md")
         paths["uncertainty_csv"] = os.path.join(out_dir, "uncertainty.csv")

@@ -501,6 +501,35 @@ def test_report_builds_table1_with_blank_missing_cells(tmp_path):
     assert open(paths["reliability"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_gives_each_difference_its_bootstrap_interval_when_the_ensembles_are_kept(tmp_path):
+    rng = np.random.default_rng(6)
+    ids = np.array([f"im{i}" for i in range(12)])
+    masks = (rng.random((12, 8, 8, 1)) < 0.4).astype(np.uint8)
+    runs = tmp_path / "runs"
+    for experiment, noise in (("e1", 0.3), ("e2", 0.45)):
+        mean = np.clip(masks + rng.normal(0, noise, masks.shape), 0, 1).astype(np.float32)
+        truth = masks > 0
+        folder = _metrics(
+            runs, experiment, "isic2016", "segdiff", experiment,
+            float(metrics.iou(mean > 0.5, truth)), float(metrics.expected_calibration_error(mean, truth)),
+        ) / "eval"  # fmt: skip
+        np.savez(folder / "ensemble.npz", ids=ids, mean=mean, std=np.zeros_like(mean), mask=masks,
+                 image=np.zeros((12, 8, 8, 3), np.uint8))  # fmt: skip
+    (row,) = report.collect([str(runs)])
+    boot = report.compare([str(runs / "e1" / "eval"), str(runs / "e2" / "eval")])["runs"][1]
+    boot = boot["paired_bootstrap_vs_first"]
+    assert boot["iou_delta"] == pytest.approx(row["delta_iou"], abs=1e-6)  # the same pooled difference
+    assert [row["delta_iou_ci_low"], row["delta_iou_ci_high"]] == boot["iou_delta_ci95"]
+    assert row["delta_ece_ci_low"] < row["delta_ece"] < row["delta_ece_ci_high"]
+    line = report.markdown([row]).splitlines()[2]
+    low, high = (100 * row[k] for k in ("delta_iou_ci_low", "delta_iou_ci_high"))
+    assert f"{100 * row['delta_iou']:+.2f} [{low:+.2f}, {high:+.2f}]" in line
+    paths = report.main(["--runs", str(runs), "--out", str(tmp_path / "out")])
+    with open(paths["csv"], newline="") as f:
+        (saved,) = list(csv.DictReader(f))
+    assert float(saved["delta_ece_ci_high"]) == pytest.approx(row["delta_ece_ci_high"])
+
+
 def test_report_rejects_duplicate_cells_and_mixed_pooling(tmp_path):
     _metrics(tmp_path / "r", "a", "isic2016", "segdiff", "e1", 0.8, 0.02)
     second = _metrics(tmp_path / "r", "b", "isic2016", "segdiff", "e1", 0.7, 0.03)
