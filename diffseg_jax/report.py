@@ -134,14 +134,26 @@ def _rows(cells: dict) -> list[dict[str, Any]]:
         row["delta_iou"] = row["diff_iou"] - row["ff_iou"] if both else None
         row["delta_ece"] = row["diff_ece"] - row["ff_ece"] if both else None
         row.update(dict.fromkeys(INTERVAL_COLUMNS))
-        eval_dirs = [os.path.dirname(kinds[k][1]) for k in ("ff", "diff")] if both else []
-        pooled = all(kinds[k][0].get("pooling") == "pooled" for k in ("ff", "diff")) if both else False
-        if pooled and all(os.path.exists(os.path.join(d, "ensemble.npz")) for d in eval_dirs):
-            boot = compare(eval_dirs)["runs"][1]["paired_bootstrap_vs_first"]  # diffusion minus feed-forward
-            for name in ("iou", "ece"):
-                row[f"delta_{name}_ci_low"], row[f"delta_{name}_ci_high"] = boot[f"{name}_delta_ci95"]
+        boot = _paired_interval(kinds) if both else None
+        for name in ("iou", "ece") if boot else ():
+            row[f"delta_{name}_ci_low"], row[f"delta_{name}_ci_high"] = boot[f"{name}_delta_ci95"]
         rows.append(row)
     return rows
+
+
+def _paired_interval(kinds: dict) -> dict[str, Any] | None:
+    """The diffusion-minus-feed-forward bootstrap of a cell (:func:`compare`), or None where it cannot be had:
+    an ``ensemble.npz`` missing, per-image pooling (the table's numbers are not the pooled scores), or no
+    test images in common."""
+    eval_dirs = [os.path.dirname(kinds[k][1]) for k in ("ff", "diff")]
+    if any(kinds[k][0].get("pooling") != "pooled" for k in ("ff", "diff")):
+        return None
+    if not all(os.path.exists(os.path.join(d, "ensemble.npz")) for d in eval_dirs):
+        return None
+    try:
+        return compare(eval_dirs)["runs"][1]["paired_bootstrap_vs_first"]
+    except ValueError:  # evaluated on different test images
+        return None
 
 
 # The companion table (beyond the paper): how well each ensemble's uncertainty maps point at its errors,

@@ -528,6 +528,12 @@ def test_report_gives_each_difference_its_bootstrap_interval_when_the_ensembles_
     with open(paths["csv"], newline="") as f:
         (saved,) = list(csv.DictReader(f))
     assert float(saved["delta_ece_ci_high"]) == pytest.approx(row["delta_ece_ci_high"])
+    # Evaluated on other test images: no pairing, so no interval, and the table is still built.
+    with np.load(runs / "e2" / "eval" / "ensemble.npz") as f:
+        arrays = {**f, "ids": np.char.add("other", ids)}
+    np.savez(runs / "e2" / "eval" / "ensemble.npz", **arrays)
+    (row,) = report.collect([str(runs)])
+    assert row["delta_iou"] is not None and all(row[k] is None for k in report.INTERVAL_COLUMNS)
 
 
 def test_report_rejects_duplicate_cells_and_mixed_pooling(tmp_path):
