@@ -142,18 +142,19 @@ def _rows(cells: dict) -> list[dict[str, Any]]:
 
 
 def _paired_interval(kinds: dict) -> dict[str, Any] | None:
-    """The diffusion-minus-feed-forward bootstrap of a cell (:func:`compare`), or None where it cannot be had:
-    an ``ensemble.npz`` missing, per-image pooling (the table's numbers are not the pooled scores), or no
-    test images in common."""
+    """The diffusion-minus-feed-forward bootstrap of a cell (as :func:`compare` has it, without the rest of the
+    comparison), or None where it cannot be had: an ``ensemble.npz`` missing, per-image pooling (the table's
+    numbers are not the pooled scores), or no test images in common."""
     eval_dirs = [os.path.dirname(kinds[k][1]) for k in ("ff", "diff")]
     if any(kinds[k][0].get("pooling") != "pooled" for k in ("ff", "diff")):
         return None
     if not all(os.path.exists(os.path.join(d, "ensemble.npz")) for d in eval_dirs):
         return None
     try:
-        return compare(eval_dirs)["runs"][1]["paired_bootstrap_vs_first"]
+        runs, maps = _shared_maps(eval_dirs)
     except ValueError:  # evaluated on different test images
         return None
+    return _paired_bootstraps(runs, maps)[1]
 
 
 # The companion table (beyond the paper): how well each ensemble's uncertainty maps point at its errors,
@@ -194,9 +195,8 @@ def _uncertainty_rows(cells: dict) -> list[dict[str, Any]]:
             for name in ("std", "entropy"):
                 row[f"{name}_error_auroc"] = u[name]["error_auroc"]
                 row[f"{name}_ueo"] = u[name]["ueo"]
-                row[f"{name}_image_spearman"] = u[name].get(
-                    "image_spearman"
-                )  # None: evaluated before it existed
+                # None: evaluated before the score existed.
+                row[f"{name}_image_spearman"] = u[name].get("image_spearman")
             rows.append(row)
     return rows
 
@@ -262,15 +262,10 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
     """
     from diffseg_jax import metrics, plots  # noqa: PLC0415 — JAX only when comparing: --help stays fast.
 
-    runs, rows = plots.read_evaluations(list(eval_dirs))
-    maps = [
-        {k: arrays[k][[r[j] for r in rows]] for k in ("mean", "std", "mask")}
-        for j, (arrays, _) in enumerate(runs)
-    ]
+    runs, maps = _shared_maps(eval_dirs)
     first = maps[0]
     first_std = float(first["std"].mean())
-    num_bins = runs[0][1].get("ece_bins", 10)
-    stats = [metrics.image_statistics(m["mean"], m["mask"], 0.5, num_bins) for m in maps]
+    bootstraps = _paired_bootstraps(runs, maps)
     entries = []
     for j, (d, (_, meta), m) in enumerate(zip(eval_dirs, runs, maps)):
         entries.append(
@@ -294,28 +289,49 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
                     ).items()
                 },
                 "uncertainty": meta.get("uncertainty"),
-                "paired_bootstrap_vs_first": _bootstrap(stats[0], stats[j]) if j else None,
+                "paired_bootstrap_vs_first": bootstraps[j],
             }
         )
-    return {"num_images": len(rows), "runs": entries}
+    return {"num_images": len(first["mean"]), "runs": entries}
+
+
+def _shared_maps(eval_dirs: Sequence[str]) -> tuple[list[tuple[dict, dict]], list[dict[str, np.ndarray]]]:
+    """Evaluated runs (:func:`diffseg_jax.plots.read_evaluations`) and, per run, its mean, std and mask arrays
+    of the test images they all have, in the first run's order; ValueError if they share none."""
+    from diffseg_jax import plots  # noqa: PLC0415
+
+    runs, rows = plots.read_evaluations(list(eval_dirs))
+    maps = [
+        {k: arrays[k][[r[j] for r in rows]] for k in ("mean", "std", "mask")}
+        for j, (arrays, _) in enumerate(runs)
+    ]
+    return runs, maps
 
 
 BOOTSTRAP_SAMPLES = 1000
 
 
-def _bootstrap(first: dict, other: dict) -> dict[str, Any]:
-    """This run's pooled IoU and ECE minus the first's on the shared images, with 95 % percentile intervals of
-    a paired bootstrap over the images (:func:`diffseg_jax.metrics.paired_bootstrap`, a fixed key)."""
+def _paired_bootstraps(runs: list[tuple[dict, dict]], maps: list[dict[str, np.ndarray]]) -> list[dict | None]:
+    """For each run after the first (None for the first), its pooled IoU and ECE minus the first's on the
+    shared images, with 95 % percentile intervals of a paired bootstrap over the images
+    (:func:`diffseg_jax.metrics.paired_bootstrap`, a fixed key, the first run's ECE bins)."""
     import jax  # noqa: PLC0415
 
     from diffseg_jax import metrics  # noqa: PLC0415
 
-    out = metrics.paired_bootstrap(first, other, jax.random.PRNGKey(0), BOOTSTRAP_SAMPLES)
-    result: dict[str, Any] = {"num_samples": BOOTSTRAP_SAMPLES}
-    for name in ("iou", "ece"):
-        result[f"{name}_delta"] = float(out[f"{name}_delta"])
-        result[f"{name}_delta_ci95"] = [float(v) for v in np.percentile(out[f"{name}_deltas"], [2.5, 97.5])]
-    return result
+    num_bins = runs[0][1].get("ece_bins", 10)
+    stats = [metrics.image_statistics(m["mean"], m["mask"], 0.5, num_bins) for m in maps]
+    results: list[dict | None] = [None]
+    for other in stats[1:]:
+        out = metrics.paired_bootstrap(stats[0], other, jax.random.PRNGKey(0), BOOTSTRAP_SAMPLES)
+        result: dict[str, Any] = {"num_samples": BOOTSTRAP_SAMPLES}
+        for name in ("iou", "ece"):
+            result[f"{name}_delta"] = float(out[f"{name}_delta"])
+            result[f"{name}_delta_ci95"] = [
+                float(v) for v in np.percentile(out[f"{name}_deltas"], [2.5, 97.5])
+            ]
+        results.append(result)
+    return results
 
 
 def write_comparison(eval_dirs: Sequence[str], out_dir: str, num_images: int = 4) -> dict[str, str]:
