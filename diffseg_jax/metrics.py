@@ -284,16 +284,37 @@ def image_statistics(
     }
 
 
-def pooled_scores(stats: dict[str, jnp.ndarray], weights: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """Pooled IoU and ECE of the images taken ``weights`` times each (:func:`image_statistics`).
+def image_scores(stats: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """Each image's own IoU (1 where it and its prediction are empty, as :func:`iou`) and ECE (as
+    :func:`expected_calibration_error` of its pixels) from its :func:`image_statistics`."""
+    inter, union = stats["intersection"], stats["union"]
+    gap = jnp.abs(stats["confidence_sum"] - stats["accuracy_sum"])
+    return {
+        "iou": jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0),
+        "ece": jnp.sum(gap, axis=-1) / stats["pixels"],
+    }
 
-    ``weights`` (..., N): with all ones, :func:`iou` of all pixels (1 where no image has foreground) and
-    :func:`expected_calibration_error`, since the ECE is sum_k |confidence_sum_k - accuracy_sum_k| / pixels;
-    with a bootstrap resample's multiplicities, the scores of that resample. Leading axes of ``weights`` batch.
+
+def pooled_scores(
+    stats: dict[str, jnp.ndarray], weights: jnp.ndarray, pooling: str = "pooled"
+) -> dict[str, jnp.ndarray]:
+    """IoU and ECE of the images taken ``weights`` times each (:func:`image_statistics`), pooled as
+    ``eval.pooling`` says.
+
+    ``weights`` (..., N): with all ones and ``pooling='pooled'``, :func:`iou` of all pixels (1 where no image
+    has foreground) and :func:`expected_calibration_error`, since the ECE is
+    sum_k |confidence_sum_k - accuracy_sum_k| / pixels; ``pooling='per_image'``: the weighted means of the
+    images' own scores (:func:`image_scores`), i.e. metrics.json's ``iou_per_image`` / ``ece_per_image``. With
+    a bootstrap resample's multiplicities, the scores of that resample. Leading axes of ``weights`` batch.
     """
     w = jnp.asarray(weights, jnp.float32)
     # Full float32 products: an accelerator's default matmul precision (TF32/bf16 passes) would blur the sums.
     total = functools.partial(jnp.matmul, w, precision=jax.lax.Precision.HIGHEST)
+    if pooling == "per_image":
+        count = jnp.sum(w, axis=-1)
+        return {k: total(v) / count for k, v in image_scores(stats).items()}
+    if pooling != "pooled":
+        raise ValueError(f"pooling={pooling!r}: choose 'pooled' or 'per_image' (eval.pooling).")
     inter, union = total(stats["intersection"]), total(stats["union"])
     gap = jnp.abs(total(stats["confidence_sum"]) - total(stats["accuracy_sum"]))
     return {
@@ -302,21 +323,26 @@ def pooled_scores(stats: dict[str, jnp.ndarray], weights: jnp.ndarray) -> dict[s
     }
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples",))
+@functools.partial(jax.jit, static_argnames=("num_samples", "pooling"))
 def paired_bootstrap(
-    stats_a: dict[str, jnp.ndarray], stats_b: dict[str, jnp.ndarray], key: jax.Array, num_samples: int = 1000
+    stats_a: dict[str, jnp.ndarray],
+    stats_b: dict[str, jnp.ndarray],
+    key: jax.Array,
+    num_samples: int = 1000,
+    pooling: str = "pooled",
 ) -> dict[str, jnp.ndarray]:
-    """Differences b − a of the pooled IoU and ECE of two runs on the same N images, and ``num_samples``
-    bootstrap replicates of them: each resample draws N images with replacement and scores both runs on it,
-    so the pairing by image is kept (the image-to-image variation both runs share cancels out). Returns
-    ``iou_delta`` / ``ece_delta`` (on all images) and ``iou_deltas`` / ``ece_deltas`` (num_samples,).
+    """Differences b − a of the IoU and ECE (pooled as ``pooling``, :func:`pooled_scores`) of two runs on the
+    same N images, and ``num_samples`` bootstrap replicates of them: each resample draws N images with
+    replacement and scores both runs on it, so the pairing by image is kept (the image-to-image variation
+    both runs share cancels out). Returns ``iou_delta`` / ``ece_delta`` (on all images) and ``iou_deltas`` /
+    ``ece_deltas`` (num_samples,).
     """
     n = stats_a["intersection"].shape[0]
     draws = jax.random.randint(key, (num_samples, n), 0, n)
     weights = jnp.zeros((num_samples, n), jnp.float32).at[jnp.arange(num_samples)[:, None], draws].add(1.0)
     ones = jnp.ones((n,), jnp.float32)
-    a, b = pooled_scores(stats_a, ones), pooled_scores(stats_b, ones)
-    ra, rb = pooled_scores(stats_a, weights), pooled_scores(stats_b, weights)
+    a, b = (pooled_scores(s, ones, pooling) for s in (stats_a, stats_b))
+    ra, rb = (pooled_scores(s, weights, pooling) for s in (stats_a, stats_b))
     return {
         **{f"{k}_delta": b[k] - a[k] for k in ("iou", "ece")},
         **{f"{k}_deltas": rb[k] - ra[k] for k in ("iou", "ece")},

@@ -4,8 +4,8 @@ Collects every ``eval/metrics.json`` under the given folders (a workdir, its ``e
 of many runs) and writes ``table1.md``, ``table1.csv`` and ``table1.tex``: one row per dataset and method,
 the feed-forward (E1) IoU and ECE, the diffusion (E2) IoU and ECE, and their difference (diffusion − feed-
 forward), formatted as the paper (IoU in %, ECE to three decimals); where both runs of a cell kept their
-``ensemble.npz`` (and pool pixels, the default), each difference carries its 95 % paired-bootstrap interval over
-the test images (:func:`compare`). A cell without a run stays blank; two
+``ensemble.npz``, each difference carries its 95 % paired-bootstrap interval over the test images
+(:func:`compare`). A cell without a run stays blank; two
 runs for one cell are an error naming both (pass one of them). The IoU and ECE are the ``iou``/``ece`` of
 each metrics.json, i.e. its ``eval.pooling``; runs pooled differently, or averaging soft and hard members
 (``eval.member_output``), are not mixed in one table. Beyond the paper, ``uncertainty.{md,csv}``: per run, how
@@ -65,6 +65,12 @@ def find_metrics(paths: Sequence[str]) -> list[str]:
     return find_run_files(paths, ("metrics.json", os.path.join("**", "eval", "metrics.json")))
 
 
+def pooling_of(metrics_json: dict) -> str:
+    """The pooling of a metrics.json's ``iou``/``ece`` (``eval.pooling``; files from before the option held the
+    per-image means)."""
+    return metrics_json.get("pooling", "per_image")
+
+
 def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, str]]]:
     """{(dataset, method): {'ff' / 'diff': (metrics.json's dict, its path)}} of the E1/E2 runs under ``paths``,
     in the paper's order; two runs for one cell, or runs of different poolings or member outputs, are refused."""
@@ -76,7 +82,7 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, 
         kind = KINDS.get(m.get("experiment"))
         if kind is None or "iou" not in m:
             continue  # E3/E4 runs have no segmentation metrics
-        poolings.add(m.get("pooling", "per_image"))
+        poolings.add(pooling_of(m))
         member_outputs.add(m.get("member_output", "soft"))
         key = (m.get("dataset", "?"), m["model"])
         previous = cells.setdefault(key, {}).get(kind)
@@ -143,11 +149,9 @@ def _rows(cells: dict) -> list[dict[str, Any]]:
 
 def _paired_interval(kinds: dict) -> dict[str, Any] | None:
     """The diffusion-minus-feed-forward bootstrap of a cell (as :func:`compare` has it, without the rest of the
-    comparison), or None where it cannot be had: an ``ensemble.npz`` missing, per-image pooling (the table's
-    numbers are not the pooled scores), or no test images in common."""
+    comparison; in the runs' pooling, which :func:`_cells` keeps one), or None where it cannot be had: an
+    ``ensemble.npz`` missing, or no test images in common."""
     eval_dirs = [os.path.dirname(kinds[k][1]) for k in ("ff", "diff")]
-    if any(kinds[k][0].get("pooling") != "pooled" for k in ("ff", "diff")):
-        return None
     if not all(os.path.exists(os.path.join(d, "ensemble.npz")) for d in eval_dirs):
         return None
     try:
@@ -256,9 +260,10 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
     mean maps, the ratio of the mean stds (how much less uncertain), and the reliability-diagram bins of its
     ensemble mean on the shared images (``reliability``, as ``metrics.json``'s). Also each run's
     ``uncertainty`` block from its ``metrics.json`` (whether its maps point at its errors), when it has one.
-    For every run after the first, ``paired_bootstrap_vs_first``: its pooled IoU and ECE minus the first's on
-    the shared images, with 95 % intervals from resampling the images (is a Table 1 difference more than the
-    choice of test images?). Reads ``ensemble.npz`` files only: nothing is sampled again.
+    For every run after the first, ``paired_bootstrap_vs_first``: its IoU and ECE minus the first's on the
+    shared images, with 95 % intervals from resampling the images (is a Table 1 difference more than the
+    choice of test images?), pooled as the runs' metrics.json say (``pooling``; pixels pooled where they
+    differ). Reads ``ensemble.npz`` files only: nothing is sampled again.
     """
     from diffseg_jax import metrics, plots  # noqa: PLC0415 — JAX only when comparing: --help stays fast.
 
@@ -312,19 +317,22 @@ BOOTSTRAP_SAMPLES = 1000
 
 
 def _paired_bootstraps(runs: list[tuple[dict, dict]], maps: list[dict[str, np.ndarray]]) -> list[dict | None]:
-    """For each run after the first (None for the first), its pooled IoU and ECE minus the first's on the
-    shared images, with 95 % percentile intervals of a paired bootstrap over the images
-    (:func:`diffseg_jax.metrics.paired_bootstrap`, a fixed key, the first run's ECE bins)."""
+    """For each run after the first (None for the first), its IoU and ECE minus the first's on the shared
+    images, with 95 % percentile intervals of a paired bootstrap over the images
+    (:func:`diffseg_jax.metrics.paired_bootstrap`, a fixed key, the first run's ECE bins), in the runs' common
+    pooling (pixels pooled if they differ), which each result names."""
     import jax  # noqa: PLC0415
 
     from diffseg_jax import metrics  # noqa: PLC0415
 
     num_bins = runs[0][1].get("ece_bins", 10)
+    poolings = {pooling_of(meta) for _, meta in runs}
+    pooling = poolings.pop() if len(poolings) == 1 else "pooled"
     stats = [metrics.image_statistics(m["mean"], m["mask"], 0.5, num_bins) for m in maps]
     results: list[dict | None] = [None]
     for other in stats[1:]:
-        out = metrics.paired_bootstrap(stats[0], other, jax.random.PRNGKey(0), BOOTSTRAP_SAMPLES)
-        result: dict[str, Any] = {"num_samples": BOOTSTRAP_SAMPLES}
+        out = metrics.paired_bootstrap(stats[0], other, jax.random.PRNGKey(0), BOOTSTRAP_SAMPLES, pooling)
+        result: dict[str, Any] = {"num_samples": BOOTSTRAP_SAMPLES, "pooling": pooling}
         for name in ("iou", "ece"):
             result[f"{name}_delta"] = float(out[f"{name}_delta"])
             result[f"{name}_delta_ci95"] = [

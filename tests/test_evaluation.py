@@ -220,6 +220,12 @@ def test_pooled_scores_of_any_resample_follow_from_the_image_statistics():
         )
         expected = float(metrics.expected_calibration_error(mean[index], truth[index]))
         assert float(scores["ece"]) == pytest.approx(expected, abs=1e-6)
+        # eval.pooling=per_image: the mean of the resampled images' own scores, repeats counted.
+        scores = metrics.pooled_scores(stats, np.bincount(index, minlength=6), "per_image")
+        own = metrics.per_image(metrics.iou, mean[index] > 0.5, truth[index])
+        assert float(scores["iou"]) == pytest.approx(float(np.mean(own)), abs=1e-6)
+        own = metrics.per_image(metrics.expected_calibration_error, mean[index], truth[index])
+        assert float(scores["ece"]) == pytest.approx(float(np.mean(own)), abs=1e-6)
     # The paired bootstrap: replicate r scores both runs on the r-th draw of images; a run against itself
     # differs by nothing in every replicate.
     other = np.clip(mean + rng.normal(0, 0.2, mean.shape), 0, 1)
@@ -235,6 +241,18 @@ def test_pooled_scores_of_any_resample_follow_from_the_image_statistics():
         assert float(out["ece_deltas"][r]) == pytest.approx(float(delta), abs=1e-6)
     same = metrics.paired_bootstrap(stats, stats, key, 50)
     assert not np.any(np.asarray(same["iou_deltas"])) and not np.any(np.asarray(same["ece_deltas"]))
+    # Per-image pooling: a replicate's difference is the mean over its draw of the per-image differences.
+    out = metrics.paired_bootstrap(stats, other_stats, key, 50, "per_image")
+    gaps = metrics.per_image(metrics.iou, other > 0.5, truth) - metrics.per_image(
+        metrics.iou, mean > 0.5, truth
+    )
+    assert float(out["iou_delta"]) == pytest.approx(float(np.mean(gaps)), abs=1e-6)
+    for r in (0, 17):
+        assert float(out["iou_deltas"][r]) == pytest.approx(
+            float(np.mean(np.asarray(gaps)[draws[r]])), abs=1e-6
+        )
+    with pytest.raises(ValueError, match="per_image"):
+        metrics.pooled_scores(stats, np.ones(6), "pixels")
 
 
 def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
@@ -262,7 +280,7 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
         d.mkdir()
         index = [list(ids).index(i) if i in ids else 0 for i in arrays["ids"]]  # the same images, same masks
         np.savez(d / "ensemble.npz", image=np.zeros((4, 8, 8, 3), np.uint8), mask=masks[index], **arrays)
-        (d / "metrics.json").write_text(json.dumps({"model": name, "experiment": "e2"}))
+        (d / "metrics.json").write_text(json.dumps({"model": name, "experiment": "e2", "pooling": "pooled"}))
         dirs.append(str(d))
     paths = report.main(["--compare", *dirs, "--num_images", "2", "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "figure1.png").stat().st_size > 1000
@@ -501,7 +519,8 @@ def test_report_builds_table1_with_blank_missing_cells(tmp_path):
     assert open(paths["reliability"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_gives_each_difference_its_bootstrap_interval_when_the_ensembles_are_kept(tmp_path):
+@pytest.mark.parametrize("pooling", ["pooled", "per_image"])
+def test_report_gives_each_difference_its_bootstrap_interval_when_the_ensembles_are_kept(tmp_path, pooling):
     rng = np.random.default_rng(6)
     ids = np.array([f"im{i}" for i in range(12)])
     masks = (rng.random((12, 8, 8, 1)) < 0.4).astype(np.uint8)
@@ -509,16 +528,20 @@ def test_report_gives_each_difference_its_bootstrap_interval_when_the_ensembles_
     for experiment, noise in (("e1", 0.3), ("e2", 0.45)):
         mean = np.clip(masks + rng.normal(0, noise, masks.shape), 0, 1).astype(np.float32)
         truth = masks > 0
+        iou, ece = metrics.iou(mean > 0.5, truth), metrics.expected_calibration_error(mean, truth)
+        if pooling == "per_image":  # what evaluate writes as iou / ece then: the means of the images' own
+            iou = np.mean(metrics.per_image(metrics.iou, mean > 0.5, truth))
+            ece = np.mean(metrics.per_image(metrics.expected_calibration_error, mean, truth))
         folder = _metrics(
-            runs, experiment, "isic2016", "segdiff", experiment,
-            float(metrics.iou(mean > 0.5, truth)), float(metrics.expected_calibration_error(mean, truth)),
+            runs, experiment, "isic2016", "segdiff", experiment, float(iou), float(ece), pooling=pooling
         ) / "eval"  # fmt: skip
         np.savez(folder / "ensemble.npz", ids=ids, mean=mean, std=np.zeros_like(mean), mask=masks,
                  image=np.zeros((12, 8, 8, 3), np.uint8))  # fmt: skip
     (row,) = report.collect([str(runs)])
     boot = report.compare([str(runs / "e1" / "eval"), str(runs / "e2" / "eval")])["runs"][1]
     boot = boot["paired_bootstrap_vs_first"]
-    assert boot["iou_delta"] == pytest.approx(row["delta_iou"], abs=1e-6)  # the same pooled difference
+    assert boot["pooling"] == pooling
+    assert boot["iou_delta"] == pytest.approx(row["delta_iou"], abs=1e-6)  # the same difference as the table
     assert [row["delta_iou_ci_low"], row["delta_iou_ci_high"]] == boot["iou_delta_ci95"]
     assert row["delta_ece_ci_low"] < row["delta_ece"] < row["delta_ece_ci_high"]
     line = report.markdown([row]).splitlines()[2]
