@@ -12,7 +12,8 @@ each metrics.json, i.e. its ``eval.pooling``; runs pooled differently, or averag
 well its std and entropy maps point at its errors (``metrics.json``'s ``uncertainty`` block), and
 ``reliability.png``: the reliability diagram behind each ECE, a panel per cell with its feed-forward and
 diffusion runs. ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated runs and writes ``comparison.json`` and
-their reliability diagrams (:func:`write_comparison`) from their ``ensemble.npz``, without sampling again.
+their reliability diagrams in ``comparison_reliability.png`` (:func:`write_comparison`) from their
+``ensemble.npz``, without sampling again.
 """
 
 from __future__ import annotations
@@ -344,15 +345,16 @@ def _paired_bootstraps(runs: list[tuple[dict, dict]], maps: list[dict[str, np.nd
 
 def write_comparison(eval_dirs: Sequence[str], out_dir: str, num_images: int = 4) -> dict[str, str]:
     """``figure1.png`` (Fig. 1: image, truth, then each run's mean and std; ``num_images`` rows),
-    ``comparison.json`` (:func:`compare`) and ``reliability.png`` (the runs' reliability diagrams on their shared
-    images, one panel) of evaluated runs, into ``out_dir``; returns their paths."""
+    ``comparison.json`` (:func:`compare`) and ``comparison_reliability.png`` (the runs' reliability diagrams on
+    their shared images, one panel) of evaluated runs, into ``out_dir``; returns their paths."""
     from diffseg_jax import plots  # noqa: PLC0415
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {
         "figure1": os.path.join(out_dir, "figure1.png"),
         "comparison": os.path.join(out_dir, "comparison.json"),
-        "reliability": os.path.join(out_dir, "reliability.png"),
+        # Not reliability.png: an evaluated run's own diagram (or a table's) may live in out_dir.
+        "comparison_reliability": os.path.join(out_dir, "comparison_reliability.png"),
     }
     plots.comparison_figure(list(eval_dirs), paths["figure1"], num_images=num_images)
     comparison = compare(eval_dirs)
@@ -360,7 +362,7 @@ def write_comparison(eval_dirs: Sequence[str], out_dir: str, num_images: int = 4
         json.dump(comparison, f, indent=2)
     title = f"{comparison['num_images']} shared test images"
     series = [(r["name"], r["reliability"]) for r in comparison["runs"]]
-    plots.reliability_figure([(title, series)], paths["reliability"])
+    plots.reliability_figure([(title, series)], paths["comparison_reliability"])
     return paths
 
 

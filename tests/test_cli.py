@@ -78,6 +78,9 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     for key in ("count", "confidence", "accuracy"):
         assert compared["runs"][0]["reliability"][key] == pytest.approx(metrics["reliability"][key], abs=1e-6)
     assert compared["runs"][1]["uncertainty"] == metrics["uncertainty"]
+    # The comparison's diagram beside the run's own, which it does not replace.
+    for name in ("reliability.png", "comparison_reliability.png"):
+        assert (workdir / "eval_again" / name).stat().st_size > 1000
 
 
 def test_from_run_reads_back_every_config_file_as_it_was_recorded(tmp_path):

@@ -299,7 +299,7 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
     assert ece == pytest.approx(
         float(metrics.expected_calibration_error(mean[shared], masks[shared])), abs=1e-6
     )
-    assert (tmp_path / "out" / "reliability.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "comparison_reliability.png").stat().st_size > 1000
     # B minus A on the shared images, with a bootstrap interval around it.
     boot = second["paired_bootstrap_vs_first"]
     b_mean = second_mean[[1, 0, 2]]  # B's a, c, d (B holds c, a, d)
