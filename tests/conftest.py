@@ -1,6 +1,8 @@
 """Shared fixtures: one tfds data dir and one XLA compilation cache per test session."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,9 +19,12 @@ _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
 
-# Subprocesses inherit these: identical programs compile once per session.
-_CACHE = tempfile.mkdtemp(prefix="diffseg_jax_xla_cache_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# Subprocesses inherit these: identical programs compile once per session. The pytest-xdist workers inherit the
+# directory from the process that made it, which removes it at exit (a user's own cache directory is kept).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="diffseg_jax_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
