@@ -26,6 +26,18 @@ def _fail(key: str, value, fix: str):
 
 def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
     d = config.data
+    if check_data and d.name not in data.MANUAL_DATASETS and d.get("manual_dir", None) is not None:
+        _fail(
+            "data.manual_dir",
+            d.manual_dir,
+            f"Dataset {d.name!r} is not read from a folder, so this folder would be ignored. For a folder of "
+            f"images/ and masks/ set --config.data.name=segmentation_folder (or one of "
+            f"{sorted(data.MANUAL_DATASETS)} for its official layout).",
+        )
+    if d.name == "synthetic":
+        for key in ("num_train", "num_test"):
+            if d[key] < 1:
+                _fail(f"data.{key}", d[key], "The synthetic dataset needs at least one image per split.")
     if check_data and d.name in data.MANUAL_DATASETS:
         manual_dir = d.get("manual_dir", None)
         if manual_dir is None:
@@ -95,6 +107,52 @@ def _validate_plan(config: ml_collections.ConfigDict) -> None:
             _fail(key, size, f"The network's strides (model.strides) need a multiple of {factor} px.")
 
 
+def _validate_unet_size(config: ml_collections.ConfigDict) -> None:
+    """A diffusion UNet halves its input len(channel_mult) - 1 times (MedSegDiff's condition network
+    len(cond_features) times): the training size, and whole-image evaluation's stored size, must allow it."""
+    m = config.model
+    if m.get("channel_mult", None) is None or m.get("plan", None) is not None:
+        return
+    halvings = len(m.channel_mult) - 1
+    if m.get("cond_features", None) is not None and objectives.uses_image_condition(config.experiment):
+        halvings = max(halvings, len(m.cond_features))
+    factor = 2**halvings
+    sizes = {"data.image_size": config.data.image_size}
+    if config.data.eval_tiling == "whole":
+        sizes["data.resize"] = data.stored_size(config.data)
+    for key, size in sizes.items():
+        if size % factor:
+            _fail(
+                key,
+                size,
+                f"{m.name} halves its input {halvings} times (model.channel_mult"
+                f"{', model.cond_features' if factor > 2 ** (len(m.channel_mult) - 1) else ''}): use a multiple "
+                f"of {factor} px, e.g. {max(factor, size // factor * factor)}.",
+            )
+
+
+def _validate_schedule(config: ml_collections.ConfigDict) -> None:
+    """The linear schedule's end points, as the betas they give (scaled by 1000 / T as the published codes)."""
+    d = config.diffusion
+    if d.schedule != "linear":
+        return
+    if not 0 < d.beta_start < d.beta_end:
+        _fail(
+            "diffusion.beta_start/beta_end",
+            (d.beta_start, d.beta_end),
+            "Use 0 < beta_start < beta_end (the published codes: 1e-4 and 0.02).",
+        )
+    scale = 1000.0 / d.num_timesteps
+    if d.beta_end * scale >= 1:
+        _fail(
+            "diffusion.beta_end",
+            d.beta_end,
+            f"Betas are scaled by 1000 / T = {scale:g} (as the published codes), so the last one would be "
+            f"{d.beta_end * scale:g}, not below 1. Use beta_end < {1 / scale:g} for "
+            f"diffusion.num_timesteps={d.num_timesteps} (the published codes: 0.02).",
+        )
+
+
 def _validate_timesteps(config: ml_collections.ConfigDict) -> None:
     """Terminal noise and the timestep weighting / sampling (configs saved before they existed pass)."""
     d = config.diffusion
@@ -153,6 +211,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         _fail("data.name", config.data.name, f"Registered datasets: {sorted(data.DATASETS)}.")
     _validate_data(config, check_data)
     _validate_plan(config)
+    _validate_unet_size(config)
     if not objectives.uses_image_condition(config.experiment) and not models.can_drop_image(
         config.model.name
     ):
@@ -202,6 +261,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     _validate_timesteps(config)
     if config.diffusion.num_timesteps < 2:
         _fail("diffusion.num_timesteps", config.diffusion.num_timesteps, "Use at least 2 timesteps.")
+    _validate_schedule(config)
     if config.objective.e1_timestep >= config.diffusion.num_timesteps:
         _fail(
             "objective.e1_timestep",
@@ -216,6 +276,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             "No such file: pass a .safetensors, .pt/.pth/.bin or .npz state dict (e.g. nvidia/mit-b3's weights "
             "file for SegFormer-B3), or leave it unset to start from random initialisation.",
         )
+    if not config.train.lr > 0:
+        _fail("train.lr", config.train.lr, "Use a positive learning rate (the published configs: 1e-4).")
     for key in ("num_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         if config.train[key] < 1:
             _fail(f"train.{key}", config.train[key], "Use a positive integer.")
@@ -286,6 +348,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     for key in ("batch_size", "predict_chunk"):
         if config.eval[key] < 1:
             _fail(f"eval.{key}", config.eval[key], "Use a positive number of images.")
+    if config.eval.num_images == 0 or config.eval.num_images < -1:
+        _fail("eval.num_images", config.eval.num_images, "Use -1 (every test image) or a positive count.")
     if config.eval.ensemble_size < 1:
         _fail("eval.ensemble_size", config.eval.ensemble_size, "Use at least one member.")
 

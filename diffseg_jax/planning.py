@@ -116,8 +116,9 @@ AS_TRAINED = (
 )
 
 
-def _check_as_trained(config, recorded, path: str, workdir: str) -> None:
-    """Raises if ``config`` differs from the run's record on a key of :data:`AS_TRAINED`."""
+def _check_as_trained(config, recorded, path: str, workdir: str, resuming: bool = False) -> None:
+    """Raises if ``config`` differs from the run's record on a key of :data:`AS_TRAINED` (``resuming``: when
+    training would go on from the run's checkpoint)."""
 
     def get(c, dotted):
         node = c
@@ -135,12 +136,49 @@ def _check_as_trained(config, recorded, path: str, workdir: str) -> None:
     differ = [(k, a, b) for k, a, b in differ if a is not None and b is not None and a != b]
     if differ:
         shown = "; ".join(f"{k}: trained with {a!r}, this config has {b!r}" for k, a, b in differ)
+        if resuming:
+            raise ValueError(
+                f"The run in {workdir} was trained with other settings than this command's config ({shown}); "
+                f"resuming from its checkpoint would train on a different model or process. Pass the config it "
+                f"was trained with ({path} records it; configs/from_run.py:{workdir} reads it back), or start "
+                "the new setting in another --workdir."
+            )
         raise ValueError(
             f"The run in {workdir} was trained with other settings than this command's config ({shown}); its "
             f"network would sample wrong results. Pass the config it was trained with (the same --config file and "
             f"overrides; {path} records them). Another test set (data.name, data.manual_dir, data.resize) and "
             "the sampling settings (eval.*, diffusion.variance) may differ."
         )
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """{'a.b': value} of a config dict's leaves."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Before training resumes from ``workdir``'s checkpoint: refuses a ``config`` (resolved) that differs from
+    the run's ``config.json`` on what the network means (:data:`AS_TRAINED`), naming the keys, and logs every
+    other setting that changes (e.g. ``train.num_steps`` raised to train on). A run without a record passes."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    recorded = configlib.load(path)
+    _check_as_trained(config, recorded, path, workdir, resuming=True)
+    old, new = _flat(recorded.to_dict()), _flat(config.to_dict())
+    changed = [
+        f"{k}: {configlib.tuples(old[k])!r} -> {configlib.tuples(new[k])!r}"
+        for k in sorted(set(old) & set(new))
+        if configlib.tuples(old[k]) != configlib.tuples(new[k])
+    ]
+    if changed:
+        logging.info("Resuming the run in %s with changed settings: %s.", workdir, "; ".join(changed))
 
 
 def resolve_as_trained(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:

@@ -422,8 +422,12 @@ def train(
     config = planning.resolve(config)  # a data-driven plan (nnU-Net's), recorded in config.json
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()
-    if primary:
-        configlib.save(config, os.path.join(workdir, "config.json"))
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.get("keep_every", 0)
+    )
+    latest = ckpt.latest_step()
+    if latest is not None:  # resuming: the same model, or stop before config.json is overwritten
+        planning.check_resume(config, workdir)
     mesh = data_mesh()
     n_dev = mesh.size
     if config.train.batch_size % n_dev:
@@ -432,15 +436,13 @@ def train(
             f"{n_dev} devices; choose a multiple of {n_dev}."
         )
     train_ds, model, schedule, optimizer, state = setup(config, split=split)
+    if split == "train" and config.eval.enabled:  # a missing test split is named now, not after training
+        data.load_split(config.data, "test")
     plan = planning.describe(config)
     if plan is not None:  # printed as well as logged: the plan decides the network, patch and batch
         print(plan, flush=True)
         logging.info("%s", plan)
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    ckpt = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.get("keep_every", 0)
-    )
-    latest = ckpt.latest_step()
     if latest is not None:
         state, _ = ckpt.restore(latest, state)
         logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
@@ -449,6 +451,18 @@ def train(
         state = jax.device_put(state, NamedSharding(mesh, P()))
     start = int(state.step)
     num_steps = config.train.num_steps
+    if start >= num_steps:  # the record keeps the num_steps the run was trained to
+        logging.warning(
+            "The run in %s is at step %d, not below train.num_steps=%d: nothing to train. Raise train.num_steps "
+            "to train on.",
+            workdir,
+            start,
+            num_steps,
+        )
+    elif (
+        primary
+    ):  # only now: a resume that failed (another model's checkpoint) leaves the run's record as it was
+        configlib.save(config, os.path.join(workdir, "config.json"))
     logging.info(
         "Training %s (%s) on %d device(s) [%s] of %d host(s), %s parameters, steps %d → %d.",
         config.model.name,
@@ -488,9 +502,10 @@ def train(
                 save_now = done % config.train.ckpt_every == 0 or is_last or term.requested or stop
                 if done % sync_every == 0 or save_now or done % config.train.log_every == 0:
                     loss = float(metrics["loss"])  # Blocks: keeps the device queue short.
-                    if not np.isfinite(loss):
+                    grad_norm = float(metrics["grad_norm"])
+                    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
                         raise FloatingPointError(
-                            f"Training loss is {loss} at step {done}; stopped without saving. The last good "
+                            f"Training loss is {loss} at step {done} (gradient norm {grad_norm}); stopped without saving. The last good "
                             f"checkpoint (step {last_saved}) is kept in {ckpt.directory}. Lower train.lr or set "
                             "train.grad_clip, then rerun: it resumes from that checkpoint."
                         )
@@ -510,7 +525,7 @@ def train(
                             done,
                             {
                                 "loss": loss,
-                                "grad_norm": float(metrics["grad_norm"]),
+                                "grad_norm": grad_norm,
                                 "steps_per_second": rate,
                             },
                         )

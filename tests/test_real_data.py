@@ -458,6 +458,49 @@ def test_folder_layouts_pairing_and_threshold(tmp_path):
 # Pipeline: derived splits, crops, tiles.
 
 
+def test_a_training_split_of_empty_masks_fails_the_build(tmp_path):
+    # 0/1 masks read with a threshold of 127 (set for another folder's 0/255 JPEG masks) come out empty: every
+    # training mask background, which trains a model to predict nothing. A test split of them is fine.
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        for k in range(3):
+            _save(root / split / "images" / f"{split}{k}.png", np.full((16, 16, 3), 40 * k, np.uint8))
+            _save(root / split / "masks" / f"{split}{k}.png", (_square_mask(16, 4 + k) > 0).astype(np.uint8))
+    builder = segmentation_folder.make_builder(root, 16, data_dir=str(tmp_path / "tfds"), mask_threshold=127)
+    with pytest.raises(files.DatasetFileError, match=r"All 3 training masks .* are empty.*mask_threshold"):
+        manual.prepare(builder, root)
+    assert _not_complete(tmp_path / "tfds")
+    stored = manual.prepare(segmentation_folder.make_builder(root, 16, data_dir=str(tmp_path / "tfds")), root)
+    assert all(example["mask"].any() for example in stored["train"])  # read as 0/1 without the threshold
+    for k in range(3):  # images without findings in the test split only
+        _save(root / "test" / "masks" / f"test{k}.png", np.zeros((16, 16), np.uint8))
+    stored = manual.prepare(
+        segmentation_folder.make_builder(root, 16, data_dir=str(tmp_path / "tfds2")), root
+    )
+    assert not any(example["mask"].any() for example in stored["test"])
+
+
+def test_training_without_a_test_split_stops_before_the_first_step(tmp_path):
+    # A flat folder with test_fraction=0 has no test split: evaluation after training would fail, so training
+    # does not start (nothing trained, no checkpoint, no record).
+    from conftest import tiny_config  # noqa: PLC0415
+
+    from diffseg_jax import checkpoints, train  # noqa: PLC0415
+
+    root = tmp_path / "flat"
+    for k in range(4):
+        _save(root / "images" / f"i{k}.png", np.full((32, 32, 3), 50 * k, np.uint8))
+        _save(root / "masks" / f"i{k}.png", _square_mask(32, 6 + k))
+    config = tiny_config("e2_folder", data_dir=str(tmp_path / "tfds"))
+    config.data.manual_dir, config.data.test_fraction, config.train.batch_size = str(root), 0.0, 2
+    with pytest.raises(ValueError, match="no 'test' split.*test_fraction > 0"):
+        train.train(config, str(tmp_path / "run"))
+    assert checkpoints.Checkpointer(str(tmp_path / "run" / "checkpoints")).latest_step() is None
+    assert not (tmp_path / "run" / "config.json").exists()
+    config.eval.enabled = False  # training alone needs no test split
+    assert int(train.train(config, str(tmp_path / "run")).step) == config.train.num_steps
+
+
 def test_holdout_is_a_deterministic_partition():
     kept, held = pipeline.holdout(50, 0.2, 0)
     assert len(held) == 10 and len(kept) == 40

@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
@@ -98,6 +99,28 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir, monke
 
     monkeypatch.setattr(data, "train_dataset", poisoned)
     with pytest.raises(FloatingPointError, match="loss is nan at step 6.*last good checkpoint \\(step 4\\)"):
+        train.train(config, str(tmp_path))
+    assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
+
+
+def test_an_infinite_gradient_stops_training_too(tmp_path, tfds_dir, monkeypatch):
+    # A finite loss with an infinite gradient norm (e.g. a learning rate that blew the weights up) is caught
+    # like a NaN loss, before its weights are saved.
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = 8, 2, 2
+    real = train.make_train_step
+
+    def blown(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new, metrics = step(state, batch)
+            return new, dict(metrics, grad_norm=jnp.where(state.step == 5, jnp.inf, metrics["grad_norm"]))
+
+        return wrapped
+
+    monkeypatch.setattr(train, "make_train_step", blown)
+    with pytest.raises(FloatingPointError, match=r"at step 6 \(gradient norm inf\).*checkpoint \(step 4\)"):
         train.train(config, str(tmp_path))
     assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
 
@@ -224,6 +247,21 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         ({"eval.ensemble_size": 0}, "eval.ensemble_size=0"),
         ({"eval.batch_size": 0}, "eval.batch_size=0.*positive number of images"),
         ({"eval.predict_chunk": 0}, "eval.predict_chunk=0.*positive number of images"),
+        ({"eval.num_images": 0}, "eval.num_images=0.*-1 .every test image"),
+        ({"train.lr": -1.0}, "train.lr=-1.0.*positive learning rate"),
+        ({"data.image_size": 30}, "data.image_size=30.*halves its input 2 times.*multiple of 4 px, e.g. 28"),
+        ({"data.resize": 64, "data.eval_tiling": "whole", "data.image_size": 32}, None),  # 64 halves twice
+        ({"data.resize": 66, "data.eval_tiling": "whole"}, "data.resize=66.*multiple of 4"),
+        (
+            {"data.manual_dir": "/tmp"},
+            "data.manual_dir='/tmp'.*not read from a folder.*name=segmentation_folder",
+        ),
+        ({"data.num_train": 0}, "data.num_train=0.*at least one image"),
+        ({"diffusion.beta_start": 0.05}, r"beta_start/beta_end=\(0.05, 0.02\)"),
+        (
+            {"diffusion.beta_end": 0.1},
+            "diffusion.beta_end=0.1.*1000 / T = 10.*would be 1.*beta_end < 0.1 for",
+        ),
     ],
 )
 def test_every_impossible_setting_fails_naming_its_key(settings, match):
@@ -235,8 +273,45 @@ def test_every_impossible_setting_fails_naming_its_key(settings, match):
         for group in groups:
             node = node[group]
         node[key] = value
+    if match is None:  # a setting next to an impossible one that must still pass
+        configlib.validate(config)
+        return
     with pytest.raises(ValueError, match=match):
         configlib.validate(config)
+
+
+def test_medsegdiff_sizes_must_halve_through_its_condition_network():
+    config = tiny_config("e2_synthetic", "medsegdiff_new,tiny")
+    configlib.validate(config, check_data=False)
+    halvings = len(config.model.cond_features)
+    assert halvings > len(config.model.channel_mult) - 1  # the condition network decides the multiple
+    config.data.image_size = 2 ** (len(config.model.channel_mult) - 1) * 3  # enough for the UNet alone
+    with pytest.raises(ValueError, match=f"model.cond_features.*multiple of {2**halvings}"):
+        configlib.validate(config, check_data=False)
+    config.experiment = "e3"  # without the image the condition network is not built: the UNet's multiple
+    configlib.validate(config, check_data=False)
+
+
+def test_a_resume_with_another_model_is_refused_and_keeps_the_runs_record(tmp_path, tfds_dir):
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.eval.enabled = 2, 2, False
+    train.train(config, str(tmp_path))
+    record = (tmp_path / "config.json").read_text()
+    other = tiny_config("e3_synthetic", data_dir=tfds_dir)
+    other.train.num_steps = 4
+    with pytest.raises(ValueError, match="experiment: trained with 'e2', this config has 'e3'.*resuming"):
+        train.train(other, str(tmp_path))
+    wider = tiny_config(data_dir=tfds_dir)
+    wider.train.num_steps, wider.model.model_channels = 4, 64  # the checkpoint's shapes do not fit
+    with pytest.raises(checkpoints.CheckpointMismatchError):
+        train.train(wider, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == record  # neither failed resume rewrote it
+    config.train.num_steps = 1  # already past it: nothing trained, nothing rewritten
+    assert int(train.train(config, str(tmp_path)).step) == 2
+    assert (tmp_path / "config.json").read_text() == record
+    config.train.num_steps = 3  # what may change on a resume: train on
+    assert int(train.train(config, str(tmp_path)).step) == 3
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == 3
 
 
 def test_unknown_override_key_fails_at_start(tmp_path):

@@ -94,12 +94,21 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
         root = files.require_dir(dl_manager._manual_dir, self.name, self.LAYOUT)  # noqa: SLF001 (tfds' own check asserts)
         examples = self.find_examples(root, self.builder_config)
-        return {split: self._generate_examples(records) for split, records in examples.items()}
+        return {
+            split: self._generate_examples(records, split == "train", root)
+            for split, records in examples.items()
+        }
 
-    def _generate_examples(self, records: list[Any]) -> Iterator[tuple[str, dict]]:
+    def _generate_examples(
+        self, records: list[Any], training: bool = False, root: pathlib.Path | None = None
+    ) -> Iterator[tuple[str, dict]]:
+        """The examples of one split; a training split whose masks are all empty is refused at its end (a test
+        set of images without findings is fine)."""
         size = self.builder_config.resize
+        any_foreground = False
         for record in records:
             example_id, image, mask, extra = self.load_example(record)
+            any_foreground = any_foreground or bool(np.any(mask))
             yield (
                 example_id,
                 {
@@ -109,6 +118,13 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder):
                     "original_size": np.asarray(image.shape[:2], np.int32),
                     **extra,
                 },
+            )
+        if training and records and not any_foreground:
+            raise files.DatasetFileError(
+                f"All {len(records)} training masks of {self.name} in {root} are empty (no foreground pixel): a "
+                "model trained on them predicts background everywhere. If the masks hold their foreground as a "
+                "small value (e.g. 0/1 masks) and config.data.mask_threshold is set, lower it below that value or "
+                "leave it unset; otherwise check that the masks/ folder holds the segmentations."
             )
 
 
