@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import matplotlib
@@ -74,16 +73,18 @@ def run_name(meta: dict) -> str:
 def read_evaluations(eval_dirs: list[str]) -> tuple[list[tuple[dict, dict]], list[list[int]]]:
     """The ``ensemble.npz`` arrays and ``metrics.json`` of evaluated runs, and where their shared images are.
 
-    Returns ``runs`` ((arrays, metrics) per folder) and ``rows``: for each test image id that every run has (in
-    the first run's order), its index in each run's arrays.
+    ``eval_dirs`` are the runs' ``eval/`` folders or their workdirs, whose ``eval/`` is read
+    (:func:`diffseg_jax.report.evaluation_dir`). Returns ``runs`` ((arrays, metrics) per folder) and ``rows``:
+    for each test image id that every run has (in the first run's order), its index in each run's arrays.
     """
+    from diffseg_jax import report  # noqa: PLC0415 — report imports plots where it draws
+
     runs = []
-    for d in eval_dirs:
+    for d in map(report.evaluation_dir, eval_dirs):
         npz = os.path.join(d, "ensemble.npz")
         if not os.path.exists(npz):
             raise FileNotFoundError(f"{npz} is missing; evaluate that run first (--mode evaluate).")
-        with open(os.path.join(d, "metrics.json"), encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = report.read_metrics(os.path.join(d, "metrics.json"), "--compare")
         runs.append((dict(np.load(npz)), meta))
     ids = [i for i in runs[0][0]["ids"] if all(i in r["ids"] for r, _ in runs[1:])]
     if not ids:
@@ -96,9 +97,9 @@ def read_evaluations(eval_dirs: list[str]) -> tuple[list[tuple[dict, dict]], lis
 def comparison_figure(eval_dirs: list[str], path: str, num_images: int = 4) -> None:
     """Fig. 1 of the paper from evaluated runs: image, ground truth, then mean and std of each run.
 
-    ``eval_dirs`` are ``<workdir>/eval`` folders with ``ensemble.npz`` and ``metrics.json`` (e.g. a diffusion
-    and a feed-forward run on the same test set); the rows are the first ``num_images`` ids they share, and
-    the std colour scale is shared across runs so the spreads compare directly.
+    ``eval_dirs`` are ``<workdir>/eval`` folders with ``ensemble.npz`` and ``metrics.json``, or those workdirs
+    (e.g. a diffusion and a feed-forward run on the same test set); the rows are the first ``num_images`` ids
+    they share, and the std colour scale is shared across runs so the spreads compare directly.
     """
     runs, rows = read_evaluations(eval_dirs)
     rows = rows[:num_images]

@@ -51,13 +51,18 @@ from diffseg_jax import data, distributed, evaluate, metrics, planning, plots, t
 from diffseg_jax.data import files
 
 STD_SCALE = 510.0  # std in [0, 0.5] -> [0, 255] in <id>_std.png
+# Folders of masks in a dataset's layout (diffseg_jax.data.segmentation_folder reads <split>/masks; labels/ is
+# the other common name), in any case: --images on a dataset folder segments its images, not its masks.
+MASK_FOLDERS = ("masks", "labels")
 
 
 def find_images(
     path: str | os.PathLike, exclude: str | os.PathLike | None = None
 ) -> tuple[list[str], list[pathlib.Path]]:
     """(ids, files) of the images at ``path``: one image file, or every image under a folder (recursively) but
-    those under ``exclude`` (the output folder, when it lies inside: a rerun must not segment its own outputs).
+    those under ``exclude`` (the output folder, when it lies inside: a rerun must not segment its own outputs)
+    and those under a ``masks/`` or ``labels/`` folder below ``path`` (``MASK_FOLDERS``: a dataset folder's
+    ground truth, which is no image to segment; skipped with a warning).
 
     An id is the file's path under the folder without its suffix (``case1/slice03``), or the file's stem.
     """
@@ -77,6 +82,25 @@ def find_images(
     if exclude is not None:
         skip = pathlib.Path(os.path.expanduser(str(exclude))).resolve()
         found = [p for p in found if not p.resolve().is_relative_to(skip)]
+    masks = [p for p in found if any(part.lower() in MASK_FOLDERS for part in p.relative_to(root).parts[:-1])]
+    if masks:
+        skipped = set(masks)
+        found = [p for p in found if p not in skipped]
+        if not found:
+            mask_dir = next(q for q in masks[0].parents if q.name.lower() in MASK_FOLDERS)
+            images_dir = mask_dir.parent / "images"
+            hint = images_dir if images_dir.is_dir() else "the dataset's images/ folder"
+            raise files.DatasetFileError(
+                f"Every image file under {root} ({len(masks)}, e.g. {masks[0]}) lies in a masks/ or labels/ "
+                f"folder, and predict segments images only, not masks; pass the folder of the images: {hint}."
+            )
+        logging.warning(
+            "predict: skipped %d files under masks/ or labels/ folders of %s (e.g. %s): predict segments "
+            "images only, not masks (pass the images/ folder to search it alone).",
+            len(masks),
+            root,
+            masks[0],
+        )
     if not found:
         raise files.DatasetFileError(
             f"No image files ({suffixes}) under {root}; pass the folder that holds the images to segment."
@@ -305,3 +329,12 @@ def predict(
     shutil.rmtree(partial, ignore_errors=True)  # everything is written
     logging.info("predict: wrote masks, mean and std maps of %d images to %s.", num, out_dir)
     return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(
+        "diffseg_jax.predict has no command line of its own; segment images with a trained run by\n  "
+        "python -m diffseg_jax.main --config configs/from_run.py:RUN --workdir RUN --mode predict --images PATH"
+        "\n(RUN: the run's workdir; PATH: an image file or a folder of images; see README, Modes and their "
+        "outputs)."
+    )

@@ -11,9 +11,9 @@ each metrics.json, i.e. its ``eval.pooling``; runs pooled differently, or averag
 (``eval.member_output``), are not mixed in one table. Beyond the paper, ``uncertainty.{md,csv}``: per run, how
 well its std and entropy maps point at its errors (``metrics.json``'s ``uncertainty`` block), and
 ``reliability.png``: the reliability diagram behind each ECE, a panel per cell with its feed-forward and
-diffusion runs. ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated runs and writes ``comparison.json`` and
-their reliability diagrams in ``comparison_reliability.png`` (:func:`write_comparison`) from their
-``ensemble.npz``, without sampling again.
+diffusion runs. ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated runs (their ``eval/`` folders or their
+workdirs) and writes ``comparison.json`` and their reliability diagrams in ``comparison_reliability.png``
+(:func:`write_comparison`) from their ``ensemble.npz``, without sampling again.
 """
 
 from __future__ import annotations
@@ -66,6 +66,38 @@ def find_metrics(paths: Sequence[str]) -> list[str]:
     return find_run_files(paths, ("metrics.json", os.path.join("**", "eval", "metrics.json")))
 
 
+def read_metrics(path: str, option: str = "--runs") -> dict:
+    """A run's ``metrics.json`` as a dict; a file cut short or corrupted (a copy or an evaluation interrupted
+    while writing it) is a ValueError naming it and the fix, not a bare JSON error without the file.
+    ``option`` is the command-line option that brought the file in (``--runs``, ``--compare``)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            m = json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(
+                f"{path} is not a readable metrics.json ({e}): it was cut short or corrupted. Evaluate that "
+                f"run again (--mode evaluate) or leave it out of {option}."
+            ) from e
+    if not isinstance(m, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(m).__name__}, not a metrics.json's object. Evaluate that run again "
+            f"(--mode evaluate) or leave it out of {option}."
+        )
+    return m
+
+
+def evaluation_dir(path: str) -> str:
+    """The folder with an evaluated run's ``ensemble.npz``: ``path`` itself, or its ``eval/`` where ``path``
+    is the run's workdir (``--compare`` takes either, as ``--runs`` does); ``path`` unchanged when neither has
+    one, so the caller's message names the file a run must write."""
+    inner = os.path.join(path, "eval")
+    if not os.path.exists(os.path.join(path, "ensemble.npz")) and os.path.exists(
+        os.path.join(inner, "ensemble.npz")
+    ):
+        return inner
+    return path
+
+
 def pooling_of(metrics_json: dict) -> str:
     """The pooling of a metrics.json's ``iou``/``ece`` (``eval.pooling``; files from before the option held the
     per-image means)."""
@@ -78,8 +110,7 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, 
     cells: dict[tuple[str, str], dict[str, tuple[dict, str]]] = {}
     poolings, member_outputs = set(), set()
     for path in find_metrics(paths):
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
+        m = read_metrics(path, "--runs")
         kind = KINDS.get(m.get("experiment"))
         if kind is None or "iou" not in m:
             continue  # E3/E4 runs have no segmentation metrics
@@ -268,6 +299,7 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
     """
     from diffseg_jax import metrics, plots  # noqa: PLC0415 — JAX only when comparing: --help stays fast.
 
+    eval_dirs = [evaluation_dir(d) for d in eval_dirs]  # a workdir's eval/, as read_evaluations reads it
     runs, maps = _shared_maps(eval_dirs)
     first = maps[0]
     first_std = float(first["std"].mean())
@@ -459,8 +491,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         "--compare",
         nargs="+",
         metavar="EVAL_DIR",
-        help="evaluated runs' eval/ folders (e.g. a diffusion and a feed-forward run): Fig. 1 and comparison.json "
-        "into --out, from their ensemble.npz, nothing sampled again",
+        help="evaluated runs' eval/ folders or workdirs (e.g. a diffusion and a feed-forward run): Fig. 1 "
+        "and comparison.json into --out, from their ensemble.npz, nothing sampled again",
     )
     parser.add_argument(
         "--num_images", type=int, default=4, help="--compare: rows of figure1.png (default 4)"

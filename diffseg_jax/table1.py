@@ -64,7 +64,19 @@ FOLDER_DATA = ("resize", "eval_tiling", "mask_threshold", "image_scaling")
 
 
 def datasets(grid: ml_collections.ConfigDict) -> list[str]:
-    """The grid's datasets: its synthetic kinds, then its folders (as given)."""
+    """The grid's datasets: its synthetic kinds, then its folders (as given).
+
+    A kind that is not a synthetic kind is refused here, before any cell trains: the cells would take it for a
+    folder's path (:func:`cell_config`), so a misspelt kind would fail as a missing folder, far from the typo.
+    """
+    unknown = [k for k in grid.table.kinds if k not in synthetic.KINDS]
+    if unknown:
+        what = "is not a synthetic kind" if len(unknown) == 1 else "are not synthetic kinds"
+        raise ValueError(
+            f"--config.table.kinds: {', '.join(map(repr, unknown))} {what}; the synthetic kinds are "
+            f"{list(synthetic.KINDS)}. A folder of images and masks goes in --config.table.folders, e.g. "
+            "--config.table.folders='(\"/data/my_set\",)'."
+        )
     names = [*grid.table.kinds, *grid.table.get("folders", ())]
     seen: dict[str, str] = {}
     for dataset in names:
@@ -132,11 +144,11 @@ def _finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
 
 def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains and evaluates every cell, then writes ``<workdir>/table1.{md,csv,tex}``; returns the rows."""
+    grid_cells = cells(grid)  # a misspelt kind or clashing folders fail here, before the workdir is made
     os.makedirs(workdir, exist_ok=True)
     if not jax.config.jax_compilation_cache_dir:  # a cache the user set (JAX_COMPILATION_CACHE_DIR) is kept
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    grid_cells = cells(grid)
     t0 = time.time()
     for i, (dataset, model, experiment) in enumerate(grid_cells):
         config = cell_config(grid, dataset, model, experiment)

@@ -241,3 +241,25 @@ def test_table1_grid_trains_every_cell_writes_the_table_and_resumes(tmp_path, tf
     log = run()
     assert "Training" not in log and "steps/s" not in log
     assert (workdir / "table1.csv").read_text() == table
+
+
+def test_table1_refuses_a_misspelt_kind_before_training(tmp_path, monkeypatch):
+    """A kind that is not synthetic ('lesions' for 'lesion') is refused with the kinds there are and where
+    folders go, before any cell trains or the workdir is made (it was taken for a folder's path)."""
+    from configs import table1_synthetic
+    from diffseg_jax import protocol, table1, train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cell started training")
+
+    monkeypatch.setattr(train, "train", no_training)
+    monkeypatch.setattr(protocol, "run", no_training)
+    grid = table1_synthetic.get_config()
+    grid.table.kinds = ("lesions", "nuclei")
+    with pytest.raises(
+        ValueError, match=r"'lesions' is not a synthetic kind.*'lesion', 'nuclei', 'clusters'.*table\.folders"
+    ):
+        table1.run(grid, str(tmp_path / "grid"))
+    assert not (tmp_path / "grid").exists()
+    grid.table.kinds = ("lesion",)
+    assert {d for d, _, _ in table1.cells(grid)} == {"lesion"}

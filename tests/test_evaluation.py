@@ -574,6 +574,51 @@ def test_report_rejects_duplicate_cells_and_mixed_pooling(tmp_path):
         report.collect([str(tmp_path / "r")])
 
 
+def test_report_names_a_corrupt_metrics_json_and_the_fix(tmp_path):
+    """A metrics.json cut short (an interrupted copy) is a ValueError naming the file and saying what to do,
+    for --runs (the table) and --compare (read_evaluations), instead of a bare JSONDecodeError."""
+    runs = tmp_path / "runs"
+    _metrics(runs, "a", "isic2016", "segdiff", "e1", 0.8, 0.02)
+    broken = _metrics(runs, "b", "isic2016", "segdiff", "e2", 0.8, 0.02) / "eval"
+    text = (broken / "metrics.json").read_text()
+    (broken / "metrics.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"not a readable metrics\.json.*--mode evaluate.*--runs") as error:
+        report.main(["--runs", str(runs), "--out", str(tmp_path / "out")])
+    assert str(error.value).startswith(str(broken / "metrics.json")) and not (tmp_path / "out").exists()
+    np.savez(broken / "ensemble.npz", ids=np.array(["a"]), mean=np.zeros((1, 4, 4, 1)))
+    with pytest.raises(
+        ValueError, match=r"not a readable metrics\.json.*--mode evaluate.*--compare"
+    ) as error:
+        plots.read_evaluations([str(broken)])
+    assert str(error.value).startswith(str(broken / "metrics.json"))
+    (broken / "metrics.json").write_text("[]")  # JSON, but not a metrics.json's object
+    with pytest.raises(ValueError, match=r"holds a JSON list.*--mode evaluate"):
+        report.collect([str(runs)])
+
+
+def test_compare_takes_a_workdir_and_records_its_eval_folder(tmp_path):
+    """--compare RUN (a workdir, as --runs takes) reads RUN/eval and comparison.json names RUN/eval; a folder
+    with no evaluation at all keeps the message that says to evaluate it."""
+    rng = np.random.default_rng(5)
+    ids = np.array(["a", "b", "c"])
+    masks = (rng.random((3, 8, 8, 1)) < 0.5).astype(np.uint8)
+    for name, experiment in (("ff", "e1"), ("diff", "e2")):
+        folder = _metrics(tmp_path, name, "isic2016", "segdiff", experiment, 0.8, 0.02) / "eval"
+        maps = dict(mean=rng.random((3, 8, 8, 1)), std=rng.random((3, 8, 8, 1)))
+        np.savez(folder / "ensemble.npz", ids=ids, mask=masks, image=np.zeros((3, 8, 8, 3), np.uint8), **maps)
+    workdir, eval_dir = tmp_path / "diff", tmp_path / "ff" / "eval"
+    paths = report.main(["--compare", str(workdir), str(eval_dir), "--out", str(tmp_path / "out")])
+    out = json.loads(open(paths["comparison"]).read())
+    assert [r["eval_dir"] for r in out["runs"]] == [str(workdir / "eval"), str(eval_dir)]
+    assert [r["experiment"] for r in out["runs"]] == ["e2", "e1"] and out["num_images"] == 3
+    assert (tmp_path / "out" / "figure1.png").stat().st_size > 1000
+    runs, rows = plots.read_evaluations([str(workdir), str(eval_dir)])
+    assert runs[0][1]["experiment"] == "e2" and rows == [[0, 0], [1, 1], [2, 2]]
+    (tmp_path / "new").mkdir()  # trained, say, but never evaluated
+    with pytest.raises(FileNotFoundError, match=r"new.ensemble\.npz is missing; evaluate that run first"):
+        report.main(["--compare", str(tmp_path / "new"), str(eval_dir), "--out", str(tmp_path / "out2")])
+
+
 _SHARDED_SCRIPT = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np

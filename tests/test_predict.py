@@ -260,3 +260,40 @@ def test_predict_refuses_what_it_cannot_segment(tmp_path):
         predict.predict(e3, str(tmp_path / "run"), str(twins / "a.png"))
     with pytest.raises(FileNotFoundError, match="No checkpoint in .*run.*train first"):
         predict.predict(config, str(tmp_path / "run"), str(twins / "a.png"))
+
+
+def test_predict_skips_the_masks_of_a_dataset_folder(tmp_path, caplog):
+    """--images DATASET/test (test/images + test/masks, the segmentation_folder layout) segments the images
+    only: files under masks/ or labels/ folders are skipped with a warning that counts them; a folder of masks
+    alone is refused with the images/ folder to pass instead. A masks/ folder given itself is segmented."""
+    test = tmp_path / "dataset" / "test"
+    for name in ("a", "b"):
+        _png(str(test / "images" / f"{name}.png"), np.zeros((4, 4, 3), np.uint8))
+        _png(str(test / "Masks" / f"{name}.png"), np.zeros((4, 4), np.uint8))
+    _png(str(test / "labels" / "c.png"), np.zeros((4, 4), np.uint8))
+    with caplog.at_level("WARNING"):
+        ids, paths = predict.find_images(test)
+    assert ids == ["images/a", "images/b"] and paths == [test / "images" / "a.png", test / "images" / "b.png"]
+    assert "skipped 3 files under masks/ or labels/" in caplog.text and "segments images only" in caplog.text
+    (test / "images" / "a.png").unlink()
+    (test / "images" / "b.png").unlink()
+    with pytest.raises(ValueError, match=r"lies in a masks/ or labels/ folder.*images only.*test/images"):
+        predict.find_images(test)
+    assert predict.find_images(test / "Masks")[0] == ["a", "b"]
+
+
+def test_predict_module_points_to_the_predict_command():
+    """``python -m diffseg_jax.predict`` has no command line: it fails, naming the documented command."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "diffseg_jax.predict"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    command = "--config configs/from_run.py:RUN --workdir RUN --mode predict --images PATH"
+    assert f"python -m diffseg_jax.main {command}" in out.stderr
