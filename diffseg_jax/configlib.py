@@ -20,8 +20,12 @@ from diffseg_jax.diffusion import timesteps
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+class ConfigError(ValueError):
+    """A config that cannot work (or does not fit the run it is used on); the message names the key and the fix."""
+
+
 def _fail(key: str, value, fix: str):
-    raise ValueError(f"Invalid config: {key}={value!r}. {fix}")
+    raise ConfigError(f"Invalid config: {key}={value!r}. {fix}")
 
 
 def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:

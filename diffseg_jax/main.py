@@ -20,6 +20,8 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diffseg_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/quickstart.py[:arg].", lock_config=True
 )
@@ -119,7 +121,7 @@ def main(argv):
 def run():
     """Entry point for the console script."""
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -137,13 +137,13 @@ def _check_as_trained(config, recorded, path: str, workdir: str, resuming: bool 
     if differ:
         shown = "; ".join(f"{k}: trained with {a!r}, this config has {b!r}" for k, a, b in differ)
         if resuming:
-            raise ValueError(
+            raise configlib.ConfigError(
                 f"The run in {workdir} was trained with other settings than this command's config ({shown}); "
                 f"resuming from its checkpoint would train on a different model or process. Pass the config it "
                 f"was trained with ({path} records it; configs/from_run.py:{workdir} reads it back), or start "
                 "the new setting in another --workdir."
             )
-        raise ValueError(
+        raise configlib.ConfigError(
             f"The run in {workdir} was trained with other settings than this command's config ({shown}); its "
             f"network would sample wrong results. Pass the config it was trained with (the same --config file and "
             f"overrides; {path} records them). Another test set (data.name, data.manual_dir, data.resize) and "
@@ -206,7 +206,7 @@ def resolve_as_trained(config: ml_collections.ConfigDict, workdir: str) -> ml_co
         c.diffusion.alpha_bar_T = float(recorded.diffusion.alpha_bar_T)
     if needs_plan:
         if recorded.model.get("name") != config.model.name or recorded.model.plan.mode != "planned":
-            raise ValueError(
+            raise configlib.ConfigError(
                 f"{path} records model {recorded.model.get('name')!r} (plan {recorded.model.plan.mode!r}), not the "
                 f"planned {config.model.name!r} of this config; pass the config the run in {workdir} was trained with."
             )

@@ -24,7 +24,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffseg_jax import configlib, evaluate, models, protocol, report, train, writers
+from diffseg_jax import cli, configlib, evaluate, models, protocol, report, train, writers
 from diffseg_jax.analysis import fingerprints
 from diffseg_jax.analysis import run as analysis_run
 from diffseg_jax.data import synthetic
@@ -72,7 +72,7 @@ def datasets(grid: ml_collections.ConfigDict) -> list[str]:
     unknown = [k for k in grid.table.kinds if k not in synthetic.KINDS]
     if unknown:
         what = "is not a synthetic kind" if len(unknown) == 1 else "are not synthetic kinds"
-        raise ValueError(
+        raise configlib.ConfigError(
             f"--config.table.kinds: {', '.join(map(repr, unknown))} {what}; the synthetic kinds are "
             f"{list(synthetic.KINDS)}. A folder of images and masks goes in --config.table.folders, e.g. "
             "--config.table.folders='(\"/data/my_set\",)'."
@@ -207,4 +207,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

@@ -320,6 +320,19 @@ def test_unknown_override_key_fails_at_start(tmp_path):
     )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "num_stpes" in out
+    assert (
+        'Did you mean "num_steps"' in out and "Traceback" not in out
+    )  # one message, not ml_collections' trace
+
+
+def test_a_user_error_is_one_message_and_a_traceback_on_request(tmp_path):
+    args = ["--config", "configs/e2_synthetic.py:tiny", "--workdir", str(tmp_path), "--config.train.lr=-1"]
+    out, _ = (proc := _cli(args)).communicate(timeout=120)
+    assert proc.returncode == 1 and "Error: Invalid config: train.lr=-1.0. Use a positive" in out
+    assert "Traceback" not in out
+    env = dict(os.environ, DIFFSEG_JAX_TRACEBACK="1")
+    out, _ = (proc := _cli(args, env=env)).communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" in out and "ConfigError: Invalid config: train.lr" in out
 
 
 def test_image_generation_trains_evaluates_and_analyses(tmp_path, tfds_dir):

@@ -1,0 +1,62 @@
+"""What the absl command lines (``diffseg_jax.main``, ``diffseg_jax.table1``) share: a user's mistake is one message.
+
+A config that cannot work, a bad data file, a checkpoint of another model or a missing file is explained by its
+message (each names the key or file and the fix), so it is printed without a traceback; a bug keeps its traceback,
+and ``DIFFSEG_JAX_TRACEBACK=1`` shows it for everything.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from typing import Callable
+
+from absl import app
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exception types whose message alone explains the mistake."""
+    from diffseg_jax import checkpoints, configlib  # noqa: PLC0415 — imported only when something failed
+    from diffseg_jax.data import files  # noqa: PLC0415
+
+    return (
+        configlib.ConfigError,
+        files.DatasetFileError,
+        checkpoints.CheckpointMismatchError,
+        FileNotFoundError,
+    )
+
+
+def _traceback_wanted() -> bool:
+    return bool(os.environ.get("DIFFSEG_JAX_TRACEBACK"))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser; a --config override of an unknown key or of the wrong type is reported as one message
+    (ml_collections raises it deep in flag parsing, as an error wrapped in two others)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if _traceback_wanted():
+            raise
+        message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        while len(message) > 1 and message[0] == message[-1] == "'":  # a KeyError's repr, wrapped again
+            try:
+                message = ast.literal_eval(message)
+            except (SyntaxError, ValueError):
+                break
+        raise SystemExit(f"Error in the --config flags: {message}".replace("\n", ". ")) from None
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """``app.run(main)`` with :func:`parse_flags`, and the :func:`user_errors` as one message (exit status 1)."""
+
+    def reporting(argv):
+        try:
+            main(argv)
+        except Exception as e:
+            if _traceback_wanted() or not isinstance(e, user_errors()):
+                raise
+            raise SystemExit(f"Error: {e}\n(DIFFSEG_JAX_TRACEBACK=1 shows the traceback.)") from None
+
+    app.run(reporting, flags_parser=parse_flags)
