@@ -157,7 +157,9 @@ def pearson_correlation(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     b = jnp.ravel(b).astype(jnp.float32)
     da, db = a - _blockwise_mean(a), b - _blockwise_mean(b)
     cov, va, vb = (_blockwise_mean(x * y) for x, y in ((da, db), (da, da), (db, db)))
-    return jnp.where((va > 0) & (vb > 0), cov / jnp.sqrt(jnp.maximum(va * vb, 1e-30)), jnp.nan)
+    # Constant is decided exactly: the rounded mean of equal values can leave a variance of rounding errors.
+    varies = (jnp.max(a) > jnp.min(a)) & (jnp.max(b) > jnp.min(b)) & (va > 0) & (vb > 0)
+    return jnp.where(varies, cov / jnp.sqrt(jnp.maximum(va * vb, 1e-30)), jnp.nan)
 
 
 def average_ranks(values: jnp.ndarray) -> jnp.ndarray:

@@ -162,6 +162,10 @@ def test_entropy_brier_and_correlation_known_values():
         np.corrcoef(a.ravel(), b.ravel())[0, 1], abs=1e-5
     )
     assert np.isnan(float(metrics.pearson_correlation(a, np.ones_like(a))))
+    # A constant whose float32 mean is inexact (14 x 0.1) is constant still: undefined, not ~0 from rounding
+    # (a one-member ensemble's std maps, ranked over 14 test images, gave a correlation of 1e-7).
+    assert np.isnan(float(metrics.pearson_correlation(np.full(14, 0.1), np.arange(14.0))))
+    assert np.isnan(float(jax.jit(metrics.spearman_correlation)(np.zeros(14), np.arange(14.0))))
     r = metrics.uncertainty_report(
         jnp.asarray(a), jnp.asarray(b), jnp.asarray(a > 0.3)
     )  # errors: 0.3 < a <= 0.5
