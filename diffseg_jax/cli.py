@@ -1,4 +1,5 @@
-"""What the absl command lines (``diffseg_jax.main``, ``diffseg_jax.table1``) share: a user's mistake is one message.
+"""What the command lines (``diffseg_jax.main``, ``diffseg_jax.table1``, ``diffseg_jax.report``) share: a user's
+mistake is one message.
 
 A config that cannot work, a bad data file, a checkpoint of another model or a missing file is explained by its
 message (each names the key or file and the fix), so it is printed without a traceback; a bug keeps its traceback,
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Callable
+from typing import Any, Callable
 
 from absl import app
 
@@ -48,15 +49,16 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise SystemExit(f"Error in the --config flags: {message}".replace("\n", ". ")) from None
 
 
+def reporting_user_errors(call: Callable[[], Any], also: tuple[type[Exception], ...] = ()) -> Any:
+    """``call()``, with a :func:`user_errors` (or ``also``) exception turned into its message and exit status 1."""
+    try:
+        return call()
+    except Exception as e:
+        if _traceback_wanted() or not isinstance(e, user_errors() + also):
+            raise
+        raise SystemExit(f"Error: {e}\n(DIFFSEG_JAX_TRACEBACK=1 shows the traceback.)") from None
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """``app.run(main)`` with :func:`parse_flags`, and the :func:`user_errors` as one message (exit status 1)."""
-
-    def reporting(argv):
-        try:
-            main(argv)
-        except Exception as e:
-            if _traceback_wanted() or not isinstance(e, user_errors()):
-                raise
-            raise SystemExit(f"Error: {e}\n(DIFFSEG_JAX_TRACEBACK=1 shows the traceback.)") from None
-
-    app.run(reporting, flags_parser=parse_flags)
+    app.run(lambda argv: reporting_user_errors(lambda: main(argv)), flags_parser=parse_flags)

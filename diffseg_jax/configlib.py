@@ -135,6 +135,46 @@ def _validate_unet_size(config: ml_collections.ConfigDict) -> None:
             )
 
 
+def _validate_unet_widths(config: ml_collections.ConfigDict) -> None:
+    """The guided-diffusion UNets normalise with 32 groups (GroupNorm32), so every level's width must be a
+    multiple of 32, and split attention into heads of ``num_head_channels`` where it is set."""
+    m = config.model
+    if m.get("channel_mult", None) is None or m.get("model_channels", None) is None:
+        return
+    widths = [m.model_channels * mult for mult in m.channel_mult]
+    if m.model_channels < 1 or any(w % 32 for w in widths):
+        _fail(
+            "model.model_channels",
+            m.model_channels,
+            f"Every level's width (model_channels x channel_mult: {widths}) must be a multiple of 32, the "
+            "GroupNorm groups of the guided-diffusion UNet; e.g. 32, 64 or 128.",
+        )
+    head = m.get("num_head_channels", -1)
+    attention = [w for i, w in enumerate(widths) if 2**i in m.get("attention_resolutions", ())]
+    attention.append(widths[-1])  # the middle block attends at the lowest resolution
+    if head != -1 and (head < 1 or any(w % head for w in attention)):
+        _fail(
+            "model.num_head_channels",
+            head,
+            f"The attention layers' widths {sorted(set(attention))} must be multiples of it; use a divisor of "
+            "them (the published configs: 64), or -1 to split by model.num_heads.",
+        )
+
+
+def _validate_analysis(config: ml_collections.ConfigDict) -> None:
+    """--mode analyse's counts (configs saved before a key existed pass)."""
+    a = config.get("analysis", None)
+    if a is None:
+        return
+    for key in ("t_step", "num_draws", "batch_size"):
+        if a.get(key, 1) < 1:
+            _fail(f"analysis.{key}", a[key], "Use a positive integer.")
+    if a.get("num_images", -1) == 0 or a.get("num_images", -1) < -1:
+        _fail("analysis.num_images", a.num_images, "Use -1 (every test image) or a positive count.")
+    if a.get("t_chunk", 0) < 0:
+        _fail("analysis.t_chunk", a.t_chunk, "Use 0 (as memory allows) or a positive number of timesteps.")
+
+
 def _validate_schedule(config: ml_collections.ConfigDict) -> None:
     """The linear schedule's end points, as the betas they give (scaled by 1000 / T as the published codes)."""
     d = config.diffusion
@@ -169,11 +209,15 @@ def _validate_timesteps(config: ml_collections.ConfigDict) -> None:
             d.alpha_bar_T,
             "Use a terminal ᾱ in (0, 1) (e.g. 1e-6), or -1 to choose it from the training masks' fingerprint.",
         )
-    if terminal != "none" and not 0 < d.get("terminal_tol", 0.01) < 1:
+    if d.get("terminal", "none") != "none" and not 0 < d.get("terminal_tol", 0.01) < 1:
         _fail("diffusion.terminal_tol", d.terminal_tol, "Use a fraction in (0, 1), e.g. 0.01.")
     tc = config.get("timesteps", None)
     if tc is None:
         return
+    if tc.get("num_masks", 1) < 1:
+        _fail(
+            "timesteps.num_masks", tc.num_masks, "The fingerprint needs at least one training mask, e.g. 64."
+        )
     if tc.weighting not in timesteps.WEIGHTINGS:
         _fail("timesteps.weighting", tc.weighting, f"Choose one of {timesteps.WEIGHTINGS}.")
     if tc.sampling not in timesteps.SAMPLINGS:
@@ -216,6 +260,10 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     _validate_data(config, check_data)
     _validate_plan(config)
     _validate_unet_size(config)
+    _validate_unet_widths(config)
+    _validate_analysis(config)
+    if config.data.get("image_channels", 3) < 1:
+        _fail("data.image_channels", config.data.image_channels, "Use 3 for RGB images (1 for grayscale).")
     if not objectives.uses_image_condition(config.experiment) and not models.can_drop_image(
         config.model.name
     ):

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffseg_jax import (
     checkpoints,
+    configlib,
     data,
     diffusion,
     distributed,
@@ -341,7 +342,8 @@ def evaluate(
     compare_workdir: str | None = None,
     out_dir: str | None = None,
 ) -> dict:
-    """Samples the ensemble for every test image and writes ``out_dir`` (default ``workdir/eval/``).
+    """Samples the ensemble for every test image and writes ``out_dir`` (default ``workdir/eval/``, or
+    ``workdir/eval_step{S}/`` for ``eval.step=S``; :func:`output_dir`).
 
     Only the test split is read (the network is built from the config), so a trained run can be evaluated on
     an external test set: another ``config.data`` whose folder holds a ``test`` split alone, written to another
@@ -361,11 +363,16 @@ def evaluate(
     """
     config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
     eval_cfg = config.eval
+    out_dir = output_dir(workdir, out_dir, eval_cfg.get("step", -1))
+    if compare_workdir and not os.path.exists(os.path.join(compare_workdir, "eval", "ensemble.npz")):
+        raise FileNotFoundError(  # named now, not after the sampling
+            f"--compare_workdir {compare_workdir} has no eval/ensemble.npz; evaluate that run first (--mode "
+            "evaluate)."
+        )
     test = data.eval_arrays(
         config.data, split="test", max_examples=None if eval_cfg.num_images < 0 else eval_cfg.num_images
     )
     model, schedule, step, variables = trained_network(config, workdir, test["image"].shape[-1], state)
-    out_dir = out_dir or os.path.join(workdir, "eval")
     mean, std = ensemble_maps(
         config,
         model,
@@ -424,6 +431,38 @@ def evaluate(
     shutil.rmtree(os.path.join(out_dir, "partial"), ignore_errors=True)  # everything is in out_dir now
     logging.info("evaluate: %s", json.dumps({k: v for k, v in result.items() if k != "reliability"}))
     return result
+
+
+def _run_root(path: str) -> str | None:
+    """The nearest folder at or above ``path`` that is a run's workdir (holds ``config.json``), or None."""
+    path = os.path.realpath(path)
+    while True:
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def output_dir(workdir: str, out_dir: str | None, step: int = -1) -> str:
+    """Where an evaluation of the run in ``workdir`` writes: ``out_dir`` (``--eval_dir``), else ``eval/`` for the
+    latest checkpoint and ``eval_step{S}/`` for ``eval.step=S``, so that an earlier model's scores never replace
+    the final model's, which Table 1 reads. An ``out_dir`` that is the workdir itself, or lies in another run's
+    folder, is refused: it would mix this evaluation into that run's files (report would count it there)."""
+    if out_dir is None:
+        return os.path.join(workdir, "eval" if step < 0 else f"eval_step{step}")
+    run, home = _run_root(out_dir), os.path.realpath(workdir)
+    if os.path.realpath(out_dir) == home:
+        raise configlib.ConfigError(
+            f"--eval_dir {out_dir} is the run's own folder; pass a folder of its own, e.g. {workdir}/eval_test2."
+        )
+    if run is not None and run != home:
+        raise configlib.ConfigError(
+            f"--eval_dir {out_dir} lies in the folder of another run ({run}), whose evaluation it would "
+            f"overwrite or join; pass a folder in {workdir} (e.g. {workdir}/eval_test2) or outside any run."
+        )
+    return out_dir
 
 
 def ensemble_maps(

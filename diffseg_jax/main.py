@@ -17,6 +17,8 @@ the terminal ᾱ at which it would, where the fingerprint weights peak; printed 
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -72,9 +74,10 @@ def main(argv):
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required for every mode but summary.")
+    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+        raise app.UsageError(f"--workdir {_WORKDIR.value} is a file; pass a folder (it is made if missing).")
     if _MODE.value == "fingerprint":
         import json
-        import os
 
         from diffseg_jax import planning
         from diffseg_jax.analysis import adaptive
@@ -101,7 +104,7 @@ def main(argv):
         configlib.validate(config)
         experiment = _MODE.value[:2]
         if config.experiment != experiment:
-            raise ValueError(
+            raise configlib.ConfigError(
                 f"--mode {_MODE.value} needs an {experiment} config; config.experiment={config.experiment!r}. Use "
                 f"e.g. configs/{experiment}_isic.py, or --mode {config.experiment}_protocol."
             )

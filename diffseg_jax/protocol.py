@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from diffseg_jax import data, evaluate, metrics, objectives, planning, train
+from diffseg_jax import checkpoints, configlib, data, evaluate, metrics, objectives, planning, train
 
 
 def epoch_steps(data_config: ml_collections.ConfigDict, split: str, batch_size: int) -> int:
@@ -42,7 +42,7 @@ def epoch_steps(data_config: ml_collections.ConfigDict, split: str, batch_size: 
     n = len(data.load_split(data_config, split))
     steps = n // batch_size
     if steps < 1:
-        raise ValueError(
+        raise configlib.ConfigError(
             f"The {split!r} split has {n} examples, fewer than train.batch_size={batch_size}; lower the batch "
             "size or lower data.validation_fraction."
         )
@@ -143,7 +143,7 @@ def _check_recorded_settings(records: dict[int, dict[str, Any]], settings: dict[
         differ = {k: (v, settings[k]) for k, v in recorded.items() if v != settings[k]}
         if differ:
             what = ", ".join(f"protocol.{k}: recorded {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(
+            raise configlib.ConfigError(
                 f"{path} holds validations sampled with other settings (step {step}: {what}); their scores would "
                 "mix with new ones. Rerun with the recorded settings, or use another --workdir."
             )
@@ -180,11 +180,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs both phases in ``workdir`` (see the module docstring); returns the recorded protocol summary."""
     experiment = config.experiment
     if experiment not in _SCORE:
-        raise ValueError(
+        raise configlib.ConfigError(
             f"--mode e1_protocol / e2_protocol train the feed-forward (e1) or diffusion segmentation (e2) "
             f"experiment; config.experiment={experiment!r}. Use an e1 or e2 config (e.g. configs/e1_isic.py)."
         )
     name = f"{experiment}_protocol"
+    if not 0 < config.data.validation_fraction < 1:
+        raise configlib.ConfigError(
+            f"Invalid config: data.validation_fraction={config.data.validation_fraction!r}. The {name} selects on "
+            "a validation split held out of the training images: use a fraction in (0, 1), e.g. 0.2 (the paper)."
+        )
+    started = os.path.exists(os.path.join(workdir, f"{name}.json"))
+    existing = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+    held = existing.latest_step()
+    existing.close()
+    if held is not None and not started:  # phase 2 would resume that run instead of retraining from scratch
+        raise configlib.ConfigError(
+            f"{workdir} already holds a trained run (a checkpoint at step {held}) that this {name} did not "
+            "start; its retraining phase would continue that run. Use a new --workdir for the protocol."
+        )
     config = planning.resolve(config)  # nnU-Net's plan sets the batch size the epochs are counted in
     batch_size = config.train.batch_size
     fit_steps = epoch_steps(config.data, "fit", batch_size)
@@ -194,6 +208,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     max_epochs = config.protocol.max_epochs
     budget = max_epochs * fit_steps if max_epochs > 0 else config.train.num_steps  # the architecture's budget
     validations = max(1, math.ceil(budget / every))
+    if validations < 2:
+        logging.warning(
+            "%s: one validation within %d steps (every %d steps): nothing to choose between, so the retraining "
+            "takes that step count. Validate more often (protocol.validate_every for E2, more epochs for E1).",
+            name,
+            budget,
+            every,
+        )
     patience = config.protocol.patience
     metric, sign = _SCORE[experiment]
 

@@ -523,4 +523,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    from diffseg_jax import cli
+
+    # Its refusals (duplicate cells, mixed poolings, a corrupt metrics.json, no shared images) are ValueErrors.
+    cli.reporting_user_errors(main, also=(ValueError,))

@@ -15,7 +15,18 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from diffseg_jax import configlib, diffusion, evaluate, metrics, plots, protocol, report, train
+from diffseg_jax import (
+    configlib,
+    data,
+    diffusion,
+    evaluate,
+    metrics,
+    planning,
+    plots,
+    protocol,
+    report,
+    train,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics.
@@ -600,6 +611,26 @@ def test_report_names_a_corrupt_metrics_json_and_the_fix(tmp_path):
         report.collect([str(runs)])
 
 
+def test_report_command_prints_a_refusal_as_one_message(tmp_path):
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from conftest import ROOT  # noqa: PLC0415
+
+    command = [
+        sys.executable,
+        "-m",
+        "diffseg_jax.report",
+        "--runs",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path),
+    ]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"Error: --runs {tmp_path / 'nowhere'}: no such file or folder." in out.stderr
+
+
 def test_compare_takes_a_workdir_and_records_its_eval_folder(tmp_path):
     """--compare RUN (a workdir, as --runs takes) reads RUN/eval and comparison.json names RUN/eval; a folder
     with no evaluation at all keeps the message that says to evaluate it."""
@@ -754,6 +785,37 @@ def test_sampling_reads_the_weights_whatever_optimizer_or_sampler_trained_them(t
         checkpoints.Checkpointer(str(tmp_path / "checkpoints")).restore(7, fresh)
 
 
+def test_evaluations_go_where_they_replace_no_other_result(tmp_path, monkeypatch):
+    """eval/ is the latest model's (Table 1 reads it), eval_step{S}/ an earlier one's; --eval_dir may not be the
+    run's own folder or lie in another run's; a --compare_workdir without an evaluation is named before any
+    test image is read."""
+    run, other = tmp_path / "run", tmp_path / "other"
+    for folder in (run, other):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    assert evaluate.output_dir(str(run), None) == str(run / "eval")
+    assert evaluate.output_dir(str(run), None, 45000) == str(run / "eval_step45000")
+    for ok in (run / "eval_ext", tmp_path / "elsewhere" / "eval", run / "eval"):
+        assert evaluate.output_dir(str(run), str(ok), 7) == str(ok)
+    with pytest.raises(configlib.ConfigError, match="is the run's own folder"):
+        evaluate.output_dir(str(run), str(run))
+    with pytest.raises(configlib.ConfigError, match=f"another run \\({other}\\)"):
+        evaluate.output_dir(str(run), str(other / "eval"))
+    (run / "select").mkdir()  # a run inside this one (the protocol's selection run): its own folder
+    (run / "select" / "config.json").write_text("{}")
+    assert evaluate.output_dir(str(run / "select"), str(run / "select" / "eval_x")) == str(
+        run / "select" / "eval_x"
+    )
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("test images read before the comparison run was checked")
+
+    monkeypatch.setattr(data, "eval_arrays", no_data)
+    monkeypatch.setattr(planning, "resolve_as_trained", lambda config, workdir: config)
+    with pytest.raises(FileNotFoundError, match="--compare_workdir .*other has no eval/ensemble.npz"):
+        evaluate.evaluate(tiny_config(), str(run), compare_workdir=str(other))
+
+
 def test_an_earlier_checkpoint_kept_by_keep_every_is_the_one_eval_step_reads(tmp_path):
     """``train.keep_every`` keeps checkpoints at its multiples beside the last ``keep_checkpoints``; evaluation,
     prediction and the analyses read ``eval.step`` (the paper's Fig. 3 uses the models after 75 % of training),
@@ -838,6 +900,29 @@ def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tf
     config.protocol.ensemble_size = 3
     with pytest.raises(ValueError, match="protocol.ensemble_size: recorded 2, now 3"):
         protocol.run(config, str(tmp_path))
+
+
+def test_a_protocol_refuses_a_workdir_it_would_misuse(tmp_path, monkeypatch):
+    """Its retraining phase would continue a run the protocol did not start (evaluating that run as the
+    protocol's result); a validation fraction of 0 leaves nothing to select on. Both before any training."""
+    from diffseg_jax import checkpoints  # noqa: PLC0415
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(train, "train", no_training)
+    config = tiny_config("e1_synthetic")
+    config.data.validation_fraction = 0.0
+    with pytest.raises(configlib.ConfigError, match="data.validation_fraction=0.0.*fraction in \\(0, 1\\)"):
+        protocol.run(config, str(tmp_path))
+    _, _, _, state = train.model_and_state(tiny_config("e1_synthetic"), (32, 32, 3))
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(3, state.replace(step=state.step + 3), {})
+    ckpt.close()
+    with pytest.raises(
+        configlib.ConfigError, match="holds a trained run .*step 3.*did not start.*new --workdir"
+    ):
+        protocol.run(tiny_config("e1_synthetic"), str(tmp_path))
 
 
 class _RampNet(nn.Module):

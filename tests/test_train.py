@@ -248,6 +248,14 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         ({"eval.batch_size": 0}, "eval.batch_size=0.*positive number of images"),
         ({"eval.predict_chunk": 0}, "eval.predict_chunk=0.*positive number of images"),
         ({"eval.num_images": 0}, "eval.num_images=0.*-1 .every test image"),
+        ({"model.model_channels": 20}, r"model.model_channels=20.*\[20, 40, 40\]\) must be a multiple of 32"),
+        ({"model.num_head_channels": 7}, r"model.num_head_channels=7.*widths \[64\] must be multiples"),
+        ({"model.num_head_channels": 32}, None),  # divides every attention width
+        ({"analysis.num_draws": 0}, "analysis.num_draws=0.*positive integer"),
+        ({"analysis.batch_size": 0}, "analysis.batch_size=0"),
+        ({"analysis.num_images": 0}, "analysis.num_images=0.*-1"),
+        ({"timesteps.num_masks": 0}, "timesteps.num_masks=0.*at least one training mask"),
+        ({"data.image_channels": 0}, "data.image_channels=0"),
         ({"train.lr": -1.0}, "train.lr=-1.0.*positive learning rate"),
         ({"data.image_size": 30}, "data.image_size=30.*halves its input 2 times.*multiple of 4 px, e.g. 28"),
         ({"data.resize": 64, "data.eval_tiling": "whole", "data.image_size": 32}, None),  # 64 halves twice
