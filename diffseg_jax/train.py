@@ -422,12 +422,12 @@ def train(
     config = planning.resolve(config)  # a data-driven plan (nnU-Net's), recorded in config.json
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()
-    ckpt = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.get("keep_every", 0)
-    )
-    latest = ckpt.latest_step()
-    if latest is not None:  # resuming: the same model, or stop before config.json is overwritten
+    probe = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+    if (
+        probe.latest_step() is not None
+    ):  # resuming: the same model, or stop before anything is built or written
         planning.check_resume(config, workdir)
+    probe.close()
     mesh = data_mesh()
     n_dev = mesh.size
     if config.train.batch_size % n_dev:
@@ -443,6 +443,10 @@ def train(
         print(plan, flush=True)
         logging.info("%s", plan)
     state = jax.device_put(state, NamedSharding(mesh, P()))
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.get("keep_every", 0)
+    )
+    latest = ckpt.latest_step()
     if latest is not None:
         state, _ = ckpt.restore(latest, state)
         logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
@@ -459,9 +463,8 @@ def train(
             start,
             num_steps,
         )
-    elif (
-        primary
-    ):  # only now: a resume that failed (another model's checkpoint) leaves the run's record as it was
+    elif primary:
+        # Only now: a resume that failed (another model's checkpoint) leaves the run's record as it was.
         configlib.save(config, os.path.join(workdir, "config.json"))
     logging.info(
         "Training %s (%s) on %d device(s) [%s] of %d host(s), %s parameters, steps %d → %d.",
@@ -505,9 +508,9 @@ def train(
                     grad_norm = float(metrics["grad_norm"])
                     if not (np.isfinite(loss) and np.isfinite(grad_norm)):
                         raise FloatingPointError(
-                            f"Training loss is {loss} at step {done} (gradient norm {grad_norm}); stopped without saving. The last good "
-                            f"checkpoint (step {last_saved}) is kept in {ckpt.directory}. Lower train.lr or set "
-                            "train.grad_clip, then rerun: it resumes from that checkpoint."
+                            f"Training loss is {loss} at step {done} (gradient norm {grad_norm}); stopped without "
+                            f"saving. The last good checkpoint (step {last_saved}) is kept in {ckpt.directory}. "
+                            "Lower train.lr or set train.grad_clip, then rerun: it resumes from that checkpoint."
                         )
                     if done % config.train.log_every == 0 or is_last:
                         elapsed = time.time() - t_start
