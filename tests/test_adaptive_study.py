@@ -76,3 +76,57 @@ def test_report_cache_computes_only_what_it_lacks(tmp_path, monkeypatch):
     assert calls == [["lesion"], ["nuclei"], ["nuclei"]]  # a new dataset, then a new size: never stale
     with open(path, encoding="utf-8") as f:
         assert json.load(f)["lesion"]["image_size"] == 32  # the other entries are kept
+
+
+def _no_work(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(adaptive_study.train, "setup", fail)
+    monkeypatch.setattr(adaptive_study, "fingerprint_reports", fail)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--datasets", "lesion,nucleii"], r"--datasets='lesion,nucleii': unknown \['nucleii'\]"),
+        (["--steps", "0"], r"--steps=0: use a positive integer"),
+        (["--eval_every", "0"], r"--eval_every=0: use a positive integer"),
+        (["--seeds", "0,,1"], r"--seeds='0,,1': give integers separated by commas"),
+        (["--image_size", "30"], r"--image_size=30.*data\.image_size=30.*multiple of 4"),
+        (
+            ["--datasets", "monuseg", "--monuseg_dir", "/nonexistent"],
+            r"no dataset left to study.*--monuseg_dir",
+        ),
+    ],
+)
+def test_arguments_are_checked_before_any_work(tmp_path, monkeypatch, args, match):
+    _no_work(monkeypatch)
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit, match=match):
+        adaptive_study.main(["--out", str(out), "--datasets", "lesion", "--seeds", "0", *args])
+    assert not out.exists()  # no empty report files
+
+
+def test_results_of_other_settings_are_refused_not_reused(tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    out = tmp_path / "study"
+    (out / "runs").mkdir(parents=True)
+    settings = dict(steps=4, eval_every=2, image_size=32, eval_images=4)
+    argv = ["--out", str(out), "--datasets", "lesion", "--variants", "uniform", "--seeds", "0"]
+    argv += ["--steps", "4", "--eval_every", "2", "--eval_images", "4"]
+    np.savez(out / "runs" / "lesion_uniform_s0.npz", steps=np.array([2, 4]), settings=json.dumps(settings))
+    for change, match in (
+        (["--steps", "8"], r"lesion_uniform_s0\.npz \(--steps=4 there, 8 now\)"),
+        (["--eval_images", "16"], r"--eval_images=4 there, 16 now"),
+        (["--image_size", "64"], r"--image_size=32 there, 64 now"),
+    ):
+        with pytest.raises(SystemExit, match=match):
+            adaptive_study.main(argv + change)
+    # A result of an older version, without the record: what its evaluation steps tell is checked.
+    np.savez(out / "runs" / "lesion_uniform_s0.npz", steps=np.array([3, 4]))
+    with pytest.raises(SystemExit, match=r"--eval_every=3 there, 2 now"):
+        adaptive_study.main(argv)
+    assert adaptive_study.stored_settings(str(out / "runs" / "lesion_uniform_s0.npz")) == dict(
+        steps=4, eval_every=3
+    )

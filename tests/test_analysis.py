@@ -3,6 +3,8 @@ and the curve files feeding the plots."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,3 +168,127 @@ def test_smoothing_keeps_constants_and_shrinks_at_the_ends():
 def test_timestep_grid_ends_at_the_last_step():
     np.testing.assert_array_equal(run.timestep_grid(100, 30), [0, 30, 60, 90, 99])
     assert len(run.timestep_grid(1000, 1)) == 1000
+
+
+def _analyse_config(tfds_dir, experiment="e2", analyses=("forward", "model_free")):
+    from conftest import tiny_config
+
+    config = tiny_config(f"{experiment}_synthetic", data_dir=tfds_dir)
+    config.analysis.analyses = analyses
+    config.analysis.update(t_step=25, num_images=2, num_draws=1)
+    return config
+
+
+def _old_analysis(workdir):
+    """An earlier run's analysis/ folder, with contents to recognise."""
+    old = workdir / "analysis"
+    old.mkdir(parents=True)
+    for name in ("forward.npz", "model_free.csv", "convergence.json", "curves.csv"):
+        (old / name).write_text(f"old {name}")
+    return {p.name: p.read_text() for p in old.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(analyses=("mask_error", "curvez")), r"analysis\.analyses=.*Unknown analyses \['curvez'\]"),
+        (dict(forward_timesteps=(0, 100)), r"analysis\.forward_timesteps=.*\[100\], outside 0\.\.99"),
+    ],
+)
+def test_analyse_refuses_bad_settings_as_config_errors(tmp_path, change, match):
+    from conftest import tiny_config
+
+    from diffseg_jax import configlib
+
+    config = tiny_config("e2_synthetic", data_dir=str(tmp_path / "tfds"))
+    config.analysis.update(**change)
+    before = _old_analysis(tmp_path)
+    with pytest.raises(configlib.ConfigError, match=match):
+        run.analyse(config, str(tmp_path))
+    assert {p.name: p.read_text() for p in (tmp_path / "analysis").iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "experiment, analyses, supported",
+    [
+        (
+            "e3",
+            ("loss",),
+            r"an 'e3' run has only \['mask_error'\].*\['mask_error', 'forward', 'model_free'\]",
+        ),
+        (
+            "e1",
+            ("mask_error", "loss", "forward", "model_free"),
+            r"need a diffusion model.*\['forward', 'model_free'\]",
+        ),
+    ],
+)
+def test_analyse_refuses_curves_the_experiment_lacks_before_writing(
+    tmp_path, experiment, analyses, supported
+):
+    """E3's network predicts no eps loss and E1's no curve at all: refused, naming what the run supports,
+    before the forward process and the model-free curve are written (they were, and then nothing said why)."""
+    from conftest import tiny_config
+
+    from diffseg_jax import configlib
+
+    config = tiny_config(f"{experiment}_synthetic", data_dir=str(tmp_path / "tfds"))
+    config.analysis.analyses = analyses
+    with pytest.raises(configlib.ConfigError, match=supported):
+        run.analyse(config, str(tmp_path))
+    assert not (tmp_path / "analysis").exists() and not (tmp_path / run.PARTIAL_DIR).exists()
+    assert run.supported_analyses("e4") == ("loss", "forward", "model_free")
+
+
+def test_analyse_without_a_checkpoint_fails_before_replacing_the_old_files(tmp_path, tfds_dir):
+    config = _analyse_config(tfds_dir, analyses=("mask_error", "forward", "model_free"))
+    before = _old_analysis(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No checkpoint in"):
+        run.analyse(config, str(tmp_path))
+    assert {p.name: p.read_text() for p in (tmp_path / "analysis").iterdir()} == before
+    assert not (tmp_path / run.PARTIAL_DIR).exists()
+
+
+def test_an_interrupted_analyse_leaves_the_old_files_and_a_complete_one_swaps_in(
+    tmp_path, tfds_dir, monkeypatch
+):
+    config = _analyse_config(tfds_dir)
+    before = _old_analysis(tmp_path)
+
+    def interrupted(*args, **kwargs):  # after forward.* are written into the new folder
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(model_free, "model_free_curve", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run.analyse(config, str(tmp_path))
+    assert {p.name: p.read_text() for p in (tmp_path / "analysis").iterdir()} == before
+    assert not (tmp_path / run.PARTIAL_DIR).exists()
+
+    # A run killed outright leaves its partial folder: the next run clears it and swaps in the complete set.
+    (tmp_path / run.PARTIAL_DIR).mkdir()
+    (tmp_path / run.PARTIAL_DIR / "forward.npz").write_text("killed")
+    written = run.analyse(config, str(tmp_path))
+    assert set(written) == {"forward", "model_free", "convergence"}
+    assert all(p.startswith(str(tmp_path / "analysis")) and os.path.isfile(p) for p in written.values())
+    assert np.load(written["forward"])["image"].shape[0] == len(config.analysis.forward_timesteps)
+    assert run.read_rows(written["model_free"])[0]["model"] == "model-free"
+    # curves.csv belongs to an analysis not run this time: kept, as the files of a new run would have kept it.
+    assert (tmp_path / "analysis" / "curves.csv").read_text() == before["curves.csv"]
+    assert not (tmp_path / run.PARTIAL_DIR).exists() and not (tmp_path / run.OLD_DIR).exists()
+
+
+def test_fingerprints_report_a_missing_path_or_a_file_of_another_kind_as_one_message(tmp_path):
+    from diffseg_jax.data import files
+
+    with pytest.raises(SystemExit, match=r"Error: --runs .*nowhere: no such file or folder"):
+        fingerprints.main(["--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "fp")])
+    (tmp_path / "config.json").write_text('{"experiment": "e2"}\n')
+    with pytest.raises(SystemExit, match=r"config\.json is not a curve table .*no column \['t', 'value'"):
+        fingerprints.main(["--runs", str(tmp_path / "config.json"), "--out", str(tmp_path / "fp")])
+    assert not (tmp_path / "fp").exists()
+    (tmp_path / "cut.csv").write_text(
+        "t,value,curve,model,experiment,dataset,step\n0,0.1,mask_error,m,e2,d\n"
+    )
+    with pytest.raises(files.DatasetFileError, match=r"cut\.csv, row 2"):
+        run.read_rows(str(tmp_path / "cut.csv"))

@@ -14,6 +14,14 @@ asks for) and ``adaptive_study.png`` (IoU and ECE against training steps, mean Â
 
 The ``adapted`` variant (terminal á¾± chosen from the masks) is trained only where it changes the schedule; where
 the base schedule already converges its results are the baseline's, and the report says so.
+
+The arguments are checked before any work (every option by name, and :func:`configlib.validate` on each study
+config). Each result file records the settings that shape it (:data:`RESULT_SETTINGS`: ``--steps``,
+``--eval_every``, ``--image_size``, ``--eval_images``); a rerun on an ``--out`` whose results were made with other
+settings is refused before training, naming the files and the differences, rather than mixing them into one
+report or silently overwriting them: pass the same settings, another ``--out``, or delete those files to
+recompute them. (A result file of an older version without the record is checked by what its evaluation steps
+tell: ``--steps`` and ``--eval_every``.)
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffseg_jax import data, evaluate, metrics, planning, plots, train, writers
+from diffseg_jax import configlib, data, evaluate, metrics, planning, plots, train, writers
 from diffseg_jax.analysis import adaptive
 
 # Variant name -> config overrides (dotted keys). 'uniform' is the published setting.
@@ -47,6 +55,8 @@ VARIANTS: dict[str, dict[str, object]] = {
 SYNTHETIC = ("lesion", "nuclei", "clusters")
 MONUSEG = "monuseg"
 DEFAULT_MONUSEG = os.path.join("..", "shared", "data", "monuseg2018_512")
+# The options a result file depends on (besides dataset, variant and seed, which its name holds).
+RESULT_SETTINGS = ("steps", "eval_every", "image_size", "eval_images")
 
 
 def study_config(
@@ -148,9 +158,109 @@ def run_variant(dataset: str, variant: str, seeds: Sequence[int], args: argparse
             ece_per_image=arr[:, 4],
             loss=np.asarray(jax.device_get(losses), np.float32),
             alpha_bar_T=float(schedule.alphas_cumprod[-1]),
+            settings=json.dumps(result_settings(args)),
             weights=np.zeros(0) if tables["weights"] is None else tables["weights"],
             seconds=time.time() - t0,
         )
+
+
+def result_settings(args: argparse.Namespace) -> dict[str, int]:
+    """The :data:`RESULT_SETTINGS` of a run of the study, as recorded in each result file."""
+    return {k: int(getattr(args, k)) for k in RESULT_SETTINGS}
+
+
+def stored_settings(path: str) -> dict[str, int]:
+    """The settings a result file was made with; for a file without the record, those its steps tell."""
+    with np.load(path) as f:
+        if "settings" in f.files:
+            return json.loads(str(f["settings"]))
+        steps = [int(x) for x in f["steps"]]
+    known = {"steps": steps[-1]}
+    if len(steps) > 1:
+        known["eval_every"] = steps[0]
+    return known
+
+
+def check_results(out: str, datasets, seeds, args: argparse.Namespace) -> None:
+    """Refuses (``SystemExit``) result files under ``out`` made with other :data:`RESULT_SETTINGS` than ``args``'s:
+    a rerun would skip them as done and report them beside results of these settings."""
+    want = result_settings(args)
+    stale = []
+    for d in datasets:
+        for v in VARIANTS:
+            for s in seeds:
+                path = os.path.join(out, "runs", f"{d}_{v}_s{s}.npz")
+                if os.path.exists(path):
+                    have = stored_settings(path)
+                    diff = {
+                        k: (have[k], want[k]) for k in RESULT_SETTINGS if k in have and have[k] != want[k]
+                    }
+                    if diff:
+                        stale.append(
+                            f"{path} ("
+                            + ", ".join(f"--{k}={a} there, {b} now" for k, (a, b) in diff.items())
+                            + ")"
+                        )
+    if stale:
+        raise SystemExit(
+            f"Error: {len(stale)} result files in {out} were made with other settings: {'; '.join(stale[:4])}"
+            f"{' ...' if len(stale) > 4 else ''}. Pass the settings they were made with, another --out, or "
+            f"delete {os.path.join(out, 'runs')} to recompute them."
+        )
+
+
+def checked_args(args: argparse.Namespace) -> tuple[list[str], list[str], list[int]]:
+    """(datasets, variants, seeds) of the command line, every option checked before any work: a mistake is one
+    message (``SystemExit``) naming the option, not a traceback after hours of training."""
+    known = SYNTHETIC + (MONUSEG,)
+    datasets = [d for d in args.datasets.split(",") if d]
+    unknown = [d for d in datasets if d not in known]
+    if unknown or not datasets:
+        raise SystemExit(
+            f"Error: --datasets={args.datasets!r}: unknown {unknown}; choose from {list(known)}."
+        )
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise SystemExit(
+            f"Error: --variants={args.variants!r}: unknown {unknown}; choose from {list(VARIANTS)}."
+        )
+    for option in ("steps", "eval_every", "eval_images", "image_size", "workers"):
+        if getattr(args, option) < 1:
+            raise SystemExit(f"Error: --{option}={getattr(args, option)}: use a positive integer.")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"Error: --seeds={args.seeds!r}: give integers separated by commas, e.g. --seeds=0,1,2."
+        ) from None
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"Error: --seeds={args.seeds!r} repeats a seed; give each once.")
+    try:
+        index, count = (int(x) for x in args.shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"Error: --shard={args.shard!r}: give i/n with 0 <= i < n, e.g. 0/1.") from None
+    if MONUSEG in datasets and not os.path.isdir(args.monuseg_dir):
+        print(f"Skipping MoNuSeg: no folder {args.monuseg_dir} (pass --monuseg_dir).", flush=True)
+        datasets.remove(MONUSEG)
+    if not datasets:
+        raise SystemExit(
+            f"Error: no dataset left to study (--datasets={args.datasets!r}; MoNuSeg needs its folder, "
+            f"--monuseg_dir={args.monuseg_dir!r}). Pass the MoNuSeg folder, or a synthetic dataset of {list(SYNTHETIC)}."
+        )
+    for d in datasets:
+        for v in variants:
+            config = study_config(d, v, seeds[0], args.steps, args.image_size, args.monuseg_dir)
+            try:
+                configlib.validate(config)
+            except configlib.ConfigError as e:
+                raise SystemExit(
+                    f"Error: the study's config of {d}/{v} (--image_size={args.image_size}, --steps={args.steps}) "
+                    f"cannot work: {e}"
+                ) from None
+    return datasets, variants, seeds
 
 
 def fingerprint_reports(datasets: Sequence[str], args: argparse.Namespace) -> dict[str, dict]:
@@ -299,17 +409,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         "--shard", default="0/1", help="i/n: run every n-th task from the i-th (workers set it)"
     )
     args = parser.parse_args(argv)
-    datasets = [d for d in args.datasets.split(",") if d]
-    if MONUSEG in datasets and not os.path.isdir(args.monuseg_dir):
-        print(f"Skipping MoNuSeg: no folder {args.monuseg_dir} (pass --monuseg_dir).", flush=True)
-        datasets.remove(MONUSEG)
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]  # before any work
-    if unknown:
-        raise SystemExit(f"Unknown variants {unknown}; choose from {list(VARIANTS)}.")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    datasets, variants, seeds = checked_args(args)  # before any work
+    check_results(args.out, datasets, seeds, args)
     os.makedirs(args.out, exist_ok=True)
     reports = cached_reports(os.path.join(args.out, "fingerprints.json"), datasets, args)
-    variants = args.variants.split(",")
     todo = [t for t in tasks(datasets, reports) if t[1] in variants]
     if args.workers > 1:
         base_cmd = [sys.executable, "-m", "diffseg_jax.analysis.adaptive_study"] + [

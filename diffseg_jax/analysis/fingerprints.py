@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from diffseg_jax import plots, report
+from diffseg_jax import cli, plots, report
 from diffseg_jax.analysis.adaptive import tail_rise
 from diffseg_jax.analysis.run import read_rows, write_rows
 
@@ -63,8 +63,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     parser.add_argument("--smoothing", type=int, default=25, help="moving-average window in samples")
     parser.add_argument("--tol", type=float, default=0.02, help="largest final rise of a converged curve")
     args = parser.parse_args(argv)
-    files = find_curves(args.runs)
-    rows = [r for f in files for r in read_rows(f) if r["curve"] == "mask_error"]
+    # A --runs path that does not exist, or a file that is no curve table: one message, no traceback.
+    rows = cli.reporting_user_errors(
+        lambda: [r for f in find_curves(args.runs) for r in read_rows(f) if r["curve"] == "mask_error"]
+    )
     if not rows:
         raise SystemExit(f"No mask_error curves under {args.runs}; run --mode analyse on E2/E3 runs first.")
     os.makedirs(args.out, exist_ok=True)

@@ -11,6 +11,11 @@ Writes into ``<workdir>/analysis/``:
 * ``forward.npz``: the forward process of the first test image and mask at ``forward_timesteps`` (Fig. 2);
 * ``curves.png``, ``model_free.png``, ``forward.png``: drawn from those arrays by ``diffseg_jax.plots``.
 
+The settings are checked, and the checkpoint looked up, before anything is written. The files are written into
+``<workdir>/.analysis.partial/`` and swapped into place when every analysis is done (with the files of analyses
+not run this time carried over), so an interrupted run leaves ``analysis/`` as it was: never half the files of
+new settings beside the other half of the old ones. A leftover ``.analysis.partial/`` is removed by the next run.
+
 Fig. 4 across runs and datasets: ``python -m diffseg_jax.analysis.fingerprints --runs DIR... --out DIR``.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -27,13 +33,59 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffseg_jax import data, diffusion, evaluate, objectives, planning, plots, train
+from diffseg_jax import configlib, data, diffusion, evaluate, objectives, planning, plots, train
 from diffseg_jax.analysis import adaptive, curves, forward, model_free
+from diffseg_jax.data import files
 
 ANALYSES = ("mask_error", "loss", "forward", "model_free")
 CSV_COLUMNS = ("t", "value", "curve", "model", "experiment", "dataset", "step")
 # Which curves a trained network of each experiment has.
 CURVES = {"e2": ("mask_error", "eps_loss"), "e3": ("mask_error",), "e4": ("eps_loss",)}
+# The analyses that read a trained network, and the curve each one writes.
+CURVE_ANALYSES = {"mask_error": "mask_error", "loss": "eps_loss"}
+PARTIAL_DIR, OLD_DIR = ".analysis.partial", ".analysis.old"  # hidden: the fingerprints' glob skips them
+
+
+def supported_analyses(experiment: str) -> tuple[str, ...]:
+    """The analyses a run of ``experiment`` can do: the forward process and the model-free fingerprint always
+    (they need the data only), the curves its trained network has (none for a feed-forward E1 model)."""
+    have = CURVES.get(experiment, ())
+    return tuple(a for a in ANALYSES if a not in CURVE_ANALYSES or CURVE_ANALYSES[a] in have)
+
+
+def check_analyses(config: ml_collections.ConfigDict) -> None:
+    """Raises ``configlib.ConfigError`` naming ``analysis.analyses`` for an unknown analysis, or for curves the
+    experiment's network does not have when it has none of those asked for (then nothing would be written).
+
+    A partial fit (the default ``mask_error`` and ``loss`` on an E3 or E4 run) analyses the curve it has and
+    logs the other: the defaults (and table1's grid) serve every experiment.
+    """
+    names = tuple(config.analysis.analyses)
+    unknown = sorted(set(names) - set(ANALYSES))
+    if unknown:
+        raise configlib.ConfigError(
+            f"Invalid config: analysis.analyses={names!r}. Unknown analyses {unknown}; choose from {ANALYSES}."
+        )
+    experiment = config.experiment
+    supported = supported_analyses(experiment)
+    asked = [n for n in names if n in CURVE_ANALYSES]
+    missing = [n for n in asked if n not in supported]
+    if asked and len(missing) == len(asked):
+        has = CURVES.get(experiment, ())
+        raise configlib.ConfigError(
+            f"Invalid config: analysis.analyses={names!r}. The per-timestep curves {missing} need a diffusion "
+            f"model that predicts them, and an {experiment!r} run has "
+            + (f"only {list(has)}" if has else "none (its network is feed-forward)")
+            + f". An {experiment!r} run supports the analyses {list(supported)}: pass e.g. "
+            "--config.analysis.analyses='(" + ",".join(f'"{n}"' for n in supported) + ")'."
+        )
+    if missing:
+        logging.warning(
+            "analyse: an %r run has no %s curve; analysing %s.",
+            experiment,
+            missing,
+            [n for n in names if n not in missing],
+        )
 
 
 def timestep_grid(num_timesteps: int, step: int) -> np.ndarray:
@@ -52,22 +104,49 @@ def write_rows(path: str, rows: list[dict]) -> None:
 
 
 def read_rows(path: str) -> list[dict]:
-    """Rows of a curve CSV written by :func:`write_rows` (t and step as int, value as float)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["t"], r["value"], r["step"] = int(r["t"]), float(r["value"]), int(r["step"])
+    """Rows of a curve CSV written by :func:`write_rows` (t and step as int, value as float).
+
+    Raises ``DatasetFileError`` naming ``path`` for a file that is not such a table (another file given in its
+    place, e.g. a run's ``config.json``, or one cut short), not a bare ``KeyError`` of a column.
+    """
+    expected = f"a curve table written by --mode analyse (columns {', '.join(CSV_COLUMNS)})"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or ())]
+            if missing:
+                raise files.DatasetFileError(
+                    f"{path} is not {expected}: it has no column {missing}. Pass the curves.csv or "
+                    "model_free.csv in a run's analysis/ folder, or the run folder itself."
+                )
+            rows = list(reader)
+        for i, r in enumerate(rows):
+            try:
+                r["t"], r["value"], r["step"] = int(r["t"]), float(r["value"]), int(r["step"])
+            except (TypeError, ValueError) as e:
+                raise files.DatasetFileError(
+                    f"{path}, row {i + 2}: {e}; this is not {expected} (cut short or edited?). Run --mode "
+                    "analyse again to rewrite it."
+                ) from None
+    except UnicodeDecodeError:
+        raise files.DatasetFileError(f"{path} is not text, so not {expected}.") from None
     return rows
 
 
-def network_curves(config, workdir, test, ts, key) -> tuple[dict[str, np.ndarray], int]:
-    """Mean over images of the trained network's curves at ``ts``, and the checkpoint step."""
+def network_curves(config, workdir, test, ts, key, network=None) -> tuple[dict[str, np.ndarray], int]:
+    """Mean over images of the trained network's curves at ``ts``, and the checkpoint step.
+
+    ``network``: ``evaluate.trained_network``'s (model, schedule, step, variables) when already looked up (as
+    :func:`analyse` does before writing anything), else read from ``workdir``'s checkpoint here.
+    """
     experiment = config.experiment
     if experiment not in CURVES:
-        raise ValueError(
+        raise configlib.ConfigError(
             f"Per-timestep curves need a diffusion model (e2, e3 or e4); this run is {experiment!r}."
         )
-    model, schedule, step, variables = evaluate.trained_network(config, workdir, test["image"].shape[-1])
+    if network is None:
+        network = evaluate.trained_network(config, workdir, test["image"].shape[-1])
+    model, schedule, step, variables = network
     a = config.analysis
     prediction = objectives.prediction_type(experiment)
     mask_range = config.diffusion.mask_range if experiment != "e4" else "symmetric"
@@ -114,29 +193,85 @@ def network_curves(config, workdir, test, ts, key) -> tuple[dict[str, np.ndarray
     return {name: sums[name] / num for name in CURVES[experiment]}, step
 
 
+def _prepare_partial(workdir: str) -> str:
+    """An empty ``<workdir>/.analysis.partial/`` to write into; restores ``analysis/`` from ``.analysis.old/``
+    when a run was stopped between the two renames of :func:`_swap_into_place`."""
+    final, partial, old = (os.path.join(workdir, d) for d in ("analysis", PARTIAL_DIR, OLD_DIR))
+    if os.path.isdir(old):
+        if os.path.isdir(final):
+            shutil.rmtree(old)
+        else:
+            os.rename(old, final)
+    if os.path.isdir(partial):
+        shutil.rmtree(partial)  # an interrupted run's files
+    os.makedirs(partial)
+    return partial
+
+
+def _swap_into_place(partial: str, final: str) -> None:
+    """Makes the complete ``partial`` folder ``final``: the files of ``final`` that ``partial`` lacks (analyses not
+    run this time) are copied over first, then ``final`` is renamed away and ``partial`` renamed into place."""
+    if not os.path.isdir(final):
+        os.rename(partial, final)
+        return
+    for name in os.listdir(final):
+        src, dst = os.path.join(final, name), os.path.join(partial, name)
+        if not os.path.lexists(dst):
+            (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
+    old = os.path.join(os.path.dirname(final), OLD_DIR)
+    os.rename(final, old)
+    os.rename(partial, final)
+    shutil.rmtree(old)
+
+
 def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-    """Runs the configured analyses for the run in ``workdir``; returns the paths written."""
+    """Runs the configured analyses for the run in ``workdir``; returns the paths written.
+
+    Refuses (``configlib.ConfigError``) unknown analyses, curves the experiment does not have and forward
+    timesteps outside the schedule, and looks up the checkpoint the curves need, before writing anything; then
+    writes the new files beside ``analysis/`` and swaps them in at the end (see the module docstring).
+    """
     a = config.analysis
-    unknown = sorted(set(a.analyses) - set(ANALYSES))
-    if unknown:
-        raise ValueError(f"Unknown analyses {unknown} in config.analysis.analyses; choose from {ANALYSES}.")
+    check_analyses(config)
     config = planning.resolve_as_trained(config, workdir)  # the terminal noise and plan training used
-    out_dir = os.path.join(workdir, "analysis")
-    os.makedirs(out_dir, exist_ok=True)
     schedule = train.build_schedule(config.diffusion)
     ts = timestep_grid(schedule.num_timesteps, a.t_step)
     late = [t for t in a.forward_timesteps if not 0 <= t < schedule.num_timesteps]
     if "forward" in a.analyses and late:
-        raise ValueError(
-            f"config.analysis.forward_timesteps has {late}, outside 0..{schedule.num_timesteps - 1} "
-            f"(diffusion.num_timesteps={schedule.num_timesteps}); pass timesteps inside that range."
+        raise configlib.ConfigError(
+            f"Invalid config: analysis.forward_timesteps={tuple(a.forward_timesteps)!r} has {late}, outside "
+            f"0..{schedule.num_timesteps - 1} (diffusion.num_timesteps={schedule.num_timesteps}); pass timesteps "
+            "inside that range."
         )
     test = data.model_sized_arrays(config.data, "test", a.num_images)
+    wanted = {name: analysis in a.analyses for analysis, name in CURVE_ANALYSES.items()}
+    wanted = {name: w for name, w in wanted.items() if name in CURVES.get(config.experiment, ())}
+    # The checkpoint first: a missing one (or an eval.step not kept) fails before any file is replaced.
+    network = (
+        evaluate.trained_network(config, workdir, test["image"].shape[-1]) if any(wanted.values()) else None
+    )
     key = jax.random.PRNGKey(a.seed)
     dataset = evaluate.dataset_label(config.data)
     meta = dict(model=config.model.name, experiment=config.experiment, dataset=dataset)
-    written = {}
+    final_dir = os.path.join(workdir, "analysis")
+    out_dir = _prepare_partial(workdir)
+    try:
+        written = _write_analyses(
+            config, workdir, out_dir, schedule, ts, test, key, dataset, meta, network, wanted
+        )
+        _swap_into_place(out_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    written = {k: os.path.join(final_dir, os.path.relpath(v, out_dir)) for k, v in written.items()}
+    logging.info("analyse: wrote %s", ", ".join(written.values()))
+    return written
 
+
+def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, meta, network, wanted):
+    """The analyses of :func:`analyse`, written into ``out_dir``; returns the paths written."""
+    a = config.analysis
+    written = {}
     if "forward" in a.analyses:
         arrays = forward.forward_process(
             schedule, test["image"][0], test["mask"][0], tuple(a.forward_timesteps), key
@@ -185,18 +320,16 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
             json.dump(report, f, indent=2)
         logging.info("analyse: model-free convergence at T: %s", report)
 
-    if {"mask_error", "loss"} & set(a.analyses):
-        values, step = network_curves(config, workdir, test, ts, key)
-        wanted = {"mask_error": "mask_error" in a.analyses, "eps_loss": "loss" in a.analyses}
+    if any(wanted.values()):
+        values, step = network_curves(config, workdir, test, ts, key, network)
         rows = [
             dict(t=int(t), value=float(v), curve=name, step=step, **meta)
             for name, curve in values.items()
-            if wanted[name]
+            if wanted.get(name)
             for t, v in zip(ts, curve)
         ]
         if rows:
             written["curves"] = os.path.join(out_dir, "curves.csv")
             write_rows(written["curves"][:-4], rows)
             plots.curve_figure([written["curves"]], os.path.join(out_dir, "curves.png"), a.smoothing)
-    logging.info("analyse: wrote %s", ", ".join(written.values()))
     return written
