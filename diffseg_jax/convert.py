@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import zipfile
 from typing import Any, Callable, Mapping
 
 import jax
@@ -128,6 +129,11 @@ def import_state_dict(
         leaves.append(jnp.asarray(w, dtype=leaf.dtype))
     unused = sorted(k for k in set(state_dict) - used - set(skipped) if not k.endswith(IGNORED_SUFFIXES))
     problems = []
+    if not used and unused:
+        problems.append(
+            f"none of its {len(unused)} tensors is named as a parameter of this model (e.g. {unused[:3]}, where the "
+            f"model expects e.g. {[m.split(' ')[0] for m in missing[:3]]}): it is not a checkpoint of this architecture"
+        )
     if missing:
         problems.append(f"{len(missing)} tensors missing from the state dict: {missing[:8]}")
     if bad:
@@ -160,20 +166,56 @@ def export_state_dict(variables: Any, torch_key: TorchKey) -> dict[str, np.ndarr
     return out
 
 
+def _not_weights(path: str, expected: str, problem: str) -> Exception:
+    """The ``DatasetFileError`` for a weights file that is not what its name claims."""
+    from diffseg_jax.data import files  # noqa: PLC0415 — the data stack is not needed to convert arrays
+
+    return files.DatasetFileError(
+        f"{path} is not {expected}: {problem}. Pass the state dict of the official code, saved as .pt/.pth/.bin "
+        "(torch.save), .safetensors or .npz (np.savez(path, **{k: v.numpy() for k, v in sd.items()}))."
+    )
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """Reads a ``.npz`` of named arrays, a ``.safetensors`` file (needs the ``safetensors`` package), or a
-    PyTorch ``.pt``/``.pth``/``.bin`` (needs torch installed)."""
+    PyTorch ``.pt``/``.pth``/``.bin`` (needs torch installed).
+
+    A file that is not what its suffix claims (e.g. a text or HTML page saved as ``.npz``, on which numpy's own
+    message speaks of "pickled data"), or one without a single array, is a ``DatasetFileError`` naming it.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"No weights file at {path}")
     if path.endswith(".npz"):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    if path.endswith(".safetensors"):
+        expected = "an .npz of named arrays"
+        try:
+            loaded = np.load(path)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise _not_weights(path, expected, f"numpy cannot read it as one ({e})") from None
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise _not_weights(path, expected, "it holds a single unnamed .npy array")
+        try:
+            with loaded as f:
+                sd = {k: f[k] for k in f.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as e:  # object arrays, a truncated member
+            raise _not_weights(path, expected, f"reading its arrays failed ({e})") from None
+    elif path.endswith(".safetensors"):
         try:
             from safetensors.numpy import load_file  # noqa: PLC0415 — optional dependency.
         except ImportError as e:
             raise ImportError(f"Reading {path} needs the safetensors package: pip install safetensors") from e
-        return {k.removeprefix("module."): v for k, v in load_file(path).items()}
+        try:
+            sd = {k.removeprefix("module."): v for k, v in load_file(path).items()}
+        except Exception as e:  # safetensors' own error type, for a file of another format
+            raise _not_weights(path, "a .safetensors file", f"safetensors cannot read it ({e})") from None
+    else:
+        sd = _load_torch(path)
+    if not sd:
+        raise _not_weights(path, "a state dict", "it holds no arrays")
+    return sd
+
+
+def _load_torch(path: str) -> dict[str, np.ndarray]:
+    """A PyTorch state dict file (``torch.save``; a ``{'state_dict': ...}`` checkpoint too) as NumPy arrays."""
     try:
         import torch  # noqa: PLC0415 — optional dependency.
     except ImportError as e:
@@ -181,8 +223,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             f"Reading {path} needs PyTorch (pip install torch), or convert it to .npz where torch is "
             "installed: np.savez(out, **{k: v.cpu().numpy() for k, v in sd.items()})"
         ) from e
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpickling or zip error of torch, for a file of another format
+        raise _not_weights(path, "a PyTorch state dict", f"torch.load cannot read it ({e})") from None
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise _not_weights(path, "a PyTorch state dict", f"it holds a {type(sd).__name__}, not named tensors")
     return {k.removeprefix("module."): v.detach().cpu().float().numpy() for k, v in sd.items()}
 
 
@@ -217,30 +264,42 @@ def convert_to_workdir(config: Any, weights: str, workdir: str) -> str:
     be the older one, not the imported weights.
     """
     from diffseg_jax import checkpoints, configlib, train  # noqa: PLC0415 — train imports this module
+    from diffseg_jax.data import files  # noqa: PLC0415
 
     configlib.validate(config)
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-    latest = ckpt.latest_step()
-    if latest is not None:
+    directory = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(directory):  # opening a Checkpointer creates the folder: not before the weights are read
+        ckpt = checkpoints.Checkpointer(directory)
+        latest = ckpt.latest_step()
         ckpt.close()
-        raise FileExistsError(
-            f"{ckpt.directory} already holds a checkpoint at step {latest}; --mode evaluate reads the latest "
-            "step, so the imported weights would not be used. Give a new --workdir."
-        )
+        if latest is not None:
+            raise FileExistsError(
+                f"{ckpt.directory} already holds a checkpoint at step {latest}; --mode evaluate reads the latest "
+                "step, so the imported weights would not be used. Give a new --workdir."
+            )
     _, model, _, optimizer, state = train.setup(config)
-    state = train.import_initial_weights(weights, model, optimizer, state)
+    try:
+        state = train.import_initial_weights(weights, model, optimizer, state)
+    except files.DatasetFileError:
+        raise
+    except ValueError as e:  # names and shapes that do not fit the config's model
+        raise configlib.ConfigError(
+            f"Cannot import --weights {weights} into the config's {config.model.name!r} model: {e}"
+        ) from None
+    ckpt = checkpoints.Checkpointer(directory)
     ckpt.save(0, state, {"imported_from": os.path.abspath(weights), "config": config.to_dict()})
     ckpt.close()
     return os.path.join(ckpt.directory, "0")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
     """CLI: ``--config FILE[:arg]`` (with ``--config.key=value`` overrides, as ``diffseg_jax.main``),
-    ``--weights FILE``, ``--workdir DIR``."""
-    from absl import app, flags  # noqa: PLC0415 — flags are defined only when this module is the command
+    ``--weights FILE``, ``--workdir DIR``. Run through ``cli.run``, as ``diffseg_jax.main``: a bad config or
+    weights file (or a used workdir) is one message, not a traceback."""
+    from absl import flags  # noqa: PLC0415 — flags are defined only when this module is the command
     from ml_collections import config_flags  # noqa: PLC0415
 
-    from diffseg_jax import writers  # noqa: PLC0415
+    from diffseg_jax import cli, writers  # noqa: PLC0415
 
     config = config_flags.DEFINE_config_file(
         "config", None, "Config file, e.g. configs/e2_isic.py:ensemdiff.", lock_config=True
@@ -255,11 +314,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def run(_):
         writers.quiet_libraries()
-        print(
-            f"Imported {weights.value} into {convert_to_workdir(config.value, weights.value, workdir.value)}"
+        written = cli.reporting_user_errors(  # a used workdir too: its message says what to do
+            lambda: convert_to_workdir(config.value, weights.value, workdir.value), also=(FileExistsError,)
         )
+        print(f"Imported {weights.value} into {written}")
 
-    app.run(run, argv=argv)
+    cli.run(run)
 
 
 if __name__ == "__main__":

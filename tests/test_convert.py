@@ -143,3 +143,68 @@ def test_cli_writes_a_step0_checkpoint_of_the_weights_and_refuses_a_used_workdir
     # Again into the same workdir: refused, since --mode evaluate would read the latest step, not step 0.
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "already holds a checkpoint at step 0" in again.stderr
+
+
+def test_weights_files_that_are_not_what_they_claim_are_named(tmp_path):
+    from diffseg_jax.data import files
+
+    (tmp_path / "page.npz").write_text("<html>Not Found</html>\n")  # a failed download, saved under the name
+    with pytest.raises(
+        files.DatasetFileError, match=r"page\.npz is not an \.npz of named arrays: numpy cannot"
+    ):
+        convert.load_state_dict(str(tmp_path / "page.npz"))
+    with open(tmp_path / "single.npz", "wb") as f:
+        np.save(f, np.ones(3))
+    with pytest.raises(files.DatasetFileError, match=r"single\.npz .*a single unnamed \.npy array"):
+        convert.load_state_dict(str(tmp_path / "single.npz"))
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(files.DatasetFileError, match=r"empty\.npz is not a state dict: it holds no arrays"):
+        convert.load_state_dict(str(tmp_path / "empty.npz"))
+    pytest.importorskip("safetensors")
+    (tmp_path / "page.safetensors").write_text("<html>Not Found</html>\n")
+    with pytest.raises(files.DatasetFileError, match=r"page\.safetensors is not a \.safetensors file"):
+        convert.load_state_dict(str(tmp_path / "page.safetensors"))
+
+
+def test_a_state_dict_of_another_model_says_so():
+    tiny = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,))
+    model = models.get_model("ensemdiff", out_channels=2, **tiny)
+    shapes = {"params": models.param_shapes(model, (1, 16, 16, 1), (1, 16, 16, 3), (1,))}
+    unrelated = {"encoder.layer1.weight": np.zeros((3, 3)), "head.bias": np.zeros(3)}
+    with pytest.raises(
+        ValueError, match=r"none of its 2 tensors is named as a parameter.*not a checkpoint of this"
+    ):
+        convert.import_state_dict(unrelated, shapes, convert.torch_key_for(model))
+
+
+def test_convert_refuses_bad_weights_files_before_creating_the_checkpoint_folder(tmp_path, tfds_dir):
+    """In process (convert_to_workdir) and from the command line: one message naming the file, no traceback,
+    and no empty checkpoints/ folder left in the new workdir."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, tiny_config
+
+    from diffseg_jax import configlib
+    from diffseg_jax.data import files
+
+    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
+    np.savez(tmp_path / "unrelated.npz", **{"encoder.layer1.weight": np.zeros((3, 3))})
+    (tmp_path / "page.npz").write_text("<html>Not Found</html>\n")
+    workdir = tmp_path / "run"
+    with pytest.raises(
+        configlib.ConfigError, match=r"--weights .*unrelated\.npz into the config's 'ensemdiff'"
+    ):
+        convert.convert_to_workdir(config, str(tmp_path / "unrelated.npz"), str(workdir))
+    with pytest.raises(files.DatasetFileError, match=r"page\.npz is not an \.npz"):
+        convert.convert_to_workdir(config, str(tmp_path / "page.npz"), str(workdir))
+    assert not (workdir / "checkpoints").exists()
+    cmd = [sys.executable, "-m", "diffseg_jax.convert", "--config=configs/e2_synthetic.py:tiny"]
+    cmd += [
+        f"--config.data.data_dir={tfds_dir}",
+        f"--weights={tmp_path / 'page.npz'}",
+        f"--workdir={workdir}",
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and "Error: " in out.stderr and "page.npz is not an .npz" in out.stderr
+    assert "Traceback" not in out.stderr and not (workdir / "checkpoints").exists()
