@@ -158,7 +158,10 @@ def load_state(workdir: str, fresh: train.TrainState, step: int = -1) -> train.T
     The optimizer's and the timestep sampler's states are not read (``fresh``'s stay): a run evaluates
     whatever optimizer trained it, and under another ``train.optimizer`` or ``timesteps.sampling`` setting.
     """
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):  # checked first: the manager would make the folder (a mistyped workdir)
+        raise FileNotFoundError(f"No checkpoint in {os.path.abspath(directory)}; train first (--mode train).")
+    ckpt = checkpoints.Checkpointer(directory)
     try:
         steps = ckpt.all_steps()
         if not steps:

@@ -260,6 +260,7 @@ def test_predict_refuses_what_it_cannot_segment(tmp_path):
         predict.predict(e3, str(tmp_path / "run"), str(twins / "a.png"))
     with pytest.raises(FileNotFoundError, match="No checkpoint in .*run.*train first"):
         predict.predict(config, str(tmp_path / "run"), str(twins / "a.png"))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # a mistyped workdir is not given a checkpoint folder
 
 
 def test_predict_skips_the_masks_of_a_dataset_folder(tmp_path, caplog):
