@@ -205,6 +205,13 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return timesteps.moving_average(values, window)
 
 
+def samples_in(t: np.ndarray, timesteps: int) -> int:
+    """How many samples of a curve on the grid ``t`` span ``timesteps`` (at least 1): a window given in
+    timesteps smooths a curve sampled every t_step-th t as much as one sampled at every t."""
+    spacing = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
+    return max(1, round(timesteps / max(spacing, 1.0)))
+
+
 def _read_curves(paths: list[str]) -> list[dict]:
     from diffseg_jax.analysis.run import read_rows  # plots stay importable without the analysis stack
 
@@ -246,7 +253,8 @@ def curve_figure(csv_paths: list[str], path: str, smoothing: int = 1) -> None:
 
 def fingerprint_figure(csv_paths: list[str], path: str, smoothing: int = 25) -> None:
     """Fig. 4: per dataset, each model's mask prediction error (dotted), the average over the models of each
-    experiment (solid), and the model-free fingerprint (dashed) where present; smoothed with :func:`smooth`."""
+    experiment (solid), and the model-free fingerprint (dashed) where present; smoothed with :func:`smooth` over
+    ``smoothing`` timesteps (:func:`samples_in` each curve's grid)."""
     series = {k: v for k, v in curve_series(_read_curves(csv_paths)).items() if k[3] == "mask_error"}
     datasets = sorted({k[0] for k in series})
     if not datasets:
@@ -255,18 +263,18 @@ def fingerprint_figure(csv_paths: list[str], path: str, smoothing: int = 25) -> 
     for ax, dataset in zip(axes[0], datasets):
         trained = {k: v for k, v in series.items() if k[0] == dataset and k[1] != "model-free"}
         for (_, model, experiment, _), (t, v) in sorted(trained.items()):
-            ax.plot(t, smooth(v, smoothing), ":", label=f"{model} {experiment}")
+            ax.plot(t, smooth(v, samples_in(t, smoothing)), ":", label=f"{model} {experiment}")
         for exp in sorted({k[2] for k in trained}):  # one average per experiment (Fig. 4 averages E2 models)
             curves_e = [tv for k, tv in trained.items() if k[2] == exp]
             grids = [t for t, _ in curves_e]
             if len(curves_e) > 1 and all(np.array_equal(grids[0], g) for g in grids):
                 mean = np.mean([v for _, v in curves_e], axis=0)
-                ax.plot(grids[0], smooth(mean, smoothing), "-", label=f"average {exp}")
+                ax.plot(grids[0], smooth(mean, samples_in(grids[0], smoothing)), "-", label=f"average {exp}")
         free = [
             (t, v) for (d, model, _, _), (t, v) in series.items() if d == dataset and model == "model-free"
         ]
         for t, v in free:
-            ax.plot(t, smooth(v, smoothing), "--", color="gray", label="model-free")
+            ax.plot(t, smooth(v, samples_in(t, smoothing)), "--", color="gray", label="model-free")
         ax.set_title(dataset, fontsize=9)
         ax.set_xlabel("timestep t")
         ax.legend(fontsize=7)

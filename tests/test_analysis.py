@@ -158,6 +158,24 @@ def test_curve_files_round_trip_into_the_plots(tmp_path):
     np.testing.assert_allclose(v, ts / 100 + 0.05)
 
 
+def test_fingerprint_smoothing_is_in_timesteps_whatever_the_grid():
+    # The same saturating curve analysed at every t and at every 10th t: a 25-timestep window is 25 samples of
+    # the first and about 3 of the second, so both are judged alike (25 samples of a 10-point curve flattened
+    # it into 'still rising' before).
+    def rows(ts):
+        return [
+            dict(t=int(t), value=float(1 - np.exp(-t / 30)), curve="mask_error", model="m", experiment="e3",
+                 dataset="d", step=1)
+            for t in ts
+        ]  # fmt: skip
+
+    dense, sparse = (fingerprints.summarise(rows(np.arange(0, 200, k)), 25)[0] for k in (1, 10))
+    assert plots.samples_in(np.arange(0, 200, 10), 25) == 2 and plots.samples_in(np.arange(200), 25) == 25
+    assert dense["converged"] and sparse["converged"]
+    assert sparse["rise_tail"] == pytest.approx(dense["rise_tail"], abs=0.01)
+    assert abs(sparse["t_half"] - dense["t_half"]) <= 10
+
+
 def test_smoothing_keeps_constants_and_shrinks_at_the_ends():
     np.testing.assert_allclose(plots.smooth(np.full(10, 3.0), 5), 3.0)
     smoothed = plots.smooth(np.arange(10.0), 3)

@@ -30,27 +30,29 @@ def find_curves(paths: Sequence[str]) -> list[str]:
 
 
 def half_rise(t: np.ndarray, values: np.ndarray, smoothing: int) -> int:
-    """The first t where the smoothed curve reaches half of its maximum."""
+    """The first t where the curve, smoothed over ``smoothing`` samples, reaches half of its maximum."""
     v = plots.smooth(values, smoothing)
     return int(t[np.argmax(v >= 0.5 * v.max())])
 
 
 def summarise(rows: list[dict], smoothing: int, tol: float = 0.02) -> list[dict]:
     """Per (dataset, model, experiment): t_half, the error at the first and last timesteps, the rise over the
-    last 10 % of timesteps and whether it has converged (rise at most ``tol``)."""
+    last 10 % of timesteps and whether it has converged (rise at most ``tol``); each curve smoothed over
+    ``smoothing`` timesteps, however densely --mode analyse sampled it (``analysis.t_step``)."""
     out = []
     for (dataset, model, experiment, curve), (t, v) in sorted(plots.curve_series(rows).items()):
         if curve == "mask_error":
+            window = plots.samples_in(t, smoothing)
             out.append(
                 dict(
                     dataset=dataset,
                     model=model,
                     experiment=experiment,
-                    t_half=half_rise(t, v, smoothing),
+                    t_half=half_rise(t, v, window),
                     error_first=float(v[0]),
                     error_last=float(v[-1]),
-                    rise_tail=tail_rise(t, v, smoothing),
-                    converged=tail_rise(t, v, smoothing) <= tol,
+                    rise_tail=tail_rise(t, v, window),
+                    converged=tail_rise(t, v, window) <= tol,
                 )
             )
     return out
@@ -60,9 +62,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, help="run folders or curve CSVs")
     parser.add_argument("--out", default="fingerprints", help="output folder")
-    parser.add_argument("--smoothing", type=int, default=25, help="moving-average window in samples")
+    parser.add_argument(
+        "--smoothing", type=int, default=25, help="moving-average window in timesteps (0 or 1: none)"
+    )
     parser.add_argument("--tol", type=float, default=0.02, help="largest final rise of a converged curve")
     args = parser.parse_args(argv)
+    if args.smoothing < 0:
+        parser.error(f"--smoothing {args.smoothing}: use a window of 0 (none) or more timesteps.")
     # A --runs path that does not exist, or a file that is no curve table: one message, no traceback.
     rows = cli.reporting_user_errors(
         lambda: [r for f in find_curves(args.runs) for r in read_rows(f) if r["curve"] == "mask_error"]
