@@ -209,6 +209,16 @@ def _validate_timesteps(config: ml_collections.ConfigDict) -> None:
             d.alpha_bar_T,
             "Use a terminal ᾱ in (0, 1) (e.g. 1e-6), or -1 to choose it from the training masks' fingerprint.",
         )
+    if terminal != "none" and 0 < d.alpha_bar_T < 1 and d.schedule in diffusion.BETA_SCHEDULES:
+        kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end) if d.schedule == "linear" else {}
+        first = 1.0 - float(diffusion.BETA_SCHEDULES[d.schedule](d.num_timesteps, **kwargs)[0])
+        if d.alpha_bar_T >= first:
+            _fail(
+                "diffusion.alpha_bar_T",
+                d.alpha_bar_T,
+                f"The terminal ᾱ must lie below the first step's ({first:.6g}) for the noise to grow; a terminal "
+                "noise level is small, e.g. 1e-6, or -1 to choose it from the training masks' fingerprint.",
+            )
     if d.get("terminal", "none") != "none" and not 0 < d.get("terminal_tol", 0.01) < 1:
         _fail("diffusion.terminal_tol", d.terminal_tol, "Use a fraction in (0, 1), e.g. 0.01.")
     tc = config.get("timesteps", None)

@@ -256,6 +256,11 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         ({"analysis.num_images": 0}, "analysis.num_images=0.*-1"),
         ({"timesteps.num_masks": 0}, "timesteps.num_masks=0.*at least one training mask"),
         ({"data.image_channels": 0}, "data.image_channels=0"),
+        (
+            {"diffusion.terminal": "rescale", "diffusion.alpha_bar_T": 0.9995},
+            "alpha_bar_T=0.9995.*below the first step.s .0.999.",
+        ),
+        ({"diffusion.terminal": "rescale", "diffusion.alpha_bar_T": 1e-6}, None),
         ({"train.lr": -1.0}, "train.lr=-1.0.*positive learning rate"),
         ({"data.image_size": 30}, "data.image_size=30.*halves its input 2 times.*multiple of 4 px, e.g. 28"),
         ({"data.resize": 64, "data.eval_tiling": "whole", "data.image_size": 32}, None),  # 64 halves twice

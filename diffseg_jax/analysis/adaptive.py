@@ -131,7 +131,8 @@ def terminal_alpha_bar(
         return float(upper)
     if not converged(lo):
         raise ValueError(
-            f"The masks keep more than tol={tol} of their information even at ᾱ={lower:g}; raise tol."
+            f"The masks keep more than tol={tol} of their information even at ᾱ={lower:g}; raise tol "
+            "(diffusion.terminal_tol), or give diffusion.alpha_bar_T yourself."
         )
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
