@@ -107,13 +107,23 @@ def test_medsegdiff_round_trip_with_batch_stats(bottleneck):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
-@pytest.mark.slow
-def test_cli_writes_a_step0_checkpoint_of_the_weights_and_refuses_a_used_workdir(tmp_path, tfds_dir):
-    """``python -m diffseg_jax.convert`` with a config override, as the README runs it."""
+def _convert_cli(weights, workdir, tfds_dir):
+    """``python -m diffseg_jax.convert`` of ``weights`` into ``workdir`` on the tiny E2 config, as the README runs it."""
     import subprocess
     import sys
 
-    from conftest import ROOT, tiny_config
+    from conftest import ROOT
+
+    cmd = [sys.executable, "-m", "diffseg_jax.convert", "--config=configs/e2_synthetic.py:tiny"]
+    cmd += [f"--config.data.data_dir={tfds_dir}", f"--weights={weights}", f"--workdir={workdir}"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_writes_a_step0_checkpoint_of_the_weights_and_refuses_a_used_workdir(tmp_path, tfds_dir):
+    """``python -m diffseg_jax.convert`` with a config override, as the README runs it."""
+
+    from conftest import tiny_config
 
     from diffseg_jax import checkpoints, train
 
@@ -124,13 +134,7 @@ def test_cli_writes_a_step0_checkpoint_of_the_weights_and_refuses_a_used_workdir
     sd = convert.export_state_dict({"params": params}, convert.torch_key_for(model))
     np.savez(tmp_path / "weights.npz", **sd)
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "diffseg_jax.convert", "--config=configs/e2_synthetic.py:tiny"]
-    cmd += [
-        f"--config.data.data_dir={tfds_dir}",
-        f"--weights={tmp_path / 'weights.npz'}",
-        f"--workdir={workdir}",
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = _convert_cli(tmp_path / "weights.npz", workdir, tfds_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
     restored, meta = ckpt.restore(0, state)
@@ -141,7 +145,7 @@ def test_cli_writes_a_step0_checkpoint_of_the_weights_and_refuses_a_used_workdir
     for got, want in zip(jax.tree.leaves(restored.ema_params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(got), want)  # evaluation samples the EMA weights by default
     # Again into the same workdir: refused, since --mode evaluate would read the latest step, not step 0.
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    again = _convert_cli(tmp_path / "weights.npz", workdir, tfds_dir)
     assert again.returncode != 0 and "already holds a checkpoint at step 0" in again.stderr
 
 
@@ -180,10 +184,8 @@ def test_a_state_dict_of_another_model_says_so():
 def test_convert_refuses_bad_weights_files_before_creating_the_checkpoint_folder(tmp_path, tfds_dir):
     """In process (convert_to_workdir) and from the command line: one message naming the file, no traceback,
     and no empty checkpoints/ folder left in the new workdir."""
-    import subprocess
-    import sys
 
-    from conftest import ROOT, tiny_config
+    from conftest import tiny_config
 
     from diffseg_jax import configlib
     from diffseg_jax.data import files
@@ -199,12 +201,6 @@ def test_convert_refuses_bad_weights_files_before_creating_the_checkpoint_folder
     with pytest.raises(files.DatasetFileError, match=r"page\.npz is not an \.npz"):
         convert.convert_to_workdir(config, str(tmp_path / "page.npz"), str(workdir))
     assert not (workdir / "checkpoints").exists()
-    cmd = [sys.executable, "-m", "diffseg_jax.convert", "--config=configs/e2_synthetic.py:tiny"]
-    cmd += [
-        f"--config.data.data_dir={tfds_dir}",
-        f"--weights={tmp_path / 'page.npz'}",
-        f"--workdir={workdir}",
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = _convert_cli(tmp_path / "page.npz", workdir, tfds_dir)
     assert out.returncode == 1 and "Error: " in out.stderr and "page.npz is not an .npz" in out.stderr
     assert "Traceback" not in out.stderr and not (workdir / "checkpoints").exists()
