@@ -405,16 +405,18 @@ def evaluate(
     }
     if config.experiment in SEGMENTATION_EXPERIMENTS:
         result.update(_segmentation_results(test, mean, std, eval_cfg, out_dir))
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    np.savez_compressed(
+    # Each file whole (a crash leaves the old one or none), the ensembles before metrics.json: a run whose
+    # metrics.json exists is evaluated (table1 skips it), so its ensemble.npz must be there too.
+    writers.save_npz_whole(
         os.path.join(out_dir, "ensemble.npz"),
+        compress=True,
         image=np.round(test["image"] * 255).astype(np.uint8),
         mask=test["mask"].astype(np.uint8),
         mean=mean.astype(np.float32),
         std=std.astype(np.float32),
         ids=np.asarray(test["id"]),
     )
+    writers.save_json_whole(os.path.join(out_dir, "metrics.json"), result, indent=2)
     n_fig = min(eval_cfg.num_figure_images, len(mean))
     plots.ensemble_figure(
         test["image"][:n_fig],

@@ -136,8 +136,12 @@ def _finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
     path = os.path.join(workdir, "eval", "metrics.json")
     if not os.path.exists(path):
         return False
-    with open(path, encoding="utf-8") as f:
-        m = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except ValueError:  # cut short (by a copy, or an evaluation of an older version killed while writing)
+        logging.warning("%s is unreadable; the cell is evaluated again.", path)
+        return False
     protocol_done = os.path.exists(os.path.join(workdir, f"{config.experiment}_protocol.json"))
     return m.get("step") == config.train.num_steps or protocol_done
 

@@ -34,11 +34,12 @@ class MetricWriter:
         self._jsonl.close()
 
 
-def save_npz_whole(path: str, **arrays: Any) -> None:
-    """``np.savez(path, **arrays)`` through a temporary file renamed into place: a crash never leaves half a file."""
+def save_npz_whole(path: str, compress: bool = False, **arrays: Any) -> None:
+    """``np.savez(path, **arrays)`` (``np.savez_compressed`` with ``compress``) through a temporary file renamed
+    into place: a crash never leaves half a file."""
     import numpy as np  # noqa: PLC0415 — the scalar writers do not need it
 
-    np.savez(path + ".tmp.npz", **arrays)
+    (np.savez_compressed if compress else np.savez)(path + ".tmp.npz", **arrays)
     os.replace(path + ".tmp.npz", path)
 
 

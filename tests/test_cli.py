@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_module
+from conftest import run_module, tiny_config
 
 from diffseg_jax import metrics as metrics_lib
 
@@ -263,3 +263,17 @@ def test_table1_refuses_a_misspelt_kind_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "grid").exists()
     grid.table.kinds = ("lesion",)
     assert {d for d, _, _ in table1.cells(grid)} == {"lesion"}
+
+
+def test_table1_evaluates_a_cell_again_whose_metrics_json_is_cut_short(tmp_path):
+    """A grid rerun after a crash: an unreadable metrics.json marks its cell unfinished instead of stopping
+    the grid; a whole one with the cell's step marks it finished."""
+    from diffseg_jax import table1
+
+    config = tiny_config()
+    (tmp_path / "eval").mkdir()
+    text = json.dumps({"step": config.train.num_steps, "iou": 0.5})
+    (tmp_path / "eval" / "metrics.json").write_text(text[: len(text) // 2])
+    assert not table1._finished(config, str(tmp_path))
+    (tmp_path / "eval" / "metrics.json").write_text(text)
+    assert table1._finished(config, str(tmp_path))
