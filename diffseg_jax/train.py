@@ -42,6 +42,7 @@ from diffseg_jax import (
 )
 from diffseg_jax.analysis import adaptive
 from diffseg_jax.data import augment as augmentation
+from diffseg_jax.data import files
 from diffseg_jax.diffusion import timesteps
 
 
@@ -196,7 +197,14 @@ def import_initial_weights(
     """A fresh step-0 state whose variables are imported from the weights file ``path`` by name and shape
     (:mod:`diffseg_jax.convert`, with the model's import rules); the rest is ``state``'s initialisation."""
     variables = {"params": state.params, **state.model_state}
-    imported = convert.import_weights(model, variables, convert.load_state_dict(path))
+    try:
+        imported = convert.import_weights(model, variables, convert.load_state_dict(path))
+    except files.DatasetFileError:
+        raise  # names the file already
+    except ValueError as e:  # names and shapes that do not fit the model: say which file and which setting
+        raise configlib.ConfigError(
+            f"train.init_weights={path!r} does not fit {type(model).__name__}: {e}"
+        ) from e
     logging.info("Initialised %s from %s.", type(model).__name__, path)
     return create_train_state(imported, optimizer, state.key).replace(sampler_state=state.sampler_state)
 

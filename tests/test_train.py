@@ -103,6 +103,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir, monke
     assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
 
 
+def test_initial_weights_of_another_model_name_the_setting_and_the_file(tmp_path):
+    config = tiny_config()
+    model, _, optimizer, state = train.model_and_state(config, (32, 32, 3))
+    np.savez(tmp_path / "other.npz", **{"encoder.layer1.weight": np.zeros((3, 3), np.float32)})
+    with pytest.raises(configlib.ConfigError, match=r"train.init_weights=.*other\.npz.*does not fit"):
+        train.import_initial_weights(str(tmp_path / "other.npz"), model, optimizer, state)
+
+
 def test_an_infinite_gradient_stops_training_too(tmp_path, tfds_dir, monkeypatch):
     # A finite loss with an infinite gradient norm (e.g. a learning rate that blew the weights up) is caught
     # like a NaN loss, before its weights are saved.
