@@ -15,6 +15,18 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose arrays do not fit the state the config builds (other settings, or an older version)."""
 
 
+def latest_step(directory: str) -> int | None:
+    """The newest complete checkpoint's step in ``directory``, or None; unlike a :class:`Checkpointer`, a
+    folder that does not exist is not created (a probe before anything is written)."""
+    if not os.path.isdir(directory):
+        return None
+    probe = Checkpointer(directory)
+    try:
+        return probe.latest_step()
+    finally:
+        probe.close()
+
+
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` saving ``{'state': pytree, 'meta': json}`` per step.
 

@@ -268,18 +268,15 @@ def convert_to_workdir(config: Any, weights: str, workdir: str) -> str:
 
     configlib.validate(config)
     directory = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(directory):  # opening a Checkpointer creates the folder: not before the weights are read
-        ckpt = checkpoints.Checkpointer(directory)
-        latest = ckpt.latest_step()
-        ckpt.close()
-        if latest is not None:
-            raise FileExistsError(
-                f"{ckpt.directory} already holds a checkpoint at step {latest}; --mode evaluate reads the latest "
-                "step, so the imported weights would not be used. Give a new --workdir."
-            )
+    latest = checkpoints.latest_step(directory)  # creates no folder before the weights are read
+    if latest is not None:
+        raise FileExistsError(
+            f"{os.path.abspath(directory)} already holds a checkpoint at step {latest}; --mode evaluate reads the "
+            "latest step, so the imported weights would not be used. Give a new --workdir."
+        )
     _, model, _, optimizer, state = train.setup(config)
     try:
-        state = train.import_initial_weights(weights, model, optimizer, state)
+        state = train.imported_state(weights, model, optimizer, state)
     except files.DatasetFileError:
         raise
     except ValueError as e:  # names and shapes that do not fit the config's model

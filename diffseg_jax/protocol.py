@@ -191,9 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "a validation split held out of the training images: use a fraction in (0, 1), e.g. 0.2 (the paper)."
         )
     started = os.path.exists(os.path.join(workdir, f"{name}.json"))
-    existing = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-    held = existing.latest_step()
-    existing.close()
+    held = checkpoints.latest_step(os.path.join(workdir, "checkpoints"))
     if held is not None and not started:  # phase 2 would resume that run instead of retraining from scratch
         raise configlib.ConfigError(
             f"{workdir} already holds a trained run (a checkpoint at step {held}) that this {name} did not "

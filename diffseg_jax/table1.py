@@ -15,7 +15,6 @@ With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--m
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -137,8 +136,7 @@ def _finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
     if not os.path.exists(path):
         return False
     try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
+        m = report.read_metrics(path)
     except ValueError:  # cut short (by a copy, or an evaluation of an older version killed while writing)
         logging.warning("%s is unreadable; the cell is evaluated again.", path)
         return False

@@ -191,22 +191,30 @@ def create_train_state(
     )
 
 
-def import_initial_weights(
+def imported_state(
     path: str, model: nn.Module, optimizer: optax.GradientTransformation, state: TrainState
 ) -> TrainState:
     """A fresh step-0 state whose variables are imported from the weights file ``path`` by name and shape
-    (:mod:`diffseg_jax.convert`, with the model's import rules); the rest is ``state``'s initialisation."""
+    (:mod:`diffseg_jax.convert`, with the model's import rules); the rest is ``state``'s initialisation. A
+    file that does not fit the model is a ValueError; the caller names the option that gave the file."""
     variables = {"params": state.params, **state.model_state}
+    imported = convert.import_weights(model, variables, convert.load_state_dict(path))
+    logging.info("Initialised %s from %s.", type(model).__name__, path)
+    return create_train_state(imported, optimizer, state.key).replace(sampler_state=state.sampler_state)
+
+
+def import_initial_weights(
+    path: str, model: nn.Module, optimizer: optax.GradientTransformation, state: TrainState
+) -> TrainState:
+    """:func:`imported_state` for ``train.init_weights``: a file of another model is a ConfigError naming it."""
     try:
-        imported = convert.import_weights(model, variables, convert.load_state_dict(path))
+        return imported_state(path, model, optimizer, state)
     except files.DatasetFileError:
         raise  # names the file already
     except ValueError as e:  # names and shapes that do not fit the model: say which file and which setting
         raise configlib.ConfigError(
             f"train.init_weights={path!r} does not fit {type(model).__name__}: {e}"
         ) from e
-    logging.info("Initialised %s from %s.", type(model).__name__, path)
-    return create_train_state(imported, optimizer, state.key).replace(sampler_state=state.sampler_state)
 
 
 def model_rngs(rng: jax.Array) -> dict[str, jax.Array]:
@@ -430,12 +438,8 @@ def train(
     config = planning.resolve(config)  # a data-driven plan (nnU-Net's), recorded in config.json
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()
-    probe = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-    if (
-        probe.latest_step() is not None
-    ):  # resuming: the same model, or stop before anything is built or written
-        planning.check_resume(config, workdir)
-    probe.close()
+    if checkpoints.latest_step(os.path.join(workdir, "checkpoints")) is not None:
+        planning.check_resume(config, workdir)  # the same model, or stop before anything is built or written
     mesh = data_mesh()
     n_dev = mesh.size
     if config.train.batch_size % n_dev:
