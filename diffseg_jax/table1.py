@@ -63,7 +63,8 @@ FOLDER_DATA = ("resize", "eval_tiling", "mask_threshold", "image_scaling")
 
 
 def datasets(grid: ml_collections.ConfigDict) -> list[str]:
-    """The grid's datasets: its synthetic kinds, then its folders (as given).
+    """The grid's datasets: its synthetic kinds, then its folders (as given, but ``./`` before one named like a
+    synthetic kind).
 
     A kind that is not a synthetic kind is refused here, before any cell trains: the cells would take it for a
     folder's path (:func:`cell_config`), so a misspelt kind would fail as a missing folder, far from the typo.
@@ -76,7 +77,10 @@ def datasets(grid: ml_collections.ConfigDict) -> list[str]:
             f"{list(synthetic.KINDS)}. A folder of images and masks goes in --config.table.folders, e.g. "
             "--config.table.folders='(\"/data/my_set\",)'."
         )
-    names = [*grid.table.kinds, *grid.table.get("folders", ())]
+    # A folder named like a synthetic kind ("nuclei", relative to the working directory) is spelt "./nuclei":
+    # the cells tell a kind from a folder by the name (:func:`cell_config`), and the folder is the same one.
+    folders = [os.path.join(".", f) if f in synthetic.KINDS else f for f in grid.table.get("folders", ())]
+    names = [*grid.table.kinds, *folders]
     seen: dict[str, str] = {}
     for dataset in names:
         label = dataset_name(dataset)

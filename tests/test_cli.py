@@ -172,6 +172,13 @@ def test_table1_folder_cells_read_the_folder_and_names_must_differ(tmp_path):
     configlib.validate(cell, check_data=False)
     synthetic_cell = table1.cell_config(grid, "nuclei", "segdiff", "e2")
     assert synthetic_cell.data.name == "synthetic" and synthetic_cell.data.resize is None
+    # A folder in the working directory named like a synthetic kind is that folder, not the kind.
+    grid.table.kinds = ("lesion",)
+    grid.table.folders = ("nuclei",)
+    assert table1.datasets(grid) == ["lesion", os.path.join(".", "nuclei")]
+    cell = table1.cell_config(grid, table1.datasets(grid)[1], "segdiff", "e2")
+    assert (cell.data.name, os.path.normpath(cell.data.manual_dir)) == ("segmentation_folder", "nuclei")
+    grid.table.kinds = ("nuclei",)
     grid.table.folders = (str(tmp_path / "nuclei"),)  # would share <workdir>/nuclei with the synthetic kind
     with pytest.raises(ValueError, match="would share the folder <workdir>/nuclei"):
         table1.cells(grid)
