@@ -450,22 +450,25 @@ def _run_root(path: str) -> str | None:
         path = parent
 
 
-def output_dir(workdir: str, out_dir: str | None, step: int = -1) -> str:
+def output_dir(
+    workdir: str, out_dir: str | None, step: int = -1, name: str = "eval", flag: str = "--eval_dir"
+) -> str:
     """Where an evaluation of the run in ``workdir`` writes: ``out_dir`` (``--eval_dir``), else ``eval/`` for the
     latest checkpoint and ``eval_step{S}/`` for ``eval.step=S``, so that an earlier model's scores never replace
     the final model's, which Table 1 reads. An ``out_dir`` that is the workdir itself, or lies in another run's
-    folder, is refused: it would mix this evaluation into that run's files (report would count it there)."""
+    folder, is refused: it would mix this evaluation into that run's files (report would count it there).
+    ``name`` and ``flag`` name another output's default folder and flag (``predict``, ``--predict_dir``)."""
     if out_dir is None:
-        return os.path.join(workdir, "eval" if step < 0 else f"eval_step{step}")
+        return os.path.join(workdir, name if step < 0 else f"{name}_step{step}")
     run, home = _run_root(out_dir), os.path.realpath(workdir)
     if os.path.realpath(out_dir) == home:
         raise configlib.ConfigError(
-            f"--eval_dir {out_dir} is the run's own folder; pass a folder of its own, e.g. {workdir}/eval_test2."
+            f"{flag} {out_dir} is the run's own folder; pass a folder of its own, e.g. {workdir}/{name}_2."
         )
     if run is not None and run != home:
         raise configlib.ConfigError(
-            f"--eval_dir {out_dir} lies in the folder of another run ({run}), whose evaluation it would "
-            f"overwrite or join; pass a folder in {workdir} (e.g. {workdir}/eval_test2) or outside any run."
+            f"{flag} {out_dir} lies in the folder of another run ({run}), whose files it would overwrite or "
+            f"join; pass a folder in {workdir} (e.g. {workdir}/{name}_2) or outside any run."
         )
     return out_dir
 

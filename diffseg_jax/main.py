@@ -5,7 +5,7 @@ ensemble on the test split when ``eval.enabled``), ``evaluate`` (evaluates the l
 split of ``config.data``, which may be an external test set, into ``--eval_dir``, default ``<workdir>/eval``; with
 ``--compare_workdir`` also draws Fig. 1 next to that run and compares their uncertainty maps), ``predict`` (segments the image files at ``--images``,
 which have no masks, with the latest checkpoint: mask, probability and uncertainty maps at each file's size in
-``--predict_dir``, default ``<workdir>/predict``; see ``diffseg_jax.predict``), ``e1_protocol`` (the paper's feed-forward protocol:
+``--predict_dir``, default ``<workdir>/predict`` or ``predict_step{S}`` for ``eval.step=S``; see ``diffseg_jax.predict``), ``e1_protocol`` (the paper's feed-forward protocol:
 select the epoch count on an 80/20 split, retrain on all data, evaluate), ``e2_protocol`` (the same for diffusion
 segmentation, selecting on the validation IoU of small ensembles; see ``diffseg_jax.protocol``), ``analyse`` (per-timestep error and
 loss curves, the forward process and the model-free fingerprint into ``<workdir>/analysis/``), ``fingerprint``
@@ -38,7 +38,9 @@ _IMAGES = flags.DEFINE_string(
     "images", None, "--mode predict: an image file, or a folder of images (searched recursively), to segment."
 )
 _PREDICT_DIR = flags.DEFINE_string(
-    "predict_dir", None, "--mode predict: where to write (default WORKDIR/predict)."
+    "predict_dir",
+    None,
+    "--mode predict: where to write (default WORKDIR/predict, or WORKDIR/predict_stepS for --config.eval.step=S).",
 )
 _EVAL_DIR = flags.DEFINE_string(
     "eval_dir",

@@ -11,7 +11,8 @@ than ``eval.batch_size`` are one smaller batch, not padded to a whole one: the s
 rounding): the run's test images written as files and segmented together get exactly their ensembles in
 ``eval/ensemble.npz``.
 
-Writes into ``out_dir`` (default ``<workdir>/predict``), for the image ``<id>`` (its path under ``PATH``
+Writes into ``out_dir`` (``--predict_dir``; default ``<workdir>/predict``, or ``<workdir>/predict_step{S}`` for
+the checkpoint of ``eval.step=S``; not the run's own folder, nor one in another run's), for the image ``<id>`` (its path under ``PATH``
 without the suffix):
 
 * ``<id>_mask.png``: the segmentation, 0/255, at the file's size;
@@ -229,7 +230,7 @@ def predict(
             "(E3 samples masks without the image, E4 generates images); use an e1 or e2 run."
         )
     config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
-    out_dir = out_dir or os.path.join(workdir, "predict")
+    out_dir = evaluate.output_dir(workdir, out_dir, config.eval.get("step", -1), "predict", "--predict_dir")
     ids, paths = find_images(images, exclude=out_dir)
     num, size = len(ids), data.stored_size(config.data)
     # The run's network from its config alone (no training data), for the RGB the files are read as.

@@ -786,7 +786,8 @@ def test_sampling_reads_the_weights_whatever_optimizer_or_sampler_trained_them(t
 
 
 def test_evaluations_go_where_they_replace_no_other_result(tmp_path, monkeypatch):
-    """eval/ is the latest model's (Table 1 reads it), eval_step{S}/ an earlier one's; --eval_dir may not be the
+    """eval/ is the latest model's (Table 1 reads it), eval_step{S}/ an earlier one's (predict/ and
+    predict_step{S}/ alike); --eval_dir (--predict_dir) may not be the
     run's own folder or lie in another run's; a --compare_workdir without an evaluation is named before any
     test image is read."""
     run, other = tmp_path / "run", tmp_path / "other"
@@ -795,6 +796,11 @@ def test_evaluations_go_where_they_replace_no_other_result(tmp_path, monkeypatch
         (folder / "config.json").write_text("{}")
     assert evaluate.output_dir(str(run), None) == str(run / "eval")
     assert evaluate.output_dir(str(run), None, 45000) == str(run / "eval_step45000")
+    # --mode predict's outputs the same way: an earlier checkpoint's never replace the latest one's.
+    assert evaluate.output_dir(str(run), None, -1, "predict") == str(run / "predict")
+    assert evaluate.output_dir(str(run), None, 7, "predict") == str(run / "predict_step7")
+    with pytest.raises(configlib.ConfigError, match=f"--predict_dir {other}/p lies in .*another run"):
+        evaluate.output_dir(str(run), str(other / "p"), -1, "predict", "--predict_dir")
     for ok in (run / "eval_ext", tmp_path / "elsewhere" / "eval", run / "eval"):
         assert evaluate.output_dir(str(run), str(ok), 7) == str(ok)
     with pytest.raises(configlib.ConfigError, match="is the run's own folder"):

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_module, tiny_config
 from PIL import Image
 
-from diffseg_jax import checkpoints, evaluate, predict, train
+from diffseg_jax import checkpoints, configlib, evaluate, predict, train
 from diffseg_jax.data import files
 
 
@@ -260,7 +260,14 @@ def test_predict_refuses_what_it_cannot_segment(tmp_path):
         predict.predict(e3, str(tmp_path / "run"), str(twins / "a.png"))
     with pytest.raises(FileNotFoundError, match="No checkpoint in .*run.*train first"):
         predict.predict(config, str(tmp_path / "run"), str(twins / "a.png"))
-    assert not (tmp_path / "run" / "checkpoints").exists()  # a mistyped workdir is not given a checkpoint folder
+    assert not (
+        tmp_path / "run" / "checkpoints"
+    ).exists()  # a mistyped workdir is not given a checkpoint folder
+    # The outputs never land in the run's own folder, where <id>_mask.png files would mix with its files.
+    with pytest.raises(
+        configlib.ConfigError, match=r"--predict_dir .*run is the run's own folder.*run/predict_2"
+    ):
+        predict.predict(config, str(tmp_path / "run"), str(twins / "a.png"), str(tmp_path / "run"))
 
 
 def test_predict_skips_the_masks_of_a_dataset_folder(tmp_path, caplog):
