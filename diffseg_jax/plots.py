@@ -94,14 +94,17 @@ def read_evaluations(eval_dirs: list[str]) -> tuple[list[tuple[dict, dict]], lis
     return runs, [[int(np.nonzero(r["ids"] == i)[0][0]) for r, _ in runs] for i in ids]
 
 
-def comparison_figure(eval_dirs: list[str], path: str, num_images: int = 4) -> None:
+def comparison_figure(
+    eval_dirs: list[str], path: str, num_images: int = 4, evaluations: tuple | None = None
+) -> None:
     """Fig. 1 of the paper from evaluated runs: image, ground truth, then mean and std of each run.
 
     ``eval_dirs`` are ``<workdir>/eval`` folders with ``ensemble.npz`` and ``metrics.json``, or those workdirs
     (e.g. a diffusion and a feed-forward run on the same test set); the rows are the first ``num_images`` ids
     they share, and the std colour scale is shared across runs so the spreads compare directly.
+    ``evaluations``: what :func:`read_evaluations` already read of them, not read again.
     """
-    runs, rows = read_evaluations(eval_dirs)
+    runs, rows = evaluations or read_evaluations(eval_dirs)
     rows = rows[:num_images]
     vmax = max(float(r["std"].max()) for r, _ in runs) or 1.0
     ncols = 2 + 2 * len(runs)

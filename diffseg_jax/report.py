@@ -283,7 +283,7 @@ def json_number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
+def compare(eval_dirs: Sequence[str], evaluations: tuple | None = None) -> dict[str, Any]:
     """How the uncertainty maps of evaluated runs relate, on the test images they all have (``comparison.json``).
 
     The paper's Fig. 1 observation in numbers: feed-forward ensembles "highlight similar areas as the
@@ -295,12 +295,13 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
     For every run after the first, ``paired_bootstrap_vs_first``: its IoU and ECE minus the first's on the
     shared images, with 95 % intervals from resampling the images (is a Table 1 difference more than the
     choice of test images?), pooled as the runs' metrics.json say (``pooling``; pixels pooled where they
-    differ). Reads ``ensemble.npz`` files only: nothing is sampled again.
+    differ). Reads ``ensemble.npz`` files only (or takes ``evaluations``, what
+    :func:`diffseg_jax.plots.read_evaluations` read of them): nothing is sampled again.
     """
     from diffseg_jax import metrics, plots  # noqa: PLC0415 — JAX only when comparing: --help stays fast.
 
     eval_dirs = [evaluation_dir(d) for d in eval_dirs]  # a workdir's eval/, as read_evaluations reads it
-    runs, maps = _shared_maps(eval_dirs)
+    runs, maps = _shared_maps(eval_dirs, evaluations)
     first = maps[0]
     first_std = float(first["std"].mean())
     bootstraps = _paired_bootstraps(runs, maps)
@@ -333,12 +334,15 @@ def compare(eval_dirs: Sequence[str]) -> dict[str, Any]:
     return {"num_images": len(first["mean"]), "runs": entries}
 
 
-def _shared_maps(eval_dirs: Sequence[str]) -> tuple[list[tuple[dict, dict]], list[dict[str, np.ndarray]]]:
-    """Evaluated runs (:func:`diffseg_jax.plots.read_evaluations`) and, per run, its mean, std and mask arrays
-    of the test images they all have, in the first run's order; ValueError if they share none."""
+def _shared_maps(
+    eval_dirs: Sequence[str], evaluations: tuple | None = None
+) -> tuple[list[tuple[dict, dict]], list[dict[str, np.ndarray]]]:
+    """Evaluated runs (:func:`diffseg_jax.plots.read_evaluations`, unless ``evaluations`` holds what it read)
+    and, per run, its mean, std and mask arrays of the test images they all have, in the first run's order;
+    ValueError if they share none."""
     from diffseg_jax import plots  # noqa: PLC0415
 
-    runs, rows = plots.read_evaluations(list(eval_dirs))
+    runs, rows = evaluations or plots.read_evaluations(list(eval_dirs))
     maps = [
         {k: arrays[k][[r[j] for r in rows]] for k in ("mean", "std", "mask")}
         for j, (arrays, _) in enumerate(runs)
@@ -388,8 +392,9 @@ def write_comparison(eval_dirs: Sequence[str], out_dir: str, num_images: int = 4
         # Not reliability.png: an evaluated run's own diagram (or a table's) may live in out_dir.
         "comparison_reliability": os.path.join(out_dir, "comparison_reliability.png"),
     }
-    plots.comparison_figure(list(eval_dirs), paths["figure1"], num_images=num_images)
-    comparison = compare(eval_dirs)
+    evaluations = plots.read_evaluations(list(eval_dirs))  # each ensemble.npz read once, for both
+    plots.comparison_figure(list(eval_dirs), paths["figure1"], num_images, evaluations)
+    comparison = compare(eval_dirs, evaluations)
     with open(paths["comparison"], "w", encoding="utf-8") as f:
         json.dump(comparison, f, indent=2)
     title = f"{comparison['num_images']} shared test images"

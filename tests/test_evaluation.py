@@ -270,7 +270,7 @@ def test_pooled_scores_of_any_resample_follow_from_the_image_statistics():
         metrics.pooled_scores(stats, np.ones(6), "pixels")
 
 
-def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
+def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path, monkeypatch):
     # Run B holds run A's images in another order, one of them missing and one extra, with half the spread
     # and a mean unrelated to A's: similar areas (std correlation 1), half as uncertain, other means.
     rng = np.random.default_rng(3)
@@ -297,8 +297,11 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path):
         np.savez(d / "ensemble.npz", image=np.zeros((4, 8, 8, 3), np.uint8), mask=masks[index], **arrays)
         (d / "metrics.json").write_text(json.dumps({"model": name, "experiment": "e2", "pooling": "pooled"}))
         dirs.append(str(d))
+    read, reads = plots.read_evaluations, []
+    monkeypatch.setattr(plots, "read_evaluations", lambda d: reads.append(d) or read(d))
     paths = report.main(["--compare", *dirs, "--num_images", "2", "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "figure1.png").stat().st_size > 1000
+    assert reads == [dirs]  # the figure and the numbers from one reading of each ensemble.npz
     out = json.loads(open(paths["comparison"]).read())
     shared = [0, 2, 3]  # a, c, d in A's order
     assert out["num_images"] == 3
