@@ -421,6 +421,24 @@ def model_and_state(
     return model, schedule, optimizer, state
 
 
+def _save_on_interrupt(ckpt, state: TrainState, meta: dict, last_saved: int | None) -> None:
+    """Saves ``state`` (the last step that finished) when training is interrupted, unless no step finished since
+    the last save (``last_saved``, None if none), it holds a non-finite value, or other processes train too (a
+    save is collective: this one process would wait for the others forever). A second Ctrl-C while it saves
+    stops the save; orbax leaves no partial checkpoint."""
+    if jax.process_count() > 1:
+        return
+    step = int(state.step)
+    if step <= (last_saved or 0):
+        return
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(state.params)):
+        kept = "nothing is saved" if last_saved is None else f"step {last_saved} is kept"
+        logging.warning("Interrupted at step %d with non-finite parameters: not saved; %s.", step, kept)
+        return
+    logging.warning("Interrupted at step %d: saving a checkpoint; rerun the same command to resume.", step)
+    ckpt.save(step, state, {**meta, "step": step})
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -553,6 +571,9 @@ def train(
                 if stop:
                     logging.info("Stopped at step %d as asked by the training hook.", done)
                     break
+    except KeyboardInterrupt:  # Ctrl-C, or Colab's "Interrupt execution": keep the steps since the last save
+        _save_on_interrupt(ckpt, state, meta, last_saved)
+        raise
     finally:
         ckpt.close()
         writer.close()

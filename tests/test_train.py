@@ -147,6 +147,29 @@ def test_sigterm_saves_and_stops(tmp_path, tfds_dir):
     assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
 
 
+def test_an_interrupt_saves_the_steps_since_the_last_checkpoint(tmp_path, tfds_dir):
+    """Ctrl-C (Colab's "Interrupt execution") between checkpoints: the last finished step is saved, the
+    interrupt goes on to the caller, and a rerun resumes from that step."""
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = 6, 100, 100
+    config.eval.enabled = False
+    seen = []
+
+    def interrupt_after_step_3(step, state):
+        seen.append(step)
+        if step == 3:
+            raise KeyboardInterrupt
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config, str(tmp_path), hook=interrupt_after_step_3, hook_every=1)
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.latest_step() == 3
+    ckpt.close()
+    state = train.train(config, str(tmp_path), hook=interrupt_after_step_3, hook_every=1)
+    assert int(state.step) == 6 and seen == [1, 2, 3, 4, 5, 6]  # resumed after step 3, not from scratch
+
+
 _LOSSES_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {root!r})
