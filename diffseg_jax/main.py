@@ -1,18 +1,26 @@
 """Command line: ``python -m diffseg_jax.main --config configs/quickstart.py --workdir runs/quickstart``.
 
-Modes: ``train`` (default; trains, resuming from the workdir's latest checkpoint, then evaluates the
-ensemble on the test split when ``eval.enabled``), ``evaluate`` (evaluates the latest checkpoint on the test
-split of ``config.data``, which may be an external test set, into ``--eval_dir``, default ``<workdir>/eval``; with
-``--compare_workdir`` also draws Fig. 1 next to that run and compares their uncertainty maps), ``predict`` (segments the image files at ``--images``,
-which have no masks, with the latest checkpoint: mask, probability and uncertainty maps at each file's size in
-``--predict_dir``, default ``<workdir>/predict`` or ``predict_step{S}`` for ``eval.step=S``; see ``diffseg_jax.predict``), ``e1_protocol`` (the paper's feed-forward protocol:
-select the epoch count on an 80/20 split, retrain on all data, evaluate), ``e2_protocol`` (the same for diffusion
-segmentation, selecting on the validation IoU of small ensembles; see ``diffseg_jax.protocol``), ``analyse`` (per-timestep error and
-loss curves, the forward process and the model-free fingerprint into ``<workdir>/analysis/``), ``fingerprint``
-(seconds, no training: whether the training masks' error curve has converged by T under the config's schedule,
-the terminal ᾱ at which it would, where the fingerprint weights peak; printed and written to
-``<workdir>/fingerprint.json``), ``summary`` (prints the model's parameter count without data or training). Override any config value with
-``--config.train.num_steps=10``; unknown keys fail.
+Modes (``--mode``):
+
+* ``train`` (default): trains, resuming from the workdir's latest checkpoint, then evaluates the ensemble on
+  the test split when ``eval.enabled``.
+* ``evaluate``: the latest checkpoint's ensembles on the test split of ``config.data`` (which may be an
+  external test set) into ``--eval_dir``, default ``<workdir>/eval`` (``eval_step{S}`` for ``eval.step=S``);
+  with ``--compare_workdir`` also Fig. 1 next to that run and a comparison of their uncertainty maps.
+* ``predict``: segments the image files at ``--images`` (no masks needed): mask, probability and uncertainty
+  maps at each file's size in ``--predict_dir``, default ``<workdir>/predict`` (``predict_step{S}`` for
+  ``eval.step=S``); see ``diffseg_jax.predict``.
+* ``e1_protocol``: the paper's feed-forward protocol: the epoch count selected on an 80/20 split, retrained on
+  all data, evaluated. ``e2_protocol``: the same for diffusion segmentation, selected on the validation IoU of
+  small ensembles; see ``diffseg_jax.protocol``.
+* ``analyse``: per-timestep error and loss curves, the forward process and the model-free fingerprint into
+  ``<workdir>/analysis/``.
+* ``fingerprint`` (seconds, no training): whether the training masks' error curve has converged by T under
+  the config's schedule, the terminal ᾱ at which it would, where the fingerprint weights peak; printed and
+  written to ``<workdir>/fingerprint.json``.
+* ``summary``: the model's parameter count, without data or training.
+
+Override any config value with ``--config.train.num_steps=10``; unknown keys fail.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ _PREDICT_DIR = flags.DEFINE_string(
 _EVAL_DIR = flags.DEFINE_string(
     "eval_dir",
     None,
-    "--mode evaluate: where to write (default WORKDIR/eval); e.g. an external test set's results beside the run's.",
+    "--mode evaluate: where to write (default WORKDIR/eval, or WORKDIR/eval_stepS for --config.eval.step=S); e.g. "
+    "an external test set's results beside the run's.",
 )
 _COMPARE = flags.DEFINE_string(
     "compare_workdir",
