@@ -8,6 +8,7 @@ naming the key, the value and a fix, before any data is built or compiled.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -256,6 +257,40 @@ def _validate_timesteps(config: ml_collections.ConfigDict) -> None:
         )
 
 
+# Arguments of a model class that its config group may leave out: set by the code (out_channels, image_size),
+# fixed by the class (MedSegDiff's version), or optional, with the default every published config keeps.
+_OPTIONAL_MODEL_ARGS = {
+    "parent",
+    "name",
+    "out_channels",
+    "image_size",
+    "version",
+    "num_heads_upsample",
+    "mlp_ratio",
+    "dtype",
+    "remat",
+}
+
+
+def _validate_model_group(config: ml_collections.ConfigDict) -> None:
+    """The model group must hold its architecture's settings: ``--config.model.name=segdiff`` on a config built
+    for EnsemDiff would otherwise build a hybrid (EnsemDiff's widths, SegDiff's defaults for the rest, no
+    published scheme) without a word, or fail on a keyword deep in Flax."""
+    name = config.model.name
+    args = {f.name for f in dataclasses.fields(models.MODELS[name])}
+    keys = set(config.model.keys()) - {"name", "plan"}
+    foreign, missing = sorted(keys - args), sorted(args - keys - _OPTIONAL_MODEL_ARGS)
+    if foreign or missing:
+        held = [f"{', '.join(foreign)} of another architecture"] if foreign else []
+        held += [f"none of {name}'s {', '.join(missing)}"] if missing else []
+        raise ConfigError(
+            f"Invalid config: model.name={name!r}, but the model group holds {' and '.join(held)}, as when "
+            "--config.model.name is overridden on a config built for another model. Choose the architecture "
+            f"with the config file's argument, --config configs/<file>.py:{name} (e.g. e2_isic.py:segdiff, "
+            "e1_monuseg.py:nnunet), which brings the architecture's published widths and training scheme."
+        )
+
+
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     """Raises ``ValueError`` naming the offending key for an impossible or unknown setting.
 
@@ -265,6 +300,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         _fail("experiment", config.experiment, f"Choose one of {objectives.EXPERIMENTS}.")
     if config.model.name not in models.MODELS:
         _fail("model.name", config.model.name, f"Registered models: {sorted(models.MODELS)}.")
+    _validate_model_group(config)
     if check_data and config.data.name not in data.DATASETS:
         _fail("data.name", config.data.name, f"Registered datasets: {sorted(data.DATASETS)}.")
     _validate_data(config, check_data)

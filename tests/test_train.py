@@ -222,6 +222,21 @@ def test_config_validation_names_key_and_fix(monkeypatch):
     config.model.name = "unet9000"
     with pytest.raises(ValueError, match="model.name='unet9000'.*Registered models"):
         configlib.validate(config)
+    # Another architecture's name on EnsemDiff's model group is refused (it built a hybrid, or failed in Flax);
+    # the config's argument (:segdiff) gives the group that name needs.
+    for other, held in (
+        ("segdiff", r"none of segdiff's image_mean, image_std, rrdb_blocks"),
+        ("segformer", r"attention_resolutions, .* of another architecture and none of segformer's"),
+    ):
+        config = tiny_config()
+        config.model.name = other
+        with pytest.raises(
+            configlib.ConfigError,
+            match=rf"model.name='{other}', but the model group holds {held}.*py:{other}",
+        ):
+            configlib.validate(config)
+    configlib.validate(tiny_config("e2_synthetic", "segdiff,tiny"))
+    configlib.validate(tiny_config("e1_synthetic", "segformer,tiny"))
     config = tiny_config("e3_synthetic")
     monkeypatch.setattr(models.MODELS["ensemdiff"], "CAN_DROP_IMAGE", False)
     with pytest.raises(ValueError, match="withholds the image"):
