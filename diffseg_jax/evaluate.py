@@ -333,6 +333,23 @@ def dataset_label(data_config: ml_collections.ConfigDict) -> str:
     return str(data_config.name)
 
 
+def _check_trained_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses to evaluate into the run's own ``eval/`` on another dataset than it trained on (as its
+    ``config.json`` records it): an external test set's scores would replace the run's own, which Table 1 reads,
+    and a config file retyped without the training's data overrides would score the wrong data unnoticed."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    recorded = configlib.load(path).get("data", None)
+    trained, this = dataset_label(recorded) if recorded else None, dataset_label(config.data)
+    if trained is not None and trained != this:
+        raise configlib.ConfigError(
+            f"The run in {workdir} was trained on {trained} ({path}), this config's data is {this}. For an "
+            f"external test set pass --eval_dir (e.g. {workdir}/eval_{this}), so the run's own eval/ stays; to "
+            f"evaluate on its own data, pass the config it was trained with (--config configs/from_run.py:{workdir})."
+        )
+
+
 def folder_label(path: str) -> str:
     """An image/mask folder's name for tables and cell folders: its last component (``/data/her2/`` → ``her2``)."""
     return os.path.basename(os.path.normpath(os.path.expanduser(path)))
@@ -366,6 +383,8 @@ def evaluate(
     """
     config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
     eval_cfg = config.eval
+    if out_dir is None:
+        _check_trained_data(config, workdir)
     out_dir = output_dir(workdir, out_dir, eval_cfg.get("step", -1))
     if compare_workdir and not os.path.exists(os.path.join(compare_workdir, "eval", "ensemble.npz")):
         raise FileNotFoundError(  # named now, not after the sampling

@@ -823,6 +823,26 @@ def test_evaluations_go_where_they_replace_no_other_result(tmp_path, monkeypatch
     monkeypatch.setattr(planning, "resolve_as_trained", lambda config, workdir: config)
     with pytest.raises(FileNotFoundError, match="--compare_workdir .*other has no eval/ensemble.npz"):
         evaluate.evaluate(tiny_config(), str(run), compare_workdir=str(other))
+    # Another dataset than the run trained on is not scored into its own eval/ (a retyped config file without
+    # the training's --config.data.kind, or an external test set without --eval_dir).
+    trained = tiny_config()
+    trained.data.kind = "nuclei"
+    configlib.save(trained, str(run / "config.json"))
+    for kind, folder in (("lesion", None), ("lesion", str(run / "eval_step2"))):
+        config = tiny_config()
+        config.data.kind, config.eval.step = kind, -1 if folder is None else 2
+        with pytest.raises(
+            configlib.ConfigError,
+            match=r"trained on synthetic-nuclei .*this config's data is synthetic-lesion.*--eval_dir .*"
+            r"eval_synthetic-lesion.*configs/from_run.py:",
+        ):
+            evaluate.evaluate(config, str(run))
+    config = tiny_config()
+    config.data.kind = "lesion"
+    with pytest.raises(AssertionError, match="test images read"):  # past the check: a folder of its own
+        evaluate.evaluate(config, str(run), out_dir=str(run / "eval_lesion"))
+    with pytest.raises(AssertionError, match="test images read"):  # the data it trained on
+        evaluate.evaluate(trained, str(run))
 
 
 def test_an_earlier_checkpoint_kept_by_keep_every_is_the_one_eval_step_reads(tmp_path):
