@@ -328,3 +328,15 @@ def _flip(images: np.ndarray, vertical: bool, horizontal: bool) -> np.ndarray:
     if horizontal:
         images = images[:, :, ::-1]
     return images
+
+
+def test_an_unset_data_dir_is_where_tfds_looks(tmp_path, monkeypatch):
+    """data.data_dir unset: $TFDS_DATA_DIR as tfds itself reads it, else ~/tensorflow_datasets; a set one wins."""
+    unset = ml_collections.ConfigDict({"data_dir": None})
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    assert pipeline._data_dir(unset) == str(pathlib.Path("~/tensorflow_datasets").expanduser())
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "shared"))
+    assert pipeline._data_dir(unset) == str(tmp_path / "shared")
+    assert pipeline._data_dir(ml_collections.ConfigDict({"data_dir": str(tmp_path / "mine")})) == str(
+        tmp_path / "mine"
+    )

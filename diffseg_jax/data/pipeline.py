@@ -57,9 +57,12 @@ class _StrIds:
 
 
 def _data_dir(data_config: ml_collections.ConfigDict) -> str:
-    """The tfds data_dir from the config, `~/tensorflow_datasets` when unset."""
+    """The tfds data_dir from the config; when unset, tfds's own default: ``$TFDS_DATA_DIR``, else
+    `~/tensorflow_datasets`."""
     data_dir = data_config.get("data_dir", None)
-    return os.path.expanduser(str(data_dir if data_dir is not None else DEFAULT_DATA_DIR))
+    if data_dir is None:
+        data_dir = os.environ.get("TFDS_DATA_DIR") or DEFAULT_DATA_DIR
+    return os.path.expanduser(str(data_dir))
 
 
 def stored_size(data_config: ml_collections.ConfigDict) -> int:
