@@ -85,3 +85,28 @@ def test_models_benchmark_counts_and_times_a_tiny_step(tmp_path):
     # about 3 forward passes per image (3.06 here); counting only the forward, or the batch twice, would not be.
     ratio = row["train_step_gflops"] / (2 * row["forward_gflops_per_image"])
     assert 2.5 < ratio < 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, args, diff",
+    [
+        ("sampling.py", ["--images", "2", "--members", "2", "--steps", "5"], "max_abs_diff_of_means"),
+        ("curves.py", ["--images", "2", "--timesteps", "50"], "max_abs_diff"),
+    ],
+)
+def test_jitted_and_naive_ways_agree_in_the_speed_benchmarks(tmp_path, script, args, diff):
+    """The sampler (scan + vmap) and the curve evaluator (one compiled call) against the published codes' Python
+    loops, with the same keys: the benchmark only times them, so their outputs must be the same numbers."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--models", "ensemdiff", "--size", "tiny", *args]
+        + ["--repeats", "1", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row[diff] < 1e-4, row
