@@ -43,7 +43,10 @@ def _splits(data_config: ml_collections.ConfigDict) -> list[str]:
 def _id_path(example_id) -> str:
     """A file name for an example id: its text, any folders in it kept (the folder builder pairs by relative path)."""
     text = example_id.decode() if isinstance(example_id, bytes) else str(example_id)
-    return os.path.normpath(text.lstrip("/"))
+    name = os.path.normpath(text.lstrip("/"))
+    if name.split(os.sep)[0] == "..":
+        raise ValueError(f"Example id {text!r} would be written outside the export folder.")
+    return name
 
 
 def export(data_config: ml_collections.ConfigDict, out: str, log=print) -> dict[str, int]:
