@@ -190,10 +190,21 @@ def loss_fn(
         noise = jax.random.normal(noise_key, x0.shape)
         x_t = diffusion.q_sample(schedule, x0, t, noise)
         out, extras = split_output(apply_fn(params, x_t, t, cond, drop_key))
+        pred = prediction_type(experiment)
+        target = x0 if pred == "x0" else noise
+        expected = (*target.shape[:-1], target.shape[-1] * (2 if learn_sigma else 1))
+        if (
+            out.shape != expected
+        ):  # else an error deep in a split, or a broadcast into a plausible-looking loss
+            raise ValueError(
+                f"The network's output {out.shape} is not the {expected} the loss takes for a target of "
+                f"{target.shape} with learn_sigma={learn_sigma}. A network built with learn_sigma returns twice the "
+                "target's channels (the prediction and the variance v) and needs learn_sigma=True (config: "
+                "diffusion.learn_sigma); one without it, learn_sigma=False."
+            )
         if learn_sigma:
             out, v = jnp.split(out, 2, axis=-1)
-        pred = prediction_type(experiment)
-        per_example = per_example_mse(out, x0 if pred == "x0" else noise, reduction)
+        per_example = per_example_mse(out, target, reduction)
         if learn_sigma:
             frozen = jax.lax.stop_gradient(out)
             model_x0 = frozen if pred == "x0" else diffusion.predict_x0_from_eps(schedule, x_t, t, frozen)

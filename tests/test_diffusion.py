@@ -100,6 +100,28 @@ def test_ddpm_oracle_recovers_x0(prediction, variance):
     np.testing.assert_allclose(out, x0, atol=1e-4)
 
 
+def test_samplers_refuse_an_output_of_other_channels_than_x():
+    """A learn_sigma network (twice x's channels) sampled with a fixed variance is named by the shapes, not
+    left to fail on the scan's carry (DDPM); DDIM drops the variance half, but takes nothing else."""
+    sched = diffusion.get_schedule("cosine", 10)
+    two = lambda x, t: jnp.concatenate([x, x], -1)
+    with pytest.raises(
+        ValueError, match=r"returns \(2, 8, 8, 2\) for x of shape \(2, 8, 8, 1\).*'learned_range'"
+    ):
+        diffusion.ddpm_sample(two, sched, (2, 8, 8, 1), jax.random.PRNGKey(0))
+    out = diffusion.ddpm_sample(two, sched, (2, 8, 8, 1), jax.random.PRNGKey(0), variance="learned_range")
+    assert out.shape == (2, 8, 8, 1)
+    assert diffusion.ddim_sample(two, sched, (2, 8, 8, 1), jax.random.PRNGKey(0), num_steps=2).shape == (
+        2,
+        8,
+        8,
+        1,
+    )
+    three = lambda x, t: jnp.concatenate([x, x, x], -1)
+    with pytest.raises(ValueError, match=r"takes \(2, 8, 8, 1\) or \(2, 8, 8, 2\)"):
+        diffusion.ddim_sample(three, sched, (2, 8, 8, 1), jax.random.PRNGKey(0), num_steps=2)
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_oracle_recovers_x0(eta):
     sched = diffusion.get_schedule("linear", 1000)

@@ -117,6 +117,34 @@ def test_unknown_experiment_fails_clearly():
         )
 
 
+def test_an_output_of_other_channels_than_the_target_is_refused():
+    """A learn_sigma network (2 channels for a 1-channel mask) trained without learn_sigma=True, or the reverse,
+    would broadcast against the target into a plausible-looking loss."""
+    batch = _batch(jax.random.PRNGKey(0))
+    two = _Recorder(lambda x: jnp.concatenate([x, x], -1))
+    with pytest.raises(
+        ValueError,
+        match=r"output \(4, 8, 8, 2\) is not the \(4, 8, 8, 1\) .* target of \(4, 8, 8, 1\) with learn_sigma=False",
+    ):
+        objectives.loss_fn(two, None, batch, jax.random.PRNGKey(0), SCHED, experiment="e2")
+    loss, _ = objectives.loss_fn(
+        two, None, batch, jax.random.PRNGKey(0), SCHED, experiment="e2", learn_sigma=True
+    )
+    assert np.isfinite(float(loss))
+    with pytest.raises(
+        ValueError, match=r"output \(4, 8, 8, 1\) is not the \(4, 8, 8, 2\) .*learn_sigma=True"
+    ):  # one channel for the prediction and v
+        objectives.loss_fn(
+            _Recorder(lambda x: x),
+            None,
+            batch,
+            jax.random.PRNGKey(0),
+            SCHED,
+            experiment="e2",
+            learn_sigma=True,
+        )
+
+
 class _TinyNet(nn.Module):
     out: int
 

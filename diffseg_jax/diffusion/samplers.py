@@ -55,11 +55,13 @@ def model_x0_eps(
     return x0, eps
 
 
-def _with_extras(model_fn: ModelFn, shape: tuple[int, ...]):
+def _with_extras(model_fn: ModelFn, shape: tuple[int, ...], variances: tuple[str, ...]):
     """Wraps ``model_fn`` to always return (output, extras) and gives zero extras of the right structure.
 
     A network may return ``(output, extras)`` (MedSegDiff's ``cal`` head); samplers carry the extras of the
-    latest call so that those of the final step can be returned.
+    latest call so that those of the final step can be returned. Its output must have x's channels, or twice
+    as many with a learned variance: ``variances`` says which of the two the sampler takes; any other output is
+    refused here, by its shape, instead of failing (or broadcasting) inside the scan.
     """
 
     def fn(x, t):
@@ -69,6 +71,15 @@ def _with_extras(model_fn: ModelFn, shape: tuple[int, ...]):
     abstract = jax.eval_shape(
         fn, jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((shape[0],), jnp.int32)
     )
+    c = shape[-1]
+    allowed = [(*shape[:-1], 2 * c if v == "learned_range" else c) for v in variances]
+    if tuple(abstract[0].shape) not in allowed:
+        raise ValueError(
+            f"The network returns {tuple(abstract[0].shape)} for x of shape {tuple(shape)}; the sampler takes "
+            f"{' or '.join(map(str, allowed))}. A network built with learn_sigma (twice the channels: the "
+            "prediction and the variance v) samples with variance='learned_range' (config: "
+            "diffusion.learn_sigma=True), one without it with a fixed variance."
+        )
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract[1])
     return fn, zeros
 
@@ -123,7 +134,7 @@ def ddpm_sample(
     num_t = schedule.num_timesteps
     init_key, step_key = jax.random.split(key)
     x_init = jax.random.normal(init_key, shape)
-    fn, zero_extras = _with_extras(model_fn, shape)
+    fn, zero_extras = _with_extras(model_fn, shape, (variance,))
 
     def step(carry, t):
         x, _ = carry
@@ -184,7 +195,7 @@ def ddim_sample(
     init_key, step_key = jax.random.split(key)
     x_init = jax.random.normal(init_key, shape)
     ac_ext = jnp.concatenate([schedule.alphas_cumprod, jnp.ones((1,), jnp.float32)])  # index -1 → ᾱ = 1
-    fn, zero_extras = _with_extras(model_fn, shape)
+    fn, zero_extras = _with_extras(model_fn, shape, ("fixed_large", "learned_range"))
 
     def step(carry, ts_pair):
         x, _ = carry
