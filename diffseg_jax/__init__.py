@@ -7,6 +7,8 @@ Public, jit-friendly API for notebooks::
   x_t = diffusion.q_sample(sched, x0, t, noise)
   loss, aux = objectives.loss_fn(apply_fn, params, batch, key, sched, experiment="e2")
   x = diffusion.ddpm_sample(model_fn, sched, shape, key)           # or ddim_sample(..., num_steps=50)
+  # A network with a learned variance (config diffusion.learn_sigma, twice the mask channels) trains with
+  # loss_fn(..., learn_sigma=True) and samples with ddpm_sample(..., variance="learned_range").
   members = diffusion.ensemble_sample(lambda k: diffusion.ddim_sample(model_fn, sched, shape, k), key, 10)
 """
 
