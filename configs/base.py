@@ -367,7 +367,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --mode analyse (Sec. 4.2-4.3): which analyses, on a timestep grid of every t_step-th t, over the first
     # num_images test images and num_draws noise draws each; t_chunk timesteps at once (0: all; the
     # model-free curve sizes its chunks to memory, model_free.CHUNK_FLOATS, with t_chunk as the cap);
-    # smoothing: moving-average window of the figures (the arrays stay raw).
+    # smoothing: moving-average window of the figures, in timesteps whatever t_step is (the arrays stay raw).
     c.analysis = ml_collections.ConfigDict(
         dict(
             analyses=("mask_error", "loss", "forward", "model_free"),
@@ -486,7 +486,7 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.analysis.num_images = 4
     c.analysis.num_draws = 1
     c.analysis.t_step = 10
-    c.analysis.smoothing = 3
+    c.analysis.smoothing = 30  # timesteps: 3 samples of the t_step=10 grid
     c.analysis.forward_timesteps = (0, 20, 40, 60, 80, 99)
 
 

@@ -59,6 +59,10 @@ def summarise(rows: list[dict], smoothing: int, tol: float = 0.02) -> list[dict]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """``python -m diffseg_jax.analysis.fingerprints`` with ``argv`` (``--runs`` run folders or curve CSVs,
+    ``--out``, ``--smoothing`` in timesteps, ``--tol``): writes Fig. 4 and its table into ``--out``, prints the
+    table, and returns the paths written: ``csv`` (the mask_error curves gathered), ``png`` (Fig. 4), ``md``
+    (the table printed)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, help="run folders or curve CSVs")
     parser.add_argument("--out", default="fingerprints", help="output folder")

@@ -271,6 +271,7 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
 def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, meta, network, wanted):
     """The analyses of :func:`analyse`, written into ``out_dir``; returns the paths written."""
     a = config.analysis
+    window = plots.samples_in(ts, a.smoothing)  # analysis.smoothing is in timesteps, the curves on the t grid
     written = {}
     if "forward" in a.analyses:
         arrays = forward.forward_process(
@@ -310,7 +311,7 @@ def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, 
             errors=np.asarray(mf["errors"]),
             windows=np.asarray(model_free.WINDOWS),
         )
-        plots.curve_figure([written["model_free"]], os.path.join(out_dir, "model_free.png"), a.smoothing)
+        plots.curve_figure([written["model_free"]], os.path.join(out_dir, "model_free.png"), window)
         # Has the curve converged by T under this schedule, and which terminal ᾱ would make it converge?
         report = adaptive.terminal_report(
             schedule, test["mask"], key, config.diffusion.get("terminal_tol", 0.01)
@@ -331,5 +332,5 @@ def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, 
         if rows:
             written["curves"] = os.path.join(out_dir, "curves.csv")
             write_rows(written["curves"][:-4], rows)
-            plots.curve_figure([written["curves"]], os.path.join(out_dir, "curves.png"), a.smoothing)
+            plots.curve_figure([written["curves"]], os.path.join(out_dir, "curves.png"), window)
     return written
