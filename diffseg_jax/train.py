@@ -476,13 +476,17 @@ def train(
     ckpt = checkpoints.Checkpointer(
         os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.get("keep_every", 0)
     )
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, _ = ckpt.restore(latest, state)
-        logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
-    elif config.train.get("init_weights"):
-        state = import_initial_weights(config.train.init_weights, model, optimizer, state)
-        state = jax.device_put(state, NamedSharding(mesh, P()))
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            state, _ = ckpt.restore(latest, state)
+            logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
+        elif config.train.get("init_weights"):
+            state = import_initial_weights(config.train.init_weights, model, optimizer, state)
+            state = jax.device_put(state, NamedSharding(mesh, P()))
+    except BaseException:  # another model's checkpoint or weights: the manager's threads must not outlive it
+        ckpt.close()
+        raise
     start = int(state.step)
     num_steps = config.train.num_steps
     if start >= num_steps:  # the record keeps the num_steps the run was trained to

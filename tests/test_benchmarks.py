@@ -53,20 +53,26 @@ def test_summary_says_what_each_row_and_part_came_to(tmp_path, capsys):
     assert lines["no"].startswith("curves") and "see curves.log" in lines["no"]  # a part without any row
 
 
-@pytest.mark.slow
-def test_models_benchmark_counts_and_times_a_tiny_step(tmp_path):
-    out = tmp_path / "models.json"
+def _benchmark(tmp_path, script: str, *args: str) -> tuple[str, list[dict]]:
+    """Runs ``benchmarks/<script> <args>`` as a user does; returns its stdout and the rows of its JSON."""
+    out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/models.py", "--models", "nnunet", "--sizes", "tiny", "--batch", "2"]
-        + ["--repeats", "2", "--json", str(out)],
+        [sys.executable, f"benchmarks/{script}", *args, "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.startswith("backend: cpu")
-    (row,) = json.loads(out.read_text())["rows"]
+    return proc.stdout, json.loads(out.read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_models_benchmark_counts_and_times_a_tiny_step(tmp_path):
+    stdout, (row,) = _benchmark(
+        tmp_path, "models.py", "--models", "nnunet", "--sizes", "tiny", "--batch", "2", "--repeats", "2"
+    )
+    assert stdout.startswith("backend: cpu")
     assert "pending" not in row and "error" not in row  # the pending placeholder was replaced
     from configs import base
     from diffseg_jax import models, train
@@ -98,15 +104,7 @@ def test_models_benchmark_counts_and_times_a_tiny_step(tmp_path):
 def test_jitted_and_naive_ways_agree_in_the_speed_benchmarks(tmp_path, script, args, diff):
     """The sampler (scan + vmap) and the curve evaluator (one compiled call) against the published codes' Python
     loops, with the same keys: the benchmark only times them, so their outputs must be the same numbers."""
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--models", "ensemdiff", "--size", "tiny", *args]
-        + ["--repeats", "1", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    _, (row,) = _benchmark(
+        tmp_path, script, "--models", "ensemdiff", "--size", "tiny", *args, "--repeats", "1"
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["rows"]
     assert row[diff] < 1e-4, row
