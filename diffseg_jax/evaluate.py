@@ -333,15 +333,22 @@ def dataset_label(data_config: ml_collections.ConfigDict) -> str:
     return str(data_config.name)
 
 
+def trained_dataset(workdir: str) -> str | None:
+    """The :func:`dataset_label` of the data the run in ``workdir`` trained on, as its ``config.json`` records
+    it (None without a record)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    recorded = configlib.load(path).get("data", None)
+    return dataset_label(recorded) if recorded else None
+
+
 def _check_trained_data(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses to evaluate into the run's own ``eval/`` on another dataset than it trained on (as its
     ``config.json`` records it): an external test set's scores would replace the run's own, which Table 1 reads,
     and a config file retyped without the training's data overrides would score the wrong data unnoticed."""
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    recorded = configlib.load(path).get("data", None)
-    trained, this = dataset_label(recorded) if recorded else None, dataset_label(config.data)
+    trained, this = trained_dataset(workdir), dataset_label(config.data)
     if trained is not None and trained != this:
         raise configlib.ConfigError(
             f"The run in {workdir} was trained on {trained} ({path}), this config's data is {this}. For an "

@@ -310,3 +310,28 @@ def test_fingerprints_report_a_missing_path_or_a_file_of_another_kind_as_one_mes
     )
     with pytest.raises(files.DatasetFileError, match=r"cut\.csv, row 2"):
         run.read_rows(str(tmp_path / "cut.csv"))
+
+
+def test_analysing_other_data_than_the_run_trained_on_is_said(tmp_path, tfds_dir, caplog):
+    """--mode analyse with a config whose data differs from the run's record (a config file retyped without
+    the training's --config.data.kind) runs, as analysing a model on other data is legitimate, but says so."""
+    from conftest import tiny_config
+
+    from diffseg_jax import configlib, evaluate
+
+    trained = tiny_config(data_dir=tfds_dir)
+    trained.data.kind = "nuclei"
+    configlib.save(trained, str(tmp_path / "config.json"))
+    assert evaluate.trained_dataset(str(tmp_path)) == "synthetic-nuclei"
+    assert evaluate.trained_dataset(str(tmp_path / "nothing")) is None
+    config = tiny_config(data_dir=tfds_dir)  # lesions
+    config.analysis.analyses = ("forward",)  # no checkpoint needed
+    with caplog.at_level("WARNING"):
+        written = run.analyse(config, str(tmp_path))
+    assert os.path.exists(written["forward"])
+    assert "trained on synthetic-nuclei; these analyses are of synthetic-lesion" in caplog.text
+    caplog.clear()
+    trained.analysis.analyses = ("forward",)
+    with caplog.at_level("WARNING"):
+        run.analyse(trained, str(tmp_path))
+    assert "trained on" not in caplog.text
