@@ -428,6 +428,11 @@ def _save_on_interrupt(ckpt, state: TrainState, meta: dict, last_saved: int | No
     stops the save; orbax leaves no partial checkpoint."""
     if jax.process_count() > 1:
         return
+    if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(state)):
+        # Interrupted between a step's dispatch and its result: the donated state is gone, the result not there.
+        kept = "nothing is saved" if last_saved is None else f"step {last_saved} is kept"
+        logging.warning("Interrupted in the middle of a step: %s.", kept)
+        return
     step = int(state.step)
     if step <= (last_saved or 0):
         return
@@ -576,7 +581,10 @@ def train(
                     logging.info("Stopped at step %d as asked by the training hook.", done)
                     break
     except KeyboardInterrupt:  # Ctrl-C, or Colab's "Interrupt execution": keep the steps since the last save
-        _save_on_interrupt(ckpt, state, meta, last_saved)
+        try:
+            _save_on_interrupt(ckpt, state, meta, last_saved)
+        except Exception as e:  # a failed save never hides the interrupt
+            logging.warning("Interrupted; the save of the last step failed (%s).", e)
         raise
     finally:
         ckpt.close()

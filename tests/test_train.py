@@ -170,6 +170,29 @@ def test_an_interrupt_saves_the_steps_since_the_last_checkpoint(tmp_path, tfds_d
     assert int(state.step) == 6 and seen == [1, 2, 3, 4, 5, 6]  # resumed after step 3, not from scratch
 
 
+def test_an_interrupt_saves_only_a_whole_finite_unsaved_step(caplog):
+    saved = []
+    ckpt = type("Ckpt", (), {"save": lambda self, step, state, meta: saved.append((step, meta["step"]))})()
+
+    def state(step, value=1.0):
+        return train.TrainState(
+            step=jnp.asarray(step), params={"w": jnp.full((2,), value)}, ema_params={}, opt_state={},
+            key=jnp.zeros((2,), jnp.uint32),
+        )  # fmt: skip
+
+    train._save_on_interrupt(ckpt, state(5), {}, 4)
+    train._save_on_interrupt(ckpt, state(4), {}, 4)  # saved already
+    train._save_on_interrupt(ckpt, state(0), {}, None)  # no step finished
+    with caplog.at_level("WARNING"):
+        train._save_on_interrupt(ckpt, state(6, np.nan), {}, 4)
+        gone = state(7)
+        gone.params["w"].delete()  # the donated state of a step interrupted before its result came back
+        train._save_on_interrupt(ckpt, gone, {}, None)
+    assert saved == [(5, 5)]
+    assert "non-finite parameters: not saved; step 4 is kept" in caplog.text
+    assert "in the middle of a step: nothing is saved" in caplog.text
+
+
 _LOSSES_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {root!r})
