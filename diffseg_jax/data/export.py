@@ -26,17 +26,14 @@ from diffseg_jax.data import files, pipeline
 PARTIAL_SUFFIX = ".partial"
 
 
-def _splits(data_config: ml_collections.ConfigDict) -> list[str]:
+def _sources(data_config: ml_collections.ConfigDict) -> dict[str, pipeline.Source]:
     """The dataset's train and test splits, those it has (a held-out test part counts)."""
-    found = []
+    found = {}
     for split in ("train", "test"):
         try:
-            pipeline.load_split(data_config, split)
-        except ValueError as e:
-            if "has no" not in str(e):
-                raise
+            found[split] = pipeline.load_split(data_config, split)
+        except pipeline.MissingSplitError:
             continue
-        found.append(split)
     return found
 
 
@@ -58,8 +55,7 @@ def export(data_config: ml_collections.ConfigDict, out: str, log=print) -> dict[
     shutil.rmtree(partial, ignore_errors=True)  # a previous export that was cut short
     counts = {}
     t0 = time.time()
-    for split in _splits(data_config):
-        source = pipeline.load_split(data_config, split)
+    for split, source in _sources(data_config).items():
         for i in range(len(source)):
             example = source[i]
             name = _id_path(example["id"])

@@ -176,6 +176,10 @@ MANUAL_DATASETS = ("isic2016", "monuseg2018", "segmentation_folder")
 SPLITS = ("train", "test", "fit", "validation")
 
 
+class MissingSplitError(ValueError):
+    """A split the dataset does not have on disk (nor holds out of another)."""
+
+
 class Subset:
     """The examples of `source` at `indices` (a random-access source itself)."""
 
@@ -237,7 +241,7 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> Source:
             if split == "test"
             else "add the training images to config.data.manual_dir"
         )
-        raise ValueError(
+        raise MissingSplitError(
             f"Dataset {name!r} has no {split!r} split (found {sorted(sources)}"
             + (f" in manual_dir {data_config.get('manual_dir')}" if name in MANUAL_DATASETS else "")
             + f"); {fix}."
