@@ -3,25 +3,28 @@
   python benchmarks/models.py                       # tiny configs timed; published configs counted only
   python benchmarks/models.py --time-published      # also time the published configs (use an accelerator)
   python benchmarks/models.py --models ensemdiff,segdiff --dtype bfloat16 --remat --json out.json
-  python benchmarks/models.py --sizes published --time-published --compile-workers 7 \
-      --models segformer,ensemdiff,segdiff,medsegdiff,nnunet,ensemdiff+bfloat16,ensemdiff+remat
+  python benchmarks/models.py --sizes published --time-published \
+      --models nnunet,ensemdiff,ensemdiff+bfloat16,ensemdiff+remat,medsegdiff,segdiff,segformer
 
 Prints the backend and device, then one row per (architecture, size). FLOPs are XLA's cost analysis: one
 forward pass of one image, and one whole train step (forward, backward, optimizer) of the batch; achieved
 TFLOP/s = train-step FLOPs / median step time. The step is each architecture's own: E2 with its published
 loss for the diffusion models, E1 for the feed-forward references. Compile time (lowering and XLA
-compilation of the step) is reported apart from the steady-state median, and the state's initialisation
-(compiled too) apart from both. Memory: XLA's analysis of the compiled step (arguments + outputs +
-temporaries) and, where the backend exposes it (GPU/TPU), the allocator's peak so far in this process.
+compilation of the step) is reported apart from the steady-state median, and the state's set-up apart from
+both (host-made weights of the model's shapes, ``common.host_variables``; ``--model-init`` for the model's own
+initialisation, compiled). Memory: XLA's analysis of the compiled step (arguments + outputs +
+temporaries) and, where the backend exposes it (GPU/TPU), the allocator's peak and what the step added to the
+memory in use before it (``common.step_memory``: credited only to the row that raised the process's peak).
 
 A model entry may carry its own variant: ``ensemdiff+bfloat16``, ``ensemdiff+remat``,
 ``ensemdiff+bfloat16+remat`` (``--dtype`` / ``--remat`` are the default of entries without one).
 
 ``--compile-workers N`` prepares up to N rows at once in threads (XLA releases the GIL while it compiles), then
 times the rows one after another once every compilation has finished, so no compilation (nor the GPU's
-convolution autotuning) runs beside a timed step. On a GPU, where each published step compiles for about a
-minute, the wall time becomes the longest compilation plus the timings instead of the sum of the
-compilations; each row's ``compile_s`` is then measured beside the others' (``compile_concurrency`` in the
+convolution autotuning) runs beside a timed step. It pays on a CPU (two published rows prepared on 2 cores in
+246.6 s against 401 s one after the other) but not on a GPU: on the H200 (2026-11-28) seven published rows
+prepared in 7 threads had one row ready after 420 s, where one at a time each compiles in 35-70 s, so
+``gpu_check.sh`` prepares them one at a time. Each row's ``compile_s`` is then measured beside the others' (``compile_concurrency`` in the
 row says with how many), so it is an upper bound of its compile time alone. ``--compile-deadline S``: after
 S seconds the rows that are ready are timed anyway, beside the compilations still running (marked
 ``timed_beside_compilation``), and the rest as they come, so one slow compilation under a time limit does
@@ -94,16 +97,19 @@ def _forward_flops(model, variables, x, t, cond) -> float:
 
 
 def prepare(
-    name: str, tiny: bool, batch: int, time_it: bool, dtype: str, remat: bool
+    name: str, tiny: bool, batch: int, time_it: bool, dtype: str, remat: bool, model_init: bool = False
 ) -> tuple[dict, Callable[[int], None] | None]:
-    """(the row's counts, and a function that times the compiled step and adds its figures) — None if untimed."""
+    """(the row's counts, and a function that times the compiled step and adds its figures) — None if untimed.
+
+    The state starts from ``common.host_variables`` unless ``model_init`` (the model's own initialisation).
+    """
     config = _config(name, tiny, dtype, remat)
     size, ch = config.data.image_size, config.data.image_channels
     model = train.build_model(config.model, train.output_channels(config, ch), size)
     x = jnp.zeros((1, size, size, 1))
     cond = jnp.zeros((1, size, size, ch))
     t = jnp.zeros((1,), jnp.int32)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0, impl="rbg"), x, t, cond))
+    abstract = common.abstract_variables(model, size, ch)
     row = {
         "model": name,
         "size": "tiny" if tiny else "published",
@@ -119,13 +125,15 @@ def prepare(
         return row, None
     t0 = time.perf_counter()
     optimizer = train.make_optimizer(config.train)
-    state = jax.jit(
-        lambda: train.create_train_state(
-            train.init_variables(model, jax.random.PRNGKey(0), (1, size, size, 1), (1, size, size, ch)),
-            optimizer,
-            jax.random.PRNGKey(1),
-        )
-    )()
+    if model_init:
+        variables = jax.jit(
+            lambda: train.init_variables(
+                model, jax.random.PRNGKey(0), (1, size, size, 1), (1, size, size, ch)
+            )
+        )()
+    else:
+        variables = common.host_variables(abstract)  # an argument, not a constant folded into the program
+    state = jax.jit(lambda v: train.create_train_state(v, optimizer, jax.random.PRNGKey(1)))(variables)
     mesh = train.data_mesh()
     # Replicated as the train loop places it: the step's output sharding, so the compiled step takes its own
     # output back (the AOT executable below refuses anything else instead of recompiling quietly).
@@ -140,7 +148,7 @@ def prepare(
     }
     device_batch = train.shard_batch(batch_np, mesh)
     common.block(state)
-    row["init_s"] = time.perf_counter() - t0  # compiling and running the state's initialisation
+    row["init_s"] = time.perf_counter() - t0  # the state's set-up (and its compilation)
     t0 = time.perf_counter()
     lowered = step.lower(state, device_batch)
     compiled = lowered.compile()
@@ -154,10 +162,12 @@ def prepare(
         return metrics["loss"]
 
     def run(repeats: int) -> None:
+        before = common.device_memory()
         row["first_step_s"], row["train_step_median_s"] = common.timed(one_step, repeats)
         row["images_per_s"] = batch / row["train_step_median_s"]
         row["achieved_tflops"] = row["train_step_gflops"] / row["train_step_median_s"] / 1e3
-        row["device_peak_gib"] = common.device_peak_gib()
+        row["last_loss"] = float(one_step())  # a finite loss: the timed steps computed something real
+        row.update(common.step_memory(before, common.device_memory()))
         holder.clear()  # the state's device memory goes before the next row is timed
 
     return row, run
@@ -203,6 +213,11 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--time-published", action="store_true")
+    parser.add_argument(
+        "--model-init",
+        action="store_true",
+        help="start from the model's own initialisation (compiled: slow on GPU) instead of host-made weights",
+    )
     parser.add_argument("--compile-workers", type=int, default=1, help="rows prepared at once (threads)")
     parser.add_argument(
         "--compile-deadline",
@@ -231,7 +246,9 @@ def main():
     def prepare_one(i: int):
         name, dtype, remat, tiny = specs[i]
         try:
-            row, run = prepare(name, tiny, args.batch, tiny or args.time_published, dtype, remat)
+            row, run = prepare(
+                name, tiny, args.batch, tiny or args.time_published, dtype, remat, args.model_init
+            )
         except Exception as error:  # noqa: BLE001 — one failing row must not lose the others
             record(i, _failed(specs[i], args.batch, error))
             return None

@@ -34,9 +34,9 @@ def _setup(name: str, published: bool, steps: int):
     config.eval.sampler = "ddpm"
     size = PUBLISHED_SIZE if published else config.data.image_size
     model = train.build_model(config.model, 1, size)
-    variables = jax.jit(
-        lambda: train.init_variables(model, jax.random.PRNGKey(0), (1, size, size, 1), (1, size, size, 3))
-    )()
+    # Host-made weights of the model's shapes (common.host_variables): its own initialisation only costs
+    # compile time on a GPU, and its zero-initialised output layer would leave the network's output zero.
+    variables = common.host_variables(common.abstract_variables(model, size, 3))
     return config, model, variables, size
 
 

@@ -31,7 +31,7 @@ def main(directory: str) -> None:
             results.append((os.path.splitext(os.path.basename(path))[0], result))
     device = results[0][1]["device"] if results else f"no benchmark JSON in {directory}"
     print(f"\n==== summary ({device})")
-    print(f"{'benchmark':20s} {'model':15s} {'px':>4s} {'what':44s} {'figure':>36s}")
+    print(f"{'benchmark':20s} {'model':15s} {'px':>4s} {'what':44s} {'figure':>50s}")
     for name, result in results:
         for r in result["rows"]:
             if "error" in r:
@@ -39,7 +39,7 @@ def main(directory: str) -> None:
                 continue
             if r.get("pending"):  # models.py lists every row first: this one never finished compiling
                 print(
-                    f"{name:20s} {r['model']:15s} {'':4s} {_train_what(r):44s} {'not compiled: time limit':>36s}"
+                    f"{name:20s} {r['model']:15s} {'':4s} {_train_what(r):44s} {'not compiled: time limit':>50s}"
                 )
                 continue
             if "train_step_gflops" in r and r.get("images_per_s") is None:
@@ -47,10 +47,13 @@ def main(directory: str) -> None:
             elif "train_step_gflops" in r:
                 what = _train_what(r)
                 what += " (timed beside compiles)" if r.get("timed_beside_compilation") else ""
+                # XLA's memory analysis of the step, then what the step added on the device where known.
                 figure = (
                     f"{_f(r.get('images_per_s'), '%.1f')} img/s {_f(r.get('achieved_tflops'), '%.1f')} TFLOP/s "
-                    f"{_f(r.get('device_peak_gib') or r.get('xla_memory_gib'), '%.1f')} GiB"
+                    f"XLA {_f(r.get('xla_memory_gib'), '%.1f')} GiB"
                 )
+                if r.get("step_transient_gib") is not None:
+                    figure += f", step +{r['step_transient_gib']:.1f} GiB"
             elif "scan_s" in r:
                 what = f"{r['images']} img × {r['members']} members × {r['steps']} steps"
                 figure = f"scan {r['scan_member_steps_per_s']:.0f} vs loop {r['naive_member_steps_per_s']:.0f} m-s/s ×{r['speedup']:.1f}"
@@ -63,7 +66,7 @@ def main(directory: str) -> None:
                 figure = f"{r['images_per_s']:.1f} img/s"
             else:
                 continue
-            print(f"{name:20s} {r['model']:15s} {r['image_size']:4d} {what:44s} {figure:>36s}")
+            print(f"{name:20s} {r['model']:15s} {r['image_size']:4d} {what:44s} {figure:>50s}")
     for log in empty:
         print(
             f"{os.path.splitext(log)[0]:20s} no row: stopped (time limit?) before its first result; see {log}"

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -19,6 +20,18 @@ def test_hlo_flops_of_a_matmul_is_the_closed_form():
     m, k, n = 8, 16, 4
     lowered = jax.jit(jnp.matmul).lower(jnp.zeros((m, k)), jnp.zeros((k, n)))
     assert common.hlo_flops(lowered) == 2 * m * k * n
+    # The route a GPU behind a PJRT plugin takes (its Lowered.cost_analysis() is None): the same count.
+    assert common.cpu_hlo_flops(lowered) == 2 * m * k * n
+
+
+def test_step_memory_credits_a_row_only_with_a_peak_it_raised():
+    # JAX's peak counter runs over the process: rows timed one after another share it.
+    raised = common.step_memory(before=(10.0, 40.0), after=(10.5, 52.0))
+    assert raised == {"device_peak_gib": 52.0, "step_transient_gib": 42.0, "device_resident_gib": 10.0}
+    under = common.step_memory(before=(10.0, 52.0), after=(10.0, 52.0))
+    assert under == {"device_peak_below_gib": 52.0, "device_resident_gib": 10.0}
+    assert common.step_memory(None, None) == {}  # CPU: no allocator statistics
+    assert common.device_memory() is None or len(common.device_memory()) == 2
 
 
 def test_summary_says_what_each_row_and_part_came_to(tmp_path, capsys):
@@ -36,7 +49,9 @@ def test_summary_says_what_each_row_and_part_came_to(tmp_path, capsys):
             "compile_s": 48.5,
             "images_per_s": 89.4,
             "achieved_tflops": 133.0,
+            "xla_memory_gib": 13.3,
             "device_peak_gib": 36.1,
+            "step_transient_gib": 30.2,
             "timed_beside_compilation": True,
         },
     ]
@@ -49,7 +64,7 @@ def test_summary_says_what_each_row_and_part_came_to(tmp_path, capsys):
     assert "FAILED: XlaRuntimeError: RESOURCE_EXHAUSTED" in lines["segdiff"]
     assert lines["medsegdiff"].endswith("compiled in 60 s, not timed")
     assert "float32 remat batch 8 (timed beside compiles)" in lines["ensemdiff"]
-    assert lines["ensemdiff"].endswith("89.4 img/s 133.0 TFLOP/s 36.1 GiB")
+    assert lines["ensemdiff"].endswith("89.4 img/s 133.0 TFLOP/s XLA 13.3 GiB, step +30.2 GiB")
     assert lines["no"].startswith("curves") and "see curves.log" in lines["no"]  # a part without any row
 
 
@@ -84,6 +99,7 @@ def test_models_benchmark_counts_and_times_a_tiny_step(tmp_path):
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t, cond))
     assert row["params"] == models.param_count(abstract["params"]) and row["image_size"] == size
     assert row["images_per_s"] == pytest.approx(2 / row["train_step_median_s"])
+    assert np.isfinite(row["last_loss"]) and row["last_loss"] > 0  # host-made weights train to a real loss
     assert row["achieved_tflops"] == pytest.approx(
         row["train_step_gflops"] / row["train_step_median_s"] / 1e3
     )
