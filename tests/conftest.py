@@ -46,11 +46,11 @@ def tiny_config(config_file: str = "e2_synthetic", arg: str = "tiny", data_dir: 
     return config
 
 
-def run_module(module: str, *args: str, timeout: int = 900) -> str:
-    """``python -m <module> <args>`` from the repository root, as a user runs it; asserts it succeeds and returns
-    its stdout and stderr (absl logs to stderr)."""
+def run_module(module: str, *args: str, timeout: int = 900, cwd=ROOT) -> str:
+    """``python -m <module> <args>`` from the repository root (or ``cwd``), as a user runs it; asserts it
+    succeeds and returns its stdout and stderr (absl logs to stderr)."""
     out = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out.stdout + out.stderr

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_module, tiny_config
+from conftest import ROOT, run_module, tiny_config
 
 from diffseg_jax import metrics as metrics_lib
 
@@ -120,14 +120,19 @@ def test_from_run_reads_back_every_config_file_as_it_was_recorded(tmp_path):
         from_run.get_config(str(tmp_path / "missing"))
 
 
-def test_summary_prints_published_ensemdiff_param_count():
+def _run_elsewhere(args, cwd, timeout=900):
+    return run_module("diffseg_jax.main", *args, timeout=timeout, cwd=cwd)
+
+
+def test_summary_prints_published_ensemdiff_param_count(tmp_path):
     # The published scheme learns the variance (2 output channels); the plain ε loss has one.
     log = _run(["--config", "configs/e2_isic.py:ensemdiff", "--mode", "summary"], timeout=300)
     assert "params: 113673218" in log
-    log = _run(
-        ["--config", "configs/e2_isic.py:ensemdiff", "--mode", "summary", "--config.objective.loss=eps_mse"],
-        timeout=300,
-    )
+    # From another working directory, with the config's full path: the config's `from configs import base`
+    # resolves through the installed package (pyproject's packages), not the current directory.
+    config = os.path.join(ROOT, "configs", "e2_isic.py")
+    args = ["--config", f"{config}:ensemdiff", "--mode", "summary", "--config.objective.loss=eps_mse"]
+    log = _run_elsewhere(args, cwd=tmp_path, timeout=300)
     assert "params: 113672065" in log
 
 
@@ -297,18 +302,16 @@ def _readme_python_blocks() -> list[str]:
 
 @pytest.mark.slow
 def test_readme_from_python_example_runs_as_written(tmp_path, tfds_dir):
-    """The README's Python example, run as a user pastes it (from a folder of their own, at the tiny scale it
-    loads, 2 steps instead of 200): every call exists with the arguments shown, and the table it ends with holds
-    the run it evaluated."""
+    """The README's Python example, run as a user pastes it (from a folder of their own, where `configs` comes
+    from the install, at the tiny scale it loads, 2 steps instead of 200): every call exists with the arguments
+    shown, and the table it ends with holds the run it evaluated."""
     import subprocess
     import sys
 
-    from conftest import ROOT
     from PIL import Image
 
     code = _readme_python_blocks()[0]
     for old, new in (
-        ('"/path/to/diffseg-jax"', repr(ROOT)),
         ("config.train.num_steps = 200", f"config.train.num_steps = 2; config.data.data_dir = {tfds_dir!r}"),
     ):
         assert old in code, old  # the README changed: update this test with it
