@@ -135,8 +135,8 @@ def host_variables(abstract: dict, seed: int = 0) -> dict:
     collections (normalisation statistics) ones.
 
     What a step costs does not depend on the weights' values, and the model's own initialisation is slow to
-    compile on a GPU (34 s for published EnsemDiff on the H200, 2026-11-28: its random numbers), which is
-    not what the benchmarks measure (``models.py --model-init`` times the model's own initialisation).
+    compile on a GPU (34 s for published EnsemDiff on the H200, 2026-11-28), which is not what the
+    benchmarks measure (``models.py --model-init`` times the model's own initialisation).
     """
     rng = np.random.default_rng(seed)
 

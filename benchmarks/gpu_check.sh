@@ -8,10 +8,10 @@
 #                                                     # (3 min on 2 cores; sampling_tiny hits its GPU-sized limit)
 #
 # XLA compiles a published UNet's train step in 33-71 s on an H200 (convolution autotuning; 2026-11-28:
-# nnU-Net 33 s, EnsemDiff 51 s with remat and 71 s in bf16), so the train part may not reach all seven rows
-# within its limit: it times them in TRAIN_MODELS' order and the summary names those it did not reach (run
-# them with TRAIN_MODELS=...). The rows are compiled one at a time: seven compiled at once in threads had one row
-# ready after 420 s on the H200. The states start from host-made weights (benchmarks/common.py
+# nnU-Net 33 s, EnsemDiff 51 s with remat and 71 s in bf16), so the train part may not reach all seven
+# rows within its limit: it times them in TRAIN_MODELS' order and the summary names those it did not reach
+# (run them with TRAIN_MODELS=...). The rows are compiled one at a time: seven compiled at once in threads
+# had one row ready after 420 s on the H200. The states start from host-made weights (benchmarks/common.py
 # host_variables): the model's own initialisation took another 34 s to compile there and is not what is
 # timed. The parts run under their own time limits and write JSON row by row: a limit loses only what was
 # not done.

@@ -23,9 +23,10 @@ A model entry may carry its own variant: ``ensemdiff+bfloat16``, ``ensemdiff+rem
 times the rows one after another once every compilation has finished, so no compilation (nor the GPU's
 convolution autotuning) runs beside a timed step. It pays on a CPU (two published rows prepared on 2 cores in
 246.6 s against 401 s one after the other) but not on a GPU: on the H200 (2026-11-28) seven published rows
-prepared in 7 threads had one row ready after 420 s, where one at a time each compiles in 35-70 s, so
-``gpu_check.sh`` prepares them one at a time. Each row's ``compile_s`` is then measured beside the others' (``compile_concurrency`` in the
-row says with how many), so it is an upper bound of its compile time alone. ``--compile-deadline S``: after
+prepared in 7 threads had one row ready after 420 s, while one at a time EnsemDiff's steps compile in
+51-71 s, so ``gpu_check.sh`` prepares them one at a time. Each row's ``compile_s`` is then measured beside
+the others' (``compile_concurrency`` in the row says with how many), so it is an upper bound of its compile
+time alone. ``--compile-deadline S``: after
 S seconds the rows that are ready are timed anyway, beside the compilations still running (marked
 ``timed_beside_compilation``), and the rest as they come, so one slow compilation under a time limit does
 not lose every timing. A row that fails (out of memory, an unsupported op) is reported with its error and
