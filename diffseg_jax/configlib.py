@@ -452,11 +452,26 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         _fail("eval.ensemble_size", config.eval.ensemble_size, "Use at least one member.")
 
 
+# The config's file and folder paths: a run records them absolute.
+PATH_KEYS = ("data.data_dir", "data.manual_dir", "train.init_weights")
+
+
 def save(config: ml_collections.ConfigDict, path: str) -> None:
-    """Writes the config as JSON (for the record; runs are configured by the config files)."""
+    """Writes the config as JSON (for the record; runs are configured by the config files).
+
+    The paths of :data:`PATH_KEYS` are written absolute (``~`` expanded, relative ones resolved against the
+    current directory), so ``configs/from_run.py`` finds the run's data from any directory later; ``config``
+    itself is not changed.
+    """
+    record = json.loads(config.to_json_best_effort())
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = record.get(section, {}).get(key)
+        if isinstance(value, str) and value:
+            record[section][key] = os.path.abspath(os.path.expanduser(value))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        json.dump(record, f, indent=2, sort_keys=True)
 
 
 def load(path: str) -> ml_collections.ConfigDict:

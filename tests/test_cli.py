@@ -83,7 +83,7 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
         assert (workdir / "eval_again" / name).stat().st_size > 1000
 
 
-def test_from_run_reads_back_every_config_file_as_it_was_recorded(tmp_path):
+def test_from_run_reads_back_every_config_file_as_it_was_recorded(tmp_path, monkeypatch):
     # configs/from_run.py:<run> rebuilds the config a run recorded: every value, with the declared types
     # (tuples, typed placeholders), for every experiment, dataset and architecture.
     import glob
@@ -118,6 +118,18 @@ def test_from_run_reads_back_every_config_file_as_it_was_recorded(tmp_path):
     assert from_run.get_config(str(tmp_path / "0")).data.image_scaling == "auto"
     with pytest.raises(FileNotFoundError, match="not a trained run's folder"):
         from_run.get_config(str(tmp_path / "missing"))
+    # Paths given relative to where training ran are recorded absolute: the run reads back from anywhere.
+    (tmp_path / "started_here").mkdir()
+    monkeypatch.chdir(tmp_path / "started_here")
+    config = importlib.import_module("configs.e2_folder").get_config("tiny")
+    config.data.manual_dir, config.train.init_weights = "../my_data", "~/weights.safetensors"
+    configlib.save(config, "run/config.json")
+    assert config.data.manual_dir == "../my_data"  # the live config is not changed
+    monkeypatch.chdir(tmp_path)
+    recorded = from_run.get_config(str(tmp_path / "started_here" / "run"))
+    assert recorded.data.manual_dir == str(tmp_path / "my_data")
+    assert recorded.train.init_weights == os.path.join(os.path.expanduser("~"), "weights.safetensors")
+    assert recorded.data.data_dir is None  # unset stays unset
 
 
 def _run_elsewhere(args, cwd, timeout=900):
