@@ -358,8 +358,9 @@ def _check_trained_data(config: ml_collections.ConfigDict, workdir: str) -> None
 
 
 def folder_label(path: str) -> str:
-    """An image/mask folder's name for tables and cell folders: its last component (``/data/her2/`` → ``her2``)."""
-    return os.path.basename(os.path.normpath(os.path.expanduser(path)))
+    """An image/mask folder's name for tables and cell folders: its last component (``/data/her2/`` → ``her2``;
+    ``.`` → the current folder's name, as a run's ``config.json`` records the path absolute)."""
+    return os.path.basename(os.path.abspath(os.path.expanduser(path)))
 
 
 def evaluate(

@@ -130,6 +130,12 @@ def test_from_run_reads_back_every_config_file_as_it_was_recorded(tmp_path, monk
     assert recorded.data.manual_dir == str(tmp_path / "my_data")
     assert recorded.train.init_weights == os.path.join(os.path.expanduser("~"), "weights.safetensors")
     assert recorded.data.data_dir is None  # unset stays unset
+    # The folder's label for tables (and the check that evaluation reads the data trained on) is the same
+    # for the path as given and as recorded, "." included.
+    from diffseg_jax import evaluate
+
+    for given in ("../my_data", ".", "./", "my_data/"):
+        assert evaluate.folder_label(given) == evaluate.folder_label(os.path.abspath(given)) != ""
 
 
 def _run_elsewhere(args, cwd, timeout=900):
