@@ -15,7 +15,8 @@
 # host_variables): the model's own initialisation took another 34 s to compile there and is not what is
 # timed. The parts run under their own time limits and write JSON row by row: a limit loses only what was
 # not done.
-# Where the machine lacks a dependency, put wheels in .whl/ (README "Performance"); they go to /tmp/site.
+# Where the machine lacks a dependency, put wheels in .whl/ (bash benchmarks/gpu_wheels.sh makes those the
+# H200 image lacks); they go to /tmp/site.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmark_results}"
