@@ -45,6 +45,13 @@ from diffseg_jax.data import augment as augmentation
 from diffseg_jax.data import files
 from diffseg_jax.diffusion import timesteps
 
+# Progress between the logs of train.log_every: a published config on a CPU takes minutes per step (log_every
+# 100 would print nothing for hours). After the first step (compilation included) a line says how long it took;
+# when the second takes longer than SLOW_STEP_S seconds, every step is waited on and a progress line comes at
+# least every PROGRESS_EVERY_S seconds (console only: metrics.jsonl keeps the log_every cadence).
+SLOW_STEP_S = 2.0
+PROGRESS_EVERY_S = 60.0
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -522,11 +529,14 @@ def train(
     step_fn = jit_train_step(make_train_step(model, optimizer, schedule, config, tables), mesh)
     writer = writers.MetricWriter(workdir) if primary else writers.NullWriter()
     # On CPU with several devices, queueing many collective steps without waiting can deadlock the
-    # all-reduce: wait on the loss at least this often (and at every log / checkpoint).
+    # all-reduce: wait on the loss at least this often (and at every log / checkpoint). Also after the first
+    # two steps, to report the first (compilation included) and to time the second: steps slower than
+    # SLOW_STEP_S are then each waited on, so progress shows between logs (see PROGRESS_EVERY_S).
     sync_every = max(1, min(config.train.log_every, 8))
+    last_log = t_first = time.time()
     meta = {"config": config.to_dict(), "num_devices": n_dev}
     last_saved = latest
-    t_start, step_at_start = time.time(), start
+    t_start = time.time()
     d = config.data  # (.get: configs saved before these keys existed still load)
     stream = data.batch_stream(
         train_ds, start, d.get("num_threads", 4), d.get("num_workers", 0), d.get("prefetch", 8)
@@ -542,7 +552,8 @@ def train(
                     hook is not None and hook_every > 0 and done % hook_every == 0 and hook(done, state)
                 )
                 save_now = done % config.train.ckpt_every == 0 or is_last or term.requested or stop
-                if done % sync_every == 0 or save_now or done % config.train.log_every == 0:
+                early = done - start <= 2
+                if early or done % sync_every == 0 or save_now or done % config.train.log_every == 0:
                     loss = float(metrics["loss"])  # Blocks: keeps the device queue short.
                     grad_norm = float(metrics["grad_norm"])
                     if not (np.isfinite(loss) and np.isfinite(grad_norm)):
@@ -551,10 +562,13 @@ def train(
                             f"saving. The last good checkpoint (step {last_saved}) is kept in {ckpt.directory}. "
                             "Lower train.lr or set train.grad_clip, then rerun: it resumes from that checkpoint."
                         )
+                    now = time.time()
+                    if done > start + 1:  # the steps since the first, whose time includes compiling
+                        rate = (done - start - 1) / max(now - t_first, 1e-9)
+                    else:
+                        rate = (done - start) / max(now - t_start, 1e-9)
+                    eta = (num_steps - done) / max(rate, 1e-9)
                     if done % config.train.log_every == 0 or is_last:
-                        elapsed = time.time() - t_start
-                        rate = (done - step_at_start) / max(elapsed, 1e-9)
-                        eta = (num_steps - done) / max(rate, 1e-9)
                         logging.info(
                             "step %d/%d  loss %.5f  %.2f steps/s  ETA %s",
                             done,
@@ -570,6 +584,36 @@ def train(
                                 "grad_norm": grad_norm,
                                 "steps_per_second": rate,
                             },
+                        )
+                        last_log = now
+                    elif done == start + 1:
+                        logging.info(
+                            "step %d/%d  loss %.5f  first step %s (compilation included); logged every %d steps",
+                            done,
+                            num_steps,
+                            loss,
+                            writers.format_duration(now - t_start),
+                            config.train.log_every,
+                        )
+                        last_log = now
+                    elif now - last_log >= PROGRESS_EVERY_S:  # slow steps: progress between logs
+                        logging.info(
+                            "step %d/%d  loss %.5f  %.2f steps/s  ETA %s",
+                            done,
+                            num_steps,
+                            loss,
+                            rate,
+                            writers.format_duration(eta),
+                        )
+                        last_log = now
+                    if done == start + 1:
+                        t_first = now
+                    elif done == start + 2 and now - t_first > SLOW_STEP_S and sync_every > 1:
+                        sync_every = 1  # waiting on each step costs nothing beside its seconds
+                        logging.info(
+                            "The second step took %s: progress is logged at least every %s.",
+                            writers.format_duration(now - t_first),
+                            writers.format_duration(PROGRESS_EVERY_S),
                         )
                 if save_now:
                     ckpt.save(done, state, {**meta, "step": done})

@@ -498,3 +498,39 @@ def test_every_architecture_slots_into_every_experiment(tfds_dir, arch, experime
     x_channels = 3 if experiment == "e4" else 1
     image_channels = 3 if experiment in ("e1", "e2") and arch != "segdiff" else 0
     assert stem.shape[2] == x_channels + image_channels
+
+
+def _progress_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("step ", "The second step"))]
+
+
+def test_progress_is_shown_between_logs_when_steps_are_slow(tmp_path, tfds_dir, caplog, monkeypatch):
+    # log_every=100 over 5 steps: fast steps show the first step (compilation included) and the last only;
+    # steps slower than SLOW_STEP_S (0 here) are each waited on, with a line every PROGRESS_EVERY_S (0 here).
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = 5, 100, 100
+    with caplog.at_level("INFO"):
+        train.train(config, str(tmp_path / "fast"))
+    lines = _progress_lines(caplog)
+    assert len(lines) == 2, lines
+    assert (
+        lines[0].startswith("step 1/5") and "first step" in lines[0] and "logged every 100 steps" in lines[0]
+    )
+    assert lines[1].startswith("step 5/5") and "ETA" in lines[1]
+    caplog.clear()
+    monkeypatch.setattr(train, "SLOW_STEP_S", 0.0)
+    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level("INFO"):
+        train.train(config, str(tmp_path / "slow"))
+    lines = _progress_lines(caplog)
+    assert [line.split()[1] for line in lines if line.startswith("step")] == [
+        "1/5",
+        "2/5",
+        "3/5",
+        "4/5",
+        "5/5",
+    ]
+    assert any(line.startswith("The second step took") for line in lines)
+    # metrics.jsonl keeps the log_every cadence: the progress lines are for the console only.
+    with open(tmp_path / "slow" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [5]
