@@ -568,25 +568,8 @@ def train(
                     else:
                         rate = (done - start) / max(now - t_start, 1e-9)
                     eta = (num_steps - done) / max(rate, 1e-9)
-                    if done % config.train.log_every == 0 or is_last:
-                        logging.info(
-                            "step %d/%d  loss %.5f  %.2f steps/s  ETA %s",
-                            done,
-                            num_steps,
-                            loss,
-                            rate,
-                            writers.format_duration(eta),
-                        )
-                        writer.write(
-                            done,
-                            {
-                                "loss": loss,
-                                "grad_norm": grad_norm,
-                                "steps_per_second": rate,
-                            },
-                        )
-                        last_log = now
-                    elif done == start + 1:
+                    logged = done % config.train.log_every == 0 or is_last
+                    if done == start + 1 and not logged:
                         logging.info(
                             "step %d/%d  loss %.5f  first step %s (compilation included); logged every %d steps",
                             done,
@@ -596,7 +579,7 @@ def train(
                             config.train.log_every,
                         )
                         last_log = now
-                    elif now - last_log >= PROGRESS_EVERY_S:  # slow steps: progress between logs
+                    elif logged or now - last_log >= PROGRESS_EVERY_S:  # the latter: slow steps, between logs
                         logging.info(
                             "step %d/%d  loss %.5f  %.2f steps/s  ETA %s",
                             done,
@@ -606,6 +589,8 @@ def train(
                             writers.format_duration(eta),
                         )
                         last_log = now
+                    if logged:
+                        writer.write(done, {"loss": loss, "grad_norm": grad_norm, "steps_per_second": rate})
                     if done == start + 1:
                         t_first = now
                     elif done == start + 2 and now - t_first > SLOW_STEP_S and sync_every > 1:
