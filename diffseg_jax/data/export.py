@@ -60,8 +60,7 @@ def export(data_config: ml_collections.ConfigDict, out: str, log=print) -> dict[
             example = source[i]
             name = _id_path(example["id"])
             mask = np.asarray(example["mask"])
-            mask = mask[..., 0] if mask.ndim == 3 else mask
-            binary = mask > 127 if mask.max(initial=0) > 1 else mask > 0  # as pipeline.preprocess reads it
+            binary = pipeline.binary_mask(mask[..., 0] if mask.ndim == 3 else mask)  # as the runs read it
             for kind, data in (
                 ("images", files.png_bytes(np.asarray(example["image"]))),
                 ("masks", files.mask_png(binary)),

@@ -249,15 +249,20 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> Source:
     return sources[split]
 
 
+def binary_mask(mask: np.ndarray) -> np.ndarray:
+    """A stored mask as booleans: masks come as {0, 255} (PNG) or {0, 1}; the threshold is half-range for the
+    former."""
+    mask = np.asarray(mask)
+    return mask > 127 if mask.max(initial=0) > 1 else mask > 0
+
+
 def preprocess(example: dict[str, Any]) -> dict[str, np.ndarray]:
     """uint8 example -> {'image': float32 (H, W, 3) in [0, 1], 'mask': float32 (H, W, 1) in {0, 1}}."""
     image = np.asarray(example["image"])
     mask = np.asarray(example["mask"])
     if mask.ndim == 2:
         mask = mask[..., None]
-    # Masks come as {0, 255} (PNG) or {0, 1}; the threshold is half-range for the former.
-    binary = mask > 127 if mask.max(initial=0) > 1 else mask > 0
-    return {"image": image.astype(np.float32) / 255.0, "mask": binary.astype(np.float32)}
+    return {"image": image.astype(np.float32) / 255.0, "mask": binary_mask(mask).astype(np.float32)}
 
 
 def _augment(
