@@ -343,13 +343,19 @@ def trained_dataset(workdir: str) -> str | None:
     return dataset_label(recorded) if recorded else None
 
 
+def other_trained_data(data_config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """The :func:`trained_dataset` of the run in ``workdir`` when it is not ``data_config``'s data, else None."""
+    trained = trained_dataset(workdir)
+    return trained if trained is not None and trained != dataset_label(data_config) else None
+
+
 def _check_trained_data(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses to evaluate into the run's own ``eval/`` on another dataset than it trained on (as its
     ``config.json`` records it): an external test set's scores would replace the run's own, which Table 1 reads,
     and a config file retyped without the training's data overrides would score the wrong data unnoticed."""
     path = os.path.join(workdir, "config.json")
-    trained, this = trained_dataset(workdir), dataset_label(config.data)
-    if trained is not None and trained != this:
+    trained, this = other_trained_data(config.data, workdir), dataset_label(config.data)
+    if trained is not None:
         raise configlib.ConfigError(
             f"The run in {workdir} was trained on {trained} ({path}), this config's data is {this}. For an "
             f"external test set pass --eval_dir (e.g. {workdir}/eval_{this}), so the run's own eval/ stays; to "

@@ -252,9 +252,8 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     )
     key = jax.random.PRNGKey(a.seed)
     dataset = evaluate.dataset_label(config.data)
-    trained = evaluate.trained_dataset(workdir)
-    # Analysing a model on other data is legitimate, but easy to do unawares.
-    if trained is not None and trained != dataset:
+    trained = evaluate.other_trained_data(config.data, workdir)
+    if trained is not None:  # analysing a model on other data is legitimate, but easy to do unawares
         logging.warning(
             "analyse: the run in %s was trained on %s; these analyses are of %s (their files name it). Pass "
             "--config configs/from_run.py:%s for the run's own data.",
