@@ -193,9 +193,8 @@ def loss_fn(
         pred = prediction_type(experiment)
         target = x0 if pred == "x0" else noise
         expected = (*target.shape[:-1], target.shape[-1] * (2 if learn_sigma else 1))
-        if (
-            out.shape != expected
-        ):  # else an error deep in a split, or a broadcast into a plausible-looking loss
+        # Checked here: else an error deep in a split, or a broadcast into a plausible-looking loss.
+        if out.shape != expected:
             raise ValueError(
                 f"The network's output {out.shape} is not the {expected} the loss takes for a target of "
                 f"{target.shape} with learn_sigma={learn_sigma}. A network built with learn_sigma returns twice the "

@@ -435,16 +435,15 @@ def _save_on_interrupt(ckpt, state: TrainState, meta: dict, last_saved: int | No
     stops the save; orbax leaves no partial checkpoint."""
     if jax.process_count() > 1:
         return
+    kept = "nothing is saved" if last_saved is None else f"step {last_saved} is kept"
     if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(state)):
         # Interrupted between a step's dispatch and its result: the donated state is gone, the result not there.
-        kept = "nothing is saved" if last_saved is None else f"step {last_saved} is kept"
         logging.warning("Interrupted in the middle of a step: %s.", kept)
         return
     step = int(state.step)
     if step <= (last_saved or 0):
         return
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(state.params)):
-        kept = "nothing is saved" if last_saved is None else f"step {last_saved} is kept"
         logging.warning("Interrupted at step %d with non-finite parameters: not saved; %s.", step, kept)
         return
     logging.warning("Interrupted at step %d: saving a checkpoint; rerun the same command to resume.", step)
@@ -533,10 +532,9 @@ def train(
     # two steps, to report the first (compilation included) and to time the second: steps slower than
     # SLOW_STEP_S are then each waited on, so progress shows between logs (see PROGRESS_EVERY_S).
     sync_every = max(1, min(config.train.log_every, 8))
-    last_log = t_first = time.time()
     meta = {"config": config.to_dict(), "num_devices": n_dev}
     last_saved = latest
-    t_start = time.time()
+    t_start = last_log = t_first = time.time()  # t_first: when the first step (and its compilation) ended
     d = config.data  # (.get: configs saved before these keys existed still load)
     stream = data.batch_stream(
         train_ds, start, d.get("num_threads", 4), d.get("num_workers", 0), d.get("prefetch", 8)
