@@ -97,6 +97,26 @@ def _forward_flops(model, variables, x, t, cond) -> float:
     return common.hlo_flops(fwd.lower(variables, x, t, cond)) / x.shape[0]
 
 
+def step_and_inputs(config, model, variables, batch: int):
+    """(the jitted train step as the train loop builds it, its replicated state, a random sharded batch)."""
+    size, ch = config.data.image_size, config.data.image_channels
+    optimizer = train.make_optimizer(config.train)
+    state = jax.jit(lambda v: train.create_train_state(v, optimizer, jax.random.PRNGKey(1)))(variables)
+    mesh = train.data_mesh()
+    # Replicated as the train loop places it: the step's output sharding, so the compiled step takes its own
+    # output back (the AOT executable `prepare` compiles refuses anything else instead of recompiling quietly).
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    step = train.jit_train_step(
+        train.make_train_step(model, optimizer, train.build_schedule(config.diffusion), config), mesh
+    )
+    rng = np.random.default_rng(0)
+    batch_np = {
+        "image": rng.random((batch, size, size, ch), np.float32),
+        "mask": (rng.random((batch, size, size, 1)) > 0.5).astype(np.float32),
+    }
+    return step, state, train.shard_batch(batch_np, mesh)
+
+
 def prepare(
     name: str, tiny: bool, batch: int, time_it: bool, dtype: str, remat: bool, model_init: bool = False
 ) -> tuple[dict, Callable[[int], None] | None]:
@@ -125,7 +145,6 @@ def prepare(
     if not time_it:
         return row, None
     t0 = time.perf_counter()
-    optimizer = train.make_optimizer(config.train)
     if model_init:
         variables = jax.jit(
             lambda: train.init_variables(
@@ -134,20 +153,7 @@ def prepare(
         )()
     else:
         variables = common.host_variables(abstract)  # an argument, not a constant folded into the program
-    state = jax.jit(lambda v: train.create_train_state(v, optimizer, jax.random.PRNGKey(1)))(variables)
-    mesh = train.data_mesh()
-    # Replicated as the train loop places it: the step's output sharding, so the compiled step takes its own
-    # output back (the AOT executable below refuses anything else instead of recompiling quietly).
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    step = train.jit_train_step(
-        train.make_train_step(model, optimizer, train.build_schedule(config.diffusion), config), mesh
-    )
-    rng = np.random.default_rng(0)
-    batch_np = {
-        "image": rng.random((batch, size, size, ch), np.float32),
-        "mask": (rng.random((batch, size, size, 1)) > 0.5).astype(np.float32),
-    }
-    device_batch = train.shard_batch(batch_np, mesh)
+    step, state, device_batch = step_and_inputs(config, model, variables, batch)
     common.block(state)
     row["init_s"] = time.perf_counter() - t0  # the state's set-up (and its compilation)
     t0 = time.perf_counter()

@@ -36,6 +36,26 @@ def test_hlo_flops_of_a_matmul_is_the_closed_form():
     assert common.cpu_hlo_flops(lowered) == pytest.approx(2 * m * k * n, rel=1e-2)
 
 
+def test_flops_of_a_train_step_lowered_for_cuda_are_counted_without_a_gpu():
+    """The GPU route of ``hlo_flops``: the train step as JAX lowers it for CUDA (cross-platform lowering, no GPU
+    needed), counted by XLA:CPU's analysis, is the CPU lowering's count. The only difference JAX's lowering
+    rules make is the random-number generator, a loop on the CPU (counted once) and unrolled for CUDA."""
+    import models as bench_models
+
+    from diffseg_jax import train
+
+    config = bench_models._config("ensemdiff", True, "float32", False)
+    size, ch = config.data.image_size, config.data.image_channels
+    model = train.build_model(config.model, train.output_channels(config, ch), size)
+    variables = common.host_variables(common.abstract_variables(model, size, ch))
+    step, state, batch = bench_models.step_and_inputs(config, model, variables, 2)
+    on_cpu = common.hlo_flops(step.lower(state, batch))
+    for_cuda = step.trace(state, batch).lower(lowering_platforms=("cuda",))
+    assert "custom_call" not in for_cuda.as_text()  # nothing left uncounted by a kernel call
+    assert common.cpu_hlo_flops(for_cuda) == pytest.approx(on_cpu, rel=1e-3)
+    assert on_cpu > 2 * 1e9  # the tiny step's 2.86 GFLOP at batch 2, not a count of the optimizer alone
+
+
 def test_step_memory_credits_a_row_only_with_a_peak_it_raised():
     # JAX's peak counter runs over the process: rows timed one after another share it.
     raised = common.step_memory(before=(10.0, 40.0), after=(10.5, 52.0))
