@@ -28,6 +28,12 @@ The analyses of Sec. 4.2-4.3 (Figs. 3 and 4) on the same data, E2/E3/E4 of the i
   python -m diffseg_jax.table1 --config configs/table1_synthetic.py --workdir runs/table1 \
       --config.table.analyse=True --config.table.experiments='("e2","e3","e4")' \
       --config.table.models='("ensemdiff","segdiff")'
+
+Repeats (beyond the paper's single runs): every cell with three seeds, Table 1 as mean ± std (n) with Welch
+intervals for the differences (seed 0 stays in <model>_<experiment>, the others in <model>_<experiment>_seed<S>):
+
+  python -m diffseg_jax.table1 --config configs/table1_synthetic.py --workdir runs/table1 \
+      --config.table.seeds='(0,1,2)'
 """
 
 import ml_collections
@@ -47,6 +53,9 @@ def get_config(arg=None):
             e1_protocol=False,
             e2_protocol=False,  # the E2 cells through --mode e2_protocol (validated step count; beyond the paper)
             analyse=False,
+            # Repeats: every cell once per seed, e.g. (0, 1, 2); the table then gives mean ± std over them and
+            # Welch intervals for the differences. Empty: one run a cell with the grid's `seed`.
+            seeds=(),
         )
     )
     # What every cell shares (set on each model's tiny config with its published scheme).

@@ -5,8 +5,11 @@ of many runs) and writes ``table1.md``, ``table1.csv`` and ``table1.tex``: one r
 the feed-forward (E1) IoU and ECE, the diffusion (E2) IoU and ECE, and their difference (diffusion − feed-
 forward), formatted as the paper (IoU in %, ECE to three decimals); where both runs of a cell kept their
 ``ensemble.npz``, each difference carries its 95 % paired-bootstrap interval over the test images
-(:func:`compare`). A cell without a run stays blank; two
-runs for one cell are an error naming both (pass one of them). The IoU and ECE are the ``iou``/``ece`` of
+(:func:`compare`). A cell without a run stays blank. Several runs for one cell that differ only in ``seed``
+(their ``config.json`` beside ``eval/`` says so; :data:`REPEAT_KEYS`) are repeats, beyond the paper's single
+runs: the cell is their mean ± standard deviation (n), and a difference between two repeated cells carries
+the 95 % Welch interval over the runs, which counts the training's randomness that the bootstrap over
+images does not; runs for one cell that differ in anything else are an error naming both and the keys. The IoU and ECE are the ``iou``/``ece`` of
 each metrics.json, i.e. its ``eval.pooling``; runs pooled differently, or averaging soft and hard members
 (``eval.member_output``), are not mixed in one table. Beyond the paper, ``uncertainty.{md,csv}``: per run, how
 well its std and entropy maps point at its errors (``metrics.json``'s ``uncertainty`` block), and
@@ -24,7 +27,7 @@ import glob
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -40,8 +43,37 @@ METHODS = {
 DATASETS = {"isic2016": "ISIC16", "monuseg2018": "MoNuSeg", "her2": "HER2"}
 KINDS = {"e1": "ff", "e2": "diff"}
 COLUMNS = ["dataset", "method", "ff_iou", "ff_ece", "diff_iou", "diff_ece", "delta_iou", "delta_ece"]
-# The CSV also keeps the 95 % paired-bootstrap interval of each difference (blank without both ensemble.npz).
+# The CSV also keeps the 95 % interval of each difference: paired bootstrap over the test images for single runs
+# (blank without both ensemble.npz), Welch's over the runs for repeated cells.
 INTERVAL_COLUMNS = ["delta_iou_ci_low", "delta_iou_ci_high", "delta_ece_ci_low", "delta_ece_ci_high"]
+# Repeated cells: how many runs, and the standard deviation over them (blank for a single run).
+REPEAT_COLUMNS = ["ff_n", "ff_iou_std", "ff_ece_std", "diff_n", "diff_iou_std", "diff_ece_std"]
+# What may differ between repeats of one setting (config.json keys): the seed, and where the same data was built.
+REPEAT_KEYS = ("seed", "data.data_dir")
+# How metrics.json says a run was scored: repeats must agree on it as on their configs.
+SCORING_KEYS = (
+    "num_images",
+    "ensemble_size",
+    "tta",
+    "member_output",
+    "sampler",
+    "ddim_steps",
+    "weights",
+    "step",
+)
+
+
+class Run(NamedTuple):
+    """An evaluated run: its metrics.json (dict and path) and its workdir's config.json flattened to
+    ``{'group.key': value}`` (None where the evaluation lies outside a run's workdir)."""
+
+    metrics: dict
+    path: str
+    config: dict | None
+
+    @property
+    def seed(self):
+        return None if self.config is None else self.config.get("seed")
 
 
 def find_run_files(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
@@ -104,10 +136,69 @@ def pooling_of(metrics_json: dict) -> str:
     return metrics_json.get("pooling", "per_image")
 
 
-def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, str]]]:
-    """{(dataset, method): {'ff' / 'diff': (metrics.json's dict, its path)}} of the E1/E2 runs under ``paths``,
-    in the paper's order; two runs for one cell, or runs of different poolings or member outputs, are refused."""
-    cells: dict[tuple[str, str], dict[str, tuple[dict, str]]] = {}
+def _run_config(metrics_path: str) -> dict | None:
+    """The flattened ``config.json`` of the run whose evaluation folder holds ``metrics_path`` (the folder's
+    parent is the workdir), or None."""
+    path = os.path.join(os.path.dirname(os.path.dirname(metrics_path)), "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            return _flat(json.load(f))
+        except ValueError as e:
+            raise ValueError(
+                f"{path} is not a readable config.json ({e}); leave its run out of --runs."
+            ) from e
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_repeats(key: tuple[str, str], kind: str, runs: list[Run]) -> None:
+    """Refuses runs for one cell unless they repeat one setting with other seeds: the same config apart from
+    :data:`REPEAT_KEYS`, scored the same way (:data:`SCORING_KEYS`), each seed once."""
+    first = runs[0]
+    for other in runs[1:]:
+        pair = f"Two {kind} runs for dataset {key[0]!r} and method {key[1]!r}: {first.path} and {other.path}"
+        if first.config is None or other.config is None:
+            alone = first if first.config is None else other
+            raise ValueError(
+                f"{pair}; no config.json beside {os.path.dirname(alone.path)} tells whether they repeat one "
+                "setting with other seeds. Pass only one of them to --runs."
+            )
+        keys = sorted((set(first.config) | set(other.config)) - set(REPEAT_KEYS))
+        differ = [(k, first.config.get(k), other.config.get(k)) for k in keys]
+        differ += [(f"metrics.json {k}", first.metrics.get(k), other.metrics.get(k)) for k in SCORING_KEYS]
+        differ = [(k, a, b) for k, a, b in differ if a != b]
+        if differ:
+            shown = "; ".join(f"{k}: {a!r} vs {b!r}" for k, a, b in differ[:5])
+            more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
+            raise ValueError(
+                f"{pair}; they differ in more than their seed ({shown}{more}). Pass only one of them to --runs; "
+                "runs that differ only in `seed` are averaged into one cell."
+            )
+    seeds = [r.seed for r in runs]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1}, key=repr)
+    if twice:
+        paths = ", ".join(r.path for r in runs if r.seed == twice[0])
+        raise ValueError(
+            f"{len(runs)} {kind} runs for dataset {key[0]!r} and method {key[1]!r} repeat seed {twice[0]!r} "
+            f"({paths}): copies of one run? Pass each seed once."
+        )
+
+
+def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, list[Run]]]:
+    """{(dataset, method): {'ff' / 'diff': [Run, ...]}} of the E1/E2 runs under ``paths``, in the paper's order;
+    several runs for one cell must repeat one setting with other seeds (:func:`_check_repeats`), and runs of
+    different poolings or member outputs are refused."""
+    cells: dict[tuple[str, str], dict[str, list[Run]]] = {}
     poolings, member_outputs = set(), set()
     for path in find_metrics(paths):
         m = read_metrics(path, "--runs")
@@ -117,13 +208,7 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, 
         poolings.add(pooling_of(m))
         member_outputs.add(m.get("member_output", "soft"))
         key = (m.get("dataset", "?"), m["model"])
-        previous = cells.setdefault(key, {}).get(kind)
-        if previous is not None:
-            raise ValueError(
-                f"Two {kind} runs for dataset {key[0]!r} and method {key[1]!r}: {previous[1]} and {path}; pass "
-                "only one of them to --runs."
-            )
-        cells[key][kind] = (m, path)
+        cells.setdefault(key, {}).setdefault(kind, []).append(Run(m, path, _run_config(path)))
     if len(poolings) > 1:
         raise ValueError(
             f"The runs mix pixel poolings {sorted(poolings)}; evaluate them with the same eval.pooling."
@@ -133,6 +218,11 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, tuple[dict, 
             f"The runs mix ensemble means of soft and hard members {sorted(member_outputs)}, whose ECEs score "
             "different probabilities; evaluate them with the same eval.member_output."
         )
+    for key, kinds in cells.items():
+        for kind, runs in kinds.items():
+            if len(runs) > 1:
+                _check_repeats(key, kind, runs)
+                runs.sort(key=lambda r: (r.seed is None, repr(r.seed)))
 
     def order(key):
         dataset, method = key
@@ -165,25 +255,63 @@ def _rows(cells: dict) -> list[dict[str, Any]]:
     for (dataset, method), kinds in cells.items():
         row = {"dataset": dataset, "method": method}
         for kind in ("ff", "diff"):
-            m = kinds.get(kind, (None, None))[0]
-            row[f"{kind}_iou"] = None if m is None else float(m["iou"])
-            row[f"{kind}_ece"] = None if m is None else float(m["ece"])
+            runs = kinds.get(kind, [])
+            row[f"{kind}_n"] = len(runs) or None
+            for name in ("iou", "ece"):
+                values = np.array([float(r.metrics[name]) for r in runs])
+                row[f"{kind}_{name}"] = float(values.mean()) if len(values) else None
+                row[f"{kind}_{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
         both = "ff" in kinds and "diff" in kinds
         row["delta_iou"] = row["diff_iou"] - row["ff_iou"] if both else None
         row["delta_ece"] = row["diff_ece"] - row["ff_ece"] if both else None
         row.update(dict.fromkeys(INTERVAL_COLUMNS))
-        boot = _paired_interval(kinds) if both else None
-        for name in ("iou", "ece") if boot else ():
-            row[f"delta_{name}_ci_low"], row[f"delta_{name}_ci_high"] = boot[f"{name}_delta_ci95"]
+        if both:
+            intervals = _difference_intervals(kinds)
+            for name in ("iou", "ece") if intervals else ():
+                row[f"delta_{name}_ci_low"], row[f"delta_{name}_ci_high"] = intervals[name]
         rows.append(row)
     return rows
 
 
-def _paired_interval(kinds: dict) -> dict[str, Any] | None:
+def _difference_intervals(kinds: dict[str, list[Run]]) -> dict[str, tuple[float, float]] | None:
+    """The 95 % intervals of a cell's diffusion-minus-feed-forward IoU and ECE: the paired bootstrap over test
+    images for one run a side (:func:`_paired_interval`), Welch's over the runs where both sides are repeated
+    (:func:`welch_interval`); None otherwise (one side a single run: its spread over seeds is unknown)."""
+    ff, diff = kinds["ff"], kinds["diff"]
+    if len(ff) == 1 and len(diff) == 1:
+        boot = _paired_interval(ff[0], diff[0])
+        return None if boot is None else {name: tuple(boot[f"{name}_delta_ci95"]) for name in ("iou", "ece")}
+    if len(ff) > 1 and len(diff) > 1:
+        return {
+            name: welch_interval([r.metrics[name] for r in ff], [r.metrics[name] for r in diff])
+            for name in ("iou", "ece")
+        }
+    return None
+
+
+def welch_interval(
+    first: Sequence[float], second: Sequence[float], level: float = 0.95
+) -> tuple[float, float]:
+    """The ``level`` confidence interval of mean(second) − mean(first) by Welch's t (unequal variances,
+    Welch–Satterthwaite degrees of freedom), as ``scipy.stats.ttest_ind(second, first, equal_var=False)
+    .confidence_interval(level)``; each side needs two values or more."""
+    from scipy import stats  # noqa: PLC0415 — only repeated cells need it
+
+    a, b = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    delta = float(b.mean() - a.mean())
+    if va + vb == 0:  # every run scored the same: no spread to give an interval width
+        return delta, delta
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, dof) * np.sqrt(va + vb))
+    return delta - half, delta + half
+
+
+def _paired_interval(ff: Run, diff: Run) -> dict[str, Any] | None:
     """The diffusion-minus-feed-forward bootstrap of a cell (as :func:`compare` has it, without the rest of the
     comparison; in the runs' pooling, which :func:`_cells` keeps one), or None where it cannot be had: an
     ``ensemble.npz`` missing, or no test images in common."""
-    eval_dirs = [os.path.dirname(kinds[k][1]) for k in ("ff", "diff")]
+    eval_dirs = [os.path.dirname(run.path) for run in (ff, diff)]
     if not all(os.path.exists(os.path.join(d, "ensemble.npz")) for d in eval_dirs):
         return None
     try:
@@ -199,6 +327,7 @@ UNCERTAINTY_COLUMNS = [
     "dataset",
     "method",
     "kind",
+    "seed",  # blank unless the cell holds repeats
     "iou",
     "brier",
     "error_fraction",
@@ -222,19 +351,31 @@ def _uncertainty_rows(cells: dict) -> list[dict[str, Any]]:
     rows = []
     for (dataset, method), kinds in cells.items():
         for kind in ("ff", "diff"):
-            m = kinds.get(kind, (None, None))[0]
-            if m is None or "uncertainty" not in m:
-                continue
-            u = m["uncertainty"]
-            row = {"dataset": dataset, "method": method, "kind": kind, "iou": float(m["iou"])}
-            row.update(brier=m["brier_pooled"], error_fraction=u["error_fraction"], mean_std=m["mean_std"])
-            for name in ("std", "entropy"):
-                row[f"{name}_error_auroc"] = u[name]["error_auroc"]
-                row[f"{name}_ueo"] = u[name]["ueo"]
-                # None: evaluated before the score existed.
-                row[f"{name}_image_spearman"] = u[name].get("image_spearman")
-            rows.append(row)
+            repeated = len(kinds.get(kind, [])) > 1
+            for run in kinds.get(kind, []):
+                m = run.metrics
+                if "uncertainty" not in m:
+                    continue
+                row = {
+                    "dataset": dataset,
+                    "method": method,
+                    "kind": kind,
+                    "seed": run.seed if repeated else None,
+                }
+                rows.append(_uncertainty_row(row, m))
     return rows
+
+
+def _uncertainty_row(row: dict[str, Any], m: dict) -> dict[str, Any]:
+    """``row`` completed with the scores of one run's metrics.json."""
+    u = m["uncertainty"]
+    row["iou"] = float(m["iou"])
+    row.update(brier=m["brier_pooled"], error_fraction=u["error_fraction"], mean_std=m["mean_std"])
+    for name in ("std", "entropy"):
+        row[f"{name}_error_auroc"] = u[name]["error_auroc"]
+        row[f"{name}_ueo"] = u[name]["ueo"]
+        row[f"{name}_image_spearman"] = u[name].get("image_spearman")  # None: evaluated before it existed
+    return row
 
 
 def collect_reliability(paths: Sequence[str]) -> list[tuple[str, list[tuple[str, dict]]]]:
@@ -248,9 +389,11 @@ def _reliability_panels(cells: dict) -> list[tuple[str, list[tuple[str, dict]]]]
     panels = []
     for (dataset, method), kinds in cells.items():
         series = [
-            (label, kinds[kind][0]["reliability"])
+            (label if len(runs) == 1 else f"{label} seed {run.seed}", run.metrics["reliability"])
             for kind, label in (("ff", "FF"), ("diff", "Diff"))
-            if kind in kinds and "reliability" in kinds[kind][0]
+            for runs in [kinds.get(kind, [])]
+            for run in runs
+            if "reliability" in run.metrics
         ]
         if series:
             panels.append((f"{DATASETS.get(dataset, dataset)} · {METHODS.get(method, method)}", series))
@@ -269,9 +412,13 @@ def uncertainty_markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         dataset = DATASETS.get(r["dataset"], r["dataset"])
         cells = [dataset if dataset != last else "", METHODS.get(r["method"], r["method"])]
-        cells.append({"ff": "FF", "diff": "Diff"}[r["kind"]])
+        kind = {"ff": "FF", "diff": "Diff"}[r["kind"]]
+        cells.append(kind if r.get("seed") is None else f"{kind} (seed {r['seed']})")
         cells += [f"{100 * r['iou']:.2f}", f"{r['brier']:.3f}", f"{100 * r['error_fraction']:.1f} %"]
-        cells += ["" if r[c] is None else f"{r[c]:.3f}" for c in UNCERTAINTY_COLUMNS[6:]]
+        cells += [
+            "" if r[c] is None else f"{r[c]:.3f}"
+            for c in UNCERTAINTY_COLUMNS[UNCERTAINTY_COLUMNS.index("mean_std") :]
+        ]
         lines.append("| " + " | ".join(cells) + " |")
         last = dataset
     return "\n".join(lines) + "\n"
@@ -413,11 +560,16 @@ def _fmt(column: str, value: float | None) -> str:
 
 
 def _display(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Table cells; a difference with a bootstrap interval reads '+0.53 [-0.21, +1.30]'."""
+    """Table cells; a difference with its interval reads '+0.53 [-0.21, +1.30]', a repeated cell its mean,
+    standard deviation and number of runs: '86.39 ± 0.41 (3)'."""
     out, last = [], None
     for row in rows:
         dataset = DATASETS.get(row["dataset"], row["dataset"])
         cells = [_fmt(c, row[c]) for c in COLUMNS[2:]]
+        for i, column in enumerate(COLUMNS[2:6]):
+            std, n = row.get(f"{column}_std"), row.get(f"{column.split('_')[0]}_n")
+            if std is not None:
+                cells[i] += f" ± {_fmt(column, std)} ({n})"
         for i, name in ((4, "delta_iou"), (5, "delta_ece")):
             low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
             if low is not None and high is not None:
@@ -432,7 +584,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     header = "| Dataset | Method | FF IoU ↑ | FF ECE ↓ | Diff IoU ↑ | Diff ECE ↓ | Δ IoU | Δ ECE |"
     lines = [header, "|" + "---|" * 8]
     lines += ["| " + " | ".join(r) + " |" for r in _display(rows)]
+    if any(row.get(f"{kind}_n") and row[f"{kind}_n"] > 1 for row in rows for kind in ("ff", "diff")):
+        lines += ["", REPEATS_NOTE]
     return "\n".join(lines) + "\n"
+
+
+REPEATS_NOTE = (
+    "x ± s (n): mean and standard deviation of n runs that differ only in their seed; a difference between "
+    "two such cells comes with the 95 % Welch interval over the runs, one between single runs with the 95 % "
+    "paired-bootstrap interval over the test images."
+)
 
 
 def latex(rows: list[dict[str, Any]]) -> str:
@@ -446,7 +607,8 @@ def latex(rows: list[dict[str, Any]]) -> str:
         r"\midrule",
     ]
     for r in _display(rows):
-        lines.append(" & ".join(c.replace("_", r"\_").replace("%", r"\%") for c in r) + r" \\")
+        cells = (c.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$") for c in r)
+        lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -474,7 +636,7 @@ def write(
         f.write(markdown(rows))
     with open(paths["tex"], "w", encoding="utf-8") as f:
         f.write(latex(rows))
-    _write_csv(rows, COLUMNS + INTERVAL_COLUMNS, paths["csv"])
+    _write_csv(rows, COLUMNS + INTERVAL_COLUMNS + REPEAT_COLUMNS, paths["csv"])
     if uncertainty:
         paths["uncertainty_md"] = os.path.join(out_dir, "uncertainty.md")
         paths["uncertainty_csv"] = os.path.join(out_dir, "uncertainty.csv")

@@ -6,7 +6,10 @@ The config (e.g. ``configs/table1_synthetic.py``) holds the shared settings and 
 is the model's tiny config with its published scheme, the shared settings laid over it, trained and evaluated
 in ``<workdir>/<dataset>/<model>_<experiment>`` (``<dataset>`` a kind or the folder's name; the E1 cells
 through the feed-forward protocol with ``table.e1_protocol``, the E2 cells through ``--mode e2_protocol`` with
-``table.e2_protocol``). Finished cells are skipped, unfinished ones
+``table.e2_protocol``). With ``table.seeds`` every cell is run once per seed (the run with the grid's own
+``seed`` in the cell's folder, the others beside it in ``<model>_<experiment>_seed<S>``), and Table 1 gives each
+cell's mean ± standard deviation over its seeds and Welch intervals for the differences
+(:mod:`diffseg_jax.report`). Finished cells are skipped, unfinished ones
 resume; identical programs compile once (a persistent compilation cache in ``<workdir>/.jax_cache`` unless
 one is set already).
 With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--mode analyse``, with the grid's
@@ -109,17 +112,37 @@ def cells(grid: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
     ]
 
 
+def seeds(grid: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The seeds every cell runs with: ``table.seeds``, or the grid's ``seed`` alone where that is empty."""
+    listed = tuple(grid.table.get("seeds", ()))
+    if len(set(listed)) < len(listed) or not all(isinstance(s, int) for s in listed):
+        raise configlib.ConfigError(
+            f"--config.table.seeds={listed!r}: give distinct integers, e.g. --config.table.seeds='(0,1,2)'."
+        )
+    return listed or (int(grid.seed),)
+
+
+def cell_dir(
+    workdir: str, grid: ml_collections.ConfigDict, dataset: str, model: str, experiment: str, seed: int
+) -> str:
+    """Where a cell's run with ``seed`` lives: ``<workdir>/<dataset>/<model>_<experiment>`` for the grid's own
+    ``seed``, ``..._seed<S>`` beside it for the others (so a grid given more seeds later keeps its runs)."""
+    suffix = "" if seed == grid.seed else f"_seed{seed}"
+    return os.path.join(workdir, dataset_name(dataset), f"{model}_{experiment}{suffix}")
+
+
 def cell_config(
-    grid: ml_collections.ConfigDict, dataset: str, model: str, experiment: str
+    grid: ml_collections.ConfigDict, dataset: str, model: str, experiment: str, seed: int | None = None
 ) -> ml_collections.ConfigDict:
     """The config of one cell: ``model``'s tiny config, the grid's shared settings, ``dataset`` (a synthetic
-    kind or an image/mask folder) and ``experiment``."""
+    kind or an image/mask folder), ``experiment`` and ``seed`` (default: the grid's)."""
     try:  # the experiment configs live beside the package, in the repository's configs/
         from configs import base
     except ImportError as e:
         raise ImportError("Run the table from the repository root, where configs/ is importable.") from e
     c = base.get_config(f"{model},tiny")
     c.experiment = experiment
+    c.seed = grid.seed if seed is None else seed
     if dataset in synthetic.KINDS:
         c.data.kind = dataset
     else:
@@ -151,34 +174,41 @@ def _finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
 def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains and evaluates every cell, then writes ``<workdir>/table1.{md,csv,tex}``; returns the rows."""
     grid_cells = cells(grid)  # a misspelt kind or clashing folders fail here, before the workdir is made
+    grid_seeds = seeds(grid)
     os.makedirs(workdir, exist_ok=True)
     if not jax.config.jax_compilation_cache_dir:  # a cache the user set (JAX_COMPILATION_CACHE_DIR) is kept
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    runs = [(*cell, seed) for cell in grid_cells for seed in grid_seeds]
     t0 = time.time()
-    for i, (dataset, model, experiment) in enumerate(grid_cells):
-        config = cell_config(grid, dataset, model, experiment)
+    for i, (dataset, model, experiment, seed) in enumerate(runs):
+        config = cell_config(grid, dataset, model, experiment, seed)
         configlib.validate(config)
-        name = dataset_name(dataset)
-        cell_dir = os.path.join(workdir, name, f"{model}_{experiment}")
-        elapsed = time.time() - t0
+        folder = cell_dir(workdir, grid, dataset, model, experiment, seed)
         logging.info(
-            "table1: cell %d/%d %s %s %s (%s elapsed)",
+            "table1: cell %d/%d %s %s %s%s (%s elapsed)",
             i + 1,
-            len(grid_cells),
-            name,
+            len(runs),
+            dataset_name(dataset),
             model,
             experiment,
-            writers.format_duration(elapsed),
+            f" seed {seed}" if len(grid_seeds) > 1 else "",
+            writers.format_duration(time.time() - t0),
         )
-        if not _finished(config, cell_dir):
+        if not _finished(config, folder):
             if grid.table.get(f"{experiment}_protocol", False):  # e1_protocol / e2_protocol
-                protocol.run(config, cell_dir)
+                protocol.run(config, folder)
             else:
-                state = train.train(config, cell_dir)
-                evaluate.evaluate(config, cell_dir, state=state)
-        analysed = os.path.exists(os.path.join(cell_dir, "analysis", "curves.csv"))
-        if grid.table.analyse and experiment in analysis_run.CURVES and not analysed:
+                state = train.train(config, folder)
+                evaluate.evaluate(config, folder, state=state)
+        analysed = os.path.exists(os.path.join(folder, "analysis", "curves.csv"))
+        # One analysis per cell (its first seed's run), so that Fig. 4 has one curve a cell.
+        if (
+            grid.table.analyse
+            and experiment in analysis_run.CURVES
+            and seed == grid_seeds[0]
+            and not analysed
+        ):
             for key in (
                 "analyses",
                 "t_step",
@@ -189,7 +219,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 "smoothing",
             ):
                 config.analysis[key] = grid.analysis[key]
-            analysis_run.analyse(config, cell_dir)
+            analysis_run.analyse(config, folder)
     found = report.tables([workdir])
     rows = found["rows"]
     paths = report.write(rows, workdir, found["uncertainty"], found["reliability"]) if rows else {}

@@ -271,6 +271,23 @@ def test_table1_grid_trains_every_cell_writes_the_table_and_resumes(tmp_path, tf
     log = run()
     assert "Training" not in log and "steps/s" not in log
     assert (workdir / "table1.csv").read_text() == table
+    # Given a second seed, the grid keeps its seed-0 runs and adds a repeat of each cell beside them; the table
+    # averages the two.
+    args.append("--config.table.seeds=(0,1)")
+    log = run()
+    assert log.count("Training ensemdiff") == 4 and "cell 8/8" in log
+    with open(workdir / "table1.csv", newline="") as f:
+        repeated = {r["dataset"]: r for r in csv.DictReader(f)}
+    for dataset, cell_dir in (("synthetic-lesion", "lesion"), ("my_set", "my_set")):
+        seed1 = json.loads((workdir / cell_dir / "ensemdiff_e2_seed1" / "config.json").read_text())
+        assert seed1["seed"] == 1
+        ious = [
+            json.loads((workdir / cell_dir / f"ensemdiff_e2{s}" / "eval" / "metrics.json").read_text())["iou"]
+            for s in ("", "_seed1")
+        ]
+        row = repeated[dataset]
+        assert row["diff_n"] == "2" and float(row["diff_iou"]) == pytest.approx(np.mean(ious))
+        assert float(row["diff_iou_std"]) == pytest.approx(np.std(ious, ddof=1))
 
 
 def test_table1_refuses_a_misspelt_kind_before_training(tmp_path, monkeypatch):
@@ -293,6 +310,10 @@ def test_table1_refuses_a_misspelt_kind_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "grid").exists()
     grid.table.kinds = ("lesion",)
     assert {d for d, _, _ in table1.cells(grid)} == {"lesion"}
+    grid.table.seeds = (0, 1, 1)  # a seed twice would be one run counted as two repeats
+    with pytest.raises(ValueError, match=r"table.seeds=\(0, 1, 1\): give distinct integers"):
+        table1.run(grid, str(tmp_path / "grid"))
+    assert not (tmp_path / "grid").exists()
 
 
 def test_table1_evaluates_a_cell_again_whose_metrics_json_is_cut_short(tmp_path):

@@ -592,6 +592,73 @@ def test_report_rejects_duplicate_cells_and_mixed_pooling(tmp_path):
         report.collect([str(tmp_path / "r")])
 
 
+def _repeat(root, name, experiment, seed, iou, ece, lr=1e-4, **more):
+    """An evaluated run with the config.json a run records, for the repeats tests."""
+    workdir = _metrics(root, name, "isic2016", "segdiff", experiment, iou, ece, ensemble_size=5, **more)
+    config = {"seed": seed, "experiment": experiment, "train": {"lr": lr}, "data": {"data_dir": f"/d{seed}"}}
+    (workdir / "config.json").write_text(json.dumps(config))
+    return workdir
+
+
+def test_report_averages_runs_that_differ_only_in_their_seed(tmp_path):
+    from scipy import stats
+
+    runs = tmp_path / "runs"
+    ff_iou, ff_ece = [0.80, 0.83, 0.78], [0.020, 0.024, 0.019]
+    diff_iou, diff_ece = [0.84, 0.85, 0.81, 0.86], [0.015, 0.018, 0.017, 0.012]
+    bins = {"confidence": [0.05, 0.95], "accuracy": [0.1, 0.9], "count": [30, 10]}
+    for seed, (iou, ece) in enumerate(zip(ff_iou, ff_ece)):
+        _repeat(runs, f"ff{seed}", "e1", seed, iou, ece)
+    scores = dict(error_auroc=0.7, ueo=0.5, ueo_threshold=0.2, image_spearman=0.4)
+    for seed, (iou, ece) in enumerate(zip(diff_iou, diff_ece)):
+        _repeat(runs, f"diff{seed}", "e2", seed, iou, ece, reliability=bins, brier_pooled=0.03, mean_std=0.2,
+                uncertainty=dict(error_fraction=0.04, std=scores, entropy=scores))  # fmt: skip
+    (row,) = report.collect([str(runs)])
+    assert row["ff_n"] == 3 and row["diff_n"] == 4
+    assert row["ff_iou"] == pytest.approx(np.mean(ff_iou)) and row["diff_ece"] == pytest.approx(
+        np.mean(diff_ece)
+    )
+    assert row["ff_iou_std"] == pytest.approx(np.std(ff_iou, ddof=1))  # the sample standard deviation
+    assert row["delta_iou"] == pytest.approx(np.mean(diff_iou) - np.mean(ff_iou))
+    # The difference's interval over the runs: scipy's Welch test as the oracle.
+    for name, ff, diff in (("iou", ff_iou, diff_iou), ("ece", ff_ece, diff_ece)):
+        ci = stats.ttest_ind(diff, ff, equal_var=False).confidence_interval(0.95)
+        assert (row[f"delta_{name}_ci_low"], row[f"delta_{name}_ci_high"]) == pytest.approx((ci.low, ci.high))
+    md = report.markdown([row])
+    ff_cell = f"{100 * np.mean(ff_iou):.2f} ± {100 * np.std(ff_iou, ddof=1):.2f} (3)"
+    assert f"| ISIC16 | SegDiff | {ff_cell} |" in md and md.strip().endswith(report.REPEATS_NOTE)
+    paths = report.main(["--runs", str(runs), "--out", str(tmp_path / "out")])
+    with open(paths["csv"], newline="") as f:
+        (saved,) = list(csv.DictReader(f))
+    assert saved["diff_n"] == "4" and float(saved["diff_ece_std"]) == pytest.approx(np.std(diff_ece, ddof=1))
+    assert r"$\pm$" in open(paths["tex"]).read()
+    found = report.tables([str(runs)])  # each repeat keeps its own uncertainty row and reliability curve
+    assert [r["seed"] for r in found["uncertainty"]] == [0, 1, 2, 3]
+    assert [label for label, _ in found["reliability"][0][1]] == [f"Diff seed {s}" for s in range(4)]
+    # One side repeated, the other a single run: its spread over seeds is unknown, so no interval.
+    for seed in (1, 2):
+        shutil.rmtree(runs / f"ff{seed}")
+    (row,) = report.collect([str(runs)])
+    assert row["ff_n"] == 1 and row["ff_iou_std"] is None and row["delta_iou_ci_low"] is None
+    assert "(1)" not in report.markdown([row])
+
+
+def test_report_refuses_runs_of_one_cell_that_are_not_repeats(tmp_path):
+    runs = tmp_path / "runs"
+    _repeat(runs, "a", "e1", 0, 0.80, 0.02)
+    other = _repeat(runs, "b", "e1", 1, 0.81, 0.02, lr=5e-4)  # another learning rate: not a repeat
+    with pytest.raises(ValueError, match=r"differ in more than their seed \(train.lr: 0.0001 vs 0.0005\)"):
+        report.collect([str(runs)])
+    shutil.rmtree(other)
+    other = _repeat(runs, "b", "e1", 1, 0.81, 0.02, sampler="ddim")  # scored another way
+    with pytest.raises(ValueError, match="metrics.json sampler: None vs 'ddim'"):
+        report.collect([str(runs)])
+    shutil.rmtree(other)
+    _repeat(runs, "b", "e1", 0, 0.81, 0.02)  # the same seed again: a copy
+    with pytest.raises(ValueError, match="repeat seed 0"):
+        report.collect([str(runs)])
+
+
 def test_report_names_a_corrupt_metrics_json_and_the_fix(tmp_path):
     """A metrics.json cut short (an interrupted copy) is a ValueError naming the file and saying what to do,
     for --runs (the table) and --compare (read_evaluations), instead of a bare JSONDecodeError."""
