@@ -474,6 +474,17 @@ def save(config: ml_collections.ConfigDict, path: str) -> None:
         json.dump(record, f, indent=2, sort_keys=True)
 
 
+def flatten(node: dict, prefix: str = "") -> dict:
+    """{'group.key': value} of a (config) dict's leaves."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load(path: str) -> ml_collections.ConfigDict:
     """Reads a config saved by :func:`save`."""
     with open(path, encoding="utf-8") as f:

@@ -151,17 +151,6 @@ def _check_as_trained(config, recorded, path: str, workdir: str, resuming: bool 
         )
 
 
-def _flat(node, prefix: str = "") -> dict:
-    """{'a.b': value} of a config dict's leaves."""
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Before training resumes from ``workdir``'s checkpoint: refuses a ``config`` (resolved) that differs from
     the run's ``config.json`` on what the network means (:data:`AS_TRAINED`), naming the keys, and logs every
@@ -171,7 +160,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
         return
     recorded = configlib.load(path)
     _check_as_trained(config, recorded, path, workdir, resuming=True)
-    old, new = _flat(recorded.to_dict()), _flat(config.to_dict())
+    old, new = configlib.flatten(recorded.to_dict()), configlib.flatten(config.to_dict())
     changed = [
         f"{k}: {configlib.tuples(old[k])!r} -> {configlib.tuples(new[k])!r}"
         for k in sorted(set(old) & set(new))

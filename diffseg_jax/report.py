@@ -142,23 +142,15 @@ def _run_config(metrics_path: str) -> dict | None:
     path = os.path.join(os.path.dirname(os.path.dirname(metrics_path)), "config.json")
     if not os.path.isfile(path):
         return None
+    from diffseg_jax import configlib  # noqa: PLC0415 — brings in JAX, which the rest of the report does without
+
     with open(path, encoding="utf-8") as f:
         try:
-            return _flat(json.load(f))
+            return configlib.flatten(json.load(f))
         except ValueError as e:
             raise ValueError(
                 f"{path} is not a readable config.json ({e}); leave its run out of --runs."
             ) from e
-
-
-def _flat(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _check_repeats(key: tuple[str, str], kind: str, runs: list[Run]) -> None:
