@@ -31,6 +31,8 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from diffseg_jax import configlib
+
 # Display names and the paper's order.
 METHODS = {
     "nnunet": "nnUNet",
@@ -142,8 +144,6 @@ def _run_config(metrics_path: str) -> dict | None:
     path = os.path.join(os.path.dirname(os.path.dirname(metrics_path)), "config.json")
     if not os.path.isfile(path):
         return None
-    from diffseg_jax import configlib  # noqa: PLC0415 — brings in JAX, which the rest of the report does without
-
     with open(path, encoding="utf-8") as f:
         try:
             return configlib.flatten(json.load(f))
