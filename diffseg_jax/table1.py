@@ -122,12 +122,11 @@ def seeds(grid: ml_collections.ConfigDict) -> tuple[int, ...]:
     return listed or (int(grid.seed),)
 
 
-def cell_dir(
-    workdir: str, grid: ml_collections.ConfigDict, dataset: str, model: str, experiment: str, seed: int
-) -> str:
-    """Where a cell's run with ``seed`` lives: ``<workdir>/<dataset>/<model>_<experiment>`` for the grid's own
-    ``seed``, ``..._seed<S>`` beside it for the others (so a grid given more seeds later keeps its runs)."""
-    suffix = "" if seed == grid.seed else f"_seed{seed}"
+def cell_dir(workdir: str, dataset: str, model: str, experiment: str, seed: int, base_seed: int = 0) -> str:
+    """Where a cell's run with ``seed`` lives: ``<workdir>/<dataset>/<model>_<experiment>`` for ``base_seed``
+    (the grid's own ``seed``), ``..._seed<S>`` beside it for the others (so a grid given more seeds later keeps
+    its runs)."""
+    suffix = "" if seed == base_seed else f"_seed{seed}"
     return os.path.join(workdir, dataset_name(dataset), f"{model}_{experiment}{suffix}")
 
 
@@ -184,7 +183,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     for i, (dataset, model, experiment, seed) in enumerate(runs):
         config = cell_config(grid, dataset, model, experiment, seed)
         configlib.validate(config)
-        folder = cell_dir(workdir, grid, dataset, model, experiment, seed)
+        folder = cell_dir(workdir, dataset, model, experiment, seed, grid.seed)
         logging.info(
             "table1: cell %d/%d %s %s %s%s (%s elapsed)",
             i + 1,
