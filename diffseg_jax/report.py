@@ -1,22 +1,23 @@
 """Table 1 (and Fig. 1) of the paper from evaluated runs: ``python -m diffseg_jax.report --runs DIR... --out DIR``.
 
-Collects every ``eval/metrics.json`` under the given folders (a workdir, its ``eval/`` folder, or a folder
-of many runs) and writes ``table1.md``, ``table1.csv`` and ``table1.tex``: one row per dataset and method,
-the feed-forward (E1) IoU and ECE, the diffusion (E2) IoU and ECE, and their difference (diffusion − feed-
-forward), formatted as the paper (IoU in %, ECE to three decimals); where both runs of a cell kept their
+Collects every ``eval/metrics.json`` under the given folders (a workdir, its ``eval/`` folder, or a folder of
+many runs) and writes ``table1.md``, ``table1.csv`` and ``table1.tex``: one row per dataset and method, the
+feed-forward (E1) IoU and ECE, the diffusion (E2) IoU and ECE, and their difference (diffusion −
+feed-forward), formatted as the paper (IoU in %, ECE to three decimals); where both runs of a cell kept their
 ``ensemble.npz``, each difference carries its 95 % paired-bootstrap interval over the test images
 (:func:`compare`). A cell without a run stays blank. Several runs for one cell that differ only in ``seed``
 (their ``config.json`` beside ``eval/`` says so; :data:`REPEAT_KEYS`) are repeats, beyond the paper's single
-runs: the cell is their mean ± standard deviation (n), and a difference between two repeated cells carries
-the 95 % Welch interval over the runs, which counts the training's randomness that the bootstrap over
-images does not; runs for one cell that differ in anything else are an error naming both and the keys. The IoU and ECE are the ``iou``/``ece`` of
-each metrics.json, i.e. its ``eval.pooling``; runs pooled differently, or averaging soft and hard members
-(``eval.member_output``), are not mixed in one table. Beyond the paper, ``uncertainty.{md,csv}``: per run, how
-well its std and entropy maps point at its errors (``metrics.json``'s ``uncertainty`` block), and
-``reliability.png``: the reliability diagram behind each ECE, a panel per cell with its feed-forward and
-diffusion runs. ``--compare EVAL_DIR...`` draws Fig. 1 of evaluated runs (their ``eval/`` folders or their
-workdirs) and writes ``comparison.json`` and their reliability diagrams in ``comparison_reliability.png``
-(:func:`write_comparison`) from their ``ensemble.npz``, without sampling again.
+runs: the cell is their mean ± standard deviation (n), and a difference between two repeated cells carries the
+95 % Welch interval over the runs, which counts the training's randomness that the bootstrap over images does
+not; runs for one cell that differ in anything else are an error naming both and the keys. The IoU and ECE are
+the ``iou``/``ece`` of each metrics.json, i.e. its ``eval.pooling``; runs pooled differently, or averaging
+soft and hard members (``eval.member_output``), are not mixed in one table. Beyond the paper,
+``uncertainty.{md,csv}``: per run (per seed for repeats), how well its std and entropy maps point at its
+errors (``metrics.json``'s ``uncertainty`` block), and ``reliability.png``: the reliability diagram behind
+each ECE, a panel per cell with its feed-forward and diffusion runs. ``--compare EVAL_DIR...`` draws Fig. 1 of
+evaluated runs (their ``eval/`` folders or their workdirs) and writes ``comparison.json`` and their
+reliability diagrams in ``comparison_reliability.png`` (:func:`write_comparison`) from their ``ensemble.npz``,
+without sampling again.
 """
 
 from __future__ import annotations
@@ -186,6 +187,12 @@ def _check_repeats(key: tuple[str, str], kind: str, runs: list[Run]) -> None:
         )
 
 
+def _seed_order(run: Run) -> tuple:
+    """Repeats by seed, numerically (2 before 10); a seed that is not an integer after them."""
+    numeric = isinstance(run.seed, int)
+    return (not numeric, run.seed if numeric else 0, repr(run.seed))
+
+
 def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, list[Run]]]:
     """{(dataset, method): {'ff' / 'diff': [Run, ...]}} of the E1/E2 runs under ``paths``, in the paper's order;
     several runs for one cell must repeat one setting with other seeds (:func:`_check_repeats`), and runs of
@@ -214,7 +221,7 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, list[Run]]]:
         for kind, runs in kinds.items():
             if len(runs) > 1:
                 _check_repeats(key, kind, runs)
-                runs.sort(key=lambda r: (r.seed is None, repr(r.seed)))
+                runs.sort(key=_seed_order)
 
     def order(key):
         dataset, method = key

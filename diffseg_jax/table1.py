@@ -7,11 +7,10 @@ is the model's tiny config with its published scheme, the shared settings laid o
 in ``<workdir>/<dataset>/<model>_<experiment>`` (``<dataset>`` a kind or the folder's name; the E1 cells
 through the feed-forward protocol with ``table.e1_protocol``, the E2 cells through ``--mode e2_protocol`` with
 ``table.e2_protocol``). With ``table.seeds`` every cell is run once per seed (the run with the grid's own
-``seed`` in the cell's folder, the others beside it in ``<model>_<experiment>_seed<S>``), and Table 1 gives each
-cell's mean ± standard deviation over its seeds and Welch intervals for the differences
-(:mod:`diffseg_jax.report`). Finished cells are skipped, unfinished ones
-resume; identical programs compile once (a persistent compilation cache in ``<workdir>/.jax_cache`` unless
-one is set already).
+``seed`` in the cell's folder, the others beside it in ``<model>_<experiment>_seed<S>``), and Table 1 gives
+each cell's mean ± standard deviation over its seeds and Welch intervals for the differences
+(:mod:`diffseg_jax.report`). Finished cells are skipped, unfinished ones resume; identical programs compile
+once (a persistent compilation cache in ``<workdir>/.jax_cache`` unless one is set already).
 With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--mode analyse``, with the grid's
 ``analysis`` settings) and ``<workdir>/fingerprints/`` gets Fig. 4 across the grid.
 """

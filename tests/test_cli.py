@@ -232,10 +232,7 @@ def test_table1_grid_trains_every_cell_writes_the_table_and_resumes(tmp_path, tf
         "--config.eval.ddim_steps=2",
     ]
 
-    def run():
-        return run_module("diffseg_jax.table1", *args)
-
-    log = run()
+    log = run_module("diffseg_jax.table1", *args)
     with open(workdir / "table1.csv", newline="") as f:
         rows = {r["dataset"]: r for r in csv.DictReader(f)}
     assert sorted(rows) == ["my_set", "synthetic-lesion"]
@@ -266,28 +263,29 @@ def test_table1_grid_trains_every_cell_writes_the_table_and_resumes(tmp_path, tf
         and (workdir / "table1.tex").exists()
         and (workdir / "reliability.png").stat().st_size > 1000  # a panel per cell, FF and Diff runs
     )
-    # A rerun finds every cell finished: nothing is trained again and the table is the same.
-    table = (workdir / "table1.csv").read_text()
-    log = run()
-    assert "Training" not in log and "steps/s" not in log
-    assert (workdir / "table1.csv").read_text() == table
-    # Given a second seed, the grid keeps its seed-0 runs and adds a repeat of each cell beside them; the table
-    # averages the two.
-    args.append("--config.table.seeds=(0,1)")
-    log = run()
-    assert log.count("Training ensemdiff") == 4 and "cell 8/8" in log
+    # A rerun given a second seed (for the synthetic kind only) finds the seed-0 cells finished and trains a repeat
+    # of each beside them; the table averages the two, and the folder's single runs keep their row as it was.
+    with open(workdir / "table1.csv", newline="") as f:
+        table = {r["dataset"]: r for r in csv.DictReader(f)}
+    args[args.index(f"--config.table.folders=('{folder}',)")] = "--config.table.folders=()"
+    log = run_module("diffseg_jax.table1", *args, "--config.table.seeds=(0,1)")
+    assert log.count("Training ensemdiff") == 2 and "cell 4/4" in log
     with open(workdir / "table1.csv", newline="") as f:
         repeated = {r["dataset"]: r for r in csv.DictReader(f)}
-    for dataset, cell_dir in (("synthetic-lesion", "lesion"), ("my_set", "my_set")):
-        seed1 = json.loads((workdir / cell_dir / "ensemdiff_e2_seed1" / "config.json").read_text())
-        assert seed1["seed"] == 1
+    assert repeated["my_set"] == table["my_set"]
+    assert json.loads((workdir / "lesion" / "ensemdiff_e2_seed1" / "config.json").read_text())["seed"] == 1
+    for e, kind in (("e1", "ff"), ("e2", "diff")):
         ious = [
-            json.loads((workdir / cell_dir / f"ensemdiff_e2{s}" / "eval" / "metrics.json").read_text())["iou"]
+            json.loads((workdir / "lesion" / f"ensemdiff_{e}{s}" / "eval" / "metrics.json").read_text())[
+                "iou"
+            ]
             for s in ("", "_seed1")
         ]
-        row = repeated[dataset]
-        assert row["diff_n"] == "2" and float(row["diff_iou"]) == pytest.approx(np.mean(ious))
-        assert float(row["diff_iou_std"]) == pytest.approx(np.std(ious, ddof=1))
+        row = repeated["synthetic-lesion"]
+        assert row[f"{kind}_n"] == "2" and float(row[f"{kind}_iou"]) == pytest.approx(np.mean(ious))
+        assert float(row[f"{kind}_iou_std"]) == pytest.approx(np.std(ious, ddof=1))
+    assert float(row["delta_iou_ci_low"]) <= float(row["delta_iou"]) <= float(row["delta_iou_ci_high"])
+    assert repeated["my_set"]["diff_n"] == "1" and repeated["my_set"]["diff_iou_std"] == ""
 
 
 def test_table1_refuses_a_misspelt_kind_before_training(tmp_path, monkeypatch):

@@ -610,7 +610,7 @@ def test_report_averages_runs_that_differ_only_in_their_seed(tmp_path):
     for seed, (iou, ece) in enumerate(zip(ff_iou, ff_ece)):
         _repeat(runs, f"ff{seed}", "e1", seed, iou, ece)
     scores = dict(error_auroc=0.7, ueo=0.5, ueo_threshold=0.2, image_spearman=0.4)
-    for seed, (iou, ece) in enumerate(zip(diff_iou, diff_ece)):
+    for seed, iou, ece in zip((10, 0, 2, 1), diff_iou, diff_ece):  # listed 0, 1, 2, 10, not as folders sort
         _repeat(runs, f"diff{seed}", "e2", seed, iou, ece, reliability=bins, brier_pooled=0.03, mean_std=0.2,
                 uncertainty=dict(error_fraction=0.04, std=scores, entropy=scores))  # fmt: skip
     (row,) = report.collect([str(runs)])
@@ -633,8 +633,8 @@ def test_report_averages_runs_that_differ_only_in_their_seed(tmp_path):
     assert saved["diff_n"] == "4" and float(saved["diff_ece_std"]) == pytest.approx(np.std(diff_ece, ddof=1))
     assert r"$\pm$" in open(paths["tex"]).read()
     found = report.tables([str(runs)])  # each repeat keeps its own uncertainty row and reliability curve
-    assert [r["seed"] for r in found["uncertainty"]] == [0, 1, 2, 3]
-    assert [label for label, _ in found["reliability"][0][1]] == [f"Diff seed {s}" for s in range(4)]
+    assert [r["seed"] for r in found["uncertainty"]] == [0, 1, 2, 10]
+    assert [label for label, _ in found["reliability"][0][1]] == [f"Diff seed {s}" for s in (0, 1, 2, 10)]
     # One side repeated, the other a single run: its spread over seeds is unknown, so no interval.
     for seed in (1, 2):
         shutil.rmtree(runs / f"ff{seed}")
