@@ -652,7 +652,12 @@ def write(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", help="workdirs, eval/ folders, or folders of runs")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        help="workdirs, eval/ folders, or folders of runs; runs of one cell that differ only in their seed are "
+        "averaged (mean ± std, Welch intervals)",
+    )
     parser.add_argument(
         "--compare",
         nargs="+",
