@@ -81,7 +81,9 @@ def segformer_model(image_size: int = 256, variant: str = "b3") -> ml_collection
     ``variant`` picks depths, widths, heads, spatial-reduction ratios and decoder width from
     ``diffseg_jax/models/segformer.py:VARIANTS`` (b0..b5); the keys left at None override single entries
     (``--config.model.depths='(1,1,1,1)'``). ``normalize``: ImageNet mean/std inside the model, as HF's
-    image processor (the pretrained encoders expect it); needs 3-channel images.
+    image processor (the pretrained encoders expect it); needs 3-channel images. ``depthwise``: the Mix-FFN's
+    depthwise conv as shifted multiply-adds (``'shift'``, faster under XLA) or ``nn.Conv`` (``'conv'``, HF's
+    form); the same parameters and outputs.
     """
     del image_size  # Any size: the logits are upsampled to the input.
     return ml_collections.ConfigDict(
@@ -96,6 +98,7 @@ def segformer_model(image_size: int = 256, variant: str = "b3") -> ml_collection
             drop_path_rate=0.1,
             classifier_dropout=0.1,
             normalize=True,
+            depthwise="shift",
         )
     )
 

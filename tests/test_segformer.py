@@ -3,6 +3,7 @@
 import logging
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,11 +62,13 @@ def test_b3_parameter_counts_equal_hugging_face():
     np.testing.assert_allclose(np.diff(rates), 0.1 / 27)
 
 
-def test_matches_hugging_face_logits():
-    """HF's SegFormer (random weights, eval mode) on a 77x70 image, imported by the Hub names: same logits."""
+@pytest.mark.parametrize("depthwise", segformer.DEPTHWISE_IMPLS)
+def test_matches_hugging_face_logits(depthwise):
+    """HF's SegFormer (random weights, eval mode) on a 77x70 image, imported by the Hub names: same logits,
+    with the Mix-FFN's depthwise conv as shifted multiply-adds (the default) and as ``nn.Conv``."""
     f = np.load(FIXTURE)
     state = {k.removeprefix("state/"): f[k] for k in f.files if k.startswith("state/")}
-    model = models.get_model("segformer", out_channels=2, **FIXTURE_ARCH)
+    model = models.get_model("segformer", out_channels=2, depthwise=depthwise, **FIXTURE_ARCH)
     image = f["image"].astype(np.float32)
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), None, None, jnp.asarray(image)))
     variables = convert.import_weights(model, dict(template), state)
@@ -83,6 +86,38 @@ def test_matches_hugging_face_logits():
     x = f["resize_input"]
     np.testing.assert_allclose(segformer.resize_bilinear(x, (11, 13)), f["resize_up"], atol=1e-6)
     np.testing.assert_allclose(segformer.resize_bilinear(x, (4, 3)), f["resize_down"], atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_size,dtype", [(3, jnp.float32), (5, jnp.float32), (3, jnp.bfloat16)])
+def test_depthwise_conv_as_shifted_adds_equals_grouped_conv_in_values_and_gradients(kernel_size, dtype):
+    """DepthwiseConv against nn.Conv(feature_group_count=C) with the same variables: outputs, and gradients
+    with respect to the input, the kernel and the bias (odd, unequal sides: the padding and the shifts)."""
+    c = 6
+    conv = nn.Conv(
+        c, (kernel_size,) * 2, padding=[(kernel_size // 2,) * 2] * 2, feature_group_count=c, dtype=dtype
+    )
+    shift = segformer.DepthwiseConv(c, kernel_size, dtype)
+    x = jax.random.normal(jax.random.key(0), (2, 9, 7, c))
+    variables = shift.init(jax.random.key(1), x)
+    shapes = jax.tree.map(jnp.shape, conv.init(jax.random.key(1), x))
+    assert jax.tree.map(jnp.shape, variables) == shapes  # the same parameters, so checkpoints carry over
+    # Random bias too (it starts at 0), and a kernel far from 0.02's scale.
+    variables = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), a.shape), variables)
+    a, b = conv.apply(variables, x), shift.apply(variables, x)
+    assert b.dtype == a.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2  # bf16: the inputs' rounding; the sums run in float32
+    np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=tol, atol=tol)
+    if dtype != jnp.float32:
+        return
+    loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))  # a non-trivial output gradient
+    ga = jax.grad(loss(conv), argnums=(0, 1))(variables, x)
+    gb = jax.grad(loss(shift), argnums=(0, 1))(variables, x)
+    for (path, u), w in zip(jax.tree_util.tree_flatten_with_path(ga)[0], jax.tree.leaves(gb)):
+        np.testing.assert_allclose(w, u, rtol=1e-4, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match=r"\(k, k, 1, C\)"):
+        segformer.depthwise_conv_shift(x, jnp.zeros((3, 3, 1, c + 1)))
+    with pytest.raises(ValueError, match="model.depthwise='fft'"):
+        segformer.MixFFN(4, depthwise="fft").init(jax.random.key(0), jnp.zeros((1, 4, 4, 4)))
 
 
 def test_forward_ignores_x_t_and_t_and_keeps_input_size():

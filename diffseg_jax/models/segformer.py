@@ -27,6 +27,9 @@ Numerics as HF (checked against it to float32 precision by ``tests/test_segforme
 
 Deviations from HF:
 
+* The Mix-FFN's depthwise 3x3 conv is computed as nine shifted multiply-adds (:class:`DepthwiseConv`,
+  ``depthwise='shift'``): the same parameters and outputs as the grouped conv, whose gradient XLA runs far
+  slower than its FLOPs; ``depthwise='conv'`` uses ``nn.Conv(feature_group_count=C)`` as HF's ``nn.Conv2d``.
 * NHWC layout. The registry's call ``apply(variables, x_t, t, cond, train=...)``: ``x_t`` and ``t`` are
   ignored (``FEED_FORWARD``), ``cond`` is the image in [0, 1]; with ``normalize`` (default) the model
   standardises it with ImageNet's mean and std as HF's image processor does after rescaling by 1/255.
@@ -159,26 +162,89 @@ class EfficientSelfAttention(nn.Module):
         return _dense(c, self.dtype, "output")(out)
 
 
+DEPTHWISE_IMPLS = ("shift", "conv")
+
+
+def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """Depthwise k x k convolution, stride 1, zero padding k // 2, as k*k shifted multiply-adds.
+
+    ``x`` (B,H,W,C), ``kernel`` (k,k,1,C) as ``nn.Conv(C, (k,k), feature_group_count=C)`` stores it (a
+    cross-correlation, as every conv here), ``bias`` (C,). Accumulates in float32 whatever the inputs' dtype
+    (as the convolution kernels do) and returns the inputs' dtype. XLA fuses the sum into one elementwise
+    loop and its gradient into elementwise products and reductions, where a depthwise convolution's gradient
+    goes through XLA's grouped-convolution lowering, far slower than its FLOPs (jax-ml/jax#13800).
+    """
+    k = kernel.shape[0]
+    if kernel.shape != (k, k, 1, x.shape[-1]) or k % 2 != 1:
+        raise ValueError(
+            f"a depthwise kernel for {x.shape[-1]} channels must be (k, k, 1, C), k odd; got {kernel.shape}"
+        )
+    h, w = x.shape[1:3]
+    r = k // 2
+    padded = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
+    acc = jnp.zeros(x.shape, jnp.float32)
+    for i in range(k):
+        for j in range(k):
+            window = padded[:, i : i + h, j : j + w, :].astype(jnp.float32)
+            acc = acc + window * kernel[i, j, 0].astype(jnp.float32)
+    if bias is not None:
+        acc = acc + bias.astype(jnp.float32)
+    return acc.astype(x.dtype)
+
+
+class DepthwiseConv(nn.Module):
+    """``nn.Conv(features, (k,k), padding k//2, feature_group_count=features)`` computed by
+    :func:`depthwise_conv_shift`: the same parameters (``kernel`` (k,k,1,C), ``bias`` (C,)), initialisers
+    and outputs (to float rounding; tested against ``nn.Conv``, values and gradients).
+    """
+
+    features: int
+    kernel_size: int = 3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.features:
+            raise ValueError(f"DepthwiseConv({self.features}) got {x.shape[-1]} channels")
+        k = self.kernel_size
+        kernel = self.param("kernel", _kernel_init, (k, k, 1, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        return depthwise_conv_shift(x, kernel, bias)
+
+
 class MixFFN(nn.Module):
-    """Linear -> 3x3 depthwise conv (the positional information) -> exact GELU -> Linear."""
+    """Linear -> 3x3 depthwise conv (the positional information) -> exact GELU -> Linear.
+
+    ``depthwise``: ``'shift'`` (default) computes the depthwise conv as shifted multiply-adds
+    (:class:`DepthwiseConv`), ``'conv'`` as ``nn.Conv`` with ``feature_group_count`` (HF's form, a grouped
+    ``nn.Conv2d``). Same parameters, same outputs to float rounding; ``'shift'`` because XLA's grouped
+    convolution is slow, above all its gradient (README, Performance).
+    """
 
     hidden_size: int
     mlp_ratio: int = 4
     dtype: Any = jnp.float32
+    depthwise: str = "shift"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         inner = self.hidden_size * self.mlp_ratio
         x = _dense(inner, self.dtype, "dense1")(x)
-        x = nn.Conv(
-            inner,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            feature_group_count=inner,
-            dtype=self.dtype,
-            kernel_init=_kernel_init,
-            name="dwconv",
-        )(x)
+        if self.depthwise == "shift":
+            x = DepthwiseConv(inner, 3, self.dtype, name="dwconv")(x)
+        elif self.depthwise == "conv":
+            x = nn.Conv(
+                inner,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                feature_group_count=inner,
+                dtype=self.dtype,
+                kernel_init=_kernel_init,
+                name="dwconv",
+            )(x)
+        else:
+            raise ValueError(f"model.depthwise={self.depthwise!r}: use one of {DEPTHWISE_IMPLS}")
         x = nn.gelu(x, approximate=False)
         return _dense(self.hidden_size, self.dtype, "dense2")(x)
 
@@ -192,6 +258,7 @@ class MixBlock(nn.Module):
     drop_path: float
     mlp_ratio: int = 4
     dtype: Any = jnp.float32
+    depthwise: str = "shift"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -203,7 +270,7 @@ class MixBlock(nn.Module):
         )(h)
         x = x + drop(h)
         h = _layer_norm("layer_norm_2")(x).astype(self.dtype)
-        h = MixFFN(self.hidden_size, self.mlp_ratio, self.dtype, name="mlp")(h)
+        h = MixFFN(self.hidden_size, self.mlp_ratio, self.dtype, self.depthwise, name="mlp")(h)
         return x + drop(h)
 
 
@@ -217,6 +284,7 @@ class MixTransformer(nn.Module):
     mlp_ratio: int = 4
     drop_path_rate: float = 0.1
     dtype: Any = jnp.float32
+    depthwise: str = "shift"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> list[jax.Array]:
@@ -234,6 +302,7 @@ class MixTransformer(nn.Module):
                     rates[block],
                     self.mlp_ratio,
                     self.dtype,
+                    self.depthwise,
                     name=f"block_{i}_{j}",
                 )(x, train=train)
                 block += 1
@@ -302,6 +371,7 @@ class SegFormer(nn.Module):
     classifier_dropout: float = 0.1
     normalize: bool = True  # ImageNet mean/std, as HF's image processor
     dtype: Any = jnp.float32
+    depthwise: str = "shift"  # the Mix-FFN depthwise conv: shifted multiply-adds, or "conv" (nn.Conv)
 
     def spec(self) -> dict[str, Any]:
         """The architecture: the variant's values with this module's overrides."""
@@ -345,6 +415,7 @@ class SegFormer(nn.Module):
             self.mlp_ratio,
             self.drop_path_rate,
             self.dtype,
+            self.depthwise,
             name="encoder",
         )(x.astype(self.dtype), train=train)
         logits = AllMLPDecoder(
