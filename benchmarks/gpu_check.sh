@@ -3,14 +3,15 @@
 #
 #   bash benchmarks/gpu_check.sh                      # everything; JSON and logs go to $OUT (or ./benchmark_results)
 #   bash benchmarks/gpu_check.sh sampling_tiny curves # only these parts
-#   TRAIN_MODELS=segformer,nnunet+bfloat16 TRAIN_LIMIT=120 bash benchmarks/gpu_check.sh train
+#   TRAIN_MODELS=segformer,segformer+dwconv TRAIN_LIMIT=300 bash benchmarks/gpu_check.sh train
 #   SIZE=tiny bash benchmarks/gpu_check.sh            # the same parts at tiny size: checks the script on a CPU
 #                                                     # (3 min on 2 cores; sampling_tiny hits its GPU-sized limit)
 #
-# XLA compiles a published UNet's train step in 33-71 s on an H200 (convolution autotuning; 2026-11-28:
-# nnU-Net 33 s, EnsemDiff 51 s with remat and 71 s in bf16), so the train part may not reach all seven
-# rows within its limit: it times them in TRAIN_MODELS' order and the summary names those it did not reach
-# (run them with TRAIN_MODELS=...). The rows are compiled one at a time: seven compiled at once in threads
+# XLA compiles a published UNet's train step in 33-107 s on an H200 (convolution autotuning; 2026-11-28:
+# nnU-Net 33 s, EnsemDiff 51 s with remat and 71 s in bf16, MedSegDiff 74 s, SegDiff 89-107 s; SegFormer-B3
+# was still compiling after 165 s, and took 119 s with XLA_FLAGS=--xla_gpu_autotune_level=0), so the train
+# part may not reach all seven rows within its limit: it times them in TRAIN_MODELS' order and the summary
+# names those it did not reach (run them with TRAIN_MODELS=...). The rows are compiled one at a time: seven compiled at once in threads
 # had one row ready after 420 s on the H200. The states start from host-made weights (benchmarks/common.py
 # host_variables): the model's own initialisation took another 34 s to compile there and is not what is
 # timed. The parts run under their own time limits and write JSON row by row: a limit loses only what was
@@ -29,7 +30,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     echo "the wheels in .whl/ do not install here ($(tail -n 1 "$OUT/wheels.err")); using the installed packages"
   fi
 fi
+# SegDiff's batch-8 step takes a 69.3 GiB buffer, which JAX's default cap (75 % of the GPU) did not leave
+# beside the autotuner's scratch on the H200; 95 % did.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 

@@ -17,7 +17,9 @@ temporaries) and, where the backend exposes it (GPU/TPU), the allocator's peak a
 memory in use before it (``common.step_memory``: credited only to the row that raised the process's peak).
 
 A model entry may carry its own variant: ``ensemdiff+bfloat16``, ``ensemdiff+remat``,
-``ensemdiff+bfloat16+remat`` (``--dtype`` / ``--remat`` are the default of entries without one).
+``ensemdiff+bfloat16+remat`` (``--dtype`` / ``--remat`` are the default of entries without one), and
+``segformer+dwconv`` (SegFormer's depthwise conv as ``nn.Conv``, ``model.depthwise='conv'``, against the
+default shifted multiply-adds).
 
 ``--compile-workers N`` prepares up to N rows at once in threads (XLA releases the GIL while it compiles), then
 times the rows one after another once every compilation has finished, so no compilation (nor the GPU's
@@ -57,16 +59,24 @@ VARIANT_TOKENS = {
     "float32": ("dtype", "float32"),
     "bfloat16": ("dtype", "bfloat16"),
     "remat": ("remat", True),
+    "dwconv": ("depthwise", "conv"),  # SegFormer's depthwise conv as nn.Conv (the default: shifted adds)
 }
+OTHER_KEYS = ("depthwise",)  # variant keys besides dtype and remat, set only by their tokens
+IMPLICIT = {"dtype": "float32", "remat": False}  # what a model without the config key computes
 
 
-def parse_entry(entry: str, dtype: str, remat: bool) -> tuple[str, str, bool]:
-    """``'ensemdiff+bfloat16+remat'`` → ``('ensemdiff', 'bfloat16', True)``; unmarked entries get the defaults."""
+def parse_entry(entry: str, dtype: str, remat: bool) -> tuple[str, str, bool, tuple]:
+    """``'ensemdiff+bfloat16+remat'`` → ``('ensemdiff', 'bfloat16', True, ())``; unmarked entries get the
+    defaults ``dtype`` and ``remat``, or what the model computes where its config lacks the key (nnU-Net and
+    SegFormer have no ``model.dtype``: float32). The last item holds the other model settings as
+    ``(key, value)`` pairs (``'segformer+dwconv'`` → ``(('depthwise', 'conv'),)``). A token whose setting the
+    model lacks is an error, so no row is labelled with a variant it did not run."""
     name, *tokens = entry.strip().split("+")
     if name not in models.MODELS:
         raise SystemExit(
             f"--models: unknown architecture {name!r} in {entry!r}; known: {sorted(models.MODELS)}"
         )
+    model_keys = base.get_config(name).model
     variant = {"dtype": dtype, "remat": remat}
     for token in tokens:
         if token not in VARIANT_TOKENS:
@@ -74,12 +84,20 @@ def parse_entry(entry: str, dtype: str, remat: bool) -> tuple[str, str, bool]:
                 f"--models: unknown variant {token!r} in {entry!r}; use {sorted(VARIANT_TOKENS)}"
             )
         key, value = VARIANT_TOKENS[token]
+        if key not in model_keys and value != IMPLICIT.get(key):
+            raise SystemExit(f"--models: {token!r} in {entry!r} sets model.{key}, which {name} does not have")
         variant[key] = value
-    return name, variant["dtype"], variant["remat"]
+    for key, value in IMPLICIT.items():
+        if key not in model_keys:
+            variant[key] = value
+    other = tuple((k, variant[k]) for k in OTHER_KEYS if k in variant)
+    return name, variant["dtype"], variant["remat"], other
 
 
-def _config(name: str, tiny: bool, dtype: str, remat: bool):
+def _config(name: str, tiny: bool, dtype: str, remat: bool, other: tuple = ()):
     config = base.get_config(f"{name},tiny" if tiny else name)
+    for key, value in other:
+        config.model[key] = value
     config.experiment = "e1" if models.is_feed_forward(name) else "e2"
     if not tiny:
         config.data.image_size = PUBLISHED_SIZE
@@ -118,13 +136,21 @@ def step_and_inputs(config, model, variables, batch: int):
 
 
 def prepare(
-    name: str, tiny: bool, batch: int, time_it: bool, dtype: str, remat: bool, model_init: bool = False
+    name: str,
+    tiny: bool,
+    batch: int,
+    time_it: bool,
+    dtype: str,
+    remat: bool,
+    model_init: bool = False,
+    other: tuple = (),
 ) -> tuple[dict, Callable[[int], None] | None]:
     """(the row's counts, and a function that times the compiled step and adds its figures) — None if untimed.
 
     The state starts from ``common.host_variables`` unless ``model_init`` (the model's own initialisation).
+    ``other``: further ``(key, value)`` model settings (:func:`parse_entry`).
     """
-    config = _config(name, tiny, dtype, remat)
+    config = _config(name, tiny, dtype, remat, other)
     size, ch = config.data.image_size, config.data.image_channels
     model = train.build_model(config.model, train.output_channels(config, ch), size)
     x = jnp.zeros((1, size, size, 1))
@@ -137,6 +163,7 @@ def prepare(
         "image_size": size,
         "dtype": dtype,
         "remat": remat,
+        **dict(other),
         "params": models.param_count(abstract["params"]),
         "batch": batch,
     }
@@ -180,25 +207,42 @@ def prepare(
     return row, run
 
 
-def _pending(spec: tuple[str, str, bool, bool], batch: int) -> dict:
-    """The row of ``spec`` = (name, dtype, remat, tiny) before it is prepared."""
-    name, dtype, remat, tiny = spec
+def _pending(spec: tuple[str, str, bool, tuple, bool], batch: int) -> dict:
+    """The row of ``spec`` = (name, dtype, remat, other settings, tiny) before it is prepared."""
+    name, dtype, remat, other, tiny = spec
     size = "tiny" if tiny else "published"
-    return {"model": name, "size": size, "dtype": dtype, "remat": remat, "batch": batch, "pending": True}
+    return {
+        "model": name,
+        "size": size,
+        "dtype": dtype,
+        "remat": remat,
+        **dict(other),
+        "batch": batch,
+        "pending": True,
+    }
 
 
-def _failed(spec: tuple[str, str, bool, bool], batch: int, error: BaseException) -> dict:
+def _failed(spec: tuple[str, str, bool, tuple, bool], batch: int, error: BaseException) -> dict:
     """The row of ``spec`` that raised ``error``."""
     msg = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     print(f"{spec[0]}: FAILED — {msg}", flush=True)
     return {**_pending(spec, batch), "pending": False, "error": msg}
 
 
+def variant_label(row: dict) -> str:
+    """``'float32'``, ``'bfloat16+remat'``, ``'float32+dwconv'``: a row's dtype and the tokens that made it."""
+    label = row["dtype"] + ("+remat" if row.get("remat") else "")
+    for token, (key, value) in VARIANT_TOKENS.items():
+        if key in OTHER_KEYS and row.get(key) == value:
+            label += "+" + token
+    return label
+
+
 def _print_row(row: dict) -> None:
     if "error" in row:
         return
     fmt = lambda k, f: (f % row[k]) if row.get(k) is not None else "-"  # noqa: E731
-    label = row["dtype"][:8] + ("+remat" if row["remat"] else "")
+    label = variant_label(row)
     print(
         f"{row['model']:15s} {row['size']:9s} {row['image_size']:4d} {label:14s} {row['params']:12,d} "
         f"{row['forward_gflops_per_image']:7.1f} {fmt('train_step_gflops', '%8.1f'):>8s} "
@@ -251,10 +295,10 @@ def main():
             common.write_json(args.json, rows, batch=args.batch, compile_workers=args.compile_workers)
 
     def prepare_one(i: int):
-        name, dtype, remat, tiny = specs[i]
+        name, dtype, remat, other, tiny = specs[i]
         try:
             row, run = prepare(
-                name, tiny, args.batch, tiny or args.time_published, dtype, remat, args.model_init
+                name, tiny, args.batch, tiny or args.time_published, dtype, remat, args.model_init, other
             )
         except Exception as error:  # noqa: BLE001 — one failing row must not lose the others
             record(i, _failed(specs[i], args.batch, error))

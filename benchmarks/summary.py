@@ -13,7 +13,8 @@ def _f(value, fmt: str) -> str:
 
 
 def _train_what(r: dict) -> str:
-    return f"{r['dtype']}{' remat' if r.get('remat') else ''} batch {r['batch']}"
+    dwconv = " dwconv" if r.get("depthwise") == "conv" else ""
+    return f"{r['dtype']}{' remat' if r.get('remat') else ''}{dwconv} batch {r['batch']}"
 
 
 def main(directory: str) -> None:

@@ -69,7 +69,7 @@ def test_step_memory_credits_a_row_only_with_a_peak_it_raised():
 def test_summary_says_what_each_row_and_part_came_to(tmp_path, capsys):
     base = {"size": "published", "image_size": 256, "dtype": "float32", "remat": False, "batch": 8}
     rows = [
-        {**base, "model": "segformer", "pending": True},
+        {**base, "model": "segformer", "depthwise": "conv", "pending": True},
         {**base, "model": "segdiff", "pending": False, "error": "XlaRuntimeError: RESOURCE_EXHAUSTED"},
         {**base, "model": "medsegdiff", "train_step_gflops": 1553.0, "init_s": 20.0, "compile_s": 40.4},
         {
@@ -93,11 +93,39 @@ def test_summary_says_what_each_row_and_part_came_to(tmp_path, capsys):
     summary.main(str(tmp_path))
     lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[2:]}
     assert lines["segformer"].endswith("not compiled: time limit")
+    assert "float32 dwconv batch 8" in lines["segformer"]
     assert "FAILED: XlaRuntimeError: RESOURCE_EXHAUSTED" in lines["segdiff"]
     assert lines["medsegdiff"].endswith("compiled in 60 s, not timed")
     assert "float32 remat batch 8 (timed beside compiles)" in lines["ensemdiff"]
     assert lines["ensemdiff"].endswith("89.4 img/s 133.0 TFLOP/s XLA 13.3 GiB, step +30.2 GiB")
     assert lines["no"].startswith("curves") and "see curves.log" in lines["no"]  # a part without any row
+
+
+def test_model_entries_carry_their_variant_into_the_config_and_the_label():
+    import models as bench  # benchmarks/models.py
+
+    assert bench.parse_entry("ensemdiff+bfloat16+remat", "float32", False) == (
+        "ensemdiff",
+        "bfloat16",
+        True,
+        (),
+    )
+    # SegFormer has no model.dtype or model.remat: the defaults fall back to what it computes.
+    name, dtype, remat, other = bench.parse_entry("segformer+dwconv", "bfloat16", True)
+    assert (name, dtype, remat, other) == ("segformer", "float32", False, (("depthwise", "conv"),))
+    assert bench._config(name, True, dtype, remat, other).model.depthwise == "conv"
+    assert bench._config(name, True, dtype, remat).model.depthwise == "shift"  # the default
+    label = bench.variant_label(bench._pending((name, "bfloat16", True, other, True), 8))
+    assert label == "bfloat16+remat+dwconv"
+    with pytest.raises(SystemExit, match="sets model.depthwise, which ensemdiff does not have"):
+        bench.parse_entry("ensemdiff+dwconv", "float32", False)
+    # nnU-Net has no model.dtype: an explicit bf16 entry is refused, a bf16 default is not applied (its row
+    # would otherwise say bfloat16 of a float32 step).
+    with pytest.raises(SystemExit, match="sets model.dtype, which nnunet does not have"):
+        bench.parse_entry("nnunet+bfloat16", "float32", False)
+    assert bench.parse_entry("nnunet", "bfloat16", True) == ("nnunet", "float32", False, ())
+    with pytest.raises(SystemExit, match="unknown variant 'fp8'"):
+        bench.parse_entry("segformer+fp8", "float32", False)
 
 
 def _benchmark(tmp_path, script: str, *args: str) -> tuple[str, list[dict]]:
