@@ -68,7 +68,7 @@ IMPLICIT = {"dtype": "float32", "remat": False}  # what a model without the conf
 def parse_entry(entry: str, dtype: str, remat: bool) -> tuple[str, str, bool, tuple]:
     """``'ensemdiff+bfloat16+remat'`` → ``('ensemdiff', 'bfloat16', True, ())``; unmarked entries get the
     defaults ``dtype`` and ``remat``, or what the model computes where its config lacks the key (nnU-Net and
-    SegFormer have no ``model.dtype``: float32). The last item holds the other model settings as
+    SegFormer have no ``model.remat``: no remat). The last item holds the other model settings as
     ``(key, value)`` pairs (``'segformer+dwconv'`` → ``(('depthwise', 'conv'),)``). A token whose setting the
     model lacks is an error, so no row is labelled with a variant it did not run."""
     name, *tokens = entry.strip().split("+")

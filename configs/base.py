@@ -99,6 +99,7 @@ def segformer_model(image_size: int = 256, variant: str = "b3") -> ml_collection
             classifier_dropout=0.1,
             normalize=True,
             depthwise="shift",
+            dtype="float32",  # compute dtype ('bfloat16': parameters, norms, softmax and the head stay float32)
         )
     )
 
@@ -131,6 +132,7 @@ def nnunet_model(image_size: int = 256) -> ml_collections.ConfigDict:
             n_conv_per_stage_decoder=(2,) * 6,
             deep_supervision=True,
             normalize=True,  # nnU-Net's per-image, per-channel z-score, inside the network
+            dtype="float32",  # compute dtype ('bfloat16': parameters, norm statistics and the heads stay float32)
         )
     )
 

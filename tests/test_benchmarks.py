@@ -110,20 +110,21 @@ def test_model_entries_carry_their_variant_into_the_config_and_the_label():
         True,
         (),
     )
-    # SegFormer has no model.dtype or model.remat: the defaults fall back to what it computes.
+    # SegFormer has no model.remat: a --remat default falls back to what it computes.
     name, dtype, remat, other = bench.parse_entry("segformer+dwconv", "bfloat16", True)
-    assert (name, dtype, remat, other) == ("segformer", "float32", False, (("depthwise", "conv"),))
-    assert bench._config(name, True, dtype, remat, other).model.depthwise == "conv"
+    assert (name, dtype, remat, other) == ("segformer", "bfloat16", False, (("depthwise", "conv"),))
+    config = bench._config(name, True, dtype, remat, other)
+    assert config.model.depthwise == "conv" and config.model.dtype == "bfloat16"
     assert bench._config(name, True, dtype, remat).model.depthwise == "shift"  # the default
     label = bench.variant_label(bench._pending((name, "bfloat16", True, other, True), 8))
     assert label == "bfloat16+remat+dwconv"
     with pytest.raises(SystemExit, match="sets model.depthwise, which ensemdiff does not have"):
         bench.parse_entry("ensemdiff+dwconv", "float32", False)
-    # nnU-Net has no model.dtype: an explicit bf16 entry is refused, a bf16 default is not applied (its row
-    # would otherwise say bfloat16 of a float32 step).
-    with pytest.raises(SystemExit, match="sets model.dtype, which nnunet does not have"):
-        bench.parse_entry("nnunet+bfloat16", "float32", False)
-    assert bench.parse_entry("nnunet", "bfloat16", True) == ("nnunet", "float32", False, ())
+    # nnU-Net has no model.remat: an explicit remat entry is refused, a remat default is not applied (its row
+    # would otherwise say remat of a step without it).
+    with pytest.raises(SystemExit, match="sets model.remat, which nnunet does not have"):
+        bench.parse_entry("nnunet+remat", "float32", False)
+    assert bench.parse_entry("nnunet", "bfloat16", True) == ("nnunet", "bfloat16", False, ())
     with pytest.raises(SystemExit, match="unknown variant 'fp8'"):
         bench.parse_entry("segformer+fp8", "float32", False)
 

@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import ROOT, tiny_config
 
@@ -80,6 +81,40 @@ def test_bf16_computes_in_bf16_keeps_f32_params_and_tracks_the_f32_loss_curve():
     rel = np.abs(l16 - l32) / np.abs(l32)
     assert rel.max() < 0.02, (l32, l16)
     assert l16[-1] < l16[0]  # and it learns
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["nnunet", "segformer"])
+def test_bf16_feed_forward_references_keep_f32_params_and_track_the_f32_e1_loss(arch):
+    """model.dtype for the E1 references: the same float32 parameters, bf16 matmuls or convolutions, float32
+    logits, and an E1 loss curve that follows float32's."""
+    losses, jaxprs = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config("e1_synthetic", f"{arch},tiny")
+        config.model.dtype = dtype
+        if arch == "nnunet":
+            config.model.plan.mode = "fixed"  # the tiny plan as it stands: no dataset to plan from
+        configlib.validate(config, check_data=False)
+        model = train.build_model(config.model, train.output_channels(config, 3), 16)
+        optimizer = optax.adam(1e-3)  # a rate that moves the weights within a few steps
+        variables = train.init_variables(model, jax.random.PRNGKey(0), (1, 16, 16, 1), (1, 16, 16, 3))
+        state = train.create_train_state(variables, optimizer, jax.random.PRNGKey(1))
+        step = train.make_train_step(model, optimizer, train.build_schedule(config.diffusion), config)
+        jaxprs[dtype] = str(jax.make_jaxpr(step)(state, _batch()))
+        losses[dtype], state = _losses(state, step, 5)
+        floats = [
+            x
+            for x in jax.tree.leaves((state.params, state.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.floating)
+        ]
+        assert floats and all(x.dtype == jnp.float32 for x in floats)
+    assert "bf16[" in jaxprs["bfloat16"] and "bf16[" not in jaxprs["float32"]
+    assert np.all(np.isfinite(losses["bfloat16"]))
+    # The same first loss to bf16's rounding (a model still in float32 would match exactly), then curves that
+    # follow each other. Measured (2 CPU cores): at most 0.19 % (nnU-Net) and 0.11 % (SegFormer) over 5 steps.
+    rel = np.abs(losses["bfloat16"] - losses["float32"]) / np.abs(losses["float32"])
+    assert 0 < rel[0] and rel.max() < 0.01, losses
+    assert losses["bfloat16"][-1] < losses["bfloat16"][0]
 
 
 @pytest.mark.slow
