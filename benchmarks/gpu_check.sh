@@ -11,11 +11,11 @@
 # nnU-Net 33 s, EnsemDiff 51 s with remat and 71 s in bf16, MedSegDiff 74 s, SegDiff 89-107 s; SegFormer-B3
 # was still compiling after 165 s, and took 119 s with XLA_FLAGS=--xla_gpu_autotune_level=0), so the train
 # part may not reach all seven rows within its limit: it times them in TRAIN_MODELS' order and the summary
-# names those it did not reach (run them with TRAIN_MODELS=...). The rows are compiled one at a time: seven compiled at once in threads
-# had one row ready after 420 s on the H200. The states start from host-made weights (benchmarks/common.py
-# host_variables): the model's own initialisation took another 34 s to compile there and is not what is
-# timed. The parts run under their own time limits and write JSON row by row: a limit loses only what was
-# not done.
+# names those it did not reach (run them with TRAIN_MODELS=...). The rows are compiled one at a time: seven
+# compiled at once in threads had one row ready after 420 s on the H200. The states start from host-made
+# weights (benchmarks/common.py host_variables): the model's own initialisation took another 34 s to compile
+# there and is not what is timed. The parts run under their own time limits and write JSON row by row: a
+# limit loses only what was not done.
 # Where the machine lacks a dependency, put wheels in .whl/ (bash benchmarks/gpu_wheels.sh makes those the
 # H200 image lacks); they go to /tmp/site.
 set -u
