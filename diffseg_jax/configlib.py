@@ -17,6 +17,7 @@ import ml_collections
 from diffseg_jax import data, diffusion, models, objectives
 from diffseg_jax.data.augment import AUGMENTATIONS
 from diffseg_jax.diffusion import timesteps
+from diffseg_jax.models import segformer
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -291,6 +292,19 @@ def _validate_model_group(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _validate_segformer(m: ml_collections.ConfigDict) -> None:
+    """SegFormer's variant and depthwise-conv form, named here rather than deep in Flax at start-up."""
+    if m.variant not in segformer.VARIANTS:
+        _fail("model.variant", m.variant, f"Choose one of {sorted(segformer.VARIANTS)} (SegFormer-B0..B5).")
+    if m.depthwise not in segformer.DEPTHWISE_IMPLS:
+        _fail(
+            "model.depthwise",
+            m.depthwise,
+            "Choose 'shift' (shifted multiply-adds, fast under XLA) or 'conv' (nn.Conv, HF's grouped conv); "
+            "the same parameters and outputs.",
+        )
+
+
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     """Raises ``ValueError`` naming the offending key for an impossible or unknown setting.
 
@@ -325,6 +339,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             config.model.dtype,
             f"Choose one of {COMPUTE_DTYPES} (bfloat16: mixed precision with float32 parameters).",
         )
+    if config.model.name == "segformer":
+        _validate_segformer(config.model)
     if models.is_feed_forward(config.model.name) and config.experiment != "e1":
         _fail(
             "experiment",

@@ -220,6 +220,15 @@ def test_encoder_checkpoint_with_imagenet_head_leaves_the_decoder_at_init(tiny_w
     _leaves_equal(init["params"]["decode_head"]["classifier"], out["params"]["decode_head"]["classifier"])
 
 
+def test_invalid_variant_or_depthwise_form_is_named_before_the_run_starts():
+    for key, value, fix in [("variant", "b9", "b0"), ("depthwise", "fft", "'shift'")]:
+        config = tiny_config("e1_synthetic", "segformer,tiny")
+        config.model[key] = value
+        with pytest.raises(configlib.ConfigError, match=rf"model.{key}='{value}'.*{fix}"):
+            configlib.validate(config, check_data=False)
+    configlib.validate(tiny_config("e1_synthetic", "segformer,tiny"), check_data=False)  # the defaults pass
+
+
 def test_configs_give_the_published_scheme_and_one_member(tmp_path):
     assert models.is_feed_forward("segformer") and not models.can_drop_image("segformer")
     config = tiny_config("e1_synthetic", "segformer,tiny")
