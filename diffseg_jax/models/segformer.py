@@ -204,9 +204,7 @@ class DepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if x.shape[-1] != self.features:
-            raise ValueError(f"DepthwiseConv({self.features}) got {x.shape[-1]} channels")
-        k = self.kernel_size
+        k = self.kernel_size  # depthwise_conv_shift checks the kernel against x's channels and k
         kernel = self.param("kernel", _kernel_init, (k, k, 1, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
