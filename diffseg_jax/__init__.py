@@ -10,6 +10,12 @@ Public, jit-friendly API for notebooks::
   # A network with a learned variance (config diffusion.learn_sigma, twice the mask channels) trains with
   # loss_fn(..., learn_sigma=True) and samples with ddpm_sample(..., variance="learned_range").
   members = diffusion.ensemble_sample(lambda k: diffusion.ddim_sample(model_fn, sched, shape, k), key, 10)
+
+A trained run, and configs by name (``diffseg_jax.api``)::
+
+  config = diffseg_jax.get_config("configs/quickstart.py:tiny")       # or a shipped config: "quickstart:tiny"
+  run = diffseg_jax.load_run("runs/quickstart")                       # its config.json and weights
+  mean, std = run.segment(images, members=10, sampler="ddim", steps=50, key=0)
 """
 
 from diffseg_jax import diffusion, metrics, objectives
@@ -27,13 +33,30 @@ from diffseg_jax.objectives import loss_fn
 
 __version__ = "0.1.0"
 
+_API = ("Run", "get_config", "load_run")
+
+
+def __getattr__(name: str):
+    """``diffseg_jax.load_run`` / ``get_config`` / ``Run`` from :mod:`diffseg_jax.api`, imported on first use."""
+    if name in _API:
+        # Lazy: the api brings in training, evaluation and tensorflow-datasets, which `import diffseg_jax` (the
+        # pure functions above) does not need.
+        from diffseg_jax import api  # noqa: PLC0415
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'diffseg_jax' has no attribute {name!r}")
+
+
 __all__ = [
+    "Run",
     "ddim_sample",
     "ddpm_sample",
     "diffusion",
     "ensemble_sample",
     "ensemble_statistics",
+    "get_config",
     "get_schedule",
+    "load_run",
     "loss_fn",
     "metrics",
     "objectives",

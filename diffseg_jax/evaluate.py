@@ -519,13 +519,14 @@ def ensemble_maps(
     batch_size: int | None = None,
     first_batch: int = 0,
     ensemble: Callable | None = None,
+    key: jax.Array | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ensemble mean and std maps of ``images`` (N, S, S, C) at the stored size, as ``--mode evaluate``
     samples them: images stored larger than the model's size are cut into model-sized tiles (SegDiff's MoNuSeg
     protocol) and the maps stitched back, or fed whole to the fully convolutional network
     (``data.eval_tiling``); ``eval.ensemble_size`` members in chunks of ``eval.member_chunk``, ``eval.batch_size``
     images (or tiles) at a time (``batch_size`` overrides it: fewer inputs than a batch can be one smaller batch
-    instead of a padded whole one), key ``eval.seed``; ``first_batch`` is the index of the first batch when
+    instead of a padded whole one), ``key`` (default ``PRNGKey(eval.seed)``); ``first_batch`` is the index of the first batch when
     ``images`` continue a longer set (see :func:`sample_statistics`); such a caller passes the same
     :func:`ensemble_fn` to every part, compiled once. ``step`` and the config identify the samples kept in
     ``resume_dir``.
@@ -553,7 +554,7 @@ def ensemble_maps(
         inputs,
         inputs.shape[1:3] + (x_channels,),
         batch_size or eval_cfg.batch_size,
-        jax.random.PRNGKey(eval_cfg.seed),
+        jax.random.PRNGKey(eval_cfg.seed) if key is None else key,
         resume_dir=resume_dir,
         run_id={"evaluation": sampling_id(config, step)},
         what=what,

@@ -81,6 +81,20 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     # The comparison's diagram beside the run's own, which it does not replace.
     for name in ("reliability.png", "comparison_reliability.png"):
         assert (workdir / "eval_again" / name).stat().st_size > 1000
+    # The programmatic API: the run loaded from its folder segments the test images as --mode evaluate did
+    # (same weights, settings and key), and another key or member count gives other maps.
+    import diffseg_jax
+    from diffseg_jax import data as data_lib
+
+    run = diffseg_jax.load_run(str(workdir))
+    assert run.step == 4 and run.config.eval.use_ema
+    n = run.config.eval.num_images
+    test = data_lib.eval_arrays(run.config.data, split="test", max_examples=None if n < 0 else n)
+    mean, std = run.segment(test["image"])
+    np.testing.assert_allclose(mean, arrays["mean"], atol=1e-6)
+    np.testing.assert_allclose(std, arrays["std"], atol=1e-6)
+    other, _ = run.segment(test["image"], members=3, key=1)
+    assert other.shape == mean.shape and not np.allclose(other, mean)
 
 
 def test_from_run_reads_back_every_config_file_as_it_was_recorded(tmp_path, monkeypatch):
