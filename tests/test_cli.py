@@ -364,6 +364,7 @@ def test_readme_from_python_example_runs_as_written(tmp_path, tfds_dir):
     code = _readme_python_blocks()[0]
     for old, new in (
         ("config.train.num_steps = 200", f"config.train.num_steps = 2; config.data.data_dir = {tfds_dir!r}"),
+        ('members=10, sampler="ddim", steps=50', 'members=2, sampler="ddim", steps=5'),
     ):
         assert old in code, old  # the README changed: update this test with it
         code = code.replace(old, new)
