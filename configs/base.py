@@ -225,7 +225,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None → ~/tensorflow_datasets
-    # Real datasets (isic2016, monuseg2018, segmentation_folder) are read from manual_dir and stored at
+    # Real datasets (monuseg2018, segmentation_folder; isic2016 when set) are read from manual_dir, stored at
     # resize x resize px (None: image_size). Training images larger than image_size are randomly cropped
     # to it; evaluation cuts them into image_size tiles and stitches the outputs ('tiles') or feeds them
     # whole ('whole'). fit/validation splits hold out validation_fraction of train; a dataset without a
@@ -235,6 +235,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'percentile' stretches every image (see diffseg_jax.data.files.read_image); train_ids picks MoNuSeg's
     # classic 30 training tiles or all the zip holds.
     c.data.manual_dir = config_dict.placeholder(str)
+    # isic2016 with no manual_dir downloads the four official Part 1 zips from this folder URL (tfds' download
+    # manager: cached in <data_dir>/downloads, checksums recorded on the first download and verified after).
+    c.data.download_base_url = "https://isic-challenge-data.s3.amazonaws.com/2016"
     c.data.resize = config_dict.placeholder(int)
     c.data.eval_tiling = "tiles"
     c.data.validation_fraction = 0.2

@@ -44,19 +44,37 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
         for key in ("num_train", "num_test"):
             if d[key] < 1:
                 _fail(f"data.{key}", d[key], "The synthetic dataset needs at least one image per split.")
-    if check_data and d.name in data.MANUAL_DATASETS:
+    if check_data and d.name in data.DOWNLOADED_DATASETS and d.get("manual_dir", None) is None:
+        url = d.get("download_base_url", None) or ""
+        if not url.startswith(("http://", "https://")):
+            _fail(
+                "data.download_base_url",
+                d.get("download_base_url", None),
+                f"Dataset {d.name!r} is downloaded from this URL (the folder its official zips are in); give an "
+                "http(s) URL, or an unpacked copy as --config.data.manual_dir.",
+            )
+    elif check_data and d.name in data.MANUAL_DATASETS:
         manual_dir = d.get("manual_dir", None)
         if manual_dir is None:
             _fail(
                 "data.manual_dir",
                 manual_dir,
-                f"Dataset {d.name!r} is read from a folder: pass --config.data.manual_dir=/path/to/it (the "
-                "README's 'Data' section shows each layout).",
+                f"Dataset {d.name!r} is read from a folder: pass --config.data.manual_dir=/path/to/it.\n"
+                + data.pipeline.MANUAL_INSTRUCTIONS[d.name],
             )
-        if not os.path.isdir(os.path.expanduser(manual_dir)):
-            _fail(
-                "data.manual_dir", manual_dir, "No such folder; pass the folder that holds the unpacked data."
-            )
+    manual_dir = d.get("manual_dir", None)
+    if (
+        check_data
+        and d.name in data.MANUAL_DATASETS
+        and manual_dir is not None
+        and not os.path.isdir(os.path.expanduser(manual_dir))
+    ):
+        _fail(
+            "data.manual_dir",
+            manual_dir,
+            "No such folder; pass the folder that holds the unpacked data.\n"
+            + data.pipeline.MANUAL_INSTRUCTIONS[d.name],
+        )
     scaling = d.get("image_scaling", "auto")
     if scaling not in data.files.IMAGE_SCALINGS:
         _fail("data.image_scaling", scaling, f"Choose one of {list(data.files.IMAGE_SCALINGS)}.")
