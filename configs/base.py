@@ -83,7 +83,11 @@ def segformer_model(image_size: int = 256, variant: str = "b3") -> ml_collection
     (``--config.model.depths='(1,1,1,1)'``). ``normalize``: ImageNet mean/std inside the model, as HF's
     image processor (the pretrained encoders expect it); needs 3-channel images. ``depthwise``: the Mix-FFN's
     depthwise conv as shifted multiply-adds (``'shift'``, faster under XLA) or ``nn.Conv`` (``'conv'``, HF's
-    form); the same parameters and outputs.
+    form); the same parameters and outputs. ``pretrained``: the weights a run without a checkpoint starts from,
+    a Hugging Face Hub repo id (``nvidia/mit-b3``: the ImageNet-1k encoder, its classifier skipped and the
+    decoder left at initialisation) fetched through the Hub's cache, or a local file; ``pretrained_revision``
+    pins the repo's branch, tag or commit (None: main). The E1 ISIC/MoNuSeg configs default to
+    ``nvidia/mit-b3``, as the paper's ImageNet-pretrained reference; ``train.init_weights`` takes precedence.
     """
     del image_size  # Any size: the logits are upsampled to the input.
     return ml_collections.ConfigDict(
@@ -100,6 +104,8 @@ def segformer_model(image_size: int = 256, variant: str = "b3") -> ml_collection
             normalize=True,
             depthwise="shift",
             dtype="float32",  # compute dtype ('bfloat16': parameters, norms, softmax and the head stay float32)
+            pretrained=config_dict.placeholder(str),
+            pretrained_revision=config_dict.placeholder(str),
         )
     )
 
@@ -554,4 +560,12 @@ def experiment_config(experiment: str, dataset: str, arg: str | None = None) -> 
                 f"{model_name} is a feed-forward reference: it runs in E1 only, not {experiment}."
             )
         apply_reference(c, model_name)
+        if model_name == "segformer" and dataset in PRETRAINED_DATASETS and not tiny:
+            c.model.pretrained = PRETRAINED_ENCODER
     return c
+
+
+# SegFormer's ImageNet-1k encoder on the Hugging Face Hub (the paper's reference is ImageNet-pretrained), for the
+# E1 configs of the paper's public datasets; tiny (CPU-test) configs have other widths and start at random.
+PRETRAINED_ENCODER = "nvidia/mit-b3"
+PRETRAINED_DATASETS = ("isic", "monuseg")

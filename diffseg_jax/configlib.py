@@ -11,10 +11,11 @@ import copy
 import dataclasses
 import json
 import os
+import re
 
 import ml_collections
 
-from diffseg_jax import data, diffusion, models, objectives
+from diffseg_jax import data, diffusion, hub, models, objectives
 from diffseg_jax.data.augment import AUGMENTATIONS
 from diffseg_jax.diffusion import timesteps
 from diffseg_jax.models import segformer
@@ -291,13 +292,18 @@ _OPTIONAL_MODEL_ARGS = {
 }
 
 
+# Keys of a model group that are not arguments of the model class: the name, nnU-Net's planning settings, and
+# the weights a run starts from (SegFormer's model.pretrained, imported after the build).
+MODEL_SETTINGS = ("name", "plan", "pretrained", "pretrained_revision")
+
+
 def _validate_model_group(config: ml_collections.ConfigDict) -> None:
     """The model group must hold its architecture's settings: ``--config.model.name=segdiff`` on a config built
     for EnsemDiff would otherwise build a hybrid (EnsemDiff's widths, SegDiff's defaults for the rest, no
     published scheme) without a word, or fail on a keyword deep in Flax."""
     name = config.model.name
     args = {f.name for f in dataclasses.fields(models.MODELS[name])}
-    keys = set(config.model.keys()) - {"name", "plan"}
+    keys = set(config.model.keys()) - set(MODEL_SETTINGS)
     foreign, missing = sorted(keys - args), sorted(args - keys - _OPTIONAL_MODEL_ARGS)
     if foreign or missing:
         held = [f"{', '.join(foreign)} of another architecture"] if foreign else []
@@ -320,6 +326,24 @@ def _validate_segformer(m: ml_collections.ConfigDict) -> None:
             m.depthwise,
             "Choose 'shift' (shifted multiply-adds, fast under XLA) or 'conv' (nn.Conv, HF's grouped conv); "
             "the same parameters and outputs.",
+        )
+    pretrained = m.get("pretrained", None)
+    if pretrained is None:
+        return
+    if not os.path.exists(os.path.expanduser(pretrained)) and not hub.is_repo_id(pretrained):
+        _fail(
+            "model.pretrained",
+            pretrained,
+            "No such file, and not a Hugging Face Hub repo id (owner/name, e.g. nvidia/mit-b3). Pass a weights "
+            "file (.safetensors, .bin/.pt/.pth, .npz) or a repo id, or None for random initialisation.",
+        )
+    mit = re.fullmatch(r"nvidia/mit-(b\d)", pretrained)
+    if mit and mit.group(1) != m.variant:
+        _fail(
+            "model.pretrained",
+            pretrained,
+            f"It is the SegFormer-{mit.group(1).upper()} encoder but model.variant={m.variant!r}: set "
+            f"--config.model.pretrained=nvidia/mit-{m.variant} (or --config.model.variant={mit.group(1)}).",
         )
 
 
