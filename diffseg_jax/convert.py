@@ -11,16 +11,14 @@ initialisation). PyTorch is not needed: ``.pt``/``.pth``/``.bin`` files are read
 by ``safetensors``, an ``.npz`` of named arrays (``np.savez(path, **{k: v.numpy() for k, v in sd.items()})``)
 by NumPy. ``model.pretrained`` may name a Hugging Face Hub repo instead (:mod:`diffseg_jax.hub`).
 
-  python -m diffseg_jax.convert --config configs/e2_isic.py:ensemdiff --config.data.manual_dir=/path/to/ISIC2016 \
-      --weights savedmodel.pt --workdir DIR
-  python -m diffseg_jax.main --config configs/e2_isic.py:ensemdiff --config.data.manual_dir=/path/to/ISIC2016 \
-      --workdir DIR --mode evaluate
+  python -m diffseg_jax.convert --config configs/e2_isic.py:ensemdiff --weights savedmodel.pt --workdir DIR
+  python -m diffseg_jax.main --config configs/e2_isic.py:ensemdiff --workdir DIR --mode evaluate
 
 The config takes the same ``--config.key=value`` overrides as ``diffseg_jax.main`` (the data is needed for
 the model's input size; a workdir that already holds a checkpoint is refused).
 
-To start training from imported weights instead (e.g. an ImageNet-pretrained SegFormer encoder), set
-``--config.train.init_weights=PATH``: a run without a checkpoint imports them into its step-0 state.
+To start training from imported weights instead, set ``--config.train.init_weights=PATH``: a run without a
+checkpoint imports them into its step-0 state (SegFormer's ImageNet encoder: ``model.pretrained``, a Hub id).
 """
 
 from __future__ import annotations
@@ -321,7 +319,7 @@ def main() -> None:
         "config", None, "Config file, e.g. configs/e2_isic.py:ensemdiff.", lock_config=True
     )
     weights = flags.DEFINE_string(
-        "weights", None, ".pt/.pth/.bin (needs torch), .safetensors or .npz state dict"
+        "weights", None, ".pt/.pth/.bin (read without torch), .safetensors or .npz state dict"
     )
     workdir = flags.DEFINE_string(
         "workdir", None, "a new run folder; the checkpoint goes to DIR/checkpoints/0"

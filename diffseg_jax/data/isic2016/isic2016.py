@@ -103,7 +103,7 @@ def _collect(
 
 
 def find_pairs(
-    root: pathlib.Path, archives: dict[tuple[str, str], pathlib.Path] | None = None
+    root: pathlib.Path | str, archives: dict[tuple[str, str], pathlib.Path] | None = None
 ) -> dict[str, list[manual.Pair]]:
     """{split: pairs sorted by id}; every image needs `<id>_Segmentation.png` in the same split.
 
@@ -135,7 +135,19 @@ def find_pairs(
         logging.warning(
             "isic2016: %d masks have no image, e.g. %s; they are ignored.", len(orphans), masks[orphans[0]]
         )
-    manual.check_counts("isic2016", {s: len(p) for s, p in pairs.items()}, OFFICIAL_COUNTS)
+    if archives is None:
+        manual.check_counts("isic2016", {s: len(p) for s, p in pairs.items()}, OFFICIAL_COUNTS)
+    else:
+        for split, want in OFFICIAL_COUNTS.items():
+            if len(pairs.get(split, [])) != want:
+                logging.warning(
+                    "isic2016: the downloaded %s archives hold %d pairs, the official release %d; check "
+                    "data.download_base_url (%s) if this is unintended.",
+                    split,
+                    len(pairs.get(split, [])),
+                    want,
+                    root,
+                )
     return pairs
 
 
@@ -153,7 +165,7 @@ def instructions(base_url: str = DEFAULT_BASE_URL) -> str:
     """How to get the data: the URLs the builder downloads, and the manual_dir alternative for offline use."""
     urls = "\n".join(f"  {url}" for url in archive_urls(base_url).values())
     return (
-        f"The builder downloads these four zips itself (about 1.2 GB; no account needed):\n{urls}\n"
+        f"The builder downloads these four zips itself (no account needed):\n{urls}\n"
         "Without network access: download them elsewhere, unzip all four into one folder and pass it as "
         "--config.data.manual_dir=/path/to/folder (or point --config.data.download_base_url at a mirror "
         f"serving the same file names). The folder's layout:\n{LAYOUT}"
@@ -236,9 +248,9 @@ class DiffsegIsic2016(manual.ManualBuilder):
         if not base_url:
             return super()._split_generators(dl_manager)
         archives = download_archives(dl_manager, base_url, self.checksums_record)
-        pairs = find_pairs(pathlib.Path(str(dl_manager.download_dir)), archives)
+        pairs = find_pairs(base_url, archives)
         return {
-            split: self._generate_examples(records, split == "train", pathlib.Path(base_url))
+            split: self._generate_examples(records, split == "train", base_url)
             for split, records in pairs.items()
         }
 
