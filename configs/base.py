@@ -323,8 +323,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     # A weights file (.safetensors, .pt/.pth/.bin, .npz) imported by name into a run that has no checkpoint
-    # yet (diffseg_jax.convert, with the model's import rules: e.g. an ImageNet-pretrained SegFormer encoder
-    # such as nvidia/mit-b3's weights file, its decoder left at initialisation). None: random init.
+    # yet (diffseg_jax.convert, with the model's import rules). None: random init, or SegFormer's
+    # model.pretrained (a Hub repo id such as nvidia/mit-b3, or a file), which this setting overrides.
     c.train.init_weights = config_dict.placeholder(str)
     # optimizer: 'adam' (AdamW if weight_decay > 0) or nnU-Net's 'sgd_nesterov' (momentum, L2 weight decay);
     # lr_schedule: 'constant' or nnU-Net's 'poly' (lr·(1 - step/num_steps)^0.9).

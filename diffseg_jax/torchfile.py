@@ -57,6 +57,10 @@ class _StorageType:
 def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *unused) -> np.ndarray:
     """``torch._utils._rebuild_tensor_v2`` (and ``_rebuild_tensor``): the strided view, copied."""
     del unused  # requires_grad, backward hooks, metadata
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+        raise UnsafeCheckpointError(
+            f"a tensor is rebuilt from {type(storage).__name__}, not a tensor storage"
+        )
     size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
     if offset < 0 or len(size) != len(stride) or any(n < 0 for n in size + stride):
         raise UnsafeCheckpointError(

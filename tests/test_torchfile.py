@@ -124,6 +124,13 @@ def test_malformed_storages_and_views_are_refused(tmp_path):
     path = _torch_save_like(tmp_path / "past.bin", {"w": ("0", 2, (2, 3), (3, 1))}, storages)
     with pytest.raises(files.DatasetFileError, match="reaches past its storage of 6 elements"):
         convert.load_state_dict(str(path))
+    # A rebuild call whose storage is no storage (here a string): refused, not an AttributeError.
+    pickled = b"\x80\x02" + _ORDERED_DICT + b"(" + _body("w") + _global("torch._utils", "_rebuild_tensor_v2")
+    pickled += b"(" + _body("abc") + _body(0) + _body((1,)) + _body((1,)) + b"tRu."
+    with zipfile.ZipFile(tmp_path / "str.bin", "w") as z:
+        z.writestr("archive/data.pkl", pickled)
+    with pytest.raises(files.DatasetFileError, match="rebuilt from str, not a tensor storage"):
+        convert.load_state_dict(str(tmp_path / "str.bin"))
     with zipfile.ZipFile(tmp_path / "nopickle.bin", "w") as z:
         z.writestr("weights/other.txt", "x")
     with pytest.raises(files.DatasetFileError, match="zip archive without a data.pkl"):

@@ -299,7 +299,12 @@ def extract_zip(archive: pathlib.Path, extract_dir: pathlib.Path) -> pathlib.Pat
         raise files.DatasetFileError(
             f"Cannot unpack {archive}: {e}. Delete it (and its .INFO file) and build again to download it anew."
         ) from None
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process (a second run on the same data_dir) extracted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
     return target
 
 
