@@ -69,8 +69,9 @@ def resolve(spec: str, revision: str | None = None, cache_dir: str | None = None
         except errors.EntryNotFoundError:  # the repo has no such file: try the next one
             continue
     if not_cached:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        from huggingface_hub import constants  # noqa: PLC0415
+
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise HubUnavailableError(
             f"model.pretrained={spec!r}{f' (revision {revision})' if revision else ''}: {why} and the weights are "
             f"not in the Hugging Face cache (tried {', '.join(WEIGHT_FILES)}). {_offline_help(spec, revision)}"
