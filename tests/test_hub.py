@@ -85,6 +85,7 @@ def test_repo_ids_load_offline_from_the_hub_cache_pinned_and_safetensors_first(t
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
