@@ -264,6 +264,11 @@ def download_archives(
     import requests  # noqa: PLC0415 — tfds downloads with it; its errors are the network's
 
     urls = archive_urls(base_url)
+    logging.info(
+        "isic2016: fetching the four Part 1 zips from %s (cached ones are reused; without network this fails "
+        "after tfds' retries, about 3 minutes: --config.data.manual_dir reads an unpacked copy instead).",
+        base_url,
+    )
     try:
         downloaded = dl_manager.download(urls)
     except tfds.download.download_manager.NonMatchingChecksumError as e:
