@@ -327,7 +327,7 @@ def _validate_segformer(m: ml_collections.ConfigDict) -> None:
             "Choose 'shift' (shifted multiply-adds, fast under XLA) or 'conv' (nn.Conv, HF's grouped conv); "
             "the same parameters and outputs.",
         )
-    pretrained = m.get("pretrained", None)
+    pretrained = hub.requested(m.get("pretrained", None))
     if pretrained is None:
         return
     if not os.path.exists(os.path.expanduser(pretrained)) and not hub.is_repo_id(pretrained):

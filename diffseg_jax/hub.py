@@ -23,6 +23,14 @@ class HubUnavailableError(FileNotFoundError):
     """A Hub repo's weights that are neither cached nor downloadable now; the message says what to do."""
 
 
+def requested(spec: str | None) -> str | None:
+    """``spec`` unless it means "no pretrained weights": None, '' or 'None' (what ``--config.model.pretrained=None``
+    gives, the flag parser passing the text of a string setting as it is)."""
+    if spec is None or str(spec).strip().lower() in ("", "none"):
+        return None
+    return str(spec)
+
+
 def is_repo_id(spec: str) -> bool:
     """Whether ``spec`` reads as ``owner/name`` and is not an existing local path."""
     return bool(_REPO_ID.match(spec)) and not os.path.exists(os.path.expanduser(spec))

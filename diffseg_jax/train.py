@@ -235,8 +235,8 @@ def initial_weights(config: ml_collections.ConfigDict) -> tuple[str, str] | None
     random initialisation."""
     if config.train.get("init_weights"):
         return "train.init_weights", config.train.init_weights
-    pretrained = config.model.get("pretrained", None)
-    if not pretrained:
+    pretrained = hub.requested(config.model.get("pretrained", None))
+    if pretrained is None:
         return None
     path = hub.resolve(pretrained, config.model.get("pretrained_revision", None))
     logging.info("model.pretrained=%s: %s", pretrained, path)

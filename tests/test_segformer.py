@@ -263,6 +263,8 @@ def test_pretrained_repo_id_loads_through_the_hub_cache_and_gives_hugging_face_l
     np.savez(tmp_path / "other.npz", **{"encoder.layer1.weight": np.zeros((3, 3), np.float32)})
     with pytest.raises(configlib.ConfigError, match=r"model.pretrained='.*other\.npz' does not fit"):
         train.import_initial_weights(str(tmp_path / "other.npz"), model, optimizer, state, "model.pretrained")
+    config.model.pretrained = "None"  # as --config.model.pretrained=None gives it: random initialisation
+    assert train.initial_weights(config) is None
     config.model.pretrained = "acme/not-cached"
     config.train.init_weights = "weights.npz"
     assert train.initial_weights(config) == ("train.init_weights", "weights.npz")
