@@ -266,7 +266,7 @@ def download_archives(
     urls = archive_urls(base_url)
     logging.info(
         "isic2016: fetching the four Part 1 zips from %s (cached ones are reused; without network this fails "
-        "after tfds' retries, about 3 minutes: --config.data.manual_dir reads an unpacked copy instead).",
+        "after tfds' retries, 3 to 4 minutes: --config.data.manual_dir reads an unpacked copy instead).",
         base_url,
     )
     try:
