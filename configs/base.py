@@ -83,7 +83,11 @@ def segformer_model(image_size: int = 256, variant: str = "b3") -> ml_collection
     (``--config.model.depths='(1,1,1,1)'``). ``normalize``: ImageNet mean/std inside the model, as HF's
     image processor (the pretrained encoders expect it); needs 3-channel images. ``depthwise``: the Mix-FFN's
     depthwise conv as shifted multiply-adds (``'shift'``, faster under XLA) or ``nn.Conv`` (``'conv'``, HF's
-    form); the same parameters and outputs.
+    form); the same parameters and outputs. ``pretrained``: the weights a run without a checkpoint starts from,
+    a Hugging Face Hub repo id (``nvidia/mit-b3``: the ImageNet-1k encoder, its classifier skipped and the
+    decoder left at initialisation) fetched through the Hub's cache, or a local file; ``pretrained_revision``
+    pins the repo's branch, tag or commit (None: main). The E1 ISIC/MoNuSeg configs default to
+    ``nvidia/mit-b3``, as the paper's ImageNet-pretrained reference; ``train.init_weights`` takes precedence.
     """
     del image_size  # Any size: the logits are upsampled to the input.
     return ml_collections.ConfigDict(
@@ -100,6 +104,8 @@ def segformer_model(image_size: int = 256, variant: str = "b3") -> ml_collection
             normalize=True,
             depthwise="shift",
             dtype="float32",  # compute dtype ('bfloat16': parameters, norms, softmax and the head stay float32)
+            pretrained=config_dict.placeholder(str),
+            pretrained_revision=config_dict.placeholder(str),
         )
     )
 
@@ -225,7 +231,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None → ~/tensorflow_datasets
-    # Real datasets (isic2016, monuseg2018, segmentation_folder) are read from manual_dir and stored at
+    # Real datasets (monuseg2018, segmentation_folder; isic2016 when set) are read from manual_dir, stored at
     # resize x resize px (None: image_size). Training images larger than image_size are randomly cropped
     # to it; evaluation cuts them into image_size tiles and stitches the outputs ('tiles') or feeds them
     # whole ('whole'). fit/validation splits hold out validation_fraction of train; a dataset without a
@@ -235,6 +241,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'percentile' stretches every image (see diffseg_jax.data.files.read_image); train_ids picks MoNuSeg's
     # classic 30 training tiles or all the zip holds.
     c.data.manual_dir = config_dict.placeholder(str)
+    # isic2016 with no manual_dir downloads the four official Part 1 zips from this folder URL (tfds' download
+    # manager: cached in <data_dir>/downloads, checksums recorded on the first download and verified after).
+    c.data.download_base_url = "https://isic-challenge-data.s3.amazonaws.com/2016"
     c.data.resize = config_dict.placeholder(int)
     c.data.eval_tiling = "tiles"
     c.data.validation_fraction = 0.2
@@ -314,8 +323,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     # A weights file (.safetensors, .pt/.pth/.bin, .npz) imported by name into a run that has no checkpoint
-    # yet (diffseg_jax.convert, with the model's import rules: e.g. an ImageNet-pretrained SegFormer encoder
-    # such as nvidia/mit-b3's weights file, its decoder left at initialisation). None: random init.
+    # yet (diffseg_jax.convert, with the model's import rules). None: random init, or SegFormer's
+    # model.pretrained (a Hub repo id such as nvidia/mit-b3, or a file), which this setting overrides.
     c.train.init_weights = config_dict.placeholder(str)
     # optimizer: 'adam' (AdamW if weight_decay > 0) or nnU-Net's 'sgd_nesterov' (momentum, L2 weight decay);
     # lr_schedule: 'constant' or nnU-Net's 'poly' (lr·(1 - step/num_steps)^0.9).
@@ -551,4 +560,12 @@ def experiment_config(experiment: str, dataset: str, arg: str | None = None) -> 
                 f"{model_name} is a feed-forward reference: it runs in E1 only, not {experiment}."
             )
         apply_reference(c, model_name)
+        if model_name == "segformer" and dataset in PRETRAINED_DATASETS and not tiny:
+            c.model.pretrained = PRETRAINED_ENCODER
     return c
+
+
+# SegFormer's ImageNet-1k encoder on the Hugging Face Hub (the paper's reference is ImageNet-pretrained), for the
+# E1 configs of the paper's public datasets; tiny (CPU-test) configs have other widths and start at random.
+PRETRAINED_ENCODER = "nvidia/mit-b3"
+PRETRAINED_DATASETS = ("isic", "monuseg")

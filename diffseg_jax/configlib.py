@@ -11,10 +11,11 @@ import copy
 import dataclasses
 import json
 import os
+import re
 
 import ml_collections
 
-from diffseg_jax import data, diffusion, models, objectives
+from diffseg_jax import data, diffusion, hub, models, objectives
 from diffseg_jax.data.augment import AUGMENTATIONS
 from diffseg_jax.diffusion import timesteps
 from diffseg_jax.models import segformer
@@ -44,19 +45,37 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
         for key in ("num_train", "num_test"):
             if d[key] < 1:
                 _fail(f"data.{key}", d[key], "The synthetic dataset needs at least one image per split.")
-    if check_data and d.name in data.MANUAL_DATASETS:
+    if check_data and d.name in data.DOWNLOADED_DATASETS and d.get("manual_dir", None) is None:
+        url = d.get("download_base_url", None) or ""
+        if not url.startswith(("http://", "https://")):
+            _fail(
+                "data.download_base_url",
+                d.get("download_base_url", None),
+                f"Dataset {d.name!r} is downloaded from this URL (the folder its official zips are in); give an "
+                "http(s) URL, or an unpacked copy as --config.data.manual_dir.",
+            )
+    elif check_data and d.name in data.MANUAL_DATASETS:
         manual_dir = d.get("manual_dir", None)
         if manual_dir is None:
             _fail(
                 "data.manual_dir",
                 manual_dir,
-                f"Dataset {d.name!r} is read from a folder: pass --config.data.manual_dir=/path/to/it (the "
-                "README's 'Data' section shows each layout).",
+                f"Dataset {d.name!r} is read from a folder: pass --config.data.manual_dir=/path/to/it.\n"
+                + data.pipeline.MANUAL_INSTRUCTIONS[d.name],
             )
-        if not os.path.isdir(os.path.expanduser(manual_dir)):
-            _fail(
-                "data.manual_dir", manual_dir, "No such folder; pass the folder that holds the unpacked data."
-            )
+    manual_dir = d.get("manual_dir", None)
+    if (
+        check_data
+        and d.name in data.MANUAL_DATASETS
+        and manual_dir is not None
+        and not os.path.isdir(os.path.expanduser(manual_dir))
+    ):
+        _fail(
+            "data.manual_dir",
+            manual_dir,
+            "No such folder; pass the folder that holds the unpacked data.\n"
+            + data.pipeline.MANUAL_INSTRUCTIONS[d.name],
+        )
     scaling = d.get("image_scaling", "auto")
     if scaling not in data.files.IMAGE_SCALINGS:
         _fail("data.image_scaling", scaling, f"Choose one of {list(data.files.IMAGE_SCALINGS)}.")
@@ -273,13 +292,18 @@ _OPTIONAL_MODEL_ARGS = {
 }
 
 
+# Keys of a model group that are not arguments of the model class: the name, nnU-Net's planning settings, and
+# the weights a run starts from (SegFormer's model.pretrained, imported after the build).
+MODEL_SETTINGS = ("name", "plan", "pretrained", "pretrained_revision")
+
+
 def _validate_model_group(config: ml_collections.ConfigDict) -> None:
     """The model group must hold its architecture's settings: ``--config.model.name=segdiff`` on a config built
     for EnsemDiff would otherwise build a hybrid (EnsemDiff's widths, SegDiff's defaults for the rest, no
     published scheme) without a word, or fail on a keyword deep in Flax."""
     name = config.model.name
     args = {f.name for f in dataclasses.fields(models.MODELS[name])}
-    keys = set(config.model.keys()) - {"name", "plan"}
+    keys = set(config.model.keys()) - set(MODEL_SETTINGS)
     foreign, missing = sorted(keys - args), sorted(args - keys - _OPTIONAL_MODEL_ARGS)
     if foreign or missing:
         held = [f"{', '.join(foreign)} of another architecture"] if foreign else []
@@ -302,6 +326,24 @@ def _validate_segformer(m: ml_collections.ConfigDict) -> None:
             m.depthwise,
             "Choose 'shift' (shifted multiply-adds, fast under XLA) or 'conv' (nn.Conv, HF's grouped conv); "
             "the same parameters and outputs.",
+        )
+    pretrained = hub.requested(m.get("pretrained", None))
+    if pretrained is None:
+        return
+    if not os.path.exists(os.path.expanduser(pretrained)) and not hub.is_repo_id(pretrained):
+        _fail(
+            "model.pretrained",
+            pretrained,
+            "No such file, and not a Hugging Face Hub repo id (owner/name, e.g. nvidia/mit-b3). Pass a weights "
+            "file (.safetensors, .bin/.pt/.pth, .npz) or a repo id, or None for random initialisation.",
+        )
+    mit = re.fullmatch(r"nvidia/mit-(b\d)", pretrained)
+    if mit and mit.group(1) != m.variant:
+        _fail(
+            "model.pretrained",
+            pretrained,
+            f"It is the SegFormer-{mit.group(1).upper()} encoder but model.variant={m.variant!r}: set "
+            f"--config.model.pretrained=nvidia/mit-{m.variant} (or --config.model.variant={mit.group(1)}).",
         )
 
 

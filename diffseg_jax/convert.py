@@ -6,26 +6,26 @@ maps every tensor by that name, converts layouts (conv OIHW → HWIO, Linear (ou
 Conv1d of attention (out, in, 1) → (in, out)) and checks shapes, failing on any unmapped, missing or
 mis-shaped tensor with its name. A model module may add explicit, logged exceptions (:func:`import_rules`:
 SegFormer skips an ImageNet classifier and lets an encoder-only checkpoint leave its decoder at
-initialisation). PyTorch is optional: ``.pt``/``.pth``/``.bin`` files need it installed; ``.safetensors``
-needs the small ``safetensors`` package; an ``.npz`` of named arrays
-(``np.savez(path, **{k: v.numpy() for k, v in sd.items()})``) needs neither.
+initialisation). PyTorch is not needed: ``.pt``/``.pth``/``.bin`` files are read by :mod:`diffseg_jax.torchfile`
+(an allowlist unpickler that executes nothing; a pickle naming anything but tensors is refused), ``.safetensors``
+by ``safetensors``, an ``.npz`` of named arrays (``np.savez(path, **{k: v.numpy() for k, v in sd.items()})``)
+by NumPy. ``model.pretrained`` may name a Hugging Face Hub repo instead (:mod:`diffseg_jax.hub`).
 
-  python -m diffseg_jax.convert --config configs/e2_isic.py:ensemdiff --config.data.manual_dir=/path/to/ISIC2016 \
-      --weights savedmodel.pt --workdir DIR
-  python -m diffseg_jax.main --config configs/e2_isic.py:ensemdiff --config.data.manual_dir=/path/to/ISIC2016 \
-      --workdir DIR --mode evaluate
+  python -m diffseg_jax.convert --config configs/e2_isic.py:ensemdiff --weights savedmodel.pt --workdir DIR
+  python -m diffseg_jax.main --config configs/e2_isic.py:ensemdiff --workdir DIR --mode evaluate
 
 The config takes the same ``--config.key=value`` overrides as ``diffseg_jax.main`` (the data is needed for
 the model's input size; a workdir that already holds a checkpoint is refused).
 
-To start training from imported weights instead (e.g. an ImageNet-pretrained SegFormer encoder), set
-``--config.train.init_weights=PATH``: a run without a checkpoint imports them into its step-0 state.
+To start training from imported weights instead, set ``--config.train.init_weights=PATH``: a run without a
+checkpoint imports them into its step-0 state (SegFormer's ImageNet encoder: ``model.pretrained``, a Hub id).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import zipfile
 from typing import Any, Callable, Mapping
 
@@ -215,22 +215,39 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def _load_torch(path: str) -> dict[str, np.ndarray]:
-    """A PyTorch state dict file (``torch.save``; a ``{'state_dict': ...}`` checkpoint too) as NumPy arrays."""
+    """A PyTorch state dict file (``torch.save``; a ``{'state_dict': ...}`` checkpoint too) as NumPy arrays,
+    read by :mod:`diffseg_jax.torchfile`'s allowlist unpickler: nothing in the file is executed, and a pickle
+    naming anything but tensors is refused."""
+    from diffseg_jax import torchfile  # noqa: PLC0415
+
+    expected = "a PyTorch state dict"
     try:
-        import torch  # noqa: PLC0415 — optional dependency.
-    except ImportError as e:
-        raise ImportError(
-            f"Reading {path} needs PyTorch (pip install torch), or convert it to .npz where torch is "
-            "installed: np.savez(out, **{k: v.cpu().numpy() for k, v in sd.items()})"
-        ) from e
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # an unpickling or zip error of torch, for a file of another format
-        raise _not_weights(path, "a PyTorch state dict", f"torch.load cannot read it ({e})") from None
+        if torchfile.is_zip_checkpoint(path):
+            sd = torchfile.load_zip_checkpoint(path)
+        elif zipfile.is_zipfile(path):
+            raise _not_weights(path, expected, "it is a zip archive without a data.pkl")
+        else:
+            sd = torchfile.load_legacy_checkpoint(path)
+    except torchfile.UnsafeCheckpointError as e:
+        raise _not_weights(path, expected, str(e)) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, zipfile.BadZipFile, OSError) as e:
+        raise _not_weights(path, expected, f"it cannot be read as one ({type(e).__name__}: {e})") from None
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise _not_weights(path, "a PyTorch state dict", f"it holds a {type(sd).__name__}, not named tensors")
-    return {k.removeprefix("module."): v.detach().cpu().float().numpy() for k, v in sd.items()}
+    if not isinstance(sd, dict) or not all(hasattr(v, "shape") and hasattr(v, "dtype") for v in sd.values()):
+        raise _not_weights(path, expected, f"it holds a {type(sd).__name__}, not named tensors")
+    return {k.removeprefix("module."): _as_float_array(v) for k, v in sd.items()}
+
+
+def _as_float_array(value: Any) -> np.ndarray:
+    """A NumPy array of a NumPy array or a torch tensor (of torch.load), float32 for floating types."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().float().numpy() if value.is_floating_point() else value.cpu().numpy()
+    value = np.asarray(value)
+    return (
+        value.astype(np.float32)
+        if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"
+        else value
+    )
 
 
 def torch_key_for(model) -> TorchKey:
@@ -302,7 +319,7 @@ def main() -> None:
         "config", None, "Config file, e.g. configs/e2_isic.py:ensemdiff.", lock_config=True
     )
     weights = flags.DEFINE_string(
-        "weights", None, ".pt/.pth/.bin (needs torch), .safetensors or .npz state dict"
+        "weights", None, ".pt/.pth/.bin (read without torch), .safetensors or .npz state dict"
     )
     workdir = flags.DEFINE_string(
         "workdir", None, "a new run folder; the checkpoint goes to DIR/checkpoints/0"

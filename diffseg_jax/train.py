@@ -35,6 +35,7 @@ from diffseg_jax import (
     data,
     diffusion,
     distributed,
+    hub,
     models,
     objectives,
     planning,
@@ -102,8 +103,9 @@ def build_model(
     ``image_size`` is passed to models whose weights depend on it (MedSegDiff's FF-Parser). A ``dtype``
     name (``'bfloat16'``) becomes the model's compute dtype; parameters stay float32 either way.
     """
-    # 'plan' holds a model's planning settings (nnU-Net), consumed before the build (diffseg_jax.planning).
-    kwargs = {k: v for k, v in model_config.to_dict().items() if k not in ("name", "plan")}
+    # 'plan' holds a model's planning settings (nnU-Net), consumed before the build (diffseg_jax.planning);
+    # 'pretrained*' the weights a run starts from (initial_weights), imported after it.
+    kwargs = {k: v for k, v in model_config.to_dict().items() if k not in configlib.MODEL_SETTINGS}
     if "dtype" in kwargs:
         kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
     cls = models.MODELS.get(model_config.name)
@@ -211,17 +213,34 @@ def imported_state(
 
 
 def import_initial_weights(
-    path: str, model: nn.Module, optimizer: optax.GradientTransformation, state: TrainState
+    path: str,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    state: TrainState,
+    option: str = "train.init_weights",
 ) -> TrainState:
-    """:func:`imported_state` for ``train.init_weights``: a file of another model is a ConfigError naming it."""
+    """:func:`imported_state` for ``train.init_weights`` (or the ``option`` that gave ``path``): a file of another
+    model is a ConfigError naming it."""
     try:
         return imported_state(path, model, optimizer, state)
     except files.DatasetFileError:
         raise  # names the file already
     except ValueError as e:  # names and shapes that do not fit the model: say which file and which setting
-        raise configlib.ConfigError(
-            f"train.init_weights={path!r} does not fit {type(model).__name__}: {e}"
-        ) from e
+        raise configlib.ConfigError(f"{option}={path!r} does not fit {type(model).__name__}: {e}") from e
+
+
+def initial_weights(config: ml_collections.ConfigDict) -> tuple[str, str] | None:
+    """(option, local file) of the weights a run without a checkpoint starts from: ``train.init_weights`` (the
+    whole model), else ``model.pretrained`` (a Hub repo id resolved through the Hub's cache, or a file); None:
+    random initialisation."""
+    if config.train.get("init_weights"):
+        return "train.init_weights", config.train.init_weights
+    pretrained = hub.requested(config.model.get("pretrained", None))
+    if pretrained is None:
+        return None
+    path = hub.resolve(pretrained, config.model.get("pretrained_revision", None))
+    logging.info("model.pretrained=%s: %s", pretrained, path)
+    return "model.pretrained", path
 
 
 def model_rngs(rng: jax.Array) -> dict[str, jax.Array]:
@@ -492,8 +511,8 @@ def train(
         if latest is not None:
             state, _ = ckpt.restore(latest, state)
             logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
-        elif config.train.get("init_weights"):
-            state = import_initial_weights(config.train.init_weights, model, optimizer, state)
+        elif (initial := initial_weights(config)) is not None:
+            state = import_initial_weights(initial[1], model, optimizer, state, option=initial[0])
             state = jax.device_put(state, NamedSharding(mesh, P()))
     except BaseException:  # another model's checkpoint or weights: the manager's threads must not outlive it
         ckpt.close()

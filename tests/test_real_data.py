@@ -4,11 +4,19 @@ validation errors, the derived splits, crops and tiles, and (where ../shared/dat
 from __future__ import annotations
 
 import csv
+import hashlib
+import http.server
+import io
 import pathlib
+import shutil
+import socket
+import threading
+import zipfile
 
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from conftest import ROOT
 from PIL import Image
 
@@ -342,6 +350,183 @@ def test_isic_without_split_folders_is_a_clear_error(tmp_path):
         isic2016.find_pairs(tmp_path / "isic")
 
 
+# The download path: the four official zips served by a local HTTP server, built through tfds' download manager.
+
+
+class _ZipServer:
+    """Serves {name: bytes} over HTTP from a thread; names in `truncate` are cut off after half their bytes once
+    (with the full Content-Length announced), as a dropped connection does."""
+
+    def __init__(self):
+        self.archives: dict[str, bytes] = {}
+        self.truncate: set[str] = set()
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                name = self.path.rsplit("/", 1)[-1]
+                server.requests.append(name)
+                body = server.archives.get(name)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/zip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if name in server.truncate:
+                    server.truncate.discard(name)
+                    self.wfile.write(body[: len(body) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/2016"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _zip(files_by_name: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, content in files_by_name.items():
+            z.writestr(name, content)
+    return buf.getvalue()
+
+
+def _isic_zips(tmp_path: pathlib.Path) -> tuple[dict[str, bytes], dict[str, dict[str, np.ndarray]]]:
+    """The four Part 1 zips (official names and inner folders) holding 3 training and 2 test pairs: genuine
+    ISIC files from ../shared/data where present, else images the test writes; and {split: {id: mask > 0}}."""
+    shared = SHARED / "isic2016_test_224"
+    if shared.is_dir():
+        ids = sorted(p.stem for p in (shared / "images").glob("ISIC_*.jpg"))[:5]
+        image_files = {i: (shared / "images" / f"{i}.jpg").read_bytes() for i in ids}
+        mask_files = {i: (shared / "masks" / f"{i}_Segmentation.png").read_bytes() for i in ids}
+    else:
+        root = _isic_part1(tmp_path / "written", size=32)
+        ids = ISIC_TRAIN + ISIC_TEST
+        found = {p.stem: p for p in root.rglob("ISIC_*.*")}
+        image_files = {i: found[i].read_bytes() for i in ids}
+        mask_files = {i: found[f"{i}_Segmentation"].read_bytes() for i in ids}
+    splits = {"train": ids[:3], "test": ids[3:]}
+    zips, masks = {}, {}
+    for split, split_ids in splits.items():
+        (_, images_zip), (_, masks_zip) = [
+            (key, name) for key, name in isic2016.ARCHIVES.items() if key[0] == split
+        ]
+        folder = images_zip.removesuffix(".zip")
+        zips[images_zip] = _zip({f"{folder}/{i}.jpg": image_files[i] for i in split_ids})
+        folder = masks_zip.removesuffix(".zip")
+        zips[masks_zip] = _zip({f"{folder}/{i}_Segmentation.png": mask_files[i] for i in split_ids})
+        masks[split] = {i: np.asarray(Image.open(io.BytesIO(mask_files[i]))) > 127 for i in split_ids}
+    return zips, masks
+
+
+@pytest.fixture
+def isic_server(tmp_path):
+    server = _ZipServer()
+    server.archives, server.expected = _isic_zips(tmp_path)
+    yield server
+    server.close()
+
+
+def _download_config(server: _ZipServer, data_dir: pathlib.Path) -> ml_collections.ConfigDict:
+    """configs/e1_isic.py as a user runs it (no manual_dir), its data from the local server, stored at 32 px."""
+    from configs import e1_isic  # noqa: PLC0415
+
+    config = e1_isic.get_config("tiny")
+    config.data.download_base_url = server.base_url
+    config.data.data_dir = str(data_dir)
+    return config
+
+
+def test_isic_downloads_through_tfds_records_then_verifies_checksums(isic_server, tmp_path):
+    from diffseg_jax import configlib  # noqa: PLC0415
+
+    config = _download_config(isic_server, tmp_path / "tfds")
+    configlib.validate(config)  # no manual_dir: ISIC downloads itself
+    assert config.data.get("manual_dir") is None
+    sources = pipeline.load_isic2016(config.data)
+    assert sorted(isic_server.requests) == sorted(isic2016.ARCHIVES.values())  # each zip fetched once
+    for split, expected in isic_server.expected.items():
+        got = {}
+        for i in range(len(sources[split])):
+            example = sources[split][i]
+            got[example["id"].decode()] = example["mask"][..., 0] > 0
+        assert set(got) == set(expected), split
+        for image_id, mask in expected.items():  # each stored mask is its own image's, resized
+            np.testing.assert_array_equal(got[image_id], files.resize_mask(mask, 32))
+    fit, validation = data.load_split(config.data, "fit"), data.load_split(config.data, "validation")
+    assert len(fit) + len(validation) == 3
+    # The first download recorded every archive's size and sha256, in tfds' format.
+    builder = isic2016.make_download_builder(isic_server.base_url, 32, str(tmp_path / "tfds"))
+    record = tfds.download.checksums.load_url_infos(builder.checksums_record)
+    urls = isic2016.archive_urls(isic_server.base_url)
+    assert set(record) == set(urls.values())
+    for key, url in urls.items():
+        body = isic_server.archives[isic2016.ARCHIVES[key]]
+        assert (record[url].size, record[url].checksum) == (len(body), hashlib.sha256(body).hexdigest())
+    info = builder.info
+    assert "arXiv:1605.01397" in info.citation and "CC0" in info.redistribution_info.license
+    assert info.homepage == isic2016.isic2016.HOMEPAGE
+
+    # Downloads and the built dataset deleted, the record kept; the test masks' archive changed on the server:
+    # the re-download is verified against the record and refused.
+    changed = "ISBI2016_ISIC_Part1_Test_GroundTruth.zip"
+    isic_server.archives[changed] = isic_server.archives[changed] + b"x"
+    shutil.rmtree(tmp_path / "tfds" / "downloads")
+    shutil.rmtree(pathlib.Path(builder.data_dir).parent)
+    again = isic2016.make_download_builder(isic_server.base_url, 32, str(tmp_path / "tfds"))
+    with pytest.raises(
+        files.DatasetFileError, match=f"(?s)differs from the one recorded.*{changed}.*delete its line"
+    ):
+        isic2016.prepare(again)
+    assert _not_complete(tmp_path / "tfds")
+
+
+def test_isic_interrupted_download_restarts_cleanly(isic_server, tmp_path):
+    data_dir = tmp_path / "tfds"
+    isic_server.truncate = {"ISBI2016_ISIC_Part1_Training_Data.zip"}
+    builder = isic2016.make_download_builder(isic_server.base_url, 32, str(data_dir))
+    with pytest.raises(files.DatasetFileError, match="Downloading ISIC 2016 failed.*Building again resumes"):
+        isic2016.prepare(builder)
+    assert _not_complete(data_dir)
+    record = tfds.download.checksums.load_url_infos(builder.checksums_record)
+    url = isic2016.archive_urls(isic_server.base_url)[("train", "images")]
+    assert url not in record  # the broken transfer's checksum was not recorded
+    sources = isic2016.prepare(isic2016.make_download_builder(isic_server.base_url, 32, str(data_dir)))
+    assert {k: len(v) for k, v in sources.items()} == {"train": 3, "test": 2}
+    record = tfds.download.checksums.load_url_infos(builder.checksums_record)
+    body = isic_server.archives["ISBI2016_ISIC_Part1_Training_Data.zip"]
+    assert record[url].checksum == hashlib.sha256(body).hexdigest()
+
+
+def test_isic_without_network_names_the_urls_and_manual_dir(tmp_path, monkeypatch):
+    from tensorflow_datasets.core.download import downloader  # noqa: PLC0415
+
+    monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # tfds retries a refused connection 10 times (minutes)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base_url = f"http://127.0.0.1:{port}/2016"
+    builder = isic2016.make_download_builder(base_url, 32, str(tmp_path / "tfds"))
+    with pytest.raises(files.DatasetFileError) as e:
+        isic2016.prepare(builder)
+    message = str(e.value)
+    for name in isic2016.ARCHIVES.values():
+        assert f"{base_url}/{name}" in message
+    assert "--config.data.manual_dir" in message and "ISBI2016_ISIC_Part1_Training_GroundTruth/" in message
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MoNuSeg 2018.
 
@@ -393,6 +578,22 @@ def test_monuseg_builder_rasterises_and_keeps_classic_tiles(tmp_path):
             np.testing.assert_array_equal(example["instances"], full[1::2, 1::2])  # PIL nearest, 40 -> 20
             np.testing.assert_array_equal(example["mask"][..., 0] > 0, full[1::2, 1::2] > 0)
             assert len(np.unique(example["instances"])) == len(polys) + 1
+
+
+def test_monuseg_and_folder_missing_folders_print_the_manual_steps(tmp_path):
+    for builder, make, steps in (
+        (
+            monuseg2018.DiffsegMonuseg2018,
+            monuseg2018.make_builder,
+            "https://monuseg.grand-challenge.org/Data/",
+        ),
+        (segmentation_folder.DiffsegSegmentationFolder, segmentation_folder.make_builder, "HER2"),
+    ):
+        assert steps in builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+        for folder in (tmp_path / "nowhere", None):
+            with pytest.raises(files.DatasetFileError) as e:
+                make(folder)
+            assert builder.MANUAL_DOWNLOAD_INSTRUCTIONS in str(e.value)
 
 
 def test_monuseg_split_from_official_ids_when_folders_do_not_say(tmp_path):
@@ -614,8 +815,17 @@ def test_real_data_configs(name):
         (256, 512) if dataset == "monuseg" else (256, 256)
     )
     configlib.validate(config, check_data=False)
-    with pytest.raises(ValueError, match="data.manual_dir=None.*--config.data.manual_dir"):
+    if dataset == "isic":  # downloads itself: the design card's command needs no data flag
         configlib.validate(config)
+        assert config.data.get("manual_dir") is None
+        assert config.data.download_base_url == isic2016.DEFAULT_BASE_URL
+    else:  # read from a folder: a missing one prints the steps that make it
+        with pytest.raises(ValueError, match="data.manual_dir=None.*--config.data.manual_dir") as e:
+            configlib.validate(config)
+        steps = {"monuseg": "unzip /path/to/MoNuSegTestData.zip", "folder": "<manual_dir>/train/images"}[
+            dataset
+        ]
+        assert steps in str(e.value)
     tiny = module.get_config("tiny")
     assert tiny.data.image_size == 32 and data.stored_size(tiny.data) == (64 if dataset == "monuseg" else 32)
 

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import tiny_config
 
@@ -218,6 +219,78 @@ def test_encoder_checkpoint_with_imagenet_head_leaves_the_decoder_at_init(tiny_w
         trained["params"]["decode_head"]["linear_fuse"], out["params"]["decode_head"]["linear_fuse"]
     )
     _leaves_equal(init["params"]["decode_head"]["classifier"], out["params"]["decode_head"]["classifier"])
+
+
+def test_pretrained_repo_id_loads_through_the_hub_cache_and_gives_hugging_face_logits(tmp_path, monkeypatch):
+    """model.pretrained=<repo id>, the Hub offline and the weights in its cache: the HF fixture's full checkpoint
+    gives HF's logits; an encoder checkpoint with an ImageNet classifier (as nvidia/mit-b3) fills the encoder
+    with the same tensors and leaves the decoder at initialisation."""
+    hf_constants = pytest.importorskip("huggingface_hub.constants")
+    from test_hub import COMMIT, _safetensors, populate_hf_cache
+
+    f = np.load(FIXTURE)
+    hf_state = {k.removeprefix("state/"): f[k] for k in f.files if k.startswith("state/")}
+    encoder = {k: v for k, v in hf_state.items() if k.startswith("segformer.")}
+    encoder["classifier.weight"] = np.ones((1000, 32), np.float32)
+    encoder["classifier.bias"] = np.ones(1000, np.float32)
+    cache = tmp_path / "hub"
+    populate_hf_cache(cache, "acme/segformer-fixture", {"model.safetensors": _safetensors(hf_state)})
+    populate_hf_cache(cache, "acme/mit-fixture", {"model.safetensors": _safetensors(encoder)})
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # both read from the environment at import
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+
+    model = models.get_model("segformer", out_channels=2, **FIXTURE_ARCH)
+    image = f["image"].astype(np.float32)
+    init = _random_variables(model, image.shape)
+    optimizer = optax.sgd(1e-3)  # the optimizer plays no part in the import
+    state = train.create_train_state(init, optimizer, jax.random.key(0))
+    config = base.get_config("segformer")
+    config.model.pretrained = "acme/segformer-fixture"
+    option, path = train.initial_weights(config)
+    assert option == "model.pretrained" and path.endswith(f"snapshots/{COMMIT}/model.safetensors")
+    full = train.import_initial_weights(path, model, optimizer, state, option)
+    logits = jax.jit(lambda v, x: model.apply(v, None, None, x))(
+        {"params": full.params, **full.model_state}, image
+    )
+    np.testing.assert_allclose(np.asarray(logits), f["logits"], rtol=0, atol=5e-5)
+
+    config.model.pretrained = "acme/mit-fixture"
+    encoder_state = train.import_initial_weights(train.initial_weights(config)[1], model, optimizer, state)
+    _leaves_equal(full.params["encoder"], encoder_state.params["encoder"])
+    _leaves_equal(init["params"]["decode_head"], encoder_state.params["decode_head"])
+    _leaves_equal(init["batch_stats"], encoder_state.model_state["batch_stats"])
+    # A file of another model names the option that gave it; train.init_weights wins without the Hub.
+    np.savez(tmp_path / "other.npz", **{"encoder.layer1.weight": np.zeros((3, 3), np.float32)})
+    with pytest.raises(configlib.ConfigError, match=r"model.pretrained='.*other\.npz' does not fit"):
+        train.import_initial_weights(str(tmp_path / "other.npz"), model, optimizer, state, "model.pretrained")
+    config.model.pretrained = "None"  # as --config.model.pretrained=None gives it: random initialisation
+    assert train.initial_weights(config) is None
+    config.model.pretrained = "acme/not-cached"
+    config.train.init_weights = "weights.npz"
+    assert train.initial_weights(config) == ("train.init_weights", "weights.npz")
+
+
+def test_e1_configs_of_public_datasets_start_from_the_imagenet_encoder():
+    for dataset in ("isic", "monuseg"):
+        config = base.experiment_config("e1", dataset, "segformer")
+        assert config.model.pretrained == "nvidia/mit-b3" and config.model.variant == "b3"
+        assert config.model.pretrained_revision is None
+        configlib.validate(config, check_data=False)
+        assert (
+            base.experiment_config("e1", dataset, "segformer,tiny").model.pretrained is None
+        )  # other widths
+    assert base.experiment_config("e1", "folder", "segformer").model.pretrained is None
+    config = base.experiment_config("e1", "isic", "segformer")
+    config.model.variant = "b0"
+    with pytest.raises(
+        configlib.ConfigError, match=r"model.pretrained='nvidia/mit-b3'.*SegFormer-B3.*mit-b0"
+    ):
+        configlib.validate(config, check_data=False)
+    config.model.variant, config.model.pretrained = "b3", "no_such_file.safetensors"
+    with pytest.raises(
+        configlib.ConfigError, match=r"model.pretrained='no_such_file.safetensors'.*No such file"
+    ):
+        configlib.validate(config, check_data=False)
 
 
 def test_invalid_variant_or_depthwise_form_is_named_before_the_run_starts():

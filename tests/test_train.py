@@ -276,7 +276,11 @@ def test_config_validation_names_key_and_fix(monkeypatch):
     [
         ({"experiment": "e5"}, "experiment='e5'.*Choose one of"),
         ({"data.name": "imagenet"}, "data.name='imagenet'.*Registered datasets"),
-        ({"data.name": "isic2016"}, "data.manual_dir=None.*--config.data.manual_dir="),
+        ({"data.name": "monuseg2018"}, "data.manual_dir=None.*--config.data.manual_dir="),
+        (
+            {"data.name": "isic2016", "data.download_base_url": "isic-challenge-data.s3.amazonaws.com/2016"},
+            "data.download_base_url='isic-challenge.*give an http",
+        ),
         (
             {"data.name": "isic2016", "data.manual_dir": "/no/such/isic"},
             "data.manual_dir='/no/such/isic'.*No such folder",

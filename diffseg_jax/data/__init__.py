@@ -3,6 +3,7 @@
 from diffseg_jax.data.files import DatasetFileError
 from diffseg_jax.data.pipeline import (
     DATASETS,
+    DOWNLOADED_DATASETS,
     MANUAL_DATASETS,
     SPLITS,
     Source,
@@ -21,6 +22,7 @@ from diffseg_jax.data.pipeline import (
 
 __all__ = [
     "DATASETS",
+    "DOWNLOADED_DATASETS",
     "MANUAL_DATASETS",
     "SPLITS",
     "DatasetFileError",

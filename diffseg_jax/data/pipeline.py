@@ -130,9 +130,21 @@ def _manual_dir(data_config: ml_collections.ConfigDict, dataset: str, layout: st
     return str(files.require_dir(data_config.get("manual_dir", None), dataset, layout))
 
 
+@functools.lru_cache(maxsize=None)
+def _prepared_isic_download(base_url: str, data_dir: str, resize: int) -> dict[str, Source]:
+    """Downloads and builds ISIC 2016 from `base_url` unless built already (tfds caches the zips too)."""
+    return _process_0_first(
+        lambda: isic2016.prepare(isic2016.make_download_builder(base_url, resize, data_dir=data_dir))
+    )
+
+
 def load_isic2016(data_config: ml_collections.ConfigDict) -> dict[str, Source]:
-    """ISIC 2016 from `data.manual_dir`, stored at `stored_size` (see `diffseg_jax.data.isic2016`)."""
-    manual_dir = _manual_dir(data_config, "isic2016", isic2016.isic2016.LAYOUT)
+    """ISIC 2016, stored at `stored_size`: downloaded from `data.download_base_url` (the ISIC archive) unless
+    `data.manual_dir` names an unpacked copy (see `diffseg_jax.data.isic2016`)."""
+    if data_config.get("manual_dir", None) is None:
+        base_url = data_config.get("download_base_url", None) or isic2016.DEFAULT_BASE_URL
+        return _prepared_isic_download(str(base_url), _data_dir(data_config), stored_size(data_config))
+    manual_dir = _manual_dir(data_config, "isic2016", isic2016.instructions())
     return _prepared_manual(
         isic2016.make_builder, manual_dir, _data_dir(data_config), resize=stored_size(data_config)
     )
@@ -140,7 +152,7 @@ def load_isic2016(data_config: ml_collections.ConfigDict) -> dict[str, Source]:
 
 def load_monuseg2018(data_config: ml_collections.ConfigDict) -> dict[str, Source]:
     """MoNuSeg 2018 from `data.manual_dir`, stored at `stored_size` (see `diffseg_jax.data.monuseg2018`)."""
-    manual_dir = _manual_dir(data_config, "monuseg2018", monuseg2018.monuseg2018.LAYOUT)
+    manual_dir = _manual_dir(data_config, "monuseg2018", monuseg2018.monuseg2018.INSTRUCTIONS)
     return _prepared_manual(
         monuseg2018.make_builder,
         manual_dir,
@@ -153,7 +165,7 @@ def load_monuseg2018(data_config: ml_collections.ConfigDict) -> dict[str, Source
 def load_segmentation_folder(data_config: ml_collections.ConfigDict) -> dict[str, Source]:
     """Any images/ + masks/ folder from `data.manual_dir` (see `diffseg_jax.data.segmentation_folder`)."""
     manual_dir = _manual_dir(
-        data_config, "segmentation_folder", segmentation_folder.segmentation_folder.LAYOUT
+        data_config, "segmentation_folder", segmentation_folder.segmentation_folder.INSTRUCTIONS
     )
     return _prepared_manual(
         segmentation_folder.make_builder,
@@ -171,8 +183,15 @@ DATASETS: dict[str, Callable[[ml_collections.ConfigDict], dict[str, Source]]] = 
     "monuseg2018": load_monuseg2018,
     "segmentation_folder": load_segmentation_folder,
 }
-# Datasets read from config.data.manual_dir.
+# Datasets read from config.data.manual_dir; of them, those that download themselves when it is unset.
 MANUAL_DATASETS = ("isic2016", "monuseg2018", "segmentation_folder")
+DOWNLOADED_DATASETS = ("isic2016",)
+# What a user does to get each dataset read from manual_dir (its builder's MANUAL_DOWNLOAD_INSTRUCTIONS).
+MANUAL_INSTRUCTIONS = {
+    "isic2016": isic2016.instructions(),
+    "monuseg2018": monuseg2018.monuseg2018.INSTRUCTIONS,
+    "segmentation_folder": segmentation_folder.segmentation_folder.INSTRUCTIONS,
+}
 SPLITS = ("train", "test", "fit", "validation")
 
 

@@ -56,6 +56,18 @@ LAYOUT = """\
 name contains 'train' or 'test' sets the split, else the official tile ids do)"""
 
 
+INSTRUCTIONS = f"""\
+MoNuSeg 2018 is not downloaded automatically: its official zips are behind Google Drive links. One manual step:
+  1. On https://monuseg.grand-challenge.org/Data/ download the training data ('MoNuSeg 2018 Training Data.zip')
+     and the test data ('MoNuSegTestData.zip').
+  2. Unzip both into one folder:
+       mkdir -p ~/data/MoNuSeg && cd ~/data/MoNuSeg
+       unzip '/path/to/MoNuSeg 2018 Training Data.zip' && unzip /path/to/MoNuSegTestData.zip
+  3. Pass that folder: --config.data.manual_dir=~/data/MoNuSeg
+The folder then holds:
+{LAYOUT}"""
+
+
 @dataclasses.dataclass(frozen=True)
 class Tile:
     """One tile: its id, split, image path and annotation path."""
@@ -139,7 +151,7 @@ class DiffsegMonuseg2018(manual.ManualBuilder):
     code_path = epath.Path(__file__)
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Official XML rasterised (skimage polygon rule), resized, instance maps kept."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Download and unpack the MoNuSeg 2018 training and test zips:\n" + LAYOUT
+    MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
     LAYOUT = LAYOUT
     BUILDER_CONFIGS = [MonusegConfig(name=manual.config_name(512, "default"), resize=512)]
 
@@ -180,7 +192,7 @@ def make_builder(
     """The builder for the copy in `manual_dir` at these settings (named by a fingerprint of the files)."""
     if boundary not in BOUNDARY_CHOICES:
         raise ValueError(f"Unknown boundary rule {boundary!r}; use one of {BOUNDARY_CHOICES}.")
-    root = files.require_dir(manual_dir, "monuseg2018", LAYOUT)
+    root = files.require_dir(manual_dir, "monuseg2018", INSTRUCTIONS)
     tiles = find_tiles(root, train_ids)
     paths = [p for split in tiles.values() for t in split for p in (t.image, t.xml)]
     fp = files.fingerprint(paths, root, train_ids, boundary)

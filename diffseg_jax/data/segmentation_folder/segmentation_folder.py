@@ -36,6 +36,12 @@ A mask has its image's name (or the name plus _mask / _segmentation / _seg) and 
 values (0/255, 0/1) or more with config.data.mask_threshold set."""
 
 
+INSTRUCTIONS = f"""\
+A folder of your own images and binary masks (e.g. the paper's HER2 set, which is not public). One step: put the
+images and their masks in this layout and pass the folder as --config.data.manual_dir=/path/to/folder:
+{LAYOUT}"""
+
+
 @dataclasses.dataclass
 class FolderConfig(manual.ManualConfig):
     """Stored size, mask threshold (None: two-valued masks), image scaling and the source fingerprint."""
@@ -136,7 +142,7 @@ class DiffsegSegmentationFolder(manual.ManualBuilder):
     code_path = epath.Path(__file__)
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Flat or train/test layouts, stem pairing, two-valued or thresholded masks."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Put your images and masks in this layout:\n" + LAYOUT
+    MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
     LAYOUT = LAYOUT
     BUILDER_CONFIGS = [FolderConfig(name=manual.config_name(256, "default"), resize=256)]
 
@@ -160,7 +166,7 @@ def make_builder(
 ) -> DiffsegSegmentationFolder:
     """The builder for the folder `manual_dir` at these settings (named by a fingerprint of the files and
     settings)."""
-    root = files.require_dir(manual_dir, "segmentation_folder", LAYOUT)
+    root = files.require_dir(manual_dir, "segmentation_folder", INSTRUCTIONS)
     pairs = find_pairs(root)
     paths = [p for split in pairs.values() for x in split for p in (x.image, x.mask)]
     fp = files.fingerprint(paths, root, mask_threshold, image_scaling)
