@@ -355,6 +355,22 @@ def jit_train_step(train_step, mesh: jax.sharding.Mesh):
     )
 
 
+class TrainingDivergedError(FloatingPointError):
+    """Training stopped on a non-finite loss, gradient or parameter; the message names the checkpoint kept."""
+
+
+def params_finite(state: TrainState) -> bool:
+    """Whether every parameter of ``state`` is finite (one reduction on the device, one value read back)."""
+    leaves = jax.tree_util.tree_leaves(state.params)
+    return bool(jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))) if leaves else True
+
+
+def host_copy(state: TrainState) -> TrainState:
+    """``state`` as NumPy arrays in host memory: a checkpoint that waits a step for its check survives the
+    donation of the device buffers to that step. The state is replicated, so one device's copy is all of it."""
+    return jax.tree.map(lambda x: np.array(x.addressable_data(0)) if isinstance(x, jax.Array) else x, state)
+
+
 class _Terminate:
     """Turns SIGTERM into a flag so the loop can checkpoint and stop cleanly."""
 
@@ -534,12 +550,47 @@ def train(
     sync_every = max(1, min(config.train.log_every, 8))
     meta = {"config": config.to_dict(), "num_devices": n_dev}
     last_saved = latest
+    # A due checkpoint waits one step: it is written only once the loss and gradient computed from its parameters
+    # (the next step's) are finite. An update can blow the parameters up while its own loss was fine, and such a
+    # state would otherwise displace good checkpoints under keep_checkpoints (see docs/reliability.md).
+    pending: tuple[int, Any] | None = None
     t_start = last_log = t_first = time.time()  # t_first: when the first step (and its compilation) ended
     d = config.data  # (.get: configs saved before these keys existed still load)
     stream = data.batch_stream(
         train_ds, start, d.get("num_threads", 4), d.get("num_workers", 0), d.get("prefetch", 8)
     )
     batches = device_batches(stream, mesh)
+
+    def read(done: int, metrics: dict[str, jax.Array]) -> tuple[float, float]:
+        """Waits on step ``done``'s loss and gradient norm; a non-finite one stops training, keeping only
+        checkpoints whose parameters gave finite values (the one waiting for this step is dropped)."""
+        loss = float(metrics["loss"])  # Blocks: keeps the device queue short.
+        grad_norm = float(metrics["grad_norm"])
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            raise diverged(f"the training loss is {loss} at step {done} (gradient norm {grad_norm})", done)
+        return loss, grad_norm
+
+    def diverged(what: str, done: int) -> TrainingDivergedError:
+        if pending is not None:
+            kept = f"step {pending[0]}, whose parameters gave these values, was not saved; "
+        else:
+            kept = ""
+        if last_saved is None:
+            kept += "no checkpoint was saved, so a rerun starts from scratch"
+        elif last_saved == latest and done == start + 1:
+            kept += (
+                f"the checkpoint this run resumed from (step {latest} in {ckpt.directory}) gives these values "
+                "already: it was saved after the divergence (by an older diffseg-jax). Delete it to resume from "
+                f"an earlier one (steps on disk: {', '.join(map(str, ckpt.all_steps()))}), or train into a new "
+                "--workdir"
+            )
+        else:
+            kept += f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}; a rerun resumes from it"
+        return TrainingDivergedError(
+            f"Training diverged: {what}; stopped without saving it. {kept[0].upper()}{kept[1:]}. Lower train.lr "
+            "or set train.grad_clip (e.g. 1.0), then rerun the same command."
+        )
+
     try:
         with _Terminate() as term:
             for step, batch in zip(range(start, num_steps), batches):
@@ -549,17 +600,22 @@ def train(
                 stop = bool(
                     hook is not None and hook_every > 0 and done % hook_every == 0 and hook(done, state)
                 )
-                save_now = done % config.train.ckpt_every == 0 or is_last or term.requested or stop
+                due = done % config.train.ckpt_every == 0 or is_last or stop
                 early = done - start <= 2
-                if early or done % sync_every == 0 or save_now or done % config.train.log_every == 0:
-                    loss = float(metrics["loss"])  # Blocks: keeps the device queue short.
-                    grad_norm = float(metrics["grad_norm"])
-                    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-                        raise FloatingPointError(
-                            f"Training loss is {loss} at step {done} (gradient norm {grad_norm}); stopped without "
-                            f"saving. The last good checkpoint (step {last_saved}) is kept in {ckpt.directory}. "
-                            "Lower train.lr or set train.grad_clip, then rerun: it resumes from that checkpoint."
-                        )
+                synced = False
+                if (
+                    early
+                    or done % sync_every == 0
+                    or due
+                    or done % config.train.log_every == 0
+                    or pending is not None
+                    or term.requested
+                ):
+                    loss, grad_norm = read(done, metrics)
+                    synced = True
+                    if pending is not None:  # its parameters gave this step a finite loss and gradient
+                        ckpt.save(pending[0], pending[1], {**meta, "step": pending[0]})
+                        last_saved, pending = pending[0], None
                     now = time.time()
                     if done > start + 1:  # the steps since the first, whose time includes compiling
                         rate = (done - start - 1) / max(now - t_first, 1e-9)
@@ -598,11 +654,23 @@ def train(
                             writers.format_duration(now - t_first),
                             writers.format_duration(PROGRESS_EVERY_S),
                         )
-                if save_now:
-                    ckpt.save(done, state, {**meta, "step": done})
-                    last_saved = done
-                if term.requested:
-                    logging.warning("Stopped at step %d on SIGTERM; rerun the same command to resume.", done)
+                # Read after the wait above: SIGTERM's handler runs when the blocking read returns.
+                terminate = term.requested
+                if due or terminate:
+                    if not synced:
+                        read(done, metrics)
+                    if not params_finite(state):
+                        raise diverged(f"the parameters after step {done} are not finite", done)
+                    if is_last or stop or terminate:  # no next step to check it: finite parameters suffice
+                        ckpt.save(done, state, {**meta, "step": done})
+                        last_saved = done
+                    else:
+                        pending = (done, host_copy(state))
+                if terminate:
+                    ckpt.wait()  # the exit status says it is saved: it is on disk before the loop ends
+                    logging.warning(
+                        "Stopped at step %d on SIGTERM, saved as a checkpoint; rerun the same command to resume.", done
+                    )
                     break
                 if stop:
                     logging.info("Stopped at step %d as asked by the training hook.", done)
