@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,6 +147,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir, monke
     ):
         train.train(config, str(tmp_path))
     assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+
+
+def test_a_diverging_run_keeps_only_checkpoints_that_train_on(tmp_path, tfds_dir):
+    """lr=1e6 with a checkpoint every step and keep_checkpoints=1: the update of some step blows the weights up
+    while its own loss was finite. That state is never saved, the good checkpoint is not displaced, the stop is
+    one message without a traceback, and rerunning with a sane lr trains on from the checkpoint it names.
+    (Before: the exploded state was saved and named, and the rerun failed at the same step every time.)"""
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = 3, 1, 1
+    config.train.keep_checkpoints, config.eval.enabled = 1, False
+    train.train(config, str(tmp_path))
+    proc = _cli(
+        ["--config", "configs/e2_synthetic.py:tiny", "--workdir", str(tmp_path), *_cli_overrides(tfds_dir, 1, 1),
+         "--config.train.lr=1e6", "--config.train.keep_checkpoints=1"]
+    )  # fmt: skip
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "Training diverged" in out, out[-3000:]
+    kept = int(re.search(r"the last good checkpoint \(step (\d+)\)", out).group(1))
+    assert checkpoints.latest_step(str(tmp_path / "checkpoints")) == kept
+    config.train.num_steps = kept + 3
+    state = train.train(config, str(tmp_path))  # lr 1e-4 again: trains on from the kept checkpoint
+    assert int(state.step) == kept + 3 and train.params_finite(state)
 
 
 def test_initial_weights_of_another_model_name_the_setting_and_the_file(tmp_path):
