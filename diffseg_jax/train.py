@@ -11,6 +11,7 @@ uninterrupted one would.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import signal
@@ -35,6 +36,7 @@ from diffseg_jax import (
     data,
     diffusion,
     distributed,
+    locks,
     models,
     objectives,
     planning,
@@ -477,8 +479,21 @@ def train(
 
     ``split``: the data split (``train``, or ``fit`` for the feed-forward protocol's 80 %). ``hook(step,
     state)`` runs every ``hook_every`` steps, before that step's checkpoint (e.g. a validation loss per
-    epoch); returning True saves a checkpoint and stops.
+    epoch); returning True saves a checkpoint and stops. The workdir is locked meanwhile: another process
+    training or evaluating there is refused (:func:`diffseg_jax.locks.workdir_lock`).
     """
+    lock = locks.workdir_lock(workdir, "train") if distributed.is_primary() else contextlib.nullcontext()
+    with lock:
+        return _train(config, workdir, split, hook, hook_every)
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    split: str,
+    hook: Callable[[int, TrainState], bool] | None,
+    hook_every: int,
+) -> TrainState:
     configlib.validate(config)
     config = planning.resolve(config)  # a data-driven plan (nnU-Net's), recorded in config.json
     os.makedirs(workdir, exist_ok=True)
@@ -669,7 +684,8 @@ def train(
                 if terminate:
                     ckpt.wait()  # the exit status says it is saved: it is on disk before the loop ends
                     logging.warning(
-                        "Stopped at step %d on SIGTERM, saved as a checkpoint; rerun the same command to resume.", done
+                        "Stopped at step %d on SIGTERM, saved as a checkpoint; rerun the same command to resume.",
+                        done,
                     )
                     break
                 if stop:

@@ -83,7 +83,15 @@ def _resume_matches_reference(run_dir, reference_run):
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tfds_dir, reference_run):
     # A run killed with SIGKILL as soon as its first checkpoint is complete...
     run_dir = tmp_path / "killed"
-    proc = _cli(["--config", "configs/e2_synthetic.py:tiny", "--workdir", str(run_dir), *_cli_overrides(tfds_dir, 2, 2)])
+    proc = _cli(
+        [
+            "--config",
+            "configs/e2_synthetic.py:tiny",
+            "--workdir",
+            str(run_dir),
+            *_cli_overrides(tfds_dir, 2, 2),
+        ]
+    )
     ckpt_dir = run_dir / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -100,14 +108,22 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tfds_dir, refer
     _resume_matches_reference(run_dir, reference_run)
 
 
-def test_sigterm_between_checkpoints_saves_that_step_and_resumes_to_the_same_result(tmp_path, tfds_dir, reference_run):
+def test_sigterm_between_checkpoints_saves_that_step_and_resumes_to_the_same_result(
+    tmp_path, tfds_dir, reference_run
+):
     """SLURM's or a cloud's preemption: SIGTERM while the loop waits on a step's loss, with no checkpoint due
     for a long while. The step it stopped at is saved (exit status 0 says so), and the resume ends as the
     uninterrupted run. (Before: the handler ran during the wait, after the step's save was decided, and the
     loop stopped with nothing saved while saying it had.)"""
     run_dir = tmp_path / "terminated"
     proc = _cli(
-        ["--config", "configs/e2_synthetic.py:tiny", "--workdir", str(run_dir), *_cli_overrides(tfds_dir, 1000, 1)]
+        [
+            "--config",
+            "configs/e2_synthetic.py:tiny",
+            "--workdir",
+            str(run_dir),
+            *_cli_overrides(tfds_dir, 1000, 1),
+        ]
     )
     jsonl = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
@@ -143,7 +159,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir, monke
     # Step 4's checkpoint waits for the loss of its parameters, step 5's, which is NaN: it is not saved (a
     # batch of NaN and a blown-up state look the same from here), and the message names step 2.
     with pytest.raises(
-        train.TrainingDivergedError, match="loss is nan at step 5.*Step 4.* not saved.*last good checkpoint \\(step 2\\)"
+        train.TrainingDivergedError,
+        match="loss is nan at step 5.*Step 4.* not saved.*last good checkpoint \\(step 2\\)",
     ):
         train.train(config, str(tmp_path))
     assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
