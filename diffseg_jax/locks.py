@@ -130,13 +130,15 @@ def workdir_lock(workdir: str, what: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def build_lock(folder: str, name: str) -> Iterator[None]:
+def build_lock(folder: str, name: str) -> Iterator[bool]:
     """One build of a dataset config at a time on this data folder: holds ``<folder>/<name>.lock``; a second
-    process logs whom it waits for, waits, and then finds the build complete."""
+    process logs whom it waits for and waits. Yields whether it waited (the build is then usually complete)."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.lock")
+    waited = []
 
     def show_wait(holder: dict) -> None:
+        waited.append(holder)
         logging.warning(
             "Waiting for %s, which is building the dataset %s in %s; this process then reads its build.",
             describe(holder),
@@ -145,4 +147,6 @@ def build_lock(folder: str, name: str) -> Iterator[None]:
         )
 
     with hold(path, f"building {name}", on_busy=show_wait):
-        yield
+        if waited:
+            logging.warning("The build of %s that this process waited for has ended.", name)
+        yield bool(waited)

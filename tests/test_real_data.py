@@ -727,3 +727,57 @@ def test_export_command_writes_once_and_names_a_used_folder(tmp_path):
         [sys.executable, "-m", "diffseg_jax.data.export", *args], cwd=ROOT, capture_output=True, text=True
     )
     assert again.returncode == 1 and f"Error: --out {tmp_path / 'x'} exists" in again.stderr
+
+
+_BUILD = """
+import pathlib, sys, time
+from diffseg_jax.data import manual, segmentation_folder
+root, data_dir, building, ready = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), pathlib.Path(sys.argv[4])
+first = sys.argv[5] == "first"
+real = segmentation_folder.DiffsegSegmentationFolder.load_example
+
+def slow(self, record):  # the first build lasts until the second process has started its own
+    building.touch()
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return real(self, record)
+
+if first:
+    segmentation_folder.DiffsegSegmentationFolder.load_example = slow
+builder = segmentation_folder.make_builder(root, 16, data_dir=data_dir)
+ready.touch()
+stored = manual.prepare(builder, root)
+print("masks", sum(int((x["mask"] > 0).sum()) for x in stored["train"]), len(stored["test"]))
+"""
+
+
+def test_two_processes_building_one_dataset_wait_for_each_other(tmp_path):
+    """Two runs started together on a new folder: the second waits for the first's build (and says so), then
+    reads it. (Before: both built, and the one that finished second died renaming tfds' temporary folder.)"""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    root = tmp_path / "folder"
+    for split, n in (("train", 4), ("test", 2)):
+        for k in range(n):
+            _save(root / split / "images" / f"{split}{k}.png", np.full((16, 16, 3), 40 * k, np.uint8))
+            _save(root / split / "masks" / f"{split}{k}.png", _square_mask(16, 4 + k))
+    data_dir, building, ready = str(tmp_path / "tfds"), tmp_path / "building", tmp_path / "ready"
+
+    def start(which):
+        args = [sys.executable, "-c", _BUILD, str(root), data_dir, str(building), str(ready), which]
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start("first")
+    while not building.exists() and first.poll() is None:
+        time.sleep(0.05)
+    ready.unlink()  # the first process's own; the second makes it again when it starts building
+    second = start("second")
+    outs = [p.communicate(timeout=300) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outs[0][1][-2000:] + outs[1][1][-2000:]
+    want = sum(int((_square_mask(16, 4 + k) > 0).sum()) for k in range(4))
+    assert [o[0].splitlines()[-1] for o in outs] == [f"masks {want} 2"] * 2
+    assert f"Waiting for process {first.pid} on host" in outs[1][1]
