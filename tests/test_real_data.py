@@ -781,3 +781,33 @@ def test_two_processes_building_one_dataset_wait_for_each_other(tmp_path):
     want = sum(int((_square_mask(16, 4 + k) > 0).sum()) for k in range(4))
     assert [o[0].splitlines()[-1] for o in outs] == [f"masks {want} 2"] * 2
     assert f"Waiting for process {first.pid} on host" in outs[1][1]
+
+
+def test_a_mask_corrected_in_place_at_the_same_size_builds_anew(tmp_path):
+    """An uncompressed TIFF mask inverted in place keeps its size (and here its modification time): the dataset
+    identity hashes the files' content, so the next build reads the new mask. (Before: names and sizes only,
+    and the stale build was reused.)"""
+    import os  # noqa: PLC0415
+
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        for k in range(2):
+            _save(root / split / "images" / f"{split}{k}.png", np.full((16, 16, 3), 60 * k, np.uint8))
+            _save(root / split / "masks" / f"{split}{k}.tif", _square_mask(16, 6), compression="raw")
+    data_dir = str(tmp_path / "tfds")
+    before = manual.prepare(segmentation_folder.make_builder(root, 16, data_dir=data_dir), root)
+
+    def areas(stored):
+        return {
+            str(x["id"], "utf-8") if isinstance(x["id"], bytes) else x["id"]: int((x["mask"] > 0).sum())
+            for x in stored["train"]
+        }
+
+    assert areas(before) == {"train0": 36, "train1": 36}
+    mask = root / "train" / "masks" / "train0.tif"
+    size, stat = mask.stat().st_size, mask.stat()
+    _save(mask, 255 - _square_mask(16, 6), compression="raw")
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert mask.stat().st_size == size and mask.stat().st_mtime_ns == stat.st_mtime_ns
+    after = manual.prepare(segmentation_folder.make_builder(root, 16, data_dir=data_dir), root)
+    assert areas(after) == {"train0": 16 * 16 - 36, "train1": 36}
