@@ -252,6 +252,26 @@ def test_parse_regions_reads_vertices_by_tag_and_rejects_bad_files(tmp_path):
     path.write_text(_xml([[(1, 2), (3, 2), (3, 4)]])[:-30])
     with pytest.raises(files.DatasetFileError, match=r"Cannot parse annotation file .*a\.xml"):
         annotations.parse_regions(path)
+    for value in ("nan", "inf", "-inf"):  # float() reads them; the rasteriser then failed with a traceback
+        path.write_text(_xml([[(1, 2), (3, 2), (3, 4)]]).replace('Y="4"', f'Y="{value}"'))
+        with pytest.raises(
+            files.DatasetFileError, match=rf"a\.xml: Region Id='1' has a Vertex at X=3.0, Y={value}"
+        ):
+            annotations.parse_regions(path)
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_named_with_the_way_to_allow_it(tmp_path, monkeypatch):
+    from PIL import Image as PILImage  # noqa: PLC0415
+
+    path = _save(tmp_path / "big.png", np.zeros((64, 64, 3), np.uint8))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2 x 1000: Pillow refuses
+    with pytest.raises(
+        files.DatasetFileError, match=r"big\.png is too large.*4096 pixels.*DIFFSEG_JAX_MAX_IMAGE_PIXELS"
+    ):
+        files.read_image(path)
+    monkeypatch.setenv("DIFFSEG_JAX_MAX_IMAGE_PIXELS", "0")  # trusted: no limit
+    assert files.read_image(path).shape == (64, 64, 3)
+    assert PILImage.MAX_IMAGE_PIXELS == 1000  # Pillow's own limit is left as it was
 
 
 # ---------------------------------------------------------------------------------------------------------------

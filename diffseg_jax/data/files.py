@@ -22,8 +22,27 @@ class DatasetFileError(ValueError):
     """A dataset file (or folder) that cannot be used; the message names the path and the fix."""
 
 
+# Pillow refuses images of more than twice Image.MAX_IMAGE_PIXELS (89.5 M) pixels as possible decompression
+# bombs; this environment variable sets the limit for trusted data (0: none), e.g. whole-slide tiles.
+MAX_PIXELS_ENV = "DIFFSEG_JAX_MAX_IMAGE_PIXELS"
+
+
+def _max_image_pixels() -> int | None:
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None:
+        return Image.MAX_IMAGE_PIXELS
+    try:
+        return int(value) or None
+    except ValueError:
+        raise DatasetFileError(
+            f"{MAX_PIXELS_ENV}={value!r} is not a whole number of pixels; set e.g. {MAX_PIXELS_ENV}=400000000, "
+            "or 0 for no limit."
+        ) from None
+
+
 def open_array(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, str]:
     """Decodes `path` fully (a truncated file fails here, not later) into (array, PIL mode)."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, _max_image_pixels()
     try:
         with Image.open(path) as img:
             img.load()
@@ -32,11 +51,19 @@ def open_array(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray
                 array = np.asarray(img, dtype=np.uint16)
             else:
                 array = np.asarray(img)
+    except Image.DecompressionBombError as e:
+        raise DatasetFileError(
+            f"The {what} file {path} is too large to open safely: {e} If you trust the file, raise the limit with "
+            f"the environment variable {MAX_PIXELS_ENV} (a number of pixels above the one shown, or 0 for no "
+            "limit); else shrink the image."
+        ) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
         raise DatasetFileError(
             f"Cannot read {what} file {path}: {e}. Replace it with an intact copy from the original release "
             "(a truncated download or a non-image file with an image suffix causes this)."
         ) from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     return array, mode
 
 
