@@ -416,7 +416,11 @@ def test_config_validation_names_key_and_fix(monkeypatch):
             "alpha_bar_T=0.9995.*below the first step.s .0.999.",
         ),
         ({"diffusion.terminal": "rescale", "diffusion.alpha_bar_T": 1e-6}, None),
-        ({"train.lr": -1.0}, "train.lr=-1.0.*positive learning rate"),
+        ({"train.lr": -1.0}, "train.lr=-1.0.*positive, finite learning rate"),
+        ({"train.lr": float("inf")}, "train.lr=inf.*positive, finite learning rate"),
+        ({"data.image_size": 0}, "data.image_size=0.*positive size in pixels"),
+        ({"data.image_size": -4}, "data.image_size=-4.*positive size in pixels"),
+        ({"data.kind": "blobs"}, r"data.kind='blobs'.*\['lesion', 'nuclei', 'clusters'\]"),
         ({"data.image_size": 30}, "data.image_size=30.*halves its input 2 times.*multiple of 4 px, e.g. 28"),
         ({"data.resize": 64, "data.eval_tiling": "whole", "data.image_size": 32}, None),  # 64 halves twice
         ({"data.resize": 66, "data.eval_tiling": "whole"}, "data.resize=66.*multiple of 4"),
