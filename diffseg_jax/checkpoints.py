@@ -3,6 +3,7 @@ the latest, wait on exit; evaluation reads the weights alone (:meth:`Checkpointe
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -13,6 +14,35 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose arrays do not fit the state the config builds (other settings, or an older version)."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing into the workdir failed (disk full, quota, read-only); the message names the last complete
+    checkpoint, from which a rerun resumes."""
+
+
+# Write failures that stop training at once with the last complete checkpoint named (not a traceback).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def write_failed(error: OSError, directory: str, step: int) -> CheckpointWriteError:
+    """The :class:`CheckpointWriteError` for ``error`` at training step ``step``, naming the newest complete
+    checkpoint in ``directory`` (orbax renames a checkpoint into place only when it is whole)."""
+    try:
+        good = latest_step(directory)
+    except Exception:  # noqa: BLE001 — the folder may be unreadable too; the message still says what happened
+        good = None
+    kept = (
+        "no checkpoint is complete, so a rerun starts from scratch"
+        if good is None
+        else f"the last complete checkpoint is step {good} in {directory}; a rerun resumes from it"
+    )
+    return CheckpointWriteError(
+        error.errno,
+        f"Writing the run failed at step {step}: {os.strerror(error.errno)}"
+        + (f" ({error.filename})" if error.filename else "")
+        + f". Stopped at once; {kept}. Free space (or fix the folder's permissions), then rerun the same command.",
+    )
 
 
 def latest_step(directory: str) -> int | None:
@@ -118,6 +148,10 @@ class Checkpointer:
             "sampling: compare the run's config.json with this command's config and overrides) or by an older "
             "diffseg-jax. Run with the settings it was trained with, or train into a new --workdir."
         )
+
+    def check_for_errors(self) -> None:
+        """Raises the error of a background save that has failed (e.g. the disk is full), without waiting."""
+        self._manager.check_for_errors()
 
     def wait(self) -> None:
         """Blocks until pending saves are on disk."""

@@ -26,6 +26,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         locks.WorkdirError,
         files.DatasetFileError,
         checkpoints.CheckpointMismatchError,
+        checkpoints.CheckpointWriteError,
         FileNotFoundError,
     )
 

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -628,6 +629,7 @@ def _train(
                 ):
                     loss, grad_norm = read(done, metrics)
                     synced = True
+                    ckpt.check_for_errors()  # a background save that failed (disk full) stops the run now
                     if pending is not None:  # its parameters gave this step a finite loss and gradient
                         ckpt.save(pending[0], pending[1], {**meta, "step": pending[0]})
                         last_saved, pending = pending[0], None
@@ -697,7 +699,23 @@ def _train(
         except Exception as e:  # a failed save never hides the interrupt
             logging.warning("Interrupted; the save of the last step failed (%s).", e)
         raise
+    except (
+        OSError
+    ) as e:  # disk full, quota, read-only: one message naming the checkpoint a rerun resumes from
+        if e.errno not in checkpoints.WRITE_ERRNOS or isinstance(e, checkpoints.CheckpointWriteError):
+            raise
+        raise checkpoints.write_failed(e, ckpt.directory, int(state.step)) from None
     finally:
-        ckpt.close()
-        writer.close()
+        failing = sys.exc_info()[1] is not None
+        try:
+            ckpt.close()
+        except OSError as e:  # the last save failed: say so, unless another error is on its way already
+            if failing:
+                logging.warning("The last checkpoint could not be written either (%s).", e)
+            elif e.errno in checkpoints.WRITE_ERRNOS:
+                raise checkpoints.write_failed(e, ckpt.directory, int(state.step)) from None
+            else:
+                raise
+        finally:
+            writer.close()
     return state

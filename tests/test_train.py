@@ -1,5 +1,6 @@
 """End-to-end training: resume after SIGKILL, SIGTERM, NaN handling, 1 vs 8 devices, config checks."""
 
+import errno
 import json
 import os
 import re
@@ -187,6 +188,37 @@ def test_a_diverging_run_keeps_only_checkpoints_that_train_on(tmp_path, tfds_dir
     config.train.num_steps = kept + 3
     state = train.train(config, str(tmp_path))  # lr 1e-4 again: trains on from the kept checkpoint
     assert int(state.step) == kept + 3 and train.params_finite(state)
+
+
+def test_a_full_disk_stops_at_once_naming_the_last_complete_checkpoint(tmp_path, tfds_dir, monkeypatch):
+    """The background write of step 4's checkpoint fails (as orbax reports ENOSPC): training stops at the next
+    step, not at the next checkpoint, with one message naming step 2, the newest complete one. (Checked by hand
+    on a full 64 MB tmpfs: the same message at step 6 with ckpt_every=2.)"""
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = 20, 2, 1
+    failed = []
+    real_save = checkpoints.Checkpointer.save
+
+    def save(self, step, state, meta):
+        if step == 4:  # the disk is full from now on: the save is started, its write fails later
+            failed.append(step)
+            return None
+        return real_save(self, step, state, meta)
+
+    def check_for_errors(self):
+        if failed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", save)
+    monkeypatch.setattr(checkpoints.Checkpointer, "check_for_errors", check_for_errors)
+    with pytest.raises(checkpoints.CheckpointWriteError) as stopped:
+        train.train(config, str(tmp_path))
+    message = str(stopped.value)
+    # step 4's checkpoint is written once step 5 has checked it; the error shows at step 6's wait
+    assert re.search(
+        r"failed at step [56]: No space left on device.*last complete checkpoint is step 2", message
+    )
+    assert checkpoints.latest_step(str(tmp_path / "checkpoints")) == 2
 
 
 def test_initial_weights_of_another_model_name_the_setting_and_the_file(tmp_path):
