@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-from diffseg_jax import data, diffusion, models, objectives
+from diffseg_jax import data, diffusion, models, objectives, writers
 from diffseg_jax.data.augment import AUGMENTATIONS
 from diffseg_jax.diffusion import timesteps
 from diffseg_jax.models import segformer
@@ -42,7 +42,9 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
             f"{sorted(data.MANUAL_DATASETS)} for its official layout).",
         )
     if not d.image_size > 0:
-        _fail("data.image_size", d.image_size, "Use a positive size in pixels (e.g. 64, or 256 as the paper).")
+        _fail(
+            "data.image_size", d.image_size, "Use a positive size in pixels (e.g. 64, or 256 as the paper)."
+        )
     if d.name == "synthetic":
         if d.get("kind", "lesion") not in data.synthetic.KINDS:
             _fail(
@@ -401,7 +403,9 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             "file for SegFormer-B3), or leave it unset to start from random initialisation.",
         )
     if not 0 < config.train.lr < math.inf:
-        _fail("train.lr", config.train.lr, "Use a positive, finite learning rate (the published configs: 1e-4).")
+        _fail(
+            "train.lr", config.train.lr, "Use a positive, finite learning rate (the published configs: 1e-4)."
+        )
     for key in ("num_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         if config.train[key] < 1:
             _fail(f"train.{key}", config.train[key], "Use a positive integer.")
@@ -496,8 +500,7 @@ def save(config: ml_collections.ConfigDict, path: str) -> None:
         if isinstance(value, str) and value:
             record[section][key] = os.path.abspath(os.path.expanduser(value))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
+    writers.save_json_whole(path, record, indent=2, sort_keys=True)  # whole: a crash never leaves half of it
 
 
 def flatten(node: dict, prefix: str = "") -> dict:

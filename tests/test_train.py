@@ -78,6 +78,8 @@ def _resume_matches_reference(run_dir, reference_run):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     assert lines[-1]["step"] == _STEPS and all(np.isfinite(l["loss"]) for l in lines)
+    steps = [l["step"] for l in lines]
+    assert steps == sorted(set(steps))  # the steps redone after the checkpoint are not logged twice
     return lines
 
 
