@@ -561,7 +561,6 @@ def _train(
     # A resume (or a rerun of a run killed before its first checkpoint) redoes the steps after ``start``: their
     # old lines and events are dropped, not repeated.
     writer = writers.MetricWriter(workdir, resume_step=start) if primary else writers.NullWriter()
-    )
     # On CPU with several devices, queueing many collective steps without waiting can deadlock the
     # all-reduce: wait on the loss at least this often (and at every log / checkpoint). Also after the first
     # two steps, to report the first (compilation included) and to time the second: steps slower than
