@@ -371,7 +371,12 @@ def params_finite(state: TrainState) -> bool:
 def host_copy(state: TrainState) -> TrainState:
     """``state`` as NumPy arrays in host memory: a checkpoint that waits a step for its check survives the
     donation of the device buffers to that step. The state is replicated, so one device's copy is all of it."""
-    return jax.tree.map(lambda x: np.array(x.addressable_data(0)) if isinstance(x, jax.Array) else x, state)
+    local = jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, state)
+    for x in jax.tree_util.tree_leaves(local):
+        if isinstance(x, jax.Array):
+            x.copy_to_host_async()  # every leaf's transfer at once, then each waited on below
+    # np.array copies: the device buffers are donated to the next step, and a view of them would change with it
+    return jax.tree.map(lambda x: np.array(x) if isinstance(x, jax.Array) else x, local)
 
 
 class _Terminate:
