@@ -3,8 +3,10 @@ the latest, wait on exit; evaluation reads the weights alone (:meth:`Checkpointe
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -13,6 +15,73 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose arrays do not fit the state the config builds (other settings, or an older version)."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing into the workdir failed (disk full, quota, read-only); the message names the last complete
+    checkpoint, from which a rerun resumes."""
+
+
+# Write failures that stop training at once with the last complete checkpoint named (not a traceback).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+# How the write errors read when orbax or tensorstore report them as another exception (tensorstore raises
+# ValueError('RESOURCE_EXHAUSTED: ... Failed to write ...: No space left on device')).
+_WRITE_MESSAGES = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                   errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}  # fmt: skip
+
+
+def write_errno(error: BaseException) -> int | None:
+    """The errno of a failed write behind ``error`` (an OSError, or the message of another exception in its
+    chain), or None if it is not one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            return error.errno
+        for code, text in _WRITE_MESSAGES.items():
+            if text in str(error):
+                return code
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _writing(directory: str) -> Iterator[None]:
+    """Turns a failed write inside (however orbax wraps it) into an ``OSError`` with its errno."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS or write_errno(e) is None:
+            raise
+        code = write_errno(e)
+        raise OSError(code, os.strerror(code), directory) from e
+    except Exception as e:
+        code = write_errno(e)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), directory) from e
+
+
+def write_failed(error: OSError, directory: str, step: int) -> CheckpointWriteError:
+    """The :class:`CheckpointWriteError` for ``error`` at training step ``step``, naming the newest complete
+    checkpoint in ``directory`` (orbax renames a checkpoint into place only when it is whole)."""
+    try:
+        good = latest_step(directory)
+    except Exception:  # noqa: BLE001 — the folder may be unreadable too; the message still says what happened
+        good = None
+    kept = (
+        "no checkpoint is complete, so a rerun starts from scratch"
+        if good is None
+        else f"the last complete checkpoint is step {good} in {directory}; a rerun resumes from it"
+    )
+    return CheckpointWriteError(
+        error.errno,
+        f"Writing the run failed at step {step}: {os.strerror(error.errno)}"
+        + (f" ({error.filename})" if error.filename else "")
+        + f". Stopped at once; {kept}. Free space (or fix the folder's permissions), then rerun the same command.",
+    )
 
 
 def latest_step(directory: str) -> int | None:
@@ -57,12 +126,14 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Starts saving ``state`` at ``step`` (asynchronously; :meth:`wait` to finish)."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        """Starts saving ``state`` at ``step`` (asynchronously; :meth:`wait` to finish). A failed write (this
+        one's or a background one's) is an ``OSError`` with its errno (ENOSPC: the disk is full)."""
+        with _writing(self.directory):
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
         """Restores the state at ``step`` with the structure, dtypes and shardings of ``target``.
@@ -119,14 +190,23 @@ class Checkpointer:
             "diffseg-jax. Run with the settings it was trained with, or train into a new --workdir."
         )
 
+    def check_for_errors(self) -> None:
+        """Raises the error of a background save that has failed (e.g. the disk is full), without waiting."""
+        with _writing(self.directory):
+            self._manager.check_for_errors()
+
     def wait(self) -> None:
         """Blocks until pending saves are on disk."""
-        self._manager.wait_until_finished()
+        with _writing(self.directory):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves and releases the manager (released also when a save failed)."""
+        try:
+            with _writing(self.directory):
+                self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
 
 
 def _abstract(target: Any) -> Any:

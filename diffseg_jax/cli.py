@@ -17,13 +17,16 @@ from absl import app
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The exception types whose message alone explains the mistake."""
-    from diffseg_jax import checkpoints, configlib  # noqa: PLC0415 — imported only when something failed
+    from diffseg_jax import checkpoints, configlib, locks, train  # noqa: PLC0415 — imported only when something failed
     from diffseg_jax.data import files  # noqa: PLC0415
 
     return (
         configlib.ConfigError,
+        train.TrainingDivergedError,
+        locks.WorkdirError,
         files.DatasetFileError,
         checkpoints.CheckpointMismatchError,
+        checkpoints.CheckpointWriteError,
         FileNotFoundError,
     )
 

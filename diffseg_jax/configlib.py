@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 
 import ml_collections
 
-from diffseg_jax import data, diffusion, hub, models, objectives
+from diffseg_jax import data, diffusion, hub, models, objectives, writers
 from diffseg_jax.data.augment import AUGMENTATIONS
 from diffseg_jax.diffusion import timesteps
 from diffseg_jax.models import segformer
@@ -41,7 +42,18 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
             f"images/ and masks/ set --config.data.name=segmentation_folder (or one of "
             f"{sorted(data.MANUAL_DATASETS)} for its official layout).",
         )
+    if not d.image_size > 0:
+        _fail(
+            "data.image_size", d.image_size, "Use a positive size in pixels (e.g. 64, or 256 as the paper)."
+        )
     if d.name == "synthetic":
+        if d.get("kind", "lesion") not in data.synthetic.KINDS:
+            _fail(
+                "data.kind",
+                d.kind,
+                f"Choose one of {list(data.synthetic.KINDS)} ('lesion' ~ ISIC16, 'nuclei' ~ MoNuSeg, 'clusters' ~ "
+                "HER2).",
+            )
         for key in ("num_train", "num_test"):
             if d[key] < 1:
                 _fail(f"data.{key}", d[key], "The synthetic dataset needs at least one image per split.")
@@ -432,8 +444,10 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             "No such file: pass a .safetensors, .pt/.pth/.bin or .npz state dict (e.g. nvidia/mit-b3's weights "
             "file for SegFormer-B3), or leave it unset to start from random initialisation.",
         )
-    if not config.train.lr > 0:
-        _fail("train.lr", config.train.lr, "Use a positive learning rate (the published configs: 1e-4).")
+    if not 0 < config.train.lr < math.inf:
+        _fail(
+            "train.lr", config.train.lr, "Use a positive, finite learning rate (the published configs: 1e-4)."
+        )
     for key in ("num_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         if config.train[key] < 1:
             _fail(f"train.{key}", config.train[key], "Use a positive integer.")
@@ -528,8 +542,7 @@ def save(config: ml_collections.ConfigDict, path: str) -> None:
         if isinstance(value, str) and value:
             record[section][key] = os.path.abspath(os.path.expanduser(value))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
+    writers.save_json_whole(path, record, indent=2, sort_keys=True)  # whole: a crash never leaves half of it
 
 
 def flatten(node: dict, prefix: str = "") -> dict:

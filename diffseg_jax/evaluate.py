@@ -643,7 +643,7 @@ def _segmentation_results(test: dict, mean: np.ndarray, std: np.ndarray, eval_cf
         "std_error_auroc": unc["std_error_auroc_per_image"],  # nan: no error in the image
         "entropy_error_auroc": unc["entropy_error_auroc_per_image"],
     }
-    with open(os.path.join(out_dir, "per_image.csv"), "w", newline="", encoding="utf-8") as f:
+    with writers.open_whole(os.path.join(out_dir, "per_image.csv"), newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", *columns])
         for i, image_id in enumerate(test["id"]):

@@ -25,6 +25,7 @@ Override any config value with ``--config.train.num_steps=10``; unknown keys fai
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from absl import app, flags, logging
@@ -68,10 +69,8 @@ def main(argv):
     from diffseg_jax import (  # Fast --help.
         configlib,
         distributed,
-        evaluate,
-        protocol,
+        locks,
         summary,
-        train,
         writers,
     )
 
@@ -87,17 +86,28 @@ def main(argv):
         raise app.UsageError("--workdir is required for every mode but summary.")
     if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
         raise app.UsageError(f"--workdir {_WORKDIR.value} is a file; pass a folder (it is made if missing).")
-    if _MODE.value == "fingerprint":
-        import json
+    # One writer per workdir: a second run there is refused, naming the process that holds it.
+    lock = (
+        locks.workdir_lock(_WORKDIR.value, _MODE.value)
+        if distributed.is_primary()
+        else contextlib.nullcontext()
+    )
+    with lock:
+        _run_mode(config)
 
+
+def _run_mode(config):
+    """The mode's work, with the workdir locked."""
+    from diffseg_jax import configlib, evaluate, protocol, train, writers
+
+    if _MODE.value == "fingerprint":
         from diffseg_jax import planning
         from diffseg_jax.analysis import adaptive
 
         configlib.validate(config)
         report = adaptive.fingerprint_report(planning.resolve(config))
         os.makedirs(_WORKDIR.value, exist_ok=True)
-        with open(os.path.join(_WORKDIR.value, "fingerprint.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        writers.save_json_whole(os.path.join(_WORKDIR.value, "fingerprint.json"), report, indent=2)
         print(adaptive.report_text(report))
     elif _MODE.value == "analyse":
         from diffseg_jax.analysis import run as analysis_run

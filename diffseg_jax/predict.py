@@ -285,7 +285,7 @@ def predict(
             )
     if not distributed.is_primary():
         return []
-    with open(os.path.join(out_dir, "predictions.csv"), "w", newline="", encoding="utf-8") as f:
+    with writers.open_whole(os.path.join(out_dir, "predictions.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
@@ -325,8 +325,7 @@ def predict(
         "mean_png": "probability x 255",
         "std_png": f"std x {STD_SCALE:g}",
     }
-    with open(os.path.join(out_dir, "predict.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
+    writers.save_json_whole(os.path.join(out_dir, "predict.json"), record, indent=2)
     shutil.rmtree(partial, ignore_errors=True)  # everything is written
     logging.info("predict: wrote masks, mean and std maps of %d images to %s.", num, out_dir)
     return rows

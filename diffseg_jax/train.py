@@ -11,9 +11,11 @@ uninterrupted one would.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -36,6 +38,7 @@ from diffseg_jax import (
     diffusion,
     distributed,
     hub,
+    locks,
     models,
     objectives,
     planning,
@@ -374,6 +377,27 @@ def jit_train_step(train_step, mesh: jax.sharding.Mesh):
     )
 
 
+class TrainingDivergedError(FloatingPointError):
+    """Training stopped on a non-finite loss, gradient or parameter; the message names the checkpoint kept."""
+
+
+def params_finite(state: TrainState) -> bool:
+    """Whether every parameter of ``state`` is finite (one reduction on the device, one value read back)."""
+    leaves = jax.tree_util.tree_leaves(state.params)
+    return bool(jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))) if leaves else True
+
+
+def host_copy(state: TrainState) -> TrainState:
+    """``state`` as NumPy arrays in host memory: a checkpoint that waits a step for its check survives the
+    donation of the device buffers to that step. The state is replicated, so one device's copy is all of it."""
+    local = jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, state)
+    for x in jax.tree_util.tree_leaves(local):
+        if isinstance(x, jax.Array):
+            x.copy_to_host_async()  # every leaf's transfer at once, then each waited on below
+    # np.array copies: the device buffers are donated to the next step, and a view of them would change with it
+    return jax.tree.map(lambda x: np.array(x) if isinstance(x, jax.Array) else x, local)
+
+
 class _Terminate:
     """Turns SIGTERM into a flag so the loop can checkpoint and stop cleanly."""
 
@@ -480,8 +504,21 @@ def train(
 
     ``split``: the data split (``train``, or ``fit`` for the feed-forward protocol's 80 %). ``hook(step,
     state)`` runs every ``hook_every`` steps, before that step's checkpoint (e.g. a validation loss per
-    epoch); returning True saves a checkpoint and stops.
+    epoch); returning True saves a checkpoint and stops. The workdir is locked meanwhile: another process
+    training or evaluating there is refused (:func:`diffseg_jax.locks.workdir_lock`).
     """
+    lock = locks.workdir_lock(workdir, "train") if distributed.is_primary() else contextlib.nullcontext()
+    with lock:
+        return _train(config, workdir, split, hook, hook_every)
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    split: str,
+    hook: Callable[[int, TrainState], bool] | None,
+    hook_every: int,
+) -> TrainState:
     configlib.validate(config)
     config = planning.resolve(config)  # a data-driven plan (nnU-Net's), recorded in config.json
     os.makedirs(workdir, exist_ok=True)
@@ -545,7 +582,9 @@ def train(
     if primary and tables["curve"] is not None:
         adaptive.write_tables(os.path.join(workdir, "timesteps.csv"), tables, schedule.num_timesteps)
     step_fn = jit_train_step(make_train_step(model, optimizer, schedule, config, tables), mesh)
-    writer = writers.MetricWriter(workdir) if primary else writers.NullWriter()
+    # A resume (or a rerun of a run killed before its first checkpoint) redoes the steps after ``start``: their
+    # old lines and events are dropped, not repeated.
+    writer = writers.MetricWriter(workdir, resume_step=start) if primary else writers.NullWriter()
     # On CPU with several devices, queueing many collective steps without waiting can deadlock the
     # all-reduce: wait on the loss at least this often (and at every log / checkpoint). Also after the first
     # two steps, to report the first (compilation included) and to time the second: steps slower than
@@ -553,12 +592,47 @@ def train(
     sync_every = max(1, min(config.train.log_every, 8))
     meta = {"config": config.to_dict(), "num_devices": n_dev}
     last_saved = latest
+    # A due checkpoint waits one step: it is written only once the loss and gradient computed from its parameters
+    # (the next step's) are finite. An update can blow the parameters up while its own loss was fine, and such a
+    # state would otherwise displace good checkpoints under keep_checkpoints (see docs/reliability.md).
+    pending: tuple[int, Any] | None = None
     t_start = last_log = t_first = time.time()  # t_first: when the first step (and its compilation) ended
     d = config.data  # (.get: configs saved before these keys existed still load)
     stream = data.batch_stream(
         train_ds, start, d.get("num_threads", 4), d.get("num_workers", 0), d.get("prefetch", 8)
     )
     batches = device_batches(stream, mesh)
+
+    def read(done: int, metrics: dict[str, jax.Array]) -> tuple[float, float]:
+        """Waits on step ``done``'s loss and gradient norm; a non-finite one stops training, keeping only
+        checkpoints whose parameters gave finite values (the one waiting for this step is dropped)."""
+        loss = float(metrics["loss"])  # Blocks: keeps the device queue short.
+        grad_norm = float(metrics["grad_norm"])
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            raise diverged(f"the training loss is {loss} at step {done} (gradient norm {grad_norm})", done)
+        return loss, grad_norm
+
+    def diverged(what: str, done: int) -> TrainingDivergedError:
+        if pending is not None:
+            kept = f"step {pending[0]}, whose parameters gave these values, was not saved; "
+        else:
+            kept = ""
+        if last_saved is None:
+            kept += "no checkpoint was saved, so a rerun starts from scratch"
+        elif last_saved == latest and done == start + 1:
+            kept += (
+                f"the checkpoint this run resumed from (step {latest} in {ckpt.directory}) gives these values "
+                "already: it was saved after the divergence (by an older diffseg-jax). Delete it to resume from "
+                f"an earlier one (steps on disk: {', '.join(map(str, ckpt.all_steps()))}), or train into a new "
+                "--workdir"
+            )
+        else:
+            kept += f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}; a rerun resumes from it"
+        return TrainingDivergedError(
+            f"Training diverged: {what}; stopped without saving it. {kept[0].upper()}{kept[1:]}. Lower train.lr "
+            "or set train.grad_clip (e.g. 1.0), then rerun the same command."
+        )
+
     try:
         with _Terminate() as term:
             for step, batch in zip(range(start, num_steps), batches):
@@ -568,17 +642,23 @@ def train(
                 stop = bool(
                     hook is not None and hook_every > 0 and done % hook_every == 0 and hook(done, state)
                 )
-                save_now = done % config.train.ckpt_every == 0 or is_last or term.requested or stop
+                due = done % config.train.ckpt_every == 0 or is_last or stop
                 early = done - start <= 2
-                if early or done % sync_every == 0 or save_now or done % config.train.log_every == 0:
-                    loss = float(metrics["loss"])  # Blocks: keeps the device queue short.
-                    grad_norm = float(metrics["grad_norm"])
-                    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-                        raise FloatingPointError(
-                            f"Training loss is {loss} at step {done} (gradient norm {grad_norm}); stopped without "
-                            f"saving. The last good checkpoint (step {last_saved}) is kept in {ckpt.directory}. "
-                            "Lower train.lr or set train.grad_clip, then rerun: it resumes from that checkpoint."
-                        )
+                synced = False
+                if (
+                    early
+                    or done % sync_every == 0
+                    or due
+                    or done % config.train.log_every == 0
+                    or pending is not None
+                    or term.requested
+                ):
+                    loss, grad_norm = read(done, metrics)
+                    synced = True
+                    ckpt.check_for_errors()  # a background save that failed (disk full) stops the run now
+                    if pending is not None:  # its parameters gave this step a finite loss and gradient
+                        ckpt.save(pending[0], pending[1], {**meta, "step": pending[0]})
+                        last_saved, pending = pending[0], None
                     now = time.time()
                     if done > start + 1:  # the steps since the first, whose time includes compiling
                         rate = (done - start - 1) / max(now - t_first, 1e-9)
@@ -617,11 +697,24 @@ def train(
                             writers.format_duration(now - t_first),
                             writers.format_duration(PROGRESS_EVERY_S),
                         )
-                if save_now:
-                    ckpt.save(done, state, {**meta, "step": done})
-                    last_saved = done
-                if term.requested:
-                    logging.warning("Stopped at step %d on SIGTERM; rerun the same command to resume.", done)
+                # Read after the wait above: SIGTERM's handler runs when the blocking read returns.
+                terminate = term.requested
+                if due or terminate:
+                    if not synced:
+                        read(done, metrics)
+                    if not params_finite(state):
+                        raise diverged(f"the parameters after step {done} are not finite", done)
+                    if is_last or stop or terminate:  # no next step to check it: finite parameters suffice
+                        ckpt.save(done, state, {**meta, "step": done})
+                        last_saved = done
+                    else:
+                        pending = (done, host_copy(state))
+                if terminate:
+                    ckpt.wait()  # the exit status says it is saved: it is on disk before the loop ends
+                    logging.warning(
+                        "Stopped at step %d on SIGTERM, saved as a checkpoint; rerun the same command to resume.",
+                        done,
+                    )
                     break
                 if stop:
                     logging.info("Stopped at step %d as asked by the training hook.", done)
@@ -632,7 +725,23 @@ def train(
         except Exception as e:  # a failed save never hides the interrupt
             logging.warning("Interrupted; the save of the last step failed (%s).", e)
         raise
+    except (
+        OSError
+    ) as e:  # disk full, quota, read-only: one message naming the checkpoint a rerun resumes from
+        if e.errno not in checkpoints.WRITE_ERRNOS or isinstance(e, checkpoints.CheckpointWriteError):
+            raise
+        raise checkpoints.write_failed(e, ckpt.directory, int(state.step)) from None
     finally:
-        ckpt.close()
-        writer.close()
+        failing = sys.exc_info()[1] is not None
+        try:
+            ckpt.close()
+        except OSError as e:  # the last save failed: say so, unless another error is on its way already
+            if failing:
+                logging.warning("The last checkpoint could not be written either (%s).", e)
+            elif e.errno in checkpoints.WRITE_ERRNOS:
+                raise checkpoints.write_failed(e, ckpt.directory, int(state.step)) from None
+            else:
+                raise
+        finally:
+            writer.close()
     return state

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from typing import Any
+from typing import IO, Any, Iterator
 
 
 class MetricWriter:
-    """Writes ``{name: scalar}`` per step to ``workdir/tensorboard`` and appends to ``workdir/metrics.jsonl``."""
+    """Writes ``{name: scalar}`` per step to ``workdir/tensorboard`` and appends to ``workdir/metrics.jsonl``.
 
-    def __init__(self, workdir: str):
+    ``resume_step``: the step a resumed run restarts from (its checkpoint's). The steps after it were logged
+    before the run stopped and are logged again: metrics.jsonl drops their lines (rewritten whole), and
+    TensorBoard hides their old events (tensorboardX's ``purge_step``), so each step appears once.
+    """
+
+    def __init__(self, workdir: str, resume_step: int | None = None):
         os.makedirs(workdir, exist_ok=True)
         from tensorboardX import SummaryWriter  # Imported here: only training needs it.
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        purge = None
+        if resume_step is not None:
+            purge = resume_step + 1
+            _drop_lines_after(path, resume_step)
+        # The suffix: tensorboardX names files by the second, and a resume within the same second would
+        # overwrite the earlier file; TensorBoard reads the files in name order, which the nanoseconds keep.
+        self._tb = SummaryWriter(
+            os.path.join(workdir, "tensorboard"), purge_step=purge, filename_suffix=f".{time.time_ns()}"
+        )
+        self._jsonl = open(path, "a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         """Logs float scalars at ``step`` to both sinks and flushes, so a crash loses nothing written."""
@@ -34,6 +49,42 @@ class MetricWriter:
         self._jsonl.close()
 
 
+@contextlib.contextmanager
+def open_whole(path: str, newline: str | None = None) -> Iterator[IO[str]]:
+    """``open(path, 'w')`` for a small text file written whole: the text goes to ``path + '.tmp'``, which
+    replaces ``path`` only when the block ends without an error, so a crash or a full disk leaves the old file
+    (or none), never half a file. ``newline=''`` for the csv module."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline=newline) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+    """Rewrites the JSONL file ``path`` (whole) without the lines of steps after ``step``; a line that does not
+    parse (half written by a killed run) is dropped too."""
+    if not os.path.isfile(path):
+        return
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                keep = json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        with open_whole(path) as f:
+            f.writelines(kept)
+
+
 def save_npz_whole(path: str, compress: bool = False, **arrays: Any) -> None:
     """``np.savez(path, **arrays)`` (``np.savez_compressed`` with ``compress``) through a temporary file renamed
     into place: a crash never leaves half a file."""
@@ -43,11 +94,10 @@ def save_npz_whole(path: str, compress: bool = False, **arrays: Any) -> None:
     os.replace(path + ".tmp.npz", path)
 
 
-def save_json_whole(path: str, obj: Any, indent: int | None = None) -> None:
-    """``json.dump(obj)`` to ``path`` through a temporary file renamed into place, as :func:`save_npz_whole`."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(path + ".tmp", path)
+def save_json_whole(path: str, obj: Any, indent: int | None = None, sort_keys: bool = False) -> None:
+    """``json.dump(obj)`` to ``path`` through a temporary file renamed into place (:func:`open_whole`)."""
+    with open_whole(path) as f:
+        json.dump(obj, f, indent=indent, sort_keys=sort_keys)
 
 
 class NullWriter:

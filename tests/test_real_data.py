@@ -260,6 +260,26 @@ def test_parse_regions_reads_vertices_by_tag_and_rejects_bad_files(tmp_path):
     path.write_text(_xml([[(1, 2), (3, 2), (3, 4)]])[:-30])
     with pytest.raises(files.DatasetFileError, match=r"Cannot parse annotation file .*a\.xml"):
         annotations.parse_regions(path)
+    for value in ("nan", "inf", "-inf"):  # float() reads them; the rasteriser then failed with a traceback
+        path.write_text(_xml([[(1, 2), (3, 2), (3, 4)]]).replace('Y="4"', f'Y="{value}"'))
+        with pytest.raises(
+            files.DatasetFileError, match=rf"a\.xml: Region Id='1' has a Vertex at X=3.0, Y={value}"
+        ):
+            annotations.parse_regions(path)
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_named_with_the_way_to_allow_it(tmp_path, monkeypatch):
+    from PIL import Image as PILImage  # noqa: PLC0415
+
+    path = _save(tmp_path / "big.png", np.zeros((64, 64, 3), np.uint8))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2 x 1000: Pillow refuses
+    with pytest.raises(
+        files.DatasetFileError, match=r"big\.png is too large.*4096 pixels.*DIFFSEG_JAX_MAX_IMAGE_PIXELS"
+    ):
+        files.read_image(path)
+    monkeypatch.setenv("DIFFSEG_JAX_MAX_IMAGE_PIXELS", "0")  # trusted: no limit
+    assert files.read_image(path).shape == (64, 64, 3)
+    assert PILImage.MAX_IMAGE_PIXELS == 1000  # Pillow's own limit is left as it was
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -937,3 +957,87 @@ def test_export_command_writes_once_and_names_a_used_folder(tmp_path):
         [sys.executable, "-m", "diffseg_jax.data.export", *args], cwd=ROOT, capture_output=True, text=True
     )
     assert again.returncode == 1 and f"Error: --out {tmp_path / 'x'} exists" in again.stderr
+
+
+_BUILD = """
+import pathlib, sys, time
+from diffseg_jax.data import manual, segmentation_folder
+root, data_dir, building, ready = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), pathlib.Path(sys.argv[4])
+first = sys.argv[5] == "first"
+real = segmentation_folder.DiffsegSegmentationFolder.load_example
+
+def slow(self, record):  # the first build lasts until the second process has started its own
+    building.touch()
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return real(self, record)
+
+if first:
+    segmentation_folder.DiffsegSegmentationFolder.load_example = slow
+builder = segmentation_folder.make_builder(root, 16, data_dir=data_dir)
+ready.touch()
+stored = manual.prepare(builder, root)
+print("masks", sum(int((x["mask"] > 0).sum()) for x in stored["train"]), len(stored["test"]))
+"""
+
+
+def test_two_processes_building_one_dataset_wait_for_each_other(tmp_path):
+    """Two runs started together on a new folder: the second waits for the first's build (and says so), then
+    reads it. (Before: both built, and the one that finished second died renaming tfds' temporary folder.)"""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    root = tmp_path / "folder"
+    for split, n in (("train", 4), ("test", 2)):
+        for k in range(n):
+            _save(root / split / "images" / f"{split}{k}.png", np.full((16, 16, 3), 40 * k, np.uint8))
+            _save(root / split / "masks" / f"{split}{k}.png", _square_mask(16, 4 + k))
+    data_dir, building, ready = str(tmp_path / "tfds"), tmp_path / "building", tmp_path / "ready"
+
+    def start(which):
+        args = [sys.executable, "-c", _BUILD, str(root), data_dir, str(building), str(ready), which]
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start("first")
+    while not building.exists() and first.poll() is None:
+        time.sleep(0.05)
+    ready.unlink()  # the first process's own; the second makes it again when it starts building
+    second = start("second")
+    outs = [p.communicate(timeout=300) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outs[0][1][-2000:] + outs[1][1][-2000:]
+    want = sum(int((_square_mask(16, 4 + k) > 0).sum()) for k in range(4))
+    assert [o[0].splitlines()[-1] for o in outs] == [f"masks {want} 2"] * 2
+    assert f"Waiting for process {first.pid} on host" in outs[1][1]
+
+
+def test_a_mask_corrected_in_place_at_the_same_size_builds_anew(tmp_path):
+    """An uncompressed TIFF mask inverted in place keeps its size (and here its modification time): the dataset
+    identity hashes the files' content, so the next build reads the new mask. (Before: names and sizes only,
+    and the stale build was reused.)"""
+    import os  # noqa: PLC0415
+
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        for k in range(2):
+            _save(root / split / "images" / f"{split}{k}.png", np.full((16, 16, 3), 60 * k, np.uint8))
+            _save(root / split / "masks" / f"{split}{k}.tif", _square_mask(16, 6), compression="raw")
+    data_dir = str(tmp_path / "tfds")
+    before = manual.prepare(segmentation_folder.make_builder(root, 16, data_dir=data_dir), root)
+
+    def areas(stored):
+        return {
+            str(x["id"], "utf-8") if isinstance(x["id"], bytes) else x["id"]: int((x["mask"] > 0).sum())
+            for x in stored["train"]
+        }
+
+    assert areas(before) == {"train0": 36, "train1": 36}
+    mask = root / "train" / "masks" / "train0.tif"
+    size, stat = mask.stat().st_size, mask.stat()
+    _save(mask, 255 - _square_mask(16, 6), compression="raw")
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert mask.stat().st_size == size and mask.stat().st_mtime_ns == stat.st_mtime_ns
+    after = manual.prepare(segmentation_folder.make_builder(root, 16, data_dir=data_dir), root)
+    assert areas(after) == {"train0": 16 * 16 - 36, "train1": 36}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,26 +40,60 @@ def _final_params(workdir, config):
     return step, restored, meta
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tfds_dir):
-    steps = 16
-    overrides = [
+_STEPS = 16  # the interrupted runs' length
+
+
+def _cli_overrides(tfds_dir, ckpt_every, log_every, *more):
+    return [
         f"--config.data.data_dir={tfds_dir}",
-        f"--config.train.num_steps={steps}",
-        "--config.train.ckpt_every=2",
-        "--config.train.log_every=2",
+        f"--config.train.num_steps={_STEPS}",
+        f"--config.train.ckpt_every={ckpt_every}",
+        f"--config.train.log_every={log_every}",
         "--config.eval.enabled=False",
+        *more,
     ]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tfds_dir):
+    """An uninterrupted run of _STEPS steps (in-process): (config, its final step, state, meta)."""
     config = tiny_config(data_dir=tfds_dir)
-    config.train.num_steps, config.train.ckpt_every, config.train.log_every = steps, 2, 2
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = _STEPS, 2, 2
     config.eval.enabled = False
-
-    # Uninterrupted reference run (in-process).
-    ref_dir = str(tmp_path / "ref")
+    ref_dir = str(tmp_path_factory.mktemp("reference"))
     train.train(config, ref_dir)
+    return (config, *_final_params(ref_dir, config))
 
+
+def _resume_matches_reference(run_dir, reference_run):
+    """Resumes ``run_dir`` in-process; its final parameters and optimizer state are the reference's."""
+    config, ref_step, ref_state, _ = reference_run
+    train.train(config, str(run_dir))
+    run_step, run_state, meta = _final_params(str(run_dir), config)
+    assert ref_step == run_step == _STEPS and meta["step"] == _STEPS
+    for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(run_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(ref_state.opt_state), jax.tree.leaves(run_state.opt_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    assert lines[-1]["step"] == _STEPS and all(np.isfinite(l["loss"]) for l in lines)
+    steps = [l["step"] for l in lines]
+    assert steps == sorted(set(steps))  # the steps redone after the checkpoint are not logged twice
+    return lines
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tfds_dir, reference_run):
     # A run killed with SIGKILL as soon as its first checkpoint is complete...
     run_dir = tmp_path / "killed"
-    proc = _cli(["--config", "configs/e2_synthetic.py:tiny", "--workdir", str(run_dir), *overrides])
+    proc = _cli(
+        [
+            "--config",
+            "configs/e2_synthetic.py:tiny",
+            "--workdir",
+            str(run_dir),
+            *_cli_overrides(tfds_dir, 2, 2),
+        ]
+    )
     ckpt_dir = run_dir / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -69,19 +104,44 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tfds_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = checkpoints.Checkpointer(str(ckpt_dir)).latest_step()
-    assert killed_at is not None and killed_at < steps
+    assert killed_at is not None and killed_at < _STEPS
 
     # ...resumes from that checkpoint and ends with the uninterrupted run's parameters.
-    train.train(config, str(run_dir))
-    ref_step, ref_state, _ = _final_params(ref_dir, config)
-    run_step, run_state, meta = _final_params(str(run_dir), config)
-    assert ref_step == run_step == steps and meta["step"] == steps
-    for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(run_state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-    for a, b in zip(jax.tree.leaves(ref_state.opt_state), jax.tree.leaves(run_state.opt_state)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-    lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
-    assert lines[-1]["step"] == steps and all(np.isfinite(l["loss"]) for l in lines)
+    _resume_matches_reference(run_dir, reference_run)
+
+
+def test_sigterm_between_checkpoints_saves_that_step_and_resumes_to_the_same_result(
+    tmp_path, tfds_dir, reference_run
+):
+    """SLURM's or a cloud's preemption: SIGTERM while the loop waits on a step's loss, with no checkpoint due
+    for a long while. The step it stopped at is saved (exit status 0 says so), and the resume ends as the
+    uninterrupted run. (Before: the handler ran during the wait, after the step's save was decided, and the
+    loop stopped with nothing saved while saying it had.)"""
+    run_dir = tmp_path / "terminated"
+    proc = _cli(
+        [
+            "--config",
+            "configs/e2_synthetic.py:tiny",
+            "--workdir",
+            str(run_dir),
+            *_cli_overrides(tfds_dir, 1000, 1),
+        ]
+    )
+    jsonl = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if jsonl.is_file() and jsonl.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before the signal:\n" + proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    stopped = json.loads(jsonl.read_text().splitlines()[-1])["step"]
+    assert 1 <= stopped < _STEPS
+    assert checkpoints.latest_step(str(run_dir / "checkpoints")) == stopped
+    assert f"Stopped at step {stopped} on SIGTERM, saved" in out
+    _resume_matches_reference(run_dir, reference_run)
 
 
 def _hooked(ds, at, action):
@@ -98,9 +158,70 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir, monke
         return _hooked(real(*args, **kwargs), 4, lambda b: dict(b, image=b["image"] * np.nan))
 
     monkeypatch.setattr(data, "train_dataset", poisoned)
-    with pytest.raises(FloatingPointError, match="loss is nan at step 6.*last good checkpoint \\(step 4\\)"):
+    # Step 4's checkpoint waits for the loss of its parameters, step 5's, which is NaN: it is not saved (a
+    # batch of NaN and a blown-up state look the same from here), and the message names step 2.
+    with pytest.raises(
+        train.TrainingDivergedError,
+        match="loss is nan at step 5.*Step 4.* not saved.*last good checkpoint \\(step 2\\)",
+    ):
         train.train(config, str(tmp_path))
-    assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
+    assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+
+
+def test_a_diverging_run_keeps_only_checkpoints_that_train_on(tmp_path, tfds_dir):
+    """lr=1e6 with a checkpoint every step and keep_checkpoints=1: the update of some step blows the weights up
+    while its own loss was finite. That state is never saved, the good checkpoint is not displaced, the stop is
+    one message without a traceback, and rerunning with a sane lr trains on from the checkpoint it names.
+    (Before: the exploded state was saved and named, and the rerun failed at the same step every time.)"""
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = 3, 1, 1
+    config.train.keep_checkpoints, config.eval.enabled = 1, False
+    train.train(config, str(tmp_path))
+    proc = _cli(
+        ["--config", "configs/e2_synthetic.py:tiny", "--workdir", str(tmp_path), *_cli_overrides(tfds_dir, 1, 1),
+         "--config.train.lr=1e6", "--config.train.keep_checkpoints=1"]
+    )  # fmt: skip
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "Training diverged" in out, out[-3000:]
+    kept = int(re.search(r"the last good checkpoint \(step (\d+)\)", out).group(1))
+    assert checkpoints.latest_step(str(tmp_path / "checkpoints")) == kept
+    config.train.num_steps = kept + 3
+    state = train.train(config, str(tmp_path))  # lr 1e-4 again: trains on from the kept checkpoint
+    assert int(state.step) == kept + 3 and train.params_finite(state)
+
+
+def test_a_full_disk_stops_at_once_naming_the_last_complete_checkpoint(tmp_path, tfds_dir, monkeypatch):
+    """The background write of step 4's checkpoint fails (as orbax reports ENOSPC): training stops at the next
+    step, not at the next checkpoint, with one message naming step 2, the newest complete one. (Checked by hand
+    on a full 64 MB tmpfs: the same message at step 6 with ckpt_every=2.)"""
+    config = tiny_config(data_dir=tfds_dir)
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = 20, 2, 1
+    failed = []
+    real_save = checkpoints.Checkpointer.save
+
+    def save(self, step, state, meta):
+        if step == 4:  # the disk is full from now on: the save is started, its write fails later
+            failed.append(step)
+            return None
+        return real_save(self, step, state, meta)
+
+    def check_for_errors(self):
+        if failed:  # as orbax raises tensorstore's error from its background thread
+            raise ValueError(
+                "RESOURCE_EXHAUSTED: Failed to write 171 bytes to file 11: No space left on device"
+            )
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", save)
+    monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "check_for_errors", check_for_errors)
+    with pytest.raises(checkpoints.CheckpointWriteError) as stopped:
+        train.train(config, str(tmp_path))
+    message = str(stopped.value)
+    # step 4's checkpoint is written once step 5 has checked it; the error shows at step 6's wait
+    assert re.search(
+        r"failed at step [56]: No space left on device.*last complete checkpoint is step 2", message
+    )
+    assert checkpoints.latest_step(str(tmp_path / "checkpoints")) == 2
 
 
 def test_initial_weights_of_another_model_name_the_setting_and_the_file(tmp_path):
@@ -334,7 +455,11 @@ def test_config_validation_names_key_and_fix(monkeypatch):
             "alpha_bar_T=0.9995.*below the first step.s .0.999.",
         ),
         ({"diffusion.terminal": "rescale", "diffusion.alpha_bar_T": 1e-6}, None),
-        ({"train.lr": -1.0}, "train.lr=-1.0.*positive learning rate"),
+        ({"train.lr": -1.0}, "train.lr=-1.0.*positive, finite learning rate"),
+        ({"train.lr": float("inf")}, "train.lr=inf.*positive, finite learning rate"),
+        ({"data.image_size": 0}, "data.image_size=0.*positive size in pixels"),
+        ({"data.image_size": -4}, "data.image_size=-4.*positive size in pixels"),
+        ({"data.kind": "blobs"}, r"data.kind='blobs'.*\['lesion', 'nuclei', 'clusters'\]"),
         ({"data.image_size": 30}, "data.image_size=30.*halves its input 2 times.*multiple of 4 px, e.g. 28"),
         ({"data.resize": 64, "data.eval_tiling": "whole", "data.image_size": 32}, None),  # 64 halves twice
         ({"data.resize": 66, "data.eval_tiling": "whole"}, "data.resize=66.*multiple of 4"),

@@ -22,8 +22,27 @@ class DatasetFileError(ValueError):
     """A dataset file (or folder) that cannot be used; the message names the path and the fix."""
 
 
+# Pillow refuses images of more than twice Image.MAX_IMAGE_PIXELS (89.5 M) pixels as possible decompression
+# bombs; this environment variable sets the limit for trusted data (0: none), e.g. whole-slide tiles.
+MAX_PIXELS_ENV = "DIFFSEG_JAX_MAX_IMAGE_PIXELS"
+
+
+def _max_image_pixels() -> int | None:
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None:
+        return Image.MAX_IMAGE_PIXELS
+    try:
+        return int(value) or None
+    except ValueError:
+        raise DatasetFileError(
+            f"{MAX_PIXELS_ENV}={value!r} is not a whole number of pixels; set e.g. {MAX_PIXELS_ENV}=400000000, "
+            "or 0 for no limit."
+        ) from None
+
+
 def open_array(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, str]:
     """Decodes `path` fully (a truncated file fails here, not later) into (array, PIL mode)."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, _max_image_pixels()
     try:
         with Image.open(path) as img:
             img.load()
@@ -32,11 +51,19 @@ def open_array(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray
                 array = np.asarray(img, dtype=np.uint16)
             else:
                 array = np.asarray(img)
+    except Image.DecompressionBombError as e:
+        raise DatasetFileError(
+            f"The {what} file {path} is too large to open safely: {e} If you trust the file, raise the limit with "
+            f"the environment variable {MAX_PIXELS_ENV} (a number of pixels above the one shown, or 0 for no "
+            "limit); else shrink the image."
+        ) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
         raise DatasetFileError(
             f"Cannot read {what} file {path}: {e}. Replace it with an intact copy from the original release "
             "(a truncated download or a non-image file with an image suffix causes this)."
         ) from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     return array, mode
 
 
@@ -253,13 +280,37 @@ def split_of(path: pathlib.Path, root: pathlib.Path) -> str | None:
     return None
 
 
-def fingerprint(paths: Iterable[pathlib.Path], root: pathlib.Path, *extra) -> str:
-    """8 hex digits identifying the file set (relative names and sizes) and `extra` settings.
+# The bytes at each end of a file that its identity hashes (see file_identity).
+IDENTITY_BLOCK = 64 * 1024
 
-    Part of a builder config's name: a changed folder builds a new dataset instead of reusing a stale one.
+
+def file_identity(path: pathlib.Path) -> str:
+    """A fast content identity of one file: its size, modification time (ns) and a BLAKE2 hash of its first and
+    last IDENTITY_BLOCK bytes (the whole file up to twice that, which covers masks of 256 x 256 px uncompressed).
+
+    A file edited in place has a new modification time (editors, PIL, ``cp`` without ``-p``), and a small file's
+    new bytes are hashed even when its time was kept; reading two blocks keeps this fast for a folder of large
+    images. Copying the folder without keeping times (``cp -r``) makes a new identity: one rebuild.
+    """
+    stat = path.stat()
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        digest.update(f.read(IDENTITY_BLOCK))
+        if stat.st_size > IDENTITY_BLOCK:
+            f.seek(max(IDENTITY_BLOCK, stat.st_size - IDENTITY_BLOCK))
+            digest.update(f.read(IDENTITY_BLOCK))
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{digest.hexdigest()}"
+
+
+def fingerprint(paths: Iterable[pathlib.Path], root: pathlib.Path, *extra) -> str:
+    """8 hex digits identifying the file set (relative names and :func:`file_identity`, i.e. the content) and
+    `extra` settings.
+
+    Part of a builder config's name: a changed folder, or a file changed in place at the same size (a corrected
+    mask), builds a new dataset instead of reusing a stale one.
     """
     h = hashlib.sha1()
     for p in sorted(paths):
-        h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
+        h.update(f"{p.relative_to(root).as_posix()}\0{file_identity(p)}\n".encode())
     h.update(repr(extra).encode())
     return h.hexdigest()[:8]

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 from typing import Any, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from diffseg_jax import locks
 from diffseg_jax.data import files
 
 
@@ -142,9 +144,29 @@ def check_counts(dataset: str, found: dict[str, int], expected: dict[str, int]) 
             )
 
 
+def build(builder: tfds.core.DatasetBuilder, **options) -> tfds.core.DatasetBuilder:
+    """``builder.download_and_prepare(**options)`` under a lock per dataset and config in its data folder
+    (``<data_dir>/<name>/<config>.lock``): a second process building the same config on this data folder (two
+    runs started together) logs whom it waits for, waits, and then reads the finished build; before, one of
+    them died when tfds renamed its temporary folder. Returns the builder to read from: one made again after
+    a wait (a builder made before the files existed cannot read them)."""
+    folder = os.path.dirname(os.path.dirname(builder.data_dir))  # <data_dir>/<name>/<config>/<version>
+    with locks.build_lock(folder, builder.builder_config.name) as waited:
+        if waited:
+            config = builder.builder_config
+            predefined = type(builder).builder_configs.get(config.name) == config  # tfds wants those by name
+            builder = type(builder)(
+                config=config.name if predefined else config, data_dir=builder.data_dir_root
+            )
+        builder.download_and_prepare(**options)
+    return builder
+
+
 def prepare(builder: ManualBuilder, manual_dir: str | pathlib.Path) -> dict[str, Any]:
-    """Builds `builder` from `manual_dir` unless built already; its {split: random-access source}."""
-    builder.download_and_prepare(
+    """Builds `builder` from `manual_dir` unless built already (see :func:`build`); its {split: random-access
+    source}."""
+    builder = build(
+        builder,
         file_format="array_record",
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
     )

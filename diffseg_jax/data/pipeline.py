@@ -99,8 +99,7 @@ def _prepared_synthetic(
 
     def prepare():  # the builder is made here: one made before another process built the files reads them wrong
         builder = synthetic.make_builder(kind, image_size, num_train, num_test, seed, data_dir=data_dir)
-        builder.download_and_prepare(file_format="array_record")
-        return builder.as_data_source()
+        return manual.build(builder, file_format="array_record").as_data_source()  # one build at a time
 
     return _process_0_first(prepare)
 

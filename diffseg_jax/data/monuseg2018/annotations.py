@@ -38,7 +38,15 @@ def parse_regions(path: str | os.PathLike) -> list[np.ndarray]:
                 f"Annotation file {path}: Region Id={region.attrib.get('Id')!r} has a Vertex without numeric X/Y "
                 f"({e}). Replace the file with the one from the MoNuSeg release."
             ) from e
-        polygons.append(np.asarray(points, np.float64).reshape(-1, 2))
+        polygon = np.asarray(points, np.float64).reshape(-1, 2)
+        if not np.all(np.isfinite(polygon)):  # float() reads 'nan' and 'inf'; no pixel can be drawn from them
+            bad = polygon[~np.all(np.isfinite(polygon), axis=1)][0]
+            raise DatasetFileError(
+                f"Annotation file {path}: Region Id={region.attrib.get('Id')!r} has a Vertex at X={bad[0]}, "
+                f"Y={bad[1]}, not a finite coordinate. Replace the file with the one from the MoNuSeg release (or "
+                "correct that vertex)."
+            )
+        polygons.append(polygon)
     if not polygons:
         raise DatasetFileError(
             f"Annotation file {path} has no <Region> elements, so it marks no nuclei. A MoNuSeg annotation holds "
