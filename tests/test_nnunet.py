@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import OFFICIAL_CASES, check_official
 from conftest import tiny_config
 from PIL import Image
 
@@ -385,3 +386,17 @@ def test_table1_gives_nnunet_an_e1_reference_cell_with_its_own_training():
     )
     assert cell.train.optimizer == "sgd_nesterov" and cell.train.grad_clip == 12.0
     configlib.validate(cell, check_data=False)
+
+
+@OFFICIAL_CASES
+def test_nnunet_matches_official_fixture(corrupt, tmp_path):
+    """dynamic_network_architectures 0.4.4's ``PlainConvUNet`` (tiny nnU-Net 2D plan: 4 stages of 4..16
+    features, instance norm, deep supervision, one output class; every tensor randomised;
+    tests/data/make_official_fixtures.py) on the z-scored non-square image, and ours (z-scoring inside) with its
+    state dict imported by ``diffseg_jax.convert``: every deep-supervision head the same."""
+
+    def outputs(model, variables, io):
+        out, extras = jax.jit(lambda v, c: model.apply(v, None, None, c, train=True))(variables, io["image"])
+        return {"ds_0": out, **{f"ds_{i + 1}": h for i, h in enumerate(extras["deep_supervision"])}}
+
+    check_official(corrupt, outputs, "nnunet", tmp_path)
