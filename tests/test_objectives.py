@@ -229,3 +229,26 @@ def test_sum_reduction_and_aux_cal_weight():
     )
     plain, _ = objectives.loss_fn(with_cal, None, batch, jax.random.PRNGKey(1), SCHED, experiment="e2")
     np.testing.assert_allclose(loss - plain, 10 * 0.25, rtol=1e-5)
+
+
+def test_learn_sigma_hybrid_loss_at_t0_is_the_decoder_nll_of_the_normal_cdf():
+    """At t = 0 the VLB term is the discretised Gaussian decoder's NLL. With a perfect ε and v = 1 the model's
+    mean is the posterior mean at t = 0, x0 itself (±1 for a mask), and its variance β_0, so every pixel falls
+    in an edge bin of the 256 levels: NLL = -log2 Φ(1 / (255 sqrt(β_0))), here with scipy's exact Φ (the code
+    uses improved-diffusion's tanh approximation of it) and β_0 = 1e-4 * 1000 / T of the linear schedule."""
+    from scipy.stats import norm
+
+    batch = _batch(jax.random.PRNGKey(0), n=4)
+    key = jax.random.PRNGKey(3)
+    _, noise_key, _ = jax.random.split(key, 3)
+    noise = jax.random.normal(noise_key, batch["mask"].shape)
+    apply = lambda p, x, t, c, rng: jnp.concatenate([noise, jnp.ones_like(noise)], -1)
+    only_t0 = jnp.zeros(SCHED.num_timesteps).at[0].set(1.0)
+    loss, aux = objectives.loss_fn(
+        apply, None, batch, key, SCHED, experiment="e2", learn_sigma=True, t_probs=only_t0
+    )
+    assert np.all(np.asarray(aux["t"]) == 0)
+    sigma = np.sqrt(1e-4 * 1000 / SCHED.num_timesteps)
+    expected = -np.log2(norm.cdf(1.0 / (255.0 * sigma)))
+    assert 0.8 < expected < 0.9  # about 0.86 bits: Φ(0.124)
+    np.testing.assert_allclose(aux["per_example"], expected, rtol=5e-4)

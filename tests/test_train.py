@@ -534,3 +534,42 @@ def test_progress_is_shown_between_logs_when_steps_are_slow(tmp_path, tfds_dir, 
     # metrics.jsonl keeps the log_every cadence: the progress lines are for the console only.
     with open(tmp_path / "slow" / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [5]
+
+
+def test_ema_after_k_steps_is_its_closed_form():
+    """With an optimizer that adds c to every parameter each step (p_j = p_0 + j c) and the EMA started at p_0,
+    e_k = d e_{k-1} + (1 - d) p_k has the closed form e_k = p_0 + c (k - d (1 - d^k) / (1 - d)); the train step's
+    EMA follows it, and the raw parameters are p_0 + k c."""
+    import flax.linen as nn
+    import optax
+
+    class Affine(nn.Module):
+        out: int
+
+        @nn.compact
+        def __call__(self, x, t, cond=None, train=False):
+            del t, train
+            return nn.Dense(self.out)(jnp.concatenate([x, cond], -1))
+
+    config = tiny_config("e2_synthetic")
+    decay, c, k = 0.9, 0.25, 7
+    config.train.ema_decay = decay
+    add_c = optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda grads, state, params=None: (jax.tree.map(lambda g: jnp.full_like(g, c), grads), state),
+    )
+    model = Affine(2 if train.loss_settings(config)["learn_sigma"] else 1)  # ε (and v with a learned σ)
+    batch = {"image": jnp.full((2, 8, 8, 3), 0.5), "mask": jnp.ones((2, 8, 8, 1))}
+    p0 = model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32), batch["image"])["params"]
+    state = train.TrainState(
+        step=jnp.asarray(0), params=p0, ema_params=jax.tree.map(jnp.copy, p0), opt_state=add_c.init(p0),
+        key=jax.random.key(1),
+    )  # fmt: skip
+    step = jax.jit(train.make_train_step(model, add_c, train.build_schedule(config.diffusion), config))
+    for _ in range(k):
+        state, _ = step(state, batch)
+    lag = decay * (1 - decay**k) / (1 - decay)
+    for p, raw, ema in zip(jax.tree.leaves(p0), jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
+        np.testing.assert_allclose(raw, p + k * c, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(ema, p + c * (k - lag), rtol=1e-5, atol=1e-6)
+    assert int(state.step) == k and lag > 1  # the EMA trails the weights by more than a step
