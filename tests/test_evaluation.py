@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import flax.linen as nn
@@ -1090,3 +1091,55 @@ def test_a_run_is_sampled_only_with_the_settings_that_give_its_network_meaning(t
         ValueError, match=r"experiment: trained with 'e1', this config has 'e2'; diffusion\.num_timesteps"
     ):
         planning.resolve_as_trained(wrong, str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["e1", "e2"])
+def test_protocol_patience_stops_the_selection_and_a_crashed_selection_resumes(
+    tmp_path, tfds_dir, monkeypatch, experiment
+):
+    """Scripted validation scores by step (3 steps an epoch of the fit split, a validation each):
+    best at step 6, then two without a better one, so ``protocol.patience=2`` stops the selection at step 12
+    (the better step 15 is never reached). A crash in the validation at step 9 (before that step's checkpoint)
+    and a rerun: training resumes from step 6's checkpoint (steps 3 and 6 are not validated again), validates 9
+    and 12, and retrains for the chosen 2 epochs (8 steps of the whole 16-image set)."""
+    from diffseg_jax import checkpoints  # noqa: PLC0415
+
+    config = tiny_config(f"{experiment}_synthetic", data_dir=tfds_dir)
+    config.data.num_train = 16
+    config.data.validation_fraction = 0.25  # fit 12 = 3 steps of 4, validation 4
+    config.train.batch_size = 4
+    config.protocol.patience = 2
+    config.protocol.max_epochs = 6  # E1: 6 validations, steps 3 ... 18
+    config.train.num_steps = 18  # E2: its budget, validated every 3 steps
+    config.protocol.validate_every = 3
+    config.eval.enabled = False
+    losses = {3: 0.5, 6: 0.4, 9: 0.45, 12: 0.47, 15: 0.1, 18: 0.1}
+    validated, crash = [], [9]
+
+    def score(state):
+        step = int(state.step)
+        validated.append(step)
+        if step in crash:
+            crash.remove(step)
+            raise RuntimeError("simulated crash in the validation")
+        return losses[step]
+
+    if experiment == "e1":
+        monkeypatch.setattr(protocol, "make_validation_fn", lambda *a: score)
+    else:  # higher is better
+        iou = lambda state: {"validation_iou": 1 - score(state), "validation_ece": 0.0}
+        monkeypatch.setattr(protocol, "make_validation_iou_fn", lambda *a: iou)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        protocol.run(config, str(tmp_path))
+    assert validated == [3, 6, 9]
+    summary = protocol.run(config, str(tmp_path))
+    assert validated == [3, 6, 9, 9, 12]  # resumed at 6, stopped by patience at 12
+    records = [json.loads(line) for line in open(tmp_path / "select" / "validation.jsonl")]
+    assert [r["step"] for r in records] == [3, 6, 9, 12]
+    assert summary["final_steps"] == 8 and summary["patience"] == 2
+    assert summary["chosen_epochs" if experiment == "e1" else "chosen_step"] == (2 if experiment == "e1" else 6)
+    assert sorted(os.listdir(tmp_path / "select" / "checkpoints")) == ["12"]  # the selection stopped at 12
+    assert checkpoints.latest_step(str(tmp_path / "checkpoints")) == 8
+    # Done: a rerun neither trains nor validates.
+    assert protocol.run(config, str(tmp_path))["final_steps"] == 8 and validated == [3, 6, 9, 9, 12]
