@@ -960,13 +960,27 @@ def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tf
     config.protocol.ensemble_size = 2
     config.protocol.ddim_steps = 2
     config.eval.enabled = False  # the E1 test checks the evaluation after retraining; here the selection
+    maps = {}  # the validation ensembles' mean maps, by step, as the protocol samples them
+    sample = evaluate.ensemble_maps
+    monkeypatch.setattr(
+        evaluate,
+        "ensemble_maps",
+        lambda c, m, s, v, images, step, **k: maps.setdefault(step, sample(c, m, s, v, images, step, **k)),
+    )
     summary = protocol.run(config, str(tmp_path))
+    monkeypatch.undo()
     records = [json.loads(line) for line in open(tmp_path / "select" / "validation.jsonl")]
     assert [r["step"] for r in records] == [2, 4] and [r["epochs"] for r in records] == [0.667, 1.333]
     ious = {r["step"]: r["validation_iou"] for r in records}
-    assert all(0.0 <= v <= 1.0 for v in ious.values()) and all(
-        0.0 <= r["validation_ece"] <= 1.0 for r in records
-    )
+    # Each recorded IoU is the pooled IoU of that step's ensemble mean at 0.5 against the 4 validation masks,
+    # counted here by hand; and the two steps' ensembles differ (the weights changed).
+    truth = data.eval_arrays(config.data, "validation")["mask"][..., 0] > 0.5
+    assert truth.shape[0] == 4 and sorted(maps) == [2, 4]
+    for step, (mean, _) in maps.items():
+        pred = np.asarray(mean)[..., 0] > 0.5
+        assert ious[step] == pytest.approx((pred & truth).sum() / (pred | truth).sum(), abs=1e-6)
+    assert np.abs(np.asarray(maps[2][0]) - np.asarray(maps[4][0])).max() > 1e-3
+    assert all(0.0 <= r["validation_ece"] <= 1.0 for r in records)
     assert summary["chosen_step"] == max(sorted(ious), key=ious.get)  # the highest IoU, the earliest on ties
     assert summary["final_steps"] == round(
         summary["chosen_step"] * 4 / 3

@@ -90,19 +90,18 @@ def test_timestep_weights_reweight_per_example_losses():
 
 
 def test_binary_mask_range_diffuses_zero_one_masks():
+    """``mask_range='binary'``: x0 is the {0, 1} mask itself (not 2m - 1), in x_t and in the E3 target."""
     batch = _batch(jax.random.PRNGKey(0))
     rec = _Recorder(jnp.zeros_like)
-    objectives.loss_fn(rec, None, batch, jax.random.PRNGKey(4), SCHED, experiment="e3", mask_range="binary")
-    loss, _ = objectives.loss_fn(
-        _Recorder(jnp.zeros_like),
-        None,
-        batch,
-        jax.random.PRNGKey(4),
-        SCHED,
-        experiment="e3",
-        mask_range="binary",
-    )
-    np.testing.assert_allclose(loss, jnp.mean(batch["mask"] ** 2), rtol=1e-6)
+    key = jax.random.PRNGKey(4)
+    loss, aux = objectives.loss_fn(rec, None, batch, key, SCHED, experiment="e3", mask_range="binary")
+    _, noise_key, _ = jax.random.split(key, 3)
+    noise = jax.random.normal(noise_key, batch["mask"].shape)
+    x_t = rec.calls[0]["x"]
+    np.testing.assert_allclose(x_t, diffusion.q_sample(SCHED, batch["mask"], aux["t"], noise), atol=1e-6)
+    symmetric = diffusion.q_sample(SCHED, 2 * batch["mask"] - 1, aux["t"], noise)
+    assert np.abs(np.asarray(x_t) - np.asarray(symmetric)).max() > 0.1
+    np.testing.assert_allclose(loss, jnp.mean(batch["mask"] ** 2), rtol=1e-6)  # zero x0 prediction
 
 
 def test_unknown_experiment_fails_clearly():
