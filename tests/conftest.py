@@ -163,3 +163,22 @@ def check_official(corrupt: bool, outputs_fn, name: str, tmp_path) -> None:
     else:
         with pytest.raises(AssertionError, match="relative L2"):
             assert_matches_official(outputs, io)
+
+
+def assert_metrics_are_the_ensembles(eval_dir) -> dict:
+    """``metrics.json`` in ``eval_dir`` holds the pooled IoU and the all-foreground baseline of the ensembles in
+    its ``ensemble.npz`` (mean at 0.5 against the masks), counted here; returns the metrics."""
+    import json
+
+    import numpy as np
+
+    with np.load(os.path.join(str(eval_dir), "ensemble.npz")) as ensemble:
+        pred, truth = ensemble["mean"] > 0.5, ensemble["mask"] > 0.5
+    with open(os.path.join(str(eval_dir), "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    assert metrics["iou_pooled"] == pytest.approx((pred & truth).sum() / max((pred | truth).sum(), 1), abs=1e-6)
+    assert metrics["num_images"] == len(truth)
+    # An all-foreground mask's IoU with a truth is its foreground fraction (0 for an empty truth), per image.
+    fractions = truth.reshape(len(truth), -1).mean(1)
+    assert metrics["baseline_iou_all_foreground"] == pytest.approx(np.mean(fractions), abs=1e-6)
+    return metrics

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_module, tiny_config
+from conftest import ROOT, assert_metrics_are_the_ensembles, run_module, tiny_config
 
 from diffseg_jax import metrics as metrics_lib
 
@@ -30,7 +30,8 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     assert "steps/s" in log and "ETA" in log  # progress is shown
     metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
     assert metrics["ensemble_size"] == 2 and metrics["step"] == 4 and metrics["num_images"] == 4
-    assert 0.0 <= metrics["iou"] <= 1.0 and metrics["baseline_iou_all_background"] == 0.0
+    assert_metrics_are_the_ensembles(workdir / "eval")  # the IoU counted from the saved ensembles
+    assert metrics["baseline_iou_all_background"] == 0.0
     # The default pooling (eval.pooling=pooled) names the pooled values iou / ece.
     assert metrics["iou"] == metrics["iou_pooled"] and metrics["ece"] == metrics["ece_pooled"]
     assert 0.0 <= metrics["ece_per_image"] <= 1.0 and len(metrics["reliability"]["count"]) == 11
@@ -367,7 +368,8 @@ def test_readme_from_python_example_runs_as_written(tmp_path, tfds_dir):
     assert result["step"] == 2 and (tmp_path / "runs" / "py" / "eval" / "metrics.json").exists()
     assert (tmp_path / "runs" / "py" / "analysis" / "curves.csv").exists()
     assert (tmp_path / "runs" / "py" / "predict" / "case1_mask.png").exists()
-    assert 0.0 <= scores["iou_pooled"] <= 1.0 and 0.0 <= scores["ece_pooled"] <= 1.0
+    assert 0.0 <= scores["iou_pooled"] <= 1.0 and 0.0 <= scores["ece_pooled"] <= 1.0  # other noise: other values
+    assert result == assert_metrics_are_the_ensembles(tmp_path / "runs" / "py" / "eval")
     # The table's diffusion cell is the evaluation the example ran (E2, no feed-forward run beside it).
     assert len(rows) == 1 and rows[0]["diff_iou"] == pytest.approx(result["iou"])
     assert rows[0]["ff_iou"] is None

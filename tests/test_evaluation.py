@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import assert_metrics_are_the_ensembles, tiny_config
 
 from diffseg_jax import (
     configlib,
@@ -473,6 +473,7 @@ def test_e1_protocol_selects_on_validation_then_retrains_on_all(tmp_path, tfds_d
     assert (tmp_path / "checkpoints" / str(summary["final_steps"])).is_dir()
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["experiment"] == "e1" and m["step"] == summary["final_steps"] and 0 <= m["ece"] <= 1
+    assert m == assert_metrics_are_the_ensembles(tmp_path / "eval")
     # Rerunning finds both phases done: nothing is trained (or validated) again.
     config.eval.enabled = False
     again = protocol.run(config, str(tmp_path))
@@ -731,7 +732,7 @@ import jax, jax.numpy as jnp, numpy as np
 import flax.linen as nn
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
-from conftest import tiny_config
+from conftest import assert_metrics_are_the_ensembles, tiny_config
 from diffseg_jax import evaluate, train
 
 class Net(nn.Module):
