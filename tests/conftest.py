@@ -102,7 +102,12 @@ def swap_two_tensors(state_path: str, out_dir) -> tuple[str, tuple[str, str]]:
             by_shape.setdefault(state[key].shape, []).append(key)
     for shape in sorted(by_shape, key=lambda s: -int(np.prod(s))):
         keys = by_shape[shape]
-        pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :] if not np.array_equal(state[a], state[b])]
+        pairs = [
+            (a, b)
+            for i, a in enumerate(keys)
+            for b in keys[i + 1 :]
+            if not np.array_equal(state[a], state[b])
+        ]
         if pairs:
             a, b = pairs[0]
             va, vb = state[a], state[b]
@@ -140,13 +145,13 @@ def import_official(name: str, state_path: str, config: dict, io: dict):
     from diffseg_jax import convert, models
 
     model = models.get_model(name, **config)
-    template = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), io["x_t"], io["t"], io["image"])
-    )
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), io["x_t"], io["t"], io["image"]))
     return model, convert.import_weights(model, dict(template), convert.load_state_dict(state_path))
 
 
-OFFICIAL_CASES = pytest.mark.parametrize("corrupt", [False, True], ids=["official_weights", "two_tensors_swapped"])
+OFFICIAL_CASES = pytest.mark.parametrize(
+    "corrupt", [False, True], ids=["official_weights", "two_tensors_swapped"]
+)
 
 
 def check_official(corrupt: bool, outputs_fn, name: str, tmp_path) -> None:
@@ -155,7 +160,7 @@ def check_official(corrupt: bool, outputs_fn, name: str, tmp_path) -> None:
     swapped (``corrupt``) that check fails."""
     state_path, io, config = official_fixture(name)
     if corrupt:
-        state_path, swapped = swap_two_tensors(state_path, tmp_path)
+        state_path, _ = swap_two_tensors(state_path, tmp_path)
     model, variables = import_official(name, state_path, config, io)
     outputs = outputs_fn(model, variables, io)
     if not corrupt:
@@ -176,7 +181,9 @@ def assert_metrics_are_the_ensembles(eval_dir) -> dict:
         pred, truth = ensemble["mean"] > 0.5, ensemble["mask"] > 0.5
     with open(os.path.join(str(eval_dir), "metrics.json"), encoding="utf-8") as f:
         metrics = json.load(f)
-    assert metrics["iou_pooled"] == pytest.approx((pred & truth).sum() / max((pred | truth).sum(), 1), abs=1e-6)
+    assert metrics["iou_pooled"] == pytest.approx(
+        (pred & truth).sum() / max((pred | truth).sum(), 1), abs=1e-6
+    )
     assert metrics["num_images"] == len(truth)
     # An all-foreground mask's IoU with a truth is its foreground fraction (0 for an empty truth), per image.
     fractions = truth.reshape(len(truth), -1).mean(1)

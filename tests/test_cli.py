@@ -368,7 +368,9 @@ def test_readme_from_python_example_runs_as_written(tmp_path, tfds_dir):
     assert result["step"] == 2 and (tmp_path / "runs" / "py" / "eval" / "metrics.json").exists()
     assert (tmp_path / "runs" / "py" / "analysis" / "curves.csv").exists()
     assert (tmp_path / "runs" / "py" / "predict" / "case1_mask.png").exists()
-    assert 0.0 <= scores["iou_pooled"] <= 1.0 and 0.0 <= scores["ece_pooled"] <= 1.0  # other noise: other values
+    assert (
+        0.0 <= scores["iou_pooled"] <= 1.0 and 0.0 <= scores["ece_pooled"] <= 1.0
+    )  # other noise: other values
     assert result == assert_metrics_are_the_ensembles(tmp_path / "runs" / "py" / "eval")
     # The table's diffusion cell is the evaluation the example ran (E2, no feed-forward run beside it).
     assert len(rows) == 1 and rows[0]["diff_iou"] == pytest.approx(result["iou"])
@@ -397,7 +399,11 @@ def _main_fails(args, timeout=300):
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "diffseg_jax.main", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "diffseg_jax.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return out.returncode, out.stdout + out.stderr
 
@@ -432,7 +438,11 @@ def test_analyse_mode_writes_the_curves_of_the_runs_checkpoint(tmp_path, tfds_di
     ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(2, state.replace(step=state.step + 2), {})
     ckpt.close()
-    args = ["--config=configs/e2_synthetic.py:tiny", f"--config.data.data_dir={tfds_dir}", f"--workdir={tmp_path}"]
+    args = [
+        "--config=configs/e2_synthetic.py:tiny",
+        f"--config.data.data_dir={tfds_dir}",
+        f"--workdir={tmp_path}",
+    ]
     _run([*args, "--mode=analyse", "--config.analysis.t_step=25", "--config.analysis.num_images=2"])
     rows = list(csv.DictReader(open(next((tmp_path / "analysis").glob("*.csv")))))
     curves = {}
@@ -440,7 +450,9 @@ def test_analyse_mode_writes_the_curves_of_the_runs_checkpoint(tmp_path, tfds_di
         curves.setdefault(r["curve"], []).append(r)
     assert {"mask_error", "eps_loss"} <= set(curves)
     for name in ("mask_error", "eps_loss"):
-        assert [int(r["t"]) for r in curves[name]] == [0, 25, 50, 75, 99] and {r["step"] for r in curves[name]} == {"2"}
+        assert [int(r["t"]) for r in curves[name]] == [0, 25, 50, 75, 99] and {
+            r["step"] for r in curves[name]
+        } == {"2"}
     # A fresh network predicts ε = 0: its ε-loss is E[ε²] = 1 at every t (2 images x 1 draw of 32 x 32 pixels).
     np.testing.assert_allclose([float(r["value"]) for r in curves["eps_loss"]], 1.0, atol=0.1)
 
@@ -464,7 +476,9 @@ def test_both_protocol_modes_run_through_main_and_refuse_the_other_experiment(tm
         assert code == 1 and f"--mode {mode} needs an {mode[:2]} config; config.experiment='{other}'" in out
         assert f"--mode {other}_protocol" in out
     assert not (tmp_path / "refused" / "checkpoints").exists()
-    _run([e1, *common, f"--workdir={tmp_path / 'e1'}", "--mode=e1_protocol", "--config.protocol.max_epochs=2"])
+    _run(
+        [e1, *common, f"--workdir={tmp_path / 'e1'}", "--mode=e1_protocol", "--config.protocol.max_epochs=2"]
+    )
     _run(
         [e2, *common, f"--workdir={tmp_path / 'e2'}", "--mode=e2_protocol", "--config.train.num_steps=4",
          "--config.protocol.validate_every=2", "--config.protocol.ensemble_size=1", "--config.protocol.ddim_steps=1"]

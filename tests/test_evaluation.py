@@ -1118,7 +1118,7 @@ def test_protocol_patience_stops_the_selection_and_a_crashed_selection_resumes(
     (the better step 15 is never reached). A crash in the validation at step 9 (before that step's checkpoint)
     and a rerun: training resumes from step 6's checkpoint (steps 3 and 6 are not validated again), validates 9
     and 12, and retrains for the chosen 2 epochs (8 steps of the whole 16-image set)."""
-    from diffseg_jax import checkpoints  # noqa: PLC0415
+    from diffseg_jax import checkpoints
 
     config = tiny_config(f"{experiment}_synthetic", data_dir=tfds_dir)
     config.data.num_train = 16
@@ -1153,7 +1153,9 @@ def test_protocol_patience_stops_the_selection_and_a_crashed_selection_resumes(
     records = [json.loads(line) for line in open(tmp_path / "select" / "validation.jsonl")]
     assert [r["step"] for r in records] == [3, 6, 9, 12]
     assert summary["final_steps"] == 8 and summary["patience"] == 2
-    assert summary["chosen_epochs" if experiment == "e1" else "chosen_step"] == (2 if experiment == "e1" else 6)
+    assert summary["chosen_epochs" if experiment == "e1" else "chosen_step"] == (
+        2 if experiment == "e1" else 6
+    )
     assert sorted(os.listdir(tmp_path / "select" / "checkpoints")) == ["12"]  # the selection stopped at 12
     assert checkpoints.latest_step(str(tmp_path / "checkpoints")) == 8
     # Done: a rerun neither trains nor validates.

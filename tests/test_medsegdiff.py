@@ -496,7 +496,9 @@ def test_medsegdiff_v1_matches_official_fixture(corrupt, tmp_path):
     the same output and the same ``cal`` (also compared as its logit)."""
 
     def outputs(model, variables, io):
-        out, extras = _jit(lambda v, x, t, c: model.apply(v, x, t, c))(variables, io["x_t"], io["t"], io["image"])
+        out, extras = _jit(lambda v, x, t, c: model.apply(v, x, t, c))(
+            variables, io["x_t"], io["t"], io["image"]
+        )
         # cal = sigmoid(logit) stays near 0.5 here: its logit is the sensitive comparison.
         io["cal_logit"] = np.log(io["cal"] / (1 - io["cal"]))
         cal = np.asarray(extras["cal"], np.float64)

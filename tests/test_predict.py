@@ -196,7 +196,10 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
     rng = np.random.default_rng(0)
     _png(str(images / "wide.png"), _smooth_image(40, 50, 1))
     _png(str(images / "case2" / "grey.png"), _smooth_image(20, 30, 2)[..., 1])
-    _png(str(images / "case2" / "alpha.png"), np.dstack([_smooth_image(32, 32, 3), rng.integers(0, 256, (32, 32))]).astype(np.uint8))
+    _png(
+        str(images / "case2" / "alpha.png"),
+        np.dstack([_smooth_image(32, 32, 3), rng.integers(0, 256, (32, 32))]).astype(np.uint8),
+    )
     _png(str(images / "tile.png"), _smooth_image(1000, 1000, 4))  # a MoNuSeg-sized tile
     os.makedirs(images / "isic", exist_ok=True)
     Image.fromarray(_smooth_image(180, 240, 5)).save(images / "isic" / "photo.jpg", quality=90)  # non-square
@@ -207,7 +210,13 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
     assert [r["id"] for r in rows] == ids
     with np.load(out / "predictions.npz") as pred:
         mean, std, sizes = pred["mean"], pred["std"], pred["original_size"]
-    assert mean.shape == (5, 64, 64) and sizes.tolist() == [[32, 32], [20, 30], [180, 240], [1000, 1000], [40, 50]]
+    assert mean.shape == (5, 64, 64) and sizes.tolist() == [
+        [32, 32],
+        [20, 30],
+        [180, 240],
+        [1000, 1000],
+        [40, 50],
+    ]
     np.testing.assert_array_equal(std, 0)  # E1: every member is the same function of the image
     for i, row in enumerate(rows):
         path = images / (row["id"] + suffix.get(row["id"], ".png"))

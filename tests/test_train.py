@@ -560,7 +560,9 @@ def test_ema_after_k_steps_is_its_closed_form():
     )
     model = Affine(2 if train.loss_settings(config)["learn_sigma"] else 1)  # ε (and v with a learned σ)
     batch = {"image": jnp.full((2, 8, 8, 3), 0.5), "mask": jnp.ones((2, 8, 8, 1))}
-    p0 = model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32), batch["image"])["params"]
+    p0 = model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32), batch["image"])[
+        "params"
+    ]
     state = train.TrainState(
         step=jnp.asarray(0), params=p0, ema_params=jax.tree.map(jnp.copy, p0), opt_state=add_c.init(p0),
         key=jax.random.key(1),
@@ -569,7 +571,9 @@ def test_ema_after_k_steps_is_its_closed_form():
     for _ in range(k):
         state, _ = step(state, batch)
     lag = decay * (1 - decay**k) / (1 - decay)
-    for p, raw, ema in zip(jax.tree.leaves(p0), jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
+    for p, raw, ema in zip(
+        jax.tree.leaves(p0), jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)
+    ):
         np.testing.assert_allclose(raw, p + k * c, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(ema, p + c * (k - lag), rtol=1e-5, atol=1e-6)
     assert int(state.step) == k and lag > 1  # the EMA trails the weights by more than a step

@@ -224,7 +224,10 @@ def torch_key(path: Sequence[str]) -> str:
     if path[0] == "params":
         path = path[1:]
     *modules, leaf = path
-    names = [m.replace("seg_layers", "seg-layers").replace("_", ".").replace("seg-layers", "seg_layers") for m in modules]
+    names = [
+        m.replace("seg_layers", "seg-layers").replace("_", ".").replace("seg-layers", "seg_layers")
+        for m in modules
+    ]
     return ".".join(names + ["weight" if leaf in ("kernel", "scale") else leaf])
 
 

@@ -145,7 +145,9 @@ def import_from(path: str, package: str):
 
 
 # ---------------------------------------------------------------- the four models
-ENSEMDIFF = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=1)
+ENSEMDIFF = dict(
+    model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=1
+)
 
 
 def ensemdiff(path: str) -> None:
@@ -304,7 +306,9 @@ def nnunet(path: str) -> None:
     ).eval()
     rng = np.random.default_rng(4)
     randomise(model, rng)
-    image = exact(rng.uniform(size=(2, 24, 16, 3)) * np.array([1.0, 0.5, 2.0])).astype(np.float32)  # non-square
+    image = exact(rng.uniform(size=(2, 24, 16, 3)) * np.array([1.0, 0.5, 2.0])).astype(
+        np.float32
+    )  # non-square
     x_t = exact(rng.standard_normal((2, 24, 16, 1))).astype(np.float32)  # ignored by both
     t = np.array([0, 999], np.int32)
     mean = image.astype(np.float64).mean(axis=(1, 2), keepdims=True)
@@ -312,16 +316,31 @@ def nnunet(path: str) -> None:
     z = ((image - mean) / np.maximum(std, 1e-8)).astype(np.float32)
     with torch.no_grad():
         heads = model(nchw(z))
-    write("nnunet", model, dict(out_channels=1, **c), x_t, t, image, **{f"ds_{i}": nhwc(h) for i, h in enumerate(heads)})
+    write(
+        "nnunet",
+        model,
+        dict(out_channels=1, **c),
+        x_t,
+        t,
+        image,
+        **{f"ds_{i}": nhwc(h) for i, h in enumerate(heads)},
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name in ("ensemdiff", "segdiff", "medsegdiff", "nnunet"):
         parser.add_argument(f"--{name}", metavar="PATH", help="checkout of the official code")
     args = parser.parse_args()
     torch.manual_seed(0)
-    for name, fn in (("ensemdiff", ensemdiff), ("segdiff", segdiff), ("medsegdiff", medsegdiff), ("nnunet", nnunet)):
+    for name, fn in (
+        ("ensemdiff", ensemdiff),
+        ("segdiff", segdiff),
+        ("medsegdiff", medsegdiff),
+        ("nnunet", nnunet),
+    ):
         if getattr(args, name):
             fn(getattr(args, name))
 
