@@ -421,9 +421,7 @@ def test_fingerprint_mode_writes_the_report_of_the_configs_schedule(tmp_path, tf
     config = tiny_config("e2_synthetic", data_dir=tfds_dir)
     config.diffusion.num_timesteps = 50
     expected = json.loads(json.dumps(adaptive.fingerprint_report(planning.resolve(config))))
-    assert written == expected
-    config.diffusion.num_timesteps = 100
-    assert json.loads(json.dumps(adaptive.fingerprint_report(planning.resolve(config)))) != written
+    assert written == expected and written["num_timesteps"] == 50  # the override reached the report
     assert adaptive.report_text(written).splitlines()[0] in log
 
 
