@@ -142,14 +142,15 @@ class PixelLogits(nn.Module):
         return nn.Dense(self.out_channels, name="head")(cond)
 
 
-def _pixel_run(monkeypatch, resize=64):
-    """(config, state) of a tiny E1 folder run of :class:`PixelLogits` with the weights ``PIXEL_W``, ``PIXEL_B``:
-    stored at ``resize`` px, segmented as 32 px tiles; its training data is nowhere."""
+def _pixel_run(monkeypatch):
+    """(config, state) of an E1 folder run of :class:`PixelLogits` with the weights ``PIXEL_W``, ``PIXEL_B``:
+    images stored at 512 px and segmented as 2 x 2 tiles of 256 px (SegDiff's MoNuSeg protocol); its training
+    data is nowhere."""
     monkeypatch.setitem(models.MODELS, "pixel_logits", PixelLogits)
     config = tiny_config("e1_folder")
     config.model = ml_collections.ConfigDict({"name": "pixel_logits"})
     config.data.manual_dir = "/nonexistent/training_data"
-    config.data.resize = resize
+    config.data.image_size, config.data.resize = 256, 512
     _, state = _fresh_state(config)
     weights = {"head": {"kernel": jnp.asarray(PIXEL_W), "bias": jnp.asarray(PIXEL_B)}}
     return config, state.replace(params=weights, ema_params=weights)
@@ -189,8 +190,9 @@ def _assert_mask_is_the_oracles(mask_png, full):
 def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_path, monkeypatch):
     """A network whose logits are a known function of the pixels (:class:`PixelLogits`), files of other sizes,
     modes and folders (a 1000 x 1000 tile, a non-square JPEG, grey, RGBA): the stored maps are the oracle's,
-    and every written mask PNG is at its file's size and equals the oracle's mask; the tiles (2 x 2 of 32 px)
-    give the maps of the whole image. The run's dataset (a folder that does not exist here) is never read."""
+    and every written mask PNG is at its file's size and equals the oracle's mask; the tiles (stored at 512 px,
+    2 x 2 of 256 px) give the maps of the whole image. The run's dataset (a folder that does not exist here) is
+    never read."""
     config, state = _pixel_run(monkeypatch)
     images = tmp_path / "images"
     rng = np.random.default_rng(0)
@@ -210,7 +212,7 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
     assert [r["id"] for r in rows] == ids
     with np.load(out / "predictions.npz") as pred:
         mean, std, sizes = pred["mean"], pred["std"], pred["original_size"]
-    assert mean.shape == (5, 64, 64) and sizes.tolist() == [
+    assert mean.shape == (5, 512, 512) and sizes.tolist() == [
         [32, 32],
         [20, 30],
         [180, 240],
@@ -220,7 +222,7 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
     np.testing.assert_array_equal(std, 0)  # E1: every member is the same function of the image
     for i, row in enumerate(rows):
         path = images / (row["id"] + suffix.get(row["id"], ".png"))
-        prob, full = _oracle(path, 64)
+        prob, full = _oracle(path, 512)
         np.testing.assert_allclose(mean[i], prob, atol=2e-6, err_msg=row["id"])
         assert 0.05 < np.mean(full > 0.5) < 0.95, row["id"]  # both classes: the mask depends on the image
         _assert_mask_is_the_oracles(out / f"{row['id']}_mask.png", full)
@@ -232,7 +234,7 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
         assert row["mean_entropy"] == pytest.approx(
             np.mean(-q * np.log2(q) - (1 - q) * np.log2(1 - q)), abs=1e-4
         )
-    # Tiled == whole: the per-pixel network fed the 64 px images whole gives the same maps.
+    # Tiled == whole: the per-pixel network fed the 512 px images whole gives the same maps.
     whole = config.copy_and_resolve_references()
     whole.data.eval_tiling = "whole"
     predict.predict(whole, "unused", str(images), str(tmp_path / "whole"), state=state)
