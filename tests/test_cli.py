@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_module, tiny_config
+from conftest import ROOT, assert_metrics_are_the_ensembles, run_module, tiny_config
 
 from diffseg_jax import metrics as metrics_lib
 
@@ -30,7 +30,8 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     assert "steps/s" in log and "ETA" in log  # progress is shown
     metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
     assert metrics["ensemble_size"] == 2 and metrics["step"] == 4 and metrics["num_images"] == 4
-    assert 0.0 <= metrics["iou"] <= 1.0 and metrics["baseline_iou_all_background"] == 0.0
+    assert_metrics_are_the_ensembles(workdir / "eval")  # the IoU counted from the saved ensembles
+    assert metrics["baseline_iou_all_background"] == 0.0
     # The default pooling (eval.pooling=pooled) names the pooled values iou / ece.
     assert metrics["iou"] == metrics["iou_pooled"] and metrics["ece"] == metrics["ece_pooled"]
     assert 0.0 <= metrics["ece_per_image"] <= 1.0 and len(metrics["reliability"]["count"]) == 11
@@ -382,7 +383,10 @@ def test_readme_from_python_example_runs_as_written(tmp_path, tfds_dir):
     assert result["step"] == 2 and (tmp_path / "runs" / "py" / "eval" / "metrics.json").exists()
     assert (tmp_path / "runs" / "py" / "analysis" / "curves.csv").exists()
     assert (tmp_path / "runs" / "py" / "predict" / "case1_mask.png").exists()
-    assert 0.0 <= scores["iou_pooled"] <= 1.0 and 0.0 <= scores["ece_pooled"] <= 1.0
+    assert (
+        0.0 <= scores["iou_pooled"] <= 1.0 and 0.0 <= scores["ece_pooled"] <= 1.0
+    )  # other noise: other values
+    assert result == assert_metrics_are_the_ensembles(tmp_path / "runs" / "py" / "eval")
     # The table's diffusion cell is the evaluation the example ran (E2, no feed-forward run beside it).
     assert len(rows) == 1 and rows[0]["diff_iou"] == pytest.approx(result["iou"])
     assert rows[0]["ff_iou"] is None
@@ -402,3 +406,101 @@ def test_readme_building_blocks_exist_in_the_package():
         for part in name.split("."):
             obj = getattr(obj, part, None)
         assert callable(obj), f"README calls dj.{name}, which diffseg_jax does not have"
+
+
+def _main_fails(args, timeout=300):
+    """``python -m diffseg_jax.main`` expected to fail: (return code, stdout + stderr)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "diffseg_jax.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return out.returncode, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_fingerprint_mode_writes_the_report_of_the_configs_schedule(tmp_path, tfds_dir):
+    """``--mode fingerprint`` with a command-line override: fingerprint.json is the library's report of the
+    overridden config (T = 50), and its text is printed."""
+    from diffseg_jax import planning
+    from diffseg_jax.analysis import adaptive
+
+    args = ["--config=configs/e2_synthetic.py:tiny", f"--config.data.data_dir={tfds_dir}"]
+    log = _run([*args, f"--workdir={tmp_path}", "--mode=fingerprint", "--config.diffusion.num_timesteps=50"])
+    written = json.loads((tmp_path / "fingerprint.json").read_text())
+    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
+    config.diffusion.num_timesteps = 50
+    expected = json.loads(json.dumps(adaptive.fingerprint_report(planning.resolve(config))))
+    assert written == expected and written["num_timesteps"] == 50  # the override reached the report
+    assert adaptive.report_text(written).splitlines()[0] in log
+
+
+@pytest.mark.slow
+def test_analyse_mode_writes_the_curves_of_the_runs_checkpoint(tmp_path, tfds_dir):
+    """``--mode analyse`` on a run (a checkpoint at step 2): the curves of the trained network on the
+    configured timestep grid, recorded at the checkpoint's step, and the forward process at the asked timesteps."""
+    from diffseg_jax import checkpoints, train
+
+    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
+    _, _, _, state = train.model_and_state(config, (32, 32, 3))
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(2, state.replace(step=state.step + 2), {})
+    ckpt.close()
+    args = [
+        "--config=configs/e2_synthetic.py:tiny",
+        f"--config.data.data_dir={tfds_dir}",
+        f"--workdir={tmp_path}",
+    ]
+    _run([*args, "--mode=analyse", "--config.analysis.t_step=25", "--config.analysis.num_images=2"])
+    rows = list(csv.DictReader(open(next((tmp_path / "analysis").glob("*.csv")))))
+    curves = {}
+    for r in rows:
+        curves.setdefault(r["curve"], []).append(r)
+    assert {"mask_error", "eps_loss"} <= set(curves)
+    for name in ("mask_error", "eps_loss"):
+        assert [int(r["t"]) for r in curves[name]] == [0, 25, 50, 75, 99] and {
+            r["step"] for r in curves[name]
+        } == {"2"}
+    # A fresh network predicts ε = 0: its ε-loss is E[ε²] = 1 at every t (2 images x 1 draw of 32 x 32 pixels).
+    np.testing.assert_allclose([float(r["value"]) for r in curves["eps_loss"]], 1.0, atol=0.1)
+
+
+@pytest.mark.slow
+def test_both_protocol_modes_run_through_main_and_refuse_the_other_experiment(tmp_path, tfds_dir):
+    """``--mode e1_protocol`` / ``e2_protocol`` through ``diffseg_jax.main``, tiny: the selection's validations,
+    the choice recorded and the retrained run; a protocol given the other experiment's config is refused
+    before anything is trained, naming both."""
+    common = [
+        f"--config.data.data_dir={tfds_dir}",
+        "--config.data.num_train=8",
+        "--config.data.validation_fraction=0.5",  # fit 4 = 2 steps of 2
+        "--config.train.batch_size=2",
+        "--config.eval.enabled=false",
+    ]
+    e1, e2 = "--config=configs/e1_synthetic.py:tiny", "--config=configs/e2_synthetic.py:tiny"
+    for config, mode in ((e1, "e2_protocol"), (e2, "e1_protocol")):
+        code, out = _main_fails([config, *common, f"--workdir={tmp_path / 'refused'}", f"--mode={mode}"])
+        other = "e1" if mode == "e2_protocol" else "e2"
+        assert code == 1 and f"--mode {mode} needs an {mode[:2]} config; config.experiment='{other}'" in out
+        assert f"--mode {other}_protocol" in out
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+    _run(
+        [e1, *common, f"--workdir={tmp_path / 'e1'}", "--mode=e1_protocol", "--config.protocol.max_epochs=2"]
+    )
+    _run(
+        [e2, *common, f"--workdir={tmp_path / 'e2'}", "--mode=e2_protocol", "--config.train.num_steps=4",
+         "--config.protocol.validate_every=2", "--config.protocol.ensemble_size=1", "--config.protocol.ddim_steps=1"]
+    )  # fmt: skip
+    for name, key in (("e1", "validation_loss"), ("e2", "validation_iou")):
+        records = [json.loads(line) for line in open(tmp_path / name / "select" / "validation.jsonl")]
+        assert [r["step"] for r in records] == [2, 4]
+        scores = {r["step"]: r[key] for r in records}
+        best = (min if name == "e1" else max)(sorted(scores), key=scores.get)
+        summary = json.loads((tmp_path / name / f"{name}_protocol.json").read_text())
+        assert summary["final_steps"] == best * 4 // 2  # as many epochs of all 8 images (4 steps an epoch)
+        assert os.path.isdir(tmp_path / name / "checkpoints" / str(summary["final_steps"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import flax.linen as nn
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import assert_metrics_are_the_ensembles, tiny_config
 
 from diffseg_jax import (
     configlib,
@@ -472,6 +473,7 @@ def test_e1_protocol_selects_on_validation_then_retrains_on_all(tmp_path, tfds_d
     assert (tmp_path / "checkpoints" / str(summary["final_steps"])).is_dir()
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["experiment"] == "e1" and m["step"] == summary["final_steps"] and 0 <= m["ece"] <= 1
+    assert m == assert_metrics_are_the_ensembles(tmp_path / "eval")
     # Rerunning finds both phases done: nothing is trained (or validated) again.
     config.eval.enabled = False
     again = protocol.run(config, str(tmp_path))
@@ -730,7 +732,7 @@ import jax, jax.numpy as jnp, numpy as np
 import flax.linen as nn
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
-from conftest import tiny_config
+from conftest import assert_metrics_are_the_ensembles, tiny_config
 from diffseg_jax import evaluate, train
 
 class Net(nn.Module):
@@ -959,13 +961,27 @@ def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tf
     config.protocol.ensemble_size = 2
     config.protocol.ddim_steps = 2
     config.eval.enabled = False  # the E1 test checks the evaluation after retraining; here the selection
+    maps = {}  # the validation ensembles' mean maps, by step, as the protocol samples them
+    sample = evaluate.ensemble_maps
+    monkeypatch.setattr(
+        evaluate,
+        "ensemble_maps",
+        lambda c, m, s, v, images, step, **k: maps.setdefault(step, sample(c, m, s, v, images, step, **k)),
+    )
     summary = protocol.run(config, str(tmp_path))
+    monkeypatch.undo()
     records = [json.loads(line) for line in open(tmp_path / "select" / "validation.jsonl")]
     assert [r["step"] for r in records] == [2, 4] and [r["epochs"] for r in records] == [0.667, 1.333]
     ious = {r["step"]: r["validation_iou"] for r in records}
-    assert all(0.0 <= v <= 1.0 for v in ious.values()) and all(
-        0.0 <= r["validation_ece"] <= 1.0 for r in records
-    )
+    # Each recorded IoU is the pooled IoU of that step's ensemble mean at 0.5 against the 4 validation masks,
+    # counted here by hand; and the two steps' ensembles differ (the weights changed).
+    truth = data.eval_arrays(config.data, "validation")["mask"][..., 0] > 0.5
+    assert truth.shape[0] == 4 and sorted(maps) == [2, 4]
+    for step, (mean, _) in maps.items():
+        pred = np.asarray(mean)[..., 0] > 0.5
+        assert ious[step] == pytest.approx((pred & truth).sum() / (pred | truth).sum(), abs=1e-6)
+    assert np.abs(np.asarray(maps[2][0]) - np.asarray(maps[4][0])).max() > 1e-3
+    assert all(0.0 <= r["validation_ece"] <= 1.0 for r in records)
     assert summary["chosen_step"] == max(sorted(ious), key=ious.get)  # the highest IoU, the earliest on ties
     assert summary["final_steps"] == round(
         summary["chosen_step"] * 4 / 3
@@ -1090,3 +1106,57 @@ def test_a_run_is_sampled_only_with_the_settings_that_give_its_network_meaning(t
         ValueError, match=r"experiment: trained with 'e1', this config has 'e2'; diffusion\.num_timesteps"
     ):
         planning.resolve_as_trained(wrong, str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["e1", "e2"])
+def test_protocol_patience_stops_the_selection_and_a_crashed_selection_resumes(
+    tmp_path, tfds_dir, monkeypatch, experiment
+):
+    """Scripted validation scores by step (3 steps an epoch of the fit split, a validation each):
+    best at step 6, then two without a better one, so ``protocol.patience=2`` stops the selection at step 12
+    (the better step 15 is never reached). A crash in the validation at step 9 (before that step's checkpoint)
+    and a rerun: training resumes from step 6's checkpoint (steps 3 and 6 are not validated again), validates 9
+    and 12, and retrains for the chosen 2 epochs (8 steps of the whole 16-image set)."""
+    from diffseg_jax import checkpoints
+
+    config = tiny_config(f"{experiment}_synthetic", data_dir=tfds_dir)
+    config.data.num_train = 16
+    config.data.validation_fraction = 0.25  # fit 12 = 3 steps of 4, validation 4
+    config.train.batch_size = 4
+    config.protocol.patience = 2
+    config.protocol.max_epochs = 6  # E1: 6 validations, steps 3 ... 18
+    config.train.num_steps = 18  # E2: its budget, validated every 3 steps
+    config.protocol.validate_every = 3
+    config.eval.enabled = False
+    losses = {3: 0.5, 6: 0.4, 9: 0.45, 12: 0.47, 15: 0.1, 18: 0.1}
+    validated, crash = [], [9]
+
+    def score(state):
+        step = int(state.step)
+        validated.append(step)
+        if step in crash:
+            crash.remove(step)
+            raise RuntimeError("simulated crash in the validation")
+        return losses[step]
+
+    if experiment == "e1":
+        monkeypatch.setattr(protocol, "make_validation_fn", lambda *a: score)
+    else:  # higher is better
+        iou = lambda state: {"validation_iou": 1 - score(state), "validation_ece": 0.0}
+        monkeypatch.setattr(protocol, "make_validation_iou_fn", lambda *a: iou)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        protocol.run(config, str(tmp_path))
+    assert validated == [3, 6, 9]
+    summary = protocol.run(config, str(tmp_path))
+    assert validated == [3, 6, 9, 9, 12]  # resumed at 6, stopped by patience at 12
+    records = [json.loads(line) for line in open(tmp_path / "select" / "validation.jsonl")]
+    assert [r["step"] for r in records] == [3, 6, 9, 12]
+    assert summary["final_steps"] == 8 and summary["patience"] == 2
+    assert summary["chosen_epochs" if experiment == "e1" else "chosen_step"] == (
+        2 if experiment == "e1" else 6
+    )
+    assert sorted(os.listdir(tmp_path / "select" / "checkpoints")) == ["12"]  # the selection stopped at 12
+    assert checkpoints.latest_step(str(tmp_path / "checkpoints")) == 8
+    # Done: a rerun neither trains nor validates.
+    assert protocol.run(config, str(tmp_path))["final_steps"] == 8 and validated == [3, 6, 9, 9, 12]

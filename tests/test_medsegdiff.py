@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import OFFICIAL_CASES, check_official
 
 from diffseg_jax.models import EnsemDiffUNet, can_drop_image, get_model, param_count
 from diffseg_jax.models.condnet import GenericUNet, ff_parser, upsample_bilinear
@@ -485,3 +486,22 @@ def test_registry_and_validation():
     with pytest.raises(ValueError, match="anchor"):  # 2*16 + 32 != 128
         model = MedSegDiffUNet(**dict(NEW_TINY, model_channels=128))
         jax.eval_shape(model.init, jax.random.key(0), x_t, t, cond)
+
+
+@OFFICIAL_CASES
+def test_medsegdiff_v1_matches_official_fixture(corrupt, tmp_path):
+    """KidsWithTokens/MedSegDiff's ``UNetModel_v1preview`` (tiny: 32 ch x 6 levels, 2 res blocks, condition
+    network 4..32 features at 32 px, BatchNorm running statistics randomised too, the per-call bottleneck conv
+    fixed; tests/data/make_official_fixtures.py) and ours with its state dict imported by ``diffseg_jax.convert``:
+    the same output and the same ``cal`` (also compared as its logit)."""
+
+    def outputs(model, variables, io):
+        out, extras = _jit(lambda v, x, t, c: model.apply(v, x, t, c))(
+            variables, io["x_t"], io["t"], io["image"]
+        )
+        # cal = sigmoid(logit) stays near 0.5 here: its logit is the sensitive comparison.
+        io["cal_logit"] = np.log(io["cal"] / (1 - io["cal"]))
+        cal = np.asarray(extras["cal"], np.float64)
+        return {"out": out, "cal": cal, "cal_logit": np.log(cal / (1 - cal))}
+
+    check_official(corrupt, outputs, "medsegdiff", tmp_path)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import OFFICIAL_CASES, check_official
 
 from diffseg_jax.models import (
     EnsemDiffUNet,
@@ -285,3 +286,15 @@ def test_default_channel_mult_and_attention_ds():
     with pytest.raises(ValueError):
         default_channel_mult(224)
     assert attention_ds(256) == (16,) and attention_ds(128) == (8,)
+
+
+@OFFICIAL_CASES
+def test_ensemdiff_matches_official_fixture(corrupt, tmp_path):
+    """The official guided-diffusion ``UNetModel`` of JuliaWolleb/Diffusion-based-Segmentation (tiny: 32 ch,
+    mult (1, 2), attention at ds 2, learned sigma; every tensor randomised; tests/data/make_official_fixtures.py)
+    and ours with its state dict imported by ``diffseg_jax.convert``: the same output on [image, x_t], t."""
+
+    def outputs(model, variables, io):
+        return {"out": jax.jit(model.apply)(variables, io["x_t"], io["t"], io["image"])}
+
+    check_official(corrupt, outputs, "ensemdiff", tmp_path)

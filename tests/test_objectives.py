@@ -90,19 +90,18 @@ def test_timestep_weights_reweight_per_example_losses():
 
 
 def test_binary_mask_range_diffuses_zero_one_masks():
+    """``mask_range='binary'``: x0 is the {0, 1} mask itself (not 2m - 1), in x_t and in the E3 target."""
     batch = _batch(jax.random.PRNGKey(0))
     rec = _Recorder(jnp.zeros_like)
-    objectives.loss_fn(rec, None, batch, jax.random.PRNGKey(4), SCHED, experiment="e3", mask_range="binary")
-    loss, _ = objectives.loss_fn(
-        _Recorder(jnp.zeros_like),
-        None,
-        batch,
-        jax.random.PRNGKey(4),
-        SCHED,
-        experiment="e3",
-        mask_range="binary",
-    )
-    np.testing.assert_allclose(loss, jnp.mean(batch["mask"] ** 2), rtol=1e-6)
+    key = jax.random.PRNGKey(4)
+    loss, aux = objectives.loss_fn(rec, None, batch, key, SCHED, experiment="e3", mask_range="binary")
+    _, noise_key, _ = jax.random.split(key, 3)
+    noise = jax.random.normal(noise_key, batch["mask"].shape)
+    x_t = rec.calls[0]["x"]
+    np.testing.assert_allclose(x_t, diffusion.q_sample(SCHED, batch["mask"], aux["t"], noise), atol=1e-6)
+    symmetric = diffusion.q_sample(SCHED, 2 * batch["mask"] - 1, aux["t"], noise)
+    assert np.abs(np.asarray(x_t) - np.asarray(symmetric)).max() > 0.1
+    np.testing.assert_allclose(loss, jnp.mean(batch["mask"] ** 2), rtol=1e-6)  # zero x0 prediction
 
 
 def test_unknown_experiment_fails_clearly():
@@ -229,3 +228,26 @@ def test_sum_reduction_and_aux_cal_weight():
     )
     plain, _ = objectives.loss_fn(with_cal, None, batch, jax.random.PRNGKey(1), SCHED, experiment="e2")
     np.testing.assert_allclose(loss - plain, 10 * 0.25, rtol=1e-5)
+
+
+def test_learn_sigma_hybrid_loss_at_t0_is_the_decoder_nll_of_the_normal_cdf():
+    """At t = 0 the VLB term is the discretised Gaussian decoder's NLL. With a perfect ε and v = 1 the model's
+    mean is the posterior mean at t = 0, x0 itself (±1 for a mask), and its variance β_0, so every pixel falls
+    in an edge bin of the 256 levels: NLL = -log2 Φ(1 / (255 sqrt(β_0))), here with scipy's exact Φ (the code
+    uses improved-diffusion's tanh approximation of it) and β_0 = 1e-4 * 1000 / T of the linear schedule."""
+    from scipy.stats import norm
+
+    batch = _batch(jax.random.PRNGKey(0), n=4)
+    key = jax.random.PRNGKey(3)
+    _, noise_key, _ = jax.random.split(key, 3)
+    noise = jax.random.normal(noise_key, batch["mask"].shape)
+    apply = lambda p, x, t, c, rng: jnp.concatenate([noise, jnp.ones_like(noise)], -1)
+    only_t0 = jnp.zeros(SCHED.num_timesteps).at[0].set(1.0)
+    loss, aux = objectives.loss_fn(
+        apply, None, batch, key, SCHED, experiment="e2", learn_sigma=True, t_probs=only_t0
+    )
+    assert np.all(np.asarray(aux["t"]) == 0)
+    sigma = np.sqrt(1e-4 * 1000 / SCHED.num_timesteps)
+    expected = -np.log2(norm.cdf(1.0 / (255.0 * sigma)))
+    assert 0.8 < expected < 0.9  # about 0.86 bits: Φ(0.124)
+    np.testing.assert_allclose(aux["per_example"], expected, rtol=5e-4)

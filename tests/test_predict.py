@@ -4,12 +4,16 @@ import csv
 import json
 import os
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from conftest import run_module, tiny_config
 from PIL import Image
 
-from diffseg_jax import checkpoints, configlib, evaluate, predict, train
+from diffseg_jax import checkpoints, configlib, evaluate, models, predict, train
 from diffseg_jax.data import files
 
 
@@ -37,8 +41,8 @@ def test_image_files_get_the_evaluation_ensembles_by_predict_and_by_an_external_
     config.data.resize = 64  # stored at 64 px: the 32 px model sees each image as four tiles
     config.data.num_train = 16
     workdir = tmp_path / "run"
-    _, state = _fresh_state(config)  # a checkpoint of the initial weights stands in for training
-    state = state.replace(step=state.step + 3)
+    _, state = _fresh_state(config)  # a checkpoint of random weights stands in for training
+    state = state.replace(step=state.step + 3, params=_randomised(state.params))
     ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
     ckpt.save(3, state, {})
     ckpt.wait()
@@ -66,7 +70,14 @@ def test_image_files_get_the_evaluation_ensembles_by_predict_and_by_an_external_
     assert pred["ids"].tolist() == ev["ids"].tolist()
     np.testing.assert_array_equal(pred["mean"], ev["mean"][..., 0])
     np.testing.assert_array_equal(pred["std"], ev["std"][..., 0])
-    assert np.std(pred["mean"]) > 0  # a real ensemble, not a constant map
+    # The samples depend on the image (so the comparison checks how the files were read, scaled and ordered):
+    # the first image replaced by its mirror image changes its maps and no other's.
+    model, schedule, step, weights = evaluate.trained_network(config, str(workdir), 3, state)
+    flipped = ev["image"].astype(np.float32) / 255
+    flipped[0] = flipped[0, :, ::-1]
+    changed, _ = evaluate.ensemble_maps(config, model, schedule, weights, flipped, step)
+    np.testing.assert_array_equal(changed[1:], ev["mean"][1:])
+    assert np.abs(changed[0] - ev["mean"][0]).mean() > 0.01
     first = ev["ids"][0]
     np.testing.assert_array_equal(_read(pred_dir / f"{first}_mask.png"), (ev["mean"][0, ..., 0] > 0.5) * 255)
     np.testing.assert_array_equal(
@@ -103,38 +114,132 @@ def _fresh_state(config):
     return model, state
 
 
+def _randomised(params, seed=0, scale=0.2):
+    """``params`` plus N(0, scale^2) noise on every leaf: a fresh state's output convolution is zero, so its
+    samples cannot depend on the image; these do."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+    )
+
+
+# The oracle network: an E1 model whose logits are a fixed affine function of each pixel's RGB values.
+PIXEL_W = np.array([[5.0], [-4.0], [2.0]], np.float32)
+PIXEL_B = np.array([-1.0], np.float32)
+
+
+class PixelLogits(nn.Module):
+    """E1 test network (registered as ``pixel_logits`` by :func:`_pixel_run`): ``logits = image @ W + b`` per
+    pixel. Its output is a known function of the image, and, being per pixel, the same tiled or whole."""
+
+    FEED_FORWARD = True
+    out_channels: int = 1
+
+    @nn.compact
+    def __call__(self, x_t, t, cond=None, *, train=False):
+        del x_t, t, train
+        return nn.Dense(self.out_channels, name="head")(cond)
+
+
+def _pixel_run(monkeypatch):
+    """(config, state) of an E1 folder run of :class:`PixelLogits` with the weights ``PIXEL_W``, ``PIXEL_B``:
+    images stored at 512 px and segmented as 2 x 2 tiles of 256 px (SegDiff's MoNuSeg protocol); its training
+    data is nowhere."""
+    monkeypatch.setitem(models.MODELS, "pixel_logits", PixelLogits)
+    config = tiny_config("e1_folder")
+    config.model = ml_collections.ConfigDict({"name": "pixel_logits"})
+    config.data.manual_dir = "/nonexistent/training_data"
+    config.data.image_size, config.data.resize = 256, 512
+    _, state = _fresh_state(config)
+    weights = {"head": {"kernel": jnp.asarray(PIXEL_W), "bias": jnp.asarray(PIXEL_B)}}
+    return config, state.replace(params=weights, ema_params=weights)
+
+
+def _oracle(path, stored):
+    """(map at the stored size, map at the file's size) of :class:`PixelLogits` on the file, computed here with
+    PIL alone: RGB (grey replicated, alpha dropped), bilinear to stored x stored, sigmoid(rgb/255 @ W + b),
+    bilinear (32-bit float) back to the file's size."""
+    rgb = Image.open(path).convert("RGB")
+    small = np.asarray(rgb.resize((stored, stored), Image.BILINEAR), np.float64) / 255.0
+    prob = (1.0 / (1.0 + np.exp(-(small @ PIXEL_W.astype(np.float64) + PIXEL_B))))[..., 0].astype(np.float32)
+    full = np.asarray(Image.fromarray(prob, "F").resize(rgb.size, Image.BILINEAR), np.float32)
+    return prob, full
+
+
+def _smooth_image(h, w, seed):
+    """An RGB uint8 image with structure at every scale (gradients, blocks, noise): both classes at any size."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    blocks = ((np.floor(x * 7) + np.floor(y * 5)) % 2) * 0.6
+    rgb = np.stack([x + 0.2 * np.sin(9 * y), y, blocks], -1) + 0.05 * rng.standard_normal((h, w, 3))
+    return np.clip(rgb * 255, 0, 255).astype(np.uint8)
+
+
+def _assert_mask_is_the_oracles(mask_png, full):
+    """The written mask is the oracle's (> 0.5) at the file's size; pixels may differ only where the oracle is
+    within float32 rounding of the threshold."""
+    mask = _read(mask_png)
+    assert mask.shape == full.shape
+    differ = mask != (full > 0.5) * 255
+    assert np.all(np.abs(full[differ] - 0.5) < 1e-5), f"{differ.sum()} pixels of {mask_png} differ"
+    assert differ.mean() < 1e-4
+
+
 @pytest.mark.slow
 def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_path, monkeypatch):
-    """Images of other sizes, modes and folders: outputs at each file's size, consistent with the stored maps;
-    the run's dataset (a folder that does not exist here) is never read."""
-    config = tiny_config("e2_folder")
-    config.data.manual_dir = str(tmp_path / "not_here")  # the training data lives elsewhere
-    config.eval.ddim_steps = 2
-    _, state = _fresh_state(config)
-    rng = np.random.default_rng(0)
+    """A network whose logits are a known function of the pixels (:class:`PixelLogits`), files of other sizes,
+    modes and folders (a 1000 x 1000 tile, a non-square JPEG, grey, RGBA): the stored maps are the oracle's,
+    and every written mask PNG is at its file's size and equals the oracle's mask; the tiles (stored at 512 px,
+    2 x 2 of 256 px) give the maps of the whole image. The run's dataset (a folder that does not exist here) is
+    never read."""
+    config, state = _pixel_run(monkeypatch)
     images = tmp_path / "images"
-    _png(str(images / "wide.png"), rng.integers(0, 256, (40, 50, 3), np.uint8))
-    _png(str(images / "case2" / "grey.png"), rng.integers(0, 256, (20, 30), np.uint8))
-    _png(str(images / "case2" / "alpha.png"), rng.integers(0, 256, (32, 32, 4), np.uint8))
+    rng = np.random.default_rng(0)
+    _png(str(images / "wide.png"), _smooth_image(40, 50, 1))
+    _png(str(images / "case2" / "grey.png"), _smooth_image(20, 30, 2)[..., 1])
+    _png(
+        str(images / "case2" / "alpha.png"),
+        np.dstack([_smooth_image(32, 32, 3), rng.integers(0, 256, (32, 32))]).astype(np.uint8),
+    )
+    _png(str(images / "tile.png"), _smooth_image(1000, 1000, 4))  # a MoNuSeg-sized tile
+    os.makedirs(images / "isic", exist_ok=True)
+    Image.fromarray(_smooth_image(180, 240, 5)).save(images / "isic" / "photo.jpg", quality=90)  # non-square
+    ids = ["case2/alpha", "case2/grey", "isic/photo", "tile", "wide"]
+    suffix = {"isic/photo": ".jpg"}
     rows = predict.predict(config, str(tmp_path / "run"), str(images), str(tmp_path / "out"), state=state)
     out = tmp_path / "out"
-    assert [r["id"] for r in rows] == ["case2/alpha", "case2/grey", "wide"]
+    assert [r["id"] for r in rows] == ids
     with np.load(out / "predictions.npz") as pred:
         mean, std, sizes = pred["mean"], pred["std"], pred["original_size"]
-    assert mean.shape == (3, 32, 32) and sizes.tolist() == [[32, 32], [20, 30], [40, 50]]
+    assert mean.shape == (5, 512, 512) and sizes.tolist() == [
+        [32, 32],
+        [20, 30],
+        [180, 240],
+        [1000, 1000],
+        [40, 50],
+    ]
+    np.testing.assert_array_equal(std, 0)  # E1: every member is the same function of the image
     for i, row in enumerate(rows):
+        path = images / (row["id"] + suffix.get(row["id"], ".png"))
+        prob, full = _oracle(path, 512)
+        np.testing.assert_allclose(mean[i], prob, atol=2e-6, err_msg=row["id"])
+        assert 0.05 < np.mean(full > 0.5) < 0.95, row["id"]  # both classes: the mask depends on the image
+        _assert_mask_is_the_oracles(out / f"{row['id']}_mask.png", full)
         h, w = sizes[i]
-        full = predict.resize_map(mean[i], (h, w))
-        mask = _read(out / f"{row['id']}_mask.png")
-        assert mask.shape == (h, w) and (row["height"], row["width"]) == (h, w)
-        np.testing.assert_array_equal(mask, (full > 0.5) * 255)
-        np.testing.assert_array_equal(_read(out / f"{row['id']}_mean.png"), np.round(full * 255))
-        assert row["foreground_fraction"] == pytest.approx(np.mean(full > 0.5))
-        assert row["max_std"] == pytest.approx(predict.resize_map(std[i], (h, w)).max())
+        assert (row["height"], row["width"]) == (h, w)
+        assert np.abs(_read(out / f"{row['id']}_mean.png").astype(int) - np.round(full * 255)).max() <= 1
+        assert row["foreground_fraction"] == pytest.approx(np.mean(full > 0.5), abs=1e-4)
         q = np.clip(full.astype(np.float64), 1e-12, 1 - 1e-12)  # the entropy's definition, in bits
         assert row["mean_entropy"] == pytest.approx(
-            np.mean(-q * np.log2(q) - (1 - q) * np.log2(1 - q)), abs=1e-5
+            np.mean(-q * np.log2(q) - (1 - q) * np.log2(1 - q)), abs=1e-4
         )
+    # Tiled == whole: the per-pixel network fed the 512 px images whole gives the same maps.
+    whole = config.copy_and_resolve_references()
+    whole.data.eval_tiling = "whole"
+    predict.predict(whole, "unused", str(images), str(tmp_path / "whole"), state=state)
+    with np.load(tmp_path / "whole" / "predictions.npz") as pred:
+        np.testing.assert_allclose(pred["mean"], mean, atol=1e-6)
     # The stored-size inputs are the files read and resized as the dataset builders store them.
     inputs, _ = predict.read_inputs([images / "case2" / "grey.png"], 32)
     grey = files.resize_image(files.read_image(images / "case2" / "grey.png"), 32)
@@ -147,23 +252,27 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
         np.testing.assert_array_equal(inputs[0], files.read_image(deep, scaling) / np.float32(255))
     assert inputs.max() < 0.07  # high_byte leaves 0..15 of a 12-bit image; auto stretches it to 0..255
     with open(out / "predictions.csv", newline="") as f:
-        assert [r["id"] for r in csv.DictReader(f)] == ["case2/alpha", "case2/grey", "wide"]
-    # One file is sampled as a batch of one, not padded to a whole evaluation batch (8 here), and padding would
-    # not change its samples: JAX's counter-based random numbers give each image the same noise either way.
-    config.eval.batch_size = 8
+        assert [r["id"] for r in csv.DictReader(f)] == ids
+    # One file is sampled as a batch of one, not padded to a whole evaluation batch; padding would not change
+    # its samples: JAX's counter-based random numbers give each image the same noise either way (an E2 run).
+    e2 = tiny_config("e2_folder")
+    e2.data.manual_dir = str(tmp_path / "not_here")
+    e2.eval.update(ddim_steps=2, batch_size=8)
+    _, e2_state = _fresh_state(e2)
+    e2_state = e2_state.replace(params=_randomised(e2_state.params))
     batches = []
     sample = evaluate.sample_statistics
     monkeypatch.setattr(
         evaluate, "sample_statistics", lambda *a, **k: batches.append(a[4]) or sample(*a, **k)
     )
-    predict.predict(config, "unused", str(images / "wide.png"), str(tmp_path / "one"), state=state)
+    predict.predict(e2, "unused", str(images / "wide.png"), str(tmp_path / "one"), state=e2_state)
     with np.load(tmp_path / "one" / "predictions.npz") as pred:
         alone = pred["mean"]
-    model, schedule, _, weights = evaluate.trained_network(config, "unused", 3, state)
+    model, schedule, _, weights = evaluate.trained_network(e2, "unused", 3, e2_state)
     inputs, _ = predict.read_inputs([images / "wide.png"], 32)
-    padded, _ = evaluate.ensemble_maps(config, model, schedule, weights, inputs, 0)
+    padded, _ = evaluate.ensemble_maps(e2, model, schedule, weights, inputs, 0)
     assert batches == [1, 8]
-    np.testing.assert_allclose(alone, padded[..., 0], atol=1e-6)  # programs of other shapes may round apart
+    np.testing.assert_allclose(alone, padded[..., 0], atol=1e-5)  # programs of other shapes may round apart
 
 
 @pytest.mark.slow
@@ -176,6 +285,7 @@ def test_predict_in_chunks_gives_the_same_samples_and_resumes_after_a_crash(tmp_
     config.data.resize = 64  # the 32 px model sees each image as four tiles
     config.eval.update(ddim_steps=2, batch_size=2, predict_chunk=1)  # chunks of 2 images (whole batches)
     _, state = _fresh_state(config)
+    state = state.replace(params=_randomised(state.params))  # samples that depend on the image
     rng = np.random.default_rng(1)
     images = tmp_path / "images"
     for i, shape in enumerate([(64, 64, 3), (50, 70, 3), (30, 40)]):

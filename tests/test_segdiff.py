@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import OFFICIAL_CASES, check_official
 
 from diffseg_jax.convert import export_state_dict, import_weights, to_flax_layout
 from diffseg_jax.diffusion import ddim_sample, get_schedule
@@ -459,3 +460,16 @@ def test_image_standardisation_is_the_official_loaders():
     expected = _encode(params, (image * 255.0 - jnp.asarray(mean)) / jnp.asarray(std))
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
     assert not np.allclose(ours, _encode(params, image), atol=1e-3)
+
+
+@OFFICIAL_CASES
+def test_segdiff_matches_official_fixture(corrupt, tmp_path):
+    """tomeramit/SegDiff's ``UNetModel`` with RRDB F (tiny: 32 ch, mult (1, 2), 4 heads, one RRDB of nf 8, gc 4;
+    every tensor randomised; tests/data/make_official_fixtures.py) and ours with its state dict imported by
+    ``diffseg_jax.convert``: the same output; the official model gets the image standardised as its loader does,
+    ours standardises it inside (``image_mean``/``image_std``)."""
+
+    def outputs(model, variables, io):
+        return {"out": jax.jit(model.apply)(variables, io["x_t"], io["t"], io["image"])}
+
+    check_official(corrupt, outputs, "segdiff", tmp_path)

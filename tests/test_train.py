@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT, assert_metrics_are_the_ensembles, tiny_config
 
 from diffseg_jax import checkpoints, configlib, data, models, train
 
@@ -593,7 +593,7 @@ def test_each_architecture_trains_and_samples_e2(tmp_path, tfds_dir, arch):
         config.data.resize = 64
     state = train.train(config, str(tmp_path))
     result = evaluate.evaluate(config, str(tmp_path), state=state)
-    assert result["model"] == arch and 0.0 <= result["iou"] <= 1.0
+    assert result["model"] == arch and result == assert_metrics_are_the_ensembles(tmp_path / "eval")
     saved = np.load(tmp_path / "eval" / "ensemble.npz")
     size = 64 if arch == "segdiff" else 32
     assert saved["mean"].shape == (4, size, size, 1) and saved["mask"].shape == (4, size, size, 1)
@@ -663,3 +663,63 @@ def test_progress_is_shown_between_logs_when_steps_are_slow(tmp_path, tfds_dir, 
     # metrics.jsonl keeps the log_every cadence: the progress lines are for the console only.
     with open(tmp_path / "slow" / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [5]
+
+
+def test_ema_after_k_steps_is_its_closed_form():
+    """With an optimizer that adds c to every parameter each step (p_j = p_0 + j c) and the EMA started at p_0,
+    e_k = d e_{k-1} + (1 - d) p_k has the closed form e_k = p_0 + c (k - d (1 - d^k) / (1 - d)); the train step's
+    EMA follows it, and the raw parameters are p_0 + k c."""
+    import flax.linen as nn
+    import optax
+
+    class Affine(nn.Module):
+        out: int
+
+        @nn.compact
+        def __call__(self, x, t, cond=None, train=False):
+            del t, train
+            return nn.Dense(self.out)(jnp.concatenate([x, cond], -1))
+
+    config = tiny_config("e2_synthetic")
+    decay, c, k = 0.9, 0.25, 7
+    config.train.ema_decay = decay
+    add_c = optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda grads, state, params=None: (jax.tree.map(lambda g: jnp.full_like(g, c), grads), state),
+    )
+    model = Affine(2 if train.loss_settings(config)["learn_sigma"] else 1)  # ε (and v with a learned σ)
+    batch = {"image": jnp.full((2, 8, 8, 3), 0.5), "mask": jnp.ones((2, 8, 8, 1))}
+    p0 = model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32), batch["image"])[
+        "params"
+    ]
+    state = train.TrainState(
+        step=jnp.asarray(0), params=p0, ema_params=jax.tree.map(jnp.copy, p0), opt_state=add_c.init(p0),
+        key=jax.random.key(1),
+    )  # fmt: skip
+    step = jax.jit(train.make_train_step(model, add_c, train.build_schedule(config.diffusion), config))
+    for _ in range(k):
+        state, _ = step(state, batch)
+    lag = decay * (1 - decay**k) / (1 - decay)
+    for p, raw, ema in zip(
+        jax.tree.leaves(p0), jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)
+    ):
+        np.testing.assert_allclose(raw, p + k * c, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(ema, p + c * (k - lag), rtol=1e-5, atol=1e-6)
+    assert int(state.step) == k and lag > 1  # the EMA trails the weights by more than a step
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_the_easy_synthetic_lesions(tmp_path, tfds_dir):
+    """A learning test: the tiny E1 network trained for 30 steps (Adam, lr 1e-3) segments the synthetic lesions
+    far better than predicting all foreground. Measured (2026-12-07, 2-core CPU) with seeds 0, 1, 2: pooled IoU
+    0.815, 0.848, 0.865 on the 8 test images against the all-foreground baseline 0.312 (margins 0.50 to 0.55);
+    the test asks for 0.3 with seed 0."""
+    from diffseg_jax import evaluate
+
+    config = tiny_config("e1_synthetic", data_dir=tfds_dir)
+    config.train.update(num_steps=30, lr=1e-3, log_every=10, ckpt_every=30)
+    config.eval.num_images = 8
+    state = train.train(config, str(tmp_path))
+    metrics = evaluate.evaluate(config, str(tmp_path), state=state)
+    assert metrics == assert_metrics_are_the_ensembles(tmp_path / "eval")
+    assert metrics["iou_pooled"] > metrics["baseline_iou_all_foreground"] + 0.3, metrics["iou_pooled"]

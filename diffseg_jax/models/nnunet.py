@@ -206,3 +206,37 @@ class NNUNet(nn.Module):
         if train and self.deep_supervision:
             return logits, {"deep_supervision": tuple(heads[-2::-1])}
         return logits
+
+
+# ---------------------------------------------------------------- official-weight mapping (diffseg_jax.convert)
+IMPORT_HINT = (
+    "Check that the plan (features_per_stage, strides, kernel sizes, convs per stage) matches the checkpoint's "
+    "PlainConvUNet, and that it has one output class (num_classes=1: nnU-Net's 2-class head is not mapped)."
+)
+
+
+def torch_key(path: Sequence[str]) -> str:
+    """The ``PlainConvUNet`` state-dict key of one Flax leaf path (a leading ``'params'`` is dropped), e.g.
+    ``('encoder_stages_1_0_convs_0', 'norm', 'scale')`` -> ``'encoder.stages.1.0.convs.0.norm.weight'``,
+    ``('decoder_seg_layers_2', 'kernel')`` -> ``'decoder.seg_layers.2.weight'``. Kernels need the layout
+    change of :func:`diffseg_jax.convert.to_flax_layout` (the transposed convs' (kh, kw, out, in) included)."""
+    path = tuple(path)
+    if path[0] == "params":
+        path = path[1:]
+    *modules, leaf = path
+    names = [
+        m.replace("seg_layers", "seg-layers").replace("_", ".").replace("seg-layers", "seg_layers")
+        for m in modules
+    ]
+    return ".".join(names + ["weight" if leaf in ("kernel", "scale") else leaf])
+
+
+def skip_reason(key: str) -> str | None:
+    """State-dict keys that repeat tensors mapped under another key (dynamic_network_architectures registers
+    each conv and norm twice, in ``convs.N.conv``/``.norm`` and ``convs.N.all_modules``, and the decoder holds
+    the encoder as ``decoder.encoder``)."""
+    if key.startswith("decoder.encoder."):
+        return "the decoder's reference to the encoder (the same tensors as encoder.*)"
+    if ".all_modules." in key:
+        return "the same tensor as the block's .conv / .norm"
+    return None
