@@ -291,6 +291,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.objective = ml_collections.ConfigDict(
         dict(loss="published", reduction="mean", cal_weight=0.0, e1_timestep=-1)  # e1_timestep -1: T-1
     )
+    # prediction: what an E2/E3 network predicts, 'eps', 'x0' or 'v' (Salimans & Ho 2022); None: the experiment's
+    # own (E2 ε as the paper's Eq. 3, E3 x0 as Eq. 2). Through the loss, both samplers and the curves; beyond
+    # the paper for E2 (the published schemes keep ε). E1 ignores it, E4 keeps ε.
+    c.objective.prediction = config_dict.placeholder(str)
     # E1's Dice term: 'per_example' (smooth 1) or nnU-Net's 'batch' Dice (pooled over the batch, smooth 1e-5).
     c.objective.dice = "per_example"
     c.objective.dice_smooth = 1.0

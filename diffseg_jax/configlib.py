@@ -360,6 +360,16 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         _fail("objective.loss", config.objective.loss, "Choose 'published' or 'eps_mse'.")
     if config.objective.reduction not in ("mean", "sum"):
         _fail("objective.reduction", config.objective.reduction, "Choose 'mean' or 'sum'.")
+    prediction = config.objective.get("prediction", None)
+    if prediction is not None and prediction not in objectives.PREDICTIONS:
+        _fail(
+            "objective.prediction",
+            prediction,
+            f"Choose one of {objectives.PREDICTIONS} (what an E2/E3 network predicts), or leave it unset for the "
+            "experiment's own (E2: eps, E3: x0).",
+        )
+    if prediction not in (None, "eps") and config.experiment == "e4":
+        _fail("objective.prediction", prediction, "E4 (image generation) predicts eps; leave it unset for E4.")
     if config.objective.get("dice", "per_example") not in ("per_example", "batch"):
         _fail("objective.dice", config.objective.dice, "Choose 'per_example' or 'batch' (nnU-Net's).")
     if config.train.get("optimizer", "adam") not in ("adam", "sgd_nesterov"):

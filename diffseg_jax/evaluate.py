@@ -63,7 +63,7 @@ def make_member_fn(
     settings = train.loss_settings(config)
     sampler = diffusion.SAMPLERS[config.eval.sampler]
     kwargs = dict(
-        prediction=objectives.prediction_type(experiment),
+        prediction=settings["prediction"],
         clip_range=(-1.0, 1.0) if config.eval.clip_denoised else None,
         variance="learned_range" if settings["learn_sigma"] else config.diffusion.variance,
         return_extras=True,

@@ -5,8 +5,8 @@ exp.   network input x              conditioning image   target              los
 =====  ==========================  ===================  ==================  ==========================
 E1     N(0, I) noise of the mask's  the image            the mask (logits)   Dice + binary CE, equal
        shape, in place of x_t                                                weight (feed-forward)
-E2     x_t of the mask              the image            ε                   ‖ε − ε_θ‖², Eq. (3)
-E3     x_t of the mask              none (withheld)      x0 (the mask)       ‖x0 − x̂0_θ‖², Eq. (2)
+E2     x_t of the mask              the image            ε (or x0, v)        ‖ε − ε_θ‖², Eq. (3)
+E3     x_t of the mask              none (withheld)      x0 (or ε, v)        ‖x0 − x̂0_θ‖², Eq. (2)
 E4     x_t of the image             none                 ε                   ‖ε − ε_θ‖², Eq. (1)
 =====  ==========================  ===================  ==================  ==========================
 
@@ -14,7 +14,9 @@ Masks enter diffusion space through :func:`diffseg_jax.diffusion.mask_to_diffusi
 images are in [0, 1] as conditions and mapped to [-1, 1] when they are the diffused variable (E4).
 Timesteps are drawn uniformly from {0, …, T-1} or from a proposal ``t_probs`` with the importance
 correction 1/(T p(t)); ``t_weights`` (shape (T,)) reweights the per-example losses
-(``diffseg_jax.diffusion.timesteps``). E1 feeds the timestep ``e1_timestep`` (default T-1: the noise it sees is distributed as x_T).
+(``diffseg_jax.diffusion.timesteps``). ``prediction`` (``objective.prediction``, beyond the paper) trains E2 or E3
+to predict x0 or v = √ᾱ ε − √(1-ᾱ) x0 instead (Salimans & Ho 2022): the loss is then the plain MSE to that
+target, which weights the timesteps differently (the ε loss is SNR(t)·‖x0 − x̂0‖²). E1 feeds the timestep ``e1_timestep`` (default T-1: the noise it sees is distributed as x_T).
 """
 
 from __future__ import annotations
@@ -33,9 +35,27 @@ EXPERIMENTS = ("e1", "e2", "e3", "e4")
 ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray | None, jax.Array], jnp.ndarray]
 
 
-def prediction_type(experiment: str) -> str:
-    """What the network's output means: 'logits' (E1), 'eps' (E2, E4) or 'x0' (E3)."""
-    return {"e1": "logits", "e2": "eps", "e3": "x0", "e4": "eps"}[_check(experiment)]
+PREDICTIONS = diffusion.PREDICTIONS  # what a diffusion network may predict: 'eps', 'x0' or 'v'
+DEFAULT_PREDICTION = {"e1": "logits", "e2": "eps", "e3": "x0", "e4": "eps"}
+
+
+def prediction_type(experiment: str, prediction: str | None = None) -> str:
+    """What the network's output means: 'logits' (E1), else ``prediction`` ('eps', 'x0' or 'v') for E2 and E3,
+    or the experiment's own when it is None: 'eps' (E2, the paper's Eq. 3; E4) or 'x0' (E3, Eq. 2).
+
+    ``config.objective.prediction`` sets it (:func:`prediction_of`); E1 ignores it and E4 keeps 'eps'.
+    """
+    default = DEFAULT_PREDICTION[_check(experiment)]
+    if prediction is None or experiment in ("e1", "e4"):
+        return default
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS} (or None), got {prediction!r}")
+    return prediction
+
+
+def prediction_of(config) -> str:
+    """:func:`prediction_type` of a config: ``objective.prediction`` (None: the experiment's own)."""
+    return prediction_type(config.experiment, config.objective.get("prediction", None))
 
 
 def uses_image_condition(experiment: str) -> bool:
@@ -146,6 +166,7 @@ def loss_fn(
     aux_weights: dict[str, float] | None = None,
     dice: str = "per_example",
     dice_smooth: float = 1.0,
+    prediction: str | None = None,
 ) -> tuple[jnp.ndarray, dict[str, Any]]:
     """The unified training loss for E1–E4 on one batch; returns (scalar loss, aux).
 
@@ -161,6 +182,10 @@ def loss_fn(
     Timesteps: ``t_probs`` (T,) draws t from that distribution instead of uniformly, and each example's loss is
     multiplied by ``t_weights[t] / (T t_probs[t])``, so the loss estimates ``mean_t t_weights[t] L_t`` whatever
     the proposal (``t_probs = t_weights / T`` samples the weighted objective with factor 1).
+
+    ``prediction``: what an E2/E3 network predicts ('eps', 'x0', 'v'; None: the experiment's own, see
+    :func:`prediction_type`); the MSE is taken against that target, and the hybrid loss's VLB gets the x̂0 it
+    implies.
 
     E1: ``dice`` ('per_example' or nnU-Net's 'batch') and ``dice_smooth`` pick the Dice term; a network that
     returns lower-resolution heads as ``extras['deep_supervision']`` (nnU-Net) is trained on all of them, with
@@ -190,8 +215,8 @@ def loss_fn(
         noise = jax.random.normal(noise_key, x0.shape)
         x_t = diffusion.q_sample(schedule, x0, t, noise)
         out, extras = split_output(apply_fn(params, x_t, t, cond, drop_key))
-        pred = prediction_type(experiment)
-        target = x0 if pred == "x0" else noise
+        pred = prediction_type(experiment, prediction)
+        target = diffusion.prediction_target(pred, schedule, x0, noise, t)
         expected = (*target.shape[:-1], target.shape[-1] * (2 if learn_sigma else 1))
         # Checked here: else an error deep in a split, or a broadcast into a plausible-looking loss.
         if out.shape != expected:
@@ -206,7 +231,7 @@ def loss_fn(
         per_example = per_example_mse(out, target, reduction)
         if learn_sigma:
             frozen = jax.lax.stop_gradient(out)
-            model_x0 = frozen if pred == "x0" else diffusion.predict_x0_from_eps(schedule, x_t, t, frozen)
+            model_x0, _ = diffusion.x0_eps_from_prediction(pred, schedule, x_t, t, frozen)
             log_var = diffusion.step_log_variance(schedule, t, x0.shape, "learned_range", v)
             per_example = per_example + likelihood.vb_terms_bpd(schedule, x0, x_t, t, model_x0, log_var)
 

@@ -36,8 +36,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs and the tab
 # Groups copied from the grid config onto every cell (the model and its scheme come from the cell's model).
 SHARED = {
     "data": ("num_train", "num_test", "seed", "augment_flips", "data_dir"),
-    "objective": ("loss",),
-    "train": ("num_steps", "batch_size", "lr", "ema_decay", "log_every", "ckpt_every", "grad_clip"),
+    "objective": ("loss", "prediction"),
+    "train": (
+        "num_steps",
+        "batch_size",
+        "lr",
+        "ema_decay",
+        "log_every",
+        "ckpt_every",
+        "keep_every",
+        "grad_clip",
+    ),
     "eval": (
         "use_ema",
         "ensemble_size",
@@ -148,6 +157,8 @@ def cell_config(
         c.data.manual_dir = dataset
         for key in FOLDER_DATA:
             c.data[key] = grid.data[key]
+    if grid.table.get("mask_range", ""):  # '' keeps each architecture's published mask range
+        c.diffusion.mask_range = grid.table.mask_range
     own = REFERENCE_OWN if models.is_feed_forward(model) else {}
     for group, keys in SHARED.items():
         for key in keys:

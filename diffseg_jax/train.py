@@ -84,6 +84,7 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         aux_weights={"cal": config.objective.cal_weight} if published else {},
         dice=config.objective.get("dice", "per_example"),
         dice_smooth=config.objective.get("dice_smooth", 1.0),
+        prediction=objectives.prediction_of(config),
     )
 
 

@@ -335,3 +335,20 @@ def test_analysing_other_data_than_the_run_trained_on_is_said(tmp_path, tfds_dir
     with caplog.at_level("WARNING"):
         run.analyse(trained, str(tmp_path))
     assert "trained on" not in caplog.text
+
+
+@pytest.mark.parametrize("mask_range", ["symmetric", "binary"])
+def test_a_v_oracle_has_zero_mask_error_and_eps_loss(mask_range):
+    """objective.prediction='v' (issue 32): a network returning the true v = √ᾱ ε − √(1-ᾱ) x0 gives back x0 and ε
+    exactly at every t, in either mask range."""
+    x0 = diffusion.mask_to_diffusion(_masks(), mask_range)
+
+    def v_oracle(x_t, t):
+        eps = diffusion.predict_eps_from_x0(SCHEDULE, x_t, t, x0)
+        return diffusion.v_from_x0_eps(SCHEDULE, x0, eps, t)
+
+    out = curves.timestep_curves(
+        v_oracle, SCHEDULE, x0, TS, jax.random.PRNGKey(0), prediction="v", mask_range=mask_range, num_draws=2
+    )
+    np.testing.assert_allclose(out["mask_error"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(out["eps_loss"], 0.0, atol=1e-6)

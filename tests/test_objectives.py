@@ -229,3 +229,55 @@ def test_sum_reduction_and_aux_cal_weight():
     )
     plain, _ = objectives.loss_fn(with_cal, None, batch, jax.random.PRNGKey(1), SCHED, experiment="e2")
     np.testing.assert_allclose(loss - plain, 10 * 0.25, rtol=1e-5)
+
+
+@pytest.mark.parametrize("experiment", ["e2", "e3"])
+@pytest.mark.parametrize("prediction", [None, "eps", "x0", "v"])
+def test_objective_prediction_sets_the_target_and_an_oracle_scores_zero(experiment, prediction):
+    """objective.prediction (issue 32): the loss is the MSE to ε, x0 or v = √ᾱ ε − √(1-ᾱ) x0 of the noise the loss
+    drew; None keeps the experiment's own (E2 ε, E3 x0) exactly. An oracle of that parameterisation scores 0,
+    and the hybrid loss's VLB gets the x̂0 each implies (that of a perfect ε when the oracle is perfect)."""
+    batch = _batch(jax.random.PRNGKey(0), n=8)
+    key = jax.random.PRNGKey(4)
+    _, noise_key, _ = jax.random.split(key, 3)
+    x0 = 2 * batch["mask"] - 1
+    noise = jax.random.normal(noise_key, x0.shape)
+    pred = prediction or {"e2": "eps", "e3": "x0"}[experiment]
+    zero, aux = objectives.loss_fn(
+        _Recorder(jnp.zeros_like), None, batch, key, SCHED, experiment=experiment, prediction=prediction
+    )
+    ab = np.asarray(SCHED.alphas_cumprod)[np.asarray(aux["t"])][:, None, None, None]
+    target = {"eps": noise, "x0": x0, "v": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0}[pred]
+    np.testing.assert_allclose(zero, np.mean(np.asarray(target) ** 2), rtol=1e-5)
+    oracle = lambda p, x, t, c, rng: diffusion.prediction_target(pred, SCHED, x0, noise, t)
+    perfect, _ = objectives.loss_fn(oracle, None, batch, key, SCHED, experiment=experiment, prediction=prediction)
+    np.testing.assert_allclose(perfect, 0.0, atol=1e-9)
+    # The hybrid loss: the VLB term of a perfect prediction is the same whatever the parameterisation.
+    hybrid = lambda p, x, t, c, rng: jnp.concatenate([oracle(p, x, t, c, rng), jnp.ones_like(x)], -1)
+    _, with_vb = objectives.loss_fn(
+        hybrid, None, batch, key, SCHED, experiment=experiment, prediction=prediction, learn_sigma=True
+    )
+    eps_oracle = lambda p, x, t, c, rng: jnp.concatenate([noise, jnp.ones_like(x)], -1)
+    _, reference = objectives.loss_fn(
+        eps_oracle, None, batch, key, SCHED, experiment=experiment, prediction="eps", learn_sigma=True
+    )
+    np.testing.assert_allclose(with_vb["per_example"], reference["per_example"], rtol=2e-3, atol=1e-5)
+
+
+def test_objective_prediction_default_is_todays_loss_and_e1_e4_ignore_it():
+    """prediction=None (the config's default) is the loss before the option existed: E2 against ε, E3 against
+    x0; E1 (logits) and E4 (ε) keep theirs whatever it says."""
+    assert [objectives.prediction_type(e) for e in objectives.EXPERIMENTS] == ["logits", "eps", "x0", "eps"]
+    assert objectives.prediction_type("e2", "x0") == "x0" and objectives.prediction_type("e3", "v") == "v"
+    assert objectives.prediction_type("e1", "x0") == "logits" and objectives.prediction_type("e4", "v") == "eps"
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        objectives.prediction_type("e2", "noise")
+    batch = _batch(jax.random.PRNGKey(0))
+    out = lambda p, x, t, c, rng: 0.7 * x + 0.1
+    for experiment in ("e2", "e3"):
+        default, _ = objectives.loss_fn(out, None, batch, jax.random.PRNGKey(2), SCHED, experiment=experiment)
+        own = objectives.DEFAULT_PREDICTION[experiment]
+        named, _ = objectives.loss_fn(
+            out, None, batch, jax.random.PRNGKey(2), SCHED, experiment=experiment, prediction=own
+        )
+        assert float(default) == float(named)

@@ -148,7 +148,7 @@ def network_curves(config, workdir, test, ts, key, network=None) -> tuple[dict[s
         network = evaluate.trained_network(config, workdir, test["image"].shape[-1])
     model, schedule, step, variables = network
     a = config.analysis
-    prediction = objectives.prediction_type(experiment)
+    prediction = objectives.prediction_of(config)
     mask_range = config.diffusion.mask_range if experiment != "e4" else "symmetric"
 
     @jax.jit

@@ -2,13 +2,17 @@
 
 from diffseg_jax.diffusion.gaussian import (
     MASK_RANGES,
+    PREDICTIONS,
     diffusion_to_prob,
     extract,
     mask_to_diffusion,
     predict_eps_from_x0,
     predict_x0_from_eps,
+    prediction_target,
     q_posterior,
     q_sample,
+    v_from_x0_eps,
+    x0_eps_from_prediction,
 )
 from diffseg_jax.diffusion.samplers import (
     SAMPLERS,
@@ -36,6 +40,7 @@ from diffseg_jax.diffusion.schedule import (
 __all__ = [
     "BETA_SCHEDULES",
     "MASK_RANGES",
+    "PREDICTIONS",
     "SAMPLERS",
     "Schedule",
     "TTA_TRANSFORMS",
@@ -56,8 +61,11 @@ __all__ = [
     "step_log_variance",
     "predict_eps_from_x0",
     "predict_x0_from_eps",
+    "prediction_target",
     "q_posterior",
     "q_sample",
     "register_beta_schedule",
     "schedule_from_betas",
+    "v_from_x0_eps",
+    "x0_eps_from_prediction",
 ]

@@ -49,6 +49,54 @@ def predict_eps_from_x0(schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, x0
     )
 
 
+# What a network's output means (Salimans & Ho 2022, "Progressive Distillation", Sec. 4 and App. D): the noise
+# ε, the clean x0, or the velocity v = √ᾱ_t ε − √(1-ᾱ_t) x0. Each gives x0 and ε from x_t exactly.
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def _alpha_sigma(schedule: Schedule, t: jnp.ndarray, shape: tuple[int, ...]):
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, shape),
+        extract(schedule.sqrt_one_minus_alphas_cumprod, t, shape),
+    )
+
+
+def v_from_x0_eps(schedule: Schedule, x0: jnp.ndarray, eps: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """v = √ᾱ_t ε − √(1-ᾱ_t) x0."""
+    alpha, sigma = _alpha_sigma(schedule, t, x0.shape)
+    return alpha * eps - sigma * x0
+
+
+def prediction_target(
+    prediction: str, schedule: Schedule, x0: jnp.ndarray, eps: jnp.ndarray, t: jnp.ndarray
+) -> jnp.ndarray:
+    """What a network of ``prediction`` ('eps', 'x0' or 'v') is trained to output for (x0, ε, t)."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return v_from_x0_eps(schedule, x0, eps, t)
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def x0_eps_from_prediction(
+    prediction: str, schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, out: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(x̂0, ε̂) from a network output of ``prediction``, unclipped, both consistent with x_t.
+
+    ε: x̂0 = (x_t − σ ε̂)/α; x0: ε̂ = (x_t − α x̂0)/σ; v: x̂0 = α x_t − σ v̂, ε̂ = σ x_t + α v̂ (α² + σ² = 1).
+    """
+    if prediction == "eps":
+        return predict_x0_from_eps(schedule, x_t, t, out), out
+    if prediction == "x0":
+        return out, predict_eps_from_x0(schedule, x_t, t, out)
+    if prediction == "v":
+        alpha, sigma = _alpha_sigma(schedule, t, x_t.shape)
+        return alpha * x_t - sigma * out, sigma * x_t + alpha * out
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
 def q_posterior(
     schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:

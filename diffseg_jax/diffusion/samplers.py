@@ -3,7 +3,8 @@
 A *model function* ``model_fn(x_t, t) -> output`` closes over parameters and the conditioning image; ``t`` is
 the integer training timestep, shape (B,), that produced the noise level of ``x_t`` — also under DDIM,
 where the network sees the original t of each visited step (as improved-diffusion's respacing wrapper
-does). ``prediction`` says what the output is: ``'eps'`` (E2, E4) or ``'x0'`` (E3). With
+does). ``prediction`` says what the output is: ``'eps'`` (E2, E4), ``'x0'`` (E3) or ``'v'``
+(``objective.prediction``). With
 ``variance='learned_range'`` the output carries twice the channels, [prediction, v], as in improved DDPM.
 
 All samplers are pure: call them inside ``jax.jit`` (the loop over timesteps is one ``lax.scan`` and compiles
@@ -37,20 +38,13 @@ def model_x0_eps(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Turns a network output into (x0, ε) estimates; x0 is clipped to ``clip_range`` when given.
 
-    When x0 is clipped, ε is re-derived from the clipped x0 (as improved-diffusion's DDIM does), so both stay
-    consistent with x_t.
+    ``prediction``: what the output is, 'eps', 'x0' or 'v' (:data:`gaussian.PREDICTIONS`). When x0 is clipped,
+    ε is re-derived from the clipped x0 (as improved-diffusion's DDIM does), so both stay consistent with x_t;
+    unclipped, each comes from the output by :func:`gaussian.x0_eps_from_prediction`.
     """
-    if prediction == "eps":
-        x0 = gaussian.predict_x0_from_eps(schedule, x_t, t, out)
-    elif prediction == "x0":
-        x0 = out
-    else:
-        raise ValueError(f"prediction must be 'eps' or 'x0', got {prediction!r}")
+    x0, eps = gaussian.x0_eps_from_prediction(prediction, schedule, x_t, t, out)
     if clip_range is not None:
         x0 = jnp.clip(x0, *clip_range)
-    if prediction == "eps" and clip_range is None:
-        eps = out
-    else:
         eps = gaussian.predict_eps_from_x0(schedule, x_t, t, x0)
     return x0, eps
 
