@@ -358,6 +358,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             step=-1,
             tta="none",
             member_output="soft",
+            # E1 samples (and its protocol validates) with the raw weights, as the paper's classical training;
+            # True: with the EMA weights as eval.use_ema says for diffusion.
+            e1_use_ema=False,
         )
     )
 
@@ -403,28 +406,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 # --config.objective.loss=eps_mse swaps the loss-related parts for the paper's plain ε-MSE.
 PUBLISHED_SCHEMES = {
     # JuliaWolleb/Diffusion-based-Segmentation README: AdamW(1e-4, wd 0), batch 10, EMA 0.9999 (sampled with
-    # the raw weights), 60k iterations (issue #41), T=1000 linear, learn_sigma with the hybrid loss.
+    # the raw weights), 60k iterations (issue #41), T=1000 linear, learn_sigma with the hybrid loss; masks
+    # diffused in {0, 1} as its loader and loss give them (x̂0 still clipped to [-1, 1] when sampling).
     "ensemdiff": {
         "train": dict(lr=1e-4, batch_size=10, ema_decay=0.9999, num_steps=60_000, weight_decay=0.0),
-        "diffusion": dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02, learn_sigma=True),
+        "diffusion": dict(
+            num_timesteps=1000, beta_start=1e-4, beta_end=0.02, learn_sigma=True, mask_range="binary"
+        ),
         "objective": dict(reduction="mean", cal_weight=0.0),
         "eval": dict(use_ema=False, clip_denoised=True),
     },
     # tomeramit/SegDiff MoNuSeg: AdamW(1e-4), batch 2 x 4 GPUs, EMA 0.9999 (evaluated with EMA), 300k
-    # iterations, T=100 linear (1e-3 -> 0.2), eps-MSE summed over C,H,W, no clipping when sampling.
+    # iterations, T=100 linear (1e-3 -> 0.2), eps-MSE summed over C,H,W, no clipping when sampling; masks
+    # diffused as 2m - 1 in {-1, 1}. Its MoNuSeg loader's RandomAffine and ColorJitter: DATASET_SETTINGS.
     # Not reproduced: fp16 training with dynamic loss scaling (fp32 here; bf16 via model.dtype later).
     "segdiff": {
         "train": dict(lr=1e-4, batch_size=8, ema_decay=0.9999, num_steps=300_000, weight_decay=0.0),
-        "diffusion": dict(num_timesteps=100, beta_start=1e-4, beta_end=0.02, learn_sigma=False),
+        "diffusion": dict(
+            num_timesteps=100, beta_start=1e-4, beta_end=0.02, learn_sigma=False, mask_range="symmetric"
+        ),
         "objective": dict(reduction="sum", cal_weight=0.0),
         "eval": dict(use_ema=True, clip_denoised=False),
     },
     # KidsWithTokens/MedSegDiff README (ISIC): AdamW(1e-4), batch 8, EMA 0.9999 (the sampler loads either
     # file; raw weights here as EnsemDiff), ~100k steps ("converged"), T=1000 linear, learn_sigma hybrid
-    # loss + 10 x MSE(cal, mask). Not reproduced: its "staple" ensembling ((mean)^2); we average members.
+    # loss + 10 x MSE(cal, mask); masks diffused in {0, 1} (`res = mask > 0`), x̂0 clipped to [-1, 1].
+    # Not reproduced: its "staple" ensembling ((mean)^2); we average members.
     "medsegdiff": {
         "train": dict(lr=1e-4, batch_size=8, ema_decay=0.9999, num_steps=100_000, weight_decay=0.0),
-        "diffusion": dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02, learn_sigma=True),
+        "diffusion": dict(
+            num_timesteps=1000, beta_start=1e-4, beta_end=0.02, learn_sigma=True, mask_range="binary"
+        ),
         "objective": dict(reduction="mean", cal_weight=10.0),
         "eval": dict(use_ema=False, clip_denoised=True),
     },

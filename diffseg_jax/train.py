@@ -81,7 +81,8 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(
         learn_sigma=learn_sigma,
         reduction=config.objective.reduction if published else "mean",
-        aux_weights={"cal": config.objective.cal_weight} if published else {},
+        # E1 is classical Dice + CE (the paper): no auxiliary head loss, e.g. MedSegDiff's cal term.
+        aux_weights={"cal": config.objective.cal_weight} if published and config.experiment != "e1" else {},
         dice=config.objective.get("dice", "per_example"),
         dice_smooth=config.objective.get("dice_smooth", 1.0),
         prediction=objectives.prediction_of(config),

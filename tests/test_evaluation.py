@@ -425,9 +425,12 @@ class _CalNet(nn.Module):
         return extras["cal"]
 
 
+@pytest.mark.parametrize("experiment", ["e1", "e2"])
 @pytest.mark.parametrize("cal_weight", [0.0, 10.0])
-def test_untrained_auxiliary_heads_stay_out_of_the_members(cal_weight):
-    config = tiny_config("e1_synthetic")
+def test_untrained_auxiliary_heads_stay_out_of_the_members(cal_weight, experiment):
+    """A trained cal head is blended into E2's members (MedSegDiff v1's sampler); E1 is classical segmentation
+    (issue 32): its member is the sigmoid alone, whatever the cal weight."""
+    config = tiny_config(f"{experiment}_synthetic")
     config.objective.cal_weight = cal_weight
     schedule = train.build_schedule(config.diffusion)
     model = _CalNet()
@@ -436,10 +439,29 @@ def test_untrained_auxiliary_heads_stay_out_of_the_members(cal_weight):
     member = evaluate.make_member_fn(model, schedule, config)(
         variables, images, (1, 8, 8, 1), jax.random.PRNGKey(1)
     )
-    if cal_weight > 0:  # the trained cal head is the member, as the postprocess says
+    if cal_weight > 0 and experiment == "e2":  # the trained cal head is the member, as the postprocess says
         np.testing.assert_allclose(member, 0.25)
-    else:  # untrained: the network's own sigmoid output
-        assert not np.allclose(member, 0.25) and float(member.min()) > 0 and float(member.max()) < 1
+    else:  # untrained, or E1: the network's own output
+        assert not np.allclose(member, 0.25)
+    if experiment == "e1":
+        assert float(member.min()) > 0 and float(member.max()) < 1  # a sigmoid
+
+
+def test_the_cal_blend_gets_the_sample_on_the_mask_scale_unclipped():
+    """MedSegDiff's code diffuses {0,1} masks and blends its sampler's raw output (x̂0 clipped to [-1, 1]):
+    clip(cal + 0.25 s, 0, 1) with s = -0.8 lowers cal by 0.2. Clipping s to [0, 1] first (before issue 32) would
+    leave cal at 0.5; under the symmetric range the sample goes in as (x + 1)/2."""
+    from diffseg_jax.models.medsegdiff import blend_cal
+
+    x = jnp.asarray([-0.8, 0.3, 1.0, -1.0])
+    seen = evaluate.diffusion_member(x, {"cal": None}, "binary", lambda s, e: s)
+    np.testing.assert_allclose(seen, x)
+    np.testing.assert_allclose(evaluate.diffusion_member(x, {"cal": None}, "symmetric", lambda s, e: s), (x + 1) / 2)
+    cal = jnp.full(4, 0.5)  # the sample (> 0 at 2 of 4) and cal disagree: Dice 0.5 < 0.65, so cal + 0.25 s
+    blended = evaluate.diffusion_member(x, {"cal": cal}, "binary", lambda s, e: blend_cal(s, e["cal"]))
+    np.testing.assert_allclose(blended, [0.3, 0.575, 0.75, 0.25], atol=1e-6)
+    # Without extras (no trained head), the member is the sample mapped to [0, 1], as before.
+    np.testing.assert_allclose(evaluate.diffusion_member(x, {}, "binary", lambda s, e: s), [0, 0.3, 1, 0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

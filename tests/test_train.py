@@ -537,3 +537,44 @@ def test_progress_is_shown_between_logs_when_steps_are_slow(tmp_path, tfds_dir, 
     # metrics.jsonl keeps the log_every cadence: the progress lines are for the console only.
     with open(tmp_path / "slow" / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [5]
+
+
+def test_published_schemes_diffuse_masks_in_their_codes_range():
+    """Issue 32: EnsemDiff's and MedSegDiff's codes diffuse {0,1} masks (`mask > 0 -> 1`, no 2m - 1), SegDiff's
+    2m - 1; each published scheme sets its own, and an experiment config keeps it."""
+    from configs import base, e2_isic, e2_monuseg
+
+    expected = {"ensemdiff": "binary", "medsegdiff": "binary", "medsegdiff_new": "binary", "segdiff": "symmetric"}
+    for model, mask_range in expected.items():
+        assert base.get_config(model).diffusion.mask_range == mask_range, model
+        assert e2_isic.get_config(f"{model},tiny").diffusion.mask_range == mask_range, model
+        assert e2_monuseg.get_config(model).diffusion.mask_range == mask_range, model
+
+
+def test_e1_is_classical_no_cal_loss_and_raw_weights():
+    """Issue 32: E1 of MedSegDiff trains (and validates) Dice + CE without the 10 x cal term; E1 of every
+    architecture samples with the raw weights unless eval.e1_use_ema, while E2 follows eval.use_ema."""
+    from configs import e1_isic, e2_isic
+
+    from diffseg_jax import evaluate
+
+    e1, e2 = e1_isic.get_config("medsegdiff,tiny"), e2_isic.get_config("medsegdiff,tiny")
+    assert e1.objective.cal_weight == 10.0  # the scheme's, kept for E2
+    assert train.loss_settings(e1)["aux_weights"] == {}
+    assert train.loss_settings(e2)["aux_weights"] == {"cal": 10.0}
+    for model in ("ensemdiff", "segdiff", "medsegdiff"):
+        config = e1_isic.get_config(f"{model},tiny")
+        config.eval.use_ema = True  # SegDiff's scheme; a grid's shared setting
+        assert not evaluate.uses_ema(config), model
+        config.eval.e1_use_ema = True
+        assert evaluate.uses_ema(config), model
+    e2.eval.use_ema = True
+    assert evaluate.uses_ema(e2)
+    # The weights trained_network hands to sampling (and the protocol's validation reads the same helper).
+    e1 = e1_isic.get_config("ensemdiff,tiny")
+    e1.eval.use_ema = True
+    _, _, _, state = train.model_and_state(e1, (32, 32, 3))
+    state = state.replace(ema_params=jax.tree.map(jnp.zeros_like, state.params))
+    _, _, _, variables = evaluate.trained_network(e1, "/no/such/run", 3, state=state)
+    leaf = jax.tree.leaves(variables["params"])[0]
+    np.testing.assert_array_equal(leaf, jax.tree.leaves(state.params)[0])

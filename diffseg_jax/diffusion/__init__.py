@@ -3,6 +3,7 @@
 from diffseg_jax.diffusion.gaussian import (
     MASK_RANGES,
     PREDICTIONS,
+    diffusion_to_mask_scale,
     diffusion_to_prob,
     extract,
     mask_to_diffusion,
@@ -50,6 +51,7 @@ __all__ = [
     "ddim_sample",
     "ddim_timesteps",
     "ddpm_sample",
+    "diffusion_to_mask_scale",
     "diffusion_to_prob",
     "dihedral",
     "ensemble_sample",

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 from diffseg_jax.diffusion.schedule import Schedule
 
 # Diffusion space of masks. 'symmetric': a {0,1} mask m is diffused as 2m-1 ∈ {-1,1}, which matches the
-# [-1,1] range every published sampler clips x0 to. 'binary': m ∈ {0,1} is diffused as it is, as the
-# EnsemDiff code does (its loader gives {0,1} masks and it never rescales), while its sampler still clips
-# x0 to [-1,1]; choose it with ``diffusion.mask_range='binary'`` to reproduce that code.
+# [-1,1] range every published sampler clips x0 to (SegDiff's code). 'binary': m ∈ {0,1} is diffused as it is,
+# as the EnsemDiff and MedSegDiff codes do (their loaders give {0,1} masks and they never rescale), while their
+# samplers still clip x0 to [-1,1]. The published schemes (configs/base.py) set each architecture's own; the
+# binary range has a quarter of the symmetric one's signal power, so every t is noisier for the mask.
 MASK_RANGES = ("symmetric", "binary")
 
 
@@ -116,6 +117,18 @@ def mask_to_diffusion(mask: jnp.ndarray, mask_range: str = "symmetric") -> jnp.n
         return 2.0 * mask - 1.0
     if mask_range == "binary":
         return mask
+    raise ValueError(f"mask_range must be one of {MASK_RANGES}, got {mask_range!r}")
+
+
+def diffusion_to_mask_scale(x: jnp.ndarray, mask_range: str = "symmetric") -> jnp.ndarray:
+    """A sample from diffusion space to the mask's {0,1} scale, unclipped: (x + 1)/2 or x itself.
+
+    What MedSegDiff's ``cal`` blend takes: its code diffuses {0,1} masks and blends the sampler's raw output.
+    """
+    if mask_range == "symmetric":
+        return (x + 1.0) / 2.0
+    if mask_range == "binary":
+        return x
     raise ValueError(f"mask_range must be one of {MASK_RANGES}, got {mask_range!r}")
 
 
