@@ -312,9 +312,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ckpt_every=5000,
             keep_checkpoints=3,
             # Checkpoints at multiples of keep_every (0: none) are kept for good besides the last
-            # keep_checkpoints, e.g. 15000 of 60000 steps keeps the model after 75 % of training (the paper's
-            # Fig. 3) for --mode analyse --config.eval.step=45000.
+            # keep_checkpoints (e.g. 1000: a learning curve's models); and one at each fraction of num_steps in
+            # keep_at, saved there whatever ckpt_every: 0.75 keeps the model after 75 % of training (the paper's
+            # Fig. 3) for --mode analyse --config.eval.step=45000 of 60000 steps.
             keep_every=0,
+            keep_at=(0.75,),
         )
     )
     # A weights file (.safetensors, .pt/.pth/.bin, .npz) imported by name into a run that has no checkpoint

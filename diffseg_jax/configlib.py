@@ -405,6 +405,14 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     for key in ("num_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         if config.train[key] < 1:
             _fail(f"train.{key}", config.train[key], "Use a positive integer.")
+    bad = [f for f in config.train.get("keep_at", ()) if not 0 < f < 1]
+    if bad:
+        _fail(
+            "train.keep_at",
+            tuple(config.train.keep_at),
+            f"{bad} are not fractions of train.num_steps in (0, 1); e.g. (0.75,) keeps the model after 75 % of "
+            "training, () none.",
+        )
     keep_every = config.train.get("keep_every", 0)
     if keep_every < 0 or (keep_every and keep_every % config.train.ckpt_every):
         _fail(

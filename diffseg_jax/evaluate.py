@@ -193,8 +193,8 @@ def load_state(workdir: str, fresh: train.TrainState, step: int = -1) -> train.T
             raise FileNotFoundError(
                 f"No checkpoint of step {step} in {ckpt.directory} (config.eval.step={step}); it holds steps "
                 f"{steps}. Pass one of them, or -1 for the latest. Training keeps the last train.keep_checkpoints "
-                "checkpoints and those at multiples of train.keep_every (set it before training to keep earlier "
-                "models)."
+                "checkpoints, those at multiples of train.keep_every and at the fractions train.keep_at of "
+                "train.num_steps (default 0.75; set them before training to keep other models)."
             )
         weights = ckpt.restore_fields(
             steps[-1] if step < 0 else step, {k: getattr(fresh, k) for k in WEIGHT_FIELDS}

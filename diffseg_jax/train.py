@@ -89,6 +89,14 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
+def kept_steps(train_config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Steps saved and kept for good besides ``keep_every``'s: ``round(f · num_steps)`` for each fraction f of
+    ``train.keep_at`` (default 0.75: the paper's Fig. 3 model, so ``--mode analyse --config.eval.step=<75 %>``
+    works on any finished run)."""
+    n = train_config.num_steps
+    return tuple(sorted({int(round(f * n)) for f in train_config.get("keep_at", ()) if 0 < round(f * n) < n}))
+
+
 def output_channels(config: ml_collections.ConfigDict, image_channels: int, mask_channels: int = 1) -> int:
     """Channels the network predicts: the image's for E4 (generation), else the mask's; doubled for a
     learned variance."""
@@ -486,8 +494,12 @@ def train(
         print(plan, flush=True)
         logging.info("%s", plan)
     state = jax.device_put(state, NamedSharding(mesh, P()))
+    keep_steps = kept_steps(config.train)
     ckpt = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.get("keep_every", 0)
+        os.path.join(workdir, "checkpoints"),
+        config.train.keep_checkpoints,
+        config.train.get("keep_every", 0),
+        keep_steps,
     )
     try:
         latest = ckpt.latest_step()
@@ -551,7 +563,9 @@ def train(
                 stop = bool(
                     hook is not None and hook_every > 0 and done % hook_every == 0 and hook(done, state)
                 )
-                save_now = done % config.train.ckpt_every == 0 or is_last or term.requested or stop
+                save_now = (
+                    done % config.train.ckpt_every == 0 or done in keep_steps or is_last or term.requested or stop
+                )
                 early = done - start <= 2
                 if early or done % sync_every == 0 or save_now or done % config.train.log_every == 0:
                     loss = float(metrics["loss"])  # Blocks: keeps the device queue short.

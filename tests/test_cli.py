@@ -41,6 +41,7 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     assert (workdir / "eval" / "ensemble.png").stat().st_size > 1000
     assert (workdir / "eval" / "reliability.png").stat().st_size > 1000
     assert (workdir / "checkpoints" / "4").is_dir()
+    assert (workdir / "checkpoints" / "3").is_dir()  # train.keep_at: 75 % of 4 steps, saved and kept for Fig. 3
     assert os.listdir(workdir / "tensorboard")
     # The uncertainty block and the Brier column: the metric functions on the arrays written beside them.
     arrays = np.load(workdir / "eval" / "ensemble.npz")

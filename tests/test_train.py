@@ -308,6 +308,7 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         ({"train.batch_size": 0}, "train.batch_size=0.*positive integer"),
         ({"train.ema_decay": 1.0}, "train.ema_decay=1.0"),
         ({"train.keep_every": 3}, "train.keep_every=3.*multiple of train.ckpt_every=2"),
+        ({"train.keep_at": (0.75, 1.0)}, r"train.keep_at=\(0.75, 1.0\).*\[1.0\] are not fractions"),
         ({"eval.step": -2}, "eval.step=-2.*latest checkpoint"),
         ({"eval.tta": "mirror"}, "eval.tta='mirror'.*'d4'"),
         ({"experiment": "e4", "eval.tta": "flips"}, "eval.tta='flips'.*experiment 'e4' samples without"),
@@ -578,3 +579,23 @@ def test_e1_is_classical_no_cal_loss_and_raw_weights():
     _, _, _, variables = evaluate.trained_network(e1, "/no/such/run", 3, state=state)
     leaf = jax.tree.leaves(variables["params"])[0]
     np.testing.assert_array_equal(leaf, jax.tree.leaves(state.params)[0])
+
+
+def test_the_model_after_75_percent_of_training_is_kept(tmp_path):
+    """Issue 32: train.keep_at (default 0.75) saves and keeps round(0.75 · num_steps) whatever ckpt_every and
+    keep_checkpoints, so --mode analyse --config.eval.step=<75 %> works on any finished run."""
+    config = tiny_config()
+    assert tuple(config.train.keep_at) == (0.75,)
+    config.train.num_steps = 60_000
+    assert train.kept_steps(config.train) == (45_000,)
+    config.train.num_steps = 10
+    config.train.keep_at = (0.75, 0.5, 0.05)
+    assert train.kept_steps(config.train) == (5, 8)  # round(0.5) = 0 is no step; sorted
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "c"), max_to_keep=1, keep_steps=(3,))
+    try:
+        for step in range(1, 6):
+            ckpt.save(step, {"w": jnp.full((2,), float(step))}, {"step": step})
+            ckpt.wait()
+        assert ckpt.all_steps() == [3, 5]
+    finally:
+        ckpt.close()
