@@ -352,3 +352,38 @@ def test_a_v_oracle_has_zero_mask_error_and_eps_loss(mask_range):
     )
     np.testing.assert_allclose(out["mask_error"], 0.0, atol=1e-6)
     np.testing.assert_allclose(out["eps_loss"], 0.0, atol=1e-6)
+
+
+def test_fig4_puts_curves_of_different_T_on_one_t_over_T_axis(tmp_path):
+    """Issue 32: SegDiff's T = 100 curve and EnsemDiff's T = 1000 one of the same shape in t/T coincide on the
+    t/T axis, their average is that shape (not a mix of t = 50 and t = 500), their t_half/T agree, and the
+    model-free curves of the two horizons stay apart instead of being averaged per t."""
+
+    def rows(model, horizon, curve_model=None):
+        return [
+            dict(t=int(t), value=float(((t + 1) / horizon) ** 2), curve="mask_error", model=curve_model or model,
+                 experiment="e2", dataset="d", step=1)
+            for t in range(horizon)
+        ]  # fmt: skip
+
+    for model, horizon in (("segdiff", 100), ("ensemdiff", 1000)):
+        os.makedirs(tmp_path / model / "analysis")
+        run.write_rows(str(tmp_path / model / "analysis" / "curves"), rows(model, horizon))
+        run.write_rows(str(tmp_path / model / "analysis" / "model_free"), rows(model, horizon, "model-free"))
+    everything = [r for m in ("segdiff", "ensemdiff") for f in ("curves", "model_free")
+                  for r in plots.with_horizon(run.read_rows(str(tmp_path / m / "analysis" / f"{f}.csv")))]  # fmt: skip
+    series = plots.fraction_series(everything)
+    assert set(series) == {
+        ("d", m, "e2", "mask_error", h) for m in ("segdiff", "ensemdiff", "model-free") for h in (100, 1000)
+    } - {("d", "segdiff", "e2", "mask_error", 1000), ("d", "ensemdiff", "e2", "mask_error", 100)}
+    u100, v100, _ = series[("d", "segdiff", "e2", "mask_error", 100)]
+    np.testing.assert_allclose(v100, u100**2)
+    grid, mean = plots.average_on_fraction(
+        [series[("d", m, "e2", "mask_error", h)][:2] for m, h in (("segdiff", 100), ("ensemdiff", 1000))]
+    )
+    assert len(grid) == 1000
+    np.testing.assert_allclose(mean, grid**2, atol=1e-4)  # interpolation error of u² on a 0.01 grid
+    summary = {s["model"]: s for s in fingerprints.summarise(everything, 1) if s["model"] != "model-free"}
+    assert summary["segdiff"]["t_half_frac"] == pytest.approx(summary["ensemdiff"]["t_half_frac"], abs=0.01)
+    paths = fingerprints.main(["--runs", str(tmp_path), "--out", str(tmp_path / "fp"), "--smoothing", "1"])
+    assert "| d | segdiff | e2 | 100 | 70 | 0.710 |" in open(paths["md"]).read()
