@@ -221,7 +221,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_threads=4,
             num_workers=0,
             prefetch=8,
-            augment="none",  # or 'nnunet': nnU-Net's 2D augmentation inside the train step
+            augment="none",  # or 'nnunet' / 'segdiff': nnU-Net's 2D / SegDiff's MoNuSeg augmentation in the step
         )
     )
     c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None → ~/tensorflow_datasets
@@ -521,7 +521,7 @@ DATASET_SETTINGS = {
         data=dict(name="isic2016", image_size=256, resize=256, augment_flips=False), ensemble_size=10
     ),
     # SegDiff's MoNuSeg loader: tiles resized 1000 -> 512, random 256 crops with flips for training, the 512
-    # image evaluated as four 256 tiles. (Its random affine and colour jitter are not reproduced.)
+    # image evaluated as four 256 tiles (its random affine and colour jitter: ARCHITECTURE_DATASET_SETTINGS).
     "monuseg": dict(
         data=dict(name="monuseg2018", image_size=256, resize=512, augment_flips=True, eval_tiling="tiles"),
         ensemble_size=25,
@@ -534,6 +534,10 @@ DATASET_SETTINGS = {
         ensemble_size=5,
     ),
 }
+# What an architecture's published code does on one dataset beyond its scheme: SegDiff's MoNuSeg loader applies
+# RandomAffine(22°, scale 0.75-1.25) and ColorJitter(0.4, 0.4, 0.4, 0.1) (diffseg_jax.data.augment, in the
+# step); --config.data.augment=none turns it off.
+ARCHITECTURE_DATASET_SETTINGS = {("segdiff", "monuseg"): dict(data=dict(augment="segdiff"))}
 # At test scale ('tiny'): 32 px models; MoNuSeg keeps its 2 x 2 tiles of a twice-as-large stored image.
 TINY_RESIZE = {"isic": 32, "monuseg": 64, "folder": 32}
 # What each experiment changes beyond the architecture's published scheme.
@@ -555,6 +559,9 @@ def experiment_config(experiment: str, dataset: str, arg: str | None = None) -> 
     settings = DATASET_SETTINGS[dataset]
     for key, value in settings["data"].items():
         c.data[key] = value
+    for group, values in ARCHITECTURE_DATASET_SETTINGS.get((model_name, dataset), {}).items():
+        for key, value in values.items():
+            c[group][key] = value
     feed_forward = is_feed_forward(model_name)
     c.eval.ensemble_size = 1 if feed_forward else settings["ensemble_size"]
     for group, values in ({} if feed_forward else EXPERIMENT_SETTINGS[experiment]).items():
