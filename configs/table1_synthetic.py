@@ -59,6 +59,10 @@ def get_config(arg=None):
             # diffusion.mask_range of every cell: '' keeps each architecture's published one, 'symmetric' or
             # 'binary' sets it for all.
             mask_range="",
+            # Learning curves: every cell also evaluated at these kept steps (train.keep_every keeps them), with
+            # each sampler of eval_samplers ('ddpm', 'ddim<K>'; empty: the grid's eval.sampler).
+            eval_steps=(),
+            eval_samplers=(),
         )
     )
     # What every cell shares (set on each model's tiny config with its published scheme).

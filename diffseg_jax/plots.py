@@ -367,3 +367,33 @@ def convergence_figure(curves: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def learning_curves_figure(rows: list[dict], path: str) -> None:
+    """IoU, ECE and the std map's error AUROC against the training step (``report.collect_learning_curves``'
+    rows): a panel per metric and dataset, a line per model, experiment, prediction, sampler and seed."""
+    datasets = sorted({str(r["dataset"]) for r in rows})
+    metrics = (("iou", "IoU"), ("ece", "ECE"), ("std_error_auroc", "std → error AUROC"))
+    fig, axes = plt.subplots(
+        len(datasets), 3, figsize=(13, 3.2 * len(datasets)), squeeze=False, constrained_layout=True
+    )
+    for row_axes, dataset in zip(axes, datasets):
+        lines: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if str(r["dataset"]) == dataset:
+                key = (r["model"], r["experiment"], r["prediction"], r["sampler"], r["seed"])
+                lines.setdefault(key, []).append(r)
+        for ax, (name, label) in zip(row_axes, metrics):
+            for (model, exp, pred, sampler, seed), pts in sorted(lines.items(), key=str):
+                pts = sorted((p for p in pts if p[name] is not None), key=lambda p: p["step"])
+                if not pts:
+                    continue
+                tag = f"{model} {exp}" + ("" if exp == "e1" else f" {pred} {sampler}") + f" s{seed}"
+                ax.plot([p["step"] for p in pts], [p[name] for p in pts], "o-" if exp != "e1" else "s--", label=tag)
+            ax.set_xscale("log")
+            ax.set_xlabel("training step")
+            ax.set_ylabel(label)
+            ax.set_title(f"{dataset}: {label}", fontsize=9)
+        row_axes[0].legend(fontsize=6)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

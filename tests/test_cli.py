@@ -388,3 +388,46 @@ def test_readme_building_blocks_exist_in_the_package():
         for part in name.split("."):
             obj = getattr(obj, part, None)
         assert callable(obj), f"README calls dj.{name}, which diffseg_jax does not have"
+
+
+def test_table1_eval_steps_evaluates_each_kept_step_with_each_sampler(tmp_path, monkeypatch):
+    """table.eval_steps (issue 32): every listed step the run kept, with every sampler of table.eval_samplers,
+    into learning_curve/step<S>_<sampler>/ with eval.step and the sampler set; a step beyond num_steps is left
+    for a longer grid, one not kept is skipped, and evaluations already there are not redone."""
+    import jax.numpy as jnp
+
+    from configs import table1_synthetic
+    from diffseg_jax import checkpoints, configlib, evaluate, table1
+
+    folder = tmp_path / "cell"
+    ckpt = checkpoints.Checkpointer(str(folder / "checkpoints"), max_to_keep=5)
+    for step in (1000, 2000, 3000):
+        ckpt.save(step, {"w": jnp.zeros(2)}, {"step": step})
+    ckpt.wait()
+    ckpt.close()
+    grid = table1_synthetic.get_config()
+    grid.table.eval_steps = (1000, 1500, 2000, 9000)
+    grid.table.eval_samplers = ("ddpm", "ddim50")
+    config = table1.cell_config(grid, "lesion", "ensemdiff", "e2")
+    config.train.num_steps = 3000
+    seen = []
+
+    def fake_evaluate(c, workdir, out_dir=None, **kwargs):
+        seen.append((c.eval.step, c.eval.sampler, c.eval.ddim_steps, os.path.relpath(out_dir, workdir)))
+        os.makedirs(out_dir)
+        open(os.path.join(out_dir, "metrics.json"), "w").write("{}")
+
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    table1.evaluate_steps(grid, config, str(folder))
+    assert seen == [
+        (1000, "ddpm", 10, "learning_curve/step1000_ddpm"),
+        (1000, "ddim", 50, "learning_curve/step1000_ddim50"),
+        (2000, "ddpm", 10, "learning_curve/step2000_ddpm"),
+        (2000, "ddim", 50, "learning_curve/step2000_ddim50"),
+    ]
+    assert config.eval.step == -1  # the cell's own config is not changed
+    seen.clear()
+    assert table1.evaluate_steps(grid, config, str(folder)) == [] and seen == []
+    grid.table.eval_samplers = ("euler",)
+    with pytest.raises(configlib.ConfigError, match="'euler' is not a sampler.*ddim<K>"):
+        table1.evaluate_steps(grid, config, str(folder))
