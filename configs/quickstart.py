@@ -17,7 +17,9 @@ from configs import base
 def get_config(arg=None):
     config = base.get_config(arg)
     config.experiment = "e2"
-    config.objective.loss = "eps_mse"  # The plain MSE, no learned variance (EnsemDiff's hybrid loss also works).
+    config.objective.loss = (
+        "eps_mse"  # The plain MSE, no learned variance (EnsemDiff's hybrid loss also works).
+    )
     config.objective.prediction = "x0"  # Beyond the paper: the mask as target; 'eps' is the paper's Eq. 3.
     # Masks diffused as 2m-1 in [-1, 1], the range the sampler clips x0 to (EnsemDiff's own code diffuses {0, 1}).
     config.diffusion.mask_range = "symmetric"

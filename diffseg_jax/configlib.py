@@ -369,7 +369,9 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             "experiment's own (E2: eps, E3: x0).",
         )
     if prediction not in (None, "eps") and config.experiment == "e4":
-        _fail("objective.prediction", prediction, "E4 (image generation) predicts eps; leave it unset for E4.")
+        _fail(
+            "objective.prediction", prediction, "E4 (image generation) predicts eps; leave it unset for E4."
+        )
     if config.objective.get("dice", "per_example") not in ("per_example", "batch"):
         _fail("objective.dice", config.objective.dice, "Choose 'per_example' or 'batch' (nnU-Net's).")
     if config.train.get("optimizer", "adam") not in ("adam", "sgd_nesterov"):

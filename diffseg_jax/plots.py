@@ -229,7 +229,10 @@ def with_horizon(rows: list[dict]) -> list[dict]:
     for r in rows:
         key = (r["dataset"], r["model"], r["experiment"], r["curve"])
         last[key] = max(last.get(key, -1), int(r["t"]))
-    return [r if "T" in r else dict(r, T=last[(r["dataset"], r["model"], r["experiment"], r["curve"])] + 1) for r in rows]
+    return [
+        r if "T" in r else dict(r, T=last[(r["dataset"], r["model"], r["experiment"], r["curve"])] + 1)
+        for r in rows
+    ]
 
 
 def fraction_series(rows: list[dict]) -> dict[tuple, tuple[np.ndarray, np.ndarray, int]]:
@@ -300,7 +303,7 @@ def fingerprint_figure(csv_paths: list[str], path: str, smoothing: int = 25) -> 
         panel = {k: v for k, v in series.items() if k[0] == dataset}
         longest = max(k[4] for k in panel)
 
-        def smoothed(u, v, horizon):
+        def smoothed(u, v, horizon, longest=longest):
             return smooth(v, samples_in(u * horizon, smoothing * horizon / longest))
 
         trained = {k: v for k, v in panel.items() if k[1] != "model-free"}
@@ -389,7 +392,12 @@ def learning_curves_figure(rows: list[dict], path: str) -> None:
                 if not pts:
                     continue
                 tag = f"{model} {exp}" + ("" if exp == "e1" else f" {pred} {sampler}") + f" s{seed}"
-                ax.plot([p["step"] for p in pts], [p[name] for p in pts], "o-" if exp != "e1" else "s--", label=tag)
+                ax.plot(
+                    [p["step"] for p in pts],
+                    [p[name] for p in pts],
+                    "o-" if exp != "e1" else "s--",
+                    label=tag,
+                )
             ax.set_xscale("log")
             ax.set_xlabel("training step")
             ax.set_ylabel(label)

@@ -682,10 +682,11 @@ def collect_learning_curves(paths: Sequence[str]) -> list[dict[str, Any]]:
     of its config.json, or the experiment's own), sampler, seed, step, IoU and ECE (``eval.pooling``'s), the
     mean std and the std map's error AUROC. An evaluation found twice (the end step listed in ``eval_steps``)
     counts once. Sorted by run, sampler and step."""
-    from diffseg_jax import objectives  # noqa: PLC0415
+    from diffseg_jax import objectives
 
     files = find_run_files(
-        paths, (os.path.join("**", CURVE_DIR, "*", "metrics.json"), os.path.join("**", "eval", "metrics.json"))
+        paths,
+        (os.path.join("**", CURVE_DIR, "*", "metrics.json"), os.path.join("**", "eval", "metrics.json")),
     )
     rows: dict[tuple, dict[str, Any]] = {}
     for path in files:
@@ -743,7 +744,9 @@ def write_learning_curves(rows: list[dict[str, Any]], out_dir: str) -> dict[str,
     from diffseg_jax import plots  # noqa: PLC0415
 
     os.makedirs(out_dir, exist_ok=True)
-    paths = {f"learning_curves_{e}": os.path.join(out_dir, f"learning_curves.{e}") for e in ("md", "csv", "png")}
+    paths = {
+        f"learning_curves_{e}": os.path.join(out_dir, f"learning_curves.{e}") for e in ("md", "csv", "png")
+    }
     with open(paths["learning_curves_md"], "w", encoding="utf-8") as f:
         f.write(learning_curves_markdown(rows))
     _write_csv(rows, LEARNING_COLUMNS, paths["learning_curves_csv"])

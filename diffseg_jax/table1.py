@@ -180,11 +180,13 @@ def parse_sampler(spec: str) -> tuple[str, int]:
         return "ddim", int(spec[4:])
     raise configlib.ConfigError(
         f"--config.table.eval_samplers: {spec!r} is not a sampler; use 'ddpm' (all T steps) or 'ddim<K>' (K "
-        "steps), e.g. --config.table.eval_samplers='(\"ddpm\",\"ddim10\",\"ddim50\")'."
+        'steps), e.g. --config.table.eval_samplers=\'("ddpm","ddim10","ddim50")\'.'
     )
 
 
-def evaluate_steps(grid: ml_collections.ConfigDict, config: ml_collections.ConfigDict, folder: str) -> list[str]:
+def evaluate_steps(
+    grid: ml_collections.ConfigDict, config: ml_collections.ConfigDict, folder: str
+) -> list[str]:
     """Evaluates the cell's run in ``folder`` at each kept checkpoint of ``table.eval_steps``, with each sampler of
     ``table.eval_samplers`` (default: the grid's own), into ``<folder>/learning_curve/step<S>_<sampler>/``;
     evaluations already there are skipped. A listed step beyond ``train.num_steps`` is skipped (a longer grid

@@ -94,7 +94,7 @@ def kept_steps(train_config: ml_collections.ConfigDict) -> tuple[int, ...]:
     ``train.keep_at`` (default 0.75: the paper's Fig. 3 model, so ``--mode analyse --config.eval.step=<75 %>``
     works on any finished run)."""
     n = train_config.num_steps
-    return tuple(sorted({int(round(f * n)) for f in train_config.get("keep_at", ()) if 0 < round(f * n) < n}))
+    return tuple(sorted({round(f * n) for f in train_config.get("keep_at", ()) if 0 < round(f * n) < n}))
 
 
 def output_channels(config: ml_collections.ConfigDict, image_channels: int, mask_channels: int = 1) -> int:
@@ -564,7 +564,11 @@ def train(
                     hook is not None and hook_every > 0 and done % hook_every == 0 and hook(done, state)
                 )
                 save_now = (
-                    done % config.train.ckpt_every == 0 or done in keep_steps or is_last or term.requested or stop
+                    done % config.train.ckpt_every == 0
+                    or done in keep_steps
+                    or is_last
+                    or term.requested
+                    or stop
                 )
                 early = done - start <= 2
                 if early or done % sync_every == 0 or save_now or done % config.train.log_every == 0:

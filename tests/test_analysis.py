@@ -386,4 +386,5 @@ def test_fig4_puts_curves_of_different_T_on_one_t_over_T_axis(tmp_path):
     summary = {s["model"]: s for s in fingerprints.summarise(everything, 1) if s["model"] != "model-free"}
     assert summary["segdiff"]["t_half_frac"] == pytest.approx(summary["ensemdiff"]["t_half_frac"], abs=0.01)
     paths = fingerprints.main(["--runs", str(tmp_path), "--out", str(tmp_path / "fp"), "--smoothing", "1"])
-    assert "| d | segdiff | e2 | 100 | 70 | 0.710 |" in open(paths["md"]).read()
+    with open(paths["md"]) as f:
+        assert "| d | segdiff | e2 | 100 | 70 | 0.710 |" in f.read()

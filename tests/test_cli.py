@@ -41,7 +41,9 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     assert (workdir / "eval" / "ensemble.png").stat().st_size > 1000
     assert (workdir / "eval" / "reliability.png").stat().st_size > 1000
     assert (workdir / "checkpoints" / "4").is_dir()
-    assert (workdir / "checkpoints" / "3").is_dir()  # train.keep_at: 75 % of 4 steps, saved and kept for Fig. 3
+    assert (
+        workdir / "checkpoints" / "3"
+    ).is_dir()  # train.keep_at: 75 % of 4 steps, saved and kept for Fig. 3
     assert os.listdir(workdir / "tensorboard")
     # The uncertainty block and the Brier column: the metric functions on the arrays written beside them.
     arrays = np.load(workdir / "eval" / "ensemble.npz")
@@ -415,7 +417,8 @@ def test_table1_eval_steps_evaluates_each_kept_step_with_each_sampler(tmp_path, 
     def fake_evaluate(c, workdir, out_dir=None, **kwargs):
         seen.append((c.eval.step, c.eval.sampler, c.eval.ddim_steps, os.path.relpath(out_dir, workdir)))
         os.makedirs(out_dir)
-        open(os.path.join(out_dir, "metrics.json"), "w").write("{}")
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            f.write("{}")
 
     monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
     table1.evaluate_steps(grid, config, str(folder))

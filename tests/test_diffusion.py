@@ -105,7 +105,9 @@ def _oracle(sched, x0, prediction):
     if prediction == "x0":
         return lambda x, t: jnp.broadcast_to(x0, x.shape)
     if prediction == "v":
-        return lambda x, t: diffusion.v_from_x0_eps(sched, x0, diffusion.predict_eps_from_x0(sched, x, t, x0), t)
+        return lambda x, t: diffusion.v_from_x0_eps(
+            sched, x0, diffusion.predict_eps_from_x0(sched, x, t, x0), t
+        )
     return lambda x, t: diffusion.predict_eps_from_x0(sched, x, t, x0)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pathlib
 import shutil
 
 import flax.linen as nn
@@ -457,7 +458,9 @@ def test_the_cal_blend_gets_the_sample_on_the_mask_scale_unclipped():
     x = jnp.asarray([-0.8, 0.3, 1.0, -1.0])
     seen = evaluate.diffusion_member(x, {"cal": None}, "binary", lambda s, e: s)
     np.testing.assert_allclose(seen, x)
-    np.testing.assert_allclose(evaluate.diffusion_member(x, {"cal": None}, "symmetric", lambda s, e: s), (x + 1) / 2)
+    np.testing.assert_allclose(
+        evaluate.diffusion_member(x, {"cal": None}, "symmetric", lambda s, e: s), (x + 1) / 2
+    )
     cal = jnp.full(4, 0.5)  # the sample (> 0 at 2 of 4) and cal disagree: Dice 0.5 < 0.65, so cal + 0.25 s
     blended = evaluate.diffusion_member(x, {"cal": cal}, "binary", lambda s, e: blend_cal(s, e["cal"]))
     np.testing.assert_allclose(blended, [0.3, 0.575, 0.75, 0.25], atol=1e-6)
@@ -1148,5 +1151,8 @@ def test_learning_curves_collect_each_runs_steps_and_samplers(tmp_path):
     ]
     assert rows[0]["std_error_auroc"] == 0.8 and rows[0]["dataset"] == "ISIC16"
     paths = report.write_learning_curves(rows, str(tmp_path / "out"))
-    assert "| ISIC16 | EnsemDiff | E2 | eps | ddim10 | 0 | 1000 | 40.00 | 0.1000 |" in open(paths["learning_curves_md"]).read()
+    assert (
+        "| ISIC16 | EnsemDiff | E2 | eps | ddim10 | 0 | 1000 | 40.00 | 0.1000 |"
+        in pathlib.Path(paths["learning_curves_md"]).read_text()
+    )
     assert os.path.getsize(paths["learning_curves_png"]) > 1000

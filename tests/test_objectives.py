@@ -250,7 +250,9 @@ def test_objective_prediction_sets_the_target_and_an_oracle_scores_zero(experime
     target = {"eps": noise, "x0": x0, "v": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0}[pred]
     np.testing.assert_allclose(zero, np.mean(np.asarray(target) ** 2), rtol=1e-5)
     oracle = lambda p, x, t, c, rng: diffusion.prediction_target(pred, SCHED, x0, noise, t)
-    perfect, _ = objectives.loss_fn(oracle, None, batch, key, SCHED, experiment=experiment, prediction=prediction)
+    perfect, _ = objectives.loss_fn(
+        oracle, None, batch, key, SCHED, experiment=experiment, prediction=prediction
+    )
     np.testing.assert_allclose(perfect, 0.0, atol=1e-9)
     # The hybrid loss: the VLB term of a perfect prediction is the same whatever the parameterisation.
     hybrid = lambda p, x, t, c, rng: jnp.concatenate([oracle(p, x, t, c, rng), jnp.ones_like(x)], -1)
@@ -269,7 +271,9 @@ def test_objective_prediction_default_is_todays_loss_and_e1_e4_ignore_it():
     x0; E1 (logits) and E4 (ε) keep theirs whatever it says."""
     assert [objectives.prediction_type(e) for e in objectives.EXPERIMENTS] == ["logits", "eps", "x0", "eps"]
     assert objectives.prediction_type("e2", "x0") == "x0" and objectives.prediction_type("e3", "v") == "v"
-    assert objectives.prediction_type("e1", "x0") == "logits" and objectives.prediction_type("e4", "v") == "eps"
+    assert (
+        objectives.prediction_type("e1", "x0") == "logits" and objectives.prediction_type("e4", "v") == "eps"
+    )
     with pytest.raises(ValueError, match="prediction must be one of"):
         objectives.prediction_type("e2", "noise")
     batch = _batch(jax.random.PRNGKey(0))

@@ -545,7 +545,12 @@ def test_published_schemes_diffuse_masks_in_their_codes_range():
     2m - 1; each published scheme sets its own, and an experiment config keeps it."""
     from configs import base, e2_isic, e2_monuseg
 
-    expected = {"ensemdiff": "binary", "medsegdiff": "binary", "medsegdiff_new": "binary", "segdiff": "symmetric"}
+    expected = {
+        "ensemdiff": "binary",
+        "medsegdiff": "binary",
+        "medsegdiff_new": "binary",
+        "segdiff": "symmetric",
+    }
     for model, mask_range in expected.items():
         assert base.get_config(model).diffusion.mask_range == mask_range, model
         assert e2_isic.get_config(f"{model},tiny").diffusion.mask_range == mask_range, model
@@ -556,7 +561,6 @@ def test_e1_is_classical_no_cal_loss_and_raw_weights():
     """Issue 32: E1 of MedSegDiff trains (and validates) Dice + CE without the 10 x cal term; E1 of every
     architecture samples with the raw weights unless eval.e1_use_ema, while E2 follows eval.use_ema."""
     from configs import e1_isic, e2_isic
-
     from diffseg_jax import evaluate
 
     e1, e2 = e1_isic.get_config("medsegdiff,tiny"), e2_isic.get_config("medsegdiff,tiny")

@@ -42,7 +42,9 @@ def summarise(rows: list[dict], smoothing: int, tol: float = 0.02) -> list[dict]
     (rise at most ``tol``); each curve smoothed over ``smoothing`` timesteps, however densely --mode analyse
     sampled it (``analysis.t_step``). T is each curve's (``plots.with_horizon``)."""
     out = []
-    for (dataset, model, experiment, curve, horizon), (u, v, _) in sorted(plots.fraction_series(rows).items()):
+    for (dataset, model, experiment, curve, horizon), (u, v, _) in sorted(
+        plots.fraction_series(rows).items()
+    ):
         if curve == "mask_error":
             t = np.rint(u * horizon - 1.0)
             window = plots.samples_in(t, smoothing)

@@ -449,7 +449,9 @@ def segdiff_batch(
 ) -> dict[str, jax.Array]:
     """:func:`segdiff_example` on every example of ``batch``, own key each."""
     keys = jax.random.split(key, batch["image"].shape[0])
-    image, mask = jax.vmap(lambda k, x, m: segdiff_example(k, x, m, params))(keys, batch["image"], batch["mask"])
+    image, mask = jax.vmap(lambda k, x, m: segdiff_example(k, x, m, params))(
+        keys, batch["image"], batch["mask"]
+    )
     return {**batch, "image": image, "mask": mask}
 
 
