@@ -388,3 +388,27 @@ def test_fig4_puts_curves_of_different_T_on_one_t_over_T_axis(tmp_path):
     paths = fingerprints.main(["--runs", str(tmp_path), "--out", str(tmp_path / "fp"), "--smoothing", "1"])
     with open(paths["md"]) as f:
         assert "| d | segdiff | e2 | 100 | 70 | 0.710 |" in f.read()
+
+
+def test_model_free_curve_of_binary_masks_is_the_exact_posterior_at_a_quarter_snr():
+    """Issue 32: masks diffused in {0,1} (EnsemDiff's and MedSegDiff's codes) are noisier than 2m - 1 at every
+    t. The curve for mask_range='binary' must match a direct simulation of the binary process with its exact
+    per-pixel posterior p = sigmoid(logit π + (√ᾱ x - ᾱ/2)/(1 - ᾱ)), and lie above the symmetric one."""
+    masks = _masks(seed=3, n=64)
+    ts = jnp.array([20, 40, 60])
+    symmetric = model_free.model_free_curve(
+        SCHEDULE, masks, ts, jax.random.PRNGKey(0), windows=(1,), num_draws=4
+    )
+    binary = model_free.model_free_curve(
+        SCHEDULE, masks, ts, jax.random.PRNGKey(0), windows=(1,), num_draws=4, mask_range="binary"
+    )
+    rate = float(masks.mean())
+    for i, t in enumerate(np.asarray(ts)):
+        a = float(SCHEDULE.alphas_cumprod[t])
+        noise = jax.random.normal(jax.random.PRNGKey(100 + i), (8,) + masks.shape)
+        x_t = np.sqrt(a) * masks + np.sqrt(1 - a) * noise
+        p = jax.nn.sigmoid(np.log(rate / (1 - rate)) + (np.sqrt(a) * x_t - a / 2) / (1 - a))
+        direct = float(jnp.mean((p - masks) ** 2))
+        assert float(binary["mask_error"][i]) == pytest.approx(direct, abs=0.006)
+    gap = np.asarray(binary["mask_error"]) - np.asarray(symmetric["mask_error"])
+    assert np.all(gap > 0) and np.all(gap[:2] > 0.03)  # (both near the limit π(1 - π) by t = 60)

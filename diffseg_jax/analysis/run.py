@@ -299,6 +299,7 @@ def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, 
             key,
             num_draws=a.num_draws,
             t_chunk=a.t_chunk if a.t_chunk > 0 else None,
+            mask_range=config.diffusion.mask_range,  # the run's: a binary range is noisier at every t
         )
         rows = [
             dict(
