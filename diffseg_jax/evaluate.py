@@ -54,9 +54,9 @@ def make_member_fn(
     a ``postprocess_member(sample, extras)`` method combines a diffusion sample with the extras of its last
     call (MedSegDiff v1 blends its ``cal`` head in, as its sampler does; :func:`diffusion_member`), with the
     extras of trained auxiliary heads only (``objective.cal_weight`` > 0 under the published loss); an E1
-    member is the network's sigmoid alone (the paper's classical segmentation). With ``eval.member_output='hard'`` each
-    segmentation member is then thresholded at 0.5 (a vote); the default 'soft' keeps its values, as the
-    EnsemDiff, SegDiff and MedSegDiff codes average their continuous samples.
+    member is the network's sigmoid alone (the paper's classical segmentation). With
+    ``eval.member_output='hard'`` each segmentation member is then thresholded at 0.5 (a vote); the default
+    'soft' keeps its values, as the EnsemDiff, SegDiff and MedSegDiff codes average their continuous samples.
     """
     experiment = config.experiment
     e1_t = config.objective.e1_timestep
