@@ -298,6 +298,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # E1's Dice term: 'per_example' (smooth 1) or nnU-Net's 'batch' Dice (pooled over the batch, smooth 1e-5).
     c.objective.dice = "per_example"
     c.objective.dice_smooth = 1.0
+    # Beyond the paper (issue 33), options of the same loss for E2/E3 (E1 ignores them; see diffseg_jax.objectives):
+    # loss_weighting 'min_snr': Min-SNR-γ weights over t (Hang et al. 2023), snr_gamma = γ; 'none': the plain loss.
+    c.objective.loss_weighting = "none"
+    c.objective.snr_gamma = 5.0
+    # self_condition: the previous x̂0 as extra input channels (Chen et al. 2022, "Analog Bits"); in training a
+    # stop-gradient first pass feeds them with probability self_condition_prob (else zeros); samplers feed the
+    # previous step's x̂0. A self-conditioned network takes twice the mask's channels as x.
+    c.objective.self_condition = False
+    c.objective.self_condition_prob = 0.5
+    # recycle_prob: the probability that x_t is built from the model's own stop-gradient x̂0 instead of the ground
+    # truth (Fu et al. 2023, "A Recycling Training Strategy", arXiv 2308.16355, which uses 1); 0 = off.
+    c.objective.recycle_prob = 0.0
 
     # EnsemDiff's published scheme: AdamW(lr 1e-4, wd 0) = Adam, batch 10, EMA 0.9999, no clipping.
     c.train = ml_collections.ConfigDict(

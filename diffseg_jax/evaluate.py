@@ -69,6 +69,8 @@ def make_member_fn(
         variance="learned_range" if settings["learn_sigma"] else config.diffusion.variance,
         return_extras=True,
     )
+    if settings["self_condition_prob"] > 0:  # issue 33: feed the previous step's x̂0
+        kwargs["self_condition"] = True
     if config.eval.sampler == "ddim":
         kwargs.update(num_steps=config.eval.ddim_steps, eta=config.eval.ddim_eta)
     postprocess = getattr(model, "postprocess_member", None)

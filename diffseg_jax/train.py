@@ -86,7 +86,28 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         dice=config.objective.get("dice", "per_example"),
         dice_smooth=config.objective.get("dice_smooth", 1.0),
         prediction=objectives.prediction_of(config),
+        **beyond_paper_settings(config),
     )
+
+
+def beyond_paper_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The loss options of issue 33 as :func:`objectives.loss_fn` takes them: ``snr_gamma`` (None: no Min-SNR
+    weighting), ``self_condition_prob`` (0: a network without self-conditioning), ``recycle_prob``; all off for
+    E1 (a feed-forward segmenter; the quickstart's E1 twin thus runs on the same config)."""
+    o = config.objective
+    diffusion_model = config.experiment != "e1"
+    return dict(
+        snr_gamma=o.snr_gamma if diffusion_model and o.get("loss_weighting", "none") == "min_snr" else None,
+        self_condition_prob=(
+            o.self_condition_prob if diffusion_model and o.get("self_condition", False) else 0.0
+        ),
+        recycle_prob=o.get("recycle_prob", 0.0) if diffusion_model else 0.0,
+    )
+
+
+def self_conditioned(config: ml_collections.ConfigDict) -> bool:
+    """Whether the network takes the previous x̂0 as extra channels of x (``objective.self_condition``)."""
+    return beyond_paper_settings(config)["self_condition_prob"] > 0
 
 
 def kept_steps(train_config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -421,6 +442,8 @@ def model_and_state(
     optimizer = make_optimizer(config.train)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
     x_shape = (1, h, w, image_channels if config.experiment == "e4" else 1)
+    if self_conditioned(config):  # x_t and the previous x̂0 (Analog Bits)
+        x_shape = (*x_shape[:-1], 2 * x_shape[-1])
     cond_shape = (1, h, w, image_channels) if objectives.uses_image_condition(config.experiment) else None
 
     tc = config.get("timesteps", None)

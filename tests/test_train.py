@@ -504,6 +504,58 @@ def test_every_architecture_slots_into_every_experiment(tfds_dir, arch, experime
     assert stem.shape[2] == x_channels + image_channels
 
 
+@pytest.mark.parametrize("arch", ["ensemdiff", "segdiff", "medsegdiff"])
+def test_self_conditioning_recycling_and_min_snr_slot_into_every_architecture(tfds_dir, arch):
+    """Issue 33's options together trace through each UNet's train step and member sampler (jax.eval_shape: no
+    compile); the previous x̂0 joins the mask input, so the stem (SegDiff's G) sees one channel more."""
+    from diffseg_jax import evaluate
+
+    config = tiny_config("e2_synthetic", f"{arch},tiny", data_dir=tfds_dir)
+    config.objective.prediction = "x0"
+    config.objective.self_condition = True
+    config.objective.recycle_prob = 1.0
+    config.objective.loss_weighting = "min_snr"
+    configlib.validate(config, check_data=False)
+    ds, model, schedule, optimizer, state = train.setup(config, abstract=True)
+    _, metrics = jax.eval_shape(train.make_train_step(model, optimizer, schedule, config), state, dict(ds[0]))
+    assert metrics["loss"].shape == ()
+    image_channels = 0 if arch == "segdiff" else 3
+    assert state.params["input_blocks_0_0"]["kernel"].shape[2] == 2 + image_channels
+    config.eval.sampler, config.eval.ddim_steps, config.eval.ddim_eta = "ddim", 2, 0.5
+    member = evaluate.make_member_fn(model, schedule, config)
+    variables = {"params": state.ema_params, **state.model_state}
+    images = jax.ShapeDtypeStruct((2, *ds[0]["image"].shape[1:]), jnp.float32)
+    size = ds[0]["image"].shape[1:3]
+    out = jax.eval_shape(lambda v, i: member(v, i, (2, *size, 1), jax.random.PRNGKey(0)), variables, images)
+    assert out.shape == (2, *size, 1)
+    # E1 ignores the options (the quickstart's twin runs on the same config): a plain one-channel noise input.
+    config.experiment = "e1"
+    assert not train.self_conditioned(config) and train.beyond_paper_settings(config)["snr_gamma"] is None
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("objective.loss_weighting", "snr", "Choose 'none' or 'min_snr'"),
+        ("objective.snr_gamma", 0.0, "positive"),
+        ("objective.self_condition_prob", 0.0, r"probability in \(0, 1\]"),
+        ("objective.recycle_prob", 1.5, r"probability in \[0, 1\]"),
+        ("eval.ddim_eta", -0.5, "η ≥ 0"),
+    ],
+)
+def test_issue33_options_are_validated(key, value, match):
+    config = tiny_config()
+    config.objective.loss_weighting = "min_snr"
+    group, name = key.split(".")
+    config[group][name] = value
+    with pytest.raises(configlib.ConfigError, match=rf"{key}=.*{match}"):
+        configlib.validate(config, check_data=False)
+    config = tiny_config("e4_synthetic")
+    config.objective.self_condition = True
+    with pytest.raises(configlib.ConfigError, match="turn them off for E4"):
+        configlib.validate(config, check_data=False)
+
+
 def _progress_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("step ", "The second step"))]
 
