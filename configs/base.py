@@ -227,7 +227,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_threads=4,
             num_workers=0,
             prefetch=8,
-            augment="none",  # or 'nnunet': nnU-Net's 2D augmentation inside the train step
+            augment="none",  # or 'nnunet' / 'segdiff': nnU-Net's 2D / SegDiff's MoNuSeg augmentation in the step
         )
     )
     c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None → ~/tensorflow_datasets
@@ -300,9 +300,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.objective = ml_collections.ConfigDict(
         dict(loss="published", reduction="mean", cal_weight=0.0, e1_timestep=-1)  # e1_timestep -1: T-1
     )
+    # prediction: what an E2/E3 network predicts, 'eps', 'x0' or 'v' (Salimans & Ho 2022); None: the experiment's
+    # own (E2 ε as the paper's Eq. 3, E3 x0 as Eq. 2). Through the loss, both samplers and the curves; beyond
+    # the paper for E2 (the published schemes keep ε). E1 ignores it, E4 keeps ε.
+    c.objective.prediction = config_dict.placeholder(str)
     # E1's Dice term: 'per_example' (smooth 1) or nnU-Net's 'batch' Dice (pooled over the batch, smooth 1e-5).
     c.objective.dice = "per_example"
     c.objective.dice_smooth = 1.0
+    # Beyond the paper (issue 33), options of the same loss for E2/E3 (E1 ignores them; see diffseg_jax.objectives):
+    # loss_weighting 'min_snr': Min-SNR-γ weights over t (Hang et al. 2023), snr_gamma = γ; 'none': the plain loss.
+    c.objective.loss_weighting = "none"
+    c.objective.snr_gamma = 5.0
+    # self_condition: the previous x̂0 as extra input channels (Chen et al. 2022, "Analog Bits"); in training a
+    # stop-gradient first pass feeds them with probability self_condition_prob (else zeros); samplers feed the
+    # previous step's x̂0. A self-conditioned network takes twice the mask's channels as x.
+    c.objective.self_condition = False
+    c.objective.self_condition_prob = 0.5
+    # recycle_prob: the probability that x_t is built from the model's own stop-gradient x̂0 instead of the ground
+    # truth (Fu et al. 2023, "A Recycling Training Strategy", arXiv 2308.16355, which uses 1); 0 = off.
+    c.objective.recycle_prob = 0.0
 
     # EnsemDiff's published scheme: AdamW(lr 1e-4, wd 0) = Adam, batch 10, EMA 0.9999, no clipping.
     c.train = ml_collections.ConfigDict(
@@ -317,9 +333,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ckpt_every=5000,
             keep_checkpoints=3,
             # Checkpoints at multiples of keep_every (0: none) are kept for good besides the last
-            # keep_checkpoints, e.g. 15000 of 60000 steps keeps the model after 75 % of training (the paper's
-            # Fig. 3) for --mode analyse --config.eval.step=45000.
+            # keep_checkpoints (e.g. 1000: a learning curve's models); and one at each fraction of num_steps in
+            # keep_at, saved there whatever ckpt_every: 0.75 keeps the model after 75 % of training (the paper's
+            # Fig. 3) for --mode analyse --config.eval.step=45000 of 60000 steps.
             keep_every=0,
+            keep_at=(0.75,),
         )
     )
     # A weights file (.safetensors, .pt/.pth/.bin, .npz) imported by name into a run that has no checkpoint
@@ -363,6 +381,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             step=-1,
             tta="none",
             member_output="soft",
+            # E1 samples (and its protocol validates) with the raw weights, as the paper's classical training;
+            # True: with the EMA weights as eval.use_ema says for diffusion.
+            e1_use_ema=False,
         )
     )
 
@@ -408,28 +429,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 # --config.objective.loss=eps_mse swaps the loss-related parts for the paper's plain ε-MSE.
 PUBLISHED_SCHEMES = {
     # JuliaWolleb/Diffusion-based-Segmentation README: AdamW(1e-4, wd 0), batch 10, EMA 0.9999 (sampled with
-    # the raw weights), 60k iterations (issue #41), T=1000 linear, learn_sigma with the hybrid loss.
+    # the raw weights), 60k iterations (issue #41), T=1000 linear, learn_sigma with the hybrid loss; masks
+    # diffused in {0, 1} as its loader and loss give them (x̂0 still clipped to [-1, 1] when sampling).
     "ensemdiff": {
         "train": dict(lr=1e-4, batch_size=10, ema_decay=0.9999, num_steps=60_000, weight_decay=0.0),
-        "diffusion": dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02, learn_sigma=True),
+        "diffusion": dict(
+            num_timesteps=1000, beta_start=1e-4, beta_end=0.02, learn_sigma=True, mask_range="binary"
+        ),
         "objective": dict(reduction="mean", cal_weight=0.0),
         "eval": dict(use_ema=False, clip_denoised=True),
     },
     # tomeramit/SegDiff MoNuSeg: AdamW(1e-4), batch 2 x 4 GPUs, EMA 0.9999 (evaluated with EMA), 300k
-    # iterations, T=100 linear (1e-3 -> 0.2), eps-MSE summed over C,H,W, no clipping when sampling.
+    # iterations, T=100 linear (1e-3 -> 0.2), eps-MSE summed over C,H,W, no clipping when sampling; masks
+    # diffused as 2m - 1 in {-1, 1}. Its MoNuSeg loader's RandomAffine and ColorJitter: DATASET_SETTINGS.
     # Not reproduced: fp16 training with dynamic loss scaling (fp32 here; bf16 via model.dtype later).
     "segdiff": {
         "train": dict(lr=1e-4, batch_size=8, ema_decay=0.9999, num_steps=300_000, weight_decay=0.0),
-        "diffusion": dict(num_timesteps=100, beta_start=1e-4, beta_end=0.02, learn_sigma=False),
+        "diffusion": dict(
+            num_timesteps=100, beta_start=1e-4, beta_end=0.02, learn_sigma=False, mask_range="symmetric"
+        ),
         "objective": dict(reduction="sum", cal_weight=0.0),
         "eval": dict(use_ema=True, clip_denoised=False),
     },
     # KidsWithTokens/MedSegDiff README (ISIC): AdamW(1e-4), batch 8, EMA 0.9999 (the sampler loads either
     # file; raw weights here as EnsemDiff), ~100k steps ("converged"), T=1000 linear, learn_sigma hybrid
-    # loss + 10 x MSE(cal, mask). Not reproduced: its "staple" ensembling ((mean)^2); we average members.
+    # loss + 10 x MSE(cal, mask); masks diffused in {0, 1} (`res = mask > 0`), x̂0 clipped to [-1, 1].
+    # Not reproduced: its "staple" ensembling ((mean)^2); we average members.
     "medsegdiff": {
         "train": dict(lr=1e-4, batch_size=8, ema_decay=0.9999, num_steps=100_000, weight_decay=0.0),
-        "diffusion": dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02, learn_sigma=True),
+        "diffusion": dict(
+            num_timesteps=1000, beta_start=1e-4, beta_end=0.02, learn_sigma=True, mask_range="binary"
+        ),
         "objective": dict(reduction="mean", cal_weight=10.0),
         "eval": dict(use_ema=False, clip_denoised=True),
     },
@@ -512,7 +542,7 @@ DATASET_SETTINGS = {
         data=dict(name="isic2016", image_size=256, resize=256, augment_flips=False), ensemble_size=10
     ),
     # SegDiff's MoNuSeg loader: tiles resized 1000 -> 512, random 256 crops with flips for training, the 512
-    # image evaluated as four 256 tiles. (Its random affine and colour jitter are not reproduced.)
+    # image evaluated as four 256 tiles (its random affine and colour jitter: ARCHITECTURE_DATASET_SETTINGS).
     "monuseg": dict(
         data=dict(name="monuseg2018", image_size=256, resize=512, augment_flips=True, eval_tiling="tiles"),
         ensemble_size=25,
@@ -525,6 +555,10 @@ DATASET_SETTINGS = {
         ensemble_size=5,
     ),
 }
+# What an architecture's published code does on one dataset beyond its scheme: SegDiff's MoNuSeg loader applies
+# RandomAffine(22°, scale 0.75-1.25) and ColorJitter(0.4, 0.4, 0.4, 0.1) (diffseg_jax.data.augment, in the
+# step); --config.data.augment=none turns it off.
+ARCHITECTURE_DATASET_SETTINGS = {("segdiff", "monuseg"): dict(data=dict(augment="segdiff"))}
 # At test scale ('tiny'): 32 px models; MoNuSeg keeps its 2 x 2 tiles of a twice-as-large stored image.
 TINY_RESIZE = {"isic": 32, "monuseg": 64, "folder": 32}
 # What each experiment changes beyond the architecture's published scheme.
@@ -546,6 +580,9 @@ def experiment_config(experiment: str, dataset: str, arg: str | None = None) -> 
     settings = DATASET_SETTINGS[dataset]
     for key, value in settings["data"].items():
         c.data[key] = value
+    for group, values in ARCHITECTURE_DATASET_SETTINGS.get((model_name, dataset), {}).items():
+        for key, value in values.items():
+            c[group][key] = value
     feed_forward = is_feed_forward(model_name)
     c.eval.ensemble_size = 1 if feed_forward else settings["ensemble_size"]
     for group, values in ({} if feed_forward else EXPERIMENT_SETTINGS[experiment]).items():

@@ -56,6 +56,13 @@ def get_config(arg=None):
             # Repeats: every cell once per seed, e.g. (0, 1, 2); the table then gives mean ± std over them and
             # Welch intervals for the differences. Empty: one run a cell with the grid's `seed`.
             seeds=(),
+            # diffusion.mask_range of every cell: '' keeps each architecture's published one, 'symmetric' or
+            # 'binary' sets it for all.
+            mask_range="",
+            # Learning curves: every cell also evaluated at these kept steps (train.keep_every keeps them), with
+            # each sampler of eval_samplers ('ddpm', 'ddim<K>'; empty: the grid's eval.sampler).
+            eval_steps=(),
+            eval_samplers=(),
         )
     )
     # What every cell shares (set on each model's tiny config with its published scheme).

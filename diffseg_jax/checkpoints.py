@@ -103,13 +103,18 @@ class Checkpointer:
     (even with SIGKILL) leaves the previous checkpoint as the latest one.
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 3, keep_every: int = 0):
+    def __init__(
+        self, directory: str, max_to_keep: int = 3, keep_every: int = 0, keep_steps: tuple[int, ...] = ()
+    ):
         """Saves keep the newest ``max_to_keep`` checkpoints and, with ``keep_every`` > 0, every checkpoint whose
-        step is a multiple of it (e.g. the paper's models after 75 % of training, for Fig. 3)."""
+        step is a multiple of it; and those at ``keep_steps`` (e.g. the paper's model after 75 % of training,
+        for Fig. 3)."""
         self.directory = os.path.abspath(directory)
         policies = [ocp.checkpoint_managers.LatestN(max_to_keep)]
         if keep_every > 0:
             policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
+        if keep_steps:
+            policies.append(ocp.checkpoint_managers.CustomSteps(list(keep_steps)))
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

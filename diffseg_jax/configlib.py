@@ -359,6 +359,34 @@ def _validate_segformer(m: ml_collections.ConfigDict) -> None:
         )
 
 
+def _validate_beyond_paper(config: ml_collections.ConfigDict) -> None:
+    """The loss options of issue 33: Min-SNR-γ weights, self-conditioning, recycling (E1 ignores them)."""
+    o = config.objective
+    weighting = o.get("loss_weighting", "none")
+    if weighting not in ("none", "min_snr"):
+        _fail(
+            "objective.loss_weighting", weighting, "Choose 'none' or 'min_snr' (Min-SNR-γ, Hang et al. 2023)."
+        )
+    if weighting == "min_snr" and not o.get("snr_gamma", 5.0) > 0:
+        _fail("objective.snr_gamma", o.snr_gamma, "Use a positive γ, e.g. 5 (Hang et al. 2023).")
+    if not 0.0 < o.get("self_condition_prob", 0.5) <= 1.0:
+        _fail(
+            "objective.self_condition_prob",
+            o.self_condition_prob,
+            "Use a probability in (0, 1], e.g. 0.5 (Analog Bits); objective.self_condition=False turns it off.",
+        )
+    if not 0.0 <= o.get("recycle_prob", 0.0) <= 1.0:
+        _fail(
+            "objective.recycle_prob", o.recycle_prob, "Use a probability in [0, 1]: 0 is off, 1 Fu et al.'s."
+        )
+    if config.experiment == "e4" and (o.get("self_condition", False) or o.get("recycle_prob", 0.0) > 0):
+        _fail(
+            "objective.self_condition / objective.recycle_prob",
+            (o.get("self_condition", False), o.get("recycle_prob", 0.0)),
+            "Self-conditioning and recycling are options of mask diffusion (E2, E3); turn them off for E4.",
+        )
+
+
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     """Raises ``ValueError`` naming the offending key for an impossible or unknown setting.
 
@@ -414,6 +442,19 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         _fail("objective.loss", config.objective.loss, "Choose 'published' or 'eps_mse'.")
     if config.objective.reduction not in ("mean", "sum"):
         _fail("objective.reduction", config.objective.reduction, "Choose 'mean' or 'sum'.")
+    prediction = config.objective.get("prediction", None)
+    if prediction is not None and prediction not in objectives.PREDICTIONS:
+        _fail(
+            "objective.prediction",
+            prediction,
+            f"Choose one of {objectives.PREDICTIONS} (what an E2/E3 network predicts), or leave it unset for the "
+            "experiment's own (E2: eps, E3: x0).",
+        )
+    if prediction not in (None, "eps") and config.experiment == "e4":
+        _fail(
+            "objective.prediction", prediction, "E4 (image generation) predicts eps; leave it unset for E4."
+        )
+    _validate_beyond_paper(config)
     if config.objective.get("dice", "per_example") not in ("per_example", "batch"):
         _fail("objective.dice", config.objective.dice, "Choose 'per_example' or 'batch' (nnU-Net's).")
     if config.train.get("optimizer", "adam") not in ("adam", "sgd_nesterov"):
@@ -451,6 +492,14 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     for key in ("num_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         if config.train[key] < 1:
             _fail(f"train.{key}", config.train[key], "Use a positive integer.")
+    bad = [f for f in config.train.get("keep_at", ()) if not 0 < f < 1]
+    if bad:
+        _fail(
+            "train.keep_at",
+            tuple(config.train.keep_at),
+            f"{bad} are not fractions of train.num_steps in (0, 1); e.g. (0.75,) keeps the model after 75 % of "
+            "training, () none.",
+        )
     keep_every = config.train.get("keep_every", 0)
     if keep_every < 0 or (keep_every and keep_every % config.train.ckpt_every):
         _fail(
@@ -514,6 +563,12 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             "eval.ddim_steps",
             config.eval.ddim_steps,
             f"Use 1..diffusion.num_timesteps={config.diffusion.num_timesteps}.",
+        )
+    if config.eval.get("ddim_eta", 0.0) < 0:
+        _fail(
+            "eval.ddim_eta",
+            config.eval.ddim_eta,
+            "Use η ≥ 0: 0 is deterministic DDIM, 1 DDPM's posterior variance (Song et al. 2021).",
         )
     for key in ("batch_size", "predict_chunk"):
         if config.eval[key] < 1:

@@ -51,11 +51,12 @@ def make_member_fn(
     image), mapped from diffusion space to [0,1]; E4: a generated image in [0,1]. A model with an
     ``encode_image`` method (SegDiff's image encoder F, independent of x_t and t) has it computed once per
     image rather than at every step — exact, and about a third of SegDiff's sampling compute. A model with
-    a ``postprocess_member(sample01, extras)`` method combines the sample with the extras of its last call
-    (MedSegDiff v1 blends its ``cal`` head in, as its sampler does), with the extras of trained auxiliary heads
-    only (``objective.cal_weight`` > 0 under the published loss). With ``eval.member_output='hard'`` each
-    segmentation member is then thresholded at 0.5 (a vote); the default 'soft' keeps its values, as the
-    EnsemDiff, SegDiff and MedSegDiff codes average their continuous samples.
+    a ``postprocess_member(sample, extras)`` method combines a diffusion sample with the extras of its last
+    call (MedSegDiff v1 blends its ``cal`` head in, as its sampler does; :func:`diffusion_member`), with the
+    extras of trained auxiliary heads only (``objective.cal_weight`` > 0 under the published loss); an E1
+    member is the network's sigmoid alone (the paper's classical segmentation). With
+    ``eval.member_output='hard'`` each segmentation member is then thresholded at 0.5 (a vote); the default
+    'soft' keeps its values, as the EnsemDiff, SegDiff and MedSegDiff codes average their continuous samples.
     """
     experiment = config.experiment
     e1_t = config.objective.e1_timestep
@@ -63,11 +64,13 @@ def make_member_fn(
     settings = train.loss_settings(config)
     sampler = diffusion.SAMPLERS[config.eval.sampler]
     kwargs = dict(
-        prediction=objectives.prediction_type(experiment),
+        prediction=settings["prediction"],
         clip_range=(-1.0, 1.0) if config.eval.clip_denoised else None,
         variance="learned_range" if settings["learn_sigma"] else config.diffusion.variance,
         return_extras=True,
     )
+    if settings["self_condition_prob"] > 0:  # issue 33: feed the previous step's x̂0
+        kwargs["self_condition"] = True
     if config.eval.sampler == "ddim":
         kwargs.update(num_steps=config.eval.ddim_steps, eta=config.eval.ddim_eta)
     postprocess = getattr(model, "postprocess_member", None)
@@ -85,22 +88,34 @@ def make_member_fn(
         def model_fn(x, t):
             return model.apply(variables, x, t, cond, train=False, rngs=rngs, **call_kwargs)
 
-        if experiment == "e1":
+        if experiment == "e1":  # classical segmentation: the sigmoid, no auxiliary head blended in
             t = jnp.full((x_shape[0],), e1_t, jnp.int32)
-            logits, extras = objectives.split_output(model_fn(jax.random.normal(key, x_shape), t))
+            logits, _ = objectives.split_output(model_fn(jax.random.normal(key, x_shape), t))
             out = jax.nn.sigmoid(logits[..., : x_shape[-1]])
         else:
             x, extras = sampler(model_fn, schedule, x_shape, key, **kwargs)
             if experiment == "e4":
                 return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
-            out = diffusion.diffusion_to_prob(x, config.diffusion.mask_range)
-        # Only heads the loss trained take part: with objective.loss=eps_mse MedSegDiff's cal head is untrained
-        # noise, and blending it in would corrupt the members.
-        extras = {k: v for k, v in (extras or {}).items() if settings["aux_weights"].get(k, 0.0) > 0}
-        out = postprocess(out, extras) if postprocess is not None and extras else out
+            # Only heads the loss trained take part: with objective.loss=eps_mse MedSegDiff's cal head is
+            # untrained noise, and blending it in would corrupt the members.
+            extras = {k: v for k, v in (extras or {}).items() if settings["aux_weights"].get(k, 0.0) > 0}
+            out = diffusion_member(x, extras, config.diffusion.mask_range, postprocess)
         return (out > THRESHOLD).astype(out.dtype) if hard else out
 
     return member
+
+
+def diffusion_member(x: jnp.ndarray, extras: dict, mask_range: str, postprocess=None) -> jnp.ndarray:
+    """A diffusion sample ``x`` (diffusion space) as a member's values in [0, 1].
+
+    Without extras to combine: :func:`diffusion.diffusion_to_prob`. With a model's ``postprocess_member`` and
+    the extras of its last call (MedSegDiff v1's ``cal``), the sample goes in on the mask's {0,1} scale,
+    unclipped (:func:`diffusion.diffusion_to_mask_scale`): the raw output of its sampler (x̂0 clipped to
+    [-1, 1] under its {0,1} masks), which its blend ``clip(cal + 0.25 s, 0, 1)`` takes, negative values included.
+    """
+    if postprocess is not None and extras:
+        return postprocess(diffusion.diffusion_to_mask_scale(x, mask_range), extras)
+    return diffusion.diffusion_to_prob(x, mask_range)
 
 
 def ensemble_fn(config: ml_collections.ConfigDict, model, schedule: diffusion.Schedule) -> Callable:
@@ -148,6 +163,16 @@ def make_ensemble_fn(member, num_members: int, member_chunk: int | None, tta: st
     return jax.jit(ensemble)
 
 
+def uses_ema(config: ml_collections.ConfigDict) -> bool:
+    """Whether sampling reads the EMA weights: ``eval.use_ema`` for a diffusion experiment; for E1
+    ``eval.e1_use_ema`` (default False). The paper trains E1 "classically", so its protocol's epoch choice and
+    its evaluation take the raw weights, whatever EMA the architecture's scheme keeps for diffusion (SegDiff's
+    0.9999 lags about 10k steps behind at E1's lr 1e-5)."""
+    if config.experiment == "e1":
+        return bool(config.eval.get("e1_use_ema", False))
+    return bool(config.eval.use_ema)
+
+
 WEIGHT_FIELDS = ("step", "params", "ema_params", "model_state")  # what sampling reads of a train state
 
 
@@ -170,8 +195,8 @@ def load_state(workdir: str, fresh: train.TrainState, step: int = -1) -> train.T
             raise FileNotFoundError(
                 f"No checkpoint of step {step} in {ckpt.directory} (config.eval.step={step}); it holds steps "
                 f"{steps}. Pass one of them, or -1 for the latest. Training keeps the last train.keep_checkpoints "
-                "checkpoints and those at multiples of train.keep_every (set it before training to keep earlier "
-                "models)."
+                "checkpoints, those at multiples of train.keep_every and at the fractions train.keep_at of "
+                "train.num_steps (default 0.75; set them before training to keep other models)."
             )
         weights = ckpt.restore_fields(
             steps[-1] if step < 0 else step, {k: getattr(fresh, k) for k in WEIGHT_FIELDS}
@@ -192,14 +217,14 @@ def trained_network(
     The network is built from the (resolved) config as training built it, for ``data.image_size`` crops of
     ``image_channels``-channel images. The weights are ``state``'s when it is given and ``config.eval.step`` is -1
     or its step, else those of the checkpoint at ``eval.step`` (-1: the latest); the EMA weights if
-    ``eval.use_ema``, else the raw ones.
+    :func:`uses_ema`, else the raw ones.
     """
     crop = config.data.image_size
     model, schedule, _, fresh = train.model_and_state(config, (crop, crop, image_channels), abstract=True)
     step = config.eval.get("step", -1)
     if state is None or 0 <= step != int(state.step):
         state = load_state(workdir, fresh, step)
-    variables = {"params": state.ema_params if config.eval.use_ema else state.params, **state.model_state}
+    variables = {"params": state.ema_params if uses_ema(config) else state.params, **state.model_state}
     return model, schedule, int(state.step), variables
 
 
@@ -432,7 +457,7 @@ def evaluate(
         "member_output": eval_cfg.get("member_output", "soft"),
         "sampler": eval_cfg.sampler,
         "ddim_steps": eval_cfg.ddim_steps if eval_cfg.sampler == "ddim" else None,
-        "weights": "ema" if eval_cfg.use_ema else "raw",
+        "weights": "ema" if uses_ema(config) else "raw",
         "num_images": len(mean),
         "step": step,
     }
@@ -546,7 +571,7 @@ def ensemble_maps(
         len(inputs),
         "tiles" if grid else "images",
         step,
-        "EMA" if eval_cfg.use_ema else "raw",
+        "EMA" if uses_ema(config) else "raw",
     )
     mean, std = sample_statistics(
         ensemble,

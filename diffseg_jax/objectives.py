@@ -5,8 +5,8 @@ exp.   network input x              conditioning image   target              los
 =====  ==========================  ===================  ==================  ==========================
 E1     N(0, I) noise of the mask's  the image            the mask (logits)   Dice + binary CE, equal
        shape, in place of x_t                                                weight (feed-forward)
-E2     x_t of the mask              the image            ε                   ‖ε − ε_θ‖², Eq. (3)
-E3     x_t of the mask              none (withheld)      x0 (the mask)       ‖x0 − x̂0_θ‖², Eq. (2)
+E2     x_t of the mask              the image            ε (or x0, v)        ‖ε − ε_θ‖², Eq. (3)
+E3     x_t of the mask              none (withheld)      x0 (or ε, v)        ‖x0 − x̂0_θ‖², Eq. (2)
 E4     x_t of the image             none                 ε                   ‖ε − ε_θ‖², Eq. (1)
 =====  ==========================  ===================  ==================  ==========================
 
@@ -14,7 +14,18 @@ Masks enter diffusion space through :func:`diffseg_jax.diffusion.mask_to_diffusi
 images are in [0, 1] as conditions and mapped to [-1, 1] when they are the diffused variable (E4).
 Timesteps are drawn uniformly from {0, …, T-1} or from a proposal ``t_probs`` with the importance
 correction 1/(T p(t)); ``t_weights`` (shape (T,)) reweights the per-example losses
-(``diffseg_jax.diffusion.timesteps``). E1 feeds the timestep ``e1_timestep`` (default T-1: the noise it sees is distributed as x_T).
+(``diffseg_jax.diffusion.timesteps``). ``prediction`` (``objective.prediction``, beyond the paper) trains E2 or E3
+to predict x0 or v = √ᾱ ε − √(1-ᾱ) x0 instead (Salimans & Ho 2022): the loss is then the plain MSE to that
+target, which weights the timesteps differently (the ε loss is SNR(t)·‖x0 − x̂0‖²). E1 feeds the timestep ``e1_timestep`` (default T-1: the noise it sees is distributed as x_T).
+
+Beyond the paper (issue 33), three options of the same loss for E2/E3 (E1 ignores them):
+
+* ``snr_gamma`` (``objective.loss_weighting='min_snr'``): Min-SNR-γ weights (Hang et al. 2023, arXiv 2303.09556),
+  :func:`min_snr_weights`.
+* ``self_condition_prob`` (``objective.self_condition``): self-conditioning (Chen, Zhang & Hinton 2022, "Analog
+  Bits", arXiv 2208.04202): the network takes the previous x̂0 as extra input channels after x_t.
+* ``recycle_prob`` (``objective.recycle_prob``): recycling (Fu et al. 2023, arXiv 2308.16355): x_t is built from
+  the model's own stop-gradient x̂0 instead of the ground truth.
 """
 
 from __future__ import annotations
@@ -33,9 +44,27 @@ EXPERIMENTS = ("e1", "e2", "e3", "e4")
 ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray | None, jax.Array], jnp.ndarray]
 
 
-def prediction_type(experiment: str) -> str:
-    """What the network's output means: 'logits' (E1), 'eps' (E2, E4) or 'x0' (E3)."""
-    return {"e1": "logits", "e2": "eps", "e3": "x0", "e4": "eps"}[_check(experiment)]
+PREDICTIONS = diffusion.PREDICTIONS  # what a diffusion network may predict: 'eps', 'x0' or 'v'
+DEFAULT_PREDICTION = {"e1": "logits", "e2": "eps", "e3": "x0", "e4": "eps"}
+
+
+def prediction_type(experiment: str, prediction: str | None = None) -> str:
+    """What the network's output means: 'logits' (E1), else ``prediction`` ('eps', 'x0' or 'v') for E2 and E3,
+    or the experiment's own when it is None: 'eps' (E2, the paper's Eq. 3; E4) or 'x0' (E3, Eq. 2).
+
+    ``config.objective.prediction`` sets it (:func:`prediction_of`); E1 ignores it and E4 keeps 'eps'.
+    """
+    default = DEFAULT_PREDICTION[_check(experiment)]
+    if prediction is None or experiment in ("e1", "e4"):
+        return default
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS} (or None), got {prediction!r}")
+    return prediction
+
+
+def prediction_of(config) -> str:
+    """:func:`prediction_type` of a config: ``objective.prediction`` (None: the experiment's own)."""
+    return prediction_type(config.experiment, config.objective.get("prediction", None))
 
 
 def uses_image_condition(experiment: str) -> bool:
@@ -121,6 +150,55 @@ def per_example_mse(pred: jnp.ndarray, target: jnp.ndarray, reduction: str = "me
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+def min_snr_weights(schedule: diffusion.Schedule, prediction: str, gamma: float) -> jnp.ndarray:
+    """Min-SNR-γ loss weights over t, shape (T,) (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy", arXiv 2303.09556, Sec. 3.4 and its code).
+
+    The x0 loss ‖x0 − x̂0‖² is weighted by min(SNR(t), γ), SNR = ᾱ/(1 − ᾱ). The same weight on the x0 error, written
+    in each parameterisation's own loss: the ε loss equals SNR·‖x0 − x̂0‖², so its weight is min(SNR, γ)/SNR; the v
+    loss equals (SNR + 1)·‖x0 − x̂0‖² (x̂0 − x0 = −σ(v̂ − v), 1/σ² = SNR + 1), so min(SNR, γ)/(SNR + 1).
+    """
+    if gamma <= 0:
+        raise ValueError(f"Min-SNR gamma must be positive (e.g. 5), got {gamma!r}")
+    abar = schedule.alphas_cumprod.astype(jnp.float32)
+    snr = abar / (1.0 - abar)
+    clipped = jnp.minimum(snr, gamma)
+    if prediction == "x0":
+        return clipped
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "v":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def _x0_estimate(apply_fn, params, x_in, t, cond, rng, schedule, prediction, x_t) -> jnp.ndarray:
+    """A stop-gradient x̂0 of the network at (x_in, t), clipped to [-1, 1] as the samplers clip it; the output's
+    first x_t-many channels are the prediction (a learned-variance channel is dropped)."""
+    out, _ = split_output(apply_fn(params, x_in, t, cond, rng))
+    out = out[..., : x_t.shape[-1]]
+    x0_hat, _ = diffusion.model_x0_eps(schedule, out, x_t, t, prediction=prediction, clip_range=(-1.0, 1.0))
+    return jax.lax.stop_gradient(x0_hat)
+
+
+def self_condition_input(x_t: jnp.ndarray, x0_prev: jnp.ndarray | None) -> jnp.ndarray:
+    """The network input under self-conditioning: x_t with the previous x̂0 (zeros when none) as extra channels
+    after it (Analog Bits' concatenation); the image condition, if any, is still prepended by the network."""
+    return jnp.concatenate([x_t, jnp.zeros_like(x_t) if x0_prev is None else x0_prev], axis=-1)
+
+
+def recycled_x0(apply_fn, params, x0, cond, key, schedule, prediction, self_condition: bool = False):
+    """Recycling (Fu et al. 2023, arXiv 2308.16355; ImgX-DiffSeg's ``recycling_step`` with ``prev_step='max'``,
+    ``reverse_step=False``, the follow-up's default): the ground truth noised to the last timestep T-1, the
+    network's stop-gradient x̂0 from it (in training mode), which then replaces the ground truth when x_t is built.
+    Self-conditioned networks get zeros as the previous estimate in this pass."""
+    noise_key, drop_key = jax.random.split(key)
+    t_last = jnp.full((x0.shape[0],), schedule.num_timesteps - 1, jnp.int32)
+    x_t = diffusion.q_sample(schedule, x0, t_last, jax.random.normal(noise_key, x0.shape))
+    x_in = self_condition_input(x_t, None) if self_condition else x_t
+    return _x0_estimate(apply_fn, params, x_in, t_last, cond, drop_key, schedule, prediction, x_t)
+
+
 def split_output(out: Any) -> tuple[jnp.ndarray, dict[str, Any]]:
     """A network returns its prediction or ``(prediction, extras)``; extras may hold auxiliary heads
     (MedSegDiff's ``cal``) and updated non-parameter state (``model_state``, e.g. BatchNorm statistics)."""
@@ -146,6 +224,10 @@ def loss_fn(
     aux_weights: dict[str, float] | None = None,
     dice: str = "per_example",
     dice_smooth: float = 1.0,
+    prediction: str | None = None,
+    snr_gamma: float | None = None,
+    self_condition_prob: float = 0.0,
+    recycle_prob: float = 0.0,
 ) -> tuple[jnp.ndarray, dict[str, Any]]:
     """The unified training loss for E1–E4 on one batch; returns (scalar loss, aux).
 
@@ -162,9 +244,24 @@ def loss_fn(
     multiplied by ``t_weights[t] / (T t_probs[t])``, so the loss estimates ``mean_t t_weights[t] L_t`` whatever
     the proposal (``t_probs = t_weights / T`` samples the weighted objective with factor 1).
 
+    ``prediction``: what an E2/E3 network predicts ('eps', 'x0', 'v'; None: the experiment's own, see
+    :func:`prediction_type`); the MSE is taken against that target, and the hybrid loss's VLB gets the x̂0 it
+    implies.
+
     E1: ``dice`` ('per_example' or nnU-Net's 'batch') and ``dice_smooth`` pick the Dice term; a network that
     returns lower-resolution heads as ``extras['deep_supervision']`` (nnU-Net) is trained on all of them, with
     the mask downsampled to each and weighted by :func:`deep_supervision_weights`.
+
+    Beyond the paper (E2/E3; E1 ignores them):
+
+    * ``snr_gamma``: the MSE term of each example is multiplied by :func:`min_snr_weights` at its t (Min-SNR-γ);
+      the hybrid loss's VLB term is not reweighted. ``aux['per_example']`` stays unweighted.
+    * ``self_condition_prob`` > 0: the network takes x_t with extra channels (:func:`self_condition_input`). With
+      that probability per batch (Analog Bits: 0.5) a first pass on (x_t, zeros) gives a stop-gradient x̂0 that is
+      fed as those channels; otherwise they are zeros. The first pass runs only on those batches (``lax.cond``).
+    * ``recycle_prob`` > 0: with that probability per example x_t is built from :func:`recycled_x0` instead of the
+      ground truth (Fu et al.'s recycling, which uses 1); the target stays the ground truth x0 (for an x0 network;
+      the ε target is the noise added, as in ImgX-DiffSeg). The recycling pass runs on every batch.
     """
     _check(experiment)
     t_key, noise_key, drop_key = jax.random.split(key, 3)
@@ -188,10 +285,28 @@ def loss_fn(
     else:
         t = timesteps.sample_timesteps(t_key, batch_size, t_probs, num_t)
         noise = jax.random.normal(noise_key, x0.shape)
-        x_t = diffusion.q_sample(schedule, x0, t, noise)
-        out, extras = split_output(apply_fn(params, x_t, t, cond, drop_key))
-        pred = prediction_type(experiment)
-        target = x0 if pred == "x0" else noise
+        pred = prediction_type(experiment, prediction)
+        self_condition = self_condition_prob > 0
+        x_start = x0
+        if recycle_prob > 0:  # keys folded in, so that the options off leave today's random stream untouched
+            rc_key, use_key = jax.random.split(jax.random.fold_in(key, 101))
+            own = recycled_x0(apply_fn, params, x0, cond, rc_key, schedule, pred, self_condition)
+            use = jax.random.bernoulli(use_key, recycle_prob, (batch_size,) + (1,) * (x0.ndim - 1))
+            x_start = jnp.where(use, own, x0)
+        x_t = diffusion.q_sample(schedule, x_start, t, noise)
+        x_in = x_t
+        if self_condition:
+            sc_key, first_key = jax.random.split(jax.random.fold_in(key, 102))
+            x0_prev = jax.lax.cond(
+                jax.random.bernoulli(sc_key, self_condition_prob),
+                lambda: _x0_estimate(
+                    apply_fn, params, self_condition_input(x_t, None), t, cond, first_key, schedule, pred, x_t
+                ),
+                lambda: jnp.zeros_like(x_t),
+            )
+            x_in = self_condition_input(x_t, x0_prev)
+        out, extras = split_output(apply_fn(params, x_in, t, cond, drop_key))
+        target = diffusion.prediction_target(pred, schedule, x0, noise, t)
         expected = (*target.shape[:-1], target.shape[-1] * (2 if learn_sigma else 1))
         # Checked here: else an error deep in a split, or a broadcast into a plausible-looking loss.
         if out.shape != expected:
@@ -204,16 +319,20 @@ def loss_fn(
         if learn_sigma:
             out, v = jnp.split(out, 2, axis=-1)
         per_example = per_example_mse(out, target, reduction)
+        mse = per_example
         if learn_sigma:
             frozen = jax.lax.stop_gradient(out)
-            model_x0 = frozen if pred == "x0" else diffusion.predict_x0_from_eps(schedule, x_t, t, frozen)
+            model_x0, _ = diffusion.x0_eps_from_prediction(pred, schedule, x_t, t, frozen)
             log_var = diffusion.step_log_variance(schedule, t, x0.shape, "learned_range", v)
             per_example = per_example + likelihood.vb_terms_bpd(schedule, x0, x_t, t, model_x0, log_var)
 
+    weighted = per_example
+    if snr_gamma is not None and experiment != "e1":
+        weighted = min_snr_weights(schedule, pred, snr_gamma)[t] * mse + (per_example - mse)  # + VLB, if any
     weights = jnp.ones_like(per_example) if t_weights is None else t_weights[t]
     if experiment != "e1":
         weights = weights * timesteps.importance_factor(t, t_probs)
-    loss = jnp.mean(weights * per_example)
+    loss = jnp.mean(weights * weighted)
     for name, weight in (aux_weights or {}).items():
         if name in extras and weight:
             loss = loss + weight * jnp.mean(per_example_mse(extras[name], batch["mask"]))

@@ -218,7 +218,40 @@ def samples_in(t: np.ndarray, timesteps: int) -> int:
 def _read_curves(paths: list[str]) -> list[dict]:
     from diffseg_jax.analysis.run import read_rows  # plots stay importable without the analysis stack
 
-    return [r for p in paths for r in read_rows(p)]
+    return [r for p in paths for r in with_horizon(read_rows(p))]
+
+
+def with_horizon(rows: list[dict]) -> list[dict]:
+    """``rows`` of one curve file, each given ``T``, its process's number of timesteps: the largest t of its
+    (dataset, model, experiment, curve) plus one (``--mode analyse``'s grid always ends at T - 1). A ``T`` a row
+    has already is kept."""
+    last: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["dataset"], r["model"], r["experiment"], r["curve"])
+        last[key] = max(last.get(key, -1), int(r["t"]))
+    return [
+        r if "T" in r else dict(r, T=last[(r["dataset"], r["model"], r["experiment"], r["curve"])] + 1)
+        for r in rows
+    ]
+
+
+def fraction_series(rows: list[dict]) -> dict[tuple, tuple[np.ndarray, np.ndarray, int]]:
+    """{(dataset, model, experiment, curve, T): (u, value, T)} with u = (t + 1) / T, the fraction of the forward
+    process done after step t (so SegDiff's T = 100 and the others' T = 1000 share one axis, as the paper's
+    Fig. 4); curves of the same key and T are averaged per t as in :func:`curve_series`. Rows without ``T`` take
+    it from :func:`with_horizon`."""
+    rows = with_horizon(rows)
+    out = {}
+    for horizon in sorted({int(r["T"]) for r in rows}):
+        for key, (t, v) in curve_series([r for r in rows if int(r["T"]) == horizon]).items():
+            out[(*key, horizon)] = ((t + 1.0) / horizon, v, horizon)
+    return out
+
+
+def average_on_fraction(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of curves on the t/T axis: each interpolated linearly onto the densest one's grid."""
+    grid = max((u for u, _ in curves), key=len)
+    return grid, np.mean([np.interp(grid, u, v) for u, v in curves], axis=0)
 
 
 def curve_series(rows: list[dict]) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
@@ -256,30 +289,35 @@ def curve_figure(csv_paths: list[str], path: str, smoothing: int = 1) -> None:
 
 def fingerprint_figure(csv_paths: list[str], path: str, smoothing: int = 25) -> None:
     """Fig. 4: per dataset, each model's mask prediction error (dotted), the average over the models of each
-    experiment (solid), and the model-free fingerprint (dashed) where present; smoothed with :func:`smooth` over
-    ``smoothing`` timesteps (:func:`samples_in` each curve's grid)."""
-    series = {k: v for k, v in curve_series(_read_curves(csv_paths)).items() if k[3] == "mask_error"}
+    experiment (solid), and the model-free fingerprint (dashed) where present, against t/T
+    (:func:`fraction_series`): architectures with different T (SegDiff's 100, the others' 1000) share the axis
+    and enter the average, interpolated onto the densest curve's grid (:func:`average_on_fraction`).
+    ``smoothing`` is in timesteps of the panel's longest process; a curve of T' steps is smoothed over the same
+    fraction of its own (``smoothing`` · T' / T_max timesteps, :func:`samples_in` of its grid)."""
+    series = {k: v for k, v in fraction_series(_read_curves(csv_paths)).items() if k[3] == "mask_error"}
     datasets = sorted({k[0] for k in series})
     if not datasets:
         raise ValueError(f"No mask_error curves in {csv_paths}; run --mode analyse on E2/E3 runs first.")
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False, sharey=True)
     for ax, dataset in zip(axes[0], datasets):
-        trained = {k: v for k, v in series.items() if k[0] == dataset and k[1] != "model-free"}
-        for (_, model, experiment, _), (t, v) in sorted(trained.items()):
-            ax.plot(t, smooth(v, samples_in(t, smoothing)), ":", label=f"{model} {experiment}")
+        panel = {k: v for k, v in series.items() if k[0] == dataset}
+        longest = max(k[4] for k in panel)
+
+        def smoothed(u, v, horizon, longest=longest):
+            return smooth(v, samples_in(u * horizon, smoothing * horizon / longest))
+
+        trained = {k: v for k, v in panel.items() if k[1] != "model-free"}
+        for (_, model, experiment, _, horizon), (u, v, _) in sorted(trained.items()):
+            ax.plot(u, smoothed(u, v, horizon), ":", label=f"{model} {experiment} (T={horizon})")
         for exp in sorted({k[2] for k in trained}):  # one average per experiment (Fig. 4 averages E2 models)
-            curves_e = [tv for k, tv in trained.items() if k[2] == exp]
-            grids = [t for t, _ in curves_e]
-            if len(curves_e) > 1 and all(np.array_equal(grids[0], g) for g in grids):
-                mean = np.mean([v for _, v in curves_e], axis=0)
-                ax.plot(grids[0], smooth(mean, samples_in(grids[0], smoothing)), "-", label=f"average {exp}")
-        free = [
-            (t, v) for (d, model, _, _), (t, v) in series.items() if d == dataset and model == "model-free"
-        ]
-        for t, v in free:
-            ax.plot(t, smooth(v, samples_in(t, smoothing)), "--", color="gray", label="model-free")
+            curves_e = [(u, smoothed(u, v, h)) for k, (u, v, h) in trained.items() if k[2] == exp]
+            if len(curves_e) > 1:
+                ax.plot(*average_on_fraction(curves_e), "-", label=f"average {exp}")
+        for (_, model, _, _, horizon), (u, v, _) in sorted(panel.items()):
+            if model == "model-free":
+                ax.plot(u, smoothed(u, v, horizon), "--", color="gray", label=f"model-free (T={horizon})")
         ax.set_title(dataset, fontsize=9)
-        ax.set_xlabel("timestep t")
+        ax.set_xlabel("t / T")
         ax.legend(fontsize=7)
     axes[0, 0].set_ylabel(_CURVE_LABELS["mask_error"])
     fig.tight_layout()
@@ -331,4 +369,39 @@ def convergence_figure(curves: dict, path: str) -> None:
     axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def learning_curves_figure(rows: list[dict], path: str) -> None:
+    """IoU, ECE and the std map's error AUROC against the training step (``report.collect_learning_curves``'
+    rows): a panel per metric and dataset, a line per model, experiment, prediction, sampler and seed."""
+    datasets = sorted({str(r["dataset"]) for r in rows})
+    metrics = (("iou", "IoU"), ("ece", "ECE"), ("std_error_auroc", "std → error AUROC"))
+    fig, axes = plt.subplots(
+        len(datasets), 3, figsize=(13, 3.2 * len(datasets)), squeeze=False, constrained_layout=True
+    )
+    for row_axes, dataset in zip(axes, datasets):
+        lines: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if str(r["dataset"]) == dataset:
+                key = (r["model"], r["experiment"], r["prediction"], r["sampler"], r["seed"])
+                lines.setdefault(key, []).append(r)
+        for ax, (name, label) in zip(row_axes, metrics):
+            for (model, exp, pred, sampler, seed), pts in sorted(lines.items(), key=str):
+                pts = sorted((p for p in pts if p[name] is not None), key=lambda p: p["step"])
+                if not pts:
+                    continue
+                tag = f"{model} {exp}" + ("" if exp == "e1" else f" {pred} {sampler}") + f" s{seed}"
+                ax.plot(
+                    [p["step"] for p in pts],
+                    [p[name] for p in pts],
+                    "o-" if exp != "e1" else "s--",
+                    label=tag,
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel("training step")
+            ax.set_ylabel(label)
+            ax.set_title(f"{dataset}: {label}", fontsize=9)
+        row_axes[0].legend(fontsize=6)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -221,7 +221,7 @@ def predict(
 ) -> list[dict]:
     """Segments every image at ``images`` (a file or a folder) with the run in ``workdir``; see the module doc.
 
-    ``state`` defaults to the latest checkpoint in ``workdir`` (its EMA weights if ``eval.use_ema``). Returns the
+    ``state`` defaults to the latest checkpoint in ``workdir`` (its EMA weights if ``evaluate.uses_ema``). Returns the
     rows of ``predictions.csv``.
     """
     if config.experiment not in evaluate.SEGMENTATION_EXPERIMENTS:
@@ -314,7 +314,7 @@ def predict(
         "experiment": config.experiment,
         "model": config.model.name,
         "step": step,
-        "weights": "ema" if config.eval.use_ema else "raw",
+        "weights": "ema" if evaluate.uses_ema(config) else "raw",
         "ensemble_size": config.eval.ensemble_size,
         "tta": config.eval.get("tta", "none"),
         "member_output": config.eval.get("member_output", "soft"),

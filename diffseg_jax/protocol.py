@@ -52,7 +52,8 @@ def epoch_steps(data_config: ml_collections.ConfigDict, split: str, batch_size: 
 def make_validation_fn(config: ml_collections.ConfigDict, model, schedule):
     """``state -> mean E1 loss over the validation split``, with fixed noise per batch (comparable epochs).
 
-    Uses the weights evaluation would use (``eval.use_ema``); no dropout.
+    Uses the weights evaluation would use (``evaluate.uses_ema``: raw for E1 unless ``eval.e1_use_ema``); no
+    dropout.
     """
     arrays = data.model_sized_arrays(config.data, "validation")  # tiles where stored larger than the model
     batch_size = config.eval.batch_size
@@ -75,7 +76,7 @@ def make_validation_fn(config: ml_collections.ConfigDict, model, schedule):
         return loss
 
     def validation_loss(state: train.TrainState) -> float:
-        params = state.ema_params if config.eval.use_ema else state.params
+        params = state.ema_params if evaluate.uses_ema(config) else state.params
         total, count = 0.0, 0
         for i, start in enumerate(range(0, len(arrays["image"]), batch_size)):
             batch = {k: jnp.asarray(v[start : start + batch_size]) for k, v in arrays.items()}
@@ -94,7 +95,7 @@ def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
     ``protocol.ensemble_size`` members sampled with ``protocol.sampler`` (DDIM with ``protocol.ddim_steps``
     steps by default, cheaper than the final evaluation's; the two samplers score a short-trained model up to
     15 IoU points apart, so ``ddpm`` validates as a DDPM evaluation samples), as ``--mode evaluate`` samples
-    (tiles where stored larger than the model, the weights of ``eval.use_ema``) with the same key every time,
+    (tiles where stored larger than the model, the weights of ``evaluate.uses_ema``) with the same key every time,
     so validations differ only by the weights; IoU of the mean at 0.5 and ECE (``eval.ece_bins``), pooled over
     all validation pixels.
     """
@@ -107,7 +108,7 @@ def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
     ensemble = evaluate.ensemble_fn(sampling, model, schedule)  # one compilation for every validation
 
     def validate(state: train.TrainState) -> dict[str, float]:
-        params = state.ema_params if config.eval.use_ema else state.params
+        params = state.ema_params if evaluate.uses_ema(config) else state.params
         mean, _ = evaluate.ensemble_maps(
             sampling,
             model,

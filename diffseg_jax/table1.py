@@ -11,12 +11,17 @@ through the feed-forward protocol with ``table.e1_protocol``, the E2 cells throu
 each cell's mean ± standard deviation over its seeds and Welch intervals for the differences
 (:mod:`diffseg_jax.report`). Finished cells are skipped, unfinished ones resume; identical programs compile
 once (a persistent compilation cache in ``<workdir>/.jax_cache`` unless one is set already).
+With ``table.eval_steps`` (e.g. ``(1000, 2000, 5000)``, checkpoints kept with ``train.keep_every``) each cell is also
+evaluated at those steps, with each sampler of ``table.eval_samplers`` (``'ddpm'``, ``'ddim<K>'``; default the
+grid's), and ``<workdir>/learning_curves.{md,csv,png}`` give IoU, ECE and the std map's error AUROC against the
+step (:func:`evaluate_steps`, :func:`diffseg_jax.report.collect_learning_curves`).
 With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--mode analyse``, with the grid's
 ``analysis`` settings) and ``<workdir>/fingerprints/`` gets Fig. 4 across the grid.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -25,7 +30,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffseg_jax import cli, configlib, evaluate, models, protocol, report, train, writers
+from diffseg_jax import checkpoints, cli, configlib, evaluate, models, protocol, report, train, writers
 from diffseg_jax.analysis import fingerprints
 from diffseg_jax.analysis import run as analysis_run
 from diffseg_jax.data import synthetic
@@ -36,8 +41,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs and the tab
 # Groups copied from the grid config onto every cell (the model and its scheme come from the cell's model).
 SHARED = {
     "data": ("num_train", "num_test", "seed", "augment_flips", "data_dir"),
-    "objective": ("loss",),
-    "train": ("num_steps", "batch_size", "lr", "ema_decay", "log_every", "ckpt_every", "grad_clip"),
+    "objective": ("loss", "prediction"),
+    "train": (
+        "num_steps",
+        "batch_size",
+        "lr",
+        "ema_decay",
+        "log_every",
+        "ckpt_every",
+        "keep_every",
+        "grad_clip",
+    ),
     "eval": (
         "use_ema",
         "ensemble_size",
@@ -148,12 +162,72 @@ def cell_config(
         c.data.manual_dir = dataset
         for key in FOLDER_DATA:
             c.data[key] = grid.data[key]
+    if grid.table.get("mask_range", ""):  # '' keeps each architecture's published mask range
+        c.diffusion.mask_range = grid.table.mask_range
     own = REFERENCE_OWN if models.is_feed_forward(model) else {}
     for group, keys in SHARED.items():
         for key in keys:
             if key not in own.get(group, ()):
                 c[group][key] = grid[group][key]
     return c
+
+
+def parse_sampler(spec: str) -> tuple[str, int]:
+    """``'ddpm'`` or ``'ddim<K>'`` (``table.eval_samplers``) as (eval.sampler, eval.ddim_steps)."""
+    if spec == "ddpm":
+        return "ddpm", 0
+    if spec.startswith("ddim") and spec[4:].isdigit() and int(spec[4:]) > 0:
+        return "ddim", int(spec[4:])
+    raise configlib.ConfigError(
+        f"--config.table.eval_samplers: {spec!r} is not a sampler; use 'ddpm' (all T steps) or 'ddim<K>' (K "
+        'steps), e.g. --config.table.eval_samplers=\'("ddpm","ddim10","ddim50")\'.'
+    )
+
+
+def evaluate_steps(
+    grid: ml_collections.ConfigDict, config: ml_collections.ConfigDict, folder: str
+) -> list[str]:
+    """Evaluates the cell's run in ``folder`` at each kept checkpoint of ``table.eval_steps``, with each sampler of
+    ``table.eval_samplers`` (default: the grid's own), into ``<folder>/learning_curve/step<S>_<sampler>/``;
+    evaluations already there are skipped. A listed step beyond ``train.num_steps`` is skipped (a longer grid
+    reaches it); one within that was not kept is named in the log (keep it with ``train.keep_every`` or
+    ``train.keep_at``). Returns the folders evaluated now."""
+    steps = sorted(int(s) for s in grid.table.get("eval_steps", ()))
+    if not steps:
+        return []
+    specs = tuple(grid.table.get("eval_samplers", ())) or (
+        report.sampler_label(config.eval.sampler, config.eval.ddim_steps),
+    )
+    ckpt = checkpoints.Checkpointer(os.path.join(folder, "checkpoints"))
+    try:
+        kept = set(ckpt.all_steps())
+    finally:
+        ckpt.close()
+    done = []
+    for step in steps:
+        if step > config.train.num_steps:
+            continue
+        if step not in kept:
+            logging.warning(
+                "table1: %s kept no checkpoint at step %d (it holds %s); set train.keep_every or train.keep_at "
+                "before training to evaluate it.",
+                folder,
+                step,
+                sorted(kept),
+            )
+            continue
+        for spec in specs:
+            out = os.path.join(folder, report.CURVE_DIR, f"step{step}_{spec}")
+            if os.path.exists(os.path.join(out, "metrics.json")):
+                continue
+            c = copy.deepcopy(config)
+            c.eval.step = step
+            c.eval.sampler, ddim_steps = parse_sampler(spec)
+            if ddim_steps:
+                c.eval.ddim_steps = ddim_steps
+            evaluate.evaluate(c, folder, out_dir=out)
+            done.append(out)
+    return done
 
 
 def _finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
@@ -199,6 +273,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             else:
                 state = train.train(config, folder)
                 evaluate.evaluate(config, folder, state=state)
+        evaluate_steps(grid, config, folder)  # table.eval_steps: the learning curves' points
         analysed = os.path.exists(os.path.join(folder, "analysis", "curves.csv"))
         # One analysis per cell (its first seed's run), so that Fig. 4 has one curve a cell.
         if (
@@ -223,6 +298,10 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     paths = report.write(rows, workdir, found["uncertainty"], found["reliability"]) if rows else {}
     if rows:
         print(report.markdown(rows))
+    curves = report.collect_learning_curves([workdir])
+    if grid.table.get("eval_steps", ()) and curves:
+        paths.update(report.write_learning_curves(curves, workdir))
+        print(report.learning_curves_markdown(curves))
     if grid.table.analyse:
         paths.update(fingerprints.main(["--runs", workdir, "--out", os.path.join(workdir, "fingerprints")]))
     logging.info(

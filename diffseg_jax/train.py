@@ -85,10 +85,41 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(
         learn_sigma=learn_sigma,
         reduction=config.objective.reduction if published else "mean",
-        aux_weights={"cal": config.objective.cal_weight} if published else {},
+        # E1 is classical Dice + CE (the paper): no auxiliary head loss, e.g. MedSegDiff's cal term.
+        aux_weights={"cal": config.objective.cal_weight} if published and config.experiment != "e1" else {},
         dice=config.objective.get("dice", "per_example"),
         dice_smooth=config.objective.get("dice_smooth", 1.0),
+        prediction=objectives.prediction_of(config),
+        **beyond_paper_settings(config),
     )
+
+
+def beyond_paper_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The loss options of issue 33 as :func:`objectives.loss_fn` takes them: ``snr_gamma`` (None: no Min-SNR
+    weighting), ``self_condition_prob`` (0: a network without self-conditioning), ``recycle_prob``; all off for
+    E1 (a feed-forward segmenter; the quickstart's E1 twin thus runs on the same config)."""
+    o = config.objective
+    diffusion_model = config.experiment != "e1"
+    return dict(
+        snr_gamma=o.snr_gamma if diffusion_model and o.get("loss_weighting", "none") == "min_snr" else None,
+        self_condition_prob=(
+            o.self_condition_prob if diffusion_model and o.get("self_condition", False) else 0.0
+        ),
+        recycle_prob=o.get("recycle_prob", 0.0) if diffusion_model else 0.0,
+    )
+
+
+def self_conditioned(config: ml_collections.ConfigDict) -> bool:
+    """Whether the network takes the previous x̂0 as extra channels of x (``objective.self_condition``)."""
+    return beyond_paper_settings(config)["self_condition_prob"] > 0
+
+
+def kept_steps(train_config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Steps saved and kept for good besides ``keep_every``'s: ``round(f · num_steps)`` for each fraction f of
+    ``train.keep_at`` (default 0.75: the paper's Fig. 3 model, so ``--mode analyse --config.eval.step=<75 %>``
+    works on any finished run)."""
+    n = train_config.num_steps
+    return tuple(sorted({round(f * n) for f in train_config.get("keep_at", ()) if 0 < round(f * n) < n}))
 
 
 def output_channels(config: ml_collections.ConfigDict, image_channels: int, mask_channels: int = 1) -> int:
@@ -454,6 +485,8 @@ def model_and_state(
     optimizer = make_optimizer(config.train)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
     x_shape = (1, h, w, image_channels if config.experiment == "e4" else 1)
+    if self_conditioned(config):  # x_t and the previous x̂0 (Analog Bits)
+        x_shape = (*x_shape[:-1], 2 * x_shape[-1])
     cond_shape = (1, h, w, image_channels) if objectives.uses_image_condition(config.experiment) else None
 
     tc = config.get("timesteps", None)
@@ -540,8 +573,12 @@ def _train(
         print(plan, flush=True)
         logging.info("%s", plan)
     state = jax.device_put(state, NamedSharding(mesh, P()))
+    keep_steps = kept_steps(config.train)
     ckpt = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.get("keep_every", 0)
+        os.path.join(workdir, "checkpoints"),
+        config.train.keep_checkpoints,
+        config.train.get("keep_every", 0),
+        keep_steps,
     )
     try:
         latest = ckpt.latest_step()
@@ -642,7 +679,7 @@ def _train(
                 stop = bool(
                     hook is not None and hook_every > 0 and done % hook_every == 0 and hook(done, state)
                 )
-                due = done % config.train.ckpt_every == 0 or is_last or stop
+                due = done % config.train.ckpt_every == 0 or done in keep_steps or is_last or stop
                 early = done - start <= 2
                 synced = False
                 if (

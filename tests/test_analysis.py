@@ -335,3 +335,80 @@ def test_analysing_other_data_than_the_run_trained_on_is_said(tmp_path, tfds_dir
     with caplog.at_level("WARNING"):
         run.analyse(trained, str(tmp_path))
     assert "trained on" not in caplog.text
+
+
+@pytest.mark.parametrize("mask_range", ["symmetric", "binary"])
+def test_a_v_oracle_has_zero_mask_error_and_eps_loss(mask_range):
+    """objective.prediction='v' (issue 32): a network returning the true v = √ᾱ ε − √(1-ᾱ) x0 gives back x0 and ε
+    exactly at every t, in either mask range."""
+    x0 = diffusion.mask_to_diffusion(_masks(), mask_range)
+
+    def v_oracle(x_t, t):
+        eps = diffusion.predict_eps_from_x0(SCHEDULE, x_t, t, x0)
+        return diffusion.v_from_x0_eps(SCHEDULE, x0, eps, t)
+
+    out = curves.timestep_curves(
+        v_oracle, SCHEDULE, x0, TS, jax.random.PRNGKey(0), prediction="v", mask_range=mask_range, num_draws=2
+    )
+    np.testing.assert_allclose(out["mask_error"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(out["eps_loss"], 0.0, atol=1e-6)
+
+
+def test_fig4_puts_curves_of_different_T_on_one_t_over_T_axis(tmp_path):
+    """Issue 32: SegDiff's T = 100 curve and EnsemDiff's T = 1000 one of the same shape in t/T coincide on the
+    t/T axis, their average is that shape (not a mix of t = 50 and t = 500), their t_half/T agree, and the
+    model-free curves of the two horizons stay apart instead of being averaged per t."""
+
+    def rows(model, horizon, curve_model=None):
+        return [
+            dict(t=int(t), value=float(((t + 1) / horizon) ** 2), curve="mask_error", model=curve_model or model,
+                 experiment="e2", dataset="d", step=1)
+            for t in range(horizon)
+        ]  # fmt: skip
+
+    for model, horizon in (("segdiff", 100), ("ensemdiff", 1000)):
+        os.makedirs(tmp_path / model / "analysis")
+        run.write_rows(str(tmp_path / model / "analysis" / "curves"), rows(model, horizon))
+        run.write_rows(str(tmp_path / model / "analysis" / "model_free"), rows(model, horizon, "model-free"))
+    everything = [r for m in ("segdiff", "ensemdiff") for f in ("curves", "model_free")
+                  for r in plots.with_horizon(run.read_rows(str(tmp_path / m / "analysis" / f"{f}.csv")))]  # fmt: skip
+    series = plots.fraction_series(everything)
+    assert set(series) == {
+        ("d", m, "e2", "mask_error", h) for m in ("segdiff", "ensemdiff", "model-free") for h in (100, 1000)
+    } - {("d", "segdiff", "e2", "mask_error", 1000), ("d", "ensemdiff", "e2", "mask_error", 100)}
+    u100, v100, _ = series[("d", "segdiff", "e2", "mask_error", 100)]
+    np.testing.assert_allclose(v100, u100**2)
+    grid, mean = plots.average_on_fraction(
+        [series[("d", m, "e2", "mask_error", h)][:2] for m, h in (("segdiff", 100), ("ensemdiff", 1000))]
+    )
+    assert len(grid) == 1000
+    np.testing.assert_allclose(mean, grid**2, atol=1e-4)  # interpolation error of u² on a 0.01 grid
+    summary = {s["model"]: s for s in fingerprints.summarise(everything, 1) if s["model"] != "model-free"}
+    assert summary["segdiff"]["t_half_frac"] == pytest.approx(summary["ensemdiff"]["t_half_frac"], abs=0.01)
+    paths = fingerprints.main(["--runs", str(tmp_path), "--out", str(tmp_path / "fp"), "--smoothing", "1"])
+    with open(paths["md"]) as f:
+        assert "| d | segdiff | e2 | 100 | 70 | 0.710 |" in f.read()
+
+
+def test_model_free_curve_of_binary_masks_is_the_exact_posterior_at_a_quarter_snr():
+    """Issue 32: masks diffused in {0,1} (EnsemDiff's and MedSegDiff's codes) are noisier than 2m - 1 at every
+    t. The curve for mask_range='binary' must match a direct simulation of the binary process with its exact
+    per-pixel posterior p = sigmoid(logit π + (√ᾱ x - ᾱ/2)/(1 - ᾱ)), and lie above the symmetric one."""
+    masks = _masks(seed=3, n=64)
+    ts = jnp.array([20, 40, 60])
+    symmetric = model_free.model_free_curve(
+        SCHEDULE, masks, ts, jax.random.PRNGKey(0), windows=(1,), num_draws=4
+    )
+    binary = model_free.model_free_curve(
+        SCHEDULE, masks, ts, jax.random.PRNGKey(0), windows=(1,), num_draws=4, mask_range="binary"
+    )
+    rate = float(masks.mean())
+    for i, t in enumerate(np.asarray(ts)):
+        a = float(SCHEDULE.alphas_cumprod[t])
+        noise = jax.random.normal(jax.random.PRNGKey(100 + i), (8,) + masks.shape)
+        x_t = np.sqrt(a) * masks + np.sqrt(1 - a) * noise
+        p = jax.nn.sigmoid(np.log(rate / (1 - rate)) + (np.sqrt(a) * x_t - a / 2) / (1 - a))
+        direct = float(jnp.mean((p - masks) ** 2))
+        assert float(binary["mask_error"][i]) == pytest.approx(direct, abs=0.006)
+    gap = np.asarray(binary["mask_error"]) - np.asarray(symmetric["mask_error"])
+    assert np.all(gap > 0) and np.all(gap[:2] > 0.03)  # (both near the limit π(1 - π) by t = 60)

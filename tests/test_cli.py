@@ -42,6 +42,9 @@ def test_quickstart_tiny_trains_samples_and_writes_outputs(tmp_path, tfds_dir):
     assert (workdir / "eval" / "ensemble.png").stat().st_size > 1000
     assert (workdir / "eval" / "reliability.png").stat().st_size > 1000
     assert (workdir / "checkpoints" / "4").is_dir()
+    assert (
+        workdir / "checkpoints" / "3"
+    ).is_dir()  # train.keep_at: 75 % of 4 steps, saved and kept for Fig. 3
     assert os.listdir(workdir / "tensorboard")
     # The uncertainty block and the Brier column: the metric functions on the arrays written beside them.
     arrays = np.load(workdir / "eval" / "ensemble.npz")
@@ -504,3 +507,47 @@ def test_both_protocol_modes_run_through_main_and_refuse_the_other_experiment(tm
         summary = json.loads((tmp_path / name / f"{name}_protocol.json").read_text())
         assert summary["final_steps"] == best * 4 // 2  # as many epochs of all 8 images (4 steps an epoch)
         assert os.path.isdir(tmp_path / name / "checkpoints" / str(summary["final_steps"]))
+
+
+def test_table1_eval_steps_evaluates_each_kept_step_with_each_sampler(tmp_path, monkeypatch):
+    """table.eval_steps (issue 32): every listed step the run kept, with every sampler of table.eval_samplers,
+    into learning_curve/step<S>_<sampler>/ with eval.step and the sampler set; a step beyond num_steps is left
+    for a longer grid, one not kept is skipped, and evaluations already there are not redone."""
+    import jax.numpy as jnp
+
+    from configs import table1_synthetic
+    from diffseg_jax import checkpoints, configlib, evaluate, table1
+
+    folder = tmp_path / "cell"
+    ckpt = checkpoints.Checkpointer(str(folder / "checkpoints"), max_to_keep=5)
+    for step in (1000, 2000, 3000):
+        ckpt.save(step, {"w": jnp.zeros(2)}, {"step": step})
+    ckpt.wait()
+    ckpt.close()
+    grid = table1_synthetic.get_config()
+    grid.table.eval_steps = (1000, 1500, 2000, 9000)
+    grid.table.eval_samplers = ("ddpm", "ddim50")
+    config = table1.cell_config(grid, "lesion", "ensemdiff", "e2")
+    config.train.num_steps = 3000
+    seen = []
+
+    def fake_evaluate(c, workdir, out_dir=None, **kwargs):
+        seen.append((c.eval.step, c.eval.sampler, c.eval.ddim_steps, os.path.relpath(out_dir, workdir)))
+        os.makedirs(out_dir)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            f.write("{}")
+
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    table1.evaluate_steps(grid, config, str(folder))
+    assert seen == [
+        (1000, "ddpm", 10, "learning_curve/step1000_ddpm"),
+        (1000, "ddim", 50, "learning_curve/step1000_ddim50"),
+        (2000, "ddpm", 10, "learning_curve/step2000_ddpm"),
+        (2000, "ddim", 50, "learning_curve/step2000_ddim50"),
+    ]
+    assert config.eval.step == -1  # the cell's own config is not changed
+    seen.clear()
+    assert table1.evaluate_steps(grid, config, str(folder)) == [] and seen == []
+    grid.table.eval_samplers = ("euler",)
+    with pytest.raises(configlib.ConfigError, match="'euler' is not a sampler.*ddim<K>"):
+        table1.evaluate_steps(grid, config, str(folder))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pathlib
 import shutil
 
 import flax.linen as nn
@@ -426,9 +427,12 @@ class _CalNet(nn.Module):
         return extras["cal"]
 
 
+@pytest.mark.parametrize("experiment", ["e1", "e2"])
 @pytest.mark.parametrize("cal_weight", [0.0, 10.0])
-def test_untrained_auxiliary_heads_stay_out_of_the_members(cal_weight):
-    config = tiny_config("e1_synthetic")
+def test_untrained_auxiliary_heads_stay_out_of_the_members(cal_weight, experiment):
+    """A trained cal head is blended into E2's members (MedSegDiff v1's sampler); E1 is classical segmentation
+    (issue 32): its member is the sigmoid alone, whatever the cal weight."""
+    config = tiny_config(f"{experiment}_synthetic")
     config.objective.cal_weight = cal_weight
     schedule = train.build_schedule(config.diffusion)
     model = _CalNet()
@@ -437,10 +441,31 @@ def test_untrained_auxiliary_heads_stay_out_of_the_members(cal_weight):
     member = evaluate.make_member_fn(model, schedule, config)(
         variables, images, (1, 8, 8, 1), jax.random.PRNGKey(1)
     )
-    if cal_weight > 0:  # the trained cal head is the member, as the postprocess says
+    if cal_weight > 0 and experiment == "e2":  # the trained cal head is the member, as the postprocess says
         np.testing.assert_allclose(member, 0.25)
-    else:  # untrained: the network's own sigmoid output
-        assert not np.allclose(member, 0.25) and float(member.min()) > 0 and float(member.max()) < 1
+    else:  # untrained, or E1: the network's own output
+        assert not np.allclose(member, 0.25)
+    if experiment == "e1":
+        assert float(member.min()) > 0 and float(member.max()) < 1  # a sigmoid
+
+
+def test_the_cal_blend_gets_the_sample_on_the_mask_scale_unclipped():
+    """MedSegDiff's code diffuses {0,1} masks and blends its sampler's raw output (x̂0 clipped to [-1, 1]):
+    clip(cal + 0.25 s, 0, 1) with s = -0.8 lowers cal by 0.2. Clipping s to [0, 1] first (before issue 32) would
+    leave cal at 0.5; under the symmetric range the sample goes in as (x + 1)/2."""
+    from diffseg_jax.models.medsegdiff import blend_cal
+
+    x = jnp.asarray([-0.8, 0.3, 1.0, -1.0])
+    seen = evaluate.diffusion_member(x, {"cal": None}, "binary", lambda s, e: s)
+    np.testing.assert_allclose(seen, x)
+    np.testing.assert_allclose(
+        evaluate.diffusion_member(x, {"cal": None}, "symmetric", lambda s, e: s), (x + 1) / 2
+    )
+    cal = jnp.full(4, 0.5)  # the sample (> 0 at 2 of 4) and cal disagree: Dice 0.5 < 0.65, so cal + 0.25 s
+    blended = evaluate.diffusion_member(x, {"cal": cal}, "binary", lambda s, e: blend_cal(s, e["cal"]))
+    np.testing.assert_allclose(blended, [0.3, 0.575, 0.75, 0.25], atol=1e-6)
+    # Without extras (no trained head), the member is the sample mapped to [0, 1], as before.
+    np.testing.assert_allclose(evaluate.diffusion_member(x, {}, "binary", lambda s, e: s), [0, 0.3, 1, 0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1160,3 +1185,43 @@ def test_protocol_patience_stops_the_selection_and_a_crashed_selection_resumes(
     assert checkpoints.latest_step(str(tmp_path / "checkpoints")) == 8
     # Done: a rerun neither trains nor validates.
     assert protocol.run(config, str(tmp_path))["final_steps"] == 8 and validated == [3, 6, 9, 9, 12]
+
+
+def test_learning_curves_collect_each_runs_steps_and_samplers(tmp_path):
+    """report.collect_learning_curves (issue 32): a row per evaluation under learning_curve/ and eval/, the
+    prediction from the run's config (None: the experiment's own), the final eval/ counted once when
+    eval_steps lists it too; the Markdown, CSV and figure are written."""
+
+    def run(name, experiment, prediction, evaluations):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(
+            json.dumps({"seed": 0, "experiment": experiment, "objective": {"prediction": prediction}})
+        )
+        for sub, step, sampler, iou in evaluations:
+            (folder / sub).mkdir(parents=True)
+            m = dict(experiment=experiment, model="ensemdiff", dataset="isic2016", step=step, sampler=sampler,
+                     ddim_steps=10 if sampler == "ddim" else None, iou=iou, ece=0.1, mean_std=0.2,
+                     uncertainty={"std": {"error_auroc": 0.8}})  # fmt: skip
+            (folder / sub / "metrics.json").write_text(json.dumps(m))
+
+    run("e2_eps", "e2", None, [("learning_curve/step1000_ddim10", 1000, "ddim", 0.4),
+                               ("learning_curve/step2000_ddim10", 2000, "ddim", 0.5),
+                               ("learning_curve/step2000_ddpm", 2000, "ddpm", 0.55),
+                               ("eval", 2000, "ddim", 0.99)])  # fmt: skip
+    run("e2_x0", "e2", "x0", [("eval", 1000, "ddim", 0.8)])
+    rows = report.collect_learning_curves([str(tmp_path)])
+    got = [(os.path.basename(r["run"]), r["prediction"], r["sampler"], r["step"], r["iou"]) for r in rows]
+    assert got == [
+        ("e2_eps", "eps", "ddim10", 1000, 0.4),
+        ("e2_eps", "eps", "ddim10", 2000, 0.5),
+        ("e2_eps", "eps", "ddpm", 2000, 0.55),
+        ("e2_x0", "x0", "ddim10", 1000, 0.8),
+    ]
+    assert rows[0]["std_error_auroc"] == 0.8 and rows[0]["dataset"] == "ISIC16"
+    paths = report.write_learning_curves(rows, str(tmp_path / "out"))
+    assert (
+        "| ISIC16 | EnsemDiff | E2 | eps | ddim10 | 0 | 1000 | 40.00 | 0.1000 |"
+        in pathlib.Path(paths["learning_curves_md"]).read_text()
+    )
+    assert os.path.getsize(paths["learning_curves_png"]) > 1000

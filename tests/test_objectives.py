@@ -251,3 +251,168 @@ def test_learn_sigma_hybrid_loss_at_t0_is_the_decoder_nll_of_the_normal_cdf():
     expected = -np.log2(norm.cdf(1.0 / (255.0 * sigma)))
     assert 0.8 < expected < 0.9  # about 0.86 bits: Φ(0.124)
     np.testing.assert_allclose(aux["per_example"], expected, rtol=5e-4)
+
+
+@pytest.mark.parametrize("experiment", ["e2", "e3"])
+@pytest.mark.parametrize("prediction", [None, "eps", "x0", "v"])
+def test_objective_prediction_sets_the_target_and_an_oracle_scores_zero(experiment, prediction):
+    """objective.prediction (issue 32): the loss is the MSE to ε, x0 or v = √ᾱ ε − √(1-ᾱ) x0 of the noise the loss
+    drew; None keeps the experiment's own (E2 ε, E3 x0) exactly. An oracle of that parameterisation scores 0,
+    and the hybrid loss's VLB gets the x̂0 each implies (that of a perfect ε when the oracle is perfect)."""
+    batch = _batch(jax.random.PRNGKey(0), n=8)
+    key = jax.random.PRNGKey(4)
+    _, noise_key, _ = jax.random.split(key, 3)
+    x0 = 2 * batch["mask"] - 1
+    noise = jax.random.normal(noise_key, x0.shape)
+    pred = prediction or {"e2": "eps", "e3": "x0"}[experiment]
+    zero, aux = objectives.loss_fn(
+        _Recorder(jnp.zeros_like), None, batch, key, SCHED, experiment=experiment, prediction=prediction
+    )
+    ab = np.asarray(SCHED.alphas_cumprod)[np.asarray(aux["t"])][:, None, None, None]
+    target = {"eps": noise, "x0": x0, "v": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0}[pred]
+    np.testing.assert_allclose(zero, np.mean(np.asarray(target) ** 2), rtol=1e-5)
+    oracle = lambda p, x, t, c, rng: diffusion.prediction_target(pred, SCHED, x0, noise, t)
+    perfect, _ = objectives.loss_fn(
+        oracle, None, batch, key, SCHED, experiment=experiment, prediction=prediction
+    )
+    np.testing.assert_allclose(perfect, 0.0, atol=1e-9)
+    # The hybrid loss: the VLB term of a perfect prediction is the same whatever the parameterisation.
+    hybrid = lambda p, x, t, c, rng: jnp.concatenate([oracle(p, x, t, c, rng), jnp.ones_like(x)], -1)
+    _, with_vb = objectives.loss_fn(
+        hybrid, None, batch, key, SCHED, experiment=experiment, prediction=prediction, learn_sigma=True
+    )
+    eps_oracle = lambda p, x, t, c, rng: jnp.concatenate([noise, jnp.ones_like(x)], -1)
+    _, reference = objectives.loss_fn(
+        eps_oracle, None, batch, key, SCHED, experiment=experiment, prediction="eps", learn_sigma=True
+    )
+    np.testing.assert_allclose(with_vb["per_example"], reference["per_example"], rtol=2e-3, atol=1e-5)
+
+
+def test_objective_prediction_default_is_todays_loss_and_e1_e4_ignore_it():
+    """prediction=None (the config's default) is the loss before the option existed: E2 against ε, E3 against
+    x0; E1 (logits) and E4 (ε) keep theirs whatever it says."""
+    assert [objectives.prediction_type(e) for e in objectives.EXPERIMENTS] == ["logits", "eps", "x0", "eps"]
+    assert objectives.prediction_type("e2", "x0") == "x0" and objectives.prediction_type("e3", "v") == "v"
+    assert (
+        objectives.prediction_type("e1", "x0") == "logits" and objectives.prediction_type("e4", "v") == "eps"
+    )
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        objectives.prediction_type("e2", "noise")
+    batch = _batch(jax.random.PRNGKey(0))
+    out = lambda p, x, t, c, rng: 0.7 * x + 0.1
+    for experiment in ("e2", "e3"):
+        default, _ = objectives.loss_fn(out, None, batch, jax.random.PRNGKey(2), SCHED, experiment=experiment)
+        own = objectives.DEFAULT_PREDICTION[experiment]
+        named, _ = objectives.loss_fn(
+            out, None, batch, jax.random.PRNGKey(2), SCHED, experiment=experiment, prediction=own
+        )
+        assert float(default) == float(named)
+
+
+# Beyond the paper (issue 33): Min-SNR-γ weights, self-conditioning, recycling.
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_weights_the_x0_error_by_min_snr_gamma_in_every_parameterisation(prediction):
+    # A network whose x̂0 is off by δ = 0.1 everywhere, written in each parameterisation: the Min-SNR-γ loss must
+    # be min(SNR(t), γ)·δ² per example whatever the target (Hang et al. 2023), i.e. the same x0 weighting.
+    batch = _batch(jax.random.PRNGKey(0), n=64)
+    gamma, delta = 5.0, 0.1
+    x0 = 2 * batch["mask"] - 1
+
+    def apply_fn(params, x, t, cond, rng):
+        x0_hat = x0 + delta
+        eps_hat = diffusion.predict_eps_from_x0(SCHED, x, t, x0_hat)
+        return {"x0": x0_hat, "eps": eps_hat, "v": diffusion.v_from_x0_eps(SCHED, x0_hat, eps_hat, t)}[
+            prediction
+        ]
+
+    loss, aux = objectives.loss_fn(
+        apply_fn, None, batch, jax.random.PRNGKey(1), SCHED, experiment="e2", prediction=prediction,
+        snr_gamma=gamma,
+    )  # fmt: skip
+    abar = np.asarray(SCHED.alphas_cumprod, np.float64)[np.asarray(aux["t"])]
+    expected = np.mean(np.minimum(abar / (1 - abar), gamma) * delta**2)
+    np.testing.assert_allclose(loss, expected, rtol=2e-3)
+    # Closed form of the table itself, and γ ≤ 0 refused.
+    snr = np.asarray(SCHED.alphas_cumprod, np.float64) / (1 - np.asarray(SCHED.alphas_cumprod, np.float64))
+    table = {"x0": 1.0, "eps": 1.0 / snr, "v": 1.0 / (snr + 1)}[prediction] * np.minimum(snr, gamma)
+    np.testing.assert_allclose(objectives.min_snr_weights(SCHED, prediction, gamma), table, rtol=1e-4)
+    with pytest.raises(ValueError, match="positive"):
+        objectives.min_snr_weights(SCHED, prediction, 0.0)
+
+
+def test_self_conditioning_feeds_the_first_pass_stop_gradient_x0_as_extra_channels():
+    batch = _batch(jax.random.PRNGKey(0))
+    # An x0 network whose output depends on both halves of its input, so that the first pass is visible.
+    rec = _Recorder(lambda x: jnp.tanh(3 * x[..., :1]) + 0.5 * x[..., 1:])
+    key = jax.random.PRNGKey(1)
+    objectives.loss_fn(
+        rec, None, batch, key, SCHED, experiment="e2", prediction="x0", self_condition_prob=1.0
+    )
+    main = rec.calls[-1]  # the first pass runs inside lax.cond (traced); the trained pass is the last call
+    assert main["x"].shape[-1] == 2
+    x_t, x0_prev = main["x"][..., :1], main["x"][..., 1:]
+    _, noise_key, _ = jax.random.split(key, 3)
+    noise = jax.random.normal(noise_key, x_t.shape)
+    # x_t is today's (the option draws its keys apart), and the extra channels are the first pass's clipped x̂0.
+    np.testing.assert_allclose(
+        x_t, diffusion.q_sample(SCHED, 2 * batch["mask"] - 1, main["t"], noise), atol=1e-6
+    )
+    np.testing.assert_allclose(x0_prev, jnp.clip(jnp.tanh(3 * x_t), -1, 1), atol=1e-6)
+    assert float(jnp.abs(x0_prev).max()) > 0.1
+    # With a probability that never fires, the extra channels are zeros.
+    rec0 = _Recorder(lambda x: jnp.tanh(3 * x[..., :1]) + 0.5 * x[..., 1:])
+    objectives.loss_fn(
+        rec0, None, batch, key, SCHED, experiment="e2", prediction="x0", self_condition_prob=1e-9
+    )
+    np.testing.assert_array_equal(rec0.calls[-1]["x"][..., 1:], 0.0)
+
+
+def test_self_conditioning_stops_the_gradient_of_the_first_pass():
+    # f(x) = w·x_t + w·x0_prev. With x0_prev = stop_gradient(clip(w·x_t)), dL/dw must ignore x0_prev's dependence
+    # on w: compare with the same loss where x0_prev is a constant.
+    batch = _batch(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(5)
+
+    def apply_fn(w, x, t, cond, rng):
+        return w * x[..., :1] + (w * x[..., 1:] if x.shape[-1] == 2 else 0.0)
+
+    def loss(w):
+        return objectives.loss_fn(
+            apply_fn, w, batch, key, SCHED, experiment="e2", prediction="x0", self_condition_prob=1.0
+        )[0]
+
+    w = jnp.float32(0.3)
+    _, aux = objectives.loss_fn(apply_fn, w, batch, key, SCHED, experiment="e2", prediction="x0")
+    _, noise_key, _ = jax.random.split(key, 3)
+    x0 = 2 * batch["mask"] - 1
+    x_t = diffusion.q_sample(SCHED, x0, aux["t"], jax.random.normal(noise_key, x0.shape))
+    const = jnp.clip(w * x_t, -1, 1)
+    expected = jax.grad(lambda v: jnp.mean((v * x_t + v * const - x0) ** 2))(w)
+    np.testing.assert_allclose(jax.grad(loss)(w), expected, rtol=1e-5)
+
+
+def test_recycling_builds_x_t_from_the_models_own_x0_and_keeps_the_ground_truth_target():
+    batch = _batch(jax.random.PRNGKey(0))
+    rec = _Recorder(lambda x: jnp.full_like(x, 0.5))  # x̂0 = 0.5 whatever the input
+    key = jax.random.PRNGKey(2)
+    loss, aux = objectives.loss_fn(
+        rec, None, batch, key, SCHED, experiment="e2", prediction="x0", recycle_prob=1.0
+    )
+    first, main = rec.calls
+    x0 = 2 * batch["mask"] - 1
+    np.testing.assert_array_equal(first["t"], np.full(4, 99))  # the recycling pass at T-1 (Fu et al.'s 'max')
+    np.testing.assert_array_equal(first["cond"], batch["image"])
+    _, noise_key, _ = jax.random.split(key, 3)
+    noise = jax.random.normal(noise_key, x0.shape)
+    np.testing.assert_allclose(
+        main["x"], diffusion.q_sample(SCHED, jnp.full_like(x0, 0.5), main["t"], noise), atol=1e-6
+    )
+    # The target is still the ground truth: the loss is the mean of (0.5 − x0)².
+    np.testing.assert_allclose(loss, jnp.mean((0.5 - x0) ** 2), rtol=1e-6)
+    # recycle_prob = 0 leaves x_t on the ground truth (and runs no recycling pass).
+    rec0 = _Recorder(lambda x: jnp.full_like(x, 0.5))
+    objectives.loss_fn(rec0, None, batch, key, SCHED, experiment="e2", prediction="x0")
+    assert len(rec0.calls) == 1
+    np.testing.assert_allclose(rec0.calls[0]["x"], diffusion.q_sample(SCHED, x0, main["t"], noise), atol=1e-6)

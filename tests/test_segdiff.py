@@ -473,3 +473,65 @@ def test_segdiff_matches_official_fixture(corrupt, tmp_path):
         return {"out": jax.jit(model.apply)(variables, io["x_t"], io["t"], io["image"])}
 
     check_official(corrupt, outputs, "segdiff", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SegDiff's MoNuSeg augmentation (issue 32): RandomAffine(22°, 0.75-1.25) and ColorJitter(0.4, 0.4, 0.4, 0.1).
+
+
+def test_segdiff_monuseg_scheme_augments_and_its_isic_one_does_not():
+    from configs import e1_monuseg, e2_isic, e2_monuseg
+
+    assert e2_monuseg.get_config("segdiff").data.augment == "segdiff"
+    assert e1_monuseg.get_config("segdiff,tiny").data.augment == "segdiff"
+    assert e2_isic.get_config("segdiff").data.augment == "none"
+    assert e2_monuseg.get_config("ensemdiff").data.augment == "none"
+
+
+def test_segdiff_affine_and_colour_jitter_match_their_closed_forms():
+    from diffseg_jax.data import augment
+
+    rng = np.random.default_rng(0)
+    image = jnp.asarray(rng.uniform(0.05, 0.95, (9, 9, 3)), jnp.float32)
+    mask = jnp.zeros((9, 9, 1)).at[2:4, 5:8].set(1.0)
+    same_image, same_mask = augment.affine_nearest_mask(image, mask, jnp.float32(0.0), jnp.float32(1.0))
+    np.testing.assert_allclose(same_image, image, atol=1e-6)
+    np.testing.assert_array_equal(same_mask, mask)
+    # A quarter turn moves the mask as rot90 does (in one of the two senses), and stays binary.
+    turned = augment.affine_nearest_mask(image, mask, jnp.float32(np.pi / 2), jnp.float32(1.0))[1][..., 0]
+    assert any(np.array_equal(turned, np.rot90(mask[..., 0], k)) for k in (1, 3))
+    # zoom 2 (torchvision's scale > 1 enlarges): the centre pixel stays, its neighbour comes from half as far.
+    zoomed = augment.affine_nearest_mask(image, mask, jnp.float32(0.0), jnp.float32(2.0))[0]
+    np.testing.assert_allclose(zoomed[4, 4], image[4, 4], atol=1e-6)
+    np.testing.assert_allclose(zoomed[4, 6], image[4, 5], atol=1e-6)
+    # Colour: torchvision's formulas; the hue round trip and a third of a turn taking red to green.
+    gray = 0.2989 * image[..., 0] + 0.587 * image[..., 1] + 0.114 * image[..., 2]
+    np.testing.assert_allclose(augment.adjust_brightness(image, 1.3), np.clip(image * 1.3, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(
+        augment.adjust_contrast(image, 0.6), np.clip(0.6 * image + 0.4 * gray.mean(), 0, 1), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        augment.adjust_saturation(image, 1.4), np.clip(1.4 * image - 0.4 * gray[..., None], 0, 1), atol=1e-6
+    )
+    np.testing.assert_allclose(augment.hsv_to_rgb(augment.rgb_to_hsv(image)), image, atol=1e-5)
+    np.testing.assert_allclose(augment.adjust_hue(image, 0.0), image, atol=1e-5)
+    red = jnp.asarray([[[1.0, 0.0, 0.0]]])
+    np.testing.assert_allclose(augment.adjust_hue(red, 1 / 3), [[[0.0, 1.0, 0.0]]], atol=1e-5)
+
+
+def test_segdiff_augmentation_runs_jitted_in_the_step_and_keeps_masks_binary():
+    from diffseg_jax.data import augment
+
+    fn, model = augment.for_training("segdiff", "the model")
+    assert model == "the model"  # SegDiff normalises its image inside the model, after the augmentation
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": jnp.asarray(rng.uniform(0, 1, (4, 16, 16, 3)), jnp.float32),
+        "mask": jnp.asarray(rng.integers(0, 2, (4, 16, 16, 1)), jnp.float32),
+    }
+    out = jax.jit(fn)(jax.random.PRNGKey(0), batch)
+    assert set(np.unique(np.asarray(out["mask"]))) <= {0.0, 1.0}
+    assert float(out["image"].min()) >= 0.0 and float(out["image"].max()) <= 1.0
+    assert not np.allclose(out["image"], batch["image"])  # every example drawn its own angle and colours
+    again = jax.jit(fn)(jax.random.PRNGKey(0), batch)
+    np.testing.assert_array_equal(out["image"], again["image"])

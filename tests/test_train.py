@@ -424,12 +424,16 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         ({"objective.loss": "l1"}, "objective.loss='l1'"),
         ({"objective.reduction": "max"}, "objective.reduction='max'"),
         ({"objective.dice": "global"}, "objective.dice='global'"),
+        ({"objective.prediction": "noise"}, "objective.prediction='noise'.*'eps', 'x0', 'v'"),
+        ({"experiment": "e4", "objective.prediction": "x0"}, "objective.prediction='x0'.*E4"),
+        ({"objective.prediction": "v"}, None),
         ({"train.optimizer": "sgd"}, "train.optimizer='sgd'"),
         ({"train.lr_schedule": "cosine"}, "train.lr_schedule='cosine'"),
         ({"train.init_weights": "/no/such/weights.pt"}, "train.init_weights=.*No such file"),
         ({"train.batch_size": 0}, "train.batch_size=0.*positive integer"),
         ({"train.ema_decay": 1.0}, "train.ema_decay=1.0"),
         ({"train.keep_every": 3}, "train.keep_every=3.*multiple of train.ckpt_every=2"),
+        ({"train.keep_at": (0.75, 1.0)}, r"train.keep_at=\(0.75, 1.0\).*\[1.0\] are not fractions"),
         ({"eval.step": -2}, "eval.step=-2.*latest checkpoint"),
         ({"eval.tta": "mirror"}, "eval.tta='mirror'.*'d4'"),
         ({"experiment": "e4", "eval.tta": "flips"}, "eval.tta='flips'.*experiment 'e4' samples without"),
@@ -629,6 +633,58 @@ def test_every_architecture_slots_into_every_experiment(tfds_dir, arch, experime
     assert stem.shape[2] == x_channels + image_channels
 
 
+@pytest.mark.parametrize("arch", ["ensemdiff", "segdiff", "medsegdiff"])
+def test_self_conditioning_recycling_and_min_snr_slot_into_every_architecture(tfds_dir, arch):
+    """Issue 33's options together trace through each UNet's train step and member sampler (jax.eval_shape: no
+    compile); the previous x̂0 joins the mask input, so the stem (SegDiff's G) sees one channel more."""
+    from diffseg_jax import evaluate
+
+    config = tiny_config("e2_synthetic", f"{arch},tiny", data_dir=tfds_dir)
+    config.objective.prediction = "x0"
+    config.objective.self_condition = True
+    config.objective.recycle_prob = 1.0
+    config.objective.loss_weighting = "min_snr"
+    configlib.validate(config, check_data=False)
+    ds, model, schedule, optimizer, state = train.setup(config, abstract=True)
+    _, metrics = jax.eval_shape(train.make_train_step(model, optimizer, schedule, config), state, dict(ds[0]))
+    assert metrics["loss"].shape == ()
+    image_channels = 0 if arch == "segdiff" else 3
+    assert state.params["input_blocks_0_0"]["kernel"].shape[2] == 2 + image_channels
+    config.eval.sampler, config.eval.ddim_steps, config.eval.ddim_eta = "ddim", 2, 0.5
+    member = evaluate.make_member_fn(model, schedule, config)
+    variables = {"params": state.ema_params, **state.model_state}
+    images = jax.ShapeDtypeStruct((2, *ds[0]["image"].shape[1:]), jnp.float32)
+    size = ds[0]["image"].shape[1:3]
+    out = jax.eval_shape(lambda v, i: member(v, i, (2, *size, 1), jax.random.PRNGKey(0)), variables, images)
+    assert out.shape == (2, *size, 1)
+    # E1 ignores the options (the quickstart's twin runs on the same config): a plain one-channel noise input.
+    config.experiment = "e1"
+    assert not train.self_conditioned(config) and train.beyond_paper_settings(config)["snr_gamma"] is None
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("objective.loss_weighting", "snr", "Choose 'none' or 'min_snr'"),
+        ("objective.snr_gamma", 0.0, "positive"),
+        ("objective.self_condition_prob", 0.0, r"probability in \(0, 1\]"),
+        ("objective.recycle_prob", 1.5, r"probability in \[0, 1\]"),
+        ("eval.ddim_eta", -0.5, "η ≥ 0"),
+    ],
+)
+def test_issue33_options_are_validated(key, value, match):
+    config = tiny_config()
+    config.objective.loss_weighting = "min_snr"
+    group, name = key.split(".")
+    config[group][name] = value
+    with pytest.raises(configlib.ConfigError, match=rf"{key}=.*{match}"):
+        configlib.validate(config, check_data=False)
+    config = tiny_config("e4_synthetic")
+    config.objective.self_condition = True
+    with pytest.raises(configlib.ConfigError, match="turn them off for E4"):
+        configlib.validate(config, check_data=False)
+
+
 def _progress_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("step ", "The second step"))]
 
@@ -723,3 +779,68 @@ def test_a_tiny_model_learns_the_easy_synthetic_lesions(tmp_path, tfds_dir):
     metrics = evaluate.evaluate(config, str(tmp_path), state=state)
     assert metrics == assert_metrics_are_the_ensembles(tmp_path / "eval")
     assert metrics["iou_pooled"] > metrics["baseline_iou_all_foreground"] + 0.3, metrics["iou_pooled"]
+
+
+def test_published_schemes_diffuse_masks_in_their_codes_range():
+    """Issue 32: EnsemDiff's and MedSegDiff's codes diffuse {0,1} masks (`mask > 0 -> 1`, no 2m - 1), SegDiff's
+    2m - 1; each published scheme sets its own, and an experiment config keeps it."""
+    from configs import base, e2_isic, e2_monuseg
+
+    expected = {
+        "ensemdiff": "binary",
+        "medsegdiff": "binary",
+        "medsegdiff_new": "binary",
+        "segdiff": "symmetric",
+    }
+    for model, mask_range in expected.items():
+        assert base.get_config(model).diffusion.mask_range == mask_range, model
+        assert e2_isic.get_config(f"{model},tiny").diffusion.mask_range == mask_range, model
+        assert e2_monuseg.get_config(model).diffusion.mask_range == mask_range, model
+
+
+def test_e1_is_classical_no_cal_loss_and_raw_weights():
+    """Issue 32: E1 of MedSegDiff trains (and validates) Dice + CE without the 10 x cal term; E1 of every
+    architecture samples with the raw weights unless eval.e1_use_ema, while E2 follows eval.use_ema."""
+    from configs import e1_isic, e2_isic
+    from diffseg_jax import evaluate
+
+    e1, e2 = e1_isic.get_config("medsegdiff,tiny"), e2_isic.get_config("medsegdiff,tiny")
+    assert e1.objective.cal_weight == 10.0  # the scheme's, kept for E2
+    assert train.loss_settings(e1)["aux_weights"] == {}
+    assert train.loss_settings(e2)["aux_weights"] == {"cal": 10.0}
+    for model in ("ensemdiff", "segdiff", "medsegdiff"):
+        config = e1_isic.get_config(f"{model},tiny")
+        config.eval.use_ema = True  # SegDiff's scheme; a grid's shared setting
+        assert not evaluate.uses_ema(config), model
+        config.eval.e1_use_ema = True
+        assert evaluate.uses_ema(config), model
+    e2.eval.use_ema = True
+    assert evaluate.uses_ema(e2)
+    # The weights trained_network hands to sampling (and the protocol's validation reads the same helper).
+    e1 = e1_isic.get_config("ensemdiff,tiny")
+    e1.eval.use_ema = True
+    _, _, _, state = train.model_and_state(e1, (32, 32, 3))
+    state = state.replace(ema_params=jax.tree.map(jnp.zeros_like, state.params))
+    _, _, _, variables = evaluate.trained_network(e1, "/no/such/run", 3, state=state)
+    leaf = jax.tree.leaves(variables["params"])[0]
+    np.testing.assert_array_equal(leaf, jax.tree.leaves(state.params)[0])
+
+
+def test_the_model_after_75_percent_of_training_is_kept(tmp_path):
+    """Issue 32: train.keep_at (default 0.75) saves and keeps round(0.75 · num_steps) whatever ckpt_every and
+    keep_checkpoints, so --mode analyse --config.eval.step=<75 %> works on any finished run."""
+    config = tiny_config()
+    assert tuple(config.train.keep_at) == (0.75,)
+    config.train.num_steps = 60_000
+    assert train.kept_steps(config.train) == (45_000,)
+    config.train.num_steps = 10
+    config.train.keep_at = (0.75, 0.5, 0.05)
+    assert train.kept_steps(config.train) == (5, 8)  # round(0.5) = 0 is no step; sorted
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "c"), max_to_keep=1, keep_steps=(3,))
+    try:
+        for step in range(1, 6):
+            ckpt.save(step, {"w": jnp.full((2,), float(step))}, {"step": step})
+            ckpt.wait()
+        assert ckpt.all_steps() == [3, 5]
+    finally:
+        ckpt.close()

@@ -1,8 +1,9 @@
 """Per-timestep curves of a trained network (Öttl et al., Sec. 4.2-4.3, Figs. 3 and 4), jitted and vmapped.
 
 For clean targets x0 and every t of a grid, the network sees x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps and
-its output gives both an estimate of x0 and of eps (E2/E4 predict eps, E3 predicts x0; the other follows from
-the forward process). Two curves come out of one network call per (t, image, noise draw):
+its output gives both an estimate of x0 and of eps (E2/E4 predict eps, E3 predicts x0, or what
+``objective.prediction`` says; the other follows from the forward process). Two curves come out of one network
+call per (t, image, noise draw):
 
 * **mask prediction error** (Fig. 3 left, Fig. 4): MSE between the true mask and the estimated mask, both mapped
   to [0, 1] (the estimate x0_hat clipped to the diffusion range first, as the samplers do), so 0 is perfect and
@@ -41,10 +42,10 @@ def timestep_curves(
     """``{'mask_error', 'eps_loss'}``, each (len(ts), B): per timestep and image, averaged over noise draws.
 
     ``x0`` (B, H, W, C) is in diffusion space (masks 2m - 1 for ``mask_range='symmetric'``); ``out_fn`` is
-    the network with its conditioning bound, returning ``prediction`` ('eps' or 'x0') for (x_t, t).
+    the network with its conditioning bound, returning ``prediction`` ('eps', 'x0' or 'v') for (x_t, t).
     """
-    if prediction not in ("eps", "x0"):
-        raise ValueError(f"prediction must be 'eps' or 'x0', got {prediction!r}")
+    if prediction not in diffusion.PREDICTIONS:
+        raise ValueError(f"prediction must be one of {diffusion.PREDICTIONS}, got {prediction!r}")
     batch = x0.shape[0]
     axes = tuple(range(1, x0.ndim))
     truth = diffusion.diffusion_to_prob(x0, mask_range)
@@ -54,10 +55,7 @@ def timestep_curves(
         noise = jax.random.normal(k, x0.shape, x0.dtype)
         x_t = diffusion.q_sample(schedule, x0, t_vec, noise)
         out = out_fn(x_t, t_vec)[..., : x0.shape[-1]]  # drop a learned-variance channel
-        if prediction == "eps":
-            eps_hat, x0_hat = out, diffusion.predict_x0_from_eps(schedule, x_t, t_vec, out)
-        else:
-            x0_hat, eps_hat = out, diffusion.predict_eps_from_x0(schedule, x_t, t_vec, out)
+        x0_hat, eps_hat = diffusion.x0_eps_from_prediction(prediction, schedule, x_t, t_vec, out)
         if clip:
             x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
         estimate = diffusion.diffusion_to_prob(x0_hat, mask_range)

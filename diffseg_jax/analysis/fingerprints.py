@@ -2,7 +2,8 @@
 
 Collects the ``analysis/curves.csv`` and ``analysis/model_free.csv`` files under the given folders (written by
 ``--mode analyse``), and writes ``fingerprints.csv`` (all mask prediction error curves), ``fingerprints.png``
-(one panel per dataset: each model dotted, their average solid, the model-free curve dashed) and
+(one panel per dataset against t/T, so SegDiff's T = 100 and the others' T = 1000 share the axis and the
+average: each model dotted, their average solid, the model-free curve dashed) and
 ``fingerprints.md``: per dataset and model, the timestep where the smoothed error first reaches half of its
 maximum (``t_half``), the error at the last timestep and how much the smoothed curve still rises over its last
 10 % of timesteps (``rise_tail``, a fraction of its range; ``converged`` when at most ``--tol``), the numbers behind
@@ -19,7 +20,7 @@ import numpy as np
 
 from diffseg_jax import cli, plots, report
 from diffseg_jax.analysis.adaptive import tail_rise
-from diffseg_jax.analysis.run import read_rows, write_rows
+from diffseg_jax.analysis.run import CSV_COLUMNS, read_rows, write_rows
 
 
 def find_curves(paths: Sequence[str]) -> list[str]:
@@ -36,19 +37,26 @@ def half_rise(t: np.ndarray, values: np.ndarray, smoothing: int) -> int:
 
 
 def summarise(rows: list[dict], smoothing: int, tol: float = 0.02) -> list[dict]:
-    """Per (dataset, model, experiment): t_half, the error at the first and last timesteps, the rise over the
-    last 10 % of timesteps and whether it has converged (rise at most ``tol``); each curve smoothed over
-    ``smoothing`` timesteps, however densely --mode analyse sampled it (``analysis.t_step``)."""
+    """Per (dataset, model, experiment, T): t_half (and ``t_half_frac``, (t_half + 1)/T, comparable across T), the
+    error at the first and last timesteps, the rise over the last 10 % of timesteps and whether it has converged
+    (rise at most ``tol``); each curve smoothed over ``smoothing`` timesteps, however densely --mode analyse
+    sampled it (``analysis.t_step``). T is each curve's (``plots.with_horizon``)."""
     out = []
-    for (dataset, model, experiment, curve), (t, v) in sorted(plots.curve_series(rows).items()):
+    for (dataset, model, experiment, curve, horizon), (u, v, _) in sorted(
+        plots.fraction_series(rows).items()
+    ):
         if curve == "mask_error":
+            t = np.rint(u * horizon - 1.0)
             window = plots.samples_in(t, smoothing)
+            t_half = half_rise(t, v, window)
             out.append(
                 dict(
                     dataset=dataset,
                     model=model,
                     experiment=experiment,
-                    t_half=half_rise(t, v, window),
+                    num_timesteps=horizon,
+                    t_half=t_half,
+                    t_half_frac=(t_half + 1) / horizon,
                     error_first=float(v[0]),
                     error_last=float(v[-1]),
                     rise_tail=tail_rise(t, v, window),
@@ -74,8 +82,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     if args.smoothing < 0:
         parser.error(f"--smoothing {args.smoothing}: use a window of 0 (none) or more timesteps.")
     # A --runs path that does not exist, or a file that is no curve table: one message, no traceback.
+    files = cli.reporting_user_errors(lambda: find_curves(args.runs))
+    # T from each file's own grid (plots.with_horizon), before the files' rows are pooled.
     rows = cli.reporting_user_errors(
-        lambda: [r for f in find_curves(args.runs) for r in read_rows(f) if r["curve"] == "mask_error"]
+        lambda: [r for f in files for r in plots.with_horizon(read_rows(f)) if r["curve"] == "mask_error"]
     )
     if not rows:
         raise SystemExit(f"No mask_error curves under {args.runs}; run --mode analyse on E2/E3 runs first.")
@@ -85,14 +95,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         "png": os.path.join(args.out, "fingerprints.png"),
         "md": os.path.join(args.out, "fingerprints.md"),
     }
-    write_rows(paths["csv"][:-4], rows)
-    plots.fingerprint_figure([paths["csv"]], paths["png"], args.smoothing)
+    write_rows(paths["csv"][:-4], [{k: r[k] for k in CSV_COLUMNS} for r in rows])
+    plots.fingerprint_figure(files, paths["png"], args.smoothing)
     lines = [
-        "| dataset | model | experiment | t_half | error at t=0 | error at T-1 | rise over last 10 % | converged |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | model | experiment | T | t_half | t_half / T | error at t=0 | error at T-1 | rise over last 10 % "
+        "| converged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {s['dataset']} | {s['model']} | {s['experiment']} | {s['t_half']} | {s['error_first']:.4f} | "
+        f"| {s['dataset']} | {s['model']} | {s['experiment']} | {s['num_timesteps']} | {s['t_half']} | "
+        f"{s['t_half_frac']:.3f} | {s['error_first']:.4f} | "
         f"{s['error_last']:.4f} | {s['rise_tail']:.3f} | {'yes' if s['converged'] else 'no'} |"
         for s in summarise(rows, args.smoothing, args.tol)
     ]

@@ -100,6 +100,20 @@ def chunk_size(mask_floats: int, num_windows: int, num_draws: int, cap: int | No
     return max(1, min(cap, sized) if cap else sized)
 
 
+def equivalent_alpha_bar(alpha_bar: jnp.ndarray, mask_range: str = "symmetric") -> jnp.ndarray:
+    """The ᾱ' at which symmetric masks (2m - 1) are as noisy as masks of ``mask_range`` at ᾱ.
+
+    A binary mask m diffused as x_t = √ᾱ m + √(1-ᾱ) ε gives (2 x_t - √ᾱ)/D = √ᾱ' (2m - 1) + √(1-ᾱ') ε with
+    D² = ᾱ + 4 (1 - ᾱ) and ᾱ' = ᾱ / D²: an invertible map of x_t, so every posterior denoiser's error is that of
+    the symmetric case at ᾱ', whose SNR ᾱ'/(1 - ᾱ') is a quarter of ᾱ/(1 - ᾱ).
+    """
+    if mask_range == "symmetric":
+        return alpha_bar
+    if mask_range == "binary":
+        return alpha_bar / (alpha_bar + 4.0 * (1.0 - alpha_bar))
+    raise ValueError(f"mask_range must be one of {diffusion.MASK_RANGES}, got {mask_range!r}")
+
+
 def model_free_curve(
     schedule: diffusion.Schedule,
     masks: jnp.ndarray,
@@ -110,14 +124,18 @@ def model_free_curve(
     num_draws: int = 1,
     t_chunk: int | None = None,
     foreground_rate: float | None = None,
+    mask_range: str = "symmetric",
 ) -> dict[str, jnp.ndarray]:
     """``{'mask_error': (len(ts),), 'window': (len(ts),), 'errors': (len(ts), len(windows))}`` for {0,1} masks.
+
+    ``mask_range`` ('symmetric': 2m - 1, or 'binary': m, as ``diffusion.mask_range``) is the diffused mask's
+    range: the binary one is the symmetric one at a quarter of the SNR (:func:`equivalent_alpha_bar`).
 
     ``masks`` (B, H, W, 1); ``foreground_rate`` defaults to the masks' own rate. Noise at t comes from
     ``fold_in(key, t)`` as in :func:`diffseg_jax.analysis.curves.timestep_curves`. Timesteps are evaluated
     :func:`chunk_size` at a time (``t_chunk`` caps it); the chunking does not change the values.
     """
-    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+    abar = equivalent_alpha_bar(jnp.asarray(schedule.alphas_cumprod, jnp.float32), mask_range)
 
     def at_t(t):
         return window_errors(

@@ -148,8 +148,9 @@ def network_curves(config, workdir, test, ts, key, network=None) -> tuple[dict[s
         network = evaluate.trained_network(config, workdir, test["image"].shape[-1])
     model, schedule, step, variables = network
     a = config.analysis
-    prediction = objectives.prediction_type(experiment)
+    prediction = objectives.prediction_of(config)
     mask_range = config.diffusion.mask_range if experiment != "e4" else "symmetric"
+    self_conditioned = train.self_conditioned(config)
 
     @jax.jit
     def batch_curves(variables, images, masks, key):
@@ -157,6 +158,8 @@ def network_curves(config, workdir, test, ts, key, network=None) -> tuple[dict[s
         x0 = 2.0 * images - 1.0 if experiment == "e4" else diffusion.mask_to_diffusion(masks, mask_range)
 
         def out_fn(x_t, t):
+            if self_conditioned:  # no previous estimate on a single step: zeros (Analog Bits)
+                x_t = objectives.self_condition_input(x_t, None)
             out = model.apply(variables, x_t, t, cond, train=False, rngs=train.model_rngs(key))
             return objectives.split_output(out)[0]
 
@@ -299,6 +302,7 @@ def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, 
             key,
             num_draws=a.num_draws,
             t_chunk=a.t_chunk if a.t_chunk > 0 else None,
+            mask_range=config.diffusion.mask_range,  # the run's: a binary range is noisier at every t
         )
         rows = [
             dict(

@@ -2,13 +2,18 @@
 
 from diffseg_jax.diffusion.gaussian import (
     MASK_RANGES,
+    PREDICTIONS,
+    diffusion_to_mask_scale,
     diffusion_to_prob,
     extract,
     mask_to_diffusion,
     predict_eps_from_x0,
     predict_x0_from_eps,
+    prediction_target,
     q_posterior,
     q_sample,
+    v_from_x0_eps,
+    x0_eps_from_prediction,
 )
 from diffseg_jax.diffusion.samplers import (
     SAMPLERS,
@@ -36,6 +41,7 @@ from diffseg_jax.diffusion.schedule import (
 __all__ = [
     "BETA_SCHEDULES",
     "MASK_RANGES",
+    "PREDICTIONS",
     "SAMPLERS",
     "Schedule",
     "TTA_TRANSFORMS",
@@ -45,6 +51,7 @@ __all__ = [
     "ddim_sample",
     "ddim_timesteps",
     "ddpm_sample",
+    "diffusion_to_mask_scale",
     "diffusion_to_prob",
     "dihedral",
     "ensemble_sample",
@@ -56,8 +63,11 @@ __all__ = [
     "step_log_variance",
     "predict_eps_from_x0",
     "predict_x0_from_eps",
+    "prediction_target",
     "q_posterior",
     "q_sample",
     "register_beta_schedule",
     "schedule_from_betas",
+    "v_from_x0_eps",
+    "x0_eps_from_prediction",
 ]

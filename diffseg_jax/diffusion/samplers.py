@@ -3,8 +3,13 @@
 A *model function* ``model_fn(x_t, t) -> output`` closes over parameters and the conditioning image; ``t`` is
 the integer training timestep, shape (B,), that produced the noise level of ``x_t`` — also under DDIM,
 where the network sees the original t of each visited step (as improved-diffusion's respacing wrapper
-does). ``prediction`` says what the output is: ``'eps'`` (E2, E4) or ``'x0'`` (E3). With
+does). ``prediction`` says what the output is: ``'eps'`` (E2, E4), ``'x0'`` (E3) or ``'v'``
+(``objective.prediction``). With
 ``variance='learned_range'`` the output carries twice the channels, [prediction, v], as in improved DDPM.
+
+``self_condition=True`` (beyond the paper; Chen, Zhang & Hinton 2022, "Analog Bits", arXiv 2208.04202): the
+network takes x_t with the previous step's clipped x̂0 as extra channels after it (zeros at the first step), as a
+network trained with ``objective.self_condition`` expects.
 
 All samplers are pure: call them inside ``jax.jit`` (the loop over timesteps is one ``lax.scan`` and compiles
 the model once, unlike the published codes' Python loops). Per-step noise comes from
@@ -37,39 +42,36 @@ def model_x0_eps(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Turns a network output into (x0, ε) estimates; x0 is clipped to ``clip_range`` when given.
 
-    When x0 is clipped, ε is re-derived from the clipped x0 (as improved-diffusion's DDIM does), so both stay
-    consistent with x_t.
+    ``prediction``: what the output is, 'eps', 'x0' or 'v' (:data:`gaussian.PREDICTIONS`). When x0 is clipped,
+    ε is re-derived from the clipped x0 (as improved-diffusion's DDIM does), so both stay consistent with x_t;
+    unclipped, each comes from the output by :func:`gaussian.x0_eps_from_prediction`.
     """
-    if prediction == "eps":
-        x0 = gaussian.predict_x0_from_eps(schedule, x_t, t, out)
-    elif prediction == "x0":
-        x0 = out
-    else:
-        raise ValueError(f"prediction must be 'eps' or 'x0', got {prediction!r}")
+    x0, eps = gaussian.x0_eps_from_prediction(prediction, schedule, x_t, t, out)
     if clip_range is not None:
         x0 = jnp.clip(x0, *clip_range)
-    if prediction == "eps" and clip_range is None:
-        eps = out
-    else:
         eps = gaussian.predict_eps_from_x0(schedule, x_t, t, x0)
     return x0, eps
 
 
-def _with_extras(model_fn: ModelFn, shape: tuple[int, ...], variances: tuple[str, ...]):
+def _with_extras(
+    model_fn: ModelFn, shape: tuple[int, ...], variances: tuple[str, ...], self_condition: bool = False
+):
     """Wraps ``model_fn`` to always return (output, extras) and gives zero extras of the right structure.
 
     A network may return ``(output, extras)`` (MedSegDiff's ``cal`` head); samplers carry the extras of the
     latest call so that those of the final step can be returned. Its output must have x's channels, or twice
     as many with a learned variance: ``variances`` says which of the two the sampler takes; any other output is
-    refused here, by its shape, instead of failing (or broadcasting) inside the scan.
+    refused here, by its shape, instead of failing (or broadcasting) inside the scan. A self-conditioned network
+    takes twice x's channels (x_t and the previous x̂0).
     """
 
     def fn(x, t):
         out = model_fn(x, t)
         return out if isinstance(out, tuple) else (out, {})
 
+    in_shape = (*shape[:-1], 2 * shape[-1]) if self_condition else shape
     abstract = jax.eval_shape(
-        fn, jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((shape[0],), jnp.int32)
+        fn, jax.ShapeDtypeStruct(in_shape, jnp.float32), jax.ShapeDtypeStruct((shape[0],), jnp.int32)
     )
     c = shape[-1]
     allowed = [(*shape[:-1], 2 * c if v == "learned_range" else c) for v in variances]
@@ -82,6 +84,11 @@ def _with_extras(model_fn: ModelFn, shape: tuple[int, ...], variances: tuple[str
         )
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract[1])
     return fn, zeros
+
+
+def _model_input(x: jnp.ndarray, x0_prev) -> jnp.ndarray:
+    """x, or x with the previous x̂0 as extra channels when self-conditioning (``x0_prev`` is then an array)."""
+    return x if isinstance(x0_prev, tuple) else jnp.concatenate([x, x0_prev], axis=-1)
 
 
 def _split_output(out: jnp.ndarray, variance: str) -> tuple[jnp.ndarray, jnp.ndarray | None]:
@@ -124,32 +131,36 @@ def ddpm_sample(
     clip_range: tuple[float, float] | None = (-1.0, 1.0),
     return_trajectory: bool = False,
     return_extras: bool = False,
+    self_condition: bool = False,
 ):
     """Ancestral DDPM sampling over all T steps, t = T-1 … 0, from x_T ~ N(0, I).
 
     Returns the final x (the clipped x0 estimate at t = 0, where no noise is added) or, with
     ``return_trajectory``, ``(x, {'x': (T, *shape), 'x0': (T, *shape), 't': (T,)})`` in visiting order.
     With ``return_extras`` the extras the network returned at the last step (t = 0) are appended.
+    ``self_condition``: feed the previous step's x̂0 (see the module docstring).
     """
     num_t = schedule.num_timesteps
     init_key, step_key = jax.random.split(key)
     x_init = jax.random.normal(init_key, shape)
-    fn, zero_extras = _with_extras(model_fn, shape, (variance,))
+    fn, zero_extras = _with_extras(model_fn, shape, (variance,), self_condition)
+    x0_init = jnp.zeros(shape, jnp.float32) if self_condition else ()
 
     def step(carry, t):
-        x, _ = carry
+        x, _, x0_prev = carry
         tb = jnp.full((shape[0],), t, dtype=jnp.int32)
-        raw, extras = fn(x, tb)
+        raw, extras = fn(_model_input(x, x0_prev), tb)
         out, v = _split_output(raw, variance)
         x0, _ = model_x0_eps(schedule, out, x, tb, prediction=prediction, clip_range=clip_range)
         mean, _, _ = gaussian.q_posterior(schedule, x0, x, tb)
         log_var = step_log_variance(schedule, tb, shape, variance, v)
         noise = jax.random.normal(jax.random.fold_in(step_key, t), shape)
         x_prev = mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * noise
-        return (x_prev, extras), ((x_prev, x0, t) if return_trajectory else None)
+        carry = (x_prev, extras, x0 if self_condition else x0_prev)
+        return carry, ((x_prev, x0, t) if return_trajectory else None)
 
     ts = jnp.arange(num_t - 1, -1, -1, dtype=jnp.int32)
-    (x, extras), traj = jax.lax.scan(step, (x_init, zero_extras), ts)
+    (x, extras, _), traj = jax.lax.scan(step, (x_init, zero_extras, x0_init), ts)
     return _result(x, traj, extras, return_trajectory, return_extras)
 
 
@@ -182,12 +193,18 @@ def ddim_sample(
     clip_range: tuple[float, float] | None = (-1.0, 1.0),
     return_trajectory: bool = False,
     return_extras: bool = False,
+    self_condition: bool = False,
 ):
     """DDIM (Song et al. 2021) over K of the T timesteps; ``eta`` = 0 is deterministic, 1 ≈ DDPM.
 
     The visited timesteps are :func:`ddim_timesteps` (T-1 and 0 included), the network is called with each
     one's integer training t, and the last step returns the clipped x0 estimate at t = 0. A learned variance
     channel, if present, is ignored (DDIM defines its own σ).
+
+    σ_k = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev) (Song et al., Eq. 16): with η = 1 over all T steps this is
+    DDPM's posterior standard deviation (``fixed_small``), and with η = 0 a sample is a function of x_T alone.
+    Stochastic few-step sampling (η > 0, K ≤ 10) keeps an x0 network's members diverse (issue 33).
+    ``self_condition``: feed the previous step's x̂0 (see the module docstring).
     """
     del variance  # DDIM's σ comes from eta; a learned-variance channel is dropped below.
     ts = ddim_timesteps(schedule.num_timesteps, num_steps)
@@ -195,13 +212,14 @@ def ddim_sample(
     init_key, step_key = jax.random.split(key)
     x_init = jax.random.normal(init_key, shape)
     ac_ext = jnp.concatenate([schedule.alphas_cumprod, jnp.ones((1,), jnp.float32)])  # index -1 → ᾱ = 1
-    fn, zero_extras = _with_extras(model_fn, shape, ("fixed_large", "learned_range"))
+    fn, zero_extras = _with_extras(model_fn, shape, ("fixed_large", "learned_range"), self_condition)
+    x0_init = jnp.zeros(shape, jnp.float32) if self_condition else ()
 
     def step(carry, ts_pair):
-        x, _ = carry
+        x, _, x0_prev = carry
         t, t_prev = ts_pair
         tb = jnp.full((shape[0],), t, dtype=jnp.int32)
-        out, extras = fn(x, tb)
+        out, extras = fn(_model_input(x, x0_prev), tb)
         if out.shape[-1] == 2 * shape[-1]:
             out = out[..., : shape[-1]]
         x0, eps = model_x0_eps(schedule, out, x, tb, prediction=prediction, clip_range=clip_range)
@@ -213,10 +231,11 @@ def ddim_sample(
             + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0)) * eps
             + jnp.where(t_prev >= 0, sigma, 0.0) * noise
         )
-        return (x_prev, extras), ((x_prev, x0, t) if return_trajectory else None)
+        carry = (x_prev, extras, x0 if self_condition else x0_prev)
+        return carry, ((x_prev, x0, t) if return_trajectory else None)
 
-    (x, extras), traj = jax.lax.scan(
-        step, (x_init, zero_extras), (jnp.asarray(ts[::-1]), jnp.asarray(ts_prev[::-1]))
+    (x, extras, _), traj = jax.lax.scan(
+        step, (x_init, zero_extras, x0_init), (jnp.asarray(ts[::-1]), jnp.asarray(ts_prev[::-1]))
     )
     return _result(x, traj, extras, return_trajectory, return_extras)
 
