@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from diffseg_jax import train
+from diffseg_jax import build
 from diffseg_jax.analysis import curves
 
 PUBLISHED_SIZE = 256
@@ -28,17 +28,17 @@ def bench(name, published, images, timesteps, t_step, draws, t_chunk, repeats) -
     config = base.get_config(name if published else f"{name},tiny")
     config.diffusion.num_timesteps = timesteps
     size = PUBLISHED_SIZE if published else config.data.image_size
-    model = train.build_model(config.model, 1, size)
+    model = build.build_model(config.model, 1, size)
     # Host-made weights of the model's shapes (common.host_variables): its own initialisation only costs
     # compile time on a GPU, and its zero-initialised output layer would leave the network's output zero.
     variables = common.host_variables(common.abstract_variables(model, size, 3))
-    schedule = train.build_schedule(config.diffusion)
+    schedule = build.build_schedule(config.diffusion)
     rng = np.random.default_rng(0)
     imgs = jnp.asarray(rng.random((images, size, size, 3), np.float32))
     x0 = jnp.asarray(np.where(rng.random((images, size, size, 1)) > 0.5, 1.0, -1.0).astype(np.float32))
     ts = np.arange(0, timesteps, t_step)
     key = jax.random.PRNGKey(3)
-    rngs = train.model_rngs(jax.random.PRNGKey(0))
+    rngs = build.model_rngs(jax.random.PRNGKey(0))
     out_fn = lambda x, t: model.apply(variables, x, t, imgs, train=False, rngs=rngs)  # noqa: E731
 
     evaluator = jax.jit(

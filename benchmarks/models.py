@@ -52,7 +52,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from diffseg_jax import models, train
+from diffseg_jax import build, distributed, models, train
 
 PUBLISHED_SIZE = 256  # the size the paper's ISIC runs use; MoNuSeg trains on 256 crops too
 VARIANT_TOKENS = {
@@ -110,7 +110,7 @@ def _config(name: str, tiny: bool, dtype: str, remat: bool, other: tuple = ()):
 
 def _forward_flops(model, variables, x, t, cond) -> float:
     fwd = jax.jit(
-        lambda v, x, t, c: model.apply(v, x, t, c, train=False, rngs=train.model_rngs(jax.random.PRNGKey(0)))
+        lambda v, x, t, c: model.apply(v, x, t, c, train=False, rngs=build.model_rngs(jax.random.PRNGKey(0)))
     )
     return common.hlo_flops(fwd.lower(variables, x, t, cond)) / x.shape[0]
 
@@ -118,21 +118,21 @@ def _forward_flops(model, variables, x, t, cond) -> float:
 def step_and_inputs(config, model, variables, batch: int):
     """(the jitted train step as the train loop builds it, its replicated state, a random sharded batch)."""
     size, ch = config.data.image_size, config.data.image_channels
-    optimizer = train.make_optimizer(config.train)
-    state = jax.jit(lambda v: train.create_train_state(v, optimizer, jax.random.PRNGKey(1)))(variables)
-    mesh = train.data_mesh()
+    optimizer = build.make_optimizer(config.train)
+    state = jax.jit(lambda v: build.create_train_state(v, optimizer, jax.random.PRNGKey(1)))(variables)
+    mesh = distributed.data_mesh()
     # Replicated as the train loop places it: the step's output sharding, so the compiled step takes its own
     # output back (the AOT executable `prepare` compiles refuses anything else instead of recompiling quietly).
     state = jax.device_put(state, NamedSharding(mesh, P()))
     step = train.jit_train_step(
-        train.make_train_step(model, optimizer, train.build_schedule(config.diffusion), config), mesh
+        train.make_train_step(model, optimizer, build.build_schedule(config.diffusion), config), mesh
     )
     rng = np.random.default_rng(0)
     batch_np = {
         "image": rng.random((batch, size, size, ch), np.float32),
         "mask": (rng.random((batch, size, size, 1)) > 0.5).astype(np.float32),
     }
-    return step, state, train.shard_batch(batch_np, mesh)
+    return step, state, distributed.shard_batch(batch_np, mesh)
 
 
 def prepare(
@@ -152,7 +152,7 @@ def prepare(
     """
     config = _config(name, tiny, dtype, remat, other)
     size, ch = config.data.image_size, config.data.image_channels
-    model = train.build_model(config.model, train.output_channels(config, ch), size)
+    model = build.build_model(config.model, build.output_channels(config, ch), size)
     x = jnp.zeros((1, size, size, 1))
     cond = jnp.zeros((1, size, size, ch))
     t = jnp.zeros((1,), jnp.int32)
@@ -174,7 +174,7 @@ def prepare(
     t0 = time.perf_counter()
     if model_init:
         variables = jax.jit(
-            lambda: train.init_variables(
+            lambda: build.init_variables(
                 model, jax.random.PRNGKey(0), (1, size, size, 1), (1, size, size, ch)
             )
         )()

@@ -7,7 +7,7 @@ The published samplers (guided-diffusion's ``p_sample_loop``, as EnsemDiff, SegD
 loop in Python over timesteps, and their evaluation scripts loop over ensemble members: one network call per
 (member, step). The naive row does exactly that here, with the same model and the same per-step function
 jitted (so it is the structure being compared, not eager against compiled code); the scan row is
-``evaluate.make_ensemble_fn``: one ``lax.scan`` over the steps with the members vmapped (``--chunk`` members
+``sampling.make_ensemble_fn``: one ``lax.scan`` over the steps with the members vmapped (``--chunk`` members
 at a time). Both draw the same noise (same keys), so their ensemble means must agree; the table shows the
 largest difference. Throughput is member-steps per second: images × members × steps / seconds.
 """
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from diffseg_jax import diffusion, evaluate, train
+from diffseg_jax import build, diffusion, sampling
 
 PUBLISHED_SIZE = 256
 
@@ -33,7 +33,7 @@ def _setup(name: str, published: bool, steps: int):
     config.diffusion.schedule = "cosine"  # valid for any T (linear betas scale with 1000/T)
     config.eval.sampler = "ddpm"
     size = PUBLISHED_SIZE if published else config.data.image_size
-    model = train.build_model(config.model, 1, size)
+    model = build.build_model(config.model, 1, size)
     # Host-made weights of the model's shapes (common.host_variables): its own initialisation only costs
     # compile time on a GPU, and its zero-initialised output layer would leave the network's output zero.
     variables = common.host_variables(common.abstract_variables(model, size, 3))
@@ -47,7 +47,7 @@ def naive_sampler(model, schedule, variables, config):
     @jax.jit
     def step(x, t, images, step_key):
         tb = jnp.full((x.shape[0],), t, jnp.int32)
-        out = model.apply(variables, x, tb, images, train=False, rngs=train.model_rngs(jax.random.PRNGKey(0)))
+        out = model.apply(variables, x, tb, images, train=False, rngs=build.model_rngs(jax.random.PRNGKey(0)))
         x0, _ = diffusion.model_x0_eps(schedule, out, x, tb, prediction="eps", clip_range=clip)
         mean, _, _ = diffusion.q_posterior(schedule, x0, x, tb)
         log_var = diffusion.step_log_variance(schedule, tb, x.shape, config.diffusion.variance, None)
@@ -71,7 +71,7 @@ def bench(
     name: str, published: bool, images: int, members: int, steps: int, chunk: int, repeats: int
 ) -> dict:
     config, model, variables, size = _setup(name, published, steps)
-    schedule = train.build_schedule(config.diffusion)
+    schedule = build.build_schedule(config.diffusion)
     rng = np.random.default_rng(0)
     imgs = jnp.asarray(rng.random((images, size, size, 3), np.float32))
     shape = (images, size, size, 1)
@@ -80,7 +80,7 @@ def bench(
     row = dict(model=name, size="published" if published else "tiny", image_size=size, images=images,
                members=members, steps=steps)  # fmt: skip
 
-    ensemble = evaluate.make_ensemble_fn(evaluate.make_member_fn(model, schedule, config), members, chunk)
+    ensemble = sampling.make_ensemble_fn(sampling.make_member_fn(model, schedule, config), members, chunk)
     template = jnp.zeros(shape)
     scan_mean = lambda: ensemble(variables, imgs, template, key)["mean"]  # noqa: E731
     row["scan_compile_s"], row["scan_s"] = common.timed(scan_mean, repeats)

@@ -269,7 +269,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             variance="fixed_large",
         )
     )
-    # Terminal noise (beyond the paper, diffseg_jax.analysis.adaptive): 'rescale' (√ᾱ rescaled, Lin et al. 2024)
+    # Terminal noise (beyond the paper, diffseg_jax.adaptive): 'rescale' (√ᾱ rescaled, Lin et al. 2024)
     # or 'snr_shift' moves ᾱ_{T-1} to alpha_bar_T; -1 picks the largest ᾱ_{T-1} at which the training masks'
     # model-free error curve has converged (information left <= terminal_tol), recorded in config.json.
     c.diffusion.terminal = "none"

@@ -8,7 +8,7 @@
     run = dj.load_run("runs/quickstart")                   # its config.json, the weights it was evaluated with
     mean, std = run.segment(images, members=10, sampler="ddim", steps=50, key=0)
 
-``segment`` is the ensemble ``--mode evaluate`` samples (``diffseg_jax.evaluate.ensemble_maps``): members vmapped
+``segment`` is the ensemble ``--mode evaluate`` samples (``diffseg_jax.sampling.ensemble_maps``): members vmapped
 and chunked, images batched and sharded over every device, stored images larger than the model's size cut into
 tiles as the run's test images are, one compilation per setting. With the run's own settings and key
 (``eval.seed``, the default) its mean map equals the one ``--mode evaluate`` wrote to ``eval/ensemble.npz``.
@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffseg_jax import configlib, data, diffusion, evaluate, planning
+from diffseg_jax import configlib, data, diffusion, evaluate, planning, restore, sampling
 
 _CONFIG_DIR_NAME = "configs"
 
@@ -110,7 +110,7 @@ class Run:
         e = config.eval
         cache_key = (e.ensemble_size, e.sampler, e.ddim_steps, e.get("tta", "none"), e.member_chunk)
         if cache_key not in self._ensembles:
-            self._ensembles[cache_key] = evaluate.ensemble_fn(config, self.model, self.schedule)
+            self._ensembles[cache_key] = sampling.ensemble_fn(config, self.model, self.schedule)
         return self._ensembles[cache_key]
 
     def segment(
@@ -154,7 +154,7 @@ class Run:
                 config.data.resize = None
         if isinstance(key, int) or key is None:
             key = jax.random.PRNGKey(config.eval.seed if key is None else key)
-        return evaluate.ensemble_maps(
+        return sampling.ensemble_maps(
             config,
             self.model,
             self.schedule,
@@ -167,7 +167,9 @@ class Run:
         )
 
 
-def load_run(workdir: str, step: int = -1, weights: str | None = None, image_channels: int | None = None) -> Run:
+def load_run(
+    workdir: str, step: int = -1, weights: str | None = None, image_channels: int | None = None
+) -> Run:
     """The run in ``workdir`` as it was trained: its recorded ``config.json``, and the checkpoint at ``step``
     (-1: the latest) with the weights it was evaluated with (``weights`` 'ema' or 'raw' overrides
     ``eval.use_ema``). Reads no data; ``image_channels`` defaults to ``data.image_channels``."""
@@ -186,5 +188,5 @@ def load_run(workdir: str, step: int = -1, weights: str | None = None, image_cha
     configlib.validate(config, check_data=False)
     config = planning.resolve_as_trained(config, workdir)
     channels = image_channels or config.data.get("image_channels", 3)
-    model, schedule, at_step, variables = evaluate.trained_network(config, workdir, channels)
+    model, schedule, at_step, variables = restore.trained_network(config, workdir, channels)
     return Run(os.path.abspath(workdir), config, model, schedule, variables, at_step)

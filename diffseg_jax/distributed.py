@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -92,3 +93,22 @@ def to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def data_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh named ``data`` over every device.
+
+    Axis type Auto: XLA propagates shardings through the model (with JAX's newer default, Explicit, every
+    op must agree on shardings by hand, e.g. concatenating the sharded image with unsharded noise fails).
+    """
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Puts this host's rows of a batch on the devices as one global array split along the batch axis.
+
+    On a single host the rows are the whole batch; on several, each host passes its own rows (see
+    :func:`diffseg_jax.data.train_dataset`'s ``shard``) and the global batch is their concatenation.
+    """
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: global_array(v, sharding) for k, v in batch.items() if k != "id"}

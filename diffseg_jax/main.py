@@ -101,8 +101,7 @@ def _run_mode(config):
     from diffseg_jax import configlib, evaluate, protocol, train, writers
 
     if _MODE.value == "fingerprint":
-        from diffseg_jax import planning
-        from diffseg_jax.analysis import adaptive
+        from diffseg_jax import adaptive, planning
 
         configlib.validate(config)
         report = adaptive.fingerprint_report(planning.resolve(config))

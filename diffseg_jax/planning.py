@@ -23,8 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffseg_jax import configlib, data
-from diffseg_jax.analysis import adaptive
+from diffseg_jax import adaptive, configlib, data
 from diffseg_jax.models import nnunet_plan
 
 PLAN_MODES = ("auto", "planned", "fixed")
@@ -59,7 +58,7 @@ def resolve(
 ) -> ml_collections.ConfigDict:
     """``config`` with its model planned if ``model.plan.mode == 'auto'`` (see the module docstring) and, with
     ``diffusion.terminal`` set and ``diffusion.alpha_bar_T == -1``, the terminal noise chosen from the training
-    masks (``diffseg_jax.analysis.adaptive``); else ``config`` itself.
+    masks (``diffseg_jax.adaptive``); else ``config`` itself.
 
     ``fingerprint`` ((H, W), images, channels) replaces reading the training split (``--mode summary``, which
     leaves an automatic terminal noise unresolved: it needs the masks).

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -70,33 +68,7 @@ def run_name(meta: dict) -> str:
     )
 
 
-def read_evaluations(eval_dirs: list[str]) -> tuple[list[tuple[dict, dict]], list[list[int]]]:
-    """The ``ensemble.npz`` arrays and ``metrics.json`` of evaluated runs, and where their shared images are.
-
-    ``eval_dirs`` are the runs' ``eval/`` folders or their workdirs, whose ``eval/`` is read
-    (:func:`diffseg_jax.report.evaluation_dir`). Returns ``runs`` ((arrays, metrics) per folder) and ``rows``:
-    for each test image id that every run has (in the first run's order), its index in each run's arrays.
-    """
-    from diffseg_jax import report  # noqa: PLC0415 — report imports plots where it draws
-
-    runs = []
-    for d in map(report.evaluation_dir, eval_dirs):
-        npz = os.path.join(d, "ensemble.npz")
-        if not os.path.exists(npz):
-            raise FileNotFoundError(f"{npz} is missing; evaluate that run first (--mode evaluate).")
-        meta = report.read_metrics(os.path.join(d, "metrics.json"), "--compare")
-        runs.append((dict(np.load(npz)), meta))
-    ids = [i for i in runs[0][0]["ids"] if all(i in r["ids"] for r, _ in runs[1:])]
-    if not ids:
-        raise ValueError(
-            f"The runs in {eval_dirs} share no test image ids; evaluate them on the same test set."
-        )
-    return runs, [[int(np.nonzero(r["ids"] == i)[0][0]) for r, _ in runs] for i in ids]
-
-
-def comparison_figure(
-    eval_dirs: list[str], path: str, num_images: int = 4, evaluations: tuple | None = None
-) -> None:
+def comparison_figure(evaluations: tuple, path: str, num_images: int = 4) -> None:
     """Fig. 1 of the paper from evaluated runs: image, ground truth, then mean and std of each run.
 
     ``eval_dirs`` are ``<workdir>/eval`` folders with ``ensemble.npz`` and ``metrics.json``, or those workdirs
@@ -104,7 +76,7 @@ def comparison_figure(
     they share, and the std colour scale is shared across runs so the spreads compare directly.
     ``evaluations``: what :func:`read_evaluations` already read of them, not read again.
     """
-    runs, rows = evaluations or read_evaluations(eval_dirs)
+    runs, rows = evaluations
     rows = rows[:num_images]
     vmax = max(float(r["std"].max()) for r, _ in runs) or 1.0
     ncols = 2 + 2 * len(runs)
@@ -215,12 +187,6 @@ def samples_in(t: np.ndarray, timesteps: int) -> int:
     return max(1, round(timesteps / max(spacing, 1.0)))
 
 
-def _read_curves(paths: list[str]) -> list[dict]:
-    from diffseg_jax.analysis.run import read_rows  # plots stay importable without the analysis stack
-
-    return [r for p in paths for r in with_horizon(read_rows(p))]
-
-
 def with_horizon(rows: list[dict]) -> list[dict]:
     """``rows`` of one curve file, each given ``T``, its process's number of timesteps: the largest t of its
     (dataset, model, experiment, curve) plus one (``--mode analyse``'s grid always ends at T - 1). A ``T`` a row
@@ -270,9 +236,9 @@ def curve_series(rows: list[dict]) -> dict[tuple, tuple[np.ndarray, np.ndarray]]
 _CURVE_LABELS = {"mask_error": "mask prediction error (MSE)", "eps_loss": "ε loss (MSE)"}
 
 
-def curve_figure(csv_paths: list[str], path: str, smoothing: int = 1) -> None:
+def curve_figure(rows: list[dict], path: str, smoothing: int = 1) -> None:
     """Per-timestep curves (Fig. 3) from curve CSVs, one panel per curve kind, one line per run."""
-    series = curve_series(_read_curves(csv_paths))
+    series = curve_series(rows)
     kinds = sorted({k[3] for k in series})
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
@@ -287,17 +253,17 @@ def curve_figure(csv_paths: list[str], path: str, smoothing: int = 1) -> None:
     plt.close(fig)
 
 
-def fingerprint_figure(csv_paths: list[str], path: str, smoothing: int = 25) -> None:
+def fingerprint_figure(rows: list[dict], path: str, smoothing: int = 25) -> None:
     """Fig. 4: per dataset, each model's mask prediction error (dotted), the average over the models of each
     experiment (solid), and the model-free fingerprint (dashed) where present, against t/T
     (:func:`fraction_series`): architectures with different T (SegDiff's 100, the others' 1000) share the axis
     and enter the average, interpolated onto the densest curve's grid (:func:`average_on_fraction`).
     ``smoothing`` is in timesteps of the panel's longest process; a curve of T' steps is smoothed over the same
     fraction of its own (``smoothing`` · T' / T_max timesteps, :func:`samples_in` of its grid)."""
-    series = {k: v for k, v in fraction_series(_read_curves(csv_paths)).items() if k[3] == "mask_error"}
+    series = {k: v for k, v in fraction_series(rows).items() if k[3] == "mask_error"}
     datasets = sorted({k[0] for k in series})
     if not datasets:
-        raise ValueError(f"No mask_error curves in {csv_paths}; run --mode analyse on E2/E3 runs first.")
+        raise ValueError("No mask_error curves in these rows; run --mode analyse on E2/E3 runs first.")
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False, sharey=True)
     for ax, dataset in zip(axes[0], datasets):
         panel = {k: v for k, v in series.items() if k[0] == dataset}
@@ -325,9 +291,8 @@ def fingerprint_figure(csv_paths: list[str], path: str, smoothing: int = 25) -> 
     plt.close(fig)
 
 
-def forward_figure(npz_path: str, path: str) -> None:
+def forward_figure(arrays: dict, path: str) -> None:
     """Fig. 2: the image (upper row) and its mask (lower row) noised at the stored timesteps."""
-    arrays = np.load(npz_path)
     ts = arrays["t"]
     fig, axes = plt.subplots(2, len(ts), figsize=(1.6 * len(ts), 3.4), squeeze=False)
     for col, t in enumerate(ts):

@@ -48,7 +48,18 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from diffseg_jax import data, distributed, evaluate, metrics, planning, plots, train, writers
+from diffseg_jax import (
+    build,
+    data,
+    distributed,
+    evaluate,
+    metrics,
+    planning,
+    plots,
+    restore,
+    sampling,
+    writers,
+)
 from diffseg_jax.data import files
 
 STD_SCALE = 510.0  # std in [0, 0.5] -> [0, 255] in <id>_std.png
@@ -147,8 +158,8 @@ def _progress_id(config, step, variables, paths, size, chunk, batch) -> dict:
     how they are read and the chunking; as it reads back from JSON."""
     stats = [p.stat() for p in paths]
     run_id = {
-        "sampling": evaluate.sampling_id(config, step),
-        "weights": evaluate.weights_digest(variables),
+        "sampling": sampling.sampling_id(config, step),
+        "weights": sampling.weights_digest(variables),
         "files": [[str(p), st.st_size, st.st_mtime_ns] for p, st in zip(paths, stats)],
         "stored_size": size,
         "image_scaling": config.data.get("image_scaling", "auto"),
@@ -192,7 +203,7 @@ def _write_outputs(out_dir, ids, paths, shapes, mean, std) -> list[dict]:
     for image_id, path, shape, m, s in zip(ids, paths, shapes, mean, std):
         m, s = resize_map(m, shape), resize_map(s, shape)
         base = os.path.join(out_dir, image_id)
-        _save_png(base + "_mask.png", ((m > evaluate.THRESHOLD) * 255).astype(np.uint8))
+        _save_png(base + "_mask.png", ((m > sampling.THRESHOLD) * 255).astype(np.uint8))
         _save_png(base + "_mean.png", np.round(np.clip(m, 0, 1) * 255).astype(np.uint8))
         _save_png(base + "_std.png", np.round(np.clip(s * STD_SCALE, 0, 255)).astype(np.uint8))
         rows.append(
@@ -201,7 +212,7 @@ def _write_outputs(out_dir, ids, paths, shapes, mean, std) -> list[dict]:
                 "file": str(path),
                 "height": int(shape[0]),
                 "width": int(shape[1]),
-                "foreground_fraction": float(np.mean(m > evaluate.THRESHOLD)),
+                "foreground_fraction": float(np.mean(m > sampling.THRESHOLD)),
                 "mean_std": float(np.mean(s)),
                 "max_std": float(np.max(s)),
                 # Total predictive uncertainty (binary entropy of the mean, bits): on ISIC it ranks DDPM-sampled
@@ -217,11 +228,11 @@ def predict(
     workdir: str,
     images: str,
     out_dir: str | None = None,
-    state: train.TrainState | None = None,
+    state: build.TrainState | None = None,
 ) -> list[dict]:
     """Segments every image at ``images`` (a file or a folder) with the run in ``workdir``; see the module doc.
 
-    ``state`` defaults to the latest checkpoint in ``workdir`` (its EMA weights if ``evaluate.uses_ema``). Returns the
+    ``state`` defaults to the latest checkpoint in ``workdir`` (its EMA weights if ``build.uses_ema``). Returns the
     rows of ``predictions.csv``.
     """
     if config.experiment not in evaluate.SEGMENTATION_EXPERIMENTS:
@@ -234,8 +245,8 @@ def predict(
     ids, paths = find_images(images, exclude=out_dir)
     num, size = len(ids), data.stored_size(config.data)
     # The run's network from its config alone (no training data), for the RGB the files are read as.
-    model, schedule, step, variables = evaluate.trained_network(config, workdir, 3, state)
-    tiles = evaluate.tiles_per_image(config.data)
+    model, schedule, step, variables = restore.trained_network(config, workdir, 3, state)
+    tiles = sampling.tiles_per_image(config.data)
     # A few files are one smaller batch, not padded to a whole evaluation batch. Chunks are whole batches, so
     # chunk c's first batch has the index the evaluation gives it: the same keys, the same samples.
     batch = min(config.eval.batch_size, num * tiles)
@@ -247,13 +258,13 @@ def predict(
     logging.info("predict: %d images from %s into %s.", num, images, out_dir)
     if done:
         logging.info("predict: resuming after %d of %d images, read from %s.", len(rows), num, partial)
-    ensemble = evaluate.ensemble_fn(config, model, schedule)  # one compilation for every chunk
+    ensemble = sampling.ensemble_fn(config, model, schedule)  # one compilation for every chunk
     scaling = config.data.get("image_scaling", "auto")  # as the run's images were read
     t0 = time.time()
     for c in range(done, num_chunks):
         first, last = c * chunk, min(num, (c + 1) * chunk)
         inputs, shapes = read_inputs(paths[first:last], size, scaling)
-        mean, std = evaluate.ensemble_maps(
+        mean, std = sampling.ensemble_maps(
             config,
             model,
             schedule,
@@ -314,14 +325,14 @@ def predict(
         "experiment": config.experiment,
         "model": config.model.name,
         "step": step,
-        "weights": "ema" if evaluate.uses_ema(config) else "raw",
+        "weights": "ema" if build.uses_ema(config) else "raw",
         "ensemble_size": config.eval.ensemble_size,
         "tta": config.eval.get("tta", "none"),
         "member_output": config.eval.get("member_output", "soft"),
         "sampler": config.eval.sampler,
         "ddim_steps": config.eval.ddim_steps if config.eval.sampler == "ddim" else None,
         "stored_size": size,
-        "threshold": evaluate.THRESHOLD,
+        "threshold": sampling.THRESHOLD,
         "mean_png": "probability x 255",
         "std_png": f"std x {STD_SCALE:g}",
     }

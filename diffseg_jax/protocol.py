@@ -34,7 +34,18 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from diffseg_jax import checkpoints, configlib, data, evaluate, metrics, objectives, planning, train
+from diffseg_jax import (
+    build,
+    checkpoints,
+    configlib,
+    data,
+    evaluate,
+    metrics,
+    objectives,
+    planning,
+    sampling,
+    train,
+)
 
 
 def epoch_steps(data_config: ml_collections.ConfigDict, split: str, batch_size: int) -> int:
@@ -52,17 +63,17 @@ def epoch_steps(data_config: ml_collections.ConfigDict, split: str, batch_size: 
 def make_validation_fn(config: ml_collections.ConfigDict, model, schedule):
     """``state -> mean E1 loss over the validation split``, with fixed noise per batch (comparable epochs).
 
-    Uses the weights evaluation would use (``evaluate.uses_ema``: raw for E1 unless ``eval.e1_use_ema``); no
+    Uses the weights evaluation would use (``build.uses_ema``: raw for E1 unless ``eval.e1_use_ema``); no
     dropout.
     """
     arrays = data.model_sized_arrays(config.data, "validation")  # tiles where stored larger than the model
     batch_size = config.eval.batch_size
     e1_t = config.objective.e1_timestep
-    settings = train.loss_settings(config)
+    settings = build.loss_settings(config)
 
     @jax.jit
     def batch_loss(params, model_state, batch, key):
-        apply = train.make_apply_fn(model, train=False, model_state=model_state)
+        apply = build.make_apply_fn(model, train=False, model_state=model_state)
         loss, _ = objectives.loss_fn(
             apply,
             params,
@@ -75,8 +86,8 @@ def make_validation_fn(config: ml_collections.ConfigDict, model, schedule):
         )
         return loss
 
-    def validation_loss(state: train.TrainState) -> float:
-        params = state.ema_params if evaluate.uses_ema(config) else state.params
+    def validation_loss(state: build.TrainState) -> float:
+        params = state.ema_params if build.uses_ema(config) else state.params
         total, count = 0.0, 0
         for i, start in enumerate(range(0, len(arrays["image"]), batch_size)):
             batch = {k: jnp.asarray(v[start : start + batch_size]) for k, v in arrays.items()}
@@ -95,22 +106,22 @@ def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
     ``protocol.ensemble_size`` members sampled with ``protocol.sampler`` (DDIM with ``protocol.ddim_steps``
     steps by default, cheaper than the final evaluation's; the two samplers score a short-trained model up to
     15 IoU points apart, so ``ddpm`` validates as a DDPM evaluation samples), as ``--mode evaluate`` samples
-    (tiles where stored larger than the model, the weights of ``evaluate.uses_ema``) with the same key every time,
+    (tiles where stored larger than the model, the weights of ``build.uses_ema``) with the same key every time,
     so validations differ only by the weights; IoU of the mean at 0.5 and ECE (``eval.ece_bins``), pooled over
     all validation pixels.
     """
     arrays = data.eval_arrays(config.data, "validation")
     truth = jnp.asarray(arrays["mask"] > 0.5)
-    sampling = _unlocked(config)
-    sampling.eval.sampler = config.protocol.get("sampler", "ddim")
-    sampling.eval.ddim_steps = config.protocol.ddim_steps
-    sampling.eval.ensemble_size = config.protocol.ensemble_size
-    ensemble = evaluate.ensemble_fn(sampling, model, schedule)  # one compilation for every validation
+    sample_config = _unlocked(config)
+    sample_config.eval.sampler = config.protocol.get("sampler", "ddim")
+    sample_config.eval.ddim_steps = config.protocol.ddim_steps
+    sample_config.eval.ensemble_size = config.protocol.ensemble_size
+    ensemble = sampling.ensemble_fn(sample_config, model, schedule)  # one compilation for every validation
 
-    def validate(state: train.TrainState) -> dict[str, float]:
-        params = state.ema_params if evaluate.uses_ema(config) else state.params
-        mean, _ = evaluate.ensemble_maps(
-            sampling,
+    def validate(state: build.TrainState) -> dict[str, float]:
+        params = state.ema_params if build.uses_ema(config) else state.params
+        mean, _ = sampling.ensemble_maps(
+            sample_config,
             model,
             schedule,
             {"params": params, **state.model_state},
@@ -120,7 +131,7 @@ def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
             ensemble=ensemble,
         )
         scores = metrics.segmentation_report(
-            jnp.asarray(mean), truth, evaluate.THRESHOLD, config.eval.ece_bins
+            jnp.asarray(mean), truth, sampling.THRESHOLD, config.eval.ece_bins
         )
         return {"validation_iou": float(scores["iou_pooled"]), "validation_ece": float(scores["ece_pooled"])}
 
@@ -231,7 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # its scores with the recorded ones.
     settings = {} if experiment == "e1" else _validation_settings(config)
     _check_recorded_settings(records, settings, records_path)
-    _, model, schedule, _, _ = train.setup(select, abstract=True, split="fit")
+    _, model, schedule, _, _ = build.setup(select, abstract=True, split="fit")
     if experiment == "e1":
         loss_fn = make_validation_fn(select, model, schedule)
         validate = lambda state: {"validation_loss": loss_fn(state)}
@@ -241,7 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def best_step() -> int:
         return choose_epochs({s: sign * r[metric] for s, r in records.items()})
 
-    def hook(step: int, state: train.TrainState) -> bool:
+    def hook(step: int, state: build.TrainState) -> bool:
         record = {"step": step, "epoch": step // fit_steps} if experiment == "e1" else {"step": step}
         record.update(validate(state), epochs=round(step / fit_steps, 3), **settings)
         records[step] = record

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from diffseg_jax import configlib
+from diffseg_jax import comparison, configlib, result_files
 
 # Display names and the paper's order.
 METHODS = {
@@ -79,66 +78,6 @@ class Run(NamedTuple):
     @property
     def seed(self):
         return None if self.config is None else self.config.get("seed")
-
-
-def find_run_files(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
-    """Files given directly in ``paths``, and those matching the glob ``patterns`` (``**`` recursive) below each
-    folder in ``paths``; sorted, without duplicates."""
-    found = set()
-    for path in paths:
-        if os.path.isfile(path):
-            found.add(os.path.abspath(path))
-        elif os.path.isdir(path):
-            for pattern in patterns:
-                found.update(
-                    os.path.abspath(p) for p in glob.glob(os.path.join(path, pattern), recursive=True)
-                )
-        else:
-            raise FileNotFoundError(f"--runs {path}: no such file or folder.")
-    return sorted(found)
-
-
-def find_metrics(paths: Sequence[str]) -> list[str]:
-    """Every ``eval/metrics.json`` at or under ``paths`` (an eval folder's own ``metrics.json`` too)."""
-    return find_run_files(paths, ("metrics.json", os.path.join("**", "eval", "metrics.json")))
-
-
-def read_metrics(path: str, option: str = "--runs") -> dict:
-    """A run's ``metrics.json`` as a dict; a file cut short or corrupted (a copy or an evaluation interrupted
-    while writing it) is a ValueError naming it and the fix, not a bare JSON error without the file.
-    ``option`` is the command-line option that brought the file in (``--runs``, ``--compare``)."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            m = json.load(f)
-        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            raise ValueError(
-                f"{path} is not a readable metrics.json ({e}): it was cut short or corrupted. Evaluate that "
-                f"run again (--mode evaluate) or leave it out of {option}."
-            ) from e
-    if not isinstance(m, dict):
-        raise ValueError(
-            f"{path} holds a JSON {type(m).__name__}, not a metrics.json's object. Evaluate that run again "
-            f"(--mode evaluate) or leave it out of {option}."
-        )
-    return m
-
-
-def evaluation_dir(path: str) -> str:
-    """The folder with an evaluated run's ``ensemble.npz``: ``path`` itself, or its ``eval/`` where ``path``
-    is the run's workdir (``--compare`` takes either, as ``--runs`` does); ``path`` unchanged when neither has
-    one, so the caller's message names the file a run must write."""
-    inner = os.path.join(path, "eval")
-    if not os.path.exists(os.path.join(path, "ensemble.npz")) and os.path.exists(
-        os.path.join(inner, "ensemble.npz")
-    ):
-        return inner
-    return path
-
-
-def pooling_of(metrics_json: dict) -> str:
-    """The pooling of a metrics.json's ``iou``/``ece`` (``eval.pooling``; files from before the option held the
-    per-image means)."""
-    return metrics_json.get("pooling", "per_image")
 
 
 def _run_config(metrics_path: str) -> dict | None:
@@ -201,12 +140,12 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, list[Run]]]:
     different poolings or member outputs are refused."""
     cells: dict[tuple[str, str], dict[str, list[Run]]] = {}
     poolings, member_outputs = set(), set()
-    for path in find_metrics(paths):
-        m = read_metrics(path, "--runs")
+    for path in result_files.find_metrics(paths):
+        m = result_files.read_metrics(path, "--runs")
         kind = KINDS.get(m.get("experiment"))
         if kind is None or "iou" not in m:
             continue  # E3/E4 runs have no segmentation metrics
-        poolings.add(pooling_of(m))
+        poolings.add(result_files.pooling_of(m))
         member_outputs.add(m.get("member_output", "soft"))
         key = (m.get("dataset", "?"), m["model"])
         cells.setdefault(key, {}).setdefault(kind, []).append(Run(m, path, _run_config(path)))
@@ -316,10 +255,10 @@ def _paired_interval(ff: Run, diff: Run) -> dict[str, Any] | None:
     if not all(os.path.exists(os.path.join(d, "ensemble.npz")) for d in eval_dirs):
         return None
     try:
-        runs, maps = _shared_maps(eval_dirs)
+        runs, maps = comparison._shared_maps(eval_dirs)
     except ValueError:  # evaluated on different test images
         return None
-    return _paired_bootstraps(runs, maps)[1]
+    return comparison._paired_bootstraps(runs, maps)[1]
 
 
 # The companion table (beyond the paper): how well each ensemble's uncertainty maps point at its errors,
@@ -423,132 +362,6 @@ def uncertainty_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         last = dataset
     return "\n".join(lines) + "\n"
-
-
-def json_number(value) -> float | None:
-    """A score for JSON: None where it is undefined (NaN: no errors, a constant map), as strict JSON has no NaN."""
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def compare(eval_dirs: Sequence[str], evaluations: tuple | None = None) -> dict[str, Any]:
-    """How the uncertainty maps of evaluated runs relate, on the test images they all have (``comparison.json``).
-
-    The paper's Fig. 1 observation in numbers: feed-forward ensembles "highlight similar areas as the
-    diffusion models as uncertain", but are "less uncertain overall". Per run: its mean std on the shared
-    images and, against the first run, the Pearson correlation of the std maps (similar areas) and of the
-    mean maps, the ratio of the mean stds (how much less uncertain), and the reliability-diagram bins of its
-    ensemble mean on the shared images (``reliability``, as ``metrics.json``'s). Also each run's
-    ``uncertainty`` block from its ``metrics.json`` (whether its maps point at its errors), when it has one.
-    For every run after the first, ``paired_bootstrap_vs_first``: its IoU and ECE minus the first's on the
-    shared images, with 95 % intervals from resampling the images (is a Table 1 difference more than the
-    choice of test images?), pooled as the runs' metrics.json say (``pooling``; pixels pooled where they
-    differ). Reads ``ensemble.npz`` files only (or takes ``evaluations``, what
-    :func:`diffseg_jax.plots.read_evaluations` read of them): nothing is sampled again.
-    """
-    from diffseg_jax import metrics, plots  # noqa: PLC0415 — JAX only when comparing: --help stays fast.
-
-    eval_dirs = [evaluation_dir(d) for d in eval_dirs]  # a workdir's eval/, as read_evaluations reads it
-    runs, maps = _shared_maps(eval_dirs, evaluations)
-    first = maps[0]
-    first_std = float(first["std"].mean())
-    bootstraps = _paired_bootstraps(runs, maps)
-    entries = []
-    for j, (d, (_, meta), m) in enumerate(zip(eval_dirs, runs, maps)):
-        entries.append(
-            {
-                "eval_dir": d,
-                "name": plots.run_name(meta),
-                "model": meta.get("model"),
-                "experiment": meta.get("experiment"),
-                "mean_std": float(m["std"].mean()),
-                "std_correlation_with_first": json_number(
-                    metrics.pearson_correlation(first["std"], m["std"])
-                ),
-                "mean_correlation_with_first": json_number(
-                    metrics.pearson_correlation(first["mean"], m["mean"])
-                ),
-                "mean_std_over_first": float(m["std"].mean()) / first_std if first_std > 0 else None,
-                "reliability": {
-                    k: np.asarray(v).tolist()
-                    for k, v in metrics.calibration_bins(
-                        m["mean"], m["mask"] > 0.5, meta.get("ece_bins", 10)
-                    ).items()
-                },
-                "uncertainty": meta.get("uncertainty"),
-                "paired_bootstrap_vs_first": bootstraps[j],
-            }
-        )
-    return {"num_images": len(first["mean"]), "runs": entries}
-
-
-def _shared_maps(
-    eval_dirs: Sequence[str], evaluations: tuple | None = None
-) -> tuple[list[tuple[dict, dict]], list[dict[str, np.ndarray]]]:
-    """Evaluated runs (:func:`diffseg_jax.plots.read_evaluations`, unless ``evaluations`` holds what it read)
-    and, per run, its mean, std and mask arrays of the test images they all have, in the first run's order;
-    ValueError if they share none."""
-    from diffseg_jax import plots  # noqa: PLC0415
-
-    runs, rows = evaluations or plots.read_evaluations(list(eval_dirs))
-    maps = [
-        {k: arrays[k][[r[j] for r in rows]] for k in ("mean", "std", "mask")}
-        for j, (arrays, _) in enumerate(runs)
-    ]
-    return runs, maps
-
-
-BOOTSTRAP_SAMPLES = 1000
-
-
-def _paired_bootstraps(runs: list[tuple[dict, dict]], maps: list[dict[str, np.ndarray]]) -> list[dict | None]:
-    """For each run after the first (None for the first), its IoU and ECE minus the first's on the shared
-    images, with 95 % percentile intervals of a paired bootstrap over the images
-    (:func:`diffseg_jax.metrics.paired_bootstrap`, a fixed key, the first run's ECE bins), in the runs' common
-    pooling (pixels pooled if they differ), which each result names."""
-    import jax  # noqa: PLC0415
-
-    from diffseg_jax import metrics  # noqa: PLC0415
-
-    num_bins = runs[0][1].get("ece_bins", 10)
-    poolings = {pooling_of(meta) for _, meta in runs}
-    pooling = poolings.pop() if len(poolings) == 1 else "pooled"
-    stats = [metrics.image_statistics(m["mean"], m["mask"], 0.5, num_bins) for m in maps]
-    results: list[dict | None] = [None]
-    for other in stats[1:]:
-        out = metrics.paired_bootstrap(stats[0], other, jax.random.PRNGKey(0), BOOTSTRAP_SAMPLES, pooling)
-        result: dict[str, Any] = {"num_samples": BOOTSTRAP_SAMPLES, "pooling": pooling}
-        for name in ("iou", "ece"):
-            result[f"{name}_delta"] = float(out[f"{name}_delta"])
-            result[f"{name}_delta_ci95"] = [
-                float(v) for v in np.percentile(out[f"{name}_deltas"], [2.5, 97.5])
-            ]
-        results.append(result)
-    return results
-
-
-def write_comparison(eval_dirs: Sequence[str], out_dir: str, num_images: int = 4) -> dict[str, str]:
-    """``figure1.png`` (Fig. 1: image, truth, then each run's mean and std; ``num_images`` rows),
-    ``comparison.json`` (:func:`compare`) and ``comparison_reliability.png`` (the runs' reliability diagrams on
-    their shared images, one panel) of evaluated runs, into ``out_dir``; returns their paths."""
-    from diffseg_jax import plots  # noqa: PLC0415
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        "figure1": os.path.join(out_dir, "figure1.png"),
-        "comparison": os.path.join(out_dir, "comparison.json"),
-        # Not reliability.png: an evaluated run's own diagram (or a table's) may live in out_dir.
-        "comparison_reliability": os.path.join(out_dir, "comparison_reliability.png"),
-    }
-    evaluations = plots.read_evaluations(list(eval_dirs))  # each ensemble.npz read once, for both
-    plots.comparison_figure(list(eval_dirs), paths["figure1"], num_images, evaluations)
-    comparison = compare(eval_dirs, evaluations)
-    with open(paths["comparison"], "w", encoding="utf-8") as f:
-        json.dump(comparison, f, indent=2)
-    title = f"{comparison['num_images']} shared test images"
-    series = [(r["name"], r["reliability"]) for r in comparison["runs"]]
-    plots.reliability_figure([(title, series)], paths["comparison_reliability"])
-    return paths
 
 
 def _fmt(column: str, value: float | None) -> str:
@@ -684,7 +497,7 @@ def collect_learning_curves(paths: Sequence[str]) -> list[dict[str, Any]]:
     counts once. Sorted by run, sampler and step."""
     from diffseg_jax import objectives
 
-    files = find_run_files(
+    files = result_files.find_run_files(
         paths,
         (os.path.join("**", CURVE_DIR, "*", "metrics.json"), os.path.join("**", "eval", "metrics.json")),
     )
@@ -692,7 +505,7 @@ def collect_learning_curves(paths: Sequence[str]) -> list[dict[str, Any]]:
     for path in files:
         in_curve = os.path.basename(os.path.dirname(os.path.dirname(path))) == CURVE_DIR
         run = os.path.dirname(os.path.dirname(os.path.dirname(path)) if in_curve else os.path.dirname(path))
-        m = read_metrics(path)
+        m = result_files.read_metrics(path)
         if m.get("experiment") not in ("e1", "e2", "e3"):
             continue
         config = _run_config(os.path.join(run, "eval", "metrics.json")) or {}
@@ -778,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         parser.error("give --runs (Table 1) and/or --compare (Fig. 1 and comparison.json).")
     paths = {}
     if args.compare:
-        paths.update(write_comparison(args.compare, args.out, args.num_images))
+        paths.update(comparison.write_comparison(args.compare, args.out, args.num_images))
         with open(paths["comparison"], encoding="utf-8") as f:
             print(f.read())
     if not args.runs:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import ml_collections
 
-from diffseg_jax import data, models, objectives, planning, train
+from diffseg_jax import build, data, models, objectives, planning
 
 
 def model_param_count(config: ml_collections.ConfigDict) -> int:
     """Parameters of ``config``'s model for its experiment, from shapes only (allocates nothing)."""
     channels, size = config.data.image_channels, config.data.image_size
-    model = train.build_model(config.model, train.output_channels(config, channels), size)
+    model = build.build_model(config.model, build.output_channels(config, channels), size)
     x_shape = (1, size, size, channels if config.experiment == "e4" else 1)
     cond_shape = (1, size, size, channels) if objectives.uses_image_condition(config.experiment) else None
     return models.count_params(model, x_shape, cond_shape, (1,))

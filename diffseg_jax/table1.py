@@ -30,7 +30,18 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffseg_jax import checkpoints, cli, configlib, evaluate, models, protocol, report, train, writers
+from diffseg_jax import (
+    checkpoints,
+    cli,
+    configlib,
+    evaluate,
+    models,
+    protocol,
+    report,
+    result_files,
+    train,
+    writers,
+)
 from diffseg_jax.analysis import fingerprints
 from diffseg_jax.analysis import run as analysis_run
 from diffseg_jax.data import synthetic
@@ -235,7 +246,7 @@ def _finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
     if not os.path.exists(path):
         return False
     try:
-        m = report.read_metrics(path)
+        m = result_files.read_metrics(path)
     except ValueError:  # cut short (by a copy, or an evaluation of an older version killed while writing)
         logging.warning("%s is unreadable; the cell is evaluated again.", path)
         return False

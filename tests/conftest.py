@@ -9,6 +9,8 @@ import tempfile
 
 import pytest
 
+from diffseg_jax import state_dicts
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # configs/ is imported as a package from the repository root.
     sys.path.insert(0, ROOT)
@@ -142,11 +144,11 @@ def import_official(name: str, state_path: str, config: dict, io: dict):
     ``diffseg_jax.convert`` as a user's import does (``load_state_dict`` + ``import_weights``, strict)."""
     import jax
 
-    from diffseg_jax import convert, models
+    from diffseg_jax import models
 
     model = models.get_model(name, **config)
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), io["x_t"], io["t"], io["image"]))
-    return model, convert.import_weights(model, dict(template), convert.load_state_dict(state_path))
+    return model, state_dicts.import_weights(model, dict(template), state_dicts.load_state_dict(state_path))
 
 
 OFFICIAL_CASES = pytest.mark.parametrize(

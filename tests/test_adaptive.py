@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from diffseg_jax import configlib, diffusion, objectives, train
-from diffseg_jax.analysis import adaptive
+from diffseg_jax import adaptive, build, configlib, diffusion, objectives, train
 from diffseg_jax.diffusion import schedule as schedule_lib
 from diffseg_jax.diffusion import timesteps
 
@@ -135,7 +134,7 @@ def test_loss_aware_train_step_records_every_example(tfds_dir):
     config.model.update(
         channel_mult=(1,), attention_resolutions=()
     )  # one level: the wiring is what is tested
-    ds, model, schedule, optimizer, state = train.setup(config)
+    ds, model, schedule, optimizer, state = build.setup(config)
     step = jax.jit(train.make_train_step(model, optimizer, schedule, config))
     batch = {k: v for k, v in ds[0].items() if k != "id"}
     state, _ = step(state, batch)
@@ -211,10 +210,10 @@ def test_config_resolves_and_records_the_terminal(tfds_dir):
     config = tiny_config(data_dir=tfds_dir)
     config.diffusion.terminal = "snr_shift"
     with pytest.raises(ValueError, match="resolved by diffseg_jax.planning.resolve"):
-        train.build_schedule(config.diffusion)
+        build.build_schedule(config.diffusion)
     resolved = planning.resolve(config)
     assert resolved.diffusion.alpha_bar_T > 0 and config.diffusion.alpha_bar_T == -1
-    sched = train.build_schedule(resolved.diffusion)
+    sched = build.build_schedule(resolved.diffusion)
     assert float(sched.alphas_cumprod[-1]) == pytest.approx(resolved.diffusion.alpha_bar_T, rel=1e-5)
     assert planning.resolve(resolved) is resolved  # a resolved config resolves to itself
 
@@ -244,7 +243,7 @@ def test_e1_rejects_timestep_sampling():
 
 
 def test_weights_from_a_curves_csv(tmp_path):
-    from diffseg_jax.analysis.run import write_rows
+    from diffseg_jax.result_files import write_rows
 
     rows = [
         dict(t=t, value=v, curve="mask_error", model=m, experiment="e2", dataset="d", step=1)

@@ -54,7 +54,7 @@ def test_variants_of_a_seed_are_paired_and_a_rerun_resumes(tmp_path, tfds_dir, m
     def fail(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(adaptive_study.train, "setup", fail)
+    monkeypatch.setattr(adaptive_study.build, "setup", fail)
     monkeypatch.setattr(adaptive_study, "fingerprint_reports", fail)
     again = adaptive_study.main(argv)
     assert open(again["md"], encoding="utf-8").read() == md
@@ -82,7 +82,7 @@ def _no_work(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(adaptive_study.train, "setup", fail)
+    monkeypatch.setattr(adaptive_study.build, "setup", fail)
     monkeypatch.setattr(adaptive_study, "fingerprint_reports", fail)
 
 

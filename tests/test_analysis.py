@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffseg_jax import diffusion, plots
-from diffseg_jax.analysis import curves, fingerprints, forward, model_free, run
+from diffseg_jax import diffusion, plots, result_files
+from diffseg_jax.analysis import curves, fingerprints, forward, run
+from diffseg_jax.diffusion import model_free
 
 SCHEDULE = diffusion.get_schedule("linear", 100)
 TS = jnp.array([0, 7, 30, 64, 99])
@@ -141,11 +142,11 @@ def test_curve_files_round_trip_into_the_plots(tmp_path):
         for m, scale in (("ensemdiff", 1.0), ("segdiff", 0.8))
         for t, v in zip(ts, scale * ts / 100)
     ]
-    run.write_rows(str(tmp_path / "curves"), rows)
-    assert run.read_rows(str(tmp_path / "curves.csv")) == rows
+    result_files.write_rows(str(tmp_path / "curves"), rows)
+    assert result_files.read_rows(str(tmp_path / "curves.csv")) == rows
     saved = np.load(tmp_path / "curves.npz")
     np.testing.assert_array_equal(saved["t"], [r["t"] for r in rows])
-    plots.curve_figure([str(tmp_path / "curves.csv")], str(tmp_path / "curves.png"), smoothing=3)
+    plots.curve_figure(result_files.read_rows(str(tmp_path / "curves.csv")), str(tmp_path / "curves.png"), smoothing=3)
     paths = fingerprints.main(["--runs", str(tmp_path), "--out", str(tmp_path / "fp"), "--smoothing", "1"])
     for key in ("png", "csv", "md"):
         assert (tmp_path / "fp" / f"fingerprints.{key}").stat().st_size > 100, paths[key]
@@ -290,7 +291,7 @@ def test_an_interrupted_analyse_leaves_the_old_files_and_a_complete_one_swaps_in
     assert set(written) == {"forward", "model_free", "convergence"}
     assert all(p.startswith(str(tmp_path / "analysis")) and os.path.isfile(p) for p in written.values())
     assert np.load(written["forward"])["image"].shape[0] == len(config.analysis.forward_timesteps)
-    assert run.read_rows(written["model_free"])[0]["model"] == "model-free"
+    assert result_files.read_rows(written["model_free"])[0]["model"] == "model-free"
     # curves.csv belongs to an analysis not run this time: kept, as the files of a new run would have kept it.
     assert (tmp_path / "analysis" / "curves.csv").read_text() == before["curves.csv"]
     assert not (tmp_path / run.PARTIAL_DIR).exists() and not (tmp_path / run.OLD_DIR).exists()
@@ -309,7 +310,7 @@ def test_fingerprints_report_a_missing_path_or_a_file_of_another_kind_as_one_mes
         "t,value,curve,model,experiment,dataset,step\n0,0.1,mask_error,m,e2,d\n"
     )
     with pytest.raises(files.DatasetFileError, match=r"cut\.csv, row 2"):
-        run.read_rows(str(tmp_path / "cut.csv"))
+        result_files.read_rows(str(tmp_path / "cut.csv"))
 
 
 def test_analysing_other_data_than_the_run_trained_on_is_said(tmp_path, tfds_dir, caplog):
@@ -368,10 +369,10 @@ def test_fig4_puts_curves_of_different_T_on_one_t_over_T_axis(tmp_path):
 
     for model, horizon in (("segdiff", 100), ("ensemdiff", 1000)):
         os.makedirs(tmp_path / model / "analysis")
-        run.write_rows(str(tmp_path / model / "analysis" / "curves"), rows(model, horizon))
-        run.write_rows(str(tmp_path / model / "analysis" / "model_free"), rows(model, horizon, "model-free"))
+        result_files.write_rows(str(tmp_path / model / "analysis" / "curves"), rows(model, horizon))
+        result_files.write_rows(str(tmp_path / model / "analysis" / "model_free"), rows(model, horizon, "model-free"))
     everything = [r for m in ("segdiff", "ensemdiff") for f in ("curves", "model_free")
-                  for r in plots.with_horizon(run.read_rows(str(tmp_path / m / "analysis" / f"{f}.csv")))]  # fmt: skip
+                  for r in plots.with_horizon(result_files.read_rows(str(tmp_path / m / "analysis" / f"{f}.csv")))]  # fmt: skip
     series = plots.fraction_series(everything)
     assert set(series) == {
         ("d", m, "e2", "mask_error", h) for m in ("segdiff", "ensemdiff", "model-free") for h in (100, 1000)

@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import common  # noqa: E402
 import summary  # noqa: E402
 
+from diffseg_jax import build, distributed
+
 
 def test_hlo_flops_of_a_matmul_is_the_closed_form():
     m, k, n = 8, 16, 4
@@ -26,9 +28,8 @@ def test_hlo_flops_of_a_matmul_is_the_closed_form():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from diffseg_jax import train
 
-    rows = NamedSharding(train.data_mesh(), P("data"))
+    rows = NamedSharding(distributed.data_mesh(), P("data"))
     sharded = jax.jit(jnp.matmul, in_shardings=(rows, None), out_shardings=rows)
     lowered = sharded.lower(jnp.zeros((m, k)), jnp.zeros((k, n)))
     # XLA counts the annotated program 1 FLOP short (1,023): both routes agree, near the closed form.
@@ -42,11 +43,10 @@ def test_flops_of_a_train_step_lowered_for_cuda_are_counted_without_a_gpu():
     rules make is the random-number generator, a loop on the CPU (counted once) and unrolled for CUDA."""
     import models as bench_models
 
-    from diffseg_jax import train
 
     config = bench_models._config("ensemdiff", True, "float32", False)
     size, ch = config.data.image_size, config.data.image_channels
-    model = train.build_model(config.model, train.output_channels(config, ch), size)
+    model = build.build_model(config.model, build.output_channels(config, ch), size)
     variables = common.host_variables(common.abstract_variables(model, size, ch))
     step, state, batch = bench_models.step_and_inputs(config, model, variables, 2)
     on_cpu = common.hlo_flops(step.lower(state, batch))
@@ -151,11 +151,11 @@ def test_models_benchmark_counts_and_times_a_tiny_step(tmp_path):
     assert stdout.startswith("backend: cpu")
     assert "pending" not in row and "error" not in row  # the pending placeholder was replaced
     from configs import base
-    from diffseg_jax import models, train
+    from diffseg_jax import models
 
     config = base.get_config("nnunet,tiny")
     size, ch = config.data.image_size, config.data.image_channels
-    model = train.build_model(config.model, train.output_channels(config, ch), size)
+    model = build.build_model(config.model, build.output_channels(config, ch), size)
     x, t, cond = jnp.zeros((1, size, size, 1)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, size, size, ch))
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t, cond))
     assert row["params"] == models.param_count(abstract["params"]) and row["image_size"] == size

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_metrics_are_the_ensembles, run_module, tiny_config
 
+from diffseg_jax import build
 from diffseg_jax import metrics as metrics_lib
 
 
@@ -430,8 +431,7 @@ def _main_fails(args, timeout=300):
 def test_fingerprint_mode_writes_the_report_of_the_configs_schedule(tmp_path, tfds_dir):
     """``--mode fingerprint`` with a command-line override: fingerprint.json is the library's report of the
     overridden config (T = 50), and its text is printed."""
-    from diffseg_jax import planning
-    from diffseg_jax.analysis import adaptive
+    from diffseg_jax import adaptive, planning
 
     args = ["--config=configs/e2_synthetic.py:tiny", f"--config.data.data_dir={tfds_dir}"]
     log = _run([*args, f"--workdir={tmp_path}", "--mode=fingerprint", "--config.diffusion.num_timesteps=50"])
@@ -447,10 +447,10 @@ def test_fingerprint_mode_writes_the_report_of_the_configs_schedule(tmp_path, tf
 def test_analyse_mode_writes_the_curves_of_the_runs_checkpoint(tmp_path, tfds_dir):
     """``--mode analyse`` on a run (a checkpoint at step 2): the curves of the trained network on the
     configured timestep grid, recorded at the checkpoint's step, and the forward process at the asked timesteps."""
-    from diffseg_jax import checkpoints, train
+    from diffseg_jax import checkpoints
 
     config = tiny_config("e2_synthetic", data_dir=tfds_dir)
-    _, _, _, state = train.model_and_state(config, (32, 32, 3))
+    _, _, _, state = build.model_and_state(config, (32, 32, 3))
     ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(2, state.replace(step=state.step + 2), {})
     ckpt.close()

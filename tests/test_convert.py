@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffseg_jax import convert, models
+from diffseg_jax import build, convert, models, state_dicts
 
 PUBLISHED = dict(
     model_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_resolutions=(16,)
@@ -18,8 +18,8 @@ def _template(out_channels=1, **kwargs):
 
 def test_ensemdiff_keys_match_the_official_state_dict():
     model, template = _template()
-    names = convert.export_state_dict(
-        jax.tree.map(lambda a: np.zeros(a.shape, np.float32), template), convert.torch_key_for(model)
+    names = state_dicts.export_state_dict(
+        jax.tree.map(lambda a: np.zeros(a.shape, np.float32), template), state_dicts.torch_key_for(model)
     )
     # Counted from the official structure: 32 ResBlocks x 10 tensors, 20 of them with a 1x1 skip (2 each),
     # 6 attention blocks x 6, 5 downsamples + 5 upsamples x 2, time_embed 4, stem 2, head 4.
@@ -55,30 +55,30 @@ def test_round_trip_and_strictness():
     shapes = {"params": models.param_shapes(model, (1, 16, 16, 1), (1, 16, 16, 3), (1,))}
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), shapes)
-    key_fn = convert.torch_key_for(model)
-    sd = convert.export_state_dict(variables, key_fn)
-    back = convert.import_state_dict(sd, shapes, key_fn)
+    key_fn = state_dicts.torch_key_for(model)
+    sd = state_dicts.export_state_dict(variables, key_fn)
+    back = state_dicts.import_state_dict(sd, shapes, key_fn)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):
         np.testing.assert_array_equal(a, np.asarray(b))
     # Conv kernels are OIHW in the state dict, attention qkv a 1x1 Conv1d.
     assert sd["input_blocks.0.0.weight"].shape == (32, 4, 3, 3)
     assert sd["input_blocks.3.1.qkv.weight"].ndim == 3
     with pytest.raises(ValueError, match="missing.*out.2.weight"):
-        convert.import_state_dict({k: v for k, v in sd.items() if k != "out.2.weight"}, shapes, key_fn)
+        state_dicts.import_state_dict({k: v for k, v in sd.items() if k != "out.2.weight"}, shapes, key_fn)
     with pytest.raises(ValueError, match="not mapped.*label_emb.weight"):
-        convert.import_state_dict({**sd, "label_emb.weight": np.zeros(3)}, shapes, key_fn)
+        state_dicts.import_state_dict({**sd, "label_emb.weight": np.zeros(3)}, shapes, key_fn)
     bad = dict(sd, **{"out.2.weight": np.zeros((1, 32, 3, 3), np.float32)})
     with pytest.raises(ValueError, match="wrong shape.*out.2.weight"):
-        convert.import_state_dict(bad, shapes, key_fn)
+        state_dicts.import_state_dict(bad, shapes, key_fn)
     # PyTorch's BatchNorm counters have no counterpart and are ignored.
-    convert.import_state_dict({**sd, "x.num_batches_tracked": np.zeros(())}, shapes, key_fn)
+    state_dicts.import_state_dict({**sd, "x.num_batches_tracked": np.zeros(())}, shapes, key_fn)
 
 
 def test_npz_loading_and_missing_file(tmp_path):
     np.savez(tmp_path / "w.npz", **{"a.weight": np.ones((2, 3))})
-    assert convert.load_state_dict(str(tmp_path / "w.npz"))["a.weight"].shape == (2, 3)
+    assert state_dicts.load_state_dict(str(tmp_path / "w.npz"))["a.weight"].shape == (2, 3)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        convert.load_state_dict(str(tmp_path / "nope.pt"))
+        state_dicts.load_state_dict(str(tmp_path / "nope.pt"))
 
 
 @pytest.mark.parametrize("bottleneck", ["none", "trained"])
@@ -98,11 +98,11 @@ def test_medsegdiff_round_trip_with_batch_stats(bottleneck):
     )
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), dict(shapes))
-    key_fn = convert.torch_key_for(model)
-    sd = convert.export_state_dict(variables, key_fn)
+    key_fn = state_dicts.torch_key_for(model)
+    sd = state_dicts.export_state_dict(variables, key_fn)
     assert any(k.endswith("running_mean") for k in sd) and any("complex_weight" in k for k in sd)
     assert ("hwm.bottleneck_proj.weight" in sd) == (bottleneck == "trained")
-    back = convert.import_state_dict(sd, shapes, key_fn)
+    back = state_dicts.import_state_dict(sd, shapes, key_fn)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):
         np.testing.assert_array_equal(a, np.asarray(b))
 
@@ -125,13 +125,13 @@ def test_cli_writes_a_step0_checkpoint_of_the_weights_and_refuses_a_used_workdir
 
     from conftest import tiny_config
 
-    from diffseg_jax import checkpoints, train
+    from diffseg_jax import checkpoints
 
     config = tiny_config("e2_synthetic", data_dir=tfds_dir)
-    _, model, _, _, state = train.setup(config)
+    _, model, _, _, state = build.setup(config)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), state.params)
-    sd = convert.export_state_dict({"params": params}, convert.torch_key_for(model))
+    sd = state_dicts.export_state_dict({"params": params}, state_dicts.torch_key_for(model))
     np.savez(tmp_path / "weights.npz", **sd)
     workdir = tmp_path / "run"
     out = _convert_cli(tmp_path / "weights.npz", workdir, tfds_dir)
@@ -156,18 +156,18 @@ def test_weights_files_that_are_not_what_they_claim_are_named(tmp_path):
     with pytest.raises(
         files.DatasetFileError, match=r"page\.npz is not an \.npz of named arrays: numpy cannot"
     ):
-        convert.load_state_dict(str(tmp_path / "page.npz"))
+        state_dicts.load_state_dict(str(tmp_path / "page.npz"))
     with open(tmp_path / "single.npz", "wb") as f:
         np.save(f, np.ones(3))
     with pytest.raises(files.DatasetFileError, match=r"single\.npz .*a single unnamed \.npy array"):
-        convert.load_state_dict(str(tmp_path / "single.npz"))
+        state_dicts.load_state_dict(str(tmp_path / "single.npz"))
     np.savez(tmp_path / "empty.npz")
     with pytest.raises(files.DatasetFileError, match=r"empty\.npz is not a state dict: it holds no arrays"):
-        convert.load_state_dict(str(tmp_path / "empty.npz"))
+        state_dicts.load_state_dict(str(tmp_path / "empty.npz"))
     pytest.importorskip("safetensors")
     (tmp_path / "page.safetensors").write_text("<html>Not Found</html>\n")
     with pytest.raises(files.DatasetFileError, match=r"page\.safetensors is not a \.safetensors file"):
-        convert.load_state_dict(str(tmp_path / "page.safetensors"))
+        state_dicts.load_state_dict(str(tmp_path / "page.safetensors"))
 
 
 def test_a_state_dict_of_another_model_says_so():
@@ -178,7 +178,7 @@ def test_a_state_dict_of_another_model_says_so():
     with pytest.raises(
         ValueError, match=r"none of its 2 tensors is named as a parameter.*not a checkpoint of this"
     ):
-        convert.import_state_dict(unrelated, shapes, convert.torch_key_for(model))
+        state_dicts.import_state_dict(unrelated, shapes, state_dicts.torch_key_for(model))
 
 
 def test_convert_refuses_bad_weights_files_before_creating_the_checkpoint_folder(tmp_path, tfds_dir):

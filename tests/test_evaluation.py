@@ -18,6 +18,8 @@ import pytest
 from conftest import assert_metrics_are_the_ensembles, tiny_config
 
 from diffseg_jax import (
+    build,
+    comparison,
     configlib,
     data,
     diffusion,
@@ -27,6 +29,9 @@ from diffseg_jax import (
     plots,
     protocol,
     report,
+    restore,
+    result_files,
+    sampling,
     train,
 )
 
@@ -299,8 +304,8 @@ def test_comparison_matches_images_by_id_and_measures_the_std_maps(tmp_path, mon
         np.savez(d / "ensemble.npz", image=np.zeros((4, 8, 8, 3), np.uint8), mask=masks[index], **arrays)
         (d / "metrics.json").write_text(json.dumps({"model": name, "experiment": "e2", "pooling": "pooled"}))
         dirs.append(str(d))
-    read, reads = plots.read_evaluations, []
-    monkeypatch.setattr(plots, "read_evaluations", lambda d: reads.append(d) or read(d))
+    read, reads = result_files.read_evaluations, []
+    monkeypatch.setattr(result_files, "read_evaluations", lambda d: reads.append(d) or read(d))
     paths = report.main(["--compare", *dirs, "--num_images", "2", "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "figure1.png").stat().st_size > 1000
     assert reads == [dirs]  # the figure and the numbers from one reading of each ensemble.npz
@@ -373,15 +378,15 @@ def _tiny_sampling(experiment):
     variables = model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1]
     )
-    return config, train.build_schedule(config.diffusion), model, images, variables
+    return config, build.build_schedule(config.diffusion), model, images, variables
 
 
 @pytest.mark.parametrize("experiment", ["e1", "e2"])
 def test_ensemble_statistics_equal_a_loop_over_members(experiment):
     config, schedule, model, images, variables = _tiny_sampling(experiment)
-    member = evaluate.make_member_fn(model, schedule, config)
+    member = sampling.make_member_fn(model, schedule, config)
     key = jax.random.PRNGKey(3)
-    out = evaluate.make_ensemble_fn(member, 3, member_chunk=2)(
+    out = sampling.make_ensemble_fn(member, 3, member_chunk=2)(
         variables, images, jnp.zeros((2, 8, 8, 1)), key
     )
     singles = np.stack(
@@ -396,13 +401,13 @@ def test_hard_members_average_the_votes_of_the_soft_ones():
     # The same keys give the same members; 'hard' thresholds each at 0.5, so the mean is a vote fraction.
     config, schedule, model, images, variables = _tiny_sampling("e2")
     key, template = jax.random.PRNGKey(3), jnp.zeros((2, 8, 8, 1))
-    soft = evaluate.make_member_fn(model, schedule, config)
+    soft = sampling.make_member_fn(model, schedule, config)
     singles = np.stack(
         [np.asarray(soft(variables, images, (2, 8, 8, 1), k)) for k in jax.random.split(key, 4)]
     )
     config.eval.member_output = "hard"
     configlib.validate(config)
-    out = evaluate.make_ensemble_fn(evaluate.make_member_fn(model, schedule, config), 4, 2)(
+    out = sampling.make_ensemble_fn(sampling.make_member_fn(model, schedule, config), 4, 2)(
         variables, images, template, key
     )
     votes = (singles > 0.5).astype(np.float32)
@@ -434,11 +439,11 @@ def test_untrained_auxiliary_heads_stay_out_of_the_members(cal_weight, experimen
     (issue 32): its member is the sigmoid alone, whatever the cal weight."""
     config = tiny_config(f"{experiment}_synthetic")
     config.objective.cal_weight = cal_weight
-    schedule = train.build_schedule(config.diffusion)
+    schedule = build.build_schedule(config.diffusion)
     model = _CalNet()
     images = jnp.ones((1, 8, 8, 3))
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images)
-    member = evaluate.make_member_fn(model, schedule, config)(
+    member = sampling.make_member_fn(model, schedule, config)(
         variables, images, (1, 8, 8, 1), jax.random.PRNGKey(1)
     )
     if cal_weight > 0 and experiment == "e2":  # the trained cal head is the member, as the postprocess says
@@ -456,16 +461,16 @@ def test_the_cal_blend_gets_the_sample_on_the_mask_scale_unclipped():
     from diffseg_jax.models.medsegdiff import blend_cal
 
     x = jnp.asarray([-0.8, 0.3, 1.0, -1.0])
-    seen = evaluate.diffusion_member(x, {"cal": None}, "binary", lambda s, e: s)
+    seen = sampling.diffusion_member(x, {"cal": None}, "binary", lambda s, e: s)
     np.testing.assert_allclose(seen, x)
     np.testing.assert_allclose(
-        evaluate.diffusion_member(x, {"cal": None}, "symmetric", lambda s, e: s), (x + 1) / 2
+        sampling.diffusion_member(x, {"cal": None}, "symmetric", lambda s, e: s), (x + 1) / 2
     )
     cal = jnp.full(4, 0.5)  # the sample (> 0 at 2 of 4) and cal disagree: Dice 0.5 < 0.65, so cal + 0.25 s
-    blended = evaluate.diffusion_member(x, {"cal": cal}, "binary", lambda s, e: blend_cal(s, e["cal"]))
+    blended = sampling.diffusion_member(x, {"cal": cal}, "binary", lambda s, e: blend_cal(s, e["cal"]))
     np.testing.assert_allclose(blended, [0.3, 0.575, 0.75, 0.25], atol=1e-6)
     # Without extras (no trained head), the member is the sample mapped to [0, 1], as before.
-    np.testing.assert_allclose(evaluate.diffusion_member(x, {}, "binary", lambda s, e: s), [0, 0.3, 1, 0])
+    np.testing.assert_allclose(sampling.diffusion_member(x, {}, "binary", lambda s, e: s), [0, 0.3, 1, 0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -583,7 +588,7 @@ def test_report_gives_each_difference_its_bootstrap_interval_when_the_ensembles_
         np.savez(folder / "ensemble.npz", ids=ids, mean=mean, std=np.zeros_like(mean), mask=masks,
                  image=np.zeros((12, 8, 8, 3), np.uint8))  # fmt: skip
     (row,) = report.collect([str(runs)])
-    boot = report.compare([str(runs / "e1" / "eval"), str(runs / "e2" / "eval")])["runs"][1]
+    boot = comparison.compare([str(runs / "e1" / "eval"), str(runs / "e2" / "eval")])["runs"][1]
     boot = boot["paired_bootstrap_vs_first"]
     assert boot["pooling"] == pooling
     assert boot["iou_delta"] == pytest.approx(row["delta_iou"], abs=1e-6)  # the same difference as the table
@@ -701,7 +706,7 @@ def test_report_names_a_corrupt_metrics_json_and_the_fix(tmp_path):
     with pytest.raises(
         ValueError, match=r"not a readable metrics\.json.*--mode evaluate.*--compare"
     ) as error:
-        plots.read_evaluations([str(broken)])
+        result_files.read_evaluations([str(broken)])
     assert str(error.value).startswith(str(broken / "metrics.json"))
     (broken / "metrics.json").write_text("[]")  # JSON, but not a metrics.json's object
     with pytest.raises(ValueError, match=r"holds a JSON list.*--mode evaluate"):
@@ -744,7 +749,7 @@ def test_compare_takes_a_workdir_and_records_its_eval_folder(tmp_path):
     assert [r["eval_dir"] for r in out["runs"]] == [str(workdir / "eval"), str(eval_dir)]
     assert [r["experiment"] for r in out["runs"]] == ["e2", "e1"] and out["num_images"] == 3
     assert (tmp_path / "out" / "figure1.png").stat().st_size > 1000
-    runs, rows = plots.read_evaluations([str(workdir), str(eval_dir)])
+    runs, rows = result_files.read_evaluations([str(workdir), str(eval_dir)])
     assert runs[0][1]["experiment"] == "e2" and rows == [[0, 0], [1, 1], [2, 2]]
     (tmp_path / "new").mkdir()  # trained, say, but never evaluated
     with pytest.raises(FileNotFoundError, match=r"new.ensemble\.npz is missing; evaluate that run first"):
@@ -758,7 +763,7 @@ import flax.linen as nn
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 from conftest import assert_metrics_are_the_ensembles, tiny_config
-from diffseg_jax import evaluate, train
+from diffseg_jax import build, evaluate, sampling, train
 
 class Net(nn.Module):
     @nn.compact
@@ -768,12 +773,12 @@ class Net(nn.Module):
 config = tiny_config("e2_synthetic")
 config.diffusion.num_timesteps = 50
 config.eval.ddim_steps = 3
-schedule = train.build_schedule(config.diffusion)
+schedule = build.build_schedule(config.diffusion)
 model = Net()
 images = np.random.default_rng(0).uniform(0, 1, (6, 8, 8, 3)).astype(np.float32)
 variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1])
-ensemble = evaluate.make_ensemble_fn(evaluate.make_member_fn(model, schedule, config), 3, 2)
-mean, std = evaluate.sample_statistics(ensemble, variables, images, (8, 8, 1), 4, jax.random.PRNGKey(5))
+ensemble = sampling.make_ensemble_fn(sampling.make_member_fn(model, schedule, config), 3, 2)
+mean, std = sampling.sample_statistics(ensemble, variables, images, (8, 8, 1), 4, jax.random.PRNGKey(5))
 print(json.dumps({{"devices": jax.device_count(), "mean": mean.ravel().tolist(), "std": std.ravel().tolist()}}))
 """
 
@@ -795,8 +800,8 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(tmp_path)
     variables = model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1]
     )
-    member = evaluate.make_member_fn(model, train.build_schedule(config.diffusion), config)
-    ensemble = evaluate.make_ensemble_fn(member, 3, 2)
+    member = sampling.make_member_fn(model, build.build_schedule(config.diffusion), config)
+    ensemble = sampling.make_ensemble_fn(member, 3, 2)
     key, calls = jax.random.PRNGKey(5), []
 
     def counting(*args):
@@ -807,7 +812,7 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(tmp_path)
 
     def run(params, run_id, resume=str(tmp_path / "partial")):
         calls.clear()
-        return evaluate.sample_statistics(counting, params, images, (8, 8, 1), 2, key, resume, run_id)
+        return sampling.sample_statistics(counting, params, images, (8, 8, 1), 2, key, resume, run_id)
 
     crash_at = None
     full_mean, full_std = run(variables, None, resume=None)  # 7 images in 4 batches, no files
@@ -860,7 +865,7 @@ def test_sampling_reads_the_weights_whatever_optimizer_or_sampler_trained_them(t
     from diffseg_jax import checkpoints  # noqa: PLC0415
 
     config = tiny_config("e2_synthetic")
-    _, _, _, state = train.model_and_state(config, (32, 32, 3))
+    _, _, _, state = build.model_and_state(config, (32, 32, 3))
     state = state.replace(
         step=state.step + 7, ema_params=jax.tree.map(lambda p: p + 1.0, state.params)
     )  # weights a fresh state does not have
@@ -872,10 +877,10 @@ def test_sampling_reads_the_weights_whatever_optimizer_or_sampler_trained_them(t
     other.timesteps.sampling = "loss_aware"
     for use_ema, expected in ((False, state.params), (True, state.ema_params)):
         other.eval.use_ema = use_ema
-        _, _, step, variables = evaluate.trained_network(other, str(tmp_path), 3)
+        _, _, step, variables = restore.trained_network(other, str(tmp_path), 3)
         assert step == 7
         jax.tree.map(np.testing.assert_array_equal, variables["params"], expected)
-    _, _, _, fresh = train.model_and_state(other, (32, 32, 3), abstract=True)
+    _, _, _, fresh = build.model_and_state(other, (32, 32, 3), abstract=True)
     with pytest.raises(
         checkpoints.CheckpointMismatchError, match=r"checkpoints/7 does not fit .*new --workdir"
     ):
@@ -946,7 +951,7 @@ def test_an_earlier_checkpoint_kept_by_keep_every_is_the_one_eval_step_reads(tmp
     from diffseg_jax import checkpoints  # noqa: PLC0415
 
     config = tiny_config("e2_synthetic")
-    _, _, _, state = train.model_and_state(config, (32, 32, 3))
+    _, _, _, state = build.model_and_state(config, (32, 32, 3))
     states = {}
     ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=1, keep_every=4)
     for step in (2, 4, 6, 8):
@@ -959,14 +964,14 @@ def test_an_earlier_checkpoint_kept_by_keep_every_is_the_one_eval_step_reads(tmp
     ckpt.close()
     for step, state_given, expected in ((-1, None, 8), (4, None, 4), (-1, states[8], 8), (4, states[8], 4)):
         config.eval.step = step
-        _, _, got, variables = evaluate.trained_network(config, str(tmp_path), 3, state_given)
+        _, _, got, variables = restore.trained_network(config, str(tmp_path), 3, state_given)
         assert got == expected
         jax.tree.map(np.testing.assert_array_equal, variables["params"], states[expected].params)
     config.eval.step = 6
     with pytest.raises(
         FileNotFoundError, match=r"No checkpoint of step 6 .*holds steps \[4, 8\].*train\.keep_every"
     ):
-        evaluate.trained_network(config, str(tmp_path), 3)
+        restore.trained_network(config, str(tmp_path), 3)
     assert checkpoints.Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [
         4,
         8,
@@ -987,9 +992,9 @@ def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tf
     config.protocol.ddim_steps = 2
     config.eval.enabled = False  # the E1 test checks the evaluation after retraining; here the selection
     maps = {}  # the validation ensembles' mean maps, by step, as the protocol samples them
-    sample = evaluate.ensemble_maps
+    sample = sampling.ensemble_maps
     monkeypatch.setattr(
-        evaluate,
+        sampling,
         "ensemble_maps",
         lambda c, m, s, v, images, step, **k: maps.setdefault(step, sample(c, m, s, v, images, step, **k)),
     )
@@ -1018,13 +1023,13 @@ def test_e2_protocol_selects_on_validation_iou_then_retrains_on_all(tmp_path, tf
     # selection run's last checkpoint, it is the same number.
     select = ml_collections.ConfigDict(config.to_dict())
     select.train.num_steps = 4
-    _, model, schedule, _, fresh = train.setup(select, abstract=True, split="fit")
-    state = evaluate.load_state(str(tmp_path / "select"), fresh)
+    _, model, schedule, _, fresh = build.setup(select, abstract=True, split="fit")
+    state = restore.load_state(str(tmp_path / "select"), fresh)
     validate = protocol.make_validation_iou_fn(select, model, schedule)
     assert int(state.step) == 4 and validate(state)["validation_iou"] == pytest.approx(ious[4], abs=1e-6)
     # protocol.sampler=ddpm: the validation ensemble is built as an evaluation's with eval.sampler=ddpm.
     built = []
-    monkeypatch.setattr(evaluate, "ensemble_fn", lambda c, *args: built.append(c.eval.to_dict()))
+    monkeypatch.setattr(sampling, "ensemble_fn", lambda c, *args: built.append(c.eval.to_dict()))
     select.protocol.sampler = "ddpm"
     protocol.make_validation_iou_fn(select, model, schedule)
     assert built[0]["sampler"] == "ddpm" and built[0]["ensemble_size"] == 2
@@ -1052,7 +1057,7 @@ def test_a_protocol_refuses_a_workdir_it_would_misuse(tmp_path, monkeypatch):
     config.data.validation_fraction = 0.0
     with pytest.raises(configlib.ConfigError, match="data.validation_fraction=0.0.*fraction in \\(0, 1\\)"):
         protocol.run(config, str(tmp_path))
-    _, _, _, state = train.model_and_state(tiny_config("e1_synthetic"), (32, 32, 3))
+    _, _, _, state = build.model_and_state(tiny_config("e1_synthetic"), (32, 32, 3))
     ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(3, state.replace(step=state.step + 3), {})
     ckpt.close()
@@ -1076,22 +1081,22 @@ class _RampNet(nn.Module):
 
 def test_test_time_augmentation_averages_the_outputs_turned_back():
     config = tiny_config("e1_synthetic")
-    schedule = train.build_schedule(config.diffusion)
+    schedule = build.build_schedule(config.diffusion)
     model = _RampNet()
     images = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)), jnp.float32)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
-    member = evaluate.make_member_fn(model, schedule, config)
+    member = sampling.make_member_fn(model, schedule, config)
     key, template = jax.random.PRNGKey(1), jnp.zeros((2, 8, 8, 1))
     p = jax.nn.sigmoid(4.0 * jnp.linspace(-1.0, 1.0, 8))[None, None, :, None] * jnp.ones((2, 8, 8, 1))
-    plain = evaluate.make_ensemble_fn(member, 3, None)(variables, images, template, key)
+    plain = sampling.make_ensemble_fn(member, 3, None)(variables, images, template, key)
     np.testing.assert_allclose(plain["mean"], p, atol=1e-6)
     # Flips: identity and the height flip give p back, the width flip and the 180° turn its mirror image.
-    flips = evaluate.make_ensemble_fn(member, 3, 2, tta="flips")(variables, images, template, key)
+    flips = sampling.make_ensemble_fn(member, 3, 2, tta="flips")(variables, images, template, key)
     mirror = p[:, :, ::-1]
     np.testing.assert_allclose(flips["mean"], (p + mirror) / 2, atol=1e-6)
     np.testing.assert_allclose(flips["std"], jnp.abs(p - mirror) / 2, atol=1e-6)
     # All eight: the mean of an orbit is unchanged by every rotation and flip.
-    d4 = evaluate.make_ensemble_fn(member, 2, None, tta="d4")(variables, images, template, key)
+    d4 = sampling.make_ensemble_fn(member, 2, None, tta="d4")(variables, images, template, key)
     for r, f in diffusion.TTA_TRANSFORMS["d4"]:
         np.testing.assert_allclose(diffusion.dihedral(d4["mean"], r, f), d4["mean"], atol=1e-6)
         x = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
@@ -1101,16 +1106,16 @@ def test_test_time_augmentation_averages_the_outputs_turned_back():
     # are the plain ensemble's), outputs turned back.
     tiny = _TinyNet()
     tv = tiny.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), images[:1])
-    m = evaluate.make_member_fn(tiny, schedule, config)
+    m = sampling.make_member_fn(tiny, schedule, config)
     loop = []
     for i, (r, f) in enumerate(diffusion.TTA_TRANSFORMS["flips"]):
         seen = diffusion.dihedral(images, r, f)
         for k in jax.random.split(key if i == 0 else jax.random.fold_in(key, i), 3):
             loop.append(np.asarray(diffusion.dihedral(m(tv, seen, (2, 8, 8, 1), k), r, f, inverse=True)))
-    both = evaluate.make_ensemble_fn(m, 3, None, tta="flips")(tv, images, template, key)
+    both = sampling.make_ensemble_fn(m, 3, None, tta="flips")(tv, images, template, key)
     np.testing.assert_allclose(both["mean"], np.mean(loop, 0), atol=1e-5)
     np.testing.assert_allclose(both["std"], np.std(loop, 0), atol=1e-5)
-    plain = evaluate.make_ensemble_fn(m, 3, None)(tv, images, template, key)
+    plain = sampling.make_ensemble_fn(m, 3, None)(tv, images, template, key)
     np.testing.assert_allclose(plain["mean"], np.mean(loop[:3], 0), atol=1e-5)
 
 

@@ -44,12 +44,12 @@ def _safetensors(tensors: dict[str, np.ndarray]) -> bytes:
 
 _CHILD = """
 import json, sys
-from diffseg_jax import convert, hub
+from diffseg_jax import convert, hub, state_dicts
 out = {}
 for name, spec, revision in json.loads(sys.argv[1]):
     try:
         path = hub.resolve(spec, revision)
-        out[name] = {"file": path.rsplit("/", 3)[-3:], "sum": float(sum(v.sum() for v in convert.load_state_dict(path).values()))}
+        out[name] = {"file": path.rsplit("/", 3)[-3:], "sum": float(sum(v.sum() for v in state_dicts.load_state_dict(path).values()))}
     except Exception as e:
         out[name] = {"error": f"{type(e).__name__}: {e}"}
 print(json.dumps(out))

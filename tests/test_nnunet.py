@@ -15,12 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import OFFICIAL_CASES, check_official
-from conftest import assert_metrics_are_the_ensembles, tiny_config
+from conftest import OFFICIAL_CASES, assert_metrics_are_the_ensembles, check_official, tiny_config
 from PIL import Image
 
 from configs import base
-from diffseg_jax import configlib, objectives, planning, train
+from diffseg_jax import build, configlib, objectives, planning, train
 from diffseg_jax.data import augment
 from diffseg_jax.models import count_params, is_feed_forward
 from diffseg_jax.models import nnunet_plan as P
@@ -172,7 +171,7 @@ def test_e1_loss_weights_every_head():
         return heads[0], {"deep_supervision": tuple(heads[1:])}
 
     batch = {"image": jnp.zeros((2, 8, 8, 3)), "mask": mask}
-    schedule = train.build_schedule(base.get_config().diffusion)
+    schedule = build.build_schedule(base.get_config().diffusion)
     loss, _ = objectives.loss_fn(
         apply, None, batch, jax.random.key(1), schedule, experiment="e1", dice="batch", dice_smooth=1e-5
     )
@@ -193,7 +192,7 @@ def test_e1_loss_weights_every_head():
 def test_sgd_nesterov_poly_matches_torch_update_rule():
     cfg = base.get_config("nnunet").train
     cfg.num_steps = 10
-    opt = train.make_optimizer(cfg)
+    opt = build.make_optimizer(cfg)
     params = jnp.asarray([1.0, -2.0])
     grads = [jnp.asarray([30.0, 40.0]), jnp.asarray([0.5, -1.0]), jnp.asarray([-2.0, 0.1])]
     state = opt.init(params)
@@ -298,7 +297,7 @@ def test_configs_plan_and_validation():
     assert planned.train.batch_size == 64 and planned.data.image_size == 32  # 5 % of 1280 images
     assert planned.model.features_per_stage == (8, 16, 32, 32) and planned.model.plan.num_images == 1280
     assert "batch size 64, 4 stages" in planning.describe(planned)
-    model = train.build_model(planned.model, 1)
+    model = build.build_model(planned.model, 1)
     assert count_params(model, (1, 32, 32, 1), (1, 32, 32, 3), (1,)) == 80_427
     with pytest.raises(ValueError, match="planned a 320x512 patch"):
         planning.resolve(c, fingerprint=((300.0, 500.0), 10, 3))
@@ -330,7 +329,7 @@ def test_tiny_planned_run_trains_and_evaluates(tmp_path, tfds_dir, capsys):
     assert (
         int(state.step) == 2
         and count_params(
-            train.build_model(planning.resolve(config).model, 1), (1, 32, 32, 1), (1, 32, 32, 3), (1,)
+            build.build_model(planning.resolve(config).model, 1), (1, 32, 32, 1), (1, 32, 32, 3), (1,)
         )
         == 80_427
     )

@@ -14,7 +14,7 @@ import optax
 import pytest
 from conftest import ROOT, tiny_config
 
-from diffseg_jax import checkpoints, configlib, data, distributed, train
+from diffseg_jax import build, checkpoints, configlib, data, distributed, train
 
 
 def _batch(size=16, n=4):
@@ -33,14 +33,14 @@ def _setup(dtype="float32", remat=False, arch="ensemdiff"):
     config.model.dtype, config.model.remat = dtype, remat
     config.objective.loss = "eps_mse"
     config.train.lr = 1e-3
-    model = train.build_model(config.model, train.output_channels(config, 3), 16)
-    optimizer = train.make_optimizer(config.train)
-    make = lambda: train.create_train_state(  # noqa: E731
-        train.init_variables(model, jax.random.PRNGKey(0), (1, 16, 16, 1), (1, 16, 16, 3)),
+    model = build.build_model(config.model, build.output_channels(config, 3), 16)
+    optimizer = build.make_optimizer(config.train)
+    make = lambda: build.create_train_state(  # noqa: E731
+        build.init_variables(model, jax.random.PRNGKey(0), (1, 16, 16, 1), (1, 16, 16, 3)),
         optimizer,
         jax.random.PRNGKey(1),
     )
-    step = train.make_train_step(model, optimizer, train.build_schedule(config.diffusion), config)
+    step = train.make_train_step(model, optimizer, build.build_schedule(config.diffusion), config)
     return model, jax.jit(make)(), step
 
 
@@ -95,11 +95,11 @@ def test_bf16_feed_forward_references_keep_f32_params_and_track_the_f32_e1_loss(
         if arch == "nnunet":
             config.model.plan.mode = "fixed"  # the tiny plan as it stands: no dataset to plan from
         configlib.validate(config, check_data=False)
-        model = train.build_model(config.model, train.output_channels(config, 3), 16)
+        model = build.build_model(config.model, build.output_channels(config, 3), 16)
         optimizer = optax.adam(1e-3)  # a rate that moves the weights within a few steps
-        variables = train.init_variables(model, jax.random.PRNGKey(0), (1, 16, 16, 1), (1, 16, 16, 3))
-        state = train.create_train_state(variables, optimizer, jax.random.PRNGKey(1))
-        step = train.make_train_step(model, optimizer, train.build_schedule(config.diffusion), config)
+        variables = build.init_variables(model, jax.random.PRNGKey(0), (1, 16, 16, 1), (1, 16, 16, 3))
+        state = build.create_train_state(variables, optimizer, jax.random.PRNGKey(1))
+        step = train.make_train_step(model, optimizer, build.build_schedule(config.diffusion), config)
         jaxprs[dtype] = str(jax.make_jaxpr(step)(state, _batch()))
         losses[dtype], state = _losses(state, step, 5)
         floats = [
@@ -201,7 +201,7 @@ def test_two_hosts_train_in_lock_step_to_the_single_host_parameters(tmp_path, tf
     # One checkpoint, written once by the two processes together, and the same parameters as one host.
     assert sorted(os.listdir(multi_dir / "checkpoints")) == [str(steps)]
     assert len(open(multi_dir / "metrics.jsonl").readlines()) == steps  # only process 0 writes metrics
-    _, _, _, _, abstract = train.setup(config, abstract=True)
+    _, _, _, _, abstract = build.setup(config, abstract=True)
     restored = []
     for workdir in (ref_dir, str(multi_dir)):
         ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))

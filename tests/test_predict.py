@@ -13,7 +13,7 @@ import pytest
 from conftest import run_module, tiny_config
 from PIL import Image
 
-from diffseg_jax import checkpoints, configlib, evaluate, models, predict, train
+from diffseg_jax import build, checkpoints, configlib, evaluate, models, predict, restore, sampling
 from diffseg_jax.data import files
 
 
@@ -72,10 +72,10 @@ def test_image_files_get_the_evaluation_ensembles_by_predict_and_by_an_external_
     np.testing.assert_array_equal(pred["std"], ev["std"][..., 0])
     # The samples depend on the image (so the comparison checks how the files were read, scaled and ordered):
     # the first image replaced by its mirror image changes its maps and no other's.
-    model, schedule, step, weights = evaluate.trained_network(config, str(workdir), 3, state)
+    model, schedule, step, weights = restore.trained_network(config, str(workdir), 3, state)
     flipped = ev["image"].astype(np.float32) / 255
     flipped[0] = flipped[0, :, ::-1]
-    changed, _ = evaluate.ensemble_maps(config, model, schedule, weights, flipped, step)
+    changed, _ = sampling.ensemble_maps(config, model, schedule, weights, flipped, step)
     np.testing.assert_array_equal(changed[1:], ev["mean"][1:])
     assert np.abs(changed[0] - ev["mean"][0]).mean() > 0.01
     first = ev["ids"][0]
@@ -110,7 +110,7 @@ def test_image_files_get_the_evaluation_ensembles_by_predict_and_by_an_external_
 
 def _fresh_state(config):
     """An initialised state for a tiny model, made without reading any data."""
-    model, _, _, state = train.model_and_state(config, (config.data.image_size, config.data.image_size, 3))
+    model, _, _, state = build.model_and_state(config, (config.data.image_size, config.data.image_size, 3))
     return model, state
 
 
@@ -261,16 +261,16 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
     _, e2_state = _fresh_state(e2)
     e2_state = e2_state.replace(params=_randomised(e2_state.params))
     batches = []
-    sample = evaluate.sample_statistics
+    sample = sampling.sample_statistics
     monkeypatch.setattr(
-        evaluate, "sample_statistics", lambda *a, **k: batches.append(a[4]) or sample(*a, **k)
+        sampling, "sample_statistics", lambda *a, **k: batches.append(a[4]) or sample(*a, **k)
     )
     predict.predict(e2, "unused", str(images / "wide.png"), str(tmp_path / "one"), state=e2_state)
     with np.load(tmp_path / "one" / "predictions.npz") as pred:
         alone = pred["mean"]
-    model, schedule, _, weights = evaluate.trained_network(e2, "unused", 3, e2_state)
+    model, schedule, _, weights = restore.trained_network(e2, "unused", 3, e2_state)
     inputs, _ = predict.read_inputs([images / "wide.png"], 32)
-    padded, _ = evaluate.ensemble_maps(e2, model, schedule, weights, inputs, 0)
+    padded, _ = sampling.ensemble_maps(e2, model, schedule, weights, inputs, 0)
     assert batches == [1, 8]
     np.testing.assert_allclose(alone, padded[..., 0], atol=1e-5)  # programs of other shapes may round apart
 
@@ -313,10 +313,10 @@ def test_predict_in_chunks_gives_the_same_samples_and_resumes_after_a_crash(tmp_
 
     saved.clear()
     first_batches = []
-    maps = evaluate.ensemble_maps
+    maps = sampling.ensemble_maps
     monkeypatch.setattr(evaluate.writers, "save_npz_whole", lambda p, **a: saved.append(p) or save(p, **a))
     monkeypatch.setattr(
-        evaluate, "ensemble_maps", lambda *a, **k: first_batches.append(k["first_batch"]) or maps(*a, **k)
+        sampling, "ensemble_maps", lambda *a, **k: first_batches.append(k["first_batch"]) or maps(*a, **k)
     )
     assert predict.predict(config, "unused", str(images), str(out), state=state) == rows
     # Chunk 1 (image 2: 2 batches) starts at batch 4 and had one batch done.

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import OFFICIAL_CASES, check_official
 
-from diffseg_jax.convert import export_state_dict, import_weights, to_flax_layout
 from diffseg_jax.diffusion import ddim_sample, get_schedule
 from diffseg_jax.models import MODELS, can_drop_image, get_model, param_count, param_shapes
 from diffseg_jax.models.rrdb import RRDBNet
 from diffseg_jax.models.segdiff import SegDiffUNet, torch_key
+from diffseg_jax.state_dicts import export_state_dict, import_weights, to_flax_layout
 
 # MoNuSeg: 1-channel mask x_t, RGB image, eps output.  H and W do not change any parameter shape.
 FULL_X, FULL_COND, FULL_T = (1, 64, 64, 1), (1, 64, 64, 3), (1,)

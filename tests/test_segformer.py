@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config
 
 from configs import base
-from diffseg_jax import configlib, convert, models, summary, train
+from diffseg_jax import build, configlib, models, state_dicts, summary, train
 from diffseg_jax.models import segformer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "segformer_hf.npz")
@@ -72,7 +72,7 @@ def test_matches_hugging_face_logits(depthwise):
     model = models.get_model("segformer", out_channels=2, depthwise=depthwise, **FIXTURE_ARCH)
     image = f["image"].astype(np.float32)
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), None, None, jnp.asarray(image)))
-    variables = convert.import_weights(model, dict(template), state)
+    variables = state_dicts.import_weights(model, dict(template), state)
     logits, inter = jax.jit(lambda v, x: model.apply(v, None, None, x, capture_intermediates=True))(
         variables, image
     )
@@ -152,7 +152,7 @@ def tiny_weights(tmp_path_factory):
     model = models.get_model("segformer", out_channels=1, **TINY)
     init = _random_variables(model, (1, 32, 32, 3), seed=0)
     trained = _random_variables(model, (1, 32, 32, 3), seed=1)
-    return model, init, trained, convert.export_state_dict(trained, segformer.torch_key)
+    return model, init, trained, state_dicts.export_state_dict(trained, segformer.torch_key)
 
 
 def test_import_round_trip_through_safetensors(tiny_weights, tmp_path):
@@ -166,7 +166,7 @@ def test_import_round_trip_through_safetensors(tiny_weights, tmp_path):
     assert "decode_head.batch_norm.running_var" in sd and "segformer.encoder.layer_norm.3.bias" in sd
     path = str(tmp_path / "model.safetensors")
     safetensors_numpy.save_file({**sd, "decode_head.batch_norm.num_batches_tracked": np.array(3)}, path)
-    back = convert.import_weights(model, init, convert.load_state_dict(path))
+    back = state_dicts.import_weights(model, init, state_dicts.load_state_dict(path))
     _leaves_equal(trained, back)
 
 
@@ -177,22 +177,22 @@ def test_import_failures_name_the_tensor_the_shapes_and_the_fix(tiny_weights):
         "segformer.encoder.block.0.0.mlp.dense1.weight"
     )
     with pytest.raises(ValueError, match=r"missing.*mlp\.dense1\.weight.*not mapped.*mlp\.dense_1\.weight"):
-        convert.import_weights(model, init, renamed)
+        state_dicts.import_weights(model, init, renamed)
     wrong = dict(sd, **{"decode_head.classifier.weight": np.zeros((150, 32, 1, 1), np.float32)})
     with pytest.raises(
         ValueError,
         match=r"decode_head\.classifier\.weight: the file has \(150, 32, 1, 1\), "
         r"the model needs \(1, 32, 1, 1\).*drop the decode_head\.classifier",
     ):
-        convert.import_weights(model, init, wrong)
+        state_dicts.import_weights(model, init, wrong)
     # An encoder of another variant: a missing encoder tensor is never left at initialisation.
     no_block = {k: v for k, v in sd.items() if not k.startswith("segformer.encoder.block.3.")}
     with pytest.raises(ValueError, match=r"missing.*encoder\.block\.3\.0.*model\.variant"):
-        convert.import_weights(model, init, no_block)
+        state_dicts.import_weights(model, init, no_block)
     # A decoder is loaded whole or not at all.
     partial = {k: v for k, v in sd.items() if k != "decode_head.linear_fuse.weight"}
     with pytest.raises(ValueError, match=r"missing.*decode_head\.linear_fuse\.weight"):
-        convert.import_weights(model, init, partial)
+        state_dicts.import_weights(model, init, partial)
 
 
 def test_encoder_checkpoint_with_imagenet_head_leaves_the_decoder_at_init(tiny_weights, caplog):
@@ -202,7 +202,7 @@ def test_encoder_checkpoint_with_imagenet_head_leaves_the_decoder_at_init(tiny_w
         {"classifier.weight": np.zeros((1000, 64), np.float32), "classifier.bias": np.zeros(1000)}
     )
     with caplog.at_level(logging.INFO):
-        out = convert.import_weights(model, init, encoder_only)
+        out = state_dicts.import_weights(model, init, encoder_only)
     _leaves_equal(trained["params"]["encoder"], out["params"]["encoder"])
     _leaves_equal(init["params"]["decode_head"], out["params"]["decode_head"])
     _leaves_equal(init["batch_stats"], out["batch_stats"])
@@ -211,10 +211,10 @@ def test_encoder_checkpoint_with_imagenet_head_leaves_the_decoder_at_init(tiny_w
     # Shapes alone cannot be kept: an abstract template needs every tensor.
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), init)
     with pytest.raises(ValueError, match=r"15 tensors missing.*decode_head\.batch_norm"):
-        convert.import_weights(model, abstract, encoder_only)
+        state_dicts.import_weights(model, abstract, encoder_only)
     # A full checkpoint for other classes, without its classifier: everything else loads.
     no_classifier = {k: v for k, v in sd.items() if not k.startswith("decode_head.classifier.")}
-    out = convert.import_weights(model, init, no_classifier)
+    out = state_dicts.import_weights(model, init, no_classifier)
     _leaves_equal(
         trained["params"]["decode_head"]["linear_fuse"], out["params"]["decode_head"]["linear_fuse"]
     )
@@ -243,31 +243,31 @@ def test_pretrained_repo_id_loads_through_the_hub_cache_and_gives_hugging_face_l
     image = f["image"].astype(np.float32)
     init = _random_variables(model, image.shape)
     optimizer = optax.sgd(1e-3)  # the optimizer plays no part in the import
-    state = train.create_train_state(init, optimizer, jax.random.key(0))
+    state = build.create_train_state(init, optimizer, jax.random.key(0))
     config = base.get_config("segformer")
     config.model.pretrained = "acme/segformer-fixture"
-    option, path = train.initial_weights(config)
+    option, path = build.initial_weights(config)
     assert option == "model.pretrained" and path.endswith(f"snapshots/{COMMIT}/model.safetensors")
-    full = train.import_initial_weights(path, model, optimizer, state, option)
+    full = build.import_initial_weights(path, model, optimizer, state, option)
     logits = jax.jit(lambda v, x: model.apply(v, None, None, x))(
         {"params": full.params, **full.model_state}, image
     )
     np.testing.assert_allclose(np.asarray(logits), f["logits"], rtol=0, atol=5e-5)
 
     config.model.pretrained = "acme/mit-fixture"
-    encoder_state = train.import_initial_weights(train.initial_weights(config)[1], model, optimizer, state)
+    encoder_state = build.import_initial_weights(build.initial_weights(config)[1], model, optimizer, state)
     _leaves_equal(full.params["encoder"], encoder_state.params["encoder"])
     _leaves_equal(init["params"]["decode_head"], encoder_state.params["decode_head"])
     _leaves_equal(init["batch_stats"], encoder_state.model_state["batch_stats"])
     # A file of another model names the option that gave it; train.init_weights wins without the Hub.
     np.savez(tmp_path / "other.npz", **{"encoder.layer1.weight": np.zeros((3, 3), np.float32)})
     with pytest.raises(configlib.ConfigError, match=r"model.pretrained='.*other\.npz' does not fit"):
-        train.import_initial_weights(str(tmp_path / "other.npz"), model, optimizer, state, "model.pretrained")
+        build.import_initial_weights(str(tmp_path / "other.npz"), model, optimizer, state, "model.pretrained")
     config.model.pretrained = "None"  # as --config.model.pretrained=None gives it: random initialisation
-    assert train.initial_weights(config) is None
+    assert build.initial_weights(config) is None
     config.model.pretrained = "acme/not-cached"
     config.train.init_weights = "weights.npz"
-    assert train.initial_weights(config) == ("train.init_weights", "weights.npz")
+    assert build.initial_weights(config) == ("train.init_weights", "weights.npz")
 
 
 def test_e1_configs_of_public_datasets_start_from_the_imagenet_encoder():
@@ -321,12 +321,12 @@ def test_configs_give_the_published_scheme_and_one_member(tmp_path):
 def test_init_weights_start_a_run_and_the_train_step_traces(tfds_dir, tmp_path):
     """train.init_weights: the step-0 state holds the file's weights (EMA too); the E1 step traces."""
     config = tiny_config("e1_synthetic", "segformer,tiny", data_dir=tfds_dir)
-    ds, model, schedule, optimizer, abstract = train.setup(config, abstract=True)  # nothing compiled
-    state = train.create_train_state(_random_variables(model, (1, 32, 32, 3)), optimizer, jax.random.key(0))
+    ds, model, schedule, optimizer, abstract = build.setup(config, abstract=True)  # nothing compiled
+    state = build.create_train_state(_random_variables(model, (1, 32, 32, 3)), optimizer, jax.random.key(0))
     file_vars = _random_variables(model, (1, 32, 32, 3), seed=1)
     path = str(tmp_path / "w.npz")
-    np.savez(path, **convert.export_state_dict(file_vars, segformer.torch_key))
-    new = train.import_initial_weights(path, model, optimizer, state)
+    np.savez(path, **state_dicts.export_state_dict(file_vars, segformer.torch_key))
+    new = build.import_initial_weights(path, model, optimizer, state)
     assert int(new.step) == 0
     _leaves_equal(file_vars["params"], new.params)
     _leaves_equal(file_vars["params"], new.ema_params)

@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from diffseg_jax import convert, torchfile
+from diffseg_jax import state_dicts, torchfile
 from diffseg_jax.data import files
 
 
@@ -72,7 +72,7 @@ def test_zip_checkpoints_read_views_dtypes_and_wrappers_without_torch(tmp_path):
     }
     for wrap in (False, True):
         path = _torch_save_like(tmp_path / f"sd{wrap}.bin", tensors, storages, wrap=wrap)
-        sd = convert.load_state_dict(str(path))
+        sd = state_dicts.load_state_dict(str(path))
         assert list(sd) == list(tensors)
         w = shared[:20].reshape(4, 5)
         np.testing.assert_array_equal(sd["w"], w)
@@ -115,7 +115,7 @@ def test_a_pickle_naming_anything_but_tensors_is_refused_before_it_runs(tmp_path
         else (r"model\.bin is not a PyTorch state dict" if torch_safe else r"legacy .*torch>=2\.6")
     )
     with pytest.raises(files.DatasetFileError, match=expected):
-        convert.load_state_dict(str(path))
+        state_dicts.load_state_dict(str(path))
     assert not marker.exists()  # nothing in the file ran
 
 
@@ -123,18 +123,18 @@ def test_malformed_storages_and_views_are_refused(tmp_path):
     storages = {"0": np.arange(6, dtype=np.float32)}
     path = _torch_save_like(tmp_path / "past.bin", {"w": ("0", 2, (2, 3), (3, 1))}, storages)
     with pytest.raises(files.DatasetFileError, match="reaches past its storage of 6 elements"):
-        convert.load_state_dict(str(path))
+        state_dicts.load_state_dict(str(path))
     # A rebuild call whose storage is no storage (here a string): refused, not an AttributeError.
     pickled = b"\x80\x02" + _ORDERED_DICT + b"(" + _body("w") + _global("torch._utils", "_rebuild_tensor_v2")
     pickled += b"(" + _body("abc") + _body(0) + _body((1,)) + _body((1,)) + b"tRu."
     with zipfile.ZipFile(tmp_path / "str.bin", "w") as z:
         z.writestr("archive/data.pkl", pickled)
     with pytest.raises(files.DatasetFileError, match="rebuilt from str, not a tensor storage"):
-        convert.load_state_dict(str(tmp_path / "str.bin"))
+        state_dicts.load_state_dict(str(tmp_path / "str.bin"))
     with zipfile.ZipFile(tmp_path / "nopickle.bin", "w") as z:
         z.writestr("weights/other.txt", "x")
     with pytest.raises(files.DatasetFileError, match="zip archive without a data.pkl"):
-        convert.load_state_dict(str(tmp_path / "nopickle.bin"))
+        state_dicts.load_state_dict(str(tmp_path / "nopickle.bin"))
 
 
 def test_only_torch_versions_with_a_real_weights_only_restriction_are_used():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_metrics_are_the_ensembles, tiny_config
 
-from diffseg_jax import checkpoints, configlib, data, models, train
+from diffseg_jax import build, checkpoints, configlib, data, distributed, models, restore, sampling, train
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def _cli(args, **kwargs):
 
 
 def _final_params(workdir, config):
-    _, _, _, _, state = train.setup(config, abstract=True)
+    _, _, _, _, state = build.setup(config, abstract=True)
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
     step = ckpt.latest_step()
     restored, meta = ckpt.restore(step, state)
@@ -226,10 +226,10 @@ def test_a_full_disk_stops_at_once_naming_the_last_complete_checkpoint(tmp_path,
 
 def test_initial_weights_of_another_model_name_the_setting_and_the_file(tmp_path):
     config = tiny_config()
-    model, _, optimizer, state = train.model_and_state(config, (32, 32, 3))
+    model, _, optimizer, state = build.model_and_state(config, (32, 32, 3))
     np.savez(tmp_path / "other.npz", **{"encoder.layer1.weight": np.zeros((3, 3), np.float32)})
     with pytest.raises(configlib.ConfigError, match=r"train.init_weights=.*other\.npz.*does not fit"):
-        train.import_initial_weights(str(tmp_path / "other.npz"), model, optimizer, state)
+        build.import_initial_weights(str(tmp_path / "other.npz"), model, optimizer, state)
 
 
 def test_an_infinite_gradient_stops_training_too(tmp_path, tfds_dir, monkeypatch):
@@ -296,7 +296,7 @@ def test_an_interrupt_saves_only_a_whole_finite_unsaved_step(caplog):
     ckpt = type("Ckpt", (), {"save": lambda self, step, state, meta: saved.append((step, meta["step"]))})()
 
     def state(step, value=1.0):
-        return train.TrainState(
+        return build.TrainState(
             step=jnp.asarray(step), params={"w": jnp.full((2,), value)}, ema_params={}, opt_state={},
             key=jnp.zeros((2,), jnp.uint32),
         )  # fmt: skip
@@ -320,15 +320,15 @@ _LOSSES_SCRIPT = textwrap.dedent("""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
     from conftest import tiny_config
-    from diffseg_jax import train
+    from diffseg_jax import build, distributed, train
     config = tiny_config(data_dir={data_dir!r})
-    ds, model, schedule, optimizer, state = train.setup(config)
-    mesh = train.data_mesh()
+    ds, model, schedule, optimizer, state = build.setup(config)
+    mesh = distributed.data_mesh()
     state = jax.device_put(state, NamedSharding(mesh, P()))
     step = train.jit_train_step(train.make_train_step(model, optimizer, schedule, config), mesh)
     losses = []
     for i in range(3):
-      state, m = step(state, train.shard_batch(ds[i], mesh))
+      state, m = step(state, distributed.shard_batch(ds[i], mesh))
       losses.append(float(m["loss"]))
     print(json.dumps({{"devices": jax.device_count(), "losses": losses}}))
 """)
@@ -356,7 +356,7 @@ def test_one_and_eight_devices_give_the_same_losses(tfds_dir):
 def test_batch_not_divisible_by_devices_is_rejected(tmp_path, tfds_dir, monkeypatch):
     config = tiny_config(data_dir=tfds_dir)
     monkeypatch.setattr(jax, "device_count", lambda: 3)
-    monkeypatch.setattr(train, "data_mesh", lambda: type("M", (), {"size": 3})())
+    monkeypatch.setattr(distributed, "data_mesh", lambda: type("M", (), {"size": 3})())
     with pytest.raises(ValueError, match="batch_size=8 is not divisible by the 3 devices"):
         train.train(config, str(tmp_path))
 
@@ -608,14 +608,14 @@ def test_each_architecture_trains_and_samples_e2(tmp_path, tfds_dir, arch):
 def test_every_architecture_slots_into_every_experiment(tfds_dir, arch, experiment):
     """The whole train step traces (jax.eval_shape: no compile) with the right channels for E1–E4."""
     config = tiny_config(f"{experiment}_synthetic", f"{arch},tiny", data_dir=tfds_dir)
-    ds, model, schedule, optimizer, state = train.setup(config, abstract=True)
+    ds, model, schedule, optimizer, state = build.setup(config, abstract=True)
     step = train.make_train_step(model, optimizer, schedule, config)
     batch = {k: v for k, v in ds[0].items()}
     new_state, metrics = jax.eval_shape(step, state, batch)
     assert metrics["loss"].shape == ()
-    out_channels = train.output_channels(config, 3)
+    out_channels = build.output_channels(config, 3)
     assert out_channels == (3 if experiment == "e4" else 1) * (
-        2 if train.loss_settings(config)["learn_sigma"] else 1
+        2 if build.loss_settings(config)["learn_sigma"] else 1
     )
     # E3/E4 withhold the image: the architecture is built without its image branch.
     names = "/".join(
@@ -637,7 +637,6 @@ def test_every_architecture_slots_into_every_experiment(tfds_dir, arch, experime
 def test_self_conditioning_recycling_and_min_snr_slot_into_every_architecture(tfds_dir, arch):
     """Issue 33's options together trace through each UNet's train step and member sampler (jax.eval_shape: no
     compile); the previous x̂0 joins the mask input, so the stem (SegDiff's G) sees one channel more."""
-    from diffseg_jax import evaluate
 
     config = tiny_config("e2_synthetic", f"{arch},tiny", data_dir=tfds_dir)
     config.objective.prediction = "x0"
@@ -645,13 +644,13 @@ def test_self_conditioning_recycling_and_min_snr_slot_into_every_architecture(tf
     config.objective.recycle_prob = 1.0
     config.objective.loss_weighting = "min_snr"
     configlib.validate(config, check_data=False)
-    ds, model, schedule, optimizer, state = train.setup(config, abstract=True)
+    ds, model, schedule, optimizer, state = build.setup(config, abstract=True)
     _, metrics = jax.eval_shape(train.make_train_step(model, optimizer, schedule, config), state, dict(ds[0]))
     assert metrics["loss"].shape == ()
     image_channels = 0 if arch == "segdiff" else 3
     assert state.params["input_blocks_0_0"]["kernel"].shape[2] == 2 + image_channels
     config.eval.sampler, config.eval.ddim_steps, config.eval.ddim_eta = "ddim", 2, 0.5
-    member = evaluate.make_member_fn(model, schedule, config)
+    member = sampling.make_member_fn(model, schedule, config)
     variables = {"params": state.ema_params, **state.model_state}
     images = jax.ShapeDtypeStruct((2, *ds[0]["image"].shape[1:]), jnp.float32)
     size = ds[0]["image"].shape[1:3]
@@ -659,7 +658,7 @@ def test_self_conditioning_recycling_and_min_snr_slot_into_every_architecture(tf
     assert out.shape == (2, *size, 1)
     # E1 ignores the options (the quickstart's twin runs on the same config): a plain one-channel noise input.
     config.experiment = "e1"
-    assert not train.self_conditioned(config) and train.beyond_paper_settings(config)["snr_gamma"] is None
+    assert not build.self_conditioned(config) and build.beyond_paper_settings(config)["snr_gamma"] is None
 
 
 @pytest.mark.parametrize(
@@ -743,16 +742,16 @@ def test_ema_after_k_steps_is_its_closed_form():
         lambda params: optax.EmptyState(),
         lambda grads, state, params=None: (jax.tree.map(lambda g: jnp.full_like(g, c), grads), state),
     )
-    model = Affine(2 if train.loss_settings(config)["learn_sigma"] else 1)  # ε (and v with a learned σ)
+    model = Affine(2 if build.loss_settings(config)["learn_sigma"] else 1)  # ε (and v with a learned σ)
     batch = {"image": jnp.full((2, 8, 8, 3), 0.5), "mask": jnp.ones((2, 8, 8, 1))}
     p0 = model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32), batch["image"])[
         "params"
     ]
-    state = train.TrainState(
+    state = build.TrainState(
         step=jnp.asarray(0), params=p0, ema_params=jax.tree.map(jnp.copy, p0), opt_state=add_c.init(p0),
         key=jax.random.key(1),
     )  # fmt: skip
-    step = jax.jit(train.make_train_step(model, add_c, train.build_schedule(config.diffusion), config))
+    step = jax.jit(train.make_train_step(model, add_c, build.build_schedule(config.diffusion), config))
     for _ in range(k):
         state, _ = step(state, batch)
     lag = decay * (1 - decay**k) / (1 - decay)
@@ -802,26 +801,25 @@ def test_e1_is_classical_no_cal_loss_and_raw_weights():
     """Issue 32: E1 of MedSegDiff trains (and validates) Dice + CE without the 10 x cal term; E1 of every
     architecture samples with the raw weights unless eval.e1_use_ema, while E2 follows eval.use_ema."""
     from configs import e1_isic, e2_isic
-    from diffseg_jax import evaluate
 
     e1, e2 = e1_isic.get_config("medsegdiff,tiny"), e2_isic.get_config("medsegdiff,tiny")
     assert e1.objective.cal_weight == 10.0  # the scheme's, kept for E2
-    assert train.loss_settings(e1)["aux_weights"] == {}
-    assert train.loss_settings(e2)["aux_weights"] == {"cal": 10.0}
+    assert build.loss_settings(e1)["aux_weights"] == {}
+    assert build.loss_settings(e2)["aux_weights"] == {"cal": 10.0}
     for model in ("ensemdiff", "segdiff", "medsegdiff"):
         config = e1_isic.get_config(f"{model},tiny")
         config.eval.use_ema = True  # SegDiff's scheme; a grid's shared setting
-        assert not evaluate.uses_ema(config), model
+        assert not build.uses_ema(config), model
         config.eval.e1_use_ema = True
-        assert evaluate.uses_ema(config), model
+        assert build.uses_ema(config), model
     e2.eval.use_ema = True
-    assert evaluate.uses_ema(e2)
+    assert build.uses_ema(e2)
     # The weights trained_network hands to sampling (and the protocol's validation reads the same helper).
     e1 = e1_isic.get_config("ensemdiff,tiny")
     e1.eval.use_ema = True
-    _, _, _, state = train.model_and_state(e1, (32, 32, 3))
+    _, _, _, state = build.model_and_state(e1, (32, 32, 3))
     state = state.replace(ema_params=jax.tree.map(jnp.zeros_like, state.params))
-    _, _, _, variables = evaluate.trained_network(e1, "/no/such/run", 3, state=state)
+    _, _, _, variables = restore.trained_network(e1, "/no/such/run", 3, state=state)
     leaf = jax.tree.leaves(variables["params"])[0]
     np.testing.assert_array_equal(leaf, jax.tree.leaves(state.params)[0])
 

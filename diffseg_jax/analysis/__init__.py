@@ -2,6 +2,6 @@
 
 from diffseg_jax.analysis.curves import timestep_curves
 from diffseg_jax.analysis.forward import forward_process
-from diffseg_jax.analysis.model_free import box_sum, model_free_curve
+from diffseg_jax.diffusion.model_free import box_sum, model_free_curve
 
 __all__ = ["box_sum", "forward_process", "model_free_curve", "timestep_curves"]

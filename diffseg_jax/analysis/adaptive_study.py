@@ -40,8 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffseg_jax import configlib, data, evaluate, metrics, planning, plots, train, writers
-from diffseg_jax.analysis import adaptive
+from diffseg_jax import adaptive, build, configlib, data, metrics, planning, plots, sampling, train, writers
 
 # Variant name -> config overrides (dotted keys). 'uniform' is the published setting.
 VARIANTS: dict[str, dict[str, object]] = {
@@ -113,12 +112,12 @@ def run_variant(dataset: str, variant: str, seeds: Sequence[int], args: argparse
         config = planning.resolve(
             study_config(dataset, variant, seed, args.steps, args.image_size, args.monuseg_dir)
         )
-        train_ds, model, schedule, optimizer, state = train.setup(config)
+        train_ds, model, schedule, optimizer, state = build.setup(config)
         if step_fn is None:  # one compilation per (dataset, variant): the seeds share shapes and tables
             tables = adaptive.training_tables(config, schedule)
             step_fn = jax.jit(train.make_train_step(model, optimizer, schedule, config, tables))
-            member = evaluate.make_member_fn(model, schedule, config)
-            ensemble = evaluate.make_ensemble_fn(member, config.eval.ensemble_size, config.eval.member_chunk)
+            member = sampling.make_member_fn(model, schedule, config)
+            ensemble = sampling.make_ensemble_fn(member, config.eval.ensemble_size, config.eval.member_chunk)
             test = evaluation_images(config, args.eval_images)
         rows, losses, t0 = [], [], time.time()
         eval_key = jax.random.PRNGKey(1000 + seed)

@@ -18,14 +18,14 @@ from typing import Sequence
 
 import numpy as np
 
-from diffseg_jax import cli, plots, report
-from diffseg_jax.analysis.adaptive import tail_rise
-from diffseg_jax.analysis.run import CSV_COLUMNS, read_rows, write_rows
+from diffseg_jax import cli, plots, result_files
+from diffseg_jax.adaptive import tail_rise
+from diffseg_jax.result_files import CSV_COLUMNS, read_rows, write_rows
 
 
 def find_curves(paths: Sequence[str]) -> list[str]:
     """Every analysis curve CSV at or under ``paths``."""
-    return report.find_run_files(
+    return result_files.find_run_files(
         paths, (os.path.join("**", "curves.csv"), os.path.join("**", "model_free.csv"))
     )
 
@@ -96,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         "md": os.path.join(args.out, "fingerprints.md"),
     }
     write_rows(paths["csv"][:-4], [{k: r[k] for k in CSV_COLUMNS} for r in rows])
-    plots.fingerprint_figure(files, paths["png"], args.smoothing)
+    plots.fingerprint_figure(
+        [r for f in files for r in result_files.read_rows(f)], paths["png"], args.smoothing
+    )
     lines = [
         "| dataset | model | experiment | T | t_half | t_half / T | error at t=0 | error at T-1 | rise over last 10 % "
         "| converged |",

@@ -7,7 +7,7 @@ Writes into ``<workdir>/analysis/``:
   ``num_images`` test images and ``num_draws`` noise draws each (needs a checkpoint in the workdir);
 * ``model_free.csv`` / ``.npz``: the training-free fingerprint of the test masks (see ``model_free``), and
   ``convergence.json``: whether it has converged by t = T-1 under the run's schedule (information left at T) and
-  the terminal ᾱ at which it would (``diffseg_jax.analysis.adaptive``);
+  the terminal ᾱ at which it would (``diffseg_jax.adaptive``);
 * ``forward.npz``: the forward process of the first test image and mask at ``forward_timesteps`` (Fig. 2);
 * ``curves.png``, ``model_free.png``, ``forward.png``: drawn from those arrays by ``diffseg_jax.plots``.
 
@@ -21,7 +21,6 @@ Fig. 4 across runs and datasets: ``python -m diffseg_jax.analysis.fingerprints -
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -33,12 +32,23 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffseg_jax import configlib, data, diffusion, evaluate, objectives, planning, plots, train
-from diffseg_jax.analysis import adaptive, curves, forward, model_free
-from diffseg_jax.data import files
+from diffseg_jax import (
+    adaptive,
+    build,
+    configlib,
+    data,
+    diffusion,
+    evaluate,
+    objectives,
+    planning,
+    plots,
+    restore,
+    result_files,
+)
+from diffseg_jax.analysis import curves, forward
+from diffseg_jax.diffusion import model_free
 
 ANALYSES = ("mask_error", "loss", "forward", "model_free")
-CSV_COLUMNS = ("t", "value", "curve", "model", "experiment", "dataset", "step")
 # Which curves a trained network of each experiment has.
 CURVES = {"e2": ("mask_error", "eps_loss"), "e3": ("mask_error",), "e4": ("eps_loss",)}
 # The analyses that read a trained network, and the curve each one writes.
@@ -94,49 +104,10 @@ def timestep_grid(num_timesteps: int, step: int) -> np.ndarray:
     return grid if grid[-1] == num_timesteps - 1 else np.append(grid, num_timesteps - 1)
 
 
-def write_rows(path: str, rows: list[dict]) -> None:
-    """The long-format curve table (``CSV_COLUMNS``) as CSV and as NPZ columns."""
-    with open(path + ".csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    np.savez(path + ".npz", **{c: np.asarray([r[c] for r in rows]) for c in CSV_COLUMNS})
-
-
-def read_rows(path: str) -> list[dict]:
-    """Rows of a curve CSV written by :func:`write_rows` (t and step as int, value as float).
-
-    Raises ``DatasetFileError`` naming ``path`` for a file that is not such a table (another file given in its
-    place, e.g. a run's ``config.json``, or one cut short), not a bare ``KeyError`` of a column.
-    """
-    expected = f"a curve table written by --mode analyse (columns {', '.join(CSV_COLUMNS)})"
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or ())]
-            if missing:
-                raise files.DatasetFileError(
-                    f"{path} is not {expected}: it has no column {missing}. Pass the curves.csv or "
-                    "model_free.csv in a run's analysis/ folder, or the run folder itself."
-                )
-            rows = list(reader)
-        for i, r in enumerate(rows):
-            try:
-                r["t"], r["value"], r["step"] = int(r["t"]), float(r["value"]), int(r["step"])
-            except (TypeError, ValueError) as e:
-                raise files.DatasetFileError(
-                    f"{path}, row {i + 2}: {e}; this is not {expected} (cut short or edited?). Run --mode "
-                    "analyse again to rewrite it."
-                ) from None
-    except UnicodeDecodeError:
-        raise files.DatasetFileError(f"{path} is not text, so not {expected}.") from None
-    return rows
-
-
 def network_curves(config, workdir, test, ts, key, network=None) -> tuple[dict[str, np.ndarray], int]:
     """Mean over images of the trained network's curves at ``ts``, and the checkpoint step.
 
-    ``network``: ``evaluate.trained_network``'s (model, schedule, step, variables) when already looked up (as
+    ``network``: ``restore.trained_network``'s (model, schedule, step, variables) when already looked up (as
     :func:`analyse` does before writing anything), else read from ``workdir``'s checkpoint here.
     """
     experiment = config.experiment
@@ -145,12 +116,12 @@ def network_curves(config, workdir, test, ts, key, network=None) -> tuple[dict[s
             f"Per-timestep curves need a diffusion model (e2, e3 or e4); this run is {experiment!r}."
         )
     if network is None:
-        network = evaluate.trained_network(config, workdir, test["image"].shape[-1])
+        network = restore.trained_network(config, workdir, test["image"].shape[-1])
     model, schedule, step, variables = network
     a = config.analysis
     prediction = objectives.prediction_of(config)
     mask_range = config.diffusion.mask_range if experiment != "e4" else "symmetric"
-    self_conditioned = train.self_conditioned(config)
+    self_conditioned = build.self_conditioned(config)
 
     @jax.jit
     def batch_curves(variables, images, masks, key):
@@ -160,7 +131,7 @@ def network_curves(config, workdir, test, ts, key, network=None) -> tuple[dict[s
         def out_fn(x_t, t):
             if self_conditioned:  # no previous estimate on a single step: zeros (Analog Bits)
                 x_t = objectives.self_condition_input(x_t, None)
-            out = model.apply(variables, x_t, t, cond, train=False, rngs=train.model_rngs(key))
+            out = model.apply(variables, x_t, t, cond, train=False, rngs=build.model_rngs(key))
             return objectives.split_output(out)[0]
 
         return curves.timestep_curves(
@@ -237,7 +208,7 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     a = config.analysis
     check_analyses(config)
     config = planning.resolve_as_trained(config, workdir)  # the terminal noise and plan training used
-    schedule = train.build_schedule(config.diffusion)
+    schedule = build.build_schedule(config.diffusion)
     ts = timestep_grid(schedule.num_timesteps, a.t_step)
     late = [t for t in a.forward_timesteps if not 0 <= t < schedule.num_timesteps]
     if "forward" in a.analyses and late:
@@ -251,7 +222,7 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     wanted = {name: w for name, w in wanted.items() if name in CURVES.get(config.experiment, ())}
     # The checkpoint first: a missing one (or an eval.step not kept) fails before any file is replaced.
     network = (
-        evaluate.trained_network(config, workdir, test["image"].shape[-1]) if any(wanted.values()) else None
+        restore.trained_network(config, workdir, test["image"].shape[-1]) if any(wanted.values()) else None
     )
     key = jax.random.PRNGKey(a.seed)
     dataset = evaluate.dataset_label(config.data)
@@ -292,7 +263,7 @@ def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, 
         )
         written["forward"] = os.path.join(out_dir, "forward.npz")
         np.savez(written["forward"], **arrays)
-        plots.forward_figure(written["forward"], os.path.join(out_dir, "forward.png"))
+        plots.forward_figure(arrays, os.path.join(out_dir, "forward.png"))
 
     if "model_free" in a.analyses:
         mf = model_free.model_free_curve(
@@ -317,7 +288,7 @@ def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, 
             for t, v in zip(ts, np.asarray(mf["mask_error"]))
         ]
         written["model_free"] = os.path.join(out_dir, "model_free.csv")
-        write_rows(written["model_free"][:-4], rows)
+        result_files.write_rows(written["model_free"][:-4], rows)
         np.savez(
             os.path.join(out_dir, "model_free_windows.npz"),
             t=ts,
@@ -325,7 +296,9 @@ def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, 
             errors=np.asarray(mf["errors"]),
             windows=np.asarray(model_free.WINDOWS),
         )
-        plots.curve_figure([written["model_free"]], os.path.join(out_dir, "model_free.png"), window)
+        plots.curve_figure(
+            result_files.read_rows(written["model_free"]), os.path.join(out_dir, "model_free.png"), window
+        )
         # Has the curve converged by T under this schedule, and which terminal ᾱ would make it converge?
         report = adaptive.terminal_report(
             schedule, test["mask"], key, config.diffusion.get("terminal_tol", 0.01)
@@ -345,6 +318,8 @@ def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, 
         ]
         if rows:
             written["curves"] = os.path.join(out_dir, "curves.csv")
-            write_rows(written["curves"][:-4], rows)
-            plots.curve_figure([written["curves"]], os.path.join(out_dir, "curves.png"), window)
+            result_files.write_rows(written["curves"][:-4], rows)
+            plots.curve_figure(
+                result_files.read_rows(written["curves"]), os.path.join(out_dir, "curves.png"), window
+            )
     return written

@@ -132,7 +132,7 @@ class MedSegDiffUNet(nn.Module):
     def postprocess_member(self, sample01: jax.Array, extras: dict[str, jax.Array]) -> jax.Array:
         """One ensemble member as the reference sampler outputs it: v1 blends the last call's ``cal`` in
         (:func:`blend_cal`, per image), 'new' keeps the sample. ``sample01`` is the sample on the mask's {0,1}
-        scale, unclipped (``evaluate.diffusion_member`` gives it so), as the reference sampler returns it."""
+        scale, unclipped (``sampling.diffusion_member`` gives it so), as the reference sampler returns it."""
         if not self.blends_cal or "cal" not in extras:
             return sample01
         return jax.vmap(blend_cal)(sample01, extras["cal"])

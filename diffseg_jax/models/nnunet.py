@@ -219,7 +219,7 @@ def torch_key(path: Sequence[str]) -> str:
     """The ``PlainConvUNet`` state-dict key of one Flax leaf path (a leading ``'params'`` is dropped), e.g.
     ``('encoder_stages_1_0_convs_0', 'norm', 'scale')`` -> ``'encoder.stages.1.0.convs.0.norm.weight'``,
     ``('decoder_seg_layers_2', 'kernel')`` -> ``'decoder.seg_layers.2.weight'``. Kernels need the layout
-    change of :func:`diffseg_jax.convert.to_flax_layout` (the transposed convs' (kh, kw, out, in) included)."""
+    change of :func:`diffseg_jax.state_dicts.to_flax_layout` (the transposed convs' (kh, kw, out, in) included)."""
     path = tuple(path)
     if path[0] == "params":
         path = path[1:]

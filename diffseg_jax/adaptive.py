@@ -4,7 +4,7 @@
 prediction error has not converged at t = T (their ISIC16 and HER2 curves still rise there), and put less weight
 on the timesteps where the noisy mask gives away everything or nothing, e.g. by weighting with the first
 derivative of the error. Here both come from the training masks alone, before training, through the model-free
-fingerprint (``diffseg_jax.analysis.model_free``: the best local-average posterior denoiser), or from the curves
+fingerprint (``diffseg_jax.diffusion.model_free``: the best local-average posterior denoiser), or from the curves
 of a trained run (``--mode analyse``'s ``curves.csv``):
 
 * **Convergence** (:func:`convergence`): at ᾱ → 0 every denoiser predicts the foreground rate π and its error is
@@ -36,9 +36,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffseg_jax import data, diffusion
-from diffseg_jax.analysis import model_free
-from diffseg_jax.diffusion import timesteps
+from diffseg_jax import build, data, diffusion, result_files
+from diffseg_jax.diffusion import model_free, timesteps
 
 CURVE_GRID = 100  # timesteps at which the model-free curve for the weights is computed (interpolated between)
 
@@ -140,18 +139,6 @@ def terminal_alpha_bar(
     return math.exp(lo)
 
 
-def base_betas(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
-    """Float64 betas of a registered schedule (``diffusion.BETA_SCHEDULES``)."""
-    return diffusion.BETA_SCHEDULES[name](num_timesteps, **kwargs)
-
-
-def config_betas(diffusion_config: ml_collections.ConfigDict) -> np.ndarray:
-    """The betas ``config.diffusion`` names, before any terminal adaptation (the linear one with its end points)."""
-    d = diffusion_config
-    kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end) if d.schedule == "linear" else {}
-    return base_betas(d.schedule, d.num_timesteps, **kwargs)
-
-
 def terminal_report(
     schedule: diffusion.Schedule, masks: np.ndarray, key: jax.Array, tol: float = 0.01
 ) -> dict:
@@ -176,7 +163,7 @@ def adapted_schedule(
     Returns (schedule, report): ``base_alpha_bar_T``, ``converged_base``, ``information_base``, ``alpha_bar_T``
     (the adapted schedule's), ``converged``, ``information_T`` and ``method``.
     """
-    betas = base_betas(base, num_timesteps, **base_kwargs)
+    betas = build.base_betas(base, num_timesteps, **base_kwargs)
     base_schedule = diffusion.schedule_from_betas(betas)
     before = convergence(base_schedule, masks, key, tol, num_draws)
     target = terminal_alpha_bar(
@@ -210,14 +197,12 @@ def model_free_fingerprint(
 
 def curve_from_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(ts, mask error) from an analysis CSV (``curves.csv`` / ``model_free.csv``), averaged over its models."""
-    from diffseg_jax.analysis.run import read_rows  # noqa: PLC0415 — run imports the training stack
-
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"timesteps.curve={path!r}: no such file. Give 'model_free' or the curves.csv / model_free.csv that "
             "--mode analyse wrote into <workdir>/analysis/."
         )
-    rows = [r for r in read_rows(path) if r["curve"] == "mask_error"]
+    rows = [r for r in result_files.read_rows(path) if r["curve"] == "mask_error"]
     if not rows:
         raise ValueError(f"{path} holds no mask_error curve; analyse an E2 or E3 run (--mode analyse).")
     ts = np.unique([r["t"] for r in rows])
@@ -253,7 +238,7 @@ def resolve_terminal(config: ml_collections.ConfigDict) -> ml_collections.Config
     if d.get("terminal", "none") == "none" or d.alpha_bar_T > 0:
         return config
     masks = training_masks(config.data, config.timesteps.num_masks)
-    upper = float(diffusion.alphas_cumprod_of(config_betas(d))[-1])
+    upper = float(diffusion.alphas_cumprod_of(build.config_betas(d))[-1])
     target = terminal_alpha_bar(masks, _run_key(config, 1), upper, d.terminal_tol)
     logging.info(
         "Terminal noise from %d training masks: alpha_bar_T %.3g -> %.3g (%s, tol %g).",
@@ -330,9 +315,8 @@ def fingerprint_report(config: ml_collections.ConfigDict) -> dict:
 
 
 def _build_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
-    from diffseg_jax import train  # noqa: PLC0415 — train imports this module
 
-    return train.build_schedule(config.diffusion)
+    return build.build_schedule(config.diffusion)
 
 
 def report_text(report: dict) -> str:
