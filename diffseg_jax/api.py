@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffseg_jax import configlib, data, diffusion, evaluate, planning, restore, sampling
+from diffseg_jax import data, diffusion, evaluate, planning, restore, sampling, validation
 
 _CONFIG_DIR_NAME = "configs"
 
@@ -102,7 +102,7 @@ class Run:
                 config.eval.tta = tta
             if batch_size is not None:
                 config.eval.batch_size = int(batch_size)
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
         return config
 
     def ensemble(self, config: ml_collections.ConfigDict) -> Callable:
@@ -185,8 +185,7 @@ def load_run(
         config.eval.step = int(step)
         if weights is not None:
             config.eval.use_ema = weights == "ema"
-    configlib.validate(config, check_data=False)
-    config = planning.resolve_as_trained(config, workdir)
+    config = planning.prepare(config, workdir, "predict")  # as it was trained; no data needed
     channels = image_channels or config.data.get("image_channels", 3)
     model, schedule, at_step, variables = restore.trained_network(config, workdir, channels)
     return Run(os.path.abspath(workdir), config, model, schedule, variables, at_step)

@@ -9,6 +9,8 @@ import os
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -221,3 +223,20 @@ def _abstract(target: Any) -> Any:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or replicated),
         target,
     )
+
+
+def params_finite(state: Any) -> bool:
+    """Whether every parameter of ``state`` is finite (one reduction on the device, one value read back)."""
+    leaves = jax.tree_util.tree_leaves(state.params)
+    return bool(jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))) if leaves else True
+
+
+def host_copy(state: Any) -> Any:
+    """``state`` as NumPy arrays in host memory: a checkpoint that waits a step for its check survives the
+    donation of the device buffers to that step. The state is replicated, so one device's copy is all of it."""
+    local = jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, state)
+    for x in jax.tree_util.tree_leaves(local):
+        if isinstance(x, jax.Array):
+            x.copy_to_host_async()  # every leaf's transfer at once, then each waited on below
+    # np.array copies: the device buffers are donated to the next step, and a view of them would change with it
+    return jax.tree.map(lambda x: np.array(x) if isinstance(x, jax.Array) else x, local)

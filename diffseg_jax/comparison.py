@@ -39,10 +39,10 @@ def compare(eval_dirs: Sequence[str], evaluations: tuple | None = None) -> dict[
     eval_dirs = [
         result_files.evaluation_dir(d) for d in eval_dirs
     ]  # a workdir's eval/, as read_evaluations reads it
-    runs, maps = _shared_maps(eval_dirs, evaluations)
+    runs, maps = shared_maps(eval_dirs, evaluations)
     first = maps[0]
     first_std = float(first["std"].mean())
-    bootstraps = _paired_bootstraps(runs, maps)
+    bootstraps = paired_bootstraps(runs, maps)
     entries = []
     for j, (d, (_, meta), m) in enumerate(zip(eval_dirs, runs, maps)):
         entries.append(
@@ -72,7 +72,7 @@ def compare(eval_dirs: Sequence[str], evaluations: tuple | None = None) -> dict[
     return {"num_images": len(first["mean"]), "runs": entries}
 
 
-def _shared_maps(
+def shared_maps(
     eval_dirs: Sequence[str], evaluations: tuple | None = None
 ) -> tuple[list[tuple[dict, dict]], list[dict[str, np.ndarray]]]:
     """Evaluated runs (:func:`diffseg_jax.result_files.read_evaluations`, unless ``evaluations`` holds what it read)
@@ -90,7 +90,7 @@ def _shared_maps(
 BOOTSTRAP_SAMPLES = 1000
 
 
-def _paired_bootstraps(runs: list[tuple[dict, dict]], maps: list[dict[str, np.ndarray]]) -> list[dict | None]:
+def paired_bootstraps(runs: list[tuple[dict, dict]], maps: list[dict[str, np.ndarray]]) -> list[dict | None]:
     """For each run after the first (None for the first), its IoU and ECE minus the first's on the shared
     images, with 95 % percentile intervals of a paired bootstrap over the images
     (:func:`diffseg_jax.metrics.paired_bootstrap`, a fixed key, the first run's ECE bins), in the runs' common

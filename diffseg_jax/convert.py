@@ -1,24 +1,14 @@
-"""Import official PyTorch weights (EnsemDiff, SegDiff, MedSegDiff, SegFormer) into our Flax variables.
-
-Each model module exports ``torch_key(path) -> str``, the official state-dict key of one Flax leaf
-(``('input_blocks_1_0', 'in_conv', 'kernel')`` → ``'input_blocks.1.0.in_layers.2.weight'``). This module
-maps every tensor by that name, converts layouts (conv OIHW → HWIO, Linear (out, in) → (in, out), the 1×1
-Conv1d of attention (out, in, 1) → (in, out)) and checks shapes, failing on any unmapped, missing or
-mis-shaped tensor with its name. A model module may add explicit, logged exceptions (:func:`import_rules`:
-SegFormer skips an ImageNet classifier and lets an encoder-only checkpoint leave its decoder at
-initialisation). PyTorch is not needed: ``.pt``/``.pth``/``.bin`` files are read by :mod:`diffseg_jax.torchfile`
-(an allowlist unpickler that executes nothing; a pickle naming anything but tensors is refused), ``.safetensors``
-by ``safetensors``, an ``.npz`` of named arrays (``np.savez(path, **{k: v.numpy() for k, v in sd.items()})``)
-by NumPy. ``model.pretrained`` may name a Hugging Face Hub repo instead (:mod:`diffseg_jax.hub`).
+"""``python -m diffseg_jax.convert``: an official PyTorch state dict (EnsemDiff, SegDiff, MedSegDiff, SegFormer,
+nnU-Net) written as a step-0 checkpoint of the config's model, ready for ``--mode evaluate``.
 
   python -m diffseg_jax.convert --config configs/e2_isic.py:ensemdiff --weights savedmodel.pt --workdir DIR
   python -m diffseg_jax.main --config configs/e2_isic.py:ensemdiff --workdir DIR --mode evaluate
 
 The config takes the same ``--config.key=value`` overrides as ``diffseg_jax.main`` (the data is needed for
-the model's input size; a workdir that already holds a checkpoint is refused).
-
-To start training from imported weights instead, set ``--config.train.init_weights=PATH``: a run without a
-checkpoint imports them into its step-0 state (SegFormer's ImageNet encoder: ``model.pretrained``, a Hub id).
+the model's input size; a workdir that already holds a checkpoint is refused). The mapping by name, the layouts
+and the file formats read without executing anything are :mod:`diffseg_jax.state_dicts`'. To start training
+from imported weights instead, set ``--config.train.init_weights=PATH``: a run without a checkpoint imports them
+into its step-0 state (SegFormer's ImageNet encoder: ``model.pretrained``, a Hub id).
 """
 
 from __future__ import annotations
@@ -26,7 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from diffseg_jax import build
+from diffseg_jax import build, checkpoints, configlib, planning
+from diffseg_jax.data import files
 
 
 def convert_to_workdir(config: Any, weights: str, workdir: str) -> str:
@@ -36,10 +27,7 @@ def convert_to_workdir(config: Any, weights: str, workdir: str) -> str:
     Refuses a workdir that already holds a checkpoint: evaluation reads the latest step, which would then
     be the older one, not the imported weights.
     """
-    from diffseg_jax import checkpoints, configlib  # noqa: PLC0415 — train imports this module
-    from diffseg_jax.data import files  # noqa: PLC0415
-
-    configlib.validate(config)
+    config = planning.prepare(config, workdir, "train")  # the model as training would build it
     directory = os.path.join(workdir, "checkpoints")
     latest = checkpoints.latest_step(directory)  # creates no folder before the weights are read
     if latest is not None:

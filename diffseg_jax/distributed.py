@@ -14,8 +14,9 @@ writes logs, metrics and evaluation files (:func:`is_primary`). On CPU the colle
 
 from __future__ import annotations
 
+import collections
 import os
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import jax
 import numpy as np
@@ -112,3 +113,15 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[s
     """
     sharding = NamedSharding(mesh, P("data"))
     return {k: global_array(v, sharding) for k, v in batch.items() if k != "id"}
+
+
+def device_batches(batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh, ahead: int = 2):
+    """Yields device batches with ``ahead`` more already transferred: the copy of step s+1's batch overlaps
+    step s's compute (``device_put`` is asynchronous)."""
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(shard_batch(batch, mesh))
+        if len(queue) > ahead:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

@@ -104,7 +104,9 @@ def evaluate(
     also ``figure1.png`` with both side by side, ``comparison.json`` and their reliability diagrams
     (:func:`diffseg_jax.comparison.write_comparison`).
     """
-    config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
+    config = planning.prepare(
+        config, workdir, "evaluate"
+    )  # the plan training used, as config.json records it
     eval_cfg = config.eval
     if out_dir is None:
         _check_trained_data(config, workdir)

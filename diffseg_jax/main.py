@@ -66,79 +66,67 @@ _COMPARE = flags.DEFINE_string(
 
 def main(argv):
     del argv
-    from diffseg_jax import (  # Fast --help.
+    # The modes' modules are imported here, not at the top: `--help` and a usage error then answer without
+    # loading JAX, TensorFlow Datasets and the models (no import cycle is involved).
+    from diffseg_jax import (  # noqa: PLC0415
+        adaptive,
         configlib,
         distributed,
+        evaluate,
         locks,
+        planning,
+        predict,
+        protocol,
         summary,
+        train,
         writers,
     )
+    from diffseg_jax.analysis import run as analysis_run  # noqa: PLC0415
 
     writers.quiet_libraries()
     distributed.initialize_from_env()  # Several hosts: JAX_COORDINATOR_ADDRESS etc. (see distributed.py)
 
     config = _CONFIG.value
-    if _MODE.value == "summary":
-        configlib.validate(config, check_data=False)
-        print(summary.summary_text(config))
+    mode, workdir = _MODE.value, _WORKDIR.value
+    if mode == "summary":
+        print(summary.summary_text(planning.prepare(config, mode=mode)))
         return
-    if not _WORKDIR.value:
+    if not workdir:
         raise app.UsageError("--workdir is required for every mode but summary.")
-    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
-        raise app.UsageError(f"--workdir {_WORKDIR.value} is a file; pass a folder (it is made if missing).")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise app.UsageError(f"--workdir {workdir} is a file; pass a folder (it is made if missing).")
+    if mode == "predict" and not _IMAGES.value:
+        raise app.UsageError("--mode predict needs --images: an image file or a folder of images.")
+    if mode in ("e1_protocol", "e2_protocol") and config.experiment != mode[:2]:
+        raise configlib.ConfigError(
+            f"--mode {mode} needs an {mode[:2]} config; config.experiment={config.experiment!r}. Use "
+            f"e.g. configs/{mode[:2]}_isic.py, or --mode {config.experiment}_protocol."
+        )
     # One writer per workdir: a second run there is refused, naming the process that holds it.
-    lock = (
-        locks.workdir_lock(_WORKDIR.value, _MODE.value)
-        if distributed.is_primary()
-        else contextlib.nullcontext()
-    )
+    lock = locks.workdir_lock(workdir, mode) if distributed.is_primary() else contextlib.nullcontext()
     with lock:
-        _run_mode(config)
-
-
-def _run_mode(config):
-    """The mode's work, with the workdir locked."""
-    from diffseg_jax import configlib, evaluate, protocol, train, writers
-
-    if _MODE.value == "fingerprint":
-        from diffseg_jax import adaptive, planning
-
-        configlib.validate(config)
-        report = adaptive.fingerprint_report(planning.resolve(config))
-        os.makedirs(_WORKDIR.value, exist_ok=True)
-        writers.save_json_whole(os.path.join(_WORKDIR.value, "fingerprint.json"), report, indent=2)
-        print(adaptive.report_text(report))
-    elif _MODE.value == "analyse":
-        from diffseg_jax.analysis import run as analysis_run
-
-        configlib.validate(config)
-        analysis_run.analyse(config, _WORKDIR.value)
-    elif _MODE.value == "predict":
-        from diffseg_jax import predict
-
-        if not _IMAGES.value:
-            raise app.UsageError("--mode predict needs --images: an image file or a folder of images.")
-        configlib.validate(config, check_data=False)  # the training data need not be here
-        predict.predict(config, _WORKDIR.value, _IMAGES.value, _PREDICT_DIR.value)
-    elif _MODE.value in ("e1_protocol", "e2_protocol"):
-        configlib.validate(config)
-        experiment = _MODE.value[:2]
-        if config.experiment != experiment:
-            raise configlib.ConfigError(
-                f"--mode {_MODE.value} needs an {experiment} config; config.experiment={config.experiment!r}. Use "
-                f"e.g. configs/{experiment}_isic.py, or --mode {config.experiment}_protocol."
-            )
-        protocol.run(config, _WORKDIR.value)
-    elif _MODE.value == "train":
-        state = train.train(config, _WORKDIR.value)
-        if int(state.step) < config.train.num_steps:
-            logging.warning("Training stopped early at step %d; not evaluating.", int(state.step))
-            return
-        if config.eval.enabled:
-            evaluate.evaluate(config, _WORKDIR.value, state=state, compare_workdir=_COMPARE.value)
-    else:
-        configlib.validate(config)  # e.g. a missing manual_dir is named before anything is loaded
-        evaluate.evaluate(config, _WORKDIR.value, compare_workdir=_COMPARE.value, out_dir=_EVAL_DIR.value)
+        # Each mode's function prepares the config itself (planning.prepare: validation, then the data-driven
+        # plan or the trained run's record), before it reads data or writes anything.
+        if mode == "fingerprint":
+            report = adaptive.fingerprint_report(planning.prepare(config, workdir, mode))
+            os.makedirs(workdir, exist_ok=True)
+            writers.save_json_whole(os.path.join(workdir, "fingerprint.json"), report, indent=2)
+            print(adaptive.report_text(report))
+        elif mode == "analyse":
+            analysis_run.analyse(config, workdir)
+        elif mode == "predict":
+            predict.predict(config, workdir, _IMAGES.value, _PREDICT_DIR.value)
+        elif mode in ("e1_protocol", "e2_protocol"):
+            protocol.run(config, workdir)
+        elif mode == "train":
+            state = train.train(config, workdir)
+            if int(state.step) < config.train.num_steps:
+                logging.warning("Training stopped early at step %d; not evaluating.", int(state.step))
+                return
+            if config.eval.enabled:
+                evaluate.evaluate(config, workdir, state=state, compare_workdir=_COMPARE.value)
+        else:
+            evaluate.evaluate(config, workdir, compare_workdir=_COMPARE.value, out_dir=_EVAL_DIR.value)
 
 
 def run():

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffseg_jax import adaptive, configlib, data
+from diffseg_jax import adaptive, configlib, data, validation
 from diffseg_jax.models import nnunet_plan
 
 PLAN_MODES = ("auto", "planned", "fixed")
@@ -94,7 +94,7 @@ def resolve(
             c.train.batch_size,
             devices,
         )
-    configlib.validate(c, check_data=fingerprint is None)
+    validation.validate(c, check_data=fingerprint is None)
     return c
 
 
@@ -246,3 +246,30 @@ def describe(config: ml_collections.ConfigDict, source: str | None = None) -> st
             "fixed": "model.plan.mode=fixed: as configured",
         }.get(p.mode, "not yet planned (model.plan.mode=auto plans from the training set)")
     return nnunet_plan.format_plan(plan, source)
+
+
+# Modes whose network is a trained run's: the plan and terminal noise come from its config.json, not the data.
+AS_TRAINED_MODES = ("evaluate", "predict", "analyse")
+MODES = ("train", "e1_protocol", "e2_protocol", "fingerprint", "summary") + AS_TRAINED_MODES
+
+
+def prepare(
+    config: ml_collections.ConfigDict, workdir: str | None = None, mode: str = "train"
+) -> ml_collections.ConfigDict:
+    """The one preparation of a config before ``mode`` runs: validation (every impossible setting named with its
+    key and fix, before anything is built or written), then the data-driven parts: nnU-Net's plan and an
+    automatic terminal noise from the training data (:func:`resolve`), or, for a trained run in ``workdir``
+    (:data:`AS_TRAINED_MODES`), as its ``config.json`` records them (:func:`resolve_as_trained`). ``predict``
+    and ``summary`` need no data (``summary`` plans from an assumed fingerprint itself). A prepared config
+    prepares to itself, so each entry point (``train.train``, ``evaluate.evaluate``, ``predict.predict``,
+    ``analysis.run.analyse``, ``protocol.run``) calls this whether or not its caller did."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    validation.validate(config, check_data=mode not in ("predict", "summary"))
+    if mode == "summary":
+        return config
+    if mode in AS_TRAINED_MODES:
+        if workdir is None:
+            raise ValueError(f"mode {mode!r} prepares a trained run's config: pass its workdir.")
+        return resolve_as_trained(config, workdir)
+    return resolve(config)

@@ -338,7 +338,7 @@ def convergence_figure(curves: dict, path: str) -> None:
 
 
 def learning_curves_figure(rows: list[dict], path: str) -> None:
-    """IoU, ECE and the std map's error AUROC against the training step (``report.collect_learning_curves``'
+    """IoU, ECE and the std map's error AUROC against the training step (``learning_curves.collect_learning_curves``'
     rows): a panel per metric and dataset, a line per model, experiment, prediction, sampler and seed."""
     datasets = sorted({str(r["dataset"]) for r in rows})
     metrics = (("iou", "IoU"), ("ece", "ECE"), ("std_error_auroc", "std → error AUROC"))

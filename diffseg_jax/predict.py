@@ -240,7 +240,7 @@ def predict(
             f"--mode predict segments images given the image, which experiment {config.experiment!r} does not "
             "(E3 samples masks without the image, E4 generates images); use an e1 or e2 run."
         )
-    config = planning.resolve_as_trained(config, workdir)  # the plan training used, as config.json records it
+    config = planning.prepare(config, workdir, "predict")  # the plan training used, as config.json records it
     out_dir = evaluate.output_dir(workdir, out_dir, config.eval.get("step", -1), "predict", "--predict_dir")
     ids, paths = find_images(images, exclude=out_dir)
     num, size = len(ids), data.stored_size(config.data)

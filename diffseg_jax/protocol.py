@@ -209,7 +209,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"{workdir} already holds a trained run (a checkpoint at step {held}) that this {name} did not "
             "start; its retraining phase would continue that run. Use a new --workdir for the protocol."
         )
-    config = planning.resolve(config)  # nnU-Net's plan sets the batch size the epochs are counted in
+    config = planning.prepare(
+        config, workdir, f"{config.experiment}_protocol"
+    )  # nnU-Net's plan sets the batch
     batch_size = config.train.batch_size
     fit_steps = epoch_steps(config.data, "fit", batch_size)
     train_steps = epoch_steps(config.data, "train", batch_size)

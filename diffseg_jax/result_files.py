@@ -9,7 +9,7 @@ import csv
 import glob
 import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np  # noqa: E402
 
@@ -138,3 +138,11 @@ def read_evaluations(eval_dirs: list[str]) -> tuple[list[tuple[dict, dict]], lis
             f"The runs in {eval_dirs} share no test image ids; evaluate them on the same test set."
         )
     return runs, [[int(np.nonzero(r["ids"] == i)[0][0]) for r, _ in runs] for i in ids]
+
+
+def write_csv(rows: list[dict[str, Any]], columns: list[str], path: str) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row[k] is None else row[k] for k in columns})

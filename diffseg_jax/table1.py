@@ -14,7 +14,7 @@ once (a persistent compilation cache in ``<workdir>/.jax_cache`` unless one is s
 With ``table.eval_steps`` (e.g. ``(1000, 2000, 5000)``, checkpoints kept with ``train.keep_every``) each cell is also
 evaluated at those steps, with each sampler of ``table.eval_samplers`` (``'ddpm'``, ``'ddim<K>'``; default the
 grid's), and ``<workdir>/learning_curves.{md,csv,png}`` give IoU, ECE and the std map's error AUROC against the
-step (:func:`evaluate_steps`, :func:`diffseg_jax.report.collect_learning_curves`).
+step (:func:`evaluate_steps`, :func:`diffseg_jax.learning_curves.collect_learning_curves`).
 With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--mode analyse``, with the grid's
 ``analysis`` settings) and ``<workdir>/fingerprints/`` gets Fig. 4 across the grid.
 """
@@ -33,13 +33,16 @@ from ml_collections import config_flags
 from diffseg_jax import (
     checkpoints,
     cli,
+    collection,
     configlib,
     evaluate,
+    learning_curves,
     models,
     protocol,
     report,
     result_files,
     train,
+    validation,
     writers,
 )
 from diffseg_jax.analysis import fingerprints
@@ -207,7 +210,7 @@ def evaluate_steps(
     if not steps:
         return []
     specs = tuple(grid.table.get("eval_samplers", ())) or (
-        report.sampler_label(config.eval.sampler, config.eval.ddim_steps),
+        learning_curves.sampler_label(config.eval.sampler, config.eval.ddim_steps),
     )
     ckpt = checkpoints.Checkpointer(os.path.join(folder, "checkpoints"))
     try:
@@ -228,7 +231,7 @@ def evaluate_steps(
             )
             continue
         for spec in specs:
-            out = os.path.join(folder, report.CURVE_DIR, f"step{step}_{spec}")
+            out = os.path.join(folder, learning_curves.CURVE_DIR, f"step{step}_{spec}")
             if os.path.exists(os.path.join(out, "metrics.json")):
                 continue
             c = copy.deepcopy(config)
@@ -266,7 +269,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     t0 = time.time()
     for i, (dataset, model, experiment, seed) in enumerate(runs):
         config = cell_config(grid, dataset, model, experiment, seed)
-        configlib.validate(config)
+        validation.validate(config)
         folder = cell_dir(workdir, dataset, model, experiment, seed, grid.seed)
         logging.info(
             "table1: cell %d/%d %s %s %s%s (%s elapsed)",
@@ -304,15 +307,15 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             ):
                 config.analysis[key] = grid.analysis[key]
             analysis_run.analyse(config, folder)
-    found = report.tables([workdir])
+    found = collection.tables([workdir])
     rows = found["rows"]
     paths = report.write(rows, workdir, found["uncertainty"], found["reliability"]) if rows else {}
     if rows:
         print(report.markdown(rows))
-    curves = report.collect_learning_curves([workdir])
+    curves = learning_curves.collect_learning_curves([workdir])
     if grid.table.get("eval_steps", ()) and curves:
-        paths.update(report.write_learning_curves(curves, workdir))
-        print(report.learning_curves_markdown(curves))
+        paths.update(learning_curves.write_learning_curves(curves, workdir))
+        print(learning_curves.learning_curves_markdown(curves))
     if grid.table.analyse:
         paths.update(fingerprints.main(["--runs", workdir, "--out", os.path.join(workdir, "fingerprints")]))
     logging.info(

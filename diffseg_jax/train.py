@@ -10,14 +10,12 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import os
 import signal
 import sys
-import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -45,13 +43,7 @@ from diffseg_jax import (
 )
 from diffseg_jax.data import augment as augmentation
 from diffseg_jax.diffusion import timesteps
-
-# Progress between the logs of train.log_every: a published config on a CPU takes minutes per step (log_every
-# 100 would print nothing for hours). After the first step (compilation included) a line says how long it took;
-# when the second takes longer than SLOW_STEP_S seconds, every step is waited on and a progress line comes at
-# least every PROGRESS_EVERY_S seconds (console only: metrics.jsonl keeps the log_every cadence).
-SLOW_STEP_S = 2.0
-PROGRESS_EVERY_S = 60.0
+from diffseg_jax.progress import Progress
 
 
 def kept_steps(train_config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -123,18 +115,6 @@ def make_train_step(
     return train_step
 
 
-def device_batches(batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh, ahead: int = 2):
-    """Yields device batches with ``ahead`` more already transferred: the copy of step s+1's batch overlaps
-    step s's compute (``device_put`` is asynchronous)."""
-    queue: collections.deque = collections.deque()
-    for batch in batches:
-        queue.append(distributed.shard_batch(batch, mesh))
-        if len(queue) > ahead:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
-
-
 def jit_train_step(train_step, mesh: jax.sharding.Mesh):
     """Compiles the step with the state replicated and the batch sharded; the old state is donated."""
     replicated = NamedSharding(mesh, P())
@@ -148,23 +128,6 @@ def jit_train_step(train_step, mesh: jax.sharding.Mesh):
 
 class TrainingDivergedError(FloatingPointError):
     """Training stopped on a non-finite loss, gradient or parameter; the message names the checkpoint kept."""
-
-
-def params_finite(state: build.TrainState) -> bool:
-    """Whether every parameter of ``state`` is finite (one reduction on the device, one value read back)."""
-    leaves = jax.tree_util.tree_leaves(state.params)
-    return bool(jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))) if leaves else True
-
-
-def host_copy(state: build.TrainState) -> build.TrainState:
-    """``state`` as NumPy arrays in host memory: a checkpoint that waits a step for its check survives the
-    donation of the device buffers to that step. The state is replicated, so one device's copy is all of it."""
-    local = jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, state)
-    for x in jax.tree_util.tree_leaves(local):
-        if isinstance(x, jax.Array):
-            x.copy_to_host_async()  # every leaf's transfer at once, then each waited on below
-    # np.array copies: the device buffers are donated to the next step, and a view of them would change with it
-    return jax.tree.map(lambda x: np.array(x) if isinstance(x, jax.Array) else x, local)
 
 
 class _Terminate:
@@ -239,8 +202,9 @@ def _train(
     hook: Callable[[int, build.TrainState], bool] | None,
     hook_every: int,
 ) -> build.TrainState:
-    configlib.validate(config)
-    config = planning.resolve(config)  # a data-driven plan (nnU-Net's), recorded in config.json
+    config = planning.prepare(
+        config, workdir, "train"
+    )  # a data-driven plan (nnU-Net's), recorded in config.json
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()
     if checkpoints.latest_step(os.path.join(workdir, "checkpoints")) is not None:
@@ -312,7 +276,7 @@ def _train(
     # On CPU with several devices, queueing many collective steps without waiting can deadlock the
     # all-reduce: wait on the loss at least this often (and at every log / checkpoint). Also after the first
     # two steps, to report the first (compilation included) and to time the second: steps slower than
-    # SLOW_STEP_S are then each waited on, so progress shows between logs (see PROGRESS_EVERY_S).
+    # SLOW_STEP_S are then each waited on, so progress shows between logs (diffseg_jax.progress).
     sync_every = max(1, min(config.train.log_every, 8))
     meta = {"config": config.to_dict(), "num_devices": n_dev}
     last_saved = latest
@@ -320,12 +284,12 @@ def _train(
     # (the next step's) are finite. An update can blow the parameters up while its own loss was fine, and such a
     # state would otherwise displace good checkpoints under keep_checkpoints (see docs/reliability.md).
     pending: tuple[int, Any] | None = None
-    t_start = last_log = t_first = time.time()  # t_first: when the first step (and its compilation) ended
+    progress = Progress(start, num_steps, config.train.log_every, sync_every)
     d = config.data  # (.get: configs saved before these keys existed still load)
     stream = data.batch_stream(
         train_ds, start, d.get("num_threads", 4), d.get("num_workers", 0), d.get("prefetch", 8)
     )
-    batches = device_batches(stream, mesh)
+    batches = distributed.device_batches(stream, mesh)
 
     def read(done: int, metrics: dict[str, jax.Array]) -> tuple[float, float]:
         """Waits on step ``done``'s loss and gradient norm; a non-finite one stops training, keeping only
@@ -371,7 +335,7 @@ def _train(
                 synced = False
                 if (
                     early
-                    or done % sync_every == 0
+                    or done % progress.sync_every == 0
                     or due
                     or done % config.train.log_every == 0
                     or pending is not None
@@ -383,56 +347,21 @@ def _train(
                     if pending is not None:  # its parameters gave this step a finite loss and gradient
                         ckpt.save(pending[0], pending[1], {**meta, "step": pending[0]})
                         last_saved, pending = pending[0], None
-                    now = time.time()
-                    if done > start + 1:  # the steps since the first, whose time includes compiling
-                        rate = (done - start - 1) / max(now - t_first, 1e-9)
-                    else:
-                        rate = (done - start) / max(now - t_start, 1e-9)
-                    eta = (num_steps - done) / max(rate, 1e-9)
-                    logged = done % config.train.log_every == 0 or is_last
-                    if done == start + 1 and not logged:
-                        logging.info(
-                            "step %d/%d  loss %.5f  first step %s (compilation included); logged every %d steps",
-                            done,
-                            num_steps,
-                            loss,
-                            writers.format_duration(now - t_start),
-                            config.train.log_every,
-                        )
-                        last_log = now
-                    elif logged or now - last_log >= PROGRESS_EVERY_S:  # the latter: slow steps, between logs
-                        logging.info(
-                            "step %d/%d  loss %.5f  %.2f steps/s  ETA %s",
-                            done,
-                            num_steps,
-                            loss,
-                            rate,
-                            writers.format_duration(eta),
-                        )
-                        last_log = now
+                    rate, logged = progress.update(done, loss)
                     if logged:
                         writer.write(done, {"loss": loss, "grad_norm": grad_norm, "steps_per_second": rate})
-                    if done == start + 1:
-                        t_first = now
-                    elif done == start + 2 and now - t_first > SLOW_STEP_S and sync_every > 1:
-                        sync_every = 1  # waiting on each step costs nothing beside its seconds
-                        logging.info(
-                            "The second step took %s: progress is logged at least every %s.",
-                            writers.format_duration(now - t_first),
-                            writers.format_duration(PROGRESS_EVERY_S),
-                        )
                 # Read after the wait above: SIGTERM's handler runs when the blocking read returns.
                 terminate = term.requested
                 if due or terminate:
                     if not synced:
                         read(done, metrics)
-                    if not params_finite(state):
+                    if not checkpoints.params_finite(state):
                         raise diverged(f"the parameters after step {done} are not finite", done)
                     if is_last or stop or terminate:  # no next step to check it: finite parameters suffice
                         ckpt.save(done, state, {**meta, "step": done})
                         last_saved = done
                     else:
-                        pending = (done, host_copy(state))
+                        pending = (done, checkpoints.host_copy(state))
                 if terminate:
                     ckpt.wait()  # the exit status says it is saved: it is on disk before the loop ends
                     logging.warning(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from diffseg_jax import adaptive, build, configlib, diffusion, objectives, train
+from diffseg_jax import adaptive, build, diffusion, objectives, train, validation
 from diffseg_jax.diffusion import schedule as schedule_lib
 from diffseg_jax.diffusion import timesteps
 
@@ -232,14 +232,14 @@ def test_bad_timestep_settings_fail_with_the_key(key, value, match):
     group, name = key.split(".")
     config[group][name] = value
     with pytest.raises(ValueError, match=match):
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
 
 
 def test_e1_rejects_timestep_sampling():
     config = tiny_config("e1_synthetic")
     config.timesteps.sampling = "loss_aware"
     with pytest.raises(ValueError, match="E1 sees one fixed timestep"):
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
 
 
 def test_weights_from_a_curves_csv(tmp_path):

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from diffseg_jax.analysis import adaptive_study
+from diffseg_jax.analysis import adaptive_study, adaptive_summary
 
 
 @pytest.mark.slow
@@ -21,7 +21,7 @@ def test_variants_of_a_seed_are_paired_and_a_rerun_resumes(tmp_path, tfds_dir, m
     monkeypatch.setattr(adaptive_study, "study_config", with_test_data)
     # A variant that changes nothing: the study promises the same data order, initialisation and evaluation
     # noise for every variant of a seed, so it must reproduce the baseline exactly.
-    monkeypatch.setitem(adaptive_study.VARIANTS, "same_as_uniform", {})
+    monkeypatch.setitem(adaptive_summary.VARIANTS, "same_as_uniform", {})
     out = tmp_path / "study"
     argv = [
         "--out",

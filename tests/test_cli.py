@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_metrics_are_the_ensembles, run_module, tiny_config
 
-from diffseg_jax import build
+from diffseg_jax import build, validation
 from diffseg_jax import metrics as metrics_lib
 
 
@@ -192,7 +192,7 @@ def _write_folder_dataset(root, counts=(("train", 6), ("test", 2)), size=64):
 
 def test_table1_folder_cells_read_the_folder_and_names_must_differ(tmp_path):
     from configs import table1_synthetic
-    from diffseg_jax import configlib, table1
+    from diffseg_jax import table1
 
     grid = table1_synthetic.get_config()
     grid.table.kinds, grid.table.models = ("nuclei",), ("segdiff",)
@@ -211,7 +211,7 @@ def test_table1_folder_cells_read_the_folder_and_names_must_differ(tmp_path):
         128,
     )
     assert cell.data.mask_threshold == 100.0 and cell.data.image_size == 32 and cell.train.lr == grid.train.lr
-    configlib.validate(cell, check_data=False)
+    validation.validate(cell, check_data=False)
     synthetic_cell = table1.cell_config(grid, "nuclei", "segdiff", "e2")
     assert synthetic_cell.data.name == "synthetic" and synthetic_cell.data.resize is None
     # A folder in the working directory named like a synthetic kind is that folder, not the kind.

@@ -19,11 +19,13 @@ from conftest import assert_metrics_are_the_ensembles, tiny_config
 
 from diffseg_jax import (
     build,
+    collection,
     comparison,
     configlib,
     data,
     diffusion,
     evaluate,
+    learning_curves,
     metrics,
     planning,
     plots,
@@ -33,6 +35,7 @@ from diffseg_jax import (
     result_files,
     sampling,
     train,
+    validation,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,7 +409,7 @@ def test_hard_members_average_the_votes_of_the_soft_ones():
         [np.asarray(soft(variables, images, (2, 8, 8, 1), k)) for k in jax.random.split(key, 4)]
     )
     config.eval.member_output = "hard"
-    configlib.validate(config)
+    validation.validate(config)
     out = sampling.make_ensemble_fn(sampling.make_member_fn(model, schedule, config), 4, 2)(
         variables, images, template, key
     )
@@ -417,7 +420,7 @@ def test_hard_members_average_the_votes_of_the_soft_ones():
     assert not np.allclose(singles, votes)  # the soft members were not already binary
     config.eval.member_output = "majority"
     with pytest.raises(ValueError, match="eval.member_output"):
-        configlib.validate(config)
+        validation.validate(config)
 
 
 class _CalNet(nn.Module):
@@ -535,7 +538,7 @@ def test_report_builds_table1_with_blank_missing_cells(tmp_path):
     _metrics(runs, "c", "isic2016", "ensemdiff", "e2", 0.8659, 0.007)  # no feed-forward run
     _metrics(runs, "d", "monuseg2018", "segdiff", "e1", 0.6344, 0.059)
     _metrics(runs, "e", "isic2016", "ensemdiff", "e3", 0.1, 0.1)  # not a Table 1 experiment: ignored
-    rows = report.collect([str(runs)])
+    rows = collection.collect([str(runs)])
     assert [(r["dataset"], r["method"]) for r in rows] == [
         ("isic2016", "ensemdiff"),
         ("isic2016", "segdiff"),
@@ -562,7 +565,7 @@ def test_report_builds_table1_with_blank_missing_cells(tmp_path):
         (row,) = list(csv.DictReader(f))
     assert float(row["std_error_auroc"]) == 0.71234 and row["entropy_error_auroc"] == ""
     # The reliability diagrams: a panel for the one cell whose runs have bins, feed-forward first.
-    found = report.tables([str(runs)])
+    found = collection.tables([str(runs)])
     assert found["rows"] == rows and found["reliability"] == [
         ("ISIC16 · SegDiff", [("FF", bins_ff), ("Diff", bins_diff)])
     ]
@@ -587,7 +590,7 @@ def test_report_gives_each_difference_its_bootstrap_interval_when_the_ensembles_
         ) / "eval"  # fmt: skip
         np.savez(folder / "ensemble.npz", ids=ids, mean=mean, std=np.zeros_like(mean), mask=masks,
                  image=np.zeros((12, 8, 8, 3), np.uint8))  # fmt: skip
-    (row,) = report.collect([str(runs)])
+    (row,) = collection.collect([str(runs)])
     boot = comparison.compare([str(runs / "e1" / "eval"), str(runs / "e2" / "eval")])["runs"][1]
     boot = boot["paired_bootstrap_vs_first"]
     assert boot["pooling"] == pooling
@@ -605,23 +608,23 @@ def test_report_gives_each_difference_its_bootstrap_interval_when_the_ensembles_
     with np.load(runs / "e2" / "eval" / "ensemble.npz") as f:
         arrays = {**f, "ids": np.char.add("other", ids)}
     np.savez(runs / "e2" / "eval" / "ensemble.npz", **arrays)
-    (row,) = report.collect([str(runs)])
-    assert row["delta_iou"] is not None and all(row[k] is None for k in report.INTERVAL_COLUMNS)
+    (row,) = collection.collect([str(runs)])
+    assert row["delta_iou"] is not None and all(row[k] is None for k in collection.INTERVAL_COLUMNS)
 
 
 def test_report_rejects_duplicate_cells_and_mixed_pooling(tmp_path):
     _metrics(tmp_path / "r", "a", "isic2016", "segdiff", "e1", 0.8, 0.02)
     second = _metrics(tmp_path / "r", "b", "isic2016", "segdiff", "e1", 0.7, 0.03)
     with pytest.raises(ValueError, match="Two ff runs .*isic2016.*segdiff"):
-        report.collect([str(tmp_path / "r")])
+        collection.collect([str(tmp_path / "r")])
     shutil.rmtree(second)
     _metrics(tmp_path / "r", "c", "isic2016", "segdiff", "e2", 0.8, 0.02, pooling="per_image")
     with pytest.raises(ValueError, match="mix pixel poolings"):
-        report.collect([str(tmp_path / "r")])
+        collection.collect([str(tmp_path / "r")])
     shutil.rmtree(tmp_path / "r" / "c")
     _metrics(tmp_path / "r", "c", "isic2016", "segdiff", "e2", 0.8, 0.02, member_output="hard")
     with pytest.raises(ValueError, match="eval.member_output"):
-        report.collect([str(tmp_path / "r")])
+        collection.collect([str(tmp_path / "r")])
 
 
 def _repeat(root, name, experiment, seed, iou, ece, lr=1e-4, **more):
@@ -645,7 +648,7 @@ def test_report_averages_runs_that_differ_only_in_their_seed(tmp_path):
     for seed, iou, ece in zip((10, 0, 2, 1), diff_iou, diff_ece):  # listed 0, 1, 2, 10, not as folders sort
         _repeat(runs, f"diff{seed}", "e2", seed, iou, ece, reliability=bins, brier_pooled=0.03, mean_std=0.2,
                 uncertainty=dict(error_fraction=0.04, std=scores, entropy=scores))  # fmt: skip
-    (row,) = report.collect([str(runs)])
+    (row,) = collection.collect([str(runs)])
     assert row["ff_n"] == 3 and row["diff_n"] == 4
     assert row["ff_iou"] == pytest.approx(np.mean(ff_iou)) and row["diff_ece"] == pytest.approx(
         np.mean(diff_ece)
@@ -664,13 +667,13 @@ def test_report_averages_runs_that_differ_only_in_their_seed(tmp_path):
         (saved,) = list(csv.DictReader(f))
     assert saved["diff_n"] == "4" and float(saved["diff_ece_std"]) == pytest.approx(np.std(diff_ece, ddof=1))
     assert r"$\pm$" in open(paths["tex"]).read()
-    found = report.tables([str(runs)])  # each repeat keeps its own uncertainty row and reliability curve
+    found = collection.tables([str(runs)])  # each repeat keeps its own uncertainty row and reliability curve
     assert [r["seed"] for r in found["uncertainty"]] == [0, 1, 2, 10]
     assert [label for label, _ in found["reliability"][0][1]] == [f"Diff seed {s}" for s in (0, 1, 2, 10)]
     # One side repeated, the other a single run: its spread over seeds is unknown, so no interval.
     for seed in (1, 2):
         shutil.rmtree(runs / f"ff{seed}")
-    (row,) = report.collect([str(runs)])
+    (row,) = collection.collect([str(runs)])
     assert row["ff_n"] == 1 and row["ff_iou_std"] is None and row["delta_iou_ci_low"] is None
     assert "(1)" not in report.markdown([row])
 
@@ -680,15 +683,15 @@ def test_report_refuses_runs_of_one_cell_that_are_not_repeats(tmp_path):
     _repeat(runs, "a", "e1", 0, 0.80, 0.02)
     other = _repeat(runs, "b", "e1", 1, 0.81, 0.02, lr=5e-4)  # another learning rate: not a repeat
     with pytest.raises(ValueError, match=r"differ in more than their seed \(train.lr: 0.0001 vs 0.0005\)"):
-        report.collect([str(runs)])
+        collection.collect([str(runs)])
     shutil.rmtree(other)
     other = _repeat(runs, "b", "e1", 1, 0.81, 0.02, sampler="ddim")  # scored another way
     with pytest.raises(ValueError, match="metrics.json sampler: None vs 'ddim'"):
-        report.collect([str(runs)])
+        collection.collect([str(runs)])
     shutil.rmtree(other)
     _repeat(runs, "b", "e1", 0, 0.81, 0.02)  # the same seed again: a copy
     with pytest.raises(ValueError, match="repeat seed 0"):
-        report.collect([str(runs)])
+        collection.collect([str(runs)])
 
 
 def test_report_names_a_corrupt_metrics_json_and_the_fix(tmp_path):
@@ -710,7 +713,7 @@ def test_report_names_a_corrupt_metrics_json_and_the_fix(tmp_path):
     assert str(error.value).startswith(str(broken / "metrics.json"))
     (broken / "metrics.json").write_text("[]")  # JSON, but not a metrics.json's object
     with pytest.raises(ValueError, match=r"holds a JSON list.*--mode evaluate"):
-        report.collect([str(runs)])
+        collection.collect([str(runs)])
 
 
 def test_report_command_prints_a_refusal_as_one_message(tmp_path):
@@ -1193,7 +1196,7 @@ def test_protocol_patience_stops_the_selection_and_a_crashed_selection_resumes(
 
 
 def test_learning_curves_collect_each_runs_steps_and_samplers(tmp_path):
-    """report.collect_learning_curves (issue 32): a row per evaluation under learning_curve/ and eval/, the
+    """learning_curves.collect_learning_curves (issue 32): a row per evaluation under learning_curve/ and eval/, the
     prediction from the run's config (None: the experiment's own), the final eval/ counted once when
     eval_steps lists it too; the Markdown, CSV and figure are written."""
 
@@ -1215,7 +1218,7 @@ def test_learning_curves_collect_each_runs_steps_and_samplers(tmp_path):
                                ("learning_curve/step2000_ddpm", 2000, "ddpm", 0.55),
                                ("eval", 2000, "ddim", 0.99)])  # fmt: skip
     run("e2_x0", "e2", "x0", [("eval", 1000, "ddim", 0.8)])
-    rows = report.collect_learning_curves([str(tmp_path)])
+    rows = learning_curves.collect_learning_curves([str(tmp_path)])
     got = [(os.path.basename(r["run"]), r["prediction"], r["sampler"], r["step"], r["iou"]) for r in rows]
     assert got == [
         ("e2_eps", "eps", "ddim10", 1000, 0.4),
@@ -1224,7 +1227,7 @@ def test_learning_curves_collect_each_runs_steps_and_samplers(tmp_path):
         ("e2_x0", "x0", "ddim10", 1000, 0.8),
     ]
     assert rows[0]["std_error_auroc"] == 0.8 and rows[0]["dataset"] == "ISIC16"
-    paths = report.write_learning_curves(rows, str(tmp_path / "out"))
+    paths = learning_curves.write_learning_curves(rows, str(tmp_path / "out"))
     assert (
         "| ISIC16 | EnsemDiff | E2 | eps | ddim10 | 0 | 1000 | 40.00 | 0.1000 |"
         in pathlib.Path(paths["learning_curves_md"]).read_text()

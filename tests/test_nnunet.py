@@ -19,7 +19,7 @@ from conftest import OFFICIAL_CASES, assert_metrics_are_the_ensembles, check_off
 from PIL import Image
 
 from configs import base
-from diffseg_jax import build, configlib, objectives, planning, train
+from diffseg_jax import build, configlib, objectives, planning, train, validation
 from diffseg_jax.data import augment
 from diffseg_jax.models import count_params, is_feed_forward
 from diffseg_jax.models import nnunet_plan as P
@@ -290,7 +290,7 @@ def test_configs_plan_and_validation():
     c = tiny_config("e1_synthetic", "nnunet,tiny")
     assert c.experiment == "e1" and c.eval.ensemble_size == 1 and c.train.lr == 1e-2
     assert c.train.optimizer == "sgd_nesterov" and c.data.augment == "nnunet" and c.objective.dice == "batch"
-    configlib.validate(c, check_data=False)
+    validation.validate(c, check_data=False)
     planned = planning.resolve(c, fingerprint=((32.0, 32.0), 1280, 3))
     assert planning.resolve(planned) is planned  # resolved once; the input config is left as it was
     assert planned.model.plan.mode == "planned" and c.model.plan.mode == "auto"
@@ -306,10 +306,10 @@ def test_configs_plan_and_validation():
     assert planning.resolve(fixed) is fixed
     fixed.data.image_size = 36
     with pytest.raises(ValueError, match="data.image_size=36"):
-        configlib.validate(fixed, check_data=False)
+        validation.validate(fixed, check_data=False)
     e2 = tiny_config("e2_synthetic", "nnunet,tiny")
     with pytest.raises(ValueError, match="feed-forward reference"):
-        configlib.validate(e2, check_data=False)
+        validation.validate(e2, check_data=False)
     with pytest.raises(ValueError, match="E1 only"):
         base.experiment_config("e2", "isic", "nnunet")
     isic = base.experiment_config("e1", "isic", "nnunet")
@@ -385,7 +385,7 @@ def test_table1_gives_nnunet_an_e1_reference_cell_with_its_own_training():
         and cell.eval.ensemble_size == 1
     )
     assert cell.train.optimizer == "sgd_nesterov" and cell.train.grad_clip == 12.0
-    configlib.validate(cell, check_data=False)
+    validation.validate(cell, check_data=False)
 
 
 @OFFICIAL_CASES

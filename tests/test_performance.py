@@ -14,7 +14,7 @@ import optax
 import pytest
 from conftest import ROOT, tiny_config
 
-from diffseg_jax import build, checkpoints, configlib, data, distributed, train
+from diffseg_jax import build, checkpoints, data, distributed, train, validation
 
 
 def _batch(size=16, n=4):
@@ -94,7 +94,7 @@ def test_bf16_feed_forward_references_keep_f32_params_and_track_the_f32_e1_loss(
         config.model.dtype = dtype
         if arch == "nnunet":
             config.model.plan.mode = "fixed"  # the tiny plan as it stands: no dataset to plan from
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
         model = build.build_model(config.model, build.output_channels(config, 3), 16)
         optimizer = optax.adam(1e-3)  # a rate that moves the weights within a few steps
         variables = build.init_variables(model, jax.random.PRNGKey(0), (1, 16, 16, 1), (1, 16, 16, 3))
@@ -136,7 +136,7 @@ def test_unknown_compute_dtype_is_rejected():
     config = tiny_config()
     config.model.dtype = "float16"
     with pytest.raises(ValueError, match="model.dtype"):
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
 
 
 def _free_port():

@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from conftest import ROOT
 from PIL import Image
 
-from diffseg_jax import data
+from diffseg_jax import data, validation
 from diffseg_jax.data import files, isic2016, manual, monuseg2018, pipeline, segmentation_folder
 from diffseg_jax.data.monuseg2018 import annotations
 
@@ -470,10 +470,9 @@ def _download_config(server: _ZipServer, data_dir: pathlib.Path) -> ml_collectio
 
 
 def test_isic_downloads_through_tfds_records_then_verifies_checksums(isic_server, tmp_path):
-    from diffseg_jax import configlib  # noqa: PLC0415
 
     config = _download_config(isic_server, tmp_path / "tfds")
-    configlib.validate(config)  # no manual_dir: ISIC downloads itself
+    validation.validate(config)  # no manual_dir: ISIC downloads itself
     assert config.data.get("manual_dir") is None
     sources = pipeline.load_isic2016(config.data)
     assert sorted(isic_server.requests) == sorted(isic2016.ARCHIVES.values())  # each zip fetched once
@@ -820,7 +819,6 @@ REAL_CONFIGS = [f"e{e}_{d}" for e in range(1, 5) for d in ("isic", "monuseg", "f
 def test_real_data_configs(name):
     import importlib
 
-    from diffseg_jax import configlib
 
     module = importlib.import_module(f"configs.{name}")
     config = module.get_config(None)
@@ -834,14 +832,14 @@ def test_real_data_configs(name):
     assert (config.data.image_size, data.stored_size(config.data)) == (
         (256, 512) if dataset == "monuseg" else (256, 256)
     )
-    configlib.validate(config, check_data=False)
+    validation.validate(config, check_data=False)
     if dataset == "isic":  # downloads itself: the design card's command needs no data flag
-        configlib.validate(config)
+        validation.validate(config)
         assert config.data.get("manual_dir") is None
         assert config.data.download_base_url == isic2016.DEFAULT_BASE_URL
     else:  # read from a folder: a missing one prints the steps that make it
         with pytest.raises(ValueError, match="data.manual_dir=None.*--config.data.manual_dir") as e:
-            configlib.validate(config)
+            validation.validate(config)
         steps = {"monuseg": "unzip /path/to/MoNuSegTestData.zip", "folder": "<manual_dir>/train/images"}[
             dataset
         ]

@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config
 
 from configs import base
-from diffseg_jax import build, configlib, models, state_dicts, summary, train
+from diffseg_jax import build, configlib, models, state_dicts, summary, train, validation
 from diffseg_jax.models import segformer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "segformer_hf.npz")
@@ -275,7 +275,7 @@ def test_e1_configs_of_public_datasets_start_from_the_imagenet_encoder():
         config = base.experiment_config("e1", dataset, "segformer")
         assert config.model.pretrained == "nvidia/mit-b3" and config.model.variant == "b3"
         assert config.model.pretrained_revision is None
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
         assert (
             base.experiment_config("e1", dataset, "segformer,tiny").model.pretrained is None
         )  # other widths
@@ -285,12 +285,12 @@ def test_e1_configs_of_public_datasets_start_from_the_imagenet_encoder():
     with pytest.raises(
         configlib.ConfigError, match=r"model.pretrained='nvidia/mit-b3'.*SegFormer-B3.*mit-b0"
     ):
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
     config.model.variant, config.model.pretrained = "b3", "no_such_file.safetensors"
     with pytest.raises(
         configlib.ConfigError, match=r"model.pretrained='no_such_file.safetensors'.*No such file"
     ):
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
 
 
 def test_invalid_variant_or_depthwise_form_is_named_before_the_run_starts():
@@ -298,8 +298,8 @@ def test_invalid_variant_or_depthwise_form_is_named_before_the_run_starts():
         config = tiny_config("e1_synthetic", "segformer,tiny")
         config.model[key] = value
         with pytest.raises(configlib.ConfigError, match=rf"model.{key}='{value}'.*{fix}"):
-            configlib.validate(config, check_data=False)
-    configlib.validate(tiny_config("e1_synthetic", "segformer,tiny"), check_data=False)  # the defaults pass
+            validation.validate(config, check_data=False)
+    validation.validate(tiny_config("e1_synthetic", "segformer,tiny"), check_data=False)  # the defaults pass
 
 
 def test_configs_give_the_published_scheme_and_one_member(tmp_path):
@@ -315,7 +315,7 @@ def test_configs_give_the_published_scheme_and_one_member(tmp_path):
     assert config.train.init_weights is None
     config.train.init_weights = str(tmp_path / "nope.safetensors")
     with pytest.raises(ValueError, match="train.init_weights.*No such file"):
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
 
 
 def test_init_weights_start_a_run_and_the_train_step_traces(tfds_dir, tmp_path):

@@ -15,7 +15,19 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_metrics_are_the_ensembles, tiny_config
 
-from diffseg_jax import build, checkpoints, configlib, data, distributed, models, restore, sampling, train
+from diffseg_jax import (
+    build,
+    checkpoints,
+    configlib,
+    data,
+    distributed,
+    models,
+    progress,
+    restore,
+    sampling,
+    train,
+    validation,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -188,7 +200,7 @@ def test_a_diverging_run_keeps_only_checkpoints_that_train_on(tmp_path, tfds_dir
     assert checkpoints.latest_step(str(tmp_path / "checkpoints")) == kept
     config.train.num_steps = kept + 3
     state = train.train(config, str(tmp_path))  # lr 1e-4 again: trains on from the kept checkpoint
-    assert int(state.step) == kept + 3 and train.params_finite(state)
+    assert int(state.step) == kept + 3 and checkpoints.params_finite(state)
 
 
 def test_a_full_disk_stops_at_once_naming_the_last_complete_checkpoint(tmp_path, tfds_dir, monkeypatch):
@@ -365,7 +377,7 @@ def test_config_validation_names_key_and_fix(monkeypatch):
     config = tiny_config()
     config.model.name = "unet9000"
     with pytest.raises(ValueError, match="model.name='unet9000'.*Registered models"):
-        configlib.validate(config)
+        validation.validate(config)
     # Another architecture's name on EnsemDiff's model group is refused (it built a hybrid, or failed in Flax);
     # the config's argument (:segdiff) gives the group that name needs.
     for other, held in (
@@ -378,18 +390,18 @@ def test_config_validation_names_key_and_fix(monkeypatch):
             configlib.ConfigError,
             match=rf"model.name='{other}', but the model group holds {held}.*py:{other}",
         ):
-            configlib.validate(config)
-    configlib.validate(tiny_config("e2_synthetic", "segdiff,tiny"))
-    configlib.validate(tiny_config("e1_synthetic", "segformer,tiny"))
+            validation.validate(config)
+    validation.validate(tiny_config("e2_synthetic", "segdiff,tiny"))
+    validation.validate(tiny_config("e1_synthetic", "segformer,tiny"))
     config = tiny_config("e3_synthetic")
     monkeypatch.setattr(models.MODELS["ensemdiff"], "CAN_DROP_IMAGE", False)
     with pytest.raises(ValueError, match="withholds the image"):
-        configlib.validate(config)
+        validation.validate(config)
     config = tiny_config()
     config.eval.sampler = "ddim"
     config.eval.ddim_steps = 10_000
     with pytest.raises(ValueError, match="eval.ddim_steps"):
-        configlib.validate(config)
+        validation.validate(config)
 
 
 @pytest.mark.parametrize(
@@ -484,7 +496,7 @@ def test_every_impossible_setting_fails_naming_its_key(settings, match):
     arch = settings.pop("model.name", None)  # another architecture as a user picks it: the config's argument
     config = tiny_config("e2_synthetic", f"{arch},tiny" if arch else "tiny")
     if arch is None:
-        configlib.validate(config, check_data=False)  # the tiny config itself is valid
+        validation.validate(config, check_data=False)  # the tiny config itself is valid
     for dotted, value in settings.items():
         *groups, key = dotted.split(".")
         node = config
@@ -492,22 +504,22 @@ def test_every_impossible_setting_fails_naming_its_key(settings, match):
             node = node[group]
         node[key] = value
     if match is None:  # a setting next to an impossible one that must still pass
-        configlib.validate(config)
+        validation.validate(config)
         return
     with pytest.raises(ValueError, match=match):
-        configlib.validate(config)
+        validation.validate(config)
 
 
 def test_medsegdiff_sizes_must_halve_through_its_condition_network():
     config = tiny_config("e2_synthetic", "medsegdiff_new,tiny")
-    configlib.validate(config, check_data=False)
+    validation.validate(config, check_data=False)
     halvings = len(config.model.cond_features)
     assert halvings > len(config.model.channel_mult) - 1  # the condition network decides the multiple
     config.data.image_size = 2 ** (len(config.model.channel_mult) - 1) * 3  # enough for the UNet alone
     with pytest.raises(ValueError, match=f"model.cond_features.*multiple of {2**halvings}"):
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
     config.experiment = "e3"  # without the image the condition network is not built: the UNet's multiple
-    configlib.validate(config, check_data=False)
+    validation.validate(config, check_data=False)
 
 
 def test_a_resume_with_another_model_is_refused_and_keeps_the_runs_record(tmp_path, tfds_dir):
@@ -643,7 +655,7 @@ def test_self_conditioning_recycling_and_min_snr_slot_into_every_architecture(tf
     config.objective.self_condition = True
     config.objective.recycle_prob = 1.0
     config.objective.loss_weighting = "min_snr"
-    configlib.validate(config, check_data=False)
+    validation.validate(config, check_data=False)
     ds, model, schedule, optimizer, state = build.setup(config, abstract=True)
     _, metrics = jax.eval_shape(train.make_train_step(model, optimizer, schedule, config), state, dict(ds[0]))
     assert metrics["loss"].shape == ()
@@ -677,11 +689,11 @@ def test_issue33_options_are_validated(key, value, match):
     group, name = key.split(".")
     config[group][name] = value
     with pytest.raises(configlib.ConfigError, match=rf"{key}=.*{match}"):
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
     config = tiny_config("e4_synthetic")
     config.objective.self_condition = True
     with pytest.raises(configlib.ConfigError, match="turn them off for E4"):
-        configlib.validate(config, check_data=False)
+        validation.validate(config, check_data=False)
 
 
 def _progress_lines(caplog) -> list[str]:
@@ -702,8 +714,8 @@ def test_progress_is_shown_between_logs_when_steps_are_slow(tmp_path, tfds_dir, 
     )
     assert lines[1].startswith("step 5/5") and "ETA" in lines[1]
     caplog.clear()
-    monkeypatch.setattr(train, "SLOW_STEP_S", 0.0)
-    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "SLOW_STEP_S", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
     with caplog.at_level("INFO"):
         train.train(config, str(tmp_path / "slow"))
     lines = _progress_lines(caplog)

@@ -15,7 +15,7 @@ asks for) and ``adaptive_study.png`` (IoU and ECE against training steps, mean �
 The ``adapted`` variant (terminal ᾱ chosen from the masks) is trained only where it changes the schedule; where
 the base schedule already converges its results are the baseline's, and the report says so.
 
-The arguments are checked before any work (every option by name, and :func:`configlib.validate` on each study
+The arguments are checked before any work (every option by name, and :func:`validation.validate` on each study
 config). Each result file records the settings that shape it (:data:`RESULT_SETTINGS`: ``--steps``,
 ``--eval_every``, ``--image_size``, ``--eval_images``); a rerun on an ``--out`` whose results were made with other
 settings is refused before training, naming the files and the differences, rather than mixing them into one
@@ -40,17 +40,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffseg_jax import adaptive, build, configlib, data, metrics, planning, plots, sampling, train, writers
+from diffseg_jax import (
+    adaptive,
+    build,
+    configlib,
+    data,
+    metrics,
+    planning,
+    sampling,
+    train,
+    validation,
+    writers,
+)
+from diffseg_jax.analysis import adaptive_summary
 
-# Variant name -> config overrides (dotted keys). 'uniform' is the published setting.
-VARIANTS: dict[str, dict[str, object]] = {
-    "uniform": {},
-    "weights": {"timesteps.weighting": "fingerprint"},
-    "importance": {"timesteps.weighting": "fingerprint", "timesteps.sampling": "fingerprint"},
-    "loss_aware": {"timesteps.sampling": "loss_aware"},
-    "adapted": {"diffusion.terminal": "rescale"},
-    "terminal_1e-6": {"diffusion.terminal": "rescale", "diffusion.alpha_bar_T": 1e-6},
-}
 SYNTHETIC = ("lesion", "nuclei", "clusters")
 MONUSEG = "monuseg"
 DEFAULT_MONUSEG = os.path.join("..", "shared", "data", "monuseg2018_512")
@@ -86,7 +89,7 @@ def study_config(
         c.data.update(name="synthetic", kind=dataset, num_train=512, num_test=16)
     c.train.update(num_steps=steps, batch_size=8, lr=5e-4, ema_decay=0.99, log_every=50, ckpt_every=steps)
     c.eval.update(use_ema=True, ensemble_size=5, sampler="ddim", ddim_steps=10, member_chunk=5)
-    for key, value in VARIANTS[variant].items():
+    for key, value in adaptive_summary.VARIANTS[variant].items():
         group, name = key.split(".")
         c[group][name] = value
     return c
@@ -186,7 +189,7 @@ def check_results(out: str, datasets, seeds, args: argparse.Namespace) -> None:
     want = result_settings(args)
     stale = []
     for d in datasets:
-        for v in VARIANTS:
+        for v in adaptive_summary.VARIANTS:
             for s in seeds:
                 path = os.path.join(out, "runs", f"{d}_{v}_s{s}.npz")
                 if os.path.exists(path):
@@ -219,10 +222,10 @@ def checked_args(args: argparse.Namespace) -> tuple[list[str], list[str], list[i
             f"Error: --datasets={args.datasets!r}: unknown {unknown}; choose from {list(known)}."
         )
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in adaptive_summary.VARIANTS]
     if unknown or not variants:
         raise SystemExit(
-            f"Error: --variants={args.variants!r}: unknown {unknown}; choose from {list(VARIANTS)}."
+            f"Error: --variants={args.variants!r}: unknown {unknown}; choose from {list(adaptive_summary.VARIANTS)}."
         )
     for option in ("steps", "eval_every", "eval_images", "image_size", "workers"):
         if getattr(args, option) < 1:
@@ -253,7 +256,7 @@ def checked_args(args: argparse.Namespace) -> tuple[list[str], list[str], list[i
         for v in variants:
             config = study_config(d, v, seeds[0], args.steps, args.image_size, args.monuseg_dir)
             try:
-                configlib.validate(config)
+                validation.validate(config)
             except configlib.ConfigError as e:
                 raise SystemExit(
                     f"Error: the study's config of {d}/{v} (--image_size={args.image_size}, --steps={args.steps}) "
@@ -299,102 +302,21 @@ def tasks(datasets: Sequence[str], reports: dict[str, dict]) -> list[tuple[str, 
     return [
         (d, v)
         for d in datasets
-        for v in VARIANTS
+        for v in adaptive_summary.VARIANTS
         if v != "adapted"
         or not np.isclose(reports[d]["alpha_bar_T"], reports[d]["base_alpha_bar_T"], rtol=1e-3)
     ]
-
-
-def load_results(out: str, datasets, seeds) -> dict[tuple[str, str], list[dict]]:
-    """(dataset, variant) -> the per-seed result dicts found (the baseline's for an 'adapted' left untrained)."""
-    results = {}
-    for d in datasets:
-        for v in VARIANTS:
-            runs = []
-            for s in seeds:
-                path = os.path.join(out, "runs", f"{d}_{v}_s{s}.npz")
-                if os.path.exists(path):
-                    runs.append(dict(np.load(path), seed=s))
-            if runs:
-                results[(d, v)] = runs
-    return results
-
-
-def summarise(
-    out: str, datasets, seeds, reports: dict[str, dict], variants: Sequence[str] = tuple(VARIANTS)
-) -> dict[str, str]:
-    """Writes ``analysis/adaptive_study.{csv,npz,md,png}`` from the result files; returns their paths."""
-    results = load_results(out, datasets, seeds)
-    adir = os.path.join(out, "analysis")
-    os.makedirs(adir, exist_ok=True)
-    paths = {k: os.path.join(adir, f"adaptive_study.{k}") for k in ("csv", "npz", "md", "png", "json")}
-    lines = ["dataset,variant,seed,step,iou,ece,iou_per_image,ece_per_image"]
-    cols: dict[str, list] = {c: [] for c in ("dataset", "variant", "seed", "step", "iou", "ece")}
-    for (d, v), runs in sorted(results.items()):
-        for r in runs:
-            s = r["seed"]
-            for i, step in enumerate(r["steps"]):
-                vals = (r["iou"][i], r["ece"][i], r["iou_per_image"][i], r["ece_per_image"][i])
-                lines.append(f"{d},{v},{s},{step}," + ",".join(f"{x:.6f}" for x in vals))
-                for c, x in zip(cols, (d, v, s, step, r["iou"][i], r["ece"][i])):
-                    cols[c].append(x)
-    with open(paths["csv"], "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    np.savez(paths["npz"], **{c: np.asarray(x) for c, x in cols.items()})
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(reports, f, indent=2)
-    md = [
-        "Final IoU and ECE (pooled) as mean ± sd over seeds; Δ: paired differences with the same seed's uniform run; "
-        "IoU over steps: the mean of all evaluations (the area under the convergence curve).",
-        "",
-        "| dataset | variant | seeds | IoU | ECE | Δ IoU | Δ ECE | IoU over steps | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-
-    def spread(x):
-        x = np.asarray(x, np.float64)
-        return f"{x.mean():.4f} ± {x.std(ddof=1) if len(x) > 1 else 0.0:.4f}"
-
-    for (d, v), runs in sorted(results.items(), key=lambda kv: (kv[0][0], list(VARIANTS).index(kv[0][1]))):
-        iou = np.array([r["iou"][-1] for r in runs])
-        ece = np.array([r["ece"][-1] for r in runs])
-        base = {r["seed"]: r for r in results.get((d, "uniform"), [])}
-        pairs = [(r, base[r["seed"]]) for r in runs if r["seed"] in base] if v != "uniform" else []
-        d_iou = spread([r["iou"][-1] - b["iou"][-1] for r, b in pairs]) if pairs else "–"
-        d_ece = spread([r["ece"][-1] - b["ece"][-1] for r, b in pairs]) if pairs else "–"
-        auc = spread([r["iou"].mean() for r in runs])
-        secs = np.mean([float(r["seconds"]) for r in runs])
-        md.append(
-            f"| {d} | {v} | {len(runs)} | {spread(iou)} | {spread(ece)} | {d_iou} | {d_ece} | {auc} | {secs:.0f} |"
-        )
-    for d in datasets:
-        if (d, "adapted") not in results and (d, "uniform") in results and "adapted" in variants:
-            md.append(
-                f"| {d} | adapted | – | = uniform | = uniform | – | – | – | (the linear schedule already converges) |"
-            )
-    md += ["", "| dataset | foreground | ᾱ_T (linear) | information left at T | converged | adapted ᾱ_T |"]
-    md += ["|---|---|---|---|---|---|"]
-    for d, r in reports.items():
-        md.append(
-            f"| {d} | {r['foreground_rate']:.3f} | {r['base_alpha_bar_T']:.3g} | {r['information_base']:.2e} | "
-            f"{'yes' if r['converged_base'] else 'no'} | {r['alpha_bar_T']:.3g} |"
-        )
-    with open(paths["md"], "w", encoding="utf-8") as f:
-        f.write("\n".join(md) + "\n")
-    curves = {
-        key: (runs[0]["steps"], np.stack([r["iou"] for r in runs]), np.stack([r["ece"] for r in runs]))
-        for key, runs in results.items()
-    }
-    plots.convergence_figure(curves, paths["png"])
-    print("\n".join(md), flush=True)
-    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/adaptive", help="output folder (results in OUT/analysis/)")
     parser.add_argument("--datasets", default=",".join(SYNTHETIC + (MONUSEG,)))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {list(VARIANTS)}")
+    parser.add_argument(
+        "--variants",
+        default=",".join(adaptive_summary.VARIANTS),
+        help=f"any of {list(adaptive_summary.VARIANTS)}",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--eval_every", type=int, default=80)
@@ -430,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
             run_variant(dataset, variant, seeds, args, args.out)
         if count > 1:
             return {}
-    return summarise(args.out, datasets, seeds, reports, variants)
+    return adaptive_summary.summarise(args.out, datasets, seeds, reports, variants)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """
     a = config.analysis
     check_analyses(config)
-    config = planning.resolve_as_trained(config, workdir)  # the terminal noise and plan training used
+    config = planning.prepare(config, workdir, "analyse")  # the terminal noise and plan training used
     schedule = build.build_schedule(config.diffusion)
     ts = timestep_grid(schedule.num_timesteps, a.t_step)
     late = [t for t in a.forward_timesteps if not 0 <= t < schedule.num_timesteps]

@@ -21,6 +21,7 @@ import time
 import ml_collections
 import numpy as np
 
+from diffseg_jax import validation
 from diffseg_jax.data import files, pipeline
 
 PARTIAL_SUFFIX = ".partial"
@@ -82,7 +83,7 @@ def main() -> None:
     from absl import flags  # noqa: PLC0415 — flags are defined only when this module is the command
     from ml_collections import config_flags  # noqa: PLC0415
 
-    from diffseg_jax import cli, configlib, writers  # noqa: PLC0415
+    from diffseg_jax import cli, writers  # noqa: PLC0415
 
     config = config_flags.DEFINE_config_file(
         "config",
@@ -95,7 +96,7 @@ def main() -> None:
 
     def run(_):
         writers.quiet_libraries()
-        configlib.validate(config.value)
+        validation.validate(config.value)
         counts = cli.reporting_user_errors(
             lambda: export(config.value.data, out.value), also=(FileExistsError,)
         )
