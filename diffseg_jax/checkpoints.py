@@ -240,3 +240,7 @@ def host_copy(state: Any) -> Any:
             x.copy_to_host_async()  # every leaf's transfer at once, then each waited on below
     # np.array copies: the device buffers are donated to the next step, and a view of them would change with it
     return jax.tree.map(lambda x: np.array(x) if isinstance(x, jax.Array) else x, local)
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Training stopped on a non-finite loss, gradient or parameter; the message names the checkpoint kept."""

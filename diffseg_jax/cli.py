@@ -17,12 +17,12 @@ from absl import app
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The exception types whose message alone explains the mistake."""
-    from diffseg_jax import checkpoints, configlib, locks, train  # noqa: PLC0415 — imported only when something failed
-    from diffseg_jax.data import files  # noqa: PLC0415
+    from diffseg_jax import checkpoints, configlib, locks  # noqa: PLC0415 — imported only when something failed
+    from diffseg_jax.data import files  # noqa: PLC0415 — likewise
 
     return (
         configlib.ConfigError,
-        train.TrainingDivergedError,
+        checkpoints.TrainingDivergedError,
         locks.WorkdirError,
         files.DatasetFileError,
         checkpoints.CheckpointMismatchError,

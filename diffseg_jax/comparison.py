@@ -97,7 +97,7 @@ def paired_bootstraps(runs: list[tuple[dict, dict]], maps: list[dict[str, np.nda
     pooling (pixels pooled if they differ), which each result names."""
     import jax  # noqa: PLC0415
 
-    from diffseg_jax import metrics  # noqa: PLC0415
+    from diffseg_jax import metrics  # noqa: PLC0415 — JAX only when comparing: report --help stays fast
 
     num_bins = runs[0][1].get("ece_bins", 10)
     poolings = {result_files.pooling_of(meta) for _, meta in runs}
@@ -120,7 +120,7 @@ def write_comparison(eval_dirs: Sequence[str], out_dir: str, num_images: int = 4
     """``figure1.png`` (Fig. 1: image, truth, then each run's mean and std; ``num_images`` rows),
     ``comparison.json`` (:func:`compare`) and ``comparison_reliability.png`` (the runs' reliability diagrams on
     their shared images, one panel) of evaluated runs, into ``out_dir``; returns their paths."""
-    from diffseg_jax import plots  # noqa: PLC0415
+    from diffseg_jax import plots  # noqa: PLC0415 — matplotlib only when drawing
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {

@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any, Sequence
 
-from diffseg_jax import collection, result_files
+from diffseg_jax import collection, objectives, result_files
 
 # Learning curves (issue 32): a run's evaluations at its kept checkpoints, ``<run>/learning_curve/step<S>_<sampler>/``
 # (written by diffseg_jax.table1 with table.eval_steps), and its final ``eval/``.
@@ -41,8 +41,6 @@ def collect_learning_curves(paths: Sequence[str]) -> list[dict[str, Any]]:
     of its config.json, or the experiment's own), sampler, seed, step, IoU and ECE (``eval.pooling``'s), the
     mean std and the std map's error AUROC. An evaluation found twice (the end step listed in ``eval_steps``)
     counts once. Sorted by run, sampler and step."""
-    from diffseg_jax import objectives
-
     files = result_files.find_run_files(
         paths,
         (os.path.join("**", CURVE_DIR, "*", "metrics.json"), os.path.join("**", "eval", "metrics.json")),
@@ -100,7 +98,7 @@ def learning_curves_markdown(rows: list[dict[str, Any]]) -> str:
 
 def write_learning_curves(rows: list[dict[str, Any]], out_dir: str) -> dict[str, str]:
     """``learning_curves.{md,csv,png}`` of :func:`collect_learning_curves`' rows in ``out_dir``."""
-    from diffseg_jax import plots  # noqa: PLC0415
+    from diffseg_jax import plots  # noqa: PLC0415 — matplotlib only when drawing
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {

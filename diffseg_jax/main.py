@@ -81,7 +81,7 @@ def main(argv):
         train,
         writers,
     )
-    from diffseg_jax.analysis import run as analysis_run  # noqa: PLC0415
+    from diffseg_jax.analysis import run as analysis_run  # noqa: PLC0415 — as above
 
     writers.quiet_libraries()
     distributed.initialize_from_env()  # Several hosts: JAX_COORDINATOR_ADDRESS etc. (see distributed.py)

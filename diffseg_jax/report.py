@@ -145,7 +145,7 @@ def write(
             f.write(uncertainty_markdown(uncertainty))
         result_files.write_csv(uncertainty, collection.UNCERTAINTY_COLUMNS, paths["uncertainty_csv"])
     if reliability:
-        from diffseg_jax import plots  # noqa: PLC0415
+        from diffseg_jax import plots  # noqa: PLC0415 — matplotlib only when drawing
 
         paths["reliability"] = os.path.join(out_dir, "reliability.png")
         plots.reliability_figure(reliability, paths["reliability"])

@@ -214,7 +214,7 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
     """A PyTorch state dict file (``torch.save``; a ``{'state_dict': ...}`` checkpoint too) as NumPy arrays,
     read by :mod:`diffseg_jax.torchfile`'s allowlist unpickler: nothing in the file is executed, and a pickle
     naming anything but tensors is refused."""
-    from diffseg_jax import torchfile  # noqa: PLC0415
+    from diffseg_jax import torchfile  # noqa: PLC0415 — only for PyTorch files
 
     expected = "a PyTorch state dict"
     try:

@@ -126,10 +126,6 @@ def jit_train_step(train_step, mesh: jax.sharding.Mesh):
     )
 
 
-class TrainingDivergedError(FloatingPointError):
-    """Training stopped on a non-finite loss, gradient or parameter; the message names the checkpoint kept."""
-
-
 class _Terminate:
     """Turns SIGTERM into a flag so the loop can checkpoint and stop cleanly."""
 
@@ -300,7 +296,7 @@ def _train(
             raise diverged(f"the training loss is {loss} at step {done} (gradient norm {grad_norm})", done)
         return loss, grad_norm
 
-    def diverged(what: str, done: int) -> TrainingDivergedError:
+    def diverged(what: str, done: int) -> checkpoints.TrainingDivergedError:
         if pending is not None:
             kept = f"step {pending[0]}, whose parameters gave these values, was not saved; "
         else:
@@ -316,7 +312,7 @@ def _train(
             )
         else:
             kept += f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}; a rerun resumes from it"
-        return TrainingDivergedError(
+        return checkpoints.TrainingDivergedError(
             f"Training diverged: {what}; stopped without saving it. {kept[0].upper()}{kept[1:]}. Lower train.lr "
             "or set train.grad_clip (e.g. 1.0), then rerun the same command."
         )

@@ -173,7 +173,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir, monke
     # Step 4's checkpoint waits for the loss of its parameters, step 5's, which is NaN: it is not saved (a
     # batch of NaN and a blown-up state look the same from here), and the message names step 2.
     with pytest.raises(
-        train.TrainingDivergedError,
+        checkpoints.TrainingDivergedError,
         match="loss is nan at step 5.*Step 4.* not saved.*last good checkpoint \\(step 2\\)",
     ):
         train.train(config, str(tmp_path))

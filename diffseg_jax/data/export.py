@@ -83,7 +83,7 @@ def main() -> None:
     from absl import flags  # noqa: PLC0415 — flags are defined only when this module is the command
     from ml_collections import config_flags  # noqa: PLC0415
 
-    from diffseg_jax import cli, writers  # noqa: PLC0415
+    from diffseg_jax import cli, writers  # noqa: PLC0415 — only when run as the command
 
     config = config_flags.DEFINE_config_file(
         "config",
