@@ -1,6 +1,7 @@
 """Shared fixtures: one tfds data dir and one XLA compilation cache per test session."""
 
 import atexit
+import json
 import os
 import shutil
 import subprocess
@@ -191,3 +192,12 @@ def assert_metrics_are_the_ensembles(eval_dir) -> dict:
     fractions = truth.reshape(len(truth), -1).mean(1)
     assert metrics["baseline_iou_all_foreground"] == pytest.approx(np.mean(fractions), abs=1e-6)
     return metrics
+
+
+def write_metrics(root, name, dataset, model, experiment, iou, ece, pooling="pooled", **more):
+    """A run folder ``root/name`` whose ``eval/metrics.json`` holds these scores (report and comparison tests)."""
+    folder = root / name / "eval"
+    folder.mkdir(parents=True)
+    m = dict(dataset=dataset, model=model, experiment=experiment, iou=iou, ece=ece, pooling=pooling, **more)
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return folder.parent

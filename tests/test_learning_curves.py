@@ -1,0 +1,51 @@
+"""diffseg_jax.learning_curves: each run's evaluations at its kept checkpoints, collected and written."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+from diffseg_jax import (
+    learning_curves,
+)
+
+
+def test_learning_curves_collect_each_runs_steps_and_samplers(tmp_path):
+    """learning_curves.collect_learning_curves (issue 32): a row per evaluation under learning_curve/ and eval/, the
+    prediction from the run's config (None: the experiment's own), the final eval/ counted once when
+    eval_steps lists it too; the Markdown, CSV and figure are written."""
+
+    def run(name, experiment, prediction, evaluations):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(
+            json.dumps({"seed": 0, "experiment": experiment, "objective": {"prediction": prediction}})
+        )
+        for sub, step, sampler, iou in evaluations:
+            (folder / sub).mkdir(parents=True)
+            m = dict(experiment=experiment, model="ensemdiff", dataset="isic2016", step=step, sampler=sampler,
+                     ddim_steps=10 if sampler == "ddim" else None, iou=iou, ece=0.1, mean_std=0.2,
+                     uncertainty={"std": {"error_auroc": 0.8}})  # fmt: skip
+            (folder / sub / "metrics.json").write_text(json.dumps(m))
+
+    run("e2_eps", "e2", None, [("learning_curve/step1000_ddim10", 1000, "ddim", 0.4),
+                               ("learning_curve/step2000_ddim10", 2000, "ddim", 0.5),
+                               ("learning_curve/step2000_ddpm", 2000, "ddpm", 0.55),
+                               ("eval", 2000, "ddim", 0.99)])  # fmt: skip
+    run("e2_x0", "e2", "x0", [("eval", 1000, "ddim", 0.8)])
+    rows = learning_curves.collect_learning_curves([str(tmp_path)])
+    got = [(os.path.basename(r["run"]), r["prediction"], r["sampler"], r["step"], r["iou"]) for r in rows]
+    assert got == [
+        ("e2_eps", "eps", "ddim10", 1000, 0.4),
+        ("e2_eps", "eps", "ddim10", 2000, 0.5),
+        ("e2_eps", "eps", "ddpm", 2000, 0.55),
+        ("e2_x0", "x0", "ddim10", 1000, 0.8),
+    ]
+    assert rows[0]["std_error_auroc"] == 0.8 and rows[0]["dataset"] == "ISIC16"
+    paths = learning_curves.write_learning_curves(rows, str(tmp_path / "out"))
+    assert (
+        "| ISIC16 | EnsemDiff | E2 | eps | ddim10 | 0 | 1000 | 40.00 | 0.1000 |"
+        in pathlib.Path(paths["learning_curves_md"]).read_text()
+    )
+    assert os.path.getsize(paths["learning_curves_png"]) > 1000
