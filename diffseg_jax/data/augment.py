@@ -42,6 +42,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from diffseg_jax.data import image_ops, segdiff_augment
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentParams:
@@ -82,22 +84,13 @@ def rotation_range(height: int, width: int) -> tuple[float, float]:
     return (-math.radians(degrees), math.radians(degrees))
 
 
-def _uniform(key: jax.Array, bounds: tuple[float, float], shape: tuple[int, ...] = ()) -> jax.Array:
-    return jax.random.uniform(key, shape, minval=bounds[0], maxval=bounds[1])
-
-
 def bg_contrast(key: jax.Array, bounds: tuple[float, float], shape: tuple[int, ...] = ()) -> jax.Array:
     """batchgeneratorsv2's BGContrast: U(lo, 1) or U(max(lo, 1), hi), each with probability 1/2 (if lo < 1)."""
     k_side, k_low, k_high = jax.random.split(key, 3)
-    low = _uniform(k_low, (bounds[0], min(1.0, bounds[1])), shape)
-    high = _uniform(k_high, (max(bounds[0], 1.0), bounds[1]), shape)
+    low = image_ops.uniform(k_low, (bounds[0], min(1.0, bounds[1])), shape)
+    high = image_ops.uniform(k_high, (max(bounds[0], 1.0), bounds[1]), shape)
     use_low = (jax.random.uniform(k_side, shape) < 0.5) & (bounds[0] < 1.0)
     return jnp.where(use_low, low, high)
-
-
-def _bilinear(channel: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
-    """Samples a (H, W) array at float pixel coordinates, zeros outside (grid_sample 'zeros', bilinear)."""
-    return jax.scipy.ndimage.map_coordinates(channel, [rows, cols], order=1, mode="constant", cval=0.0)
 
 
 def spatial(
@@ -119,13 +112,13 @@ def spatial(
     # A = R S acting on (row, col) column vectors, as batchgeneratorsv2's create_affine_matrix_2d.
     rows = scale * (cos * yy - sin * xx) + cy
     cols = scale * (sin * yy + cos * xx) + cx
-    sample = jax.vmap(lambda c: _bilinear(c, rows, cols), in_axes=-1, out_axes=-1)
+    sample = jax.vmap(lambda c: image_ops.bilinear(c, rows, cols), in_axes=-1, out_axes=-1)
     new_image = sample(image)
 
     m = mask[..., 0]
-    fg = _bilinear(m, rows, cols)
-    bg = _bilinear(1.0 - m, rows, cols)
-    pad = 1.0 - _bilinear(jnp.ones_like(m), rows, cols)
+    fg = image_ops.bilinear(m, rows, cols)
+    bg = image_ops.bilinear(1.0 - m, rows, cols)
+    pad = 1.0 - image_ops.bilinear(jnp.ones_like(m), rows, cols)
     scores = (jnp.stack([pad, bg, fg]) * SEG_SCORE_SCALE).astype(jnp.float16)  # labels -1, 0, 1
     top = jnp.max(scores, axis=0)
     winner = jnp.argmax(scores, axis=0)  # the first maximum: the lower label
@@ -237,15 +230,15 @@ def augment_example(
 
     # Rotation and scaling: one affine resampling when either is drawn (none at all otherwise).
     do_rot, do_scale = happens(params.p_rotation), happens(params.p_scaling)
-    angle = jnp.where(do_rot, _uniform(next(keys), params.rotation or rotation_range(h, w)), 0.0)
-    scale = jnp.where(do_scale, _uniform(next(keys), params.scaling), 1.0)
+    angle = jnp.where(do_rot, image_ops.uniform(next(keys), params.rotation or rotation_range(h, w)), 0.0)
+    scale = jnp.where(do_scale, image_ops.uniform(next(keys), params.scaling), 1.0)
     moved_image, moved_mask = spatial(image, mask, angle, scale)
     moved = do_rot | do_scale
     image = jnp.where(moved, moved_image, image)
     mask = jnp.where(moved, moved_mask, mask)
 
     # Gaussian noise: one σ for all channels, independent noise per channel.
-    sigma = _uniform(next(keys), params.noise_sigma)
+    sigma = image_ops.uniform(next(keys), params.noise_sigma)
     noisy = image + sigma * jax.random.normal(next(keys), image.shape)
     image = jnp.where(happens(params.p_noise), noisy, image)
 
@@ -253,7 +246,7 @@ def augment_example(
     do_blur = happens(params.p_blur)
     chosen = per_channel(params.blur_p_per_channel)
     taps = blur_taps(params.blur_sigma[1])
-    sigmas = _uniform(next(keys), params.blur_sigma, (c, 2))
+    sigmas = image_ops.uniform(next(keys), params.blur_sigma, (c, 2))
     blurred = channels(lambda x, s: gaussian_blur(x, s, taps), image, sigmas)
     image = jnp.where(do_blur & chosen, blurred, image)
 
@@ -272,7 +265,9 @@ def augment_example(
     # Simulated low resolution: each channel with p_per_channel, its own scale for both axes.
     do_low = happens(params.p_low_resolution)
     chosen = per_channel(params.low_resolution_p_per_channel)
-    low = channels(simulate_low_resolution, image, _uniform(next(keys), params.low_resolution_scale, (c,)))
+    low = channels(
+        simulate_low_resolution, image, image_ops.uniform(next(keys), params.low_resolution_scale, (c,))
+    )
     image = jnp.where(do_low & chosen, low, image)
 
     # Gamma of the inverted image, then gamma: every channel, its own γ, mean and std retained.
@@ -308,154 +303,7 @@ def augment_batch(
 # PIL's 8-bit rounding between the steps (float images here).
 
 
-@dataclasses.dataclass(frozen=True)
-class SegDiffParams:
-    degrees: float = 22.0
-    scale: tuple[float, float] = (0.75, 1.25)
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-
-
-SEGDIFF_MONUSEG = SegDiffParams()
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
-
-
-def affine_nearest_mask(
-    image: jax.Array, mask: jax.Array, angle: jax.Array, zoom: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """torchvision's ``affine`` with rotation ``angle`` (radians) and ``scale=zoom`` about the centre (zoom > 1
-    enlarges the content): output pixel p samples the input at R(-angle)(p - c)/zoom + c, the image bilinearly
-    and the mask by its nearest pixel, 0 outside."""
-    h, w = image.shape[:2]
-    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    yy, xx = jnp.meshgrid(
-        jnp.arange(h, dtype=jnp.float32) - cy, jnp.arange(w, dtype=jnp.float32) - cx, indexing="ij"
-    )
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
-    rows = (cos * yy - sin * xx) / zoom + cy
-    cols = (sin * yy + cos * xx) / zoom + cx
-    new_image = jax.vmap(lambda c: _bilinear(c, rows, cols), in_axes=-1, out_axes=-1)(image)
-    nearest = jax.scipy.ndimage.map_coordinates(
-        mask[..., 0], [jnp.round(rows), jnp.round(cols)], order=0, mode="constant", cval=0.0
-    )
-    return new_image, nearest[..., None].astype(mask.dtype)
-
-
-def grayscale(image: jax.Array) -> jax.Array:
-    """(H, W, 1) luminance of an RGB image (torchvision's weights); a one-channel image as it is."""
-    if image.shape[-1] != 3:
-        return image[..., :1]
-    return jnp.sum(image * jnp.asarray(GRAY_WEIGHTS, image.dtype), axis=-1, keepdims=True)
-
-
-def adjust_brightness(image: jax.Array, factor: jax.Array) -> jax.Array:
-    return jnp.clip(image * factor, 0.0, 1.0)
-
-
-def adjust_contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
-    """Blend with the mean grey level of the whole image (torchvision)."""
-    return jnp.clip(factor * image + (1.0 - factor) * jnp.mean(grayscale(image)), 0.0, 1.0)
-
-
-def adjust_saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
-    """Blend with the image's grey version; a no-op on other than 3 channels, as torchvision."""
-    if image.shape[-1] != 3:
-        return image
-    return jnp.clip(factor * image + (1.0 - factor) * grayscale(image), 0.0, 1.0)
-
-
-def rgb_to_hsv(image: jax.Array) -> jax.Array:
-    """torchvision's ``_rgb2hsv`` on (..., 3) values in [0, 1]: hue in [0, 1)."""
-    r, g, b = image[..., 0], image[..., 1], image[..., 2]
-    maxc, minc = jnp.max(image, -1), jnp.min(image, -1)
-    equal = maxc == minc
-    span = maxc - minc
-    s = span / jnp.where(equal, 1.0, maxc)
-    div = jnp.where(equal, 1.0, span)
-    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-    hr = jnp.where(maxc == r, bc - gc, 0.0)
-    hg = jnp.where((maxc == g) & (maxc != r), 2.0 + rc - bc, 0.0)
-    hb = jnp.where((maxc != g) & (maxc != r), 4.0 + gc - rc, 0.0)
-    h = jnp.mod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return jnp.stack([h, s, maxc], -1)
-
-
-def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
-    """torchvision's ``_hsv2rgb``."""
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    i = jnp.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = jnp.mod(i, 6).astype(jnp.int32)
-    p = jnp.clip(v * (1.0 - s), 0.0, 1.0)
-    q = jnp.clip(v * (1.0 - s * f), 0.0, 1.0)
-    t = jnp.clip(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
-    table = jnp.stack(
-        [
-            jnp.stack([v, t, p], -1),
-            jnp.stack([q, v, p], -1),
-            jnp.stack([p, v, t], -1),
-            jnp.stack([p, q, v], -1),
-            jnp.stack([t, p, v], -1),
-            jnp.stack([v, p, q], -1),
-        ]
-    )
-    return jnp.take_along_axis(table, i[None, ..., None], axis=0)[0]
-
-
-def adjust_hue(image: jax.Array, shift: jax.Array) -> jax.Array:
-    """Rotate the hue by ``shift`` (a fraction of the circle); a no-op on other than 3 channels."""
-    if image.shape[-1] != 3:
-        return image
-    hsv = rgb_to_hsv(jnp.clip(image, 0.0, 1.0))
-    return hsv_to_rgb(hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + shift, 1.0)))
-
-
-def color_jitter(key: jax.Array, image: jax.Array, params: SegDiffParams = SEGDIFF_MONUSEG) -> jax.Array:
-    """torchvision's ColorJitter: brightness, contrast, saturation factors ~ U(max(0, 1 - x), 1 + x), hue shift
-    ~ U(-hue, hue), the four applied in a random order."""
-    k_order, k_b, k_c, k_s, k_h = jax.random.split(key, 5)
-
-    def factor(k, x):
-        return _uniform(k, (max(0.0, 1.0 - x), 1.0 + x))
-
-    b, c, sat = factor(k_b, params.brightness), factor(k_c, params.contrast), factor(k_s, params.saturation)
-    hue = _uniform(k_h, (-params.hue, params.hue))
-    ops = [
-        lambda x: adjust_brightness(x, b),
-        lambda x: adjust_contrast(x, c),
-        lambda x: adjust_saturation(x, sat),
-        lambda x: adjust_hue(x, hue),
-    ]
-    order = jax.random.permutation(k_order, 4)
-    for i in range(4):
-        image = jax.lax.switch(order[i], ops, image)
-    return image
-
-
-def segdiff_example(
-    key: jax.Array, image: jax.Array, mask: jax.Array, params: SegDiffParams = SEGDIFF_MONUSEG
-) -> tuple[jax.Array, jax.Array]:
-    """SegDiff's RandomAffine then ColorJitter for an (H, W, C) image in [0, 1] and its (H, W, 1) mask."""
-    k_angle, k_zoom, k_jitter = jax.random.split(key, 3)
-    angle = _uniform(k_angle, (-math.radians(params.degrees), math.radians(params.degrees)))
-    image, mask = affine_nearest_mask(image, mask, angle, _uniform(k_zoom, params.scale))
-    return color_jitter(k_jitter, image, params), mask
-
-
-def segdiff_batch(
-    key: jax.Array, batch: dict[str, jax.Array], params: SegDiffParams = SEGDIFF_MONUSEG
-) -> dict[str, jax.Array]:
-    """:func:`segdiff_example` on every example of ``batch``, own key each."""
-    keys = jax.random.split(key, batch["image"].shape[0])
-    image, mask = jax.vmap(lambda k, x, m: segdiff_example(k, x, m, params))(
-        keys, batch["image"], batch["mask"]
-    )
-    return {**batch, "image": image, "mask": mask}
-
-
-AUGMENTATIONS = {"none": None, "nnunet": NNUNET_2D, "segdiff": SEGDIFF_MONUSEG}
+AUGMENTATIONS = {"none": None, "nnunet": NNUNET_2D, "segdiff": segdiff_augment.SEGDIFF_MONUSEG}
 
 
 def for_training(name: str, model):
@@ -470,8 +318,10 @@ def for_training(name: str, model):
     params = AUGMENTATIONS[name]
     if params is None:
         return None, model
-    if isinstance(params, SegDiffParams):  # on the [0, 1] image; SegDiff's model normalises it afterwards
-        return (lambda key, batch: segdiff_batch(key, batch, params)), model
+    if isinstance(
+        params, segdiff_augment.SegDiffParams
+    ):  # on the [0, 1] image; SegDiff's model normalises it afterwards
+        return (lambda key, batch: segdiff_augment.segdiff_batch(key, batch, params)), model
     normalize = bool(getattr(model, "normalize", False))
 
     def augment(key: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
