@@ -2,7 +2,10 @@
 
 Beyond the paper, the network predicts the mask x0 instead of the noise ε (``objective.prediction='x0'``): at a
 short run's scale ε-prediction leaves the members on soft values (issue 32). ``--config.objective.prediction=eps``
-trains the paper's ε (Eq. 3).
+trains the paper's ε (Eq. 3). Beyond the paper too (issue 33): self-conditioning (``objective.self_condition``,
+Chen et al. 2022) and a stochastic 10-step DDIM (η = 1), the best variant measured at this scale
+(docs/results.md, "Beyond the paper: better diffusion segmentation"): against x0 with DDIM-25 its std map finds the
+errors better (AUROC 0.937 vs 0.917) at 10 instead of 25 network calls per member, with the same IoU and ECE.
 
   python -m diffseg_jax.main --config configs/quickstart.py --workdir runs/quickstart
 
@@ -20,6 +23,8 @@ def get_config(arg=None):
     config.objective.loss = (
         "eps_mse"  # The plain MSE, no learned variance (EnsemDiff's hybrid loss also works).
     )
+    # Issue 33: the previous x̂0 as extra input channels (a stop-gradient first pass on half the training batches).
+    config.objective.self_condition = True
     config.objective.prediction = "x0"  # Beyond the paper: the mask as target; 'eps' is the paper's Eq. 3.
     # Masks diffused as 2m-1 in [-1, 1], the range the sampler clips x0 to (EnsemDiff's own code diffuses {0, 1}).
     config.diffusion.mask_range = "symmetric"
@@ -37,7 +42,8 @@ def get_config(arg=None):
     config.eval.use_ema = True
     config.eval.ensemble_size = 5
     config.eval.sampler = "ddim"
-    config.eval.ddim_steps = 25
+    config.eval.ddim_steps = 10  # ≤ 10 network calls per member (issue 33); 25 before
+    config.eval.ddim_eta = 1.0  # stochastic DDIM: DDPM's posterior variance at each of the 10 steps
     config.eval.batch_size = 32
     if base.parse_arg(arg)[1]:
         base.apply_tiny(config)
