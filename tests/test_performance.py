@@ -198,8 +198,10 @@ def test_two_hosts_train_in_lock_step_to_the_single_host_parameters(tmp_path, tf
     ref = [json.loads(line)["loss"] for line in open(os.path.join(ref_dir, "metrics.jsonl"))]
     for log in logs:
         np.testing.assert_allclose(_logged_losses(log), ref, rtol=1e-4)
-    # One checkpoint, written once by the two processes together, and the same parameters as one host.
-    assert sorted(os.listdir(multi_dir / "checkpoints")) == [str(steps)]
+    # The checkpoints (the last and the 75 % one of train.keep_at), written once by the two processes together,
+    # and the same parameters as one host.
+    kept = sorted({steps, *train.kept_steps(config.train)})
+    assert sorted(os.listdir(multi_dir / "checkpoints"), key=int) == [str(s) for s in kept] and len(kept) == 2
     assert len(open(multi_dir / "metrics.jsonl").readlines()) == steps  # only process 0 writes metrics
     _, _, _, _, abstract = build.setup(config, abstract=True)
     restored = []

@@ -484,8 +484,8 @@ def test_isic_downloads_through_tfds_records_then_verifies_checksums(isic_server
         assert set(got) == set(expected), split
         for image_id, mask in expected.items():  # each stored mask is its own image's, resized
             np.testing.assert_array_equal(got[image_id], files.resize_mask(mask, 32))
-    fit, validation = data.load_split(config.data, "fit"), data.load_split(config.data, "validation")
-    assert len(fit) + len(validation) == 3
+    fit, held_out = data.load_split(config.data, "fit"), data.load_split(config.data, "validation")
+    assert len(fit) + len(held_out) == 3
     # The first download recorded every archive's size and sha256, in tfds' format.
     builder = isic2016.make_download_builder(isic_server.base_url, 32, str(tmp_path / "tfds"))
     record = tfds.download.checksums.load_url_infos(builder.checksums_record)

@@ -567,7 +567,7 @@ def test_a_user_error_is_one_message_and_a_traceback_on_request(tmp_path):
 
 def test_image_generation_trains_evaluates_and_analyses(tmp_path, tfds_dir):
     """E4 end to end (E1's runs through the feed-forward protocol in test_evaluation; E3 samples as E2 does)."""
-    from diffseg_jax import evaluate
+    from diffseg_jax import evaluate, result_files
     from diffseg_jax.analysis import run as analysis
 
     config = tiny_config("e4_synthetic", data_dir=tfds_dir)
@@ -579,7 +579,7 @@ def test_image_generation_trains_evaluates_and_analyses(tmp_path, tfds_dir):
     assert saved["mean"].shape[-1] == 3 and "iou" not in result
     assert np.all((saved["mean"] >= 0) & (saved["mean"] <= 1))
     written = analysis.analyse(config, str(tmp_path))  # --mode analyse: the eps loss of the generator over t
-    rows = analysis.read_rows(written["curves"])
+    rows = result_files.read_rows(written["curves"])
     assert {r["curve"] for r in rows} == {"eps_loss"} and [r["t"] for r in rows][:3] == [0, 10, 20]
     assert all(np.isfinite(r["value"]) and r["value"] > 0 for r in rows)
     assert (tmp_path / "analysis" / "forward.png").is_file() and (
