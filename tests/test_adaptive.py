@@ -260,7 +260,9 @@ def test_tail_rise_tells_a_converged_curve_from_a_climbing_one():
     t = np.arange(0, 1000, 10)
     saturating = 0.25 / (1.0 + np.exp(-(t - 400) / 40.0))
     assert adaptive.tail_rise(t, saturating) < 1e-3
-    assert adaptive.tail_rise(t, t / 1000.0) == pytest.approx(0.1, rel=0.02)  # a straight line: 10 % of its range
+    assert adaptive.tail_rise(t, t / 1000.0) == pytest.approx(
+        0.1, rel=0.02
+    )  # a straight line: 10 % of its range
 
 
 def test_fingerprint_report_flags_a_schedule_that_leaves_the_mask_visible(monkeypatch):

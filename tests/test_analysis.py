@@ -146,7 +146,9 @@ def test_curve_files_round_trip_into_the_plots(tmp_path):
     assert result_files.read_rows(str(tmp_path / "curves.csv")) == rows
     saved = np.load(tmp_path / "curves.npz")
     np.testing.assert_array_equal(saved["t"], [r["t"] for r in rows])
-    plots.curve_figure(result_files.read_rows(str(tmp_path / "curves.csv")), str(tmp_path / "curves.png"), smoothing=3)
+    plots.curve_figure(
+        result_files.read_rows(str(tmp_path / "curves.csv")), str(tmp_path / "curves.png"), smoothing=3
+    )
     paths = fingerprints.main(["--runs", str(tmp_path), "--out", str(tmp_path / "fp"), "--smoothing", "1"])
     for key in ("png", "csv", "md"):
         assert (tmp_path / "fp" / f"fingerprints.{key}").stat().st_size > 100, paths[key]
@@ -370,7 +372,9 @@ def test_fig4_puts_curves_of_different_T_on_one_t_over_T_axis(tmp_path):
     for model, horizon in (("segdiff", 100), ("ensemdiff", 1000)):
         os.makedirs(tmp_path / model / "analysis")
         result_files.write_rows(str(tmp_path / model / "analysis" / "curves"), rows(model, horizon))
-        result_files.write_rows(str(tmp_path / model / "analysis" / "model_free"), rows(model, horizon, "model-free"))
+        result_files.write_rows(
+            str(tmp_path / model / "analysis" / "model_free"), rows(model, horizon, "model-free")
+        )
     everything = [r for m in ("segdiff", "ensemdiff") for f in ("curves", "model_free")
                   for r in plots.with_horizon(result_files.read_rows(str(tmp_path / m / "analysis" / f"{f}.csv")))]  # fmt: skip
     series = plots.fraction_series(everything)

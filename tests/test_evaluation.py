@@ -225,5 +225,3 @@ def test_a_run_is_sampled_only_with_the_settings_that_give_its_network_meaning(t
         ValueError, match=r"experiment: trained with 'e1', this config has 'e2'; diffusion\.num_timesteps"
     ):
         planning.resolve_as_trained(wrong, str(tmp_path))
-
-

@@ -819,7 +819,6 @@ REAL_CONFIGS = [f"e{e}_{d}" for e in range(1, 5) for d in ("isic", "monuseg", "f
 def test_real_data_configs(name):
     import importlib
 
-
     module = importlib.import_module(f"configs.{name}")
     config = module.get_config(None)
     dataset = name.split("_")[1]

@@ -494,11 +494,15 @@ def test_segdiff_affine_and_colour_jitter_match_their_closed_forms():
     rng = np.random.default_rng(0)
     image = jnp.asarray(rng.uniform(0.05, 0.95, (9, 9, 3)), jnp.float32)
     mask = jnp.zeros((9, 9, 1)).at[2:4, 5:8].set(1.0)
-    same_image, same_mask = segdiff_augment.affine_nearest_mask(image, mask, jnp.float32(0.0), jnp.float32(1.0))
+    same_image, same_mask = segdiff_augment.affine_nearest_mask(
+        image, mask, jnp.float32(0.0), jnp.float32(1.0)
+    )
     np.testing.assert_allclose(same_image, image, atol=1e-6)
     np.testing.assert_array_equal(same_mask, mask)
     # A quarter turn moves the mask as rot90 does (in one of the two senses), and stays binary.
-    turned = segdiff_augment.affine_nearest_mask(image, mask, jnp.float32(np.pi / 2), jnp.float32(1.0))[1][..., 0]
+    turned = segdiff_augment.affine_nearest_mask(image, mask, jnp.float32(np.pi / 2), jnp.float32(1.0))[1][
+        ..., 0
+    ]
     assert any(np.array_equal(turned, np.rot90(mask[..., 0], k)) for k in (1, 3))
     # zoom 2 (torchvision's scale > 1 enlarges): the centre pixel stays, its neighbour comes from half as far.
     zoomed = segdiff_augment.affine_nearest_mask(image, mask, jnp.float32(0.0), jnp.float32(2.0))[0]
@@ -506,14 +510,20 @@ def test_segdiff_affine_and_colour_jitter_match_their_closed_forms():
     np.testing.assert_allclose(zoomed[4, 6], image[4, 5], atol=1e-6)
     # Colour: torchvision's formulas; the hue round trip and a third of a turn taking red to green.
     gray = 0.2989 * image[..., 0] + 0.587 * image[..., 1] + 0.114 * image[..., 2]
-    np.testing.assert_allclose(segdiff_augment.adjust_brightness(image, 1.3), np.clip(image * 1.3, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(
+        segdiff_augment.adjust_brightness(image, 1.3), np.clip(image * 1.3, 0, 1), atol=1e-6
+    )
     np.testing.assert_allclose(
         segdiff_augment.adjust_contrast(image, 0.6), np.clip(0.6 * image + 0.4 * gray.mean(), 0, 1), atol=1e-6
     )
     np.testing.assert_allclose(
-        segdiff_augment.adjust_saturation(image, 1.4), np.clip(1.4 * image - 0.4 * gray[..., None], 0, 1), atol=1e-6
+        segdiff_augment.adjust_saturation(image, 1.4),
+        np.clip(1.4 * image - 0.4 * gray[..., None], 0, 1),
+        atol=1e-6,
     )
-    np.testing.assert_allclose(segdiff_augment.hsv_to_rgb(segdiff_augment.rgb_to_hsv(image)), image, atol=1e-5)
+    np.testing.assert_allclose(
+        segdiff_augment.hsv_to_rgb(segdiff_augment.rgb_to_hsv(image)), image, atol=1e-5
+    )
     np.testing.assert_allclose(segdiff_augment.adjust_hue(image, 0.0), image, atol=1e-5)
     red = jnp.asarray([[[1.0, 0.0, 0.0]]])
     np.testing.assert_allclose(segdiff_augment.adjust_hue(red, 1 / 3), [[[0.0, 1.0, 0.0]]], atol=1e-5)
