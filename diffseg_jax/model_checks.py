@@ -23,18 +23,24 @@ def check_unet_size(config: ml_collections.ConfigDict) -> None:
     if m.get("cond_features", None) is not None and objectives.uses_image_condition(config.experiment):
         halvings = max(halvings, len(m.cond_features))
     factor = 2**halvings
+    check_sizes_divisible(
+        config,
+        factor,
+        lambda size: f"{m.name} halves its input {halvings} times (model.channel_mult"
+        f"{', model.cond_features' if factor > 2 ** (len(m.channel_mult) - 1) else ''}): use a multiple "
+        f"of {factor} px, e.g. {max(factor, size // factor * factor)}.",
+    )
+
+
+def check_sizes_divisible(config: ml_collections.ConfigDict, factor: int, fix) -> None:
+    """The training size, and whole-image evaluation's stored size, must be multiples of ``factor`` (what the
+    network downsamples by); ``fix(size)`` is the message's fix for a size that is not."""
     sizes = {"data.image_size": config.data.image_size}
     if config.data.eval_tiling == "whole":
         sizes["data.resize"] = data.stored_size(config.data)
     for key, size in sizes.items():
         if size % factor:
-            configlib.fail(
-                key,
-                size,
-                f"{m.name} halves its input {halvings} times (model.channel_mult"
-                f"{', model.cond_features' if factor > 2 ** (len(m.channel_mult) - 1) else ''}): use a multiple "
-                f"of {factor} px, e.g. {max(factor, size // factor * factor)}.",
-            )
+            configlib.fail(key, size, fix(size))
 
 
 def check_unet_widths(config: ml_collections.ConfigDict) -> None:

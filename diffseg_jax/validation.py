@@ -122,14 +122,9 @@ def _validate_plan(config: ml_collections.ConfigDict) -> None:
     factor = 1
     for stride in config.model.strides:
         factor *= max(stride)
-    sizes = {"data.image_size": config.data.image_size}
-    if config.data.eval_tiling == "whole":
-        sizes["data.resize"] = data.stored_size(config.data)
-    for key, size in sizes.items():
-        if size % factor:
-            configlib.fail(
-                key, size, f"The network's strides (model.strides) need a multiple of {factor} px."
-            )
+    model_checks.check_sizes_divisible(
+        config, factor, lambda size: f"The network's strides (model.strides) need a multiple of {factor} px."
+    )
 
 
 def _validate_analysis(config: ml_collections.ConfigDict) -> None:
