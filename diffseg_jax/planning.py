@@ -1,6 +1,6 @@
 """Data-driven plans, resolved before a run: nnU-Net plans its network, patch and batch from the training set.
 
-A model config with a ``plan`` group (``configs/base.py:nnunet_model``) is planned when ``model.plan.mode`` is
+A model config with a ``plan`` group (``diffseg_jax/defaults.py:nnunet_model``) is planned when ``model.plan.mode`` is
 ``'auto'``: :func:`resolve` reads the fingerprint of the ``train`` split (the median stored image size, the number
 of images, the channels; nnU-Net plans on all training cases, so the feed-forward protocol's 80 % phase uses the
 same plan), runs nnU-Net's 2D planner (``diffseg_jax.models.nnunet_plan``) and returns a config with the planned

@@ -795,7 +795,8 @@ def test_a_tiny_model_learns_the_easy_synthetic_lesions(tmp_path, tfds_dir):
 def test_published_schemes_diffuse_masks_in_their_codes_range():
     """Issue 32: EnsemDiff's and MedSegDiff's codes diffuse {0,1} masks (`mask > 0 -> 1`, no 2m - 1), SegDiff's
     2m - 1; each published scheme sets its own, and an experiment config keeps it."""
-    from configs import base, e2_isic, e2_monuseg
+    from configs import e2_isic, e2_monuseg
+    from diffseg_jax import defaults
 
     expected = {
         "ensemdiff": "binary",
@@ -804,7 +805,7 @@ def test_published_schemes_diffuse_masks_in_their_codes_range():
         "segdiff": "symmetric",
     }
     for model, mask_range in expected.items():
-        assert base.get_config(model).diffusion.mask_range == mask_range, model
+        assert defaults.get_config(model).diffusion.mask_range == mask_range, model
         assert e2_isic.get_config(f"{model},tiny").diffusion.mask_range == mask_range, model
         assert e2_monuseg.get_config(model).diffusion.mask_range == mask_range, model
 
