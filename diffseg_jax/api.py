@@ -74,7 +74,7 @@ class Run:
     def ensemble(self, config: ml_collections.ConfigDict) -> Callable:
         """The jitted ensemble of ``config.eval``, built once per setting."""
         e = config.eval
-        cache_key = (e.ensemble_size, e.sampler, e.ddim_steps, e.get("tta", "none"), e.member_chunk)
+        cache_key = (e.ensemble_size, e.sampler, e.ddim_steps, e.tta, e.member_chunk)
         if cache_key not in self._ensembles:
             self._ensembles[cache_key] = sampling.ensemble_fn(config, self.model, self.schedule)
         return self._ensembles[cache_key]
@@ -152,6 +152,6 @@ def load_run(
         if weights is not None:
             config.eval.use_ema = weights == "ema"
     config = planning.prepare(config, workdir, "predict")  # as it was trained; no data needed
-    channels = image_channels or config.data.get("image_channels", 3)
+    channels = image_channels or config.data.image_channels
     model, schedule, at_step, variables = restore.trained_network(config, workdir, channels)
     return Run(os.path.abspath(workdir), config, model, schedule, variables, at_step)

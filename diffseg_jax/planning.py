@@ -181,7 +181,7 @@ def resolve_as_trained(config: ml_collections.ConfigDict, workdir: str) -> ml_co
     plan_config = config.model.get("plan", None)
     needs_plan = plan_config is not None and plan_config.mode == "auto"
     d = config.diffusion
-    needs_terminal = d.get("terminal", "none") != "none" and d.alpha_bar_T <= 0
+    needs_terminal = d.terminal != "none" and d.alpha_bar_T <= 0
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return resolve(config)

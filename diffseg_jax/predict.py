@@ -162,7 +162,7 @@ def _progress_id(config, step, variables, paths, size, chunk, batch) -> dict:
         "weights": sampling.weights_digest(variables),
         "files": [[str(p), st.st_size, st.st_mtime_ns] for p, st in zip(paths, stats)],
         "stored_size": size,
-        "image_scaling": config.data.get("image_scaling", "auto"),
+        "image_scaling": config.data.image_scaling,
         "chunk": chunk,
         "batch_size": batch,
     }
@@ -241,7 +241,7 @@ def predict(
             "(E3 samples masks without the image, E4 generates images); use an e1 or e2 run."
         )
     config = planning.prepare(config, workdir, "predict")  # the plan training used, as config.json records it
-    out_dir = evaluate.output_dir(workdir, out_dir, config.eval.get("step", -1), "predict", "--predict_dir")
+    out_dir = evaluate.output_dir(workdir, out_dir, config.eval.step, "predict", "--predict_dir")
     ids, paths = find_images(images, exclude=out_dir)
     num, size = len(ids), data.stored_size(config.data)
     # The run's network from its config alone (no training data), for the RGB the files are read as.
@@ -259,7 +259,7 @@ def predict(
     if done:
         logging.info("predict: resuming after %d of %d images, read from %s.", len(rows), num, partial)
     ensemble = sampling.ensemble_fn(config, model, schedule)  # one compilation for every chunk
-    scaling = config.data.get("image_scaling", "auto")  # as the run's images were read
+    scaling = config.data.image_scaling  # as the run's images were read
     t0 = time.time()
     for c in range(done, num_chunks):
         first, last = c * chunk, min(num, (c + 1) * chunk)
@@ -327,8 +327,8 @@ def predict(
         "step": step,
         "weights": "ema" if build.uses_ema(config) else "raw",
         "ensemble_size": config.eval.ensemble_size,
-        "tta": config.eval.get("tta", "none"),
-        "member_output": config.eval.get("member_output", "soft"),
+        "tta": config.eval.tta,
+        "member_output": config.eval.member_output,
         "sampler": config.eval.sampler,
         "ddim_steps": config.eval.ddim_steps if config.eval.sampler == "ddim" else None,
         "stored_size": size,

@@ -33,6 +33,8 @@ from diffseg_jax import (
 )
 
 THRESHOLD = 0.5  # A pixel is foreground when the ensemble mean is > 0.5.
+# config eval.member_output: average the members' values ('soft', as the official codes) or their votes ('hard').
+MEMBER_OUTPUTS = ("soft", "hard")
 
 
 def make_member_fn(
@@ -68,7 +70,7 @@ def make_member_fn(
         kwargs.update(num_steps=config.eval.ddim_steps, eta=config.eval.ddim_eta)
     postprocess = getattr(model, "postprocess_member", None)
     encode = getattr(type(model), "encode_image", None)
-    hard = config.eval.get("member_output", "soft") == "hard"
+    hard = config.eval.member_output == "hard"
 
     def member(variables, images, x_shape, key):
         cond = images if objectives.uses_image_condition(experiment) else None
@@ -118,7 +120,7 @@ def ensemble_fn(config: ml_collections.ConfigDict, model, schedule: diffusion.Sc
         make_member_fn(model, schedule, config),
         config.eval.ensemble_size,
         chunk,
-        tta=config.eval.get("tta", "none"),
+        tta=config.eval.tta,
     )
 
 
@@ -307,7 +309,7 @@ def ensemble_maps(
     inputs, grid = images, None
     if tiles_per_image(config.data) > 1:
         inputs, grid = data.to_tiles(inputs, config.data.image_size)
-    tta = eval_cfg.get("tta", "none")
+    tta = eval_cfg.tta
     logging.info(
         "%s: %d-member ensembles (%s%s) of %d %s at step %d with the %s weights.",
         what,
