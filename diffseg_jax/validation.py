@@ -11,17 +11,18 @@ from diffseg_jax import configlib, data, diffusion, metrics, model_checks, model
 from diffseg_jax.data.augment import AUGMENTATIONS
 from diffseg_jax.diffusion import timesteps
 
-# Every setting that takes one of a fixed set of values, with the values the module that implements it declares;
+# Every setting that takes one of a fixed set of values, with the values the module that implements it declares
+# (a registry dict: its keys, as they are when checked, so a model registered later is allowed);
 # check_choices checks them all, with one message. build (optimizers) and sampling (member outputs) sit beside or
 # above this module in the layers, so their tuples are repeated here; tests/test_validation.py checks they agree.
-CHOICES: dict[str, tuple] = {
+CHOICES: dict[str, tuple | dict] = {
     "experiment": objectives.EXPERIMENTS,
-    "model.name": tuple(sorted(models.MODELS)),
+    "model.name": models.MODELS,
     "model.dtype": configlib.COMPUTE_DTYPES,
     "data.image_scaling": tuple(data.files.IMAGE_SCALINGS),
     "data.eval_tiling": data.EVAL_TILINGS,
-    "data.augment": tuple(sorted(AUGMENTATIONS)),
-    "diffusion.schedule": tuple(sorted(diffusion.BETA_SCHEDULES)),
+    "data.augment": AUGMENTATIONS,
+    "diffusion.schedule": diffusion.BETA_SCHEDULES,
     "diffusion.mask_range": diffusion.MASK_RANGES,
     "diffusion.variance": diffusion.FIXED_VARIANCES,
     "diffusion.terminal": diffusion.TERMINAL_METHODS,
@@ -34,11 +35,11 @@ CHOICES: dict[str, tuple] = {
     "objective.loss_weighting": objectives.LOSS_WEIGHTINGS,
     "train.optimizer": ("adam", "sgd_nesterov"),  # build.OPTIMIZERS
     "train.lr_schedule": ("constant", "poly"),  # build.LR_SCHEDULES
-    "eval.sampler": tuple(diffusion.SAMPLERS),
-    "eval.tta": tuple(diffusion.TTA_TRANSFORMS),
+    "eval.sampler": diffusion.SAMPLERS,
+    "eval.tta": diffusion.TTA_TRANSFORMS,
     "eval.member_output": ("soft", "hard"),  # sampling.MEMBER_OUTPUTS
     "eval.pooling": metrics.POOLINGS,
-    "protocol.sampler": tuple(diffusion.SAMPLERS),
+    "protocol.sampler": diffusion.SAMPLERS,
 }
 # What a choice means, where the values alone do not say.
 _CHOICE_NOTES = {
@@ -55,9 +56,16 @@ _CHOICE_NOTES = {
 }
 
 
+def allowed(key: str) -> tuple:
+    """The values setting ``key`` of :data:`CHOICES` may take now (a registry's names sorted)."""
+    choices = CHOICES[key]
+    return tuple(sorted(choices)) if isinstance(choices, dict) else tuple(choices)
+
+
 def check_choices(config: ml_collections.ConfigDict) -> None:
     """Each setting of :data:`CHOICES` holds one of its values (a model group without the setting passes)."""
-    for key, choices in CHOICES.items():
+    for key in CHOICES:
+        choices = allowed(key)
         node = config
         *groups, name = key.split(".")
         for group in groups:
