@@ -17,15 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import base
-from diffseg_jax import build
+from diffseg_jax import build, defaults
 from diffseg_jax.analysis import curves
 
 PUBLISHED_SIZE = 256
 
 
 def bench(name, published, images, timesteps, t_step, draws, t_chunk, repeats) -> dict:
-    config = base.get_config(name if published else f"{name},tiny")
+    config = defaults.get_config(name if published else f"{name},tiny")
     config.diffusion.num_timesteps = timesteps
     size = PUBLISHED_SIZE if published else config.data.image_size
     model = build.build_model(config.model, 1, size)

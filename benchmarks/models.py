@@ -51,8 +51,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import base
-from diffseg_jax import build, distributed, models, train
+from diffseg_jax import build, defaults, distributed, models, train
 
 PUBLISHED_SIZE = 256  # the size the paper's ISIC runs use; MoNuSeg trains on 256 crops too
 VARIANT_TOKENS = {
@@ -76,7 +75,7 @@ def parse_entry(entry: str, dtype: str, remat: bool) -> tuple[str, str, bool, tu
         raise SystemExit(
             f"--models: unknown architecture {name!r} in {entry!r}; known: {sorted(models.MODELS)}"
         )
-    model_keys = base.get_config(name).model
+    model_keys = defaults.get_config(name).model
     variant = {"dtype": dtype, "remat": remat}
     for token in tokens:
         if token not in VARIANT_TOKENS:
@@ -95,7 +94,7 @@ def parse_entry(entry: str, dtype: str, remat: bool) -> tuple[str, str, bool, tu
 
 
 def _config(name: str, tiny: bool, dtype: str, remat: bool, other: tuple = ()):
-    config = base.get_config(f"{name},tiny" if tiny else name)
+    config = defaults.get_config(f"{name},tiny" if tiny else name)
     for key, value in other:
         config.model[key] = value
     config.experiment = "e1" if models.is_feed_forward(name) else "e2"

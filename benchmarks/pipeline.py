@@ -24,11 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402 — puts the repository root on the path first
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from diffseg_jax import data  # noqa: E402
+from diffseg_jax import configlib, data  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/e2_synthetic.py", "Config file[:arg].")
+_CONFIG = configlib.define_config_flag(
+    "config", "e2_synthetic", "Config file[:arg] or a shipped config's name."
+)
 _BATCHES = flags.DEFINE_integer("batches", 20, "batches timed after the first")
 _THREADS = flags.DEFINE_string("threads", "1,4", "grain reader threads to try")
 _WORKERS = flags.DEFINE_string("workers", "0,2", "worker processes to try")

@@ -19,14 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import base
-from diffseg_jax import build, diffusion, sampling
+from diffseg_jax import build, defaults, diffusion, sampling
 
 PUBLISHED_SIZE = 256
 
 
 def _setup(name: str, published: bool, steps: int):
-    config = base.get_config(name if published else f"{name},tiny")
+    config = defaults.get_config(name if published else f"{name},tiny")
     config.experiment = "e2"
     config.objective.loss = "eps_mse"  # one output channel, fixed variance: the same step for every model
     config.diffusion.num_timesteps = steps  # DDPM over a T-step schedule: one network call per step

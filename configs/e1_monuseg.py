@@ -12,8 +12,8 @@ Adam lr 1e-5 as the paper's feed-forward protocol; the rest of the architecture'
 The README's "Data" section shows the folder layout.
 """
 
-from configs import base
+from diffseg_jax import defaults
 
 
 def get_config(arg=None):
-    return base.experiment_config("e1", "monuseg", arg)
+    return defaults.experiment_config("e1", "monuseg", arg)

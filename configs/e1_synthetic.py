@@ -8,12 +8,12 @@ Writes checkpoints, TensorBoard/JSONL logs and eval/ (metrics.json, ensemble.png
 Pick the fingerprint with --config.data.kind=lesion|nuclei|clusters.
 """
 
-from configs import base
+from diffseg_jax import defaults
 
 
 def get_config(arg=None):
-    config = base.get_config(arg)
+    config = defaults.get_config(arg)
     config.experiment = "e1"
     config.train.lr = 1e-5  # The paper's feed-forward protocol: Adam, lr 1e-5.
-    base.apply_reference(config, config.model.name)  # nnU-Net keeps its own training scheme
+    defaults.apply_reference(config, config.model.name)  # nnU-Net keeps its own training scheme
     return config

@@ -7,12 +7,12 @@
 
 Any images/ + masks/ folder (optionally train/ and test/), 256 px; a fifth held out as test when
 there is no test/ folder; sampled ensembles of 5 (the paper's HER2 size).
-The architecture's published training scheme (configs/base.py PUBLISHED_SCHEMES).
+The architecture's published training scheme (diffseg_jax/defaults.py PUBLISHED_SCHEMES).
 The README's "Data" section shows the folder layout.
 """
 
-from configs import base
+from diffseg_jax import defaults
 
 
 def get_config(arg=None):
-    return base.experiment_config("e2", "folder", arg)
+    return defaults.experiment_config("e2", "folder", arg)

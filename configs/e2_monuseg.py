@@ -7,12 +7,12 @@
 
 Tiles resized 1000 -> 512, random 256 crops with flips for training; the 512 test images
 evaluated as four stitched 256 tiles; sampled ensembles of 25 (Table 1).
-The architecture's published training scheme (configs/base.py PUBLISHED_SCHEMES).
+The architecture's published training scheme (diffseg_jax/defaults.py PUBLISHED_SCHEMES).
 The README's "Data" section shows the folder layout.
 """
 
-from configs import base
+from diffseg_jax import defaults
 
 
 def get_config(arg=None):
-    return base.experiment_config("e2", "monuseg", arg)
+    return defaults.experiment_config("e2", "monuseg", arg)

@@ -7,10 +7,10 @@ Writes checkpoints, TensorBoard/JSONL logs and eval/ (metrics.json, ensemble.png
 Pick the fingerprint with --config.data.kind=lesion|nuclei|clusters.
 """
 
-from configs import base
+from diffseg_jax import defaults
 
 
 def get_config(arg=None):
-    config = base.get_config(arg)
+    config = defaults.get_config(arg)
     config.experiment = "e3"
     return config

@@ -10,8 +10,8 @@ ISIC 2016 downloads itself on first use (into data.data_dir); offline, pass an u
 --config.data.manual_dir (the README's "Data" section shows its layout).
 """
 
-from configs import base
+from diffseg_jax import defaults
 
 
 def get_config(arg=None):
-    return base.experiment_config("e4", "isic", arg)
+    return defaults.experiment_config("e4", "isic", arg)

@@ -11,8 +11,8 @@ The architecture's published scheme; no image condition (EnsemDiff, SegDiff).
 The README's "Data" section shows the folder layout.
 """
 
-from configs import base
+from diffseg_jax import defaults
 
 
 def get_config(arg=None):
-    return base.experiment_config("e4", "monuseg", arg)
+    return defaults.experiment_config("e4", "monuseg", arg)

@@ -7,14 +7,13 @@
 
 The argument is the run's folder. Every value is the run's, so nothing has to be retyped (a Table 1 grid cell
 has no config file of its own); overrides then change what may differ (the test set, the sampler, the ensemble,
-test-time augmentation). The keys and their types are those of configs/base.py for the run's architecture, so
+test-time augmentation). The keys and their types are those of diffseg_jax/defaults.py for the run's architecture, so
 a misspelt override still fails, and a run recorded before a key existed gets that key's default.
 """
 
 import os
 
-from configs import base
-from diffseg_jax import configlib
+from diffseg_jax import configlib, defaults
 
 
 def get_config(arg=None):
@@ -26,4 +25,4 @@ def get_config(arg=None):
             f"{path} does not exist: {arg!r} is not a trained run's folder (--mode train writes config.json there)."
         )
     recorded = configlib.load(path)
-    return configlib.load_onto(base.get_config(recorded.model.name), recorded, path)
+    return configlib.load_onto(defaults.get_config(recorded.model.name), recorded, path)

@@ -14,11 +14,11 @@ writes runs/quickstart/eval/metrics.json (IoU, ensemble size, baselines) and eva
 (image / ground truth / ensemble mean / ensemble std). ``:tiny`` shrinks it further for the tests.
 """
 
-from configs import base
+from diffseg_jax import defaults
 
 
 def get_config(arg=None):
-    config = base.get_config(arg)
+    config = defaults.get_config(arg)
     config.experiment = "e2"
     config.objective.loss = (
         "eps_mse"  # The plain MSE, no learned variance (EnsemDiff's hybrid loss also works).
@@ -32,7 +32,7 @@ def get_config(arg=None):
     config.data.image_size = 32
     config.data.num_train = 512
     config.data.num_test = 32
-    config.model = base.tiny_model("ensemdiff")
+    config.model = defaults.tiny_model("ensemdiff")
     config.train.num_steps = 600
     config.train.batch_size = 8
     config.train.lr = 5e-4  # Faster than the published 1e-4 for this small net and short run.
@@ -45,6 +45,6 @@ def get_config(arg=None):
     config.eval.ddim_steps = 10  # ≤ 10 network calls per member (issue 33); 25 before
     config.eval.ddim_eta = 1.0  # stochastic DDIM: DDPM's posterior variance at each of the 10 steps
     config.eval.batch_size = 32
-    if base.parse_arg(arg)[1]:
-        base.apply_tiny(config)
+    if defaults.parse_arg(arg)[1]:
+        defaults.apply_tiny(config)
     return config

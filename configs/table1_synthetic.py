@@ -38,12 +38,12 @@ intervals for the differences (seed 0 stays in <model>_<experiment>, the others 
 
 import ml_collections
 
-from configs import base
+from diffseg_jax import defaults
 
 
 def get_config(arg=None):
     del arg
-    c = base.get_config("ensemdiff,tiny")
+    c = defaults.get_config("ensemdiff,tiny")
     c.table = ml_collections.ConfigDict(
         dict(
             kinds=("lesion", "nuclei", "clusters"),

@@ -235,7 +235,7 @@ def resolve_terminal(config: ml_collections.ConfigDict) -> ml_collections.Config
     """``config`` with ``diffusion.alpha_bar_T`` chosen from the training masks if it is ``-1`` (auto) and
     ``diffusion.terminal`` is not ``'none'``; else ``config`` itself."""
     d = config.diffusion
-    if d.get("terminal", "none") == "none" or d.alpha_bar_T > 0:
+    if d.terminal == "none" or d.alpha_bar_T > 0:
         return config
     masks = training_masks(config.data, config.timesteps.num_masks)
     upper = float(diffusion.alphas_cumprod_of(build.config_betas(d))[-1])
@@ -297,7 +297,7 @@ def fingerprint_report(config: ml_collections.ConfigDict) -> dict:
     terminal ᾱ at which they converge, and where the fingerprint weights put their emphasis."""
     schedule = _build_schedule(config)
     masks = training_masks(config.data, config.timesteps.num_masks)
-    tol = config.diffusion.get("terminal_tol", 0.01)
+    tol = config.diffusion.terminal_tol
     report = terminal_report(schedule, masks, _run_key(config, 1), tol)
     ts, curve = model_free_fingerprint(schedule, masks, _run_key(config, 2))
     weights = timestep_weights(schedule, ts, curve, config.timesteps.smoothing, config.timesteps.floor)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import os
 from typing import Any, Callable
 
@@ -26,47 +25,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffseg_jax import data, diffusion, evaluate, planning, restore, sampling, validation
-
-_CONFIG_DIR_NAME = "configs"
-
-
-def config_dirs() -> list[str]:
-    """Where configs are looked up by name: ``./configs`` first, then the ``configs`` shipped with the package."""
-    dirs = [os.path.abspath(_CONFIG_DIR_NAME)]
-    spec = importlib.util.find_spec(_CONFIG_DIR_NAME)
-    if spec is not None and spec.submodule_search_locations:
-        dirs += [os.path.abspath(p) for p in spec.submodule_search_locations]
-    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
-
-
-def _config_file(name: str) -> str:
-    if os.path.isfile(name):
-        return name
-    stem = os.path.basename(name)
-    stem = stem if stem.endswith(".py") else stem + ".py"
-    for directory in config_dirs():
-        path = os.path.join(directory, stem)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(
-        f"No config {name!r}: neither a file nor one of the shipped configs in {config_dirs()}. Pass a path such "
-        "as 'configs/e2_isic.py' or a name such as 'e2_isic' (':tiny', ':segdiff' after it pick a variant)."
-    )
+from diffseg_jax import configlib, data, diffusion, evaluate, planning, restore, sampling, validation
 
 
 def get_config(spec: str, lock: bool = True) -> ml_collections.ConfigDict:
-    """The config ``--config spec`` gives: ``'configs/quickstart.py:tiny'``, ``'e2_isic.py:segdiff'`` or
-    ``'quickstart'``; locked as on the command line unless ``lock=False``, so a misspelt key fails."""
-    path, _, arg = spec.partition(":")
-    path = _config_file(path)
-    module_spec = importlib.util.spec_from_file_location(f"_diffseg_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    if lock:
-        config.lock()
-    return config
+    """The config ``--config spec`` gives: a file's path (``'configs/quickstart.py:tiny'``) or a config shipped
+    with the package by name (``'quickstart:tiny'``, ``'e2_isic.py:segdiff'``), from any working directory; locked
+    as on the command line unless ``lock=False``, so a misspelt key fails (``configlib.load_config``)."""
+    return configlib.load_config(spec, lock)
 
 
 @dataclasses.dataclass
@@ -108,7 +74,7 @@ class Run:
     def ensemble(self, config: ml_collections.ConfigDict) -> Callable:
         """The jitted ensemble of ``config.eval``, built once per setting."""
         e = config.eval
-        cache_key = (e.ensemble_size, e.sampler, e.ddim_steps, e.get("tta", "none"), e.member_chunk)
+        cache_key = (e.ensemble_size, e.sampler, e.ddim_steps, e.tta, e.member_chunk)
         if cache_key not in self._ensembles:
             self._ensembles[cache_key] = sampling.ensemble_fn(config, self.model, self.schedule)
         return self._ensembles[cache_key]
@@ -186,6 +152,6 @@ def load_run(
         if weights is not None:
             config.eval.use_ema = weights == "ema"
     config = planning.prepare(config, workdir, "predict")  # as it was trained; no data needed
-    channels = image_channels or config.data.get("image_channels", 3)
+    channels = image_channels or config.data.image_channels
     model, schedule, at_step, variables = restore.trained_network(config, workdir, channels)
     return Run(os.path.abspath(workdir), config, model, schedule, variables, at_step)

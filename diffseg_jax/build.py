@@ -61,8 +61,8 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         reduction=config.objective.reduction if published else "mean",
         # E1 is classical Dice + CE (the paper): no auxiliary head loss, e.g. MedSegDiff's cal term.
         aux_weights={"cal": config.objective.cal_weight} if published and config.experiment != "e1" else {},
-        dice=config.objective.get("dice", "per_example"),
-        dice_smooth=config.objective.get("dice_smooth", 1.0),
+        dice=config.objective.dice,
+        dice_smooth=config.objective.dice_smooth,
         prediction=objectives.prediction_of(config),
         **beyond_paper_settings(config),
     )
@@ -75,11 +75,9 @@ def beyond_paper_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     o = config.objective
     diffusion_model = config.experiment != "e1"
     return dict(
-        snr_gamma=o.snr_gamma if diffusion_model and o.get("loss_weighting", "none") == "min_snr" else None,
-        self_condition_prob=(
-            o.self_condition_prob if diffusion_model and o.get("self_condition", False) else 0.0
-        ),
-        recycle_prob=o.get("recycle_prob", 0.0) if diffusion_model else 0.0,
+        snr_gamma=o.snr_gamma if diffusion_model and o.loss_weighting == "min_snr" else None,
+        self_condition_prob=o.self_condition_prob if diffusion_model and o.self_condition else 0.0,
+        recycle_prob=o.recycle_prob if diffusion_model else 0.0,
     )
 
 
@@ -126,7 +124,7 @@ def build_schedule(diffusion_config: ml_collections.ConfigDict) -> diffusion.Sch
     """
     d = diffusion_config
     betas = config_betas(d)
-    terminal = d.get("terminal", "none")
+    terminal = d.terminal
     if terminal != "none":
         if d.alpha_bar_T <= 0:
             raise ValueError(
@@ -137,14 +135,18 @@ def build_schedule(diffusion_config: ml_collections.ConfigDict) -> diffusion.Sch
     return diffusion.schedule_from_betas(betas)
 
 
+OPTIMIZERS = ("adam", "sgd_nesterov")  # config train.optimizer
+LR_SCHEDULES = ("constant", "poly")  # config train.lr_schedule
+
+
 def learning_rate(train_config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
     """``train.lr``, constant or (``lr_schedule='poly'``) nnU-Net's poly decay lr·(1 - step/num_steps)^0.9."""
-    schedule = train_config.get("lr_schedule", "constant")
+    schedule = train_config.lr_schedule
     if schedule == "constant":
         return train_config.lr
     if schedule == "poly":
         return optax.polynomial_schedule(train_config.lr, 0.0, 0.9, train_config.num_steps)
-    raise ValueError(f"train.lr_schedule must be 'constant' or 'poly', got {schedule!r}")
+    raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -154,13 +156,13 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
     weight_decay)``: torch's weight decay is an L2 term added to the (clipped) gradient before the momentum.
     """
     lr = learning_rate(train_config)
-    name = train_config.get("optimizer", "adam")
+    name = train_config.optimizer
     if name == "sgd_nesterov":
         opt = optax.sgd(lr, momentum=train_config.momentum, nesterov=True)
         if train_config.weight_decay > 0:
             opt = optax.chain(optax.add_decayed_weights(train_config.weight_decay), opt)
     elif name != "adam":
-        raise ValueError(f"train.optimizer must be 'adam' or 'sgd_nesterov', got {name!r}")
+        raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {name!r}")
     elif train_config.weight_decay > 0:
         opt = optax.adamw(lr, weight_decay=train_config.weight_decay)
     else:
@@ -233,7 +235,7 @@ def initial_weights(config: ml_collections.ConfigDict) -> tuple[str, str] | None
     """(option, local file) of the weights a run without a checkpoint starts from: ``train.init_weights`` (the
     whole model), else ``model.pretrained`` (a Hub repo id resolved through the Hub's cache, or a file); None:
     random initialisation."""
-    if config.train.get("init_weights"):
+    if config.train.init_weights:
         return "train.init_weights", config.train.init_weights
     pretrained = hub.requested(config.model.get("pretrained", None))
     if pretrained is None:
@@ -307,11 +309,9 @@ def model_and_state(
         x_shape = (*x_shape[:-1], 2 * x_shape[-1])
     cond_shape = (1, h, w, image_channels) if objectives.uses_image_condition(config.experiment) else None
 
-    tc = config.get("timesteps", None)
+    tc = config.timesteps
     sampler_state = (
-        timesteps.init_loss_history(schedule.num_timesteps, tc.history)
-        if tc is not None and tc.sampling == "loss_aware"
-        else {}
+        timesteps.init_loss_history(schedule.num_timesteps, tc.history) if tc.sampling == "loss_aware" else {}
     )
 
     def make_state():
@@ -340,5 +340,5 @@ def uses_ema(config: ml_collections.ConfigDict) -> bool:
     its evaluation take the raw weights, whatever EMA the architecture's scheme keeps for diffusion (SegDiff's
     0.9999 lags about 10k steps behind at E1's lr 1e-5)."""
     if config.experiment == "e1":
-        return bool(config.eval.get("e1_use_ema", False))
+        return bool(config.eval.e1_use_ema)
     return bool(config.eval.use_ema)

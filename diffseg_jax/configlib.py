@@ -1,6 +1,6 @@
-"""Config checks run at start-up, and config (de)serialisation.
+"""Config files found by path or by name, checks run at start-up, and config (de)serialisation.
 
-Configs are locked ``ml_collections.ConfigDict`` objects (``configs/base.py``), so an override of an unknown
+Configs are locked ``ml_collections.ConfigDict`` objects (``diffseg_jax/defaults.py``), so an override of an unknown
 key fails in the flag parser; :func:`validate` then rejects values and combinations that cannot work,
 naming the key, the value and a fix, before any data is built or compiled.
 """
@@ -8,10 +8,13 @@ naming the key, the value and a fix, before any data is built or compiled.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from diffseg_jax import writers
 
@@ -105,3 +108,103 @@ def load_onto(
 
     merge(c, recorded.to_dict(), "")
     return c
+
+
+# The config files shipped with the package. An installed package holds the repository's configs/ as
+# diffseg_jax/configs (pyproject.toml's package-dir; no top-level `configs` on sys.path); a checkout (or an editable
+# install) reads configs/ beside the package.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_SHIPPED_DIRS = (
+    os.path.join(_PACKAGE, "configs"),  # an installed package
+    os.path.join(os.path.dirname(_PACKAGE), "configs"),  # the repository (checked by its pyproject.toml)
+)
+
+
+def shipped_config_dir() -> str | None:
+    """The folder of the configs shipped with the package (None if it has none)."""
+    installed, repository = _SHIPPED_DIRS
+    if os.path.isdir(installed):
+        return installed
+    if os.path.isdir(repository) and os.path.isfile(
+        os.path.join(os.path.dirname(repository), "pyproject.toml")
+    ):
+        return repository
+    return None
+
+
+def shipped_configs() -> dict[str, str]:
+    """{name: file} of the shipped configs, e.g. ``{'quickstart': '.../configs/quickstart.py', ...}``."""
+    directory = shipped_config_dir()
+    if directory is None:
+        return {}
+    return {
+        name[:-3]: os.path.join(directory, name)
+        for name in sorted(os.listdir(directory))
+        if name.endswith(".py") and not name.startswith("_")
+    }
+
+
+def config_file(name: str) -> str:
+    """The file of config ``name``: a path to a config file, or the name of a shipped config (``quickstart``,
+    ``e2_isic.py``). A repository path (``configs/e2_isic.py``) that does not exist from the working directory
+    falls back to the shipped config of that name, so the README's commands work anywhere after ``pip install``.
+    """
+    if os.path.isfile(name):
+        return name
+    shipped = shipped_configs()
+    folder, base = os.path.split(name)
+    stem = base.removesuffix(".py")
+    if folder in ("", "configs") and stem in shipped:
+        return shipped[stem]
+    raise FileNotFoundError(
+        f"No config {name!r}: neither a config file (from {os.getcwd()}) nor a config shipped with the package. "
+        f"Pass a file's path (configs/quickstart.py) or one of the shipped configs by name: "
+        f"{', '.join(shipped) or '(none found)'}; ':tiny', ':segdiff' etc. after it pick a variant."
+    )
+
+
+def load_config(spec: str, lock: bool = True) -> ml_collections.ConfigDict:
+    """The config ``--config spec`` gives: ``'configs/quickstart.py:tiny'``, ``'e2_isic.py:segdiff'`` or
+    ``'quickstart'`` (the part after the first ':' is the file's ``get_config`` argument); locked as on the
+    command line unless ``lock=False``, so a misspelt key fails."""
+    name, _, arg = spec.partition(":")
+    path = config_file(name)
+    module_spec = importlib.util.spec_from_file_location(f"_diffseg_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    if lock:
+        config.lock()
+    return config
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+    """ml_collections' config file parser, given a shipped config's name as well as a file's path."""
+
+    def __init__(self, parser: flags.ArgumentParser):
+        self._parser = parser
+
+    def parse(self, argument):
+        name, colon, arg = argument.partition(":")
+        try:
+            path = config_file(name)
+        except FileNotFoundError as e:  # a flag error: absl prints it as one line with the usage hint
+            raise ValueError(str(e)) from None
+        return self._parser.parse(path + colon + arg)
+
+    def flag_type(self):
+        return self._parser.flag_type()
+
+
+def define_config_flag(
+    name: str, default: str | None, help_string: str, lock_config: bool = True
+) -> flags.FlagHolder:
+    """``config_flags.DEFINE_config_file`` (``--name=FILE[:arg]`` with ``--name.group.key=value`` overrides) whose
+    value may also name a config shipped with the package (:func:`config_file`)."""
+    if default is not None:
+        name_default, colon, arg = default.partition(":")
+        default = config_file(name_default) + colon + arg
+    holder = config_flags.DEFINE_config_file(name, default, help_string, lock_config=lock_config)
+    flag = flags.FLAGS[name]
+    flag.parser = _ConfigFileParser(flag.parser)
+    return holder

@@ -55,13 +55,10 @@ def main() -> None:
     ``--weights FILE``, ``--workdir DIR``. Run through ``cli.run``, as ``diffseg_jax.main``: a bad config or
     weights file (or a used workdir) is one message, not a traceback."""
     from absl import flags  # noqa: PLC0415 — flags are defined only when this module is the command
-    from ml_collections import config_flags  # noqa: PLC0415
 
-    from diffseg_jax import cli, writers  # noqa: PLC0415 — only when run as the command
+    from diffseg_jax import cli, configlib, writers  # noqa: PLC0415 — only when run as the command
 
-    config = config_flags.DEFINE_config_file(
-        "config", None, "Config file, e.g. configs/e2_isic.py:ensemdiff.", lock_config=True
-    )
+    config = configlib.define_config_flag("config", None, "Config file, e.g. configs/e2_isic.py:ensemdiff.")
     weights = flags.DEFINE_string(
         "weights", None, ".pt/.pth/.bin (read without torch), .safetensors or .npz state dict"
     )

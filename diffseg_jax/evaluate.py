@@ -110,7 +110,7 @@ def evaluate(
     eval_cfg = config.eval
     if out_dir is None:
         _check_trained_data(config, workdir)
-    out_dir = output_dir(workdir, out_dir, eval_cfg.get("step", -1))
+    out_dir = output_dir(workdir, out_dir, eval_cfg.step)
     if compare_workdir and not os.path.exists(os.path.join(compare_workdir, "eval", "ensemble.npz")):
         raise FileNotFoundError(  # named now, not after the sampling
             f"--compare_workdir {compare_workdir} has no eval/ensemble.npz; evaluate that run first (--mode "
@@ -141,8 +141,8 @@ def evaluate(
         "model": config.model.name,
         "dataset": dataset_label(config.data),
         "ensemble_size": eval_cfg.ensemble_size,
-        "tta": eval_cfg.get("tta", "none"),
-        "member_output": eval_cfg.get("member_output", "soft"),
+        "tta": eval_cfg.tta,
+        "member_output": eval_cfg.member_output,
         "sampler": eval_cfg.sampler,
         "ddim_steps": eval_cfg.ddim_steps if eval_cfg.sampler == "ddim" else None,
         "weights": "ema" if build.uses_ema(config) else "raw",

@@ -29,12 +29,13 @@ import contextlib
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from diffseg_jax import cli
+from diffseg_jax import cli, configlib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/quickstart.py[:arg].", lock_config=True
+_CONFIG = configlib.define_config_flag(
+    "config",
+    None,
+    "Config file, e.g. configs/quickstart.py[:arg], or a config shipped with the package by name (quickstart:tiny).",
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation outputs.")
 _MODE = flags.DEFINE_enum(

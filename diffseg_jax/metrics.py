@@ -33,6 +33,11 @@ def dice(pred_mask: jnp.ndarray, true_mask: jnp.ndarray, empty_value: float = 1.
     return jnp.where(denom > 0, 2.0 * jnp.sum(p & y) / jnp.maximum(denom, 1), empty_value)
 
 
+# config eval.pooling: which value metrics.json reports as `iou` / `ece`: over all test pixels, or the mean of
+# per-image values (both are always written).
+POOLINGS = ("pooled", "per_image")
+
+
 def per_image(metric: Callable[..., jnp.ndarray], *arrays: jnp.ndarray) -> jnp.ndarray:
     """Applies a pooled metric to each image of stacked arrays (leading axis = image)."""
     return jax.vmap(metric)(*arrays)

@@ -46,6 +46,12 @@ ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray | None, jax.Array
 
 PREDICTIONS = diffusion.PREDICTIONS  # what a diffusion network may predict: 'eps', 'x0' or 'v'
 DEFAULT_PREDICTION = {"e1": "logits", "e2": "eps", "e3": "x0", "e4": "eps"}
+# The loss settings' values (config objective.*): the published schemes' own losses or the paper's plain ε-MSE;
+# the reduction over a mask; E1's Dice term (per example, or nnU-Net's over the batch); the weighting over t.
+LOSSES = ("published", "eps_mse")
+REDUCTIONS = ("mean", "sum")
+DICE_TERMS = ("per_example", "batch")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 def prediction_type(experiment: str, prediction: str | None = None) -> str:
@@ -64,7 +70,7 @@ def prediction_type(experiment: str, prediction: str | None = None) -> str:
 
 def prediction_of(config) -> str:
     """:func:`prediction_type` of a config: ``objective.prediction`` (None: the experiment's own)."""
-    return prediction_type(config.experiment, config.objective.get("prediction", None))
+    return prediction_type(config.experiment, config.objective.prediction)
 
 
 def uses_image_condition(experiment: str) -> bool:

@@ -1,6 +1,6 @@
 """Data-driven plans, resolved before a run: nnU-Net plans its network, patch and batch from the training set.
 
-A model config with a ``plan`` group (``configs/base.py:nnunet_model``) is planned when ``model.plan.mode`` is
+A model config with a ``plan`` group (``diffseg_jax/defaults.py:nnunet_model``) is planned when ``model.plan.mode`` is
 ``'auto'``: :func:`resolve` reads the fingerprint of the ``train`` split (the median stored image size, the number
 of images, the channels; nnU-Net plans on all training cases, so the feed-forward protocol's 80 % phase uses the
 same plan), runs nnU-Net's 2D planner (``diffseg_jax.models.nnunet_plan``) and returns a config with the planned
@@ -181,7 +181,7 @@ def resolve_as_trained(config: ml_collections.ConfigDict, workdir: str) -> ml_co
     plan_config = config.model.get("plan", None)
     needs_plan = plan_config is not None and plan_config.mode == "auto"
     d = config.diffusion
-    needs_terminal = d.get("terminal", "none") != "none" and d.alpha_bar_T <= 0
+    needs_terminal = d.terminal != "none" and d.alpha_bar_T <= 0
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return resolve(config)

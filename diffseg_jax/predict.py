@@ -28,10 +28,10 @@ data is read: the network comes from the config, and a data-driven plan (nnU-Net
 from the run's ``config.json``.
 
 Memory does not grow with the folder: ``eval.predict_chunk`` images (rounded up to whole evaluation batches) are
-read, sampled and written at a time, and the maps of all images go to memory-mapped files in ``out_dir/partial``
-(8 bytes a pixel at the stored size) that ``predictions.npz`` is written from at the end. Finished chunks and
-the batches of an unfinished one are kept there until the end, so a rerun after a crash samples only the rest;
-the chunking does not change the samples.
+read, sampled and written at a time. Each finished chunk's maps (8 bytes a pixel at the stored size) and csv rows
+are kept in ``out_dir/partial`` (``diffseg_jax.batch_store``, as evaluation keeps its batches) and
+``predictions.npz`` is streamed from them at the end; the batches of an unfinished chunk are kept there too, so a
+rerun after a crash samples only the rest. The chunking does not change the samples.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import os
 import pathlib
 import shutil
 import time
+import zipfile
 
 import ml_collections
 import numpy as np
@@ -49,6 +50,7 @@ from absl import logging
 from PIL import Image
 
 from diffseg_jax import (
+    batch_store,
     build,
     data,
     distributed,
@@ -162,39 +164,38 @@ def _progress_id(config, step, variables, paths, size, chunk, batch) -> dict:
         "weights": sampling.weights_digest(variables),
         "files": [[str(p), st.st_size, st.st_mtime_ns] for p, st in zip(paths, stats)],
         "stored_size": size,
-        "image_scaling": config.data.get("image_scaling", "auto"),
+        "image_scaling": config.data.image_scaling,
         "chunk": chunk,
         "batch_size": batch,
     }
     return json.loads(json.dumps(run_id, default=repr))
 
 
-def _open_progress(partial: str, run_id: dict, num: int, size: int):
-    """(chunks done, their rows, the mean and std maps as float32 (num, size, size) memory-mapped files).
+def _save_npz(path: str, arrays: dict, chunks: batch_store.BatchStore, num_chunks: int, shape: tuple) -> None:
+    """``predictions.npz``: ``arrays`` and the float32 ``mean`` and ``std`` maps of every image, ``shape`` (N, S, S),
+    streamed from the finished chunks one at a time (memory holds one chunk), compressed, written whole. It is
+    the file ``np.savez_compressed`` writes."""
+    tmp = path + ".tmp.npz"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+            "fortran_order": False,
+            "shape": shape,
+        }
+        for name in ("mean", "std"):
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, header)
+                for c in range(num_chunks):
+                    f.write(np.ascontiguousarray(chunks.load(c)[name], np.float32).tobytes())
+    os.replace(tmp, path)
 
-    A rerun of the same prediction reopens what ``partial`` holds; anything else starts afresh there. Every
-    process uses process 0's count; only process 0 opens the maps (None elsewhere).
-    """
-    done, rows = 0, []
-    names = [os.path.join(partial, f"{name}.npy") for name in ("mean", "std")]
-    try:
-        with open(os.path.join(partial, "progress.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-        if saved["id"] == run_id and all(map(os.path.exists, names)):
-            done, rows = int(saved["chunks_done"]), saved["rows"]
-    except (OSError, ValueError, KeyError):
-        pass
-    done = distributed.primary_count(done)
-    if not distributed.is_primary():
-        return done, rows, None, None
-    os.makedirs(partial, exist_ok=True)  # batches of an unfinished chunk stay: they carry their own identity
-    maps = [
-        np.lib.format.open_memmap(n, mode="r+")
-        if done
-        else np.lib.format.open_memmap(n, mode="w+", dtype=np.float32, shape=(num, size, size))
-        for n in names
-    ]
-    return done, rows, maps[0], maps[1]
+
+def _chunk_rows(chunks: batch_store.BatchStore, done: int) -> list[dict]:
+    """The csv rows of the first ``done`` finished chunks."""
+    return [row for c in range(done) for row in json.loads(str(chunks.load(c)["rows"]))]
 
 
 def _write_outputs(out_dir, ids, paths, shapes, mean, std) -> list[dict]:
@@ -241,7 +242,7 @@ def predict(
             "(E3 samples masks without the image, E4 generates images); use an e1 or e2 run."
         )
     config = planning.prepare(config, workdir, "predict")  # the plan training used, as config.json records it
-    out_dir = evaluate.output_dir(workdir, out_dir, config.eval.get("step", -1), "predict", "--predict_dir")
+    out_dir = evaluate.output_dir(workdir, out_dir, config.eval.step, "predict", "--predict_dir")
     ids, paths = find_images(images, exclude=out_dir)
     num, size = len(ids), data.stored_size(config.data)
     # The run's network from its config alone (no training data), for the RGB the files are read as.
@@ -253,13 +254,19 @@ def predict(
     chunk = -(-config.eval.predict_chunk // config.eval.batch_size) * config.eval.batch_size
     num_chunks = -(-num // chunk)
     partial = os.path.join(out_dir, "partial")
-    run_id = _progress_id(config, step, variables, paths, size, chunk, batch)
-    done, rows, mean_map, std_map = _open_progress(partial, run_id, num, size)
+    # Finished chunks (their maps and csv rows), and inside the unfinished one its finished batches: one store.
+    chunks = batch_store.BatchStore(
+        os.path.join(partial, "chunks"), _progress_id(config, step, variables, paths, size, chunk, batch)
+    )
+    done = chunks.open()
+    rows = [] if not distributed.is_primary() else _chunk_rows(chunks, done)
     logging.info("predict: %d images from %s into %s.", num, images, out_dir)
     if done:
-        logging.info("predict: resuming after %d of %d images, read from %s.", len(rows), num, partial)
+        logging.info(
+            "predict: resuming after %d of %d images, read from %s.", min(num, done * chunk), num, partial
+        )
     ensemble = sampling.ensemble_fn(config, model, schedule)  # one compilation for every chunk
-    scaling = config.data.get("image_scaling", "auto")  # as the run's images were read
+    scaling = config.data.image_scaling  # as the run's images were read
     t0 = time.time()
     for c in range(done, num_chunks):
         first, last = c * chunk, min(num, (c + 1) * chunk)
@@ -279,13 +286,11 @@ def predict(
         )
         if not distributed.is_primary():
             continue  # every host samples; process 0 writes
-        rows += _write_outputs(out_dir, ids[first:last], paths[first:last], shapes, mean[..., 0], std[..., 0])
-        mean_map[first:last], std_map[first:last] = mean[..., 0], std[..., 0]
-        mean_map.flush()
-        std_map.flush()
-        writers.save_json_whole(
-            os.path.join(partial, "progress.json"), {"id": run_id, "chunks_done": c + 1, "rows": rows}
+        new_rows = _write_outputs(
+            out_dir, ids[first:last], paths[first:last], shapes, mean[..., 0], std[..., 0]
         )
+        chunks.save(c, mean=mean[..., 0], std=std[..., 0], rows=np.asarray(json.dumps(new_rows)))
+        rows += new_rows
         if num_chunks > 1:
             rate = (last - done * chunk) / (time.time() - t0)
             logging.info(
@@ -301,23 +306,21 @@ def predict(
         writer.writeheader()
         for row in rows:
             writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
-    np.savez_compressed(  # written from the memory-mapped files 16 MB at a time
-        os.path.join(out_dir, "predictions.npz"),
-        ids=np.asarray(ids),
-        files=np.asarray([str(p) for p in paths]),
-        original_size=np.asarray([[r["height"], r["width"]] for r in rows], np.int32),
-        mean=mean_map,
-        std=std_map,
-    )
+    arrays = {
+        "ids": np.asarray(ids),
+        "files": np.asarray([str(p) for p in paths]),
+        "original_size": np.asarray([[r["height"], r["width"]] for r in rows], np.int32),
+    }
+    _save_npz(os.path.join(out_dir, "predictions.npz"), arrays, chunks, num_chunks, (num, size, size))
     n_fig = min(config.eval.num_figure_images, num)
+    first_chunks = [chunks.load(c) for c in range(-(-n_fig // chunk))]
     plots.ensemble_figure(
         read_inputs(paths[:n_fig], size, scaling)[0],
         None,
-        np.asarray(mean_map[:n_fig]),
-        np.asarray(std_map[:n_fig]),
+        np.concatenate([saved["mean"] for saved in first_chunks])[:n_fig],
+        np.concatenate([saved["std"] for saved in first_chunks])[:n_fig],
         os.path.join(out_dir, "predictions.png"),
     )
-    del mean_map, std_map  # closes the memory-mapped files before their folder goes
     record = {
         "workdir": os.path.abspath(workdir),
         "images": os.path.abspath(os.path.expanduser(images)),
@@ -327,8 +330,8 @@ def predict(
         "step": step,
         "weights": "ema" if build.uses_ema(config) else "raw",
         "ensemble_size": config.eval.ensemble_size,
-        "tta": config.eval.get("tta", "none"),
-        "member_output": config.eval.get("member_output", "soft"),
+        "tta": config.eval.tta,
+        "member_output": config.eval.member_output,
         "sampler": config.eval.sampler,
         "ddim_steps": config.eval.ddim_steps if config.eval.sampler == "ddim" else None,
         "stored_size": size,

@@ -113,7 +113,7 @@ def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
     arrays = data.eval_arrays(config.data, "validation")
     truth = jnp.asarray(arrays["mask"] > 0.5)
     sample_config = _unlocked(config)
-    sample_config.eval.sampler = config.protocol.get("sampler", "ddim")
+    sample_config.eval.sampler = config.protocol.sampler
     sample_config.eval.ddim_steps = config.protocol.ddim_steps
     sample_config.eval.ensemble_size = config.protocol.ensemble_size
     ensemble = sampling.ensemble_fn(sample_config, model, schedule)  # one compilation for every validation
@@ -141,7 +141,7 @@ def make_validation_iou_fn(config: ml_collections.ConfigDict, model, schedule):
 def _validation_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """How an E2 validation samples, recorded with each score (DDIM's step count only where DDIM samples)."""
     p = config.protocol
-    sampler = p.get("sampler", "ddim")
+    sampler = p.sampler
     return dict(
         sampler=sampler, ensemble_size=p.ensemble_size, ddim_steps=p.ddim_steps if sampler == "ddim" else None
     )
@@ -313,7 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             validate_every=every,
             max_steps=select.train.num_steps,
             ensemble_size=config.protocol.ensemble_size,
-            sampler=config.protocol.get("sampler", "ddim"),
+            sampler=config.protocol.sampler,
             ddim_steps=config.protocol.ddim_steps,
             validation_iou={str(s): r["validation_iou"] for s, r in sorted(records.items())},
             validation_ece={str(s): r["validation_ece"] for s, r in sorted(records.items())},

@@ -65,7 +65,7 @@ def trained_network(
     """
     crop = config.data.image_size
     model, schedule, _, fresh = build.model_and_state(config, (crop, crop, image_channels), abstract=True)
-    step = config.eval.get("step", -1)
+    step = config.eval.step
     if state is None or 0 <= step != int(state.step):
         state = load_state(workdir, fresh, step)
     variables = {"params": state.ema_params if build.uses_ema(config) else state.params, **state.model_state}

@@ -7,12 +7,12 @@ import os
 
 import ml_collections
 
-from diffseg_jax import configlib, diffusion
+from diffseg_jax import configlib
 
 
 def check_train(config: ml_collections.ConfigDict) -> None:
     """Initial weights, learning rate, step counts, kept checkpoints and the protocols' validation ensembles."""
-    init_weights = config.train.get("init_weights", None)
+    init_weights = config.train.init_weights
     if init_weights is not None and not os.path.isfile(init_weights):
         configlib.fail(
             "train.init_weights",
@@ -27,7 +27,7 @@ def check_train(config: ml_collections.ConfigDict) -> None:
     for key in ("num_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         if config.train[key] < 1:
             configlib.fail(f"train.{key}", config.train[key], "Use a positive integer.")
-    bad = [f for f in config.train.get("keep_at", ()) if not 0 < f < 1]
+    bad = [f for f in config.train.keep_at if not 0 < f < 1]
     if bad:
         configlib.fail(
             "train.keep_at",
@@ -35,7 +35,7 @@ def check_train(config: ml_collections.ConfigDict) -> None:
             f"{bad} are not fractions of train.num_steps in (0, 1); e.g. (0.75,) keeps the model after 75 % of "
             "training, () none.",
         )
-    keep_every = config.train.get("keep_every", 0)
+    keep_every = config.train.keep_every
     if keep_every < 0 or (keep_every and keep_every % config.train.ckpt_every):
         configlib.fail(
             "train.keep_every",
@@ -44,17 +44,15 @@ def check_train(config: ml_collections.ConfigDict) -> None:
             f"{config.train.ckpt_every}, on which checkpoints are written.",
         )
     p = config.protocol
-    if p.get("validate_every", 0) < 0:
+    if p.validate_every < 0:
         configlib.fail(
             "protocol.validate_every",
             p.validate_every,
             "Use a positive step count, or 0 for train.ckpt_every.",
         )
-    if p.get("ensemble_size", 1) < 1:
+    if p.ensemble_size < 1:
         configlib.fail("protocol.ensemble_size", p.ensemble_size, "Use at least one member.")
-    if p.get("sampler", "ddim") not in diffusion.SAMPLERS:
-        configlib.fail("protocol.sampler", p.sampler, f"Choose one of {sorted(diffusion.SAMPLERS)}.")
-    if not 1 <= p.get("ddim_steps", 1) <= config.diffusion.num_timesteps:
+    if not 1 <= p.ddim_steps <= config.diffusion.num_timesteps:
         configlib.fail(
             "protocol.ddim_steps",
             p.ddim_steps,
@@ -63,12 +61,9 @@ def check_train(config: ml_collections.ConfigDict) -> None:
 
 
 def check_eval(config: ml_collections.ConfigDict) -> None:
-    """How evaluation samples and scores: TTA, member output, step, EMA, pooling, bins, sampler, batches."""
-    tta = config.eval.get("tta", "none")
-    if tta not in diffusion.TTA_TRANSFORMS:
-        configlib.fail(
-            "eval.tta", tta, "Choose 'none', 'flips' (4 transforms) or 'd4' (8 rotations and flips)."
-        )
+    """How evaluation samples and scores: TTA, member output, step, EMA, bins, DDIM steps, batches (their choices:
+    ``validation.CHOICES``)."""
+    tta = config.eval.tta
     if tta != "none" and config.experiment not in ("e1", "e2"):
         configlib.fail(
             "eval.tta",
@@ -76,40 +71,30 @@ def check_eval(config: ml_collections.ConfigDict) -> None:
             f"Test-time augmentation transforms the image a segmentation is conditioned on; experiment "
             f"{config.experiment!r} samples without one. Leave it at 'none'.",
         )
-    member_output = config.eval.get("member_output", "soft")
-    if member_output not in ("soft", "hard"):
-        configlib.fail(
-            "eval.member_output",
-            member_output,
-            "Choose 'soft' (average the members' values, as the official codes) or 'hard' (average their votes).",
-        )
+    member_output = config.eval.member_output
     if member_output == "hard" and config.experiment == "e4":
         configlib.fail(
             "eval.member_output",
             member_output,
             "E4 generates images, which have no foreground to vote on; use 'soft'.",
         )
-    if config.eval.get("step", -1) < -1:
+    if config.eval.step < -1:
         configlib.fail(
             "eval.step", config.eval.step, "Use -1 (the latest checkpoint) or a checkpoint's step."
         )
     if not 0.0 <= config.train.ema_decay < 1.0:
         configlib.fail("train.ema_decay", config.train.ema_decay, "Use a value in [0, 1).")
-    if config.eval.pooling not in ("pooled", "per_image"):
-        configlib.fail("eval.pooling", config.eval.pooling, "Choose 'pooled' or 'per_image'.")
     if config.eval.ece_bins < 1:
         configlib.fail(
             "eval.ece_bins", config.eval.ece_bins, "Use a positive number of bins (the paper: 10)."
         )
-    if config.eval.sampler not in diffusion.SAMPLERS:
-        configlib.fail("eval.sampler", config.eval.sampler, f"Choose one of {sorted(diffusion.SAMPLERS)}.")
     if config.eval.sampler == "ddim" and not 1 <= config.eval.ddim_steps <= config.diffusion.num_timesteps:
         configlib.fail(
             "eval.ddim_steps",
             config.eval.ddim_steps,
             f"Use 1..diffusion.num_timesteps={config.diffusion.num_timesteps}.",
         )
-    if config.eval.get("ddim_eta", 0.0) < 0:
+    if config.eval.ddim_eta < 0:
         configlib.fail(
             "eval.ddim_eta",
             config.eval.ddim_eta,

@@ -9,9 +9,6 @@ through here."""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -24,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffseg_jax import (
+    batch_store,
     build,
     data,
     diffusion,
@@ -33,6 +31,8 @@ from diffseg_jax import (
 )
 
 THRESHOLD = 0.5  # A pixel is foreground when the ensemble mean is > 0.5.
+# config eval.member_output: average the members' values ('soft', as the official codes) or their votes ('hard').
+MEMBER_OUTPUTS = ("soft", "hard")
 
 
 def make_member_fn(
@@ -68,7 +68,7 @@ def make_member_fn(
         kwargs.update(num_steps=config.eval.ddim_steps, eta=config.eval.ddim_eta)
     postprocess = getattr(model, "postprocess_member", None)
     encode = getattr(type(model), "encode_image", None)
-    hard = config.eval.get("member_output", "soft") == "hard"
+    hard = config.eval.member_output == "hard"
 
     def member(variables, images, x_shape, key):
         cond = images if objectives.uses_image_condition(experiment) else None
@@ -118,7 +118,7 @@ def ensemble_fn(config: ml_collections.ConfigDict, model, schedule: diffusion.Sc
         make_member_fn(model, schedule, config),
         config.eval.ensemble_size,
         chunk,
-        tta=config.eval.get("tta", "none"),
+        tta=config.eval.tta,
     )
 
 
@@ -165,42 +165,6 @@ def weights_digest(variables: Any) -> str:
     return f"{len(leaves)}:{float(total):.9g}"
 
 
-def _resumable_batches(resume_dir: str, run_id: dict) -> int:
-    """How many leading batches ``resume_dir`` holds for exactly this evaluation (0 for another one)."""
-    try:
-        with open(os.path.join(resume_dir, "meta.json"), encoding="utf-8") as f:
-            if json.load(f) != run_id:
-                return 0
-    except (OSError, ValueError):
-        return 0
-    done = 0
-    while os.path.exists(os.path.join(resume_dir, f"batch_{done:05d}.npz")):
-        done += 1
-    return done
-
-
-def _resume(resume_dir: str, run_id: dict, num: int, what: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The means and stds of the leading batches ``resume_dir`` holds for this evaluation (every process reads
-    process 0's count); process 0 then clears another evaluation's batches and records ``run_id``."""
-    done = distributed.primary_count(_resumable_batches(resume_dir, run_id))
-    means, stds = [], []
-    for i in range(done):
-        with np.load(os.path.join(resume_dir, f"batch_{i:05d}.npz")) as saved:
-            means.append(saved["mean"])
-            stds.append(saved["std"])
-    if done:
-        logging.info(
-            "%s: resuming after %d of %d images, read from %s.", what, sum(map(len, means)), num, resume_dir
-        )
-    if distributed.is_primary():
-        if not done and os.path.isdir(resume_dir):
-            shutil.rmtree(resume_dir)  # another evaluation's batches
-        os.makedirs(resume_dir, exist_ok=True)
-        with open(os.path.join(resume_dir, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump(run_id, f)
-    return means, stds
-
-
 def sample_statistics(
     ensemble: Callable,
     variables: Any,
@@ -236,10 +200,10 @@ def sample_statistics(
     variables = jax.device_put(variables, replicated)
     num = len(inputs)
     means, stds = [], []  # with resume_dir: the batches a previous run of this evaluation finished
+    store = None
     if resume_dir is not None:
         run_id = {
-            # As it reads back from meta.json (tuples as lists; anything else JSON lacks as its repr).
-            **json.loads(json.dumps(run_id or {}, default=repr)),
+            **(run_id or {}),
             "num": num,
             "x_shape": [int(d) for d in x_shape],
             "batch_size": int(batch_size),
@@ -249,7 +213,19 @@ def sample_statistics(
             "first_batch": int(first_batch),
             "weights_digest": weights_digest(variables),
         }
-        means, stds = _resume(resume_dir, run_id, num, what)
+        store = batch_store.BatchStore(resume_dir, run_id)
+        for i in range(store.open()):
+            saved = store.load(i)
+            means.append(saved["mean"])
+            stds.append(saved["std"])
+        if means:
+            logging.info(
+                "%s: resuming after %d of %d images, read from %s.",
+                what,
+                sum(map(len, means)),
+                num,
+                resume_dir,
+            )
     t0, start0 = time.time(), len(means) * batch_size
     template = distributed.from_global(np.zeros((per_batch,) + tuple(x_shape), np.float32), sharded)
     for i, start in enumerate(range(start0, num, batch_size), start=len(means)):
@@ -260,10 +236,8 @@ def sample_statistics(
         out = ensemble(variables, images, template, jax.random.fold_in(key, first_batch + i))
         means.append(distributed.to_host(out["mean"])[:n])
         stds.append(distributed.to_host(out["std"])[:n])
-        if resume_dir is not None and distributed.is_primary():
-            writers.save_npz_whole(
-                os.path.join(resume_dir, f"batch_{i:05d}.npz"), mean=means[-1], std=stds[-1]
-            )
+        if store is not None:
+            store.save(i, mean=means[-1], std=stds[-1])
         done = start + n
         rate = (done - start0) / (time.time() - t0)
         logging.info(
@@ -307,7 +281,7 @@ def ensemble_maps(
     inputs, grid = images, None
     if tiles_per_image(config.data) > 1:
         inputs, grid = data.to_tiles(inputs, config.data.image_size)
-    tta = eval_cfg.get("tta", "none")
+    tta = eval_cfg.tta
     logging.info(
         "%s: %d-member ensembles (%s%s) of %d %s at step %d with the %s weights.",
         what,

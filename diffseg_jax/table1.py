@@ -28,13 +28,13 @@ import time
 import jax
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from diffseg_jax import (
     checkpoints,
     cli,
     collection,
     configlib,
+    defaults,
     evaluate,
     learning_curves,
     models,
@@ -49,7 +49,7 @@ from diffseg_jax.analysis import fingerprints
 from diffseg_jax.analysis import run as analysis_run
 from diffseg_jax.data import synthetic
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Grid config, e.g. configs/table1_synthetic.py.")
+_CONFIG = configlib.define_config_flag("config", None, "Grid config, e.g. configs/table1_synthetic.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs and the table.")
 
 # Groups copied from the grid config onto every cell (the model and its scheme come from the cell's model).
@@ -162,11 +162,7 @@ def cell_config(
 ) -> ml_collections.ConfigDict:
     """The config of one cell: ``model``'s tiny config, the grid's shared settings, ``dataset`` (a synthetic
     kind or an image/mask folder), ``experiment`` and ``seed`` (default: the grid's)."""
-    try:  # the experiment configs live beside the package, in the repository's configs/
-        from configs import base
-    except ImportError as e:
-        raise ImportError("Run the table from the repository root, where configs/ is importable.") from e
-    c = base.get_config(f"{model},tiny")
+    c = defaults.get_config(f"{model},tiny")
     c.experiment = experiment
     c.seed = grid.seed if seed is None else seed
     if dataset in synthetic.KINDS:

@@ -51,7 +51,7 @@ def kept_steps(train_config: ml_collections.ConfigDict) -> tuple[int, ...]:
     ``train.keep_at`` (default 0.75: the paper's Fig. 3 model, so ``--mode analyse --config.eval.step=<75 %>``
     works on any finished run)."""
     n = train_config.num_steps
-    return tuple(sorted({round(f * n) for f in train_config.get("keep_at", ()) if 0 < round(f * n) < n}))
+    return tuple(sorted({round(f * n) for f in train_config.keep_at if 0 < round(f * n) < n}))
 
 
 def make_train_step(
@@ -70,8 +70,8 @@ def make_train_step(
     tables = adaptive.training_tables(config, schedule) if tables is None else tables
     t_weights = None if tables["weights"] is None else jnp.asarray(tables["weights"], jnp.float32)
     t_probs = None if tables["probs"] is None else jnp.asarray(tables["probs"], jnp.float32)
-    tc = config.get("timesteps", None)
-    loss_aware = tc is not None and tc.sampling == "loss_aware"
+    tc = config.timesteps
+    loss_aware = tc.sampling == "loss_aware"
     e1_t = config.objective.e1_timestep
     loss = functools.partial(
         objectives.loss_fn,
@@ -83,7 +83,7 @@ def make_train_step(
     )
     ema_decay = config.train.ema_decay
     # data.augment: a jitted per-example augmentation inside the step (nnU-Net's); none by default.
-    augment, model = augmentation.for_training(config.data.get("augment", "none"), model)
+    augment, model = augmentation.for_training(config.data.augment, model)
 
     def train_step(state: build.TrainState, batch: dict[str, jnp.ndarray]):
         key = jax.random.fold_in(state.key, state.step)
@@ -224,7 +224,7 @@ def _train(
     ckpt = checkpoints.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         config.train.keep_checkpoints,
-        config.train.get("keep_every", 0),
+        config.train.keep_every,
         keep_steps,
     )
     try:
@@ -281,10 +281,8 @@ def _train(
     # state would otherwise displace good checkpoints under keep_checkpoints (see docs/reliability.md).
     pending: tuple[int, Any] | None = None
     progress = Progress(start, num_steps, config.train.log_every, sync_every)
-    d = config.data  # (.get: configs saved before these keys existed still load)
-    stream = data.batch_stream(
-        train_ds, start, d.get("num_threads", 4), d.get("num_workers", 0), d.get("prefetch", 8)
-    )
+    d = config.data
+    stream = data.batch_stream(train_ds, start, d.num_threads, d.num_workers, d.prefetch)
     batches = distributed.device_batches(stream, mesh)
 
     def read(done: int, metrics: dict[str, jax.Array]) -> tuple[float, float]:

@@ -7,14 +7,79 @@ import os
 
 import ml_collections
 
-from diffseg_jax import configlib, data, diffusion, model_checks, models, objectives, run_checks
+from diffseg_jax import configlib, data, diffusion, metrics, model_checks, models, objectives, run_checks
 from diffseg_jax.data.augment import AUGMENTATIONS
 from diffseg_jax.diffusion import timesteps
+
+# Every setting that takes one of a fixed set of values, with the values the module that implements it declares
+# (a registry dict: its keys, as they are when checked, so a model registered later is allowed);
+# check_choices checks them all, with one message. build (optimizers) and sampling (member outputs) sit beside or
+# above this module in the layers, so their tuples are repeated here; tests/test_validation.py checks they agree.
+CHOICES: dict[str, tuple | dict] = {
+    "experiment": objectives.EXPERIMENTS,
+    "model.name": models.MODELS,
+    "model.dtype": configlib.COMPUTE_DTYPES,
+    "data.image_scaling": tuple(data.files.IMAGE_SCALINGS),
+    "data.eval_tiling": data.EVAL_TILINGS,
+    "data.augment": AUGMENTATIONS,
+    "diffusion.schedule": diffusion.BETA_SCHEDULES,
+    "diffusion.mask_range": diffusion.MASK_RANGES,
+    "diffusion.variance": diffusion.FIXED_VARIANCES,
+    "diffusion.terminal": diffusion.TERMINAL_METHODS,
+    "timesteps.weighting": timesteps.WEIGHTINGS,
+    "timesteps.sampling": timesteps.SAMPLINGS,
+    "objective.loss": objectives.LOSSES,
+    "objective.reduction": objectives.REDUCTIONS,
+    "objective.prediction": (None, *objectives.PREDICTIONS),
+    "objective.dice": objectives.DICE_TERMS,
+    "objective.loss_weighting": objectives.LOSS_WEIGHTINGS,
+    "train.optimizer": ("adam", "sgd_nesterov"),  # build.OPTIMIZERS
+    "train.lr_schedule": ("constant", "poly"),  # build.LR_SCHEDULES
+    "eval.sampler": diffusion.SAMPLERS,
+    "eval.tta": diffusion.TTA_TRANSFORMS,
+    "eval.member_output": ("soft", "hard"),  # sampling.MEMBER_OUTPUTS
+    "eval.pooling": metrics.POOLINGS,
+    "protocol.sampler": diffusion.SAMPLERS,
+}
+# What a choice means, where the values alone do not say.
+_CHOICE_NOTES = {
+    "model.dtype": "bfloat16: mixed precision with float32 parameters",
+    "diffusion.variance": "a learned variance is diffusion.learn_sigma=True",
+    "objective.loss": "each architecture's published loss, or the paper's plain ε-MSE (Eq. 3)",
+    "objective.prediction": "what an E2/E3 network predicts; None: the experiment's own, E2 eps and E3 x0",
+    "objective.dice": "batch: nnU-Net's Dice over the batch",
+    "objective.loss_weighting": "min_snr: Min-SNR-γ, Hang et al. 2023",
+    "train.optimizer": "sgd_nesterov: nnU-Net's",
+    "train.lr_schedule": "poly: nnU-Net's",
+    "eval.tta": "flips: 4 transforms, d4: 8 rotations and flips",
+    "eval.member_output": "soft averages the members' values, as the official codes; hard their votes",
+}
+
+
+def allowed(key: str) -> tuple:
+    """The values setting ``key`` of :data:`CHOICES` may take now (a registry's names sorted)."""
+    choices = CHOICES[key]
+    return tuple(sorted(choices)) if isinstance(choices, dict) else tuple(choices)
+
+
+def check_choices(config: ml_collections.ConfigDict) -> None:
+    """Each setting of :data:`CHOICES` holds one of its values (a model group without the setting passes)."""
+    for key in CHOICES:
+        choices = allowed(key)
+        node = config
+        *groups, name = key.split(".")
+        for group in groups:
+            node = node[group]
+        if name not in node:
+            continue
+        if node[name] not in choices:
+            note = f" ({_CHOICE_NOTES[key]})" if key in _CHOICE_NOTES else ""
+            configlib.fail(key, node[name], f"Choose one of {choices}{note}.")
 
 
 def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
     d = config.data
-    if check_data and d.name not in data.MANUAL_DATASETS and d.get("manual_dir", None) is not None:
+    if check_data and d.name not in data.MANUAL_DATASETS and d.manual_dir is not None:
         configlib.fail(
             "data.manual_dir",
             d.manual_dir,
@@ -27,7 +92,7 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
             "data.image_size", d.image_size, "Use a positive size in pixels (e.g. 64, or 256 as the paper)."
         )
     if d.name == "synthetic":
-        if d.get("kind", "lesion") not in data.synthetic.KINDS:
+        if d.kind not in data.synthetic.KINDS:
             configlib.fail(
                 "data.kind",
                 d.kind,
@@ -39,17 +104,17 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
                 configlib.fail(
                     f"data.{key}", d[key], "The synthetic dataset needs at least one image per split."
                 )
-    if check_data and d.name in data.DOWNLOADED_DATASETS and d.get("manual_dir", None) is None:
-        url = d.get("download_base_url", None) or ""
+    if check_data and d.name in data.DOWNLOADED_DATASETS and d.manual_dir is None:
+        url = d.download_base_url or ""
         if not url.startswith(("http://", "https://")):
             configlib.fail(
                 "data.download_base_url",
-                d.get("download_base_url", None),
+                d.download_base_url,
                 f"Dataset {d.name!r} is downloaded from this URL (the folder its official zips are in); give an "
                 "http(s) URL, or an unpacked copy as --config.data.manual_dir.",
             )
     elif check_data and d.name in data.MANUAL_DATASETS:
-        manual_dir = d.get("manual_dir", None)
+        manual_dir = d.manual_dir
         if manual_dir is None:
             configlib.fail(
                 "data.manual_dir",
@@ -57,7 +122,7 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
                 f"Dataset {d.name!r} is read from a folder: pass --config.data.manual_dir=/path/to/it.\n"
                 + data.pipeline.MANUAL_INSTRUCTIONS[d.name],
             )
-    manual_dir = d.get("manual_dir", None)
+    manual_dir = d.manual_dir
     if (
         check_data
         and d.name in data.MANUAL_DATASETS
@@ -70,9 +135,7 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
             "No such folder; pass the folder that holds the unpacked data.\n"
             + data.pipeline.MANUAL_INSTRUCTIONS[d.name],
         )
-    scaling = d.get("image_scaling", "auto")
-    if scaling not in data.files.IMAGE_SCALINGS:
-        configlib.fail("data.image_scaling", scaling, f"Choose one of {list(data.files.IMAGE_SCALINGS)}.")
+    scaling = d.image_scaling
     if scaling != "auto" and d.name != "segmentation_folder":
         configlib.fail(
             "data.image_scaling",
@@ -85,8 +148,6 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
         configlib.fail(
             "data.resize", d.resize, f"Store images at least at data.image_size={d.image_size} px."
         )
-    if d.eval_tiling not in ("tiles", "whole"):
-        configlib.fail("data.eval_tiling", d.eval_tiling, "Choose 'tiles' or 'whole'.")
     if stored != d.image_size and d.eval_tiling == "tiles" and stored % d.image_size:
         configlib.fail(
             "data.resize",
@@ -103,9 +164,6 @@ def _validate_data(config: ml_collections.ConfigDict, check_data: bool) -> None:
     for key in ("validation_fraction", "test_fraction"):
         if not 0.0 <= d[key] < 1.0:
             configlib.fail(f"data.{key}", d[key], "Use a fraction in [0, 1).")
-    augment = d.get("augment", "none")
-    if augment not in AUGMENTATIONS:
-        configlib.fail("data.augment", augment, f"Choose one of {sorted(AUGMENTATIONS)}.")
 
 
 def _validate_plan(config: ml_collections.ConfigDict) -> None:
@@ -128,16 +186,14 @@ def _validate_plan(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_analysis(config: ml_collections.ConfigDict) -> None:
-    """--mode analyse's counts (configs saved before a key existed pass)."""
-    a = config.get("analysis", None)
-    if a is None:
-        return
+    """--mode analyse's counts."""
+    a = config.analysis
     for key in ("t_step", "num_draws", "batch_size"):
-        if a.get(key, 1) < 1:
+        if a[key] < 1:
             configlib.fail(f"analysis.{key}", a[key], "Use a positive integer.")
-    if a.get("num_images", -1) == 0 or a.get("num_images", -1) < -1:
+    if a.num_images == 0 or a.num_images < -1:
         configlib.fail("analysis.num_images", a.num_images, "Use -1 (every test image) or a positive count.")
-    if a.get("t_chunk", 0) < 0:
+    if a.t_chunk < 0:
         configlib.fail(
             "analysis.t_chunk", a.t_chunk, "Use 0 (as memory allows) or a positive number of timesteps."
         )
@@ -166,11 +222,9 @@ def _validate_schedule(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_timesteps(config: ml_collections.ConfigDict) -> None:
-    """Terminal noise and the timestep weighting / sampling (configs saved before they existed pass)."""
+    """Terminal noise and the timestep weighting / sampling."""
     d = config.diffusion
-    terminal = d.get("terminal", "none")
-    if terminal not in diffusion.TERMINAL_METHODS:
-        configlib.fail("diffusion.terminal", terminal, f"Choose one of {diffusion.TERMINAL_METHODS}.")
+    terminal = d.terminal
     if terminal != "none" and not (d.alpha_bar_T == -1 or 0 < d.alpha_bar_T < 1):
         configlib.fail(
             "diffusion.alpha_bar_T",
@@ -187,19 +241,13 @@ def _validate_timesteps(config: ml_collections.ConfigDict) -> None:
                 f"The terminal ᾱ must lie below the first step's ({first:.6g}) for the noise to grow; a terminal "
                 "noise level is small, e.g. 1e-6, or -1 to choose it from the training masks' fingerprint.",
             )
-    if d.get("terminal", "none") != "none" and not 0 < d.get("terminal_tol", 0.01) < 1:
+    if d.terminal != "none" and not 0 < d.terminal_tol < 1:
         configlib.fail("diffusion.terminal_tol", d.terminal_tol, "Use a fraction in (0, 1), e.g. 0.01.")
-    tc = config.get("timesteps", None)
-    if tc is None:
-        return
-    if tc.get("num_masks", 1) < 1:
+    tc = config.timesteps
+    if tc.num_masks < 1:
         configlib.fail(
             "timesteps.num_masks", tc.num_masks, "The fingerprint needs at least one training mask, e.g. 64."
         )
-    if tc.weighting not in timesteps.WEIGHTINGS:
-        configlib.fail("timesteps.weighting", tc.weighting, f"Choose one of {timesteps.WEIGHTINGS}.")
-    if tc.sampling not in timesteps.SAMPLINGS:
-        configlib.fail("timesteps.sampling", tc.sampling, f"Choose one of {timesteps.SAMPLINGS}.")
     if config.experiment == "e1" and (tc.weighting, tc.sampling) != ("uniform", "uniform"):
         configlib.fail(
             "timesteps.weighting/sampling",
@@ -227,27 +275,23 @@ def _validate_timesteps(config: ml_collections.ConfigDict) -> None:
 def _validate_beyond_paper(config: ml_collections.ConfigDict) -> None:
     """The loss options of issue 33: Min-SNR-γ weights, self-conditioning, recycling (E1 ignores them)."""
     o = config.objective
-    weighting = o.get("loss_weighting", "none")
-    if weighting not in ("none", "min_snr"):
-        configlib.fail(
-            "objective.loss_weighting", weighting, "Choose 'none' or 'min_snr' (Min-SNR-γ, Hang et al. 2023)."
-        )
-    if weighting == "min_snr" and not o.get("snr_gamma", 5.0) > 0:
+    weighting = o.loss_weighting
+    if weighting == "min_snr" and not o.snr_gamma > 0:
         configlib.fail("objective.snr_gamma", o.snr_gamma, "Use a positive γ, e.g. 5 (Hang et al. 2023).")
-    if not 0.0 < o.get("self_condition_prob", 0.5) <= 1.0:
+    if not 0.0 < o.self_condition_prob <= 1.0:
         configlib.fail(
             "objective.self_condition_prob",
             o.self_condition_prob,
             "Use a probability in (0, 1], e.g. 0.5 (Analog Bits); objective.self_condition=False turns it off.",
         )
-    if not 0.0 <= o.get("recycle_prob", 0.0) <= 1.0:
+    if not 0.0 <= o.recycle_prob <= 1.0:
         configlib.fail(
             "objective.recycle_prob", o.recycle_prob, "Use a probability in [0, 1]: 0 is off, 1 Fu et al.'s."
         )
-    if config.experiment == "e4" and (o.get("self_condition", False) or o.get("recycle_prob", 0.0) > 0):
+    if config.experiment == "e4" and (o.self_condition or o.recycle_prob > 0):
         configlib.fail(
             "objective.self_condition / objective.recycle_prob",
-            (o.get("self_condition", False), o.get("recycle_prob", 0.0)),
+            (o.self_condition, o.recycle_prob),
             "Self-conditioning and recycling are options of mask diffusion (E2, E3); turn them off for E4.",
         )
 
@@ -257,10 +301,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
 
     ``check_data=False`` skips the dataset registry check (``--mode summary`` needs no data).
     """
-    if config.experiment not in objectives.EXPERIMENTS:
-        configlib.fail("experiment", config.experiment, f"Choose one of {objectives.EXPERIMENTS}.")
-    if config.model.name not in models.MODELS:
-        configlib.fail("model.name", config.model.name, f"Registered models: {sorted(models.MODELS)}.")
+    check_choices(config)
     model_checks.check_model_group(config)
     if check_data and config.data.name not in data.DATASETS:
         configlib.fail("data.name", config.data.name, f"Registered datasets: {sorted(data.DATASETS)}.")
@@ -269,7 +310,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     model_checks.check_unet_size(config)
     model_checks.check_unet_widths(config)
     _validate_analysis(config)
-    if config.data.get("image_channels", 3) < 1:
+    if config.data.image_channels < 1:
         configlib.fail(
             "data.image_channels", config.data.image_channels, "Use 3 for RGB images (1 for grayscale)."
         )
@@ -282,12 +323,6 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             f"Experiment {config.experiment} withholds the image, but this architecture cannot run "
             "without it; choose an image-droppable model.",
         )
-    if config.model.get("dtype", "float32") not in configlib.COMPUTE_DTYPES:
-        configlib.fail(
-            "model.dtype",
-            config.model.dtype,
-            f"Choose one of {configlib.COMPUTE_DTYPES} (bfloat16: mixed precision with float32 parameters).",
-        )
     if config.model.name == "segformer":
         model_checks.check_segformer(config.model)
     if models.is_feed_forward(config.model.name) and config.experiment != "e1":
@@ -297,51 +332,12 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             f"{config.model.name} is a feed-forward reference (image -> mask logits, no x_t): train it as "
             "e1, or choose a diffusion architecture.",
         )
-    if config.diffusion.mask_range not in diffusion.MASK_RANGES:
-        configlib.fail(
-            "diffusion.mask_range", config.diffusion.mask_range, f"Choose one of {diffusion.MASK_RANGES}."
-        )
-    if config.diffusion.schedule not in diffusion.BETA_SCHEDULES:
-        configlib.fail(
-            "diffusion.schedule",
-            config.diffusion.schedule,
-            f"Registered schedules: {sorted(diffusion.BETA_SCHEDULES)}.",
-        )
-    if config.objective.loss not in ("published", "eps_mse"):
-        configlib.fail("objective.loss", config.objective.loss, "Choose 'published' or 'eps_mse'.")
-    if config.objective.reduction not in ("mean", "sum"):
-        configlib.fail("objective.reduction", config.objective.reduction, "Choose 'mean' or 'sum'.")
-    prediction = config.objective.get("prediction", None)
-    if prediction is not None and prediction not in objectives.PREDICTIONS:
-        configlib.fail(
-            "objective.prediction",
-            prediction,
-            f"Choose one of {objectives.PREDICTIONS} (what an E2/E3 network predicts), or leave it unset for the "
-            "experiment's own (E2: eps, E3: x0).",
-        )
+    prediction = config.objective.prediction
     if prediction not in (None, "eps") and config.experiment == "e4":
         configlib.fail(
             "objective.prediction", prediction, "E4 (image generation) predicts eps; leave it unset for E4."
         )
     _validate_beyond_paper(config)
-    if config.objective.get("dice", "per_example") not in ("per_example", "batch"):
-        configlib.fail(
-            "objective.dice", config.objective.dice, "Choose 'per_example' or 'batch' (nnU-Net's)."
-        )
-    if config.train.get("optimizer", "adam") not in ("adam", "sgd_nesterov"):
-        configlib.fail(
-            "train.optimizer", config.train.optimizer, "Choose 'adam' or 'sgd_nesterov' (nnU-Net's)."
-        )
-    if config.train.get("lr_schedule", "constant") not in ("constant", "poly"):
-        configlib.fail(
-            "train.lr_schedule", config.train.lr_schedule, "Choose 'constant' or 'poly' (nnU-Net's)."
-        )
-    if config.diffusion.variance not in ("fixed_large", "fixed_small"):
-        configlib.fail(
-            "diffusion.variance",
-            config.diffusion.variance,
-            "Choose 'fixed_large' or 'fixed_small' (a learned variance is diffusion.learn_sigma=True).",
-        )
     _validate_timesteps(config)
     if config.diffusion.num_timesteps < 2:
         configlib.fail("diffusion.num_timesteps", config.diffusion.num_timesteps, "Use at least 2 timesteps.")

@@ -150,10 +150,9 @@ def test_models_benchmark_counts_and_times_a_tiny_step(tmp_path):
     )
     assert stdout.startswith("backend: cpu")
     assert "pending" not in row and "error" not in row  # the pending placeholder was replaced
-    from configs import base
-    from diffseg_jax import models
+    from diffseg_jax import defaults, models
 
-    config = base.get_config("nnunet,tiny")
+    config = defaults.get_config("nnunet,tiny")
     size, ch = config.data.image_size, config.data.image_channels
     model = build.build_model(config.model, build.output_channels(config, ch), size)
     x, t, cond = jnp.zeros((1, size, size, 1)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, size, size, ch))

@@ -18,8 +18,7 @@ import pytest
 from conftest import OFFICIAL_CASES, assert_metrics_are_the_ensembles, check_official, tiny_config
 from PIL import Image
 
-from configs import base
-from diffseg_jax import build, configlib, objectives, planning, train, validation
+from diffseg_jax import build, configlib, defaults, objectives, planning, train, validation
 from diffseg_jax.data import augment
 from diffseg_jax.models import count_params, is_feed_forward
 from diffseg_jax.models import nnunet_plan as P
@@ -171,7 +170,7 @@ def test_e1_loss_weights_every_head():
         return heads[0], {"deep_supervision": tuple(heads[1:])}
 
     batch = {"image": jnp.zeros((2, 8, 8, 3)), "mask": mask}
-    schedule = build.build_schedule(base.get_config().diffusion)
+    schedule = build.build_schedule(defaults.get_config().diffusion)
     loss, _ = objectives.loss_fn(
         apply, None, batch, jax.random.key(1), schedule, experiment="e1", dice="batch", dice_smooth=1e-5
     )
@@ -190,7 +189,7 @@ def test_e1_loss_weights_every_head():
 # The optimizer: torch.optim.SGD(lr, momentum=0.99, nesterov=True, weight_decay=3e-5) after clipping to norm 12,
 # with PolyLRScheduler's lr·(1 - step/max_steps)^0.9.
 def test_sgd_nesterov_poly_matches_torch_update_rule():
-    cfg = base.get_config("nnunet").train
+    cfg = defaults.get_config("nnunet").train
     cfg.num_steps = 10
     opt = build.make_optimizer(cfg)
     params = jnp.asarray([1.0, -2.0])
@@ -311,8 +310,8 @@ def test_configs_plan_and_validation():
     with pytest.raises(ValueError, match="feed-forward reference"):
         validation.validate(e2, check_data=False)
     with pytest.raises(ValueError, match="E1 only"):
-        base.experiment_config("e2", "isic", "nnunet")
-    isic = base.experiment_config("e1", "isic", "nnunet")
+        defaults.experiment_config("e2", "isic", "nnunet")
+    isic = defaults.experiment_config("e1", "isic", "nnunet")
     assert isic.train.lr == 1e-2 and isic.eval.ensemble_size == 1  # not the paper's E1 Adam 1e-5 / 10 members
 
 

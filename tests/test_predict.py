@@ -278,8 +278,9 @@ def test_predict_needs_no_training_data_and_returns_maps_at_each_files_size(tmp_
 @pytest.mark.slow
 def test_predict_in_chunks_gives_the_same_samples_and_resumes_after_a_crash(tmp_path, monkeypatch):
     """A folder segmented ``eval.predict_chunk`` images at a time (here 2 images of 4 tiles: 4 batches a chunk)
-    gets exactly the maps of one pass over all of it; after a crash in the middle of a chunk, a rerun samples
-    only the batches not finished and ends with the same outputs."""
+    gets exactly the maps of one pass over all of it; after a crash in the middle of a chunk (the ensemble raises
+    at its sixth batch), a rerun samples only the batches not finished and ends with the same outputs. Finished
+    chunks and the batches of the unfinished one are kept by the one store evaluation uses (batch_store)."""
     config = tiny_config("e2_folder")
     config.data.manual_dir = str(tmp_path / "not_here")
     config.data.resize = 64  # the 32 px model sees each image as four tiles
@@ -294,33 +295,47 @@ def test_predict_in_chunks_gives_the_same_samples_and_resumes_after_a_crash(tmp_
     whole.eval.predict_chunk = 100
     rows = predict.predict(whole, "unused", str(images), str(tmp_path / "whole"), state=state)
 
-    saved = []  # batch results written to partial/ as they finish
-    save = evaluate.writers.save_npz_whole
+    batches = []
+    make_ensemble = sampling.ensemble_fn
 
-    def crash_at_sixth(path, **arrays):
-        if len(saved) == 5:
-            raise RuntimeError("simulated crash")
-        saved.append(path)
-        save(path, **arrays)
+    def crashing_ensemble_fn(*args, **kwargs):
+        ensemble = make_ensemble(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate.writers, "save_npz_whole", crash_at_sixth)
+        def run(*inputs):
+            if len(batches) == 5:
+                raise RuntimeError("simulated crash")
+            batches.append(1)
+            return ensemble(*inputs)
+
+        return run
+
+    monkeypatch.setattr(sampling, "ensemble_fn", crashing_ensemble_fn)
     out = tmp_path / "chunked"
     with pytest.raises(RuntimeError, match="simulated crash"):
         predict.predict(config, "unused", str(images), str(out), state=state)
-    progress = json.loads((out / "partial" / "progress.json").read_text())
-    assert progress["chunks_done"] == 1 and [r["id"] for r in progress["rows"]] == ["im0", "im1"]
+    chunks, chunk_batches = out / "partial" / "chunks", out / "partial" / "batches"
+    assert sorted(p.name for p in chunks.glob("batch_*.npz")) == ["batch_00000.npz"]  # chunk 0 finished
+    with np.load(chunks / "batch_00000.npz") as kept:
+        assert [r["id"] for r in json.loads(str(kept["rows"]))] == ["im0", "im1"]
+    assert sorted(p.name for p in chunk_batches.glob("batch_*.npz")) == ["batch_00000.npz"]  # chunk 1's first
     assert (out / "im1_mask.png").exists() and not (out / "im2_mask.png").exists()
 
-    saved.clear()
+    saved = []  # whole files written on the rerun
+    save = evaluate.writers.save_npz_whole
     first_batches = []
     maps = sampling.ensemble_maps
+    monkeypatch.setattr(sampling, "ensemble_fn", make_ensemble)
     monkeypatch.setattr(evaluate.writers, "save_npz_whole", lambda p, **a: saved.append(p) or save(p, **a))
     monkeypatch.setattr(
         sampling, "ensemble_maps", lambda *a, **k: first_batches.append(k["first_batch"]) or maps(*a, **k)
     )
     assert predict.predict(config, "unused", str(images), str(out), state=state) == rows
-    # Chunk 1 (image 2: 2 batches) starts at batch 4 and had one batch done.
-    assert first_batches == [4] and len(saved) == 1
+    # Chunk 1 (image 2: 2 batches) starts at batch 4 and had one batch done: its second batch and the chunk.
+    assert first_batches == [4]
+    assert [os.path.relpath(p, out / "partial") for p in saved] == [
+        "batches/batch_00001.npz",
+        "chunks/batch_00001.npz",
+    ]
     with np.load(tmp_path / "whole" / "predictions.npz") as a, np.load(out / "predictions.npz") as b:
         assert sorted(a.files) == sorted(b.files)
         for key in a.files:

@@ -11,8 +11,7 @@ import optax
 import pytest
 from conftest import tiny_config
 
-from configs import base
-from diffseg_jax import build, configlib, models, state_dicts, summary, train, validation
+from diffseg_jax import build, configlib, defaults, models, state_dicts, summary, train, validation
 from diffseg_jax.models import segformer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "segformer_hf.npz")
@@ -244,7 +243,7 @@ def test_pretrained_repo_id_loads_through_the_hub_cache_and_gives_hugging_face_l
     init = _random_variables(model, image.shape)
     optimizer = optax.sgd(1e-3)  # the optimizer plays no part in the import
     state = build.create_train_state(init, optimizer, jax.random.key(0))
-    config = base.get_config("segformer")
+    config = defaults.get_config("segformer")
     config.model.pretrained = "acme/segformer-fixture"
     option, path = build.initial_weights(config)
     assert option == "model.pretrained" and path.endswith(f"snapshots/{COMMIT}/model.safetensors")
@@ -272,15 +271,15 @@ def test_pretrained_repo_id_loads_through_the_hub_cache_and_gives_hugging_face_l
 
 def test_e1_configs_of_public_datasets_start_from_the_imagenet_encoder():
     for dataset in ("isic", "monuseg"):
-        config = base.experiment_config("e1", dataset, "segformer")
+        config = defaults.experiment_config("e1", dataset, "segformer")
         assert config.model.pretrained == "nvidia/mit-b3" and config.model.variant == "b3"
         assert config.model.pretrained_revision is None
         validation.validate(config, check_data=False)
         assert (
-            base.experiment_config("e1", dataset, "segformer,tiny").model.pretrained is None
+            defaults.experiment_config("e1", dataset, "segformer,tiny").model.pretrained is None
         )  # other widths
-    assert base.experiment_config("e1", "folder", "segformer").model.pretrained is None
-    config = base.experiment_config("e1", "isic", "segformer")
+    assert defaults.experiment_config("e1", "folder", "segformer").model.pretrained is None
+    config = defaults.experiment_config("e1", "isic", "segformer")
     config.model.variant = "b0"
     with pytest.raises(
         configlib.ConfigError, match=r"model.pretrained='nvidia/mit-b3'.*SegFormer-B3.*mit-b0"
@@ -307,10 +306,10 @@ def test_configs_give_the_published_scheme_and_one_member(tmp_path):
     config = tiny_config("e1_synthetic", "segformer,tiny")
     assert config.eval.ensemble_size == 1 and config.model.depths == (1, 1, 1, 1)
     assert config.train.lr == 6e-5 and config.train.weight_decay == 0.01  # not the paper's E1 lr 1e-5
-    isic = base.experiment_config("e1", "isic", "segformer")
+    isic = defaults.experiment_config("e1", "isic", "segformer")
     assert isic.eval.ensemble_size == 1 and isic.train.lr == 6e-5 and isic.model.variant == "b3"
-    assert base.experiment_config("e1", "isic", "segformer,tiny").eval.ensemble_size == 1
-    unet = base.experiment_config("e1", "isic", "ensemdiff")  # the diffusion architectures are unchanged
+    assert defaults.experiment_config("e1", "isic", "segformer,tiny").eval.ensemble_size == 1
+    unet = defaults.experiment_config("e1", "isic", "ensemdiff")  # the diffusion architectures are unchanged
     assert unet.eval.ensemble_size == 10 and unet.train.lr == 1e-5
     assert config.train.init_weights is None
     config.train.init_weights = str(tmp_path / "nope.safetensors")

@@ -45,6 +45,7 @@ from diffseg_jax import (
     build,
     configlib,
     data,
+    defaults,
     metrics,
     planning,
     sampling,
@@ -66,9 +67,7 @@ def study_config(
 ) -> ml_collections.ConfigDict:
     """The E2 config of one run: a 32-channel, 3-level EnsemDiff (no attention), T = 100, plain ε-MSE, Adam
     5e-4, batch 8, EMA 0.99 (sampled with it), 5-member DDIM-10 ensembles on 16 evaluation images."""
-    from configs import base  # noqa: PLC0415 — configs live beside the package in the repository
-
-    c = base.get_config("ensemdiff,tiny")
+    c = defaults.get_config("ensemdiff,tiny")
     c.experiment = "e2"
     c.seed = seed
     c.objective.loss = "eps_mse"

@@ -300,9 +300,7 @@ def _write_analyses(config, workdir, out_dir, schedule, ts, test, key, dataset, 
             result_files.read_rows(written["model_free"]), os.path.join(out_dir, "model_free.png"), window
         )
         # Has the curve converged by T under this schedule, and which terminal ᾱ would make it converge?
-        report = adaptive.terminal_report(
-            schedule, test["mask"], key, config.diffusion.get("terminal_tol", 0.01)
-        )
+        report = adaptive.terminal_report(schedule, test["mask"], key, config.diffusion.terminal_tol)
         written["convergence"] = os.path.join(out_dir, "convergence.json")
         with open(written["convergence"], "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

@@ -4,6 +4,7 @@ from diffseg_jax.data.files import DatasetFileError
 from diffseg_jax.data.pipeline import (
     DATASETS,
     DOWNLOADED_DATASETS,
+    EVAL_TILINGS,
     MANUAL_DATASETS,
     SPLITS,
     Source,
@@ -23,6 +24,7 @@ from diffseg_jax.data.pipeline import (
 __all__ = [
     "DATASETS",
     "DOWNLOADED_DATASETS",
+    "EVAL_TILINGS",
     "MANUAL_DATASETS",
     "SPLITS",
     "DatasetFileError",

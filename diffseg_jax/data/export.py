@@ -81,15 +81,11 @@ def export(data_config: ml_collections.ConfigDict, out: str, log=print) -> dict[
 def main() -> None:
     """CLI: ``--config FILE[:arg]`` with ``--config.key=value`` overrides, as ``diffseg_jax.main``; ``--out DIR``."""
     from absl import flags  # noqa: PLC0415 — flags are defined only when this module is the command
-    from ml_collections import config_flags  # noqa: PLC0415
 
-    from diffseg_jax import cli, writers  # noqa: PLC0415 — only when run as the command
+    from diffseg_jax import cli, configlib, writers  # noqa: PLC0415 — only when run as the command
 
-    config = config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "Config file whose data group names the dataset, e.g. configs/e2_monuseg.py.",
-        lock_config=True,
+    config = configlib.define_config_flag(
+        "config", None, "Config file whose data group names the dataset, e.g. configs/e2_monuseg.py."
     )
     out = flags.DEFINE_string("out", None, "a new folder: OUT/<split>/images and OUT/<split>/masks")
     flags.mark_flags_as_required(["config", "out"])

@@ -192,6 +192,8 @@ MANUAL_INSTRUCTIONS = {
     "segmentation_folder": segmentation_folder.segmentation_folder.INSTRUCTIONS,
 }
 SPLITS = ("train", "test", "fit", "validation")
+# config data.eval_tiling: stored images larger than the model cut into model-sized tiles, or fed whole.
+EVAL_TILINGS = ("tiles", "whole")
 
 
 class MissingSplitError(ValueError):

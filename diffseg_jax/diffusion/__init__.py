@@ -16,6 +16,7 @@ from diffseg_jax.diffusion.gaussian import (
     x0_eps_from_prediction,
 )
 from diffseg_jax.diffusion.samplers import (
+    FIXED_VARIANCES,
     SAMPLERS,
     TTA_TRANSFORMS,
     ddim_sample,
@@ -40,6 +41,7 @@ from diffseg_jax.diffusion.schedule import (
 
 __all__ = [
     "BETA_SCHEDULES",
+    "FIXED_VARIANCES",
     "MASK_RANGES",
     "PREDICTIONS",
     "SAMPLERS",

@@ -14,7 +14,7 @@ from diffseg_jax.diffusion.schedule import Schedule
 # Diffusion space of masks. 'symmetric': a {0,1} mask m is diffused as 2m-1 ∈ {-1,1}, which matches the
 # [-1,1] range every published sampler clips x0 to (SegDiff's code). 'binary': m ∈ {0,1} is diffused as it is,
 # as the EnsemDiff and MedSegDiff codes do (their loaders give {0,1} masks and they never rescale), while their
-# samplers still clip x0 to [-1,1]. The published schemes (configs/base.py) set each architecture's own; the
+# samplers still clip x0 to [-1,1]. The published schemes (diffseg_jax/defaults.py) set each architecture's own; the
 # binary range has a quarter of the symmetric one's signal power, so every t is noisier for the mask.
 MASK_RANGES = ("symmetric", "binary")
 

@@ -28,7 +28,8 @@ from diffseg_jax.diffusion import gaussian
 from diffseg_jax.diffusion.schedule import Schedule
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
-VARIANCES = ("fixed_large", "fixed_small", "learned_range")
+FIXED_VARIANCES = ("fixed_large", "fixed_small")  # config diffusion.variance (learned: diffusion.learn_sigma)
+VARIANCES = (*FIXED_VARIANCES, "learned_range")
 
 
 def model_x0_eps(

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SEGDIFF_MEAN, SEGDIFF_STD = (142.07, 98.48, 132.96), (65.78, 57.05, 57.78)  # configs/base.py (MoNuSeg)
+SEGDIFF_MEAN, SEGDIFF_STD = (142.07, 98.48, 132.96), (65.78, 57.05, 57.78)  # defaults.py (MoNuSeg)
 
 
 def exact(x: np.ndarray) -> np.ndarray:
