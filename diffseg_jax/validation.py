@@ -288,6 +288,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             config.model.dtype,
             f"Choose one of {configlib.COMPUTE_DTYPES} (bfloat16: mixed precision with float32 parameters).",
         )
+    model_checks.check_train_step_forms(config)
     if config.model.name == "segformer":
         model_checks.check_segformer(config.model)
     if models.is_feed_forward(config.model.name) and config.experiment != "e1":
