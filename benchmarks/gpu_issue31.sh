@@ -52,7 +52,7 @@ run() {  # run <limit seconds> <name> <models.py arguments...>: within the limit
   echo "=== $name (limit ${limit}s, $(left)s left)"
   timeout "$limit" python3 benchmarks/models.py --sizes "$SIZE" --time-published --repeats "$REPEATS" \
     --profile "$OUT/profile/$name" --json "$OUT/$name.json" "$@" 2>&1 \
-    | grep -v -E "Warning|warn\(|cuda_timer" | tee "$OUT/$name.log"
+    | grep --line-buffered -v -E "Warning|warn\(|cuda_timer" | tee "$OUT/$name.log"
   if [ "${PIPESTATUS[0]}" = 124 ]; then echo "=== $name stopped at its ${limit}s limit" | tee -a "$OUT/$name.log"; fi
 }
 
@@ -81,6 +81,10 @@ for part in $PARTS; do
       IFS=';' read -ra sets <<<"$FLAG_SETS"
       for flags in "${sets[@]}"; do
         i=$((i + 1))
+        if [ "$(left)" -lt 40 ]; then  # the flag check below starts a process too: stop before it
+          echo "=== flags_$i skipped ('$flags'): $(left)s left of TOTAL=${TOTAL}s" | tee "$OUT/flags_$i.log"
+          continue
+        fi
         if ! XLA_FLAGS="${XLA_FLAGS:-} $flags" python3 -c "import jax; jax.devices()" 2>"$OUT/flags_$i.err"; then
           echo "=== flags_$i: this jaxlib refuses XLA_FLAGS='$flags': $(grep -o 'Unknown flag.*' "$OUT/flags_$i.err" | head -n 1)" \
             | tee "$OUT/flags_$i.log"

@@ -338,6 +338,9 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(common.device_line(), flush=True)
+    xla_flags = os.environ.get("XLA_FLAGS", "").strip()
+    if xla_flags:  # read once per process: what the rows below ran under
+        print(f"XLA_FLAGS: {xla_flags}", flush=True)
     entries = [split_batch(entry, args.batch) for entry in args.models.split(",")]
     sizes = args.sizes.split(",")
     specs = [
@@ -349,12 +352,17 @@ def main():
     # Every row is in the JSON from the start, marked pending until prepared: if a time limit kills the run,
     # the file still says which rows never finished compiling.
     rows: list[dict] = [_pending(spec, batch) for spec, batch in zip(specs, batches)]
+    common.write_json(
+        args.json, rows, batch=args.batch, compile_workers=args.compile_workers, xla_flags=xla_flags
+    )
     lock = threading.Lock()
 
     def record(i: int, row: dict) -> None:
         with lock:
             rows[i] = row
-            common.write_json(args.json, rows, batch=args.batch, compile_workers=args.compile_workers)
+            common.write_json(
+                args.json, rows, batch=args.batch, compile_workers=args.compile_workers, xla_flags=xla_flags
+            )
 
     def prepare_one(i: int):
         name, dtype, remat, other, tiny = specs[i]
