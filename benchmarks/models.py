@@ -19,7 +19,13 @@ memory in use before it (``common.step_memory``: credited only to the row that r
 A model entry may carry its own variant: ``ensemdiff+bfloat16``, ``ensemdiff+remat``,
 ``ensemdiff+bfloat16+remat`` (``--dtype`` / ``--remat`` are the default of entries without one), and
 ``segformer+dwconv`` (SegFormer's depthwise conv as ``nn.Conv``, ``model.depthwise='conv'``, against the
-default shifted multiply-adds).
+default shifted multiply-adds). Issue 31's forms of the guided-diffusion UNets: ``gnstats``
+(``model.norm_impl='stats_float32'``), ``dpa`` / ``cudnn`` (``model.attention_impl``), ``remat_conv`` /
+``remat_dots`` (``model.remat_policy``, which turns remat on). ``entry@N`` gives that entry batch N instead of
+``--batch`` (``ensemdiff+bfloat16+gnstats@16``). Each timed row also reports the step's TFLOP/s without remat's
+recomputation (``model_tflops``) and its percentage of the device's dense peak (``common.peak_tflops``; printed
+TFLOP/s are these), and with ``--profile DIR`` the top device ops of a ``jax.profiler`` trace of
+``--profile-steps`` more steps (``profiling.py``).
 
 ``--compile-workers N`` prepares up to N rows at once in threads (XLA releases the GIL while it compiles), then
 times the rows one after another once every compilation has finished, so no compilation (nor the GPU's

@@ -62,7 +62,9 @@ def main(directory: str) -> None:
                 # XLA's memory analysis of the step, then what the step added on the device where known.
                 # The step's own FLOPs per second (without remat's recomputation) where the row has them.
                 tflops = r.get("model_tflops", r.get("achieved_tflops"))
-                peak = f" ({r['percent_of_peak']:.0f} % of peak)" if r.get("percent_of_peak") is not None else ""
+                peak = (
+                    f" ({r['percent_of_peak']:.0f} % of peak)" if r.get("percent_of_peak") is not None else ""
+                )
                 figure = (
                     f"{_f(r.get('images_per_s'), '%.1f')} img/s {_f(tflops, '%.1f')} TFLOP/s{peak} "
                     f"XLA {_f(r.get('xla_memory_gib'), '%.1f')} GiB"

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import re
 
+import jax
 import ml_collections
 
 from diffseg_jax import configlib, data, hub, models, objectives
@@ -112,8 +113,6 @@ def check_train_step_forms(config: ml_collections.ConfigDict) -> None:
 def _check_cudnn_attention(m: ml_collections.ConfigDict) -> None:
     """cuDNN's fused attention: an NVIDIA GPU, a bf16 compute dtype, heads of at most 256 channels (Hopper;
     128 before), a multiple of 8; jax would otherwise fail deep in tracing."""
-    import jax  # the process's backend: where this run computes
-
     fix = "use model.attention_impl='dot_product' (the same numbers through XLA)"
     if m.get("dtype", "float32") != "bfloat16":
         configlib.fail(
@@ -121,7 +120,7 @@ def _check_cudnn_attention(m: ml_collections.ConfigDict) -> None:
             "cudnn",
             f"cuDNN attention needs model.dtype='bfloat16'; set it, or {fix}.",
         )
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu":  # the process's backend: where this run computes
         configlib.fail(
             "model.attention_impl",
             "cudnn",
