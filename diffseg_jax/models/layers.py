@@ -306,7 +306,8 @@ class Upsample(nn.Module):
 # ResBlock with rematerialisation: its activations are recomputed in the backward pass instead of kept
 # (guided-diffusion's ``use_checkpoint``). ``train`` (argument 3, counting self) must stay a Python bool.
 # What is kept (``remat_policy``): 'nothing' (guided-diffusion's, everything recomputed), 'conv_outputs' (the
-# two 3x3 convolutions' outputs are kept, the GroupNorms, SiLUs and the embedding's projection recomputed),
+# 3x3 convolutions' outputs named 'conv_out' that the backward pass needs, i.e. the first conv's, as the
+# second's feeds only the residual sum; the GroupNorms, SiLUs and the embedding's projection are recomputed),
 # 'dots' (``jax.checkpoint_policies.dots_saveable``: every convolution's and matmul's output kept).
 _REMAT_POLICY_FNS = {
     "nothing": None,
