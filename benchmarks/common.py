@@ -27,6 +27,24 @@ def device_line() -> str:
     )
 
 
+# Dense (no sparsity) peak TFLOP/s of the devices the benchmarks ran on, from NVIDIA's data sheets: bf16 on
+# the tensor cores, and TF32, what XLA runs float32 convolutions and matmuls in on these GPUs at JAX's
+# default precision. Matched against ``device_kind`` in order (the PCIe card's name also contains 'H100').
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.0, "float32": 495.0}),  # SXM
+    ("H200", {"bfloat16": 989.0, "float32": 495.0}),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The device's dense peak for the compute ``dtype`` ('bfloat16' or 'float32'); None where not known."""
+    for name, peaks in PEAK_TFLOPS:
+        if name in device_kind:
+            return peaks.get(dtype)
+    return None
+
+
 def comparison_parser(doc: str, images: int) -> argparse.ArgumentParser:
     """The flags of the structure-against-loop benchmarks (sampling.py, curves.py)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,7 +19,13 @@ memory in use before it (``common.step_memory``: credited only to the row that r
 A model entry may carry its own variant: ``ensemdiff+bfloat16``, ``ensemdiff+remat``,
 ``ensemdiff+bfloat16+remat`` (``--dtype`` / ``--remat`` are the default of entries without one), and
 ``segformer+dwconv`` (SegFormer's depthwise conv as ``nn.Conv``, ``model.depthwise='conv'``, against the
-default shifted multiply-adds).
+default shifted multiply-adds). Issue 31's forms of the guided-diffusion UNets: ``gnstats``
+(``model.norm_impl='stats_float32'``), ``dpa`` / ``cudnn`` (``model.attention_impl``), ``remat_conv`` /
+``remat_dots`` (``model.remat_policy``, which turns remat on). ``entry@N`` gives that entry batch N instead of
+``--batch`` (``ensemdiff+bfloat16+gnstats@16``). Each timed row also reports the step's TFLOP/s without remat's
+recomputation (``model_tflops``) and its percentage of the device's dense peak (``common.peak_tflops``; printed
+TFLOP/s are these), and with ``--profile DIR`` the top device ops of a ``jax.profiler`` trace of
+``--profile-steps`` more steps (``profiling.py``).
 
 ``--compile-workers N`` prepares up to N rows at once in threads (XLA releases the GIL while it compiles), then
 times the rows one after another once every compilation has finished, so no compilation (nor the GPU's
@@ -40,6 +46,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import itertools
+import os
 import threading
 import time
 from typing import Callable
@@ -48,6 +55,7 @@ import common
 import jax
 import jax.numpy as jnp
 import numpy as np
+import profiling
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -59,8 +67,15 @@ VARIANT_TOKENS = {
     "bfloat16": ("dtype", "bfloat16"),
     "remat": ("remat", True),
     "dwconv": ("depthwise", "conv"),  # SegFormer's depthwise conv as nn.Conv (the default: shifted adds)
+    # Issue 31's train-step forms of the guided-diffusion UNets (EnsemDiff, MedSegDiff, SegDiff):
+    "dpa": ("attention_impl", "dot_product"),  # jax.nn.dot_product_attention
+    "cudnn": ("attention_impl", "cudnn"),  # its cuDNN fused kernel (GPU, bf16, heads <= 256 channels)
+    "gnstats": ("norm_impl", "stats_float32"),  # GroupNorm: float32 statistics, applied in the compute dtype
+    "remat_conv": ("remat_policy", "conv_outputs"),  # remat keeping the ResBlocks' conv outputs (sets remat)
+    "remat_dots": ("remat_policy", "dots"),  # remat keeping every conv and matmul output (sets remat)
 }
-OTHER_KEYS = ("depthwise",)  # variant keys besides dtype and remat, set only by their tokens
+# Variant keys besides dtype and remat, set only by their tokens.
+OTHER_KEYS = ("depthwise", "attention_impl", "norm_impl", "remat_policy")
 IMPLICIT = {"dtype": "float32", "remat": False}  # what a model without the config key computes
 
 
@@ -86,11 +101,24 @@ def parse_entry(entry: str, dtype: str, remat: bool) -> tuple[str, str, bool, tu
         if key not in model_keys and value != IMPLICIT.get(key):
             raise SystemExit(f"--models: {token!r} in {entry!r} sets model.{key}, which {name} does not have")
         variant[key] = value
+        if key == "remat_policy":  # a policy says what remat keeps: it turns remat on
+            variant["remat"] = True
     for key, value in IMPLICIT.items():
         if key not in model_keys:
             variant[key] = value
     other = tuple((k, variant[k]) for k in OTHER_KEYS if k in variant)
     return name, variant["dtype"], variant["remat"], other
+
+
+def split_batch(entry: str, default: int) -> tuple[str, int]:
+    """``'ensemdiff+bfloat16@16'`` → ``('ensemdiff+bfloat16', 16)``; an entry without ``@`` gets ``default``
+    (``--batch``), so one run can sweep the batch of one architecture."""
+    entry, _, batch = entry.strip().partition("@")
+    if not batch:
+        return entry, default
+    if not batch.isdigit() or int(batch) < 1:
+        raise SystemExit(f"--models: the batch after '@' in {entry}@{batch} must be a positive integer")
+    return entry, int(batch)
 
 
 def _config(name: str, tiny: bool, dtype: str, remat: bool, other: tuple = ()):
@@ -114,6 +142,15 @@ def _forward_flops(model, variables, x, t, cond) -> float:
     return common.hlo_flops(fwd.lower(variables, x, t, cond)) / x.shape[0]
 
 
+def jitted_step(config, model):
+    """The jitted train step of ``model`` as the train loop builds it."""
+    optimizer = build.make_optimizer(config.train)
+    return train.jit_train_step(
+        train.make_train_step(model, optimizer, build.build_schedule(config.diffusion), config),
+        distributed.data_mesh(),
+    )
+
+
 def step_and_inputs(config, model, variables, batch: int):
     """(the jitted train step as the train loop builds it, its replicated state, a random sharded batch)."""
     size, ch = config.data.image_size, config.data.image_channels
@@ -123,9 +160,7 @@ def step_and_inputs(config, model, variables, batch: int):
     # Replicated as the train loop places it: the step's output sharding, so the compiled step takes its own
     # output back (the AOT executable `prepare` compiles refuses anything else instead of recompiling quietly).
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    step = train.jit_train_step(
-        train.make_train_step(model, optimizer, build.build_schedule(config.diffusion), config), mesh
-    )
+    step = jitted_step(config, model)
     rng = np.random.default_rng(0)
     batch_np = {
         "image": rng.random((batch, size, size, ch), np.float32),
@@ -143,11 +178,15 @@ def prepare(
     remat: bool,
     model_init: bool = False,
     other: tuple = (),
+    profile: str | None = None,
+    profile_steps: int = 3,
 ) -> tuple[dict, Callable[[int], None] | None]:
     """(the row's counts, and a function that times the compiled step and adds its figures) — None if untimed.
 
     The state starts from ``common.host_variables`` unless ``model_init`` (the model's own initialisation).
-    ``other``: further ``(key, value)`` model settings (:func:`parse_entry`).
+    ``other``: further ``(key, value)`` model settings (:func:`parse_entry`). With ``profile`` (a directory),
+    the timed row then traces ``profile_steps`` more steps there and prints and records the top device ops
+    (``profiling.py``).
     """
     config = _config(name, tiny, dtype, remat, other)
     size, ch = config.data.image_size, config.data.image_channels
@@ -187,6 +226,14 @@ def prepare(
     compiled = lowered.compile()
     row["compile_s"] = time.perf_counter() - t0
     row["train_step_gflops"] = common.hlo_flops(lowered) / 1e9
+    # The step's own FLOPs, without what remat computes twice: what the percentage of the peak counts.
+    row["model_gflops"] = row["train_step_gflops"]
+    if remat:
+        plain = _config(name, tiny, dtype, False, other)
+        plain_model = build.build_model(plain.model, build.output_channels(plain, ch), size)
+        row["model_gflops"] = (
+            common.hlo_flops(jitted_step(plain, plain_model).lower(state, device_batch)) / 1e9
+        )
     row["xla_memory_gib"] = common.memory_gib(compiled)
     holder = {"state": state}
 
@@ -199,8 +246,17 @@ def prepare(
         row["first_step_s"], row["train_step_median_s"] = common.timed(one_step, repeats)
         row["images_per_s"] = batch / row["train_step_median_s"]
         row["achieved_tflops"] = row["train_step_gflops"] / row["train_step_median_s"] / 1e3
+        row["model_tflops"] = row["model_gflops"] / row["train_step_median_s"] / 1e3
+        peak = common.peak_tflops(jax.devices()[0].device_kind, dtype)
+        row["percent_of_peak"] = None if peak is None else 100 * row["model_tflops"] / peak
         row["last_loss"] = float(one_step())  # a finite loss: the timed steps computed something real
         row.update(common.step_memory(before, common.device_memory()))
+        if profile:
+            label = f"{name}_{row['size']}_{variant_label(row)}_b{batch}"
+            path, wall = profiling.trace_calls(one_step, profile_steps, os.path.join(profile, label))
+            top = profiling.top_ops(path)
+            row["profile"] = {"trace": path, "steps": profile_steps, "wall_s": wall, **top}
+            profiling.print_top_ops(top, profile_steps, wall, f"{name} {variant_label(row)} batch {batch}")
         holder.clear()  # the state's device memory goes before the next row is timed
 
     return row, run
@@ -243,11 +299,12 @@ def _print_row(row: dict) -> None:
     fmt = lambda k, f: (f % row[k]) if row.get(k) is not None else "-"  # noqa: E731
     label = variant_label(row)
     print(
-        f"{row['model']:15s} {row['size']:9s} {row['image_size']:4d} {label:14s} {row['params']:12,d} "
-        f"{row['forward_gflops_per_image']:7.1f} {fmt('train_step_gflops', '%8.1f'):>8s} "
+        f"{row['model']:15s} {row['size']:9s} {row['image_size']:4d} {label:24s} {row['batch']:5d} "
+        f"{row['params']:12,d} {row['forward_gflops_per_image']:7.1f} "
+        f"{fmt('train_step_gflops', '%8.1f'):>8s} "
         f"{fmt('compile_s', '%8.1f'):>8s} {fmt('train_step_median_s', '%7.3f'):>7s} "
-        f"{fmt('images_per_s', '%7.1f'):>7s} {fmt('achieved_tflops', '%8.2f'):>8s} "
-        f"{fmt('xla_memory_gib', '%8.2f'):>8s}",
+        f"{fmt('images_per_s', '%7.1f'):>7s} {fmt('model_tflops', '%8.2f'):>8s} "
+        f"{fmt('percent_of_peak', '%5.1f'):>5s} {fmt('xla_memory_gib', '%8.2f'):>8s}",
         flush=True,
     )
 
@@ -275,32 +332,60 @@ def main():
         default=None,
         help="seconds after which the compiled rows are timed even if others still compile (default: wait)",
     )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after timing each row, trace --profile-steps more steps with jax.profiler into DIR/<row> and "
+        "print the top device ops",
+    )
+    parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(common.device_line(), flush=True)
+    xla_flags = os.environ.get("XLA_FLAGS", "").strip()
+    if xla_flags:  # read once per process: what the rows below ran under
+        print(f"XLA_FLAGS: {xla_flags}", flush=True)
+    entries = [split_batch(entry, args.batch) for entry in args.models.split(",")]
+    sizes = args.sizes.split(",")
     specs = [
         (*parse_entry(entry, args.dtype, args.remat), size == "tiny")
-        for entry in args.models.split(",")
-        for size in args.sizes.split(",")
+        for entry, _ in entries
+        for size in sizes
     ]
+    batches = [batch for _, batch in entries for _ in sizes]  # entry@N: this entry's batch
     # Every row is in the JSON from the start, marked pending until prepared: if a time limit kills the run,
     # the file still says which rows never finished compiling.
-    rows: list[dict] = [_pending(spec, args.batch) for spec in specs]
+    rows: list[dict] = [_pending(spec, batch) for spec, batch in zip(specs, batches)]
+    common.write_json(
+        args.json, rows, batch=args.batch, compile_workers=args.compile_workers, xla_flags=xla_flags
+    )
     lock = threading.Lock()
 
     def record(i: int, row: dict) -> None:
         with lock:
             rows[i] = row
-            common.write_json(args.json, rows, batch=args.batch, compile_workers=args.compile_workers)
+            common.write_json(
+                args.json, rows, batch=args.batch, compile_workers=args.compile_workers, xla_flags=xla_flags
+            )
 
     def prepare_one(i: int):
         name, dtype, remat, other, tiny = specs[i]
         try:
             row, run = prepare(
-                name, tiny, args.batch, tiny or args.time_published, dtype, remat, args.model_init, other
+                name,
+                tiny,
+                batches[i],
+                tiny or args.time_published,
+                dtype,
+                remat,
+                args.model_init,
+                other,
+                args.profile,
+                args.profile_steps,
             )
         except Exception as error:  # noqa: BLE001 — one failing row must not lose the others
-            record(i, _failed(specs[i], args.batch, error))
+            record(i, _failed(specs[i], batches[i], error))
             return None
         row["compile_concurrency"] = min(args.compile_workers, len(specs))
         record(i, row)
@@ -314,13 +399,14 @@ def main():
         try:
             run(args.repeats)
         except Exception as error:  # noqa: BLE001
-            record(i, {**rows[i], **_failed(specs[i], args.batch, error)})
+            record(i, {**rows[i], **_failed(specs[i], batches[i], error)})
             return
         record(i, rows[i])
 
     header = (
-        f"{'model':15s} {'size':9s} {'px':>4s} {'variant':14s} {'params':>12s} {'GF/img':>7s} {'GF/step':>8s} "
-        f"{'compile':>8s} {'step s':>7s} {'img/s':>7s} {'TFLOP/s':>8s} {'XLA GiB':>8s}"
+        f"{'model':15s} {'size':9s} {'px':>4s} {'variant':24s} {'batch':>5s} {'params':>12s} {'GF/img':>7s} "
+        f"{'GF/step':>8s} {'compile':>8s} {'step s':>7s} {'img/s':>7s} {'TFLOP/s':>8s} {'%peak':>5s} "
+        f"{'XLA GiB':>8s}"
     )
     if args.compile_workers <= 1:
         print(header)

@@ -12,9 +12,20 @@ def _f(value, fmt: str) -> str:
     return "-" if value is None else fmt % value
 
 
+# A row's model settings besides dtype and remat, by the token of benchmarks/models.py that set them.
+_TOKENS = {
+    ("depthwise", "conv"): "dwconv",
+    ("remat_policy", "conv_outputs"): "remat_conv",
+    ("remat_policy", "dots"): "remat_dots",
+    ("norm_impl", "stats_float32"): "gnstats",
+    ("attention_impl", "dot_product"): "dpa",
+    ("attention_impl", "cudnn"): "cudnn",
+}
+
+
 def _train_what(r: dict) -> str:
-    dwconv = " dwconv" if r.get("depthwise") == "conv" else ""
-    return f"{r['dtype']}{' remat' if r.get('remat') else ''}{dwconv} batch {r['batch']}"
+    tokens = "".join(f" {token}" for (key, value), token in _TOKENS.items() if r.get(key) == value)
+    return f"{r['dtype']}{' remat' if r.get('remat') else ''}{tokens} batch {r['batch']}"
 
 
 def main(directory: str) -> None:
@@ -49,8 +60,13 @@ def main(directory: str) -> None:
                 what = _train_what(r)
                 what += " (timed beside compiles)" if r.get("timed_beside_compilation") else ""
                 # XLA's memory analysis of the step, then what the step added on the device where known.
+                # The step's own FLOPs per second (without remat's recomputation) where the row has them.
+                tflops = r.get("model_tflops", r.get("achieved_tflops"))
+                peak = (
+                    f" ({r['percent_of_peak']:.0f} % of peak)" if r.get("percent_of_peak") is not None else ""
+                )
                 figure = (
-                    f"{_f(r.get('images_per_s'), '%.1f')} img/s {_f(r.get('achieved_tflops'), '%.1f')} TFLOP/s "
+                    f"{_f(r.get('images_per_s'), '%.1f')} img/s {_f(tflops, '%.1f')} TFLOP/s{peak} "
                     f"XLA {_f(r.get('xla_memory_gib'), '%.1f')} GiB"
                 )
                 if r.get("step_transient_gib") is not None:

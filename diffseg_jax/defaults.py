@@ -15,6 +15,16 @@ from ml_collections import config_dict
 from diffseg_jax import models
 
 
+# How the guided-diffusion UNets (EnsemDiff, MedSegDiff, SegDiff) compute their train step (issue 31); the
+# same parameters under every value, and these defaults are the published computation. remat_policy: what
+# model.remat=True keeps ('nothing': guided-diffusion's use_checkpoint; 'conv_outputs': the ResBlocks' 3x3
+# conv outputs; 'dots': every conv and matmul output). norm_impl: GroupNorm entirely in float32 ('float32')
+# or only its statistics ('stats_float32', applied in the compute dtype). attention_impl: the explicit
+# softmax(QK^T)V ('explicit'), jax.nn.dot_product_attention ('dot_product') or its cuDNN fused kernel
+# ('cudnn', GPU and bf16 only). See docs/performance.md, "Train step on the GPU (issue 31)".
+TRAIN_STEP_FORMS = dict(remat_policy="nothing", norm_impl="float32", attention_impl="explicit")
+
+
 def ensemdiff_model(image_size: int = 256) -> ml_collections.ConfigDict:
     """The EnsemDiff UNet as in the JuliaWolleb/Diffusion-based-Segmentation README flags."""
     channel_mult = {
@@ -36,6 +46,7 @@ def ensemdiff_model(image_size: int = 256) -> ml_collections.ConfigDict:
             use_scale_shift_norm=False,
             dtype="float32",  # compute dtype: 'bfloat16' for mixed precision (params stay float32)
             remat=False,  # recompute ResBlock activations in the backward pass to save memory
+            **TRAIN_STEP_FORMS,
         )
     )
 
@@ -63,6 +74,7 @@ def segdiff_model(image_size: int = 256) -> ml_collections.ConfigDict:
             image_std=(65.78, 57.05, 57.78),
             dtype="float32",
             remat=False,
+            **TRAIN_STEP_FORMS,
         )
     )
 

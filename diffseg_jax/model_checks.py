@@ -7,10 +7,11 @@ import dataclasses
 import os
 import re
 
+import jax
 import ml_collections
 
 from diffseg_jax import configlib, data, hub, models, objectives
-from diffseg_jax.models import segformer
+from diffseg_jax.models import layers, segformer
 
 
 def check_unet_size(config: ml_collections.ConfigDict) -> None:
@@ -69,6 +70,82 @@ def check_unet_widths(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def check_train_step_forms(config: ml_collections.ConfigDict) -> None:
+    """Issue 31's options of the guided-diffusion UNets (``model.remat_policy``, ``model.norm_impl``,
+    ``model.attention_impl``): known values, a policy only with remat on, cuDNN attention only where it
+    runs."""
+    m = config.model
+    policy = m.get("remat_policy", "nothing")
+    if policy not in layers.REMAT_POLICIES:
+        configlib.fail(
+            "model.remat_policy",
+            policy,
+            f"Choose one of {layers.REMAT_POLICIES} (what model.remat=True keeps for the backward pass: "
+            "nothing, the ResBlocks' convolution outputs, or every convolution and matmul output).",
+        )
+    if policy != "nothing" and not m.get("remat", False):
+        configlib.fail(
+            "model.remat_policy",
+            policy,
+            "It says what rematerialisation keeps, but model.remat=False: set --config.model.remat=True "
+            "too, or leave remat_policy='nothing'.",
+        )
+    norm = m.get("norm_impl", "float32")
+    if norm not in layers.NORM_IMPLS:
+        configlib.fail(
+            "model.norm_impl",
+            norm,
+            f"Choose one of {layers.NORM_IMPLS}: the GroupNorm in float32 (published), or only its "
+            "statistics in float32 and the normalisation in the compute dtype.",
+        )
+    attention = m.get("attention_impl", "explicit")
+    if attention not in layers.ATTENTION_IMPLS:
+        configlib.fail(
+            "model.attention_impl",
+            attention,
+            f"Choose one of {layers.ATTENTION_IMPLS}: the explicit softmax(QK^T)V (published), "
+            "jax.nn.dot_product_attention, or its cuDNN fused kernel.",
+        )
+    if attention == "cudnn":
+        _check_cudnn_attention(m)
+
+
+def _check_cudnn_attention(m: ml_collections.ConfigDict) -> None:
+    """cuDNN's fused attention: an NVIDIA GPU, a bf16 compute dtype, heads of at most 256 channels (Hopper;
+    128 before), a multiple of 8; jax would otherwise fail deep in tracing."""
+    fix = "use model.attention_impl='dot_product' (the same numbers through XLA)"
+    if m.get("dtype", "float32") != "bfloat16":
+        configlib.fail(
+            "model.attention_impl",
+            "cudnn",
+            f"cuDNN attention needs model.dtype='bfloat16'; set it, or {fix}.",
+        )
+    if jax.default_backend() != "gpu":  # the process's backend: where this run computes
+        configlib.fail(
+            "model.attention_impl",
+            "cudnn",
+            f"cuDNN attention runs only on an NVIDIA GPU, and this process's backend is "
+            f"{jax.default_backend()}: {fix}.",
+        )
+    if m.get("channel_mult", None) is None or m.get("model_channels", None) is None:
+        return
+    widths = [m.model_channels * mult for mult in m.channel_mult]
+    attention = {w for i, w in enumerate(widths) if 2**i in m.get("attention_resolutions", ())} | {widths[-1]}
+    head, up = m.get("num_head_channels", -1), m.get("num_heads_upsample", -1)
+    head_counts = [m.get("num_heads", 1)] + ([up] if up != -1 else [])  # the decoder's heads may differ
+    sizes = {head} if head != -1 else {w // n for w in attention for n in head_counts}
+    bad = sorted(size for size in sizes if size % 8 or size > 256)
+    if bad:
+        configlib.fail(
+            "model.attention_impl",
+            "cudnn",
+            "cuDNN's fused attention takes heads of at most 256 channels (128 before Hopper), a multiple "
+            f"of 8; this model's attention has heads of {bad} channels (model_channels x channel_mult / "
+            f"num_heads). {fix[0].upper() + fix[1:]}, or more heads (model.num_head_channels=64 changes the "
+            "published model).",
+        )
+
+
 # Arguments of a model class that its config group may leave out: set by the code (out_channels, image_size),
 # fixed by the class (MedSegDiff's version), or optional, with the default every published config keeps.
 _OPTIONAL_MODEL_ARGS = {
@@ -81,6 +158,9 @@ _OPTIONAL_MODEL_ARGS = {
     "mlp_ratio",
     "dtype",
     "remat",
+    "remat_policy",
+    "norm_impl",
+    "attention_impl",
 }
 
 

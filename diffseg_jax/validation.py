@@ -323,6 +323,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             f"Experiment {config.experiment} withholds the image, but this architecture cannot run "
             "without it; choose an image-droppable model.",
         )
+    model_checks.check_train_step_forms(config)
     if config.model.name == "segformer":
         model_checks.check_segformer(config.model)
     if models.is_feed_forward(config.model.name) and config.experiment != "e1":

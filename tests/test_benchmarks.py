@@ -1,5 +1,6 @@
 """benchmarks/: XLA's FLOP count against a closed form, a tiny models.py run, and the summary gpu_check.sh prints."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -13,9 +14,10 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import common  # noqa: E402
+import profiling  # noqa: E402
 import summary  # noqa: E402
 
-from diffseg_jax import build, distributed
+from diffseg_jax import build, distributed, validation
 
 
 def test_hlo_flops_of_a_matmul_is_the_closed_form():
@@ -27,7 +29,6 @@ def test_hlo_flops_of_a_matmul_is_the_closed_form():
     assert common.cpu_hlo_flops(lowered) == 2 * m * k * n
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-
 
     rows = NamedSharding(distributed.data_mesh(), P("data"))
     sharded = jax.jit(jnp.matmul, in_shardings=(rows, None), out_shardings=rows)
@@ -42,7 +43,6 @@ def test_flops_of_a_train_step_lowered_for_cuda_are_counted_without_a_gpu():
     needed), counted by XLA:CPU's analysis, is the CPU lowering's count. The only difference JAX's lowering
     rules make is the random-number generator, a loop on the CPU (counted once) and unrolled for CUDA."""
     import models as bench_models
-
 
     config = bench_models._config("ensemdiff", True, "float32", False)
     size, ch = config.data.image_size, config.data.image_channels
@@ -66,6 +66,84 @@ def test_step_memory_credits_a_row_only_with_a_peak_it_raised():
     assert common.device_memory() is None or len(common.device_memory()) == 2
 
 
+def _trace_file(tmp_path, events) -> str:
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        json.dump({"traceEvents": events}, f)
+    return str(path)
+
+
+def _meta(pid, name, tid=None):
+    kind = "process_name" if tid is None else "thread_name"
+    return {
+        "ph": "M",
+        "pid": pid,
+        **({} if tid is None else {"tid": tid}),
+        "name": kind,
+        "args": {"name": name},
+    }
+
+
+def _op(pid, tid, dur_us, op, name=None):
+    return {
+        "ph": "X",
+        "pid": pid,
+        "tid": tid,
+        "ts": 0.0,
+        "dur": dur_us,
+        "name": name or op,
+        "args": {"hlo_op": op},
+    }
+
+
+def test_top_ops_sums_a_device_trace_by_op_and_kind(tmp_path):
+    """A GPU-like trace: the host's launch events (op names too) and a non-op event are left out; the kernels of
+    one op add up; kinds drop XLA's instance numbers; shares are of the device's busy time."""
+    events = [
+        _meta(1, "/host:CPU"),
+        _meta(2, "/device:GPU:0"),
+        _meta(2, "Stream #13(Compute)", tid=13),
+        _op(1, 7, 9000.0, "fusion.1"),  # the host's launch of fusion.1: not device time
+        {"ph": "X", "pid": 2, "tid": 13, "ts": 0.0, "dur": 500.0, "name": "memcpy"},  # no hlo_op
+        _op(2, 13, 3000.0, "cudnn-conv.2", "sm90_xmma_fprop"),  # one conv, two kernels: 4 ms together
+        _op(2, 13, 1000.0, "cudnn-conv.2", "sm90_xmma_fprop_tail"),
+        _op(2, 13, 2500.0, "fusion.1"),
+        _op(2, 13, 1500.0, "fusion.7"),
+        _op(2, 13, 2000.0, "cudnn-conv.5"),
+    ]
+    top = profiling.top_ops(_trace_file(tmp_path, events), n=3)
+    assert top["process"] == "/device:GPU:0"
+    assert top["busy_ms"] == pytest.approx(10.0)
+    assert [(r["op"], r["ms"], r["count"]) for r in top["ops"]] == [
+        ("cudnn-conv.2", 4.0, 2),
+        ("fusion.1", 2.5, 1),
+        ("cudnn-conv.5", 2.0, 1),
+    ]
+    assert top["ops"][0]["share"] == pytest.approx(0.4) and top["ops"][0]["kernel"] == "sm90_xmma_fprop"
+    assert [(r["kind"], r["ms"]) for r in top["kinds"]] == [("cudnn-conv", 6.0), ("fusion", 4.0)]
+
+
+def test_top_ops_reads_the_derived_op_line_alone_where_the_trace_has_one(tmp_path):
+    """With an 'XLA Ops' line (one event per op) beside the kernels under it, each op counts once."""
+    events = [
+        _meta(2, "/device:GPU:0"),
+        _meta(2, "Stream #13(Compute)", tid=13),
+        _meta(2, "XLA Ops", tid=99),
+        _op(2, 13, 700.0, "fusion.3", "kernel_a"),
+        _op(2, 13, 300.0, "fusion.3", "kernel_b"),
+        _op(2, 99, 1200.0, "fusion.3"),  # the op's span, launch gaps included
+    ]
+    top = profiling.top_ops(_trace_file(tmp_path, events))
+    assert top["busy_ms"] == pytest.approx(1.2) and top["ops"][0]["count"] == 1
+
+
+def test_peak_of_the_devices_the_gpu_scripts_ran_on():
+    assert common.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+    assert common.peak_tflops("NVIDIA H100 PCIe", "float32") == 378.0
+    assert common.peak_tflops("NVIDIA H200", "float32") == 495.0
+    assert common.peak_tflops("cpu", "bfloat16") is None
+
+
 def test_summary_says_what_each_row_and_part_came_to(tmp_path, capsys):
     base = {"size": "published", "image_size": 256, "dtype": "float32", "remat": False, "batch": 8}
     rows = [
@@ -87,6 +165,25 @@ def test_summary_says_what_each_row_and_part_came_to(tmp_path, capsys):
             "timed_beside_compilation": True,
         },
     ]
+    rows.append(
+        {
+            **base,
+            "model": "ensemdiff_31",  # issue 31's forms: the step's own TFLOP/s and its share of the peak
+            "dtype": "bfloat16",
+            "remat": True,
+            "remat_policy": "conv_outputs",
+            "norm_impl": "stats_float32",
+            "batch": 32,
+            "train_step_gflops": 12000.0,
+            "init_s": 5.0,
+            "compile_s": 50.0,
+            "images_per_s": 200.0,
+            "achieved_tflops": 300.0,
+            "model_tflops": 296.7,
+            "percent_of_peak": 30.0,
+            "xla_memory_gib": 40.0,
+        }
+    )
     (tmp_path / "train.json").write_text(json.dumps({"device": "backend: gpu", "rows": rows}))
     (tmp_path / "train.log").write_text("")
     (tmp_path / "curves.log").write_text("=== curves stopped at its 40s limit\n")
@@ -98,6 +195,8 @@ def test_summary_says_what_each_row_and_part_came_to(tmp_path, capsys):
     assert lines["medsegdiff"].endswith("compiled in 60 s, not timed")
     assert "float32 remat batch 8 (timed beside compiles)" in lines["ensemdiff"]
     assert lines["ensemdiff"].endswith("89.4 img/s 133.0 TFLOP/s XLA 13.3 GiB, step +30.2 GiB")
+    assert "bfloat16 remat remat_conv gnstats batch 32" in lines["ensemdiff_31"]
+    assert lines["ensemdiff_31"].endswith("200.0 img/s 296.7 TFLOP/s (30 % of peak) XLA 40.0 GiB")
     assert lines["no"].startswith("curves") and "see curves.log" in lines["no"]  # a part without any row
 
 
@@ -127,6 +226,32 @@ def test_model_entries_carry_their_variant_into_the_config_and_the_label():
     assert bench.parse_entry("nnunet", "bfloat16", True) == ("nnunet", "bfloat16", False, ())
     with pytest.raises(SystemExit, match="unknown variant 'fp8'"):
         bench.parse_entry("segformer+fp8", "float32", False)
+    # Issue 31's forms: a remat policy turns remat on; models without the option refuse the token.
+    name, dtype, remat, other = bench.parse_entry(
+        "ensemdiff+bfloat16+gnstats+remat_conv+dpa", "float32", False
+    )
+    assert (dtype, remat) == ("bfloat16", True)
+    assert dict(other) == {
+        "attention_impl": "dot_product",
+        "norm_impl": "stats_float32",
+        "remat_policy": "conv_outputs",
+    }
+    config = bench._config(name, True, dtype, remat, other)
+    assert (config.model.remat, config.model.remat_policy, config.model.norm_impl) == (
+        True,
+        "conv_outputs",
+        "stats_float32",
+    )
+    validation.validate(config, check_data=False)
+    assert bench.variant_label(bench._pending((name, dtype, remat, other, True), 8)) == (
+        "bfloat16+remat+dpa+gnstats+remat_conv"
+    )
+    with pytest.raises(SystemExit, match="sets model.norm_impl, which nnunet does not have"):
+        bench.parse_entry("nnunet+gnstats", "float32", False)
+    assert bench.split_batch("ensemdiff+bfloat16@16", 8) == ("ensemdiff+bfloat16", 16)
+    assert bench.split_batch(" medsegdiff ", 8) == ("medsegdiff", 8)
+    with pytest.raises(SystemExit, match="positive integer"):
+        bench.split_batch("ensemdiff@0", 8)
 
 
 def _benchmark(tmp_path, script: str, *args: str) -> tuple[str, list[dict]]:
@@ -146,9 +271,19 @@ def _benchmark(tmp_path, script: str, *args: str) -> tuple[str, list[dict]]:
 @pytest.mark.slow
 def test_models_benchmark_counts_and_times_a_tiny_step(tmp_path):
     stdout, (row,) = _benchmark(
-        tmp_path, "models.py", "--models", "nnunet", "--sizes", "tiny", "--batch", "2", "--repeats", "2"
+        tmp_path,
+        "models.py",
+        *("--models", "nnunet", "--sizes", "tiny", "--batch", "2", "--repeats", "2"),
+        *("--profile", str(tmp_path / "profile"), "--profile-steps", "2"),
     )
     assert stdout.startswith("backend: cpu")
+    # --profile: the ops of a jax.profiler trace of 2 more steps, ranked, printed as a table of 10.
+    top = row["profile"]
+    assert top["steps"] == 2 and top["process"] == "/host:CPU" and os.path.exists(top["trace"])
+    ms = [op["ms"] for op in top["ops"]]
+    assert len(ms) == 10 and ms == sorted(ms, reverse=True) and 0 < sum(ms) <= top["busy_ms"]
+    assert f"  {top['ops'][0]['op']}" in stdout.split("-- top ops of nnunet")[1]
+    assert row["percent_of_peak"] is None and row["model_gflops"] == row["train_step_gflops"]  # CPU, no remat
     assert "pending" not in row and "error" not in row  # the pending placeholder was replaced
     from diffseg_jax import defaults, models
 

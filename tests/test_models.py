@@ -1,6 +1,7 @@
 """Tests for diffseg_jax.models: published parameter counts, known values, and behaviour of the UNet."""
 
 import math
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from diffseg_jax.models import (
 )
 from diffseg_jax.models.ensemdiff import attention_ds, default_channel_mult
 from diffseg_jax.models.layers import (
+    NORM_IMPLS,
     AttentionBlock,
     Downsample,
     GroupNorm32,
@@ -117,10 +119,11 @@ def test_timestep_embedding_known_values():
     assert odd.shape == (1, 7) and float(odd[0, -1]) == 0.0
 
 
-def test_group_norm_eps_is_pytorch_default():
+@pytest.mark.parametrize("impl", NORM_IMPLS)
+def test_group_norm_eps_is_pytorch_default(impl):
     a = 0.01  # per-group variance a^2 = 1e-4, comparable with eps
     x = jnp.tile(jnp.array([a, -a], jnp.float32), 32).reshape(1, 1, 1, 64)
-    gn = GroupNorm32()
+    gn = GroupNorm32(impl=impl)
     y = gn.apply({"params": {"scale": jnp.ones(64), "bias": jnp.zeros(64)}}, x)
     expected = a / math.sqrt(a * a + 1e-5)
     np.testing.assert_allclose(y[0, 0, 0, :2], [expected, -expected], rtol=1e-5)
@@ -162,6 +165,108 @@ def test_attention_matches_legacy_qkv_order():
     a = np.einsum("bts,bcs->bct", w, v).reshape(2, c, hw * hw).transpose(0, 2, 1)
     ref = xs + a @ p["proj_out"]["kernel"] + p["proj_out"]["bias"]
     np.testing.assert_allclose(y.reshape(2, hw * hw, c), ref, rtol=1e-4, atol=1e-4)
+
+
+def _group_norm_case(seed=0):
+    """Activations far from zero mean (3 + 2 N(0, 1)): a form that cancelled (x - mean) badly would show."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal((2, 8, 8, 64)), jnp.float32)
+    params = {
+        "scale": jnp.asarray(1.0 + 0.1 * rng.standard_normal(64), jnp.float32),
+        "bias": jnp.asarray(0.1 * rng.standard_normal(64), jnp.float32),
+    }
+    return x, {"params": params}
+
+
+def test_group_norm_float32_statistics_form_matches_the_published_one():
+    """Issue 31's ``impl='stats_float32'``: the same parameters; in float32 the published form's numbers and
+    gradients; in bf16 the float32 reference's within bf16 rounding, keeping no float32 copy of the activation
+    for the backward pass (the published form keeps two)."""
+    x, variables = _group_norm_case()
+    shapes = {impl: jax.eval_shape(GroupNorm32(impl=impl).init, jax.random.key(0), x) for impl in NORM_IMPLS}
+    assert shapes["float32"] == shapes["stats_float32"]
+    published, fused = GroupNorm32(), GroupNorm32(impl="stats_float32")
+    ref = jax.jit(published.apply)(variables, x)
+    np.testing.assert_allclose(jax.jit(fused.apply)(variables, x), ref, rtol=0, atol=1e-6)
+
+    def loss(gn):  # a loss whose gradient reaches every input, scale and bias differently
+        w = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+        return jax.jit(jax.grad(lambda v, x: jnp.sum(gn.apply(v, x).astype(jnp.float32) * w), argnums=(0, 1)))
+
+    for a, b in zip(
+        jax.tree.leaves(loss(published)(variables, x)), jax.tree.leaves(loss(fused)(variables, x))
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    x16 = x.astype(jnp.bfloat16)
+    ref16 = jax.jit(published.apply)(variables, x16)
+    out16 = jax.jit(fused.apply)(variables, x16)
+    assert out16.dtype == ref16.dtype == jnp.bfloat16
+    # bf16 keeps 8 bits: |y| <= ~4.5 here, so one unit in the last place is <= 2^-8 * 4 (0.016). Measured:
+    # 0.018 (published) and 0.034 (stats_float32) from the float32 result; a form with the statistics in bf16 or
+    # a wrong group axis is off by > 0.1.
+    bound = 3 * 2.0**-8 * float(jnp.abs(ref).max())
+    assert float(jnp.abs(out16.astype(jnp.float32) - ref).max()) < bound
+    assert float(jnp.abs(ref16.astype(jnp.float32) - ref).max()) < bound
+
+
+def _float32_activation_residuals(gn, capsys) -> list[str]:
+    """The float32 tensors of the activation's size that the backward pass of ``gn`` on bf16 input keeps."""
+    x, variables = _group_norm_case()
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda v, x: gn.apply(v, x).astype(jnp.float32).sum(), variables, x.astype(jnp.bfloat16)
+    )
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("f32[2,8,8,")]
+
+
+def test_group_norm_float32_statistics_keep_no_float32_activation(capsys):
+    assert _float32_activation_residuals(GroupNorm32(), capsys)  # the published form keeps (x - mean) in f32
+    assert _float32_activation_residuals(GroupNorm32(impl="stats_float32"), capsys) == []
+
+
+def test_attention_through_dot_product_attention_matches_the_explicit_form():
+    """``attention_impl='dot_product'`` (jax.nn.dot_product_attention): the same parameters, the explicit form's
+    output in float32 and, in bf16, within bf16 rounding of it. Two heads, so a head layout that differed from
+    the legacy qkv order would show."""
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, 4, 64)), jnp.float32)
+    # 'cudnn' traces only on a GPU (jax checks for cuDNN first); it shares dot_product's code path otherwise.
+    blocks = {impl: AttentionBlock(num_heads=2, attention_impl=impl) for impl in ("explicit", "dot_product")}
+    shapes = {impl: jax.eval_shape(b.init, jax.random.key(0), x) for impl, b in blocks.items()}
+    assert shapes["explicit"] == shapes["dot_product"]
+    variables = _fill(shapes["explicit"], seed=3, scale=0.3)  # proj_out non-zero: the attention shows
+    ref = jax.jit(blocks["explicit"].apply)(variables, x)
+    np.testing.assert_allclose(jax.jit(blocks["dot_product"].apply)(variables, x), ref, rtol=1e-6, atol=1e-6)
+    for impl in ("explicit", "dot_product"):
+        out = jax.jit(AttentionBlock(num_heads=2, dtype=jnp.bfloat16, attention_impl=impl).apply)(
+            variables, x
+        )
+        assert out.dtype == jnp.bfloat16
+        # Measured: 0.061 for both forms against |y| <= 7.3 (bf16 spacing at 4-8: 0.031), rounding through the
+        # bf16 qkv and proj_out; a wrong scale or head split is off by more than 1.
+        assert float(jnp.abs(out.astype(jnp.float32) - ref).max()) < 3 * 2.0**-8 * float(jnp.abs(ref).max())
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        AttentionBlock(attention_impl="flash").init(jax.random.key(0), x)
+
+
+def test_train_step_forms_reach_every_block_of_the_unet():
+    """``EnsemDiffUNet(norm_impl=..., attention_impl=...)``: every attention block calls
+    jax.nn.dot_product_attention, and the whole UNet gives the published forms' output (float32) with the same
+    parameters."""
+    x_t = jnp.asarray(np.random.default_rng(4).standard_normal((2, 16, 16, 1)), jnp.float32)
+    cond = jnp.asarray(np.random.default_rng(5).random((2, 16, 16, 3)), jnp.float32)
+    t = jnp.array([3, 7])
+    published = EnsemDiffUNet(**TINY)
+    variables = _random_variables(published, x_t, t, cond)
+    candidate = EnsemDiffUNet(**TINY, norm_impl="stats_float32", attention_impl="dot_product")
+    assert jax.eval_shape(candidate.init, jax.random.key(0), x_t, t, cond) == jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables
+    )
+    with mock.patch.object(jax.nn, "dot_product_attention", wraps=jax.nn.dot_product_attention) as dpa:
+        out = candidate.apply(variables, x_t, t, cond)
+    # TINY attends at ds 2: one block in the encoder, the middle block, two decoder blocks.
+    assert dpa.call_count == 4
+    np.testing.assert_allclose(out, published.apply(variables, x_t, t, cond), rtol=1e-5, atol=1e-5)
 
 
 def test_resblock_variants_and_dropout():

@@ -132,6 +132,89 @@ def test_remat_gives_the_same_parameters_and_step():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
+def test_remat_policies_give_the_gradients_of_no_remat_and_keep_what_they_name(capsys):
+    """``model.remat_policy`` (issue 31): a ResBlock under every policy differentiates to the one without remat;
+    in the UNet, 'nothing' keeps the fewest activations, 'conv_outputs' the ResBlocks' named first 3x3 conv
+    outputs besides, 'dots' every convolution's output."""
+    from diffseg_jax.models import EnsemDiffUNet
+    from diffseg_jax.models.layers import REMAT_RESBLOCKS, ResBlock
+
+    rng = np.random.default_rng(0)
+    h, emb = jnp.asarray(rng.standard_normal((2, 8, 8, 32)), jnp.float32), jnp.ones((2, 16), jnp.float32)
+    shapes = jax.eval_shape(ResBlock(64).init, jax.random.key(0), h, emb)
+    variables = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), jnp.float32), shapes)
+
+    def grads(cls):
+        loss = lambda v, h: jnp.sum(cls(64).apply(v, h, emb, False) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, h)
+
+    plain = grads(ResBlock)
+    for policy, cls in REMAT_RESBLOCKS.items():
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(grads(cls))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    tiny = dict(
+        out_channels=2, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,)
+    )
+    x, cond, t = jnp.ones((2, 16, 16, 1)), jnp.ones((2, 16, 16, 3)), jnp.array([1, 5])
+    params = jax.eval_shape(EnsemDiffUNet(**tiny).init, jax.random.key(0), x, t, cond)["params"]
+    kept = {}
+    variants = {"none": {}, **{p: dict(remat=True, remat_policy=p) for p in REMAT_RESBLOCKS}}
+    for name, kwargs in variants.items():
+        model = EnsemDiffUNet(**tiny, **kwargs)
+        capsys.readouterr()  # what the backward pass keeps, traced only
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda p: jnp.sum(model.apply({"params": p}, x, t, cond)), params
+        )
+        kept[name] = capsys.readouterr().out.splitlines()
+    resblocks = 8  # 2 encoder, 2 middle, 2 + 2 decoder
+    named = lambda name: [line for line in kept[name] if "named 'conv_out'" in line]  # noqa: E731
+    assert len(named("conv_outputs")) == resblocks and not named("nothing")
+    assert len(kept["nothing"]) < len(kept["dots"]) < len(kept["none"])
+    assert any("conv_general_dilated" in line for line in kept["dots"])
+    assert not any("conv_general_dilated" in line for line in kept["nothing"] + kept["conv_outputs"])
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(remat=True, remat_policy="everything"), "model.remat_policy.*Choose one of"),
+        (dict(remat_policy="dots"), "model.remat_policy.*set --config.model.remat=True"),
+        (dict(norm_impl="bfloat16"), "model.norm_impl.*Choose one of"),
+        (dict(attention_impl="flash"), "model.attention_impl.*Choose one of"),
+        (dict(attention_impl="cudnn"), "needs model.dtype='bfloat16'"),
+        (dict(attention_impl="cudnn", dtype="bfloat16"), "only on an NVIDIA GPU.*backend is cpu"),
+    ],
+)
+def test_train_step_forms_are_checked_with_their_fix(overrides, match):
+    config = tiny_config()
+    config.model.update(overrides)
+    with pytest.raises(ValueError, match=match):
+        validation.validate(config, check_data=False)
+
+
+def test_cudnn_attention_names_the_head_width_it_cannot_take(monkeypatch):
+    """Published EnsemDiff attends with one 512-channel head, beyond cuDNN's 256 (checked as on a GPU)."""
+    from configs import base
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    config = base.get_config("ensemdiff")
+    config.model.update(attention_impl="cudnn", dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"heads of \[512\] channels.*'dot_product'"):
+        validation.validate(config, check_data=False)
+    config.model.num_head_channels = 64  # 8 heads of 64: cuDNN takes them
+    validation.validate(config, check_data=False)
+
+
+def test_configs_without_the_train_step_forms_still_validate():
+    """A run's config saved before issue 31 lacks the three keys: the published forms, no error."""
+    config = tiny_config()
+    with config.unlocked():
+        for key in ("remat_policy", "norm_impl", "attention_impl"):
+            del config.model[key]
+    validation.validate(config, check_data=False)
+
+
 def test_unknown_compute_dtype_is_rejected():
     config = tiny_config()
     config.model.dtype = "float16"

@@ -27,8 +27,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
+
+# Issue 31's train-step candidates, each a model attribute whose first value is today's (the published port's)
+# computation; the same parameters under every value, so checkpoints load either way.
+NORM_IMPLS = ("float32", "stats_float32")
+ATTENTION_IMPLS = ("explicit", "dot_product", "cudnn")
+REMAT_POLICIES = ("nothing", "conv_outputs", "dots")
 
 # Explicit symmetric padding: PyTorch's ``padding=1``.  For a stride-2 conv on an even size,
 # Flax's 'SAME' would pad (0, 1) instead of (1, 1) and shift the sampling grid by one pixel.
@@ -47,19 +54,70 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups and PyTorch's eps 1e-5, computed in float32, output in input dtype.
+    """GroupNorm with 32 groups and PyTorch's eps 1e-5, statistics in float32, output in the input's dtype.
 
     Flax's own default eps is 1e-6; guided-diffusion uses ``torch.nn.GroupNorm`` defaults.  The
     exact two-pass variance (``use_fast_variance=False``) matches PyTorch's numerics more closely.
+
+    ``impl`` (the same parameters ``scale`` and ``bias`` either way):
+
+    * ``'float32'`` (default; guided-diffusion's ``GroupNorm32``:
+      ``super().forward(x.float()).type(x.dtype)``): the whole normalisation in float32, cast back. In bf16
+      the backward pass then keeps float32 tensors of the activation's size.
+    * ``'stats_float32'``: only the per-group mean and variance are float32 reductions of the input; the
+      normalisation ``(x - mean) * (scale / sqrt(var + eps)) + bias`` is applied in the input's dtype, and
+      the whole is rematerialised: the backward pass keeps only the input (in the compute dtype) and
+      recomputes the rest, so no float32 copy of the activation is kept. In float32 the same operations as
+      ``'float32'``.
     """
 
     num_groups: int = 32
     epsilon: float = 1e-5
     use_fast_variance: bool = False
+    impl: str = "float32"
 
+    @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]
-        """Normalise ``x`` (..., C) in float32 and cast back to ``x.dtype``."""
-        return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
+        """Normalise ``x`` (..., C) with float32 statistics; the result has ``x.dtype``."""
+        if self.impl == "float32":
+            return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
+        if self.impl != "stats_float32":
+            raise ValueError(f"GroupNorm32 impl must be one of {NORM_IMPLS}, got {self.impl!r}")
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(
+                f"Number of groups ({self.num_groups}) does not divide the number of channels ({c})."
+            )
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+        # Rematerialised: the backward pass keeps only x (compute dtype) and recomputes the rest from it.
+        return jax.checkpoint(_group_norm, static_argnums=(3, 4))(
+            x, scale, bias, self.num_groups, self.epsilon
+        )
+
+
+def _group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float) -> jax.Array:
+    """GroupNorm of ``x`` (B, ..., C) with float32 statistics, applied in ``x.dtype``; Flax's operations."""
+    c = x.shape[-1]
+    mean, var = _group_stats(x, groups)
+    # Per (example, channel) float32 coefficients, broadcast over the spatial axes.
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+    mean = jnp.repeat(mean, c // groups, axis=-1).reshape(shape)
+    mul = (jax.lax.rsqrt(jnp.repeat(var, c // groups, axis=-1) + eps) * scale).reshape(shape)
+    y = (x - mean.astype(x.dtype)) * mul.astype(x.dtype)
+    return y + bias.astype(x.dtype)
+
+
+def _group_stats(x: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
+    """Per-example, per-group float32 mean and two-pass variance of ``x`` (B, ..., C): each (B, groups).
+
+    Reduced over the same axes of the same grouped shape as Flax's GroupNorm, so float32 inputs give its
+    numbers."""
+    xg = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    mean = jnp.mean(xg, axis=axes, dtype=jnp.float32)
+    var = jnp.mean(jnp.square(xg.astype(jnp.float32) - jnp.expand_dims(mean, axes)), axis=axes)
+    return mean, var
 
 
 def conv3x3(features: int, dtype: Dtype, name: str, *, strides: int = 1, zero_init: bool = False) -> nn.Conv:
@@ -104,14 +162,18 @@ class ResBlock(nn.Module):
     dropout: float = 0.0
     use_scale_shift_norm: bool = False
     dtype: Dtype = jnp.float32
+    norm_impl: str = "float32"  # GroupNorm32.impl
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
-        """Map x (B,H,W,Cin) and emb (B,E) to (B,H,W,out_channels)."""
+        """Map x (B,H,W,Cin) and emb (B,E) to (B,H,W,out_channels).
+
+        The two 3x3 convolutions' outputs are named ``'conv_out'`` (``jax.ad_checkpoint.checkpoint_name``, an
+        identity outside remat) for the ``'conv_outputs'`` remat policy."""
         x = x.astype(self.dtype)
         c = self.out_channels
-        h = nn.silu(GroupNorm32(name="in_norm")(x))
-        h = conv3x3(c, self.dtype, "in_conv")(h)
+        h = nn.silu(GroupNorm32(name="in_norm", impl=self.norm_impl)(x))
+        h = checkpoint_name(conv3x3(c, self.dtype, "in_conv")(h), "conv_out")
 
         emb_out = nn.Dense(
             2 * c if self.use_scale_shift_norm else c,
@@ -123,12 +185,12 @@ class ResBlock(nn.Module):
         if self.use_scale_shift_norm:
             # PyTorch: scale, shift = th.chunk(emb_out, 2, dim=1) -> scale is the first half.
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = GroupNorm32(name="out_norm")(h) * (1 + scale) + shift
+            h = GroupNorm32(name="out_norm", impl=self.norm_impl)(h) * (1 + scale) + shift
         else:
-            h = GroupNorm32(name="out_norm")(h + emb_out)
+            h = GroupNorm32(name="out_norm", impl=self.norm_impl)(h + emb_out)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = conv3x3(c, self.dtype, "out_conv", zero_init=True)(h)
+        h = checkpoint_name(conv3x3(c, self.dtype, "out_conv", zero_init=True)(h), "conv_out")
 
         if x.shape[-1] == c:
             skip = x
@@ -143,11 +205,24 @@ class AttentionBlock(nn.Module):
     The qkv channels are split in guided-diffusion's *legacy* order (``QKVAttentionLegacy``): the
     3C channels are grouped per head first, ``[h0: q k v | h1: q k v | ...]`` (PyTorch reshapes to
     (B*heads, 3*ch, T) and splits).  With one head this equals the "new" order ``[q | k | v]``.
+
+    ``attention_impl`` (the same parameters and, within rounding, outputs under each):
+
+    * ``'explicit'`` (default): softmax(q kᵀ / sqrt(ch)) v written out, logits and softmax in float32
+      (PyTorch: ``softmax(weight.float())``), as the published code.
+    * ``'dot_product'``: ``jax.nn.dot_product_attention`` with its default implementation (XLA's in jax
+      0.10: float32 logits and softmax, bf16 inputs through ``BF16_BF16_F32`` dots).
+    * ``'cudnn'``: the same with ``implementation='cudnn'``, cuDNN's fused (flash) attention: GPU only, bf16
+      or fp16 compute dtype, head width a multiple of 8 and at most 128 (256 on Hopper); jax raises
+      otherwise. Published EnsemDiff/MedSegDiff attend with one head of 512 channels at 256 px, which cuDNN
+      does not take.
     """
 
     num_heads: int = 1
     num_head_channels: int = -1
     dtype: Dtype = jnp.float32
+    attention_impl: str = "explicit"
+    norm_impl: str = "float32"  # GroupNorm32.impl
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,14 +237,27 @@ class AttentionBlock(nn.Module):
             heads = c // self.num_head_channels
         ch = c // heads
 
-        h = GroupNorm32(name="norm")(x).reshape(b, hh * ww, c)
+        h = GroupNorm32(name="norm", impl=self.norm_impl)(x).reshape(b, hh * ww, c)
         qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(h)
         qkv = qkv.reshape(b, hh * ww, heads, 3, ch)  # legacy order: per head, then q/k/v
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        # Logits and softmax in float32 (PyTorch: softmax(weight.float())), scale 1/sqrt(ch).
-        logits = jnp.einsum("bthc,bshc->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
-        weights = jax.nn.softmax(logits / math.sqrt(ch), axis=-1).astype(self.dtype)
-        a = jnp.einsum("bhts,bshc->bthc", weights, v).reshape(b, hh * ww, c)
+        if self.attention_impl == "explicit":
+            # Logits and softmax in float32 (PyTorch: softmax(weight.float())), scale 1/sqrt(ch).
+            logits = jnp.einsum("bthc,bshc->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
+            weights = jax.nn.softmax(logits / math.sqrt(ch), axis=-1).astype(self.dtype)
+            a = jnp.einsum("bhts,bshc->bthc", weights, v)
+        elif self.attention_impl in ("dot_product", "cudnn"):
+            # (B, T, heads, ch) is jax's BTNH layout; float32 logits and softmax there too.
+            a = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                scale=1.0 / math.sqrt(ch),
+                implementation="cudnn" if self.attention_impl == "cudnn" else None,
+            )
+        else:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        a = a.reshape(b, hh * ww, c)
         out = nn.Dense(
             c,
             dtype=self.dtype,
@@ -213,20 +301,44 @@ class Upsample(nn.Module):
 # module's compact ``__call__`` (Flax parents modules created there to the caller), with the official
 # module names, from the caller's attributes: model_channels, channel_mult, num_res_blocks,
 # attention_resolutions (downsample factors), num_heads, num_heads_upsample, num_head_channels, dropout,
-# use_scale_shift_norm, dtype, and optionally remat.
+# use_scale_shift_norm, dtype, and optionally remat, remat_policy, norm_impl and attention_impl.
 
 # ResBlock with rematerialisation: its activations are recomputed in the backward pass instead of kept
 # (guided-diffusion's ``use_checkpoint``). ``train`` (argument 3, counting self) must stay a Python bool.
-RematResBlock = nn.remat(ResBlock, static_argnums=(3,))
+# What is kept (``remat_policy``): 'nothing' (guided-diffusion's, everything recomputed), 'conv_outputs' (the
+# 3x3 convolutions' outputs named 'conv_out' that the backward pass needs, i.e. the first conv's, as the
+# second's feeds only the residual sum; the GroupNorms, SiLUs and the embedding's projection are recomputed),
+# 'dots' (``jax.checkpoint_policies.dots_saveable``: every convolution's and matmul's output kept).
+_REMAT_POLICY_FNS = {
+    "nothing": None,
+    "conv_outputs": jax.checkpoint_policies.save_only_these_names("conv_out"),
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
+REMAT_RESBLOCKS = {
+    name: nn.remat(ResBlock, static_argnums=(3,), policy=policy) for name, policy in _REMAT_POLICY_FNS.items()
+}
 
 
 def _res(m: nn.Module, ch: int, name: str) -> ResBlock:
-    cls = RematResBlock if getattr(m, "remat", False) else ResBlock
-    return cls(ch, m.dropout, m.use_scale_shift_norm, dtype=m.dtype, name=name)
+    cls = ResBlock
+    if getattr(m, "remat", False):
+        policy = getattr(m, "remat_policy", "nothing")
+        if policy not in REMAT_RESBLOCKS:
+            raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
+        cls = REMAT_RESBLOCKS[policy]
+    norm = getattr(m, "norm_impl", "float32")
+    return cls(ch, m.dropout, m.use_scale_shift_norm, dtype=m.dtype, norm_impl=norm, name=name)
 
 
 def _attn(m: nn.Module, heads: int, name: str) -> AttentionBlock:
-    return AttentionBlock(heads, m.num_head_channels, dtype=m.dtype, name=name)
+    return AttentionBlock(
+        heads,
+        m.num_head_channels,
+        dtype=m.dtype,
+        attention_impl=getattr(m, "attention_impl", "explicit"),
+        norm_impl=getattr(m, "norm_impl", "float32"),
+        name=name,
+    )
 
 
 def unet_encoder(
@@ -282,5 +394,5 @@ def unet_middle_decoder_head(
 
     # time_embed and the head stay float32, as guided-diffusion's convert_to_fp16 leaves them.
     h = h.astype(jnp.float32)
-    h = nn.silu(GroupNorm32(name="out_norm")(h))
+    h = nn.silu(GroupNorm32(name="out_norm", impl=getattr(m, "norm_impl", "float32"))(h))
     return conv3x3(out_channels, jnp.float32, "out_conv", zero_init=True)(h)

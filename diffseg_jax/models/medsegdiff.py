@@ -122,6 +122,11 @@ class MedSegDiffUNet(nn.Module):
     remat: bool = (
         False  # recompute ResBlock activations in the backward pass (guided-diffusion use_checkpoint)
     )
+    # Issue 31's train-step options (layers.py): what remat keeps ('nothing': guided-diffusion's), the
+    # GroupNorm and attention forms; the defaults are the published computation, with the same parameters.
+    remat_policy: str = "nothing"  # 'nothing' | 'conv_outputs' | 'dots'
+    norm_impl: str = "float32"  # 'float32' | 'stats_float32'
+    attention_impl: str = "explicit"  # 'explicit' | 'dot_product' | 'cudnn'
 
     @property
     def blends_cal(self) -> bool:

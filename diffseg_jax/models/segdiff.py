@@ -89,6 +89,11 @@ class SegDiffUNet(nn.Module):
     remat: bool = (
         False  # recompute ResBlock activations in the backward pass (guided-diffusion use_checkpoint)
     )
+    # Issue 31's train-step options (layers.py): what remat keeps ('nothing': guided-diffusion's), the
+    # GroupNorm and attention forms; the defaults are the published computation, with the same parameters.
+    remat_policy: str = "nothing"  # 'nothing' | 'conv_outputs' | 'dots'
+    norm_impl: str = "float32"  # 'float32' | 'stats_float32'
+    attention_impl: str = "explicit"  # 'explicit' | 'dot_product' | 'cudnn'
 
     def setup(self) -> None:
         # Defined in setup so that encode_image and __call__ share it; Flax creates its parameters only
