@@ -237,22 +237,21 @@ def test_test_time_augmentation_averages_the_outputs_turned_back():
     np.testing.assert_allclose(plain["mean"], np.mean(loop[:3], 0), atol=1e-5)
 
 
-def _conv_dtypes(jaxpr_text: str) -> list[str]:
-    """The output dtype of every convolution in a jaxpr's text (scan and jit bodies included)."""
+def _conv_dtypes(hlo_text: str) -> list[str]:
+    """The result element type of every convolution in a lowered program's StableHLO text (scan bodies included)."""
     import re
 
-    return re.findall(r"(\w+)\[[\d,]*\] = conv_general_dilated", jaxpr_text)
+    return re.findall(r"stablehlo\.convolution.*-> tensor<[\dx]*x(\w+)>", hlo_text)
 
 
 def test_bf16_sampling_runs_the_network_in_bf16_and_keeps_the_sampler_in_f32():
-    """``model.dtype=bfloat16`` as evaluation builds the network (``build.model_and_state``): the member's
-    convolutions compute in bf16, while x_t, the schedule's arithmetic and the outputs stay float32, close to
-    the float32 network's samples with the same weights and keys."""
+    """``model.dtype=bfloat16`` as evaluation builds the network (``build.model_and_state``): the ensemble's
+    convolutions compute in bf16, while x_t, the schedule's arithmetic and the outputs stay float32 (a bf16 x_t
+    would not fit the scan's float32 carry), close to the float32 network's samples with the same weights and
+    keys."""
     outputs, convs = {}, {}
-    key, images = (
-        jax.random.PRNGKey(4),
-        jnp.asarray(np.random.default_rng(1).random((2, 16, 16, 3)), jnp.float32),
-    )
+    key = jax.random.PRNGKey(4)
+    images = jnp.asarray(np.random.default_rng(1).random((2, 16, 16, 3)), jnp.float32)
     for dtype in ("float32", "bfloat16"):
         config = tiny_config("e2_synthetic")
         config.model.dtype = dtype
@@ -263,11 +262,10 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_keeps_the_sampler_in_f32():
         draw = np.random.default_rng(0).standard_normal
         params = jax.tree.map(lambda p, d=draw: 0.1 * d(p.shape).astype(p.dtype), state.params)
         variables = {"params": params}
-        member = sampling.make_member_fn(model, schedule, config)
-        convs[dtype] = _conv_dtypes(
-            str(jax.make_jaxpr(member, static_argnums=2)(variables, images, (2, 16, 16, 1), key))
-        )
-        out = sampling.ensemble_fn(config, model, schedule)(variables, images, jnp.zeros((2, 16, 16, 1)), key)
+        args = (variables, images, jnp.zeros((2, 16, 16, 1)), key)
+        lowered = sampling.ensemble_fn(config, model, schedule).lower(*args)
+        convs[dtype] = _conv_dtypes(lowered.as_text())
+        out = lowered.compile()(*args)
         assert out["mean"].dtype == out["std"].dtype == jnp.float32
         outputs[dtype] = np.asarray(out["mean"])
     assert convs["float32"] and set(convs["float32"]) == {"f32"}
