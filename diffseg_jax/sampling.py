@@ -235,9 +235,10 @@ def auto_batch_size(
     )
     per_image = max(one - weight_bytes, 1)
     free, source = free_device_memory()
-    batch = choose_batch_size(per_image, weight_bytes, free, n_dev, num_inputs)
+    # Every host samples the same batches: process 0's choice holds for all.
+    batch = distributed.primary_count(choose_batch_size(per_image, weight_bytes, free, n_dev, num_inputs))
     logging.info(
-        "%s: eval.batch_size=auto: %d images per call (%d device(s)): one image costs %.1f MiB per device "
+        "%s: eval.batch_size=0 (auto): %d images per call (%d device(s)): one image costs %.1f MiB per device "
         "(XLA's memory analysis, compiled in %.0f s; weights %.1f MiB apart), %.2f GiB free (%s), %.0f %% of it "
         "planned; %d inputs.",
         what,
