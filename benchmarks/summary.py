@@ -46,6 +46,10 @@ def main(directory: str) -> None:
     print(f"{'benchmark':20s} {'model':15s} {'px':>4s} {'what':44s} {'figure':>50s}")
     for name, result in results:
         for r in result["rows"]:
+            if "error" in r and "dataset" in r:  # sampling.py --published
+                what = f"{r['dataset']} {r['sampler']} {r['dtype']}"
+                print(f"{name:20s} {r['model']:15s} {'':4s} {what:44s} FAILED: {r['error'][:60]}")
+                continue
             if "error" in r:
                 print(f"{name:20s} {r['model']:15s} {'':4s} {_train_what(r):44s} FAILED: {r['error'][:60]}")
                 continue
@@ -71,6 +75,12 @@ def main(directory: str) -> None:
                 )
                 if r.get("step_transient_gib") is not None:
                     figure += f", step +{r['step_transient_gib']:.1f} GiB"
+            elif "s_per_image" in r:  # sampling.py --published: measured m-s/s, extrapolated s per image
+                what = f"{r['dataset']} {r['sampler']}-{r['paper_steps']} {r['dtype']} {r['batch']}×{r['members']}/call"
+                figure = (
+                    f"{r['member_steps_per_s']:.0f} m-s/s → {r['s_per_image']:.2f} s/img, "
+                    f"{r['images_per_hour']:.0f} img/h"
+                )
             elif "scan_s" in r:
                 what = f"{r['images']} img × {r['members']} members × {r['steps']} steps"
                 figure = f"scan {r['scan_member_steps_per_s']:.0f} vs loop {r['naive_member_steps_per_s']:.0f} m-s/s ×{r['speedup']:.1f}"

@@ -364,6 +364,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.momentum = 0.99
     c.train.lr_schedule = "constant"
 
+    # batch_size: images (or tiles) per device call; 0 chooses it from the device's memory (XLA's memory analysis
+    # of one image's ensemble against the free memory: sampling.auto_batch_size, logged), an explicit value fixes
+    # it (the samples depend on it: batch i draws from fold_in(seed, i)).
     # member_chunk: members sampled at once per image (lax.map over chunks bounds memory; 0 = all at once).
     # pooling: which IoU / ECE metrics.json reports as `iou` / `ece` (both are always written):
     # 'pooled' over all test pixels (a torchmetrics metric object accumulated over the test set) or
@@ -383,7 +386,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ddim_steps=50,
             ddim_eta=0.0,
             num_images=-1,
-            batch_size=8,
+            batch_size=0,
             member_chunk=5,
             use_ema=False,
             clip_denoised=True,

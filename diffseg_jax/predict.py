@@ -248,10 +248,18 @@ def predict(
     # The run's network from its config alone (no training data), for the RGB the files are read as.
     model, schedule, step, variables = restore.trained_network(config, workdir, 3, state)
     tiles = sampling.tiles_per_image(config.data)
+    ensemble = sampling.ensemble_fn(config, model, schedule)  # one compilation for every chunk
+    eval_batch = config.eval.batch_size
+    if eval_batch == sampling.AUTO_BATCH:  # chosen from the device's memory for this many tiles
+        crop = config.data.image_size
+        eval_batch = sampling.auto_batch_size(
+            ensemble, variables, (crop, crop, 3), (crop, crop, 1), num * tiles, "predict"
+        )
     # A few files are one smaller batch, not padded to a whole evaluation batch. Chunks are whole batches, so
-    # chunk c's first batch has the index the evaluation gives it: the same keys, the same samples.
-    batch = min(config.eval.batch_size, num * tiles)
-    chunk = -(-config.eval.predict_chunk // config.eval.batch_size) * config.eval.batch_size
+    # chunk c's first batch has the index the evaluation gives it: the same keys, the same samples (with an
+    # explicit eval.batch_size; an automatic one follows the number of inputs and the memory free).
+    batch = min(eval_batch, num * tiles)
+    chunk = -(-config.eval.predict_chunk // eval_batch) * eval_batch
     num_chunks = -(-num // chunk)
     partial = os.path.join(out_dir, "partial")
     # Finished chunks (their maps and csv rows), and inside the unfinished one its finished batches: one store.
@@ -265,7 +273,6 @@ def predict(
         logging.info(
             "predict: resuming after %d of %d images, read from %s.", min(num, done * chunk), num, partial
         )
-    ensemble = sampling.ensemble_fn(config, model, schedule)  # one compilation for every chunk
     scaling = config.data.image_scaling  # as the run's images were read
     t0 = time.time()
     for c in range(done, num_chunks):

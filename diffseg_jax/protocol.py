@@ -67,7 +67,8 @@ def make_validation_fn(config: ml_collections.ConfigDict, model, schedule):
     dropout.
     """
     arrays = data.model_sized_arrays(config.data, "validation")  # tiles where stored larger than the model
-    batch_size = config.eval.batch_size
+    # eval.batch_size=0 (chosen for sampling from the device's memory): the training batch, which fits.
+    batch_size = config.eval.batch_size or config.train.batch_size
     e1_t = config.objective.e1_timestep
     settings = build.loss_settings(config)
 

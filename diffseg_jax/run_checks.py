@@ -100,9 +100,14 @@ def check_eval(config: ml_collections.ConfigDict) -> None:
             config.eval.ddim_eta,
             "Use η ≥ 0: 0 is deterministic DDIM, 1 DDPM's posterior variance (Song et al. 2021).",
         )
-    for key in ("batch_size", "predict_chunk"):
-        if config.eval[key] < 1:
-            configlib.fail(f"eval.{key}", config.eval[key], "Use a positive number of images.")
+    if not isinstance(config.eval.batch_size, int) or config.eval.batch_size < 0:
+        configlib.fail(
+            "eval.batch_size",
+            config.eval.batch_size,
+            "Use a positive number of images per device call, or 0 to choose it from the device's memory.",
+        )
+    if config.eval.predict_chunk < 1:
+        configlib.fail("eval.predict_chunk", config.eval.predict_chunk, "Use a positive number of images.")
     if config.eval.num_images == 0 or config.eval.num_images < -1:
         configlib.fail(
             "eval.num_images", config.eval.num_images, "Use -1 (every test image) or a positive count."

@@ -319,3 +319,28 @@ def test_jitted_and_naive_ways_agree_in_the_speed_benchmarks(tmp_path, script, a
         tmp_path, script, "--models", "ensemdiff", "--size", "tiny", *args, "--repeats", "1"
     )
     assert row[diff] < 1e-4, row
+
+
+def test_paper_settings_extrapolate_the_measured_rate_to_the_whole_test_set(tmp_path, capsys):
+    import importlib
+
+    paper = importlib.import_module("sampling")  # benchmarks/sampling.py
+    # ISIC: 379 images in calls of 10 (the last padded: 38 calls), 10 members × 1000 steps at 1000 m-s/s.
+    isic = paper.extrapolate(1000.0, 10, 10, 1000, 379, 379)
+    assert isic["set_hours"] == pytest.approx(380 * 10 * 1000 / 1000 / 3600)
+    assert isic["s_per_image"] == pytest.approx(3800 / 379)
+    assert isic["images_per_hour"] == pytest.approx(3600 * 379 / 3800)
+    # MoNuSeg: 14 images of 4 tiles in calls of 16 tiles (4 calls), 25 members × 50 DDIM steps.
+    assert paper.extrapolate(1000.0, 16, 25, 50, 56, 14)["s_per_image"] == pytest.approx(
+        64 * 25 * 50 / 1000 / 14
+    )
+    row = {"model": "ensemdiff", "image_size": 256, "dataset": "isic", "sampler": "ddpm", "dtype": "bfloat16"}
+    rows = [
+        {**row, "paper_steps": 1000, "batch": 10, "members": 10, "member_steps_per_s": 1000.0, **isic},
+        {**row, "dataset": "monuseg", "error": "XlaRuntimeError: RESOURCE_EXHAUSTED"},
+    ]
+    (tmp_path / "sampling_paper.json").write_text(json.dumps({"device": "backend: gpu", "rows": rows}))
+    summary.main(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "isic ddpm-1000 bfloat16 10×10/call" in out and "1000 m-s/s → 10.03 s/img, 359 img/h" in out
+    assert "monuseg ddpm bfloat16" in out and "FAILED: XlaRuntimeError" in out

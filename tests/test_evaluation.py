@@ -225,3 +225,25 @@ def test_a_run_is_sampled_only_with_the_settings_that_give_its_network_meaning(t
         ValueError, match=r"experiment: trained with 'e1', this config has 'e2'; diffusion\.num_timesteps"
     ):
         planning.resolve_as_trained(wrong, str(tmp_path))
+
+
+def test_an_evaluation_with_an_automatic_batch_equals_the_batch_it_chose(tmp_path, tfds_dir):
+    """``eval.batch_size=0`` (the default) on a tiny run: the batch comes from the device's memory, capped at the
+    4 test images here, and the evaluation equals one with that batch given explicitly (the samples depend on
+    the batch: batch i draws from fold_in(seed, i))."""
+    from diffseg_jax import checkpoints  # noqa: PLC0415
+
+    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
+    config.eval.update(batch_size=0, num_images=4, ddim_steps=2, num_figure_images=1)
+    _, _, _, state = build.model_and_state(config, (32, 32, 3))
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(4, state, {})
+    ckpt.close()
+    means = {}
+    for name, batch in (("auto", 0), ("explicit4", 4)):
+        config.eval.batch_size = batch
+        evaluate.evaluate(config, str(tmp_path), out_dir=str(tmp_path / name))
+        with np.load(tmp_path / name / "ensemble.npz") as saved:
+            means[name] = saved["mean"]
+    np.testing.assert_array_equal(means["auto"], means["explicit4"])
+    assert [batch for _, batch in sampling._AUTO_CHOICES.values()][-1] == 4

@@ -235,3 +235,88 @@ def test_test_time_augmentation_averages_the_outputs_turned_back():
     np.testing.assert_allclose(both["std"], np.std(loop, 0), atol=1e-5)
     plain = sampling.make_ensemble_fn(m, 3, None)(tv, images, template, key)
     np.testing.assert_allclose(plain["mean"], np.mean(loop[:3], 0), atol=1e-5)
+
+
+def _conv_dtypes(hlo_text: str) -> list[str]:
+    """The result element type of every convolution in a lowered program's StableHLO text (scan bodies included)."""
+    import re
+
+    return re.findall(r"stablehlo\.convolution.*-> tensor<[\dx]*x(\w+)>", hlo_text)
+
+
+def test_bf16_sampling_runs_the_network_in_bf16_and_keeps_the_sampler_in_f32():
+    """``model.dtype=bfloat16`` as evaluation builds the network (``build.model_and_state``): the ensemble's
+    convolutions compute in bf16, while x_t, the schedule's arithmetic and the outputs stay float32 (a bf16 x_t
+    would not fit the scan's float32 carry), close to the float32 network's samples with the same weights and
+    keys."""
+    outputs, convs = {}, {}
+    key = jax.random.PRNGKey(4)
+    images = jnp.asarray(np.random.default_rng(1).random((2, 16, 16, 3)), jnp.float32)
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config("e2_synthetic")
+        config.model.dtype = dtype
+        config.eval.ensemble_size, config.eval.ddim_steps = 2, 4
+        model, schedule, _, state = build.model_and_state(config, (16, 16, 3), abstract=True)
+        # Random weights everywhere, made on the host (the zero-initialised output layer would leave the
+        # network's output zero).
+        draw = np.random.default_rng(0).standard_normal
+        params = jax.tree.map(lambda p, d=draw: 0.1 * d(p.shape).astype(p.dtype), state.params)
+        variables = {"params": params}
+        args = (variables, images, jnp.zeros((2, 16, 16, 1)), key)
+        lowered = sampling.ensemble_fn(config, model, schedule).lower(*args)
+        convs[dtype] = _conv_dtypes(lowered.as_text())
+        out = lowered.compile()(*args)
+        assert out["mean"].dtype == out["std"].dtype == jnp.float32
+        outputs[dtype] = np.asarray(out["mean"])
+    assert convs["float32"] and set(convs["float32"]) == {"f32"}
+    # Every convolution of the UNet body in bf16; the float32 head (as guided-diffusion's convert_to_fp16) may stay.
+    assert convs["bfloat16"].count("bf16") >= len(convs["bfloat16"]) - 1 > 0
+    assert np.std(outputs["float32"]) > 0.05  # samples that vary, not a constant both dtypes would agree on
+    # Close on the whole (measured: mean |Δ| 2e-4; a rare pixel differs by 0.1, bf16 rounding amplified by the
+    # sampling steps), and the same segmentation almost everywhere.
+    assert np.abs(outputs["bfloat16"] - outputs["float32"]).mean() < 5e-3
+    assert np.mean((outputs["bfloat16"] > 0.5) == (outputs["float32"] > 0.5)) > 0.99
+
+
+def test_an_automatic_batch_fills_the_free_memory_in_whole_images_per_device():
+    mib = 2**20
+    # 80 % of 1000 MiB less 100 MiB of weights leaves 700 MiB: 7 images of 100 MiB on each device.
+    assert sampling.choose_batch_size(100 * mib, 100 * mib, 1000 * mib, 1, 500) == 7
+    assert (
+        sampling.choose_batch_size(100 * mib, 100 * mib, 1000 * mib, 4, 500) == 28
+    )  # 7 on each of 4 devices
+    assert sampling.choose_batch_size(99 * mib, 100 * mib, 1000 * mib, 1, 500) == 7  # 700 / 99: whole images
+    assert sampling.choose_batch_size(100 * mib, 100 * mib, 1000 * mib, 1, 500, margin=0.5) == 4
+    # Never more than the inputs, rounded up to the device count; at least one image per device.
+    assert sampling.choose_batch_size(100 * mib, 100 * mib, 1000 * mib, 1, 5) == 5
+    assert sampling.choose_batch_size(100 * mib, 100 * mib, 1000 * mib, 4, 5) == 8
+    assert sampling.choose_batch_size(100 * mib, 900 * mib, 1000 * mib, 2, 500) == 2
+
+
+def test_an_automatic_batch_is_sized_from_the_compiled_ensembles_memory(monkeypatch):
+    """``auto_batch_size`` divides the free memory by XLA's figure for one image of this very ensemble: with the
+    free memory set to hold k images besides the weights, it picks k."""
+    free, source = sampling.free_device_memory()  # on a CPU: a share of the host's RAM
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < free <= sampling.CPU_MEMORY_FRACTION * ram and "RAM" in source
+    config, schedule, model, images, variables = _tiny_sampling("e2")
+    ensemble = sampling.make_ensemble_fn(sampling.make_member_fn(model, schedule, config), 3, None)
+    weights = sum(np.asarray(a).nbytes for a in jax.tree.leaves(variables))
+    mem = (
+        ensemble.lower(variables, images[:1], jnp.zeros((1, 8, 8, 1)), jax.random.PRNGKey(0))
+        .compile()
+        .memory_analysis()
+    )
+    one = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
+    assert one > weights + images[:1].nbytes  # the members' samples and their temporaries count too
+    for k in (1, 3):
+        free = (weights + k * (one - weights) + 1) / sampling.MEMORY_MARGIN
+        monkeypatch.setattr(sampling, "free_device_memory", lambda free=free: (int(free), "test"))
+        sampling._AUTO_CHOICES.clear()
+        assert sampling.auto_batch_size(ensemble, variables, (8, 8, 3), (8, 8, 1), 100) == k
+    assert sampling.auto_batch_size(ensemble, variables, (8, 8, 3), (8, 8, 1), 2) == 2  # 2 inputs

@@ -455,7 +455,7 @@ def test_config_validation_names_key_and_fix(monkeypatch):
         ({"eval.ece_bins": 0}, "eval.ece_bins=0"),
         ({"eval.sampler": "euler"}, "eval.sampler='euler'"),
         ({"eval.ensemble_size": 0}, "eval.ensemble_size=0"),
-        ({"eval.batch_size": 0}, "eval.batch_size=0.*positive number of images"),
+        ({"eval.batch_size": -1}, "eval.batch_size=-1.*positive number of images.*or 0 to choose it"),
         ({"eval.predict_chunk": 0}, "eval.predict_chunk=0.*positive number of images"),
         ({"eval.num_images": 0}, "eval.num_images=0.*-1 .every test image"),
         ({"model.model_channels": 20}, r"model.model_channels=20.*\[20, 40, 40\]\) must be a multiple of 32"),
