@@ -51,22 +51,21 @@ def test_marginal_is_the_product_of_the_forward_steps_from_x0_to_a_fair_coin():
 def test_posterior_is_bayes_rule_over_0_1_for_binary_and_soft_x0():
     betas = np.asarray(SCHED.betas, np.float64)
     marg = _marginals(betas)
-    for t in range(T):
+    cases = list(itertools.product(range(T), [0.0, 1.0, 0.3, 0.85], [0.0, 1.0]))
+    want = []
+    for t, x0_p, x_t in cases:
         prev = np.eye(2) if t == 0 else marg[t - 1]  # q(x_{t−1} | x0), x_{−1} = x0
         step = _step_matrix(betas[t])
-        for x0_p, x_t in itertools.product([0.0, 1.0, 0.3, 0.85], [0.0, 1.0]):
-            # brute force: sum over x0 ~ B(x0_p) and x_{t−1} ∈ {0,1} of the joint with x_t, then normalise.
-            joint = np.array(
-                [
-                    sum(w * prev[a, k] * step[k, int(x_t)] for a, w in ((0, 1 - x0_p), (1, x0_p)))
-                    for k in (0, 1)
-                ]
-            )
-            want = joint / joint.sum()
-            got1 = float(bernoulli.q_posterior(SCHED, jnp.array([x0_p]), jnp.array([x_t]), jnp.array([t]))[0])
-            np.testing.assert_allclose(
-                [1 - got1, got1], want, atol=2e-5, err_msg=f"t={t} x0={x0_p} x_t={x_t}"
-            )
+        # brute force: sum over x0 ~ B(x0_p) and x_{t−1} ∈ {0,1} of the joint with x_t, then normalise.
+        joint = [
+            sum(w * prev[a, k] * step[k, int(x_t)] for a, w in ((0, 1 - x0_p), (1, x0_p))) for k in (0, 1)
+        ]
+        want.append(joint[1] / sum(joint))
+    t, x0_p, x_t = (jnp.asarray(c) for c in zip(*cases))
+    got = bernoulli.q_posterior(SCHED, x0_p.astype(jnp.float32), x_t.astype(jnp.float32), t)
+    np.testing.assert_allclose(
+        got, want, atol=2e-5
+    )  # P(1); P(0) = 1 − P(1) is its complement by construction
     # t = 0: the true posterior is the mask itself.
     np.testing.assert_allclose(
         bernoulli.q_posterior(SCHED, jnp.array([0.0, 1.0]), jnp.array([1.0, 0.0]), jnp.zeros(2, jnp.int32)),
