@@ -55,7 +55,11 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     (mean squared error, fixed variance, no auxiliary terms) for every architecture.
     """
     published = config.objective.loss == "published"
-    learn_sigma = published and config.diffusion.learn_sigma and config.experiment != "e1"
+    process = process_of(config)
+    # Bernoulli diffusion has no variance to learn: one output channel per mask channel whatever the scheme says.
+    learn_sigma = (
+        published and config.diffusion.learn_sigma and config.experiment != "e1" and process == "gaussian"
+    )
     return dict(
         learn_sigma=learn_sigma,
         reduction=config.objective.reduction if published else "mean",
@@ -64,8 +68,16 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         dice=config.objective.dice,
         dice_smooth=config.objective.dice_smooth,
         prediction=objectives.prediction_of(config),
+        process=process,
+        bce_weight=config.objective.get("bernoulli_bce_weight", 1.0),
         **beyond_paper_settings(config),
     )
+
+
+def process_of(config: ml_collections.ConfigDict) -> str:
+    """The forward process a config trains and samples: ``diffusion.process`` ('gaussian', or BerDiff's 'bernoulli')
+    for the diffusion experiments; E1, a feed-forward segmenter, ignores it (the quickstart's twin runs on its config)."""
+    return config.diffusion.get("process", "gaussian") if config.experiment != "e1" else "gaussian"
 
 
 def beyond_paper_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:

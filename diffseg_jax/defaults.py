@@ -286,6 +286,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Terminal noise (beyond the paper, diffseg_jax.adaptive): 'rescale' (√ᾱ rescaled, Lin et al. 2024)
     # or 'snr_shift' moves ᾱ_{T-1} to alpha_bar_T; -1 picks the largest ᾱ_{T-1} at which the training masks'
     # model-free error curve has converged (information left <= terminal_tol), recorded in config.json.
+    # process (beyond the paper, issue 33): 'gaussian' noise (the paper's), or 'bernoulli': BerDiff's Bernoulli
+    # diffusion of the {0,1} mask (Chen et al. 2023; diffseg_jax.diffusion.bernoulli) on the same betas, with its
+    # KL + objective.bernoulli_bce_weight x BCE loss (no learned variance whatever learn_sigma says; mean over pixels
+    # whatever objective.reduction says) and its samplers (eval.sampler 'ddpm': ancestral over all T; 'ddim': its
+    # DDIM-like K steps, no η). mask_range maps x_t ∈ {0,1} for the network ('binary': {0,1} as BerDiff's code).
+    # E2/E3 only; E1 ignores it.
+    c.diffusion.process = "gaussian"
     c.diffusion.terminal = "none"
     c.diffusion.alpha_bar_T = -1.0
     c.diffusion.terminal_tol = 0.01
@@ -333,6 +340,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # recycle_prob: the probability that x_t is built from the model's own stop-gradient x̂0 instead of the ground
     # truth (Fu et al. 2023, "A Recycling Training Strategy", arXiv 2308.16355, which uses 1); 0 = off.
     c.objective.recycle_prob = 0.0
+    # λ of Bernoulli diffusion's loss, KL + λ·BCE of the network's target (diffusion.process='bernoulli'; BerDiff's
+    # code adds the two: 1).
+    c.objective.bernoulli_bce_weight = 1.0
 
     # EnsemDiff's published scheme: AdamW(lr 1e-4, wd 0) = Adam, batch 10, EMA 0.9999, no clipping.
     c.train = ml_collections.ConfigDict(

@@ -26,6 +26,11 @@ Beyond the paper (issue 33), three options of the same loss for E2/E3 (E1 ignore
   Bits", arXiv 2208.04202): the network takes the previous x̂0 as extra input channels after x_t.
 * ``recycle_prob`` (``objective.recycle_prob``): recycling (Fu et al. 2023, arXiv 2308.16355): x_t is built from
   the model's own stop-gradient x̂0 instead of the ground truth.
+
+And another forward process for E2/E3: ``process='bernoulli'`` (``diffusion.process``), Bernoulli diffusion of the
+{0,1} mask (BerDiff, Chen et al. 2023, arXiv 2304.04429; :mod:`diffseg_jax.diffusion.bernoulli`): x_t flips pixels to
+fair coins, the network predicts ε = x_t XOR x0 (or x0) as a probability, and the loss is BerDiff's KL between the
+true and predicted Bernoulli posteriors plus ``bce_weight`` x BCE (:func:`bernoulli_per_example`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from diffseg_jax import diffusion
-from diffseg_jax.diffusion import likelihood, timesteps
+from diffseg_jax.diffusion import bernoulli, likelihood, timesteps
 
 EXPERIMENTS = ("e1", "e2", "e3", "e4")
 # apply_fn(params, x, t, cond_or_None, rng) -> output or (output, extras); rng feeds dropout in training.
@@ -213,6 +218,39 @@ def split_output(out: Any) -> tuple[jnp.ndarray, dict[str, Any]]:
     return out, {}
 
 
+def bernoulli_per_example(
+    apply_fn, params, mask, cond, t, key, schedule, prediction, mask_range, self_condition_prob, bce_weight
+) -> tuple[jnp.ndarray, dict[str, Any]]:
+    """BerDiff's loss per example (bits per pixel): KL of the Bernoulli posteriors (the decoder's NLL at t = 0) +
+    ``bce_weight`` x BCE of the network's target (:func:`diffseg_jax.diffusion.bernoulli.loss_terms`); its code's
+    ``LossType.MIX`` takes weight 1. ``mask`` in {0, 1} is diffused as it is whatever ``mask_range``, which only maps
+    x_t (and a self-conditioning x̂0) for the network. Returns (per-example loss, the network's extras)."""
+    noise_key, drop_key, sc_key, first_key = jax.random.split(key, 4)
+    x_t = bernoulli.q_sample(schedule, mask, t, noise_key)
+    x_in = bernoulli.network_input(x_t, (), mask_range)
+    channels = mask.shape[-1]
+    if self_condition_prob > 0:
+
+        def first_pass():
+            out, _ = split_output(
+                apply_fn(params, bernoulli.network_input(x_t, zeros, mask_range), t, cond, first_key)
+            )
+            x0_hat, _ = bernoulli.x0_eps_from_output(prediction, x_t, out[..., :channels])
+            return jax.lax.stop_gradient(bernoulli.self_condition_channels(x0_hat, mask_range))
+
+        zeros = jnp.zeros_like(x_in)
+        prev = jax.lax.cond(jax.random.bernoulli(sc_key, self_condition_prob), first_pass, lambda: zeros)
+        x_in = bernoulli.network_input(x_t, prev, mask_range)
+    out, extras = split_output(apply_fn(params, x_in, t, cond, drop_key))
+    if out.shape != mask.shape:
+        raise ValueError(
+            f"The network's output {out.shape} is not the mask's {mask.shape}: Bernoulli diffusion predicts one "
+            "probability per mask channel (no learned variance; config: diffusion.learn_sigma=False)."
+        )
+    vb, bce = bernoulli.loss_terms(schedule, out, mask, x_t, t, prediction)
+    return vb + bce_weight * bce, extras
+
+
 def loss_fn(
     apply_fn: ApplyFn,
     params: Any,
@@ -234,6 +272,8 @@ def loss_fn(
     snr_gamma: float | None = None,
     self_condition_prob: float = 0.0,
     recycle_prob: float = 0.0,
+    process: str = "gaussian",
+    bce_weight: float = 1.0,
 ) -> tuple[jnp.ndarray, dict[str, Any]]:
     """The unified training loss for E1–E4 on one batch; returns (scalar loss, aux).
 
@@ -268,6 +308,9 @@ def loss_fn(
     * ``recycle_prob`` > 0: with that probability per example x_t is built from :func:`recycled_x0` instead of the
       ground truth (Fu et al.'s recycling, which uses 1); the target stays the ground truth x0 (for an x0 network;
       the ε target is the noise added, as in ImgX-DiffSeg). The recycling pass runs on every batch.
+    * ``process='bernoulli'`` (E2/E3): BerDiff's Bernoulli diffusion and loss (:func:`bernoulli_per_example`, with
+      ``bce_weight``); ``prediction`` 'eps' or 'x0', self-conditioning as above; without a learned variance,
+      Min-SNR or recycling.
     """
     _check(experiment)
     t_key, noise_key, drop_key = jax.random.split(key, 3)
@@ -288,6 +331,19 @@ def loss_fn(
             * e1_per_example(out, downsample_mask(batch["mask"], *out.shape[1:3]), dice, dice_smooth)
             for i, out in enumerate(outputs)
         )
+    elif process == "bernoulli":
+        if experiment not in ("e2", "e3") or learn_sigma or snr_gamma is not None or recycle_prob > 0:
+            raise ValueError(
+                "Bernoulli diffusion (process='bernoulli') diffuses masks (E2, E3) without a learned variance, "
+                f"Min-SNR weights or recycling; got experiment={experiment!r}, learn_sigma={learn_sigma}, "
+                f"snr_gamma={snr_gamma}, recycle_prob={recycle_prob}."
+            )
+        t = timesteps.sample_timesteps(t_key, batch_size, t_probs, num_t)
+        pred = prediction_type(experiment, prediction)
+        per_example, extras = bernoulli_per_example(
+            apply_fn, params, batch["mask"], cond, t, noise_key, schedule, pred, mask_range,
+            self_condition_prob, bce_weight,
+        )  # fmt: skip
     else:
         t = timesteps.sample_timesteps(t_key, batch_size, t_probs, num_t)
         noise = jax.random.normal(noise_key, x0.shape)

@@ -41,7 +41,9 @@ def make_member_fn(
     """``member(variables, images_or_None, x_shape, key) -> values in [0,1]`` for one ensemble member.
 
     E1: sigmoid of the network on fresh noise; E2/E3: a reverse diffusion run of the mask (E3 without the
-    image), mapped from diffusion space to [0,1]; E4: a generated image in [0,1]. A model with an
+    image), mapped from diffusion space to [0,1] (under ``diffusion.process='bernoulli'``, BerDiff's sampler, whose
+    last step's x̂0 is already a probability map; ``eval.sampler`` 'ddpm' is its ancestral sampler over all T, 'ddim'
+    its DDIM-like one over ``eval.ddim_steps``); E4: a generated image in [0,1]. A model with an
     ``encode_image`` method (SegDiff's image encoder F, independent of x_t and t) has it computed once per
     image rather than at every step — exact, and about a third of SegDiff's sampling compute. A model with
     a ``postprocess_member(sample, extras)`` method combines a diffusion sample with the extras of its last
@@ -55,17 +57,25 @@ def make_member_fn(
     e1_t = config.objective.e1_timestep
     e1_t = schedule.num_timesteps - 1 if e1_t < 0 else e1_t
     settings = build.loss_settings(config)
-    sampler = diffusion.SAMPLERS[config.eval.sampler]
-    kwargs = dict(
-        prediction=settings["prediction"],
-        clip_range=(-1.0, 1.0) if config.eval.clip_denoised else None,
-        variance="learned_range" if settings["learn_sigma"] else config.diffusion.variance,
-        return_extras=True,
-    )
+    bernoulli = settings["process"] == "bernoulli"
+    sampler = diffusion.samplers_of(settings["process"])[config.eval.sampler]
+    if bernoulli:  # BerDiff (issue 33): x_T ~ B(1/2), Bernoulli draws; the member is the last step's x̂0 map
+        kwargs = dict(
+            prediction=settings["prediction"], mask_range=config.diffusion.mask_range, return_extras=True
+        )
+    else:
+        kwargs = dict(
+            prediction=settings["prediction"],
+            clip_range=(-1.0, 1.0) if config.eval.clip_denoised else None,
+            variance="learned_range" if settings["learn_sigma"] else config.diffusion.variance,
+            return_extras=True,
+        )
     if settings["self_condition_prob"] > 0:  # issue 33: feed the previous step's x̂0
         kwargs["self_condition"] = True
     if config.eval.sampler == "ddim":
-        kwargs.update(num_steps=config.eval.ddim_steps, eta=config.eval.ddim_eta)
+        kwargs.update(num_steps=config.eval.ddim_steps)
+        if not bernoulli:  # BerDiff's DDIM-like step has no η
+            kwargs.update(eta=config.eval.ddim_eta)
     postprocess = getattr(model, "postprocess_member", None)
     encode = getattr(type(model), "encode_image", None)
     hard = config.eval.member_output == "hard"
@@ -92,7 +102,10 @@ def make_member_fn(
             # Only heads the loss trained take part: with objective.loss=eps_mse MedSegDiff's cal head is
             # untrained noise, and blending it in would corrupt the members.
             extras = {k: v for k, v in (extras or {}).items() if settings["aux_weights"].get(k, 0.0) > 0}
-            out = diffusion_member(x, extras, config.diffusion.mask_range, postprocess)
+            if bernoulli:  # already a probability map on the mask's scale
+                out = postprocess(x, extras) if postprocess is not None and extras else x
+            else:
+                out = diffusion_member(x, extras, config.diffusion.mask_range, postprocess)
         return (out > THRESHOLD).astype(out.dtype) if hard else out
 
     return member

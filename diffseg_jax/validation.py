@@ -296,6 +296,56 @@ def _validate_beyond_paper(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _validate_process(config: ml_collections.ConfigDict) -> None:
+    """diffusion.process, and what Bernoulli diffusion (BerDiff) cannot be combined with (E1 ignores it)."""
+    process = config.diffusion.get("process", "gaussian")
+    if process not in diffusion.PROCESSES:
+        configlib.fail(
+            "diffusion.process",
+            process,
+            f"Choose one of {diffusion.PROCESSES} ('bernoulli': BerDiff's Bernoulli diffusion of binary masks).",
+        )
+    if process != "bernoulli" or config.experiment == "e1":
+        return
+    o = config.objective
+    if config.experiment == "e4":
+        configlib.fail(
+            "diffusion.process",
+            process,
+            "Bernoulli diffusion flips the pixels of binary masks (E2, E3); E4 generates images: use 'gaussian'.",
+        )
+    prediction = o.get("prediction", None)
+    if prediction not in (None, *diffusion.bernoulli.PREDICTIONS):
+        configlib.fail(
+            "objective.prediction",
+            prediction,
+            f"A Bernoulli diffusion network predicts one of {diffusion.bernoulli.PREDICTIONS} as a probability "
+            "(BerDiff's released model: eps, the flipped pixels); v has no Bernoulli counterpart.",
+        )
+    if o.get("loss_weighting", "none") != "none":
+        configlib.fail(
+            "objective.loss_weighting",
+            o.loss_weighting,
+            "Min-SNR weights the Gaussian losses; BerDiff's KL + BCE takes none: set it to 'none' with "
+            "diffusion.process='bernoulli'.",
+        )
+    if o.get("recycle_prob", 0.0) > 0:
+        configlib.fail(
+            "objective.recycle_prob",
+            o.recycle_prob,
+            "Recycling is implemented for Gaussian diffusion only: set it to 0 with diffusion.process='bernoulli'.",
+        )
+    if not o.get("bernoulli_bce_weight", 1.0) >= 0:
+        configlib.fail("objective.bernoulli_bce_weight", o.bernoulli_bce_weight, "Use λ ≥ 0 (BerDiff: 1).")
+    if config.eval.sampler == "ddim" and config.eval.get("ddim_eta", 0.0) != 0:
+        configlib.fail(
+            "eval.ddim_eta",
+            config.eval.ddim_eta,
+            "BerDiff's DDIM-like sampler (diffusion.process='bernoulli') has no η: each step draws Bernoulli "
+            "samples. Pass --config.eval.ddim_eta=0.",
+        )
+
+
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     """Raises ``ValueError`` naming the offending key for an impossible or unknown setting.
 
@@ -339,6 +389,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
             "objective.prediction", prediction, "E4 (image generation) predicts eps; leave it unset for E4."
         )
     _validate_beyond_paper(config)
+    _validate_process(config)
     _validate_timesteps(config)
     if config.diffusion.num_timesteps < 2:
         configlib.fail("diffusion.num_timesteps", config.diffusion.num_timesteps, "Use at least 2 timesteps.")

@@ -261,6 +261,22 @@ def test_analyse_refuses_curves_the_experiment_lacks_before_writing(
     assert run.supported_analyses("e4") == ("loss", "forward", "model_free")
 
 
+def test_network_curves_of_a_bernoulli_run_are_refused_naming_the_data_analyses(tmp_path):
+    """The curves noise masks with Gaussian noise: a BerDiff run (diffusion.process='bernoulli') gets them refused,
+    before anything is written, with the analyses of the data alone as the fix."""
+    from conftest import tiny_config
+
+    from diffseg_jax import configlib
+
+    config = tiny_config("e2_synthetic", data_dir=str(tmp_path / "tfds"))
+    config.diffusion.process = "bernoulli"
+    with pytest.raises(
+        configlib.ConfigError, match=r"diffusion.process='bernoulli'.*\"forward\",\"model_free\""
+    ):
+        run.analyse(config, str(tmp_path))
+    assert not (tmp_path / "analysis").exists() and not (tmp_path / run.PARTIAL_DIR).exists()
+
+
 def test_analyse_without_a_checkpoint_fails_before_replacing_the_old_files(tmp_path, tfds_dir):
     config = _analyse_config(tfds_dir, analyses=("mask_error", "forward", "model_free"))
     before = _old_analysis(tmp_path)

@@ -416,3 +416,54 @@ def test_recycling_builds_x_t_from_the_models_own_x0_and_keeps_the_ground_truth_
     objectives.loss_fn(rec0, None, batch, key, SCHED, experiment="e2", prediction="x0")
     assert len(rec0.calls) == 1
     np.testing.assert_allclose(rec0.calls[0]["x"], diffusion.q_sample(SCHED, x0, main["t"], noise), atol=1e-6)
+
+
+def test_bernoulli_loss_trains_a_per_pixel_model_to_the_mask():
+    """BerDiff's loss through loss_fn (timesteps, x_t, KL + BCE) gives gradients that fit x0: a per-pixel logit
+    model (x̂0 ignores x_t) overfits one batch, and its x̂0 thresholds to the mask."""
+    batch = _batch(jax.random.PRNGKey(0), size=8)
+
+    def apply_fn(params, x, t, cond, rng):
+        return jnp.broadcast_to(params, x.shape)
+
+    def loss(params, key):
+        return objectives.loss_fn(
+            apply_fn, params, batch, key, SCHED, experiment="e2", prediction="x0", process="bernoulli"
+        )[0]
+
+    params = jnp.zeros(batch["mask"].shape)
+    opt = optax.adam(0.1)
+    state = opt.init(params)
+    grad = jax.jit(jax.value_and_grad(loss))
+    first = float(grad(params, jax.random.PRNGKey(0))[0])
+    for i in range(150):
+        _, g = grad(params, jax.random.PRNGKey(i))
+        updates, state = opt.update(g, state)
+        params = optax.apply_updates(params, updates)
+    final = float(np.mean([grad(params, jax.random.PRNGKey(1000 + i))[0] for i in range(10)]))
+    assert final < 0.1 * first, (first, final)
+    assert bool(jnp.all((params > 0) == (batch["mask"] > 0.5)))
+
+
+@pytest.mark.parametrize("mask_range", ["binary", "symmetric"])
+def test_bernoulli_loss_feeds_x_t_in_the_mask_range_and_the_first_pass_x0_when_self_conditioned(mask_range):
+    batch = _batch(jax.random.PRNGKey(0))
+    rec = _Recorder(lambda x: 2.0 * x[..., :1] - 0.5 * x[..., 1:])
+    key = jax.random.PRNGKey(1)
+    _, aux = objectives.loss_fn(
+        rec, None, batch, key, SCHED, experiment="e2", prediction="eps", process="bernoulli",
+        mask_range=mask_range, self_condition_prob=1.0,
+    )  # fmt: skip
+    main = rec.calls[-1]
+    x_in, prev = main["x"][..., :1], main["x"][..., 1:]
+    x_t = diffusion.bernoulli.q_sample(
+        SCHED, batch["mask"], aux["t"], jax.random.split(jax.random.split(key, 3)[1], 4)[0]
+    )
+    np.testing.assert_array_equal(x_in, diffusion.mask_to_diffusion(x_t, mask_range))
+    # The first pass saw zeros as its extra channels; its x̂0 = |x_t − sigmoid(2 x_in)| comes in the mask range.
+    x0_hat = jnp.abs(x_t - jax.nn.sigmoid(2.0 * x_in))
+    np.testing.assert_allclose(prev, diffusion.mask_to_diffusion(x0_hat, mask_range), atol=1e-6)
+    with pytest.raises(ValueError, match="Bernoulli diffusion"):
+        objectives.loss_fn(
+            rec, None, batch, key, SCHED, experiment="e2", process="bernoulli", recycle_prob=1.0
+        )

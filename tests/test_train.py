@@ -696,6 +696,59 @@ def test_issue33_options_are_validated(key, value, match):
         validation.validate(config, check_data=False)
 
 
+@pytest.mark.parametrize("arch", ["ensemdiff", "segdiff", "medsegdiff"])
+def test_bernoulli_diffusion_slots_into_every_architecture(tfds_dir, arch):
+    """BerDiff (diffusion.process='bernoulli') traces through each UNet's train step and member sampler
+    (jax.eval_shape: no compile), self-conditioned, with one output channel even where the published scheme learns
+    a variance; E1 ignores the process."""
+    config = tiny_config("e2_synthetic", f"{arch},tiny", data_dir=tfds_dir)
+    config.diffusion.process = "bernoulli"
+    config.objective.self_condition = True
+    validation.validate(config, check_data=False)
+    assert build.output_channels(config, 3) == 1 and build.loss_settings(config)["process"] == "bernoulli"
+    ds, model, schedule, optimizer, state = build.setup(config, abstract=True)
+    _, metrics = jax.eval_shape(train.make_train_step(model, optimizer, schedule, config), state, dict(ds[0]))
+    assert metrics["loss"].shape == ()
+    variables = {"params": state.ema_params, **state.model_state}
+    images = jax.ShapeDtypeStruct((2, *ds[0]["image"].shape[1:]), jnp.float32)
+    size = ds[0]["image"].shape[1:3]
+    for sampler in ("ddpm", "ddim"):
+        config.eval.sampler = sampler
+        member = sampling.make_member_fn(model, schedule, config)
+        out = jax.eval_shape(
+            lambda v, i: member(v, i, (2, *size, 1), jax.random.PRNGKey(0)), variables, images
+        )
+        assert out.shape == (2, *size, 1)
+    config.experiment = "e1"
+    assert build.loss_settings(config)["process"] == "gaussian"
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("diffusion.process", "binomial", "Choose one of"),
+        ("objective.prediction", "v", "no Bernoulli counterpart"),
+        ("objective.loss_weighting", "min_snr", "takes none"),
+        ("objective.recycle_prob", 1.0, "Gaussian diffusion only"),
+        ("objective.bernoulli_bce_weight", -1.0, "λ ≥ 0"),
+        ("eval.ddim_eta", 1.0, "has no η"),
+    ],
+)
+def test_bernoulli_diffusion_options_are_validated(key, value, match):
+    config = tiny_config()
+    config.diffusion.process = "bernoulli"
+    config.eval.sampler = "ddim"
+    validation.validate(config, check_data=False)
+    group, name = key.split(".")
+    config[group][name] = value
+    with pytest.raises(configlib.ConfigError, match=rf"{key}=.*{match}"):
+        validation.validate(config, check_data=False)
+    config = tiny_config("e4_synthetic")
+    config.diffusion.process = "bernoulli"
+    with pytest.raises(configlib.ConfigError, match="diffusion.process=.*E4 generates images"):
+        validation.validate(config, check_data=False)
+
+
 def _progress_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("step ", "The second step"))]
 

@@ -79,6 +79,12 @@ def check_analyses(config: ml_collections.ConfigDict) -> None:
     experiment = config.experiment
     supported = supported_analyses(experiment)
     asked = [n for n in names if n in CURVE_ANALYSES]
+    if asked and build.process_of(config) != "gaussian":
+        raise configlib.ConfigError(
+            f"Invalid config: analysis.analyses={names!r}. The per-timestep curves {asked} noise masks with "
+            f"Gaussian noise, and this run diffuses with diffusion.process={build.process_of(config)!r} (BerDiff); "
+            'pass --config.analysis.analyses=\'("forward","model_free")\' for the analyses of the data alone.'
+        )
     missing = [n for n in asked if n not in supported]
     if asked and len(missing) == len(asked):
         has = CURVES.get(experiment, ())

@@ -1,5 +1,7 @@
-"""Discrete Gaussian diffusion: schedules, the forward process, samplers."""
+"""Discrete diffusion: schedules, the Gaussian forward process and samplers, Bernoulli diffusion (BerDiff)."""
 
+from diffseg_jax.diffusion import bernoulli
+from diffseg_jax.diffusion.bernoulli import BERNOULLI_SAMPLERS
 from diffseg_jax.diffusion.gaussian import (
     MASK_RANGES,
     PREDICTIONS,
@@ -39,17 +41,33 @@ from diffseg_jax.diffusion.schedule import (
     schedule_from_betas,
 )
 
+# diffusion.process: Gaussian noise (the paper's) or Bernoulli flips of binary masks (BerDiff, beyond the paper).
+PROCESSES = ("gaussian", "bernoulli")
+
+
+def samplers_of(process: str) -> dict:
+    """The samplers ``eval.sampler`` names ('ddpm', 'ddim') for a diffusion ``process``."""
+    if process == "gaussian":
+        return SAMPLERS
+    if process == "bernoulli":
+        return BERNOULLI_SAMPLERS
+    raise ValueError(f"diffusion process must be one of {PROCESSES}, got {process!r}")
+
+
 __all__ = [
+    "BERNOULLI_SAMPLERS",
     "BETA_SCHEDULES",
     "FIXED_VARIANCES",
     "MASK_RANGES",
     "PREDICTIONS",
+    "PROCESSES",
     "SAMPLERS",
-    "Schedule",
-    "TTA_TRANSFORMS",
     "TERMINAL_METHODS",
+    "TTA_TRANSFORMS",
+    "Schedule",
     "adapt_terminal",
     "alphas_cumprod_of",
+    "bernoulli",
     "ddim_sample",
     "ddim_timesteps",
     "ddpm_sample",
@@ -62,14 +80,15 @@ __all__ = [
     "get_schedule",
     "mask_to_diffusion",
     "model_x0_eps",
-    "step_log_variance",
     "predict_eps_from_x0",
     "predict_x0_from_eps",
     "prediction_target",
     "q_posterior",
     "q_sample",
     "register_beta_schedule",
+    "samplers_of",
     "schedule_from_betas",
+    "step_log_variance",
     "v_from_x0_eps",
     "x0_eps_from_prediction",
 ]
