@@ -14,7 +14,10 @@ once (a persistent compilation cache in ``<workdir>/.jax_cache`` unless one is s
 With ``table.eval_steps`` (e.g. ``(1000, 2000, 5000)``, checkpoints kept with ``train.keep_every``) each cell is also
 evaluated at those steps, with each sampler of ``table.eval_samplers`` (``'ddpm'``, ``'ddim<K>'``; default the
 grid's), and ``<workdir>/learning_curves.{md,csv,png}`` give IoU, ECE and the std map's error AUROC against the
-step (:func:`evaluate_steps`, :func:`diffseg_jax.learning_curves.collect_learning_curves`).
+step (:func:`evaluate_steps`, :func:`diffseg_jax.learning_curves.collect_learning_curves`); for E2/E3 cells also the
+network's mask prediction error at t = T - 1 beside the predict-the-mean limit at each step
+(:mod:`diffseg_jax.analysis.late_error`, which ``python -m diffseg_jax.analysis.late_error --runs CELL`` also
+runs on the kept steps of an existing cell without training).
 With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--mode analyse``, with the grid's
 ``analysis`` settings) and ``<workdir>/fingerprints/`` gets Fig. 4 across the grid.
 """
@@ -45,7 +48,7 @@ from diffseg_jax import (
     validation,
     writers,
 )
-from diffseg_jax.analysis import fingerprints
+from diffseg_jax.analysis import fingerprints, late_error
 from diffseg_jax.analysis import run as analysis_run
 from diffseg_jax.data import synthetic
 
@@ -205,7 +208,9 @@ def evaluate_steps(
     ``table.eval_samplers`` (default: the grid's own), into ``<folder>/learning_curve/step<S>_<sampler>/``;
     evaluations already there are skipped. A listed step beyond ``train.num_steps`` is skipped (a longer grid
     reaches it); one within that was not kept is named in the log (keep it with ``train.keep_every`` or
-    ``train.keep_at``). Returns the folders evaluated now."""
+    ``train.keep_at``). An E2/E3 cell also gets the network's mask prediction error at the highest t against the
+    predict-the-mean limit at each such step (:func:`diffseg_jax.analysis.late_error.write_point`, skipped when
+    present). Returns the folders (and mask-error files) written now."""
     steps = sorted(int(s) for s in grid.table.get("eval_steps", ()))
     if not steps:
         return []
@@ -241,6 +246,9 @@ def evaluate_steps(
                 c.eval.ddim_steps = ddim_steps
             evaluate.evaluate(c, folder, out_dir=out)
             done.append(out)
+        point = late_error.write_point(config, folder, step)  # E2/E3: the mask error at T - 1 and its limit
+        if point:
+            done.append(point)
     return done
 
 

@@ -517,6 +517,7 @@ def test_table1_eval_steps_evaluates_each_kept_step_with_each_sampler(tmp_path, 
 
     from configs import table1_synthetic
     from diffseg_jax import checkpoints, configlib, evaluate, table1
+    from diffseg_jax.analysis import late_error
 
     folder = tmp_path / "cell"
     ckpt = checkpoints.Checkpointer(str(folder / "checkpoints"), max_to_keep=5)
@@ -537,17 +538,23 @@ def test_table1_eval_steps_evaluates_each_kept_step_with_each_sampler(tmp_path, 
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             f.write("{}")
 
+    def fake_point(c, workdir, step):  # the mask error at T - 1 of each evaluated step (E2/E3)
+        seen.append((step, "mask_error", c.experiment))
+
     monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(late_error, "write_point", fake_point)
     table1.evaluate_steps(grid, config, str(folder))
     assert seen == [
         (1000, "ddpm", 10, "learning_curve/step1000_ddpm"),
         (1000, "ddim", 50, "learning_curve/step1000_ddim50"),
+        (1000, "mask_error", "e2"),
         (2000, "ddpm", 10, "learning_curve/step2000_ddpm"),
         (2000, "ddim", 50, "learning_curve/step2000_ddim50"),
+        (2000, "mask_error", "e2"),
     ]
     assert config.eval.step == -1  # the cell's own config is not changed
     seen.clear()
-    assert table1.evaluate_steps(grid, config, str(folder)) == [] and seen == []
+    assert table1.evaluate_steps(grid, config, str(folder)) == [] and all(s[1] == "mask_error" for s in seen)
     grid.table.eval_samplers = ("euler",)
     with pytest.raises(configlib.ConfigError, match="'euler' is not a sampler.*ddim<K>"):
         table1.evaluate_steps(grid, config, str(folder))
