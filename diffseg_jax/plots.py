@@ -374,7 +374,8 @@ def learning_curves_figure(rows: list[dict], path: str) -> None:
             ax.set_xlabel("training step")
             ax.set_ylabel(label)
             ax.set_title(f"{dataset}: {label}", fontsize=9)
-        row_axes[0].legend(fontsize=6)
+        if row_axes[0].get_legend_handles_labels()[0]:
+            row_axes[0].legend(fontsize=6)
         if late:
             ax = row_axes[3]
             runs: dict[str, dict[int, dict]] = {}
@@ -396,7 +397,7 @@ def learning_curves_figure(rows: list[dict], path: str) -> None:
             ax.set_xscale("log")
             ax.set_xlabel("training step")
             ax.set_ylabel("mask error at t = T - 1")
-            ax.set_title(f"{dataset}: mask error at T - 1 (dashed: predict the mean)", fontsize=9)
+            ax.set_title(f"{dataset}: mask error at T - 1 (dashed: the mean)", fontsize=9)
             ax.legend(fontsize=6)
     fig.savefig(path, dpi=100)
     plt.close(fig)
