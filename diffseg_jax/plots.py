@@ -339,11 +339,18 @@ def convergence_figure(curves: dict, path: str) -> None:
 
 def learning_curves_figure(rows: list[dict], path: str) -> None:
     """IoU, ECE and the std map's error AUROC against the training step (``learning_curves.collect_learning_curves``'
-    rows): a panel per metric and dataset, a line per model, experiment, prediction, sampler and seed."""
+    rows): a panel per metric and dataset, a line per model, experiment, prediction, sampler and seed; where rows
+    have ``mask_error_T``, a fourth panel of the network's mask prediction error at t = T - 1 (a line per run) with
+    its predict-the-mean limit dashed in the same colour."""
     datasets = sorted({str(r["dataset"]) for r in rows})
     metrics = (("iou", "IoU"), ("ece", "ECE"), ("std_error_auroc", "std → error AUROC"))
+    late = any(r.get("mask_error_T") is not None for r in rows)
     fig, axes = plt.subplots(
-        len(datasets), 3, figsize=(13, 3.2 * len(datasets)), squeeze=False, constrained_layout=True
+        len(datasets),
+        3 + late,
+        figsize=(13 + 4.3 * late, 3.2 * len(datasets)),
+        squeeze=False,
+        constrained_layout=True,
     )
     for row_axes, dataset in zip(axes, datasets):
         lines: dict[tuple, list[dict]] = {}
@@ -367,6 +374,30 @@ def learning_curves_figure(rows: list[dict], path: str) -> None:
             ax.set_xlabel("training step")
             ax.set_ylabel(label)
             ax.set_title(f"{dataset}: {label}", fontsize=9)
-        row_axes[0].legend(fontsize=6)
+        if row_axes[0].get_legend_handles_labels()[0]:
+            row_axes[0].legend(fontsize=6)
+        if late:
+            ax = row_axes[3]
+            runs: dict[str, dict[int, dict]] = {}
+            for r in rows:  # one value per run and step, whichever sampler's row carries it
+                if str(r["dataset"]) == dataset and r.get("mask_error_T") is not None:
+                    runs.setdefault(str(r["run"]), {})[r["step"]] = r
+            for run, by_step in sorted(runs.items()):
+                pts = [by_step[s] for s in sorted(by_step)]
+                first = pts[0]
+                tag = f"{first['model']} {first['experiment']} {first['prediction']} s{first['seed']}"
+                (line,) = ax.plot([p["step"] for p in pts], [p["mask_error_T"] for p in pts], "o-", label=tag)
+                ax.plot(
+                    [p["step"] for p in pts],
+                    [p["mean_limit_T"] for p in pts],
+                    "--",
+                    color=line.get_color(),
+                    label=f"{tag}: predict the mean",
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel("training step")
+            ax.set_ylabel("mask error at t = T - 1")
+            ax.set_title(f"{dataset}: mask error at T - 1 (dashed: the mean)", fontsize=9)
+            ax.legend(fontsize=6)
     fig.savefig(path, dpi=100)
     plt.close(fig)

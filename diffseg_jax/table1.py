@@ -14,7 +14,15 @@ once (a persistent compilation cache in ``<workdir>/.jax_cache`` unless one is s
 With ``table.eval_steps`` (e.g. ``(1000, 2000, 5000)``, checkpoints kept with ``train.keep_every``) each cell is also
 evaluated at those steps, with each sampler of ``table.eval_samplers`` (``'ddpm'``, ``'ddim<K>'``; default the
 grid's), and ``<workdir>/learning_curves.{md,csv,png}`` give IoU, ECE and the std map's error AUROC against the
-step (:func:`evaluate_steps`, :func:`diffseg_jax.learning_curves.collect_learning_curves`).
+step (:func:`evaluate_steps`, :func:`diffseg_jax.learning_curves.collect_learning_curves`); for E2/E3 cells also the
+network's mask prediction error at t = T - 1 beside the predict-the-mean limit at each step
+(:mod:`diffseg_jax.analysis.late_error`, which ``python -m diffseg_jax.analysis.late_error --runs CELL`` also
+runs on the kept steps of an existing cell without training).
+``--workers N`` runs N runs at a time (:func:`run_workers`): the grid's runs (cells × seeds) are dealt to N worker
+processes (this command with ``--shard=i/N``), each pinned to one of the cores this command may use (so
+``taskset -c 0,1 ... --workers 2`` puts one on each core), its output in ``<workdir>/workers/worker<i>ofN.log``;
+the tables are written once all have finished. A worker whose run fails goes on with its other runs and exits
+non-zero; the command then exits non-zero naming the failed runs and the logs, and a rerun resumes.
 With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--mode analyse``, with the grid's
 ``analysis`` settings) and ``<workdir>/fingerprints/`` gets Fig. 4 across the grid.
 """
@@ -22,7 +30,11 @@ With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--m
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 
 import jax
@@ -45,12 +57,16 @@ from diffseg_jax import (
     validation,
     writers,
 )
-from diffseg_jax.analysis import fingerprints
+from diffseg_jax.analysis import fingerprints, late_error
 from diffseg_jax.analysis import run as analysis_run
 from diffseg_jax.data import synthetic
 
 _CONFIG = configlib.define_config_flag("config", None, "Grid config, e.g. configs/table1_synthetic.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs and the table.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 1, "Worker processes, each pinned to one CPU core, sharing the grid's runs (run_workers)."
+)
+_SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run every n-th run from the i-th (--workers sets it).")
 
 # Groups copied from the grid config onto every cell (the model and its scheme come from the cell's model).
 SHARED = {
@@ -201,7 +217,9 @@ def evaluate_steps(
     ``table.eval_samplers`` (default: the grid's own), into ``<folder>/learning_curve/step<S>_<sampler>/``;
     evaluations already there are skipped. A listed step beyond ``train.num_steps`` is skipped (a longer grid
     reaches it); one within that was not kept is named in the log (keep it with ``train.keep_every`` or
-    ``train.keep_at``). Returns the folders evaluated now."""
+    ``train.keep_at``). An E2/E3 cell also gets the network's mask prediction error at the highest t against the
+    predict-the-mean limit at each such step (:func:`diffseg_jax.analysis.late_error.write_point`, skipped when
+    present). Returns the folders (and mask-error files) written now."""
     steps = sorted(int(s) for s in grid.table.get("eval_steps", ()))
     if not steps:
         return []
@@ -237,6 +255,9 @@ def evaluate_steps(
                 c.eval.ddim_steps = ddim_steps
             evaluate.evaluate(c, folder, out_dir=out)
             done.append(out)
+        point = late_error.write_point(config, folder, step)  # E2/E3: the mask error at T - 1 and its limit
+        if point:
+            done.append(point)
     return done
 
 
@@ -253,56 +274,119 @@ def _finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
     return m.get("step") == config.train.num_steps or protocol_done
 
 
-def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """Trains and evaluates every cell, then writes ``<workdir>/table1.{md,csv,tex}``; returns the rows."""
+def grid_runs(grid: ml_collections.ConfigDict) -> list[tuple[str, str, str, int]]:
+    """(dataset, model, experiment, seed) of every run of the grid, each cell's seeds together; every run's config
+    is validated here, so a mistake fails before any cell trains (or any worker starts)."""
     grid_cells = cells(grid)  # a misspelt kind or clashing folders fail here, before the workdir is made
-    grid_seeds = seeds(grid)
-    os.makedirs(workdir, exist_ok=True)
+    runs = [(*cell, seed) for cell in grid_cells for seed in seeds(grid)]
+    for dataset, model, experiment, seed in runs:
+        validation.validate(cell_config(grid, dataset, model, experiment, seed))
+    return runs
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``'i/n'`` (``--shard``) as (i, n), 0 <= i < n."""
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise configlib.ConfigError(
+            f"--shard={spec!r}: give i/n with 0 <= i < n, e.g. --shard=0/2 (--workers sets it)."
+        ) from None
+    return index, count
+
+
+def shard_runs(runs: list, index: int, count: int) -> list:
+    """The runs worker ``index`` of ``count`` does: every ``count``-th from the ``index``-th, so a cell's seeds and
+    its E1/E2 pair go to different workers and the shares differ by at most one run."""
+    return runs[index::count]
+
+
+def _cache_in(workdir: str) -> None:
     if not jax.config.jax_compilation_cache_dir:  # a cache the user set (JAX_COMPILATION_CACHE_DIR) is kept
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    runs = [(*cell, seed) for cell in grid_cells for seed in grid_seeds]
+
+
+def run_cell(
+    grid: ml_collections.ConfigDict, workdir: str, dataset: str, model: str, experiment: str, seed: int
+):
+    """Trains and evaluates one run (skipped when finished, resumed when not), its ``table.eval_steps`` points
+    and, with ``table.analyse``, its analysis (a cell's first seed only)."""
+    config = cell_config(grid, dataset, model, experiment, seed)
+    folder = cell_dir(workdir, dataset, model, experiment, seed, grid.seed)
+    if not _finished(config, folder):
+        if grid.table.get(f"{experiment}_protocol", False):  # e1_protocol / e2_protocol
+            protocol.run(config, folder)
+        else:
+            state = train.train(config, folder)
+            evaluate.evaluate(config, folder, state=state)
+    evaluate_steps(grid, config, folder)  # table.eval_steps: the learning curves' points
+    analysed = os.path.exists(os.path.join(folder, "analysis", "curves.csv"))
+    # One analysis per cell (its first seed's run), so that Fig. 4 has one curve a cell.
+    if grid.table.analyse and experiment in analysis_run.CURVES and seed == seeds(grid)[0] and not analysed:
+        for key in ("analyses", "t_step", "num_images", "num_draws", "batch_size", "t_chunk", "smoothing"):
+            config.analysis[key] = grid.analysis[key]
+        analysis_run.analyse(config, folder)
+
+
+def _label(run: tuple, many_seeds: bool) -> str:
+    dataset, model, experiment, seed = run
+    return f"{dataset_name(dataset)} {model} {experiment}" + (f" seed {seed}" if many_seeds else "")
+
+
+WORKER_DIR = "workers"  # <workdir>/workers/: each worker's log and its failed runs
+
+
+def worker_files(workdir: str, index: int, count: int) -> tuple[str, str]:
+    """(log, failed-runs JSON) of worker ``index`` of ``count``."""
+    stem = os.path.join(workdir, WORKER_DIR, f"worker{index}of{count}")
+    return stem + ".log", stem + ".failed.json"
+
+
+def run(grid: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Trains and evaluates every cell, then writes ``<workdir>/table1.{md,csv,tex}``; returns the rows.
+
+    With ``shard=(i, n)``, n > 1 (a worker of :func:`run_workers`), only :func:`shard_runs`' share: a run that
+    fails is logged and the others go on; the failed ones are listed in :func:`worker_files`' JSON and the
+    worker exits non-zero; the tables are left to the parent (returns [])."""
+    runs = grid_runs(grid)
+    os.makedirs(workdir, exist_ok=True)
+    _cache_in(workdir)
+    index, count = shard
+    many_seeds = len(seeds(grid)) > 1
     t0 = time.time()
-    for i, (dataset, model, experiment, seed) in enumerate(runs):
-        config = cell_config(grid, dataset, model, experiment, seed)
-        validation.validate(config)
-        folder = cell_dir(workdir, dataset, model, experiment, seed, grid.seed)
+    failed = []
+    for i, r in shard_runs(list(enumerate(runs)), index, count):  # numbered as in the whole grid
         logging.info(
-            "table1: cell %d/%d %s %s %s%s (%s elapsed)",
+            "table1: cell %d/%d %s (%s elapsed)",
             i + 1,
             len(runs),
-            dataset_name(dataset),
-            model,
-            experiment,
-            f" seed {seed}" if len(grid_seeds) > 1 else "",
+            _label(r, many_seeds),
             writers.format_duration(time.time() - t0),
         )
-        if not _finished(config, folder):
-            if grid.table.get(f"{experiment}_protocol", False):  # e1_protocol / e2_protocol
-                protocol.run(config, folder)
-            else:
-                state = train.train(config, folder)
-                evaluate.evaluate(config, folder, state=state)
-        evaluate_steps(grid, config, folder)  # table.eval_steps: the learning curves' points
-        analysed = os.path.exists(os.path.join(folder, "analysis", "curves.csv"))
-        # One analysis per cell (its first seed's run), so that Fig. 4 has one curve a cell.
-        if (
-            grid.table.analyse
-            and experiment in analysis_run.CURVES
-            and seed == grid_seeds[0]
-            and not analysed
-        ):
-            for key in (
-                "analyses",
-                "t_step",
-                "num_images",
-                "num_draws",
-                "batch_size",
-                "t_chunk",
-                "smoothing",
-            ):
-                config.analysis[key] = grid.analysis[key]
-            analysis_run.analyse(config, folder)
+        if count == 1:
+            run_cell(grid, workdir, *r)
+            continue
+        try:
+            run_cell(grid, workdir, *r)
+        except Exception:  # noqa: BLE001 — the worker goes on with its other runs; the parent names this one
+            logging.exception("table1: %s failed", _label(r, many_seeds))
+            failed.append(_label(r, many_seeds))
+    if count > 1:
+        _, failed_path = worker_files(workdir, index, count)
+        os.makedirs(os.path.dirname(failed_path), exist_ok=True)
+        writers.save_json_whole(failed_path, failed)
+        if failed:
+            raise SystemExit(f"table1 worker {index}/{count}: {len(failed)} run(s) failed: {failed}")
+        return []
+    return write_tables(grid, workdir, t0)
+
+
+def write_tables(grid: ml_collections.ConfigDict, workdir: str, t0: float) -> list[dict]:
+    """Table 1, the learning curves (with ``table.eval_steps``) and Fig. 4 (with ``table.analyse``) of the runs in
+    ``workdir``; returns Table 1's rows."""
     found = collection.tables([workdir])
     rows = found["rows"]
     paths = report.write(rows, workdir, found["uncertainty"], found["reliability"]) if rows else {}
@@ -320,12 +404,115 @@ def run(grid: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     return rows
 
 
+def worker_argv(argv: list[str], index: int, count: int) -> list[str]:
+    """``argv`` (this command line's arguments) without ``--workers`` / ``--shard``, plus worker ``index``'s."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in ("--workers", "--shard", "-workers", "-shard"):
+            skip = "=" not in a  # '--workers 2': drop its value too
+            continue
+        out.append(a)
+    return [*out, "--workers=1", f"--shard={index}/{count}"]
+
+
+def cores(count: int) -> list[int]:
+    """The core each of ``count`` workers is pinned to: the cores this process may use, in turn."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return [allowed[i % len(allowed)] for i in range(count)] if allowed else []
+
+
+def run_workers(grid: ml_collections.ConfigDict, workdir: str, count: int, argv: list[str]) -> list[dict]:
+    """``python -m diffseg_jax.table1 ... --workers N``: the grid's runs split over ``count`` worker processes
+    (:func:`shard_runs`; each this command with ``--shard=i/N``, pinned to one of the cores this process may use,
+    its output in ``<workdir>/workers/worker<i>ofN.log``), then the tables of them all, written once every worker
+    has finished. A failed worker stops the command (exit status 1) naming its failed runs and its log; a rerun
+    skips the finished runs and resumes the others. Two workers that need the same tfds dataset build it once
+    (:func:`diffseg_jax.locks.build_lock`: the second waits for it)."""
+    runs = grid_runs(grid)  # every mistake before a worker starts
+    os.makedirs(os.path.join(workdir, WORKER_DIR), exist_ok=True)
+    pins = cores(count)
+    t0 = time.time()
+    procs = []
+    try:
+        for i in range(count):
+            log_path, failed_path = worker_files(workdir, i, count)
+            if os.path.exists(failed_path):
+                os.remove(failed_path)  # an earlier attempt's
+            pin = ["taskset", "-c", str(pins[i])] if pins and shutil.which("taskset") else []
+            command = [*pin, sys.executable, "-m", "diffseg_jax.table1", *worker_argv(argv, i, count)]
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(
+                    f"=== {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(command)}\n"
+                )
+                log.flush()
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            if pins and not pin and hasattr(os, "sched_setaffinity"):
+                os.sched_setaffinity(proc.pid, {pins[i]})  # no taskset: pinned as soon as it starts
+            procs.append(proc)
+            logging.info(
+                "table1: worker %d/%d (pid %d%s): %d runs, log %s",
+                i,
+                count,
+                proc.pid,
+                f", core {pins[i]}" if pins else "",
+                len(shard_runs(runs, i, count)),
+                log_path,
+            )
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:  # stopped (Ctrl-C, SIGTERM): the workers stop too; a rerun resumes them
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    message = worker_failures(workdir, runs, codes, len(seeds(grid)) > 1)
+    if message:
+        raise SystemExit(message)
+    return write_tables(grid, workdir, t0)
+
+
+def worker_failures(workdir: str, runs: list, codes: list[int], many_seeds: bool = False) -> str:
+    """'' when every worker exited 0, else a message naming each failed worker's failed runs (from its JSON, or
+    all its runs when it died before writing one), its exit status and its log, and how to resume."""
+    count = len(codes)
+    lines = []
+    for i, code in enumerate(codes):
+        if code == 0:
+            continue
+        log_path, failed_path = worker_files(workdir, i, count)
+        try:
+            with open(failed_path, encoding="utf-8") as f:
+                failed = json.load(f)
+        except (OSError, ValueError):  # killed before it got there: any of its runs may be unfinished
+            failed = [_label(r, many_seeds) for r in shard_runs(runs, i, count)]
+        lines.append(
+            f"worker {i}/{count} (exit status {code}) failed on {', '.join(failed)}; log: {log_path}"
+        )
+    if not lines:
+        return ""
+    return (
+        "table1: "
+        + "; ".join(lines)
+        + ". The tables were not written; fix the cause and rerun the same command: "
+        "finished runs are skipped, the others resume."
+    )
+
+
 def main(argv):
     del argv
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required.")
+    if _WORKERS.value < 1:
+        raise app.UsageError(f"--workers={_WORKERS.value}: give 1 or more worker processes.")
     writers.quiet_libraries()
-    run(_CONFIG.value, _WORKDIR.value)
+    shard = parse_shard(_SHARD.value)
+    if _WORKERS.value > 1 and shard == (0, 1):
+        run_workers(_CONFIG.value, _WORKDIR.value, _WORKERS.value, sys.argv[1:])
+    else:
+        run(_CONFIG.value, _WORKDIR.value, shard)
 
 
 if __name__ == "__main__":

@@ -433,3 +433,74 @@ def test_model_free_curve_of_binary_masks_is_the_exact_posterior_at_a_quarter_sn
         assert float(binary["mask_error"][i]) == pytest.approx(direct, abs=0.006)
     gap = np.asarray(binary["mask_error"]) - np.asarray(symmetric["mask_error"])
     assert np.all(gap > 0) and np.all(gap[:2] > 0.03)  # (both near the limit π(1 - π) by t = 60)
+
+
+def test_late_error_mean_limit_at_t_max_is_the_error_of_predicting_the_training_rate():
+    """late_error.mean_limit (issue 32): at t = T - 1 of a 1000-step linear schedule (ᾱ ≈ 4e-5) x_t says
+    almost nothing of the mask, so the best estimator from x_t alone predicts the training rate π at every pixel,
+    whose error on test masks of rate ρ is E[(π - m)²] = ρ (1 - ρ) + (π - ρ)² (for a pixel: π² with probability
+    1 - ρ, (1 - π)² with probability ρ). The first-order correction, the information x_t still carries, is
+    O(ᾱ) ≈ 1e-4 relative: far inside the tolerance. With the test masks' own rate it would be ρ (1 - ρ) (0.21
+    instead of 0.25 here)."""
+    from diffseg_jax.analysis import late_error
+
+    schedule = diffusion.get_schedule("linear", 1000)
+    test = np.zeros((4, 20, 20, 1), np.float32)
+    test[:, :6] = 1.0  # ρ = 0.3
+    train = np.zeros((6, 20, 20, 1), np.float32)
+    train[:, :2] = 1.0  # π = 0.1
+    rho, pi = 0.3, 0.1
+    ts = late_error.late_timesteps(1000)
+    np.testing.assert_array_equal(ts, [900, 925, 950, 974, 999])
+    for mask_range in ("symmetric", "binary"):
+        out = late_error.mean_limit(schedule, test, train, ts, jax.random.PRNGKey(0), mask_range=mask_range)
+        assert (out["rate_train"], out["rate_test"]) == pytest.approx((pi, rho))
+        assert out["mean_limit"][-1] == pytest.approx(rho * (1 - rho) + (pi - rho) ** 2, rel=2e-3)
+        assert np.all(out["mean_limit"] <= out["mean_limit"][-1] + 1e-3)  # earlier t: x_t tells a little more
+
+
+@pytest.mark.slow
+def test_late_error_point_is_network_curves_at_t_max_with_the_kept_steps_weights(tmp_path, tfds_dir):
+    """late_error.write_point (issue 32) stores, for the kept step asked for, network_curves' mask error at
+    t = T - 1 with that step's weights (not the latest), and the mean limit of the test masks under the
+    training rate; a second call finds the file and skips; the learning curves pick it up as a row of its own."""
+    from conftest import tiny_config
+
+    from diffseg_jax import build, checkpoints, data, learning_curves
+    from diffseg_jax.analysis import late_error
+
+    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
+    config.eval.num_images = 3
+    config.objective.prediction = "x0"  # ε̂ of random weights, amplified ~1/√ᾱ at T - 1, saturates the clip
+    _, _, _, state = build.model_and_state(config, (32, 32, 3))
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+    for step in (2, 4):  # two kept steps with different weights (the output layer starts at zero)
+        params = jax.tree.map(lambda p, s=step: p + 0.02 * s, state.params)
+        ckpt.save(step, state.replace(step=step, params=params, ema_params=params), {})
+    ckpt.wait()
+    ckpt.close()
+    written = {}
+    for step in (2, 4):
+        path = late_error.write_point(config, str(tmp_path), step)
+        assert path == str(tmp_path / "learning_curve" / f"step{step}_mask_error.json")
+        written[step] = learning_curves.read_mask_error(path)
+    test = data.model_sized_arrays(config.data, "test", 3)
+    c = config.copy_and_resolve_references()
+    c.eval.step = 2  # had write_point taken the latest weights, step 2's record would hold step 4's error
+    ts = late_error.late_timesteps(100)
+    direct, got = run.network_curves(c, str(tmp_path), test, ts, jax.random.PRNGKey(c.analysis.seed))
+    assert got == 2 == written[2]["step"] and written[2]["t"] == ts.tolist() and ts[-1] == 99
+    np.testing.assert_allclose(written[2]["mask_error"], direct["mask_error"], rtol=1e-5)
+    assert written[2]["mask_error_T"] != pytest.approx(written[4]["mask_error_T"], rel=1e-3)
+    train = data.model_sized_arrays(config.data, "train")["mask"]
+    limit = late_error.mean_limit(
+        build.build_schedule(config.diffusion), test["mask"], train, np.array([99]),
+        jax.random.PRNGKey(config.analysis.seed), mask_range=config.diffusion.mask_range,
+    )  # fmt: skip
+    assert written[4]["mean_limit_T"] == pytest.approx(float(limit["mean_limit"][-1]), rel=1e-5)
+    assert late_error.write_point(config, str(tmp_path), 4) is None  # there already: resumable
+    rows = learning_curves.collect_learning_curves([str(tmp_path)])
+    assert [(r["step"], r["sampler"], r["mask_error_T"]) for r in rows] == [
+        (2, "-", written[2]["mask_error_T"]),
+        (4, "-", written[4]["mask_error_T"]),
+    ]

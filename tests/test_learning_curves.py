@@ -34,7 +34,15 @@ def test_learning_curves_collect_each_runs_steps_and_samplers(tmp_path):
                                ("learning_curve/step2000_ddpm", 2000, "ddpm", 0.55),
                                ("eval", 2000, "ddim", 0.99)])  # fmt: skip
     run("e2_x0", "e2", "x0", [("eval", 1000, "ddim", 0.8)])
+    # The mask error at T - 1 of step 2000 (analysis.late_error) joins both of that step's rows.
+    point = dict(step=2000, model="ensemdiff", experiment="e2", dataset="isic2016", t=[900, 999],
+                 mask_error=[0.3, 0.25], mean_limit=[0.15, 0.16])  # fmt: skip
+    (tmp_path / "e2_eps" / "learning_curve" / "step2000_mask_error.json").write_text(json.dumps(point))
     rows = learning_curves.collect_learning_curves([str(tmp_path)])
+    late = [
+        (r["step"], r["sampler"], r["mask_error_T"], r["mean_limit_T"]) for r in rows if r["mask_error_T"]
+    ]
+    assert late == [(2000, "ddim10", 0.25, 0.16), (2000, "ddpm", 0.25, 0.16)]
     got = [(os.path.basename(r["run"]), r["prediction"], r["sampler"], r["step"], r["iou"]) for r in rows]
     assert got == [
         ("e2_eps", "eps", "ddim10", 1000, 0.4),
@@ -46,6 +54,10 @@ def test_learning_curves_collect_each_runs_steps_and_samplers(tmp_path):
     paths = learning_curves.write_learning_curves(rows, str(tmp_path / "out"))
     assert (
         "| ISIC16 | EnsemDiff | E2 | eps | ddim10 | 0 | 1000 | 40.00 | 0.1000 |"
+        in pathlib.Path(paths["learning_curves_md"]).read_text()
+    )
+    assert (
+        "| 2000 | 55.00 | 0.1000 | 0.2000 | 0.800 | 0.2500 | 0.1600 |"
         in pathlib.Path(paths["learning_curves_md"]).read_text()
     )
     assert os.path.getsize(paths["learning_curves_png"]) > 1000
