@@ -69,7 +69,7 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         dice_smooth=config.objective.dice_smooth,
         prediction=objectives.prediction_of(config),
         process=process,
-        bce_weight=config.objective.get("bernoulli_bce_weight", 1.0),
+        bce_weight=config.objective.bernoulli_bce_weight,
         **beyond_paper_settings(config),
     )
 
@@ -77,7 +77,7 @@ def loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def process_of(config: ml_collections.ConfigDict) -> str:
     """The forward process a config trains and samples: ``diffusion.process`` ('gaussian', or BerDiff's 'bernoulli')
     for the diffusion experiments; E1, a feed-forward segmenter, ignores it (the quickstart's twin runs on its config)."""
-    return config.diffusion.get("process", "gaussian") if config.experiment != "e1" else "gaussian"
+    return config.diffusion.process if config.experiment != "e1" else "gaussian"
 
 
 def beyond_paper_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -27,9 +27,11 @@ def check_unet_size(config: ml_collections.ConfigDict) -> None:
     check_sizes_divisible(
         config,
         factor,
-        lambda size: f"{m.name} halves its input {halvings} times (model.channel_mult"
-        f"{', model.cond_features' if factor > 2 ** (len(m.channel_mult) - 1) else ''}): use a multiple "
-        f"of {factor} px, e.g. {max(factor, size // factor * factor)}.",
+        lambda size: (
+            f"{m.name} halves its input {halvings} times (model.channel_mult"
+            f"{', model.cond_features' if factor > 2 ** (len(m.channel_mult) - 1) else ''}): use a multiple "
+            f"of {factor} px, e.g. {max(factor, size // factor * factor)}."
+        ),
     )
 
 

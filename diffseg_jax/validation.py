@@ -298,7 +298,7 @@ def _validate_beyond_paper(config: ml_collections.ConfigDict) -> None:
 
 def _validate_process(config: ml_collections.ConfigDict) -> None:
     """diffusion.process, and what Bernoulli diffusion (BerDiff) cannot be combined with (E1 ignores it)."""
-    process = config.diffusion.get("process", "gaussian")
+    process = config.diffusion.process
     if process not in diffusion.PROCESSES:
         configlib.fail(
             "diffusion.process",
@@ -337,7 +337,7 @@ def _validate_process(config: ml_collections.ConfigDict) -> None:
         )
     if not o.get("bernoulli_bce_weight", 1.0) >= 0:
         configlib.fail("objective.bernoulli_bce_weight", o.bernoulli_bce_weight, "Use λ ≥ 0 (BerDiff: 1).")
-    if config.eval.sampler == "ddim" and config.eval.get("ddim_eta", 0.0) != 0:
+    if config.eval.sampler == "ddim" and config.eval.ddim_eta != 0:
         configlib.fail(
             "eval.ddim_eta",
             config.eval.ddim_eta,

@@ -59,9 +59,13 @@ def test_function_local_imports_of_the_package_say_why():
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(fn):
-                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("diffseg_jax")):
+                if isinstance(node, ast.ImportFrom) and (
+                    node.level or (node.module or "").startswith("diffseg_jax")
+                ):
                     line, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
-                    reason = line.split("#", 1)[1].replace("noqa: PLC0415", "").strip(" —-") if "#" in line else ""
+                    reason = (
+                        line.split("#", 1)[1].replace("noqa: PLC0415", "").strip(" —-") if "#" in line else ""
+                    )
                     if not reason and not above.startswith("#"):
                         unexplained.append(f"{path.relative_to(ROOT)}:{node.lineno}: {line.strip()}")
     assert not unexplained, "function-local imports without a reason:\n" + "\n".join(unexplained)

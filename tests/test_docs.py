@@ -31,7 +31,10 @@ def links(doc: str) -> list[tuple[str, str]]:
 
 
 def test_anchor_follows_githubs_rule():
-    assert anchor("Beyond the paper: fingerprint-adaptive diffusion") == "beyond-the-paper-fingerprint-adaptive-diffusion"
+    assert (
+        anchor("Beyond the paper: fingerprint-adaptive diffusion")
+        == "beyond-the-paper-fingerprint-adaptive-diffusion"
+    )
     assert anchor("The two commands") == "the-two-commands"
     assert anchor("`configs/` and overrides") == "configs-and-overrides"
 
@@ -39,14 +42,22 @@ def test_anchor_follows_githubs_rule():
 @pytest.mark.parametrize("doc,target", [pair for doc in DOCS for pair in links(doc)])
 def test_relative_links_point_at_files_and_headings(doc, target):
     path, _, fragment = target.partition("#")
-    resolved = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), path)) if path else os.path.join(ROOT, doc)
+    resolved = (
+        os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), path)) if path else os.path.join(ROOT, doc)
+    )
     assert os.path.exists(resolved), f"{doc} links to {target}: {resolved} does not exist"
     if fragment:
         assert resolved.endswith(".md"), f"{doc} links to an anchor in {path}, which is not Markdown"
-        assert fragment in anchors(resolved), f"{doc} links to {target}: no heading '#{fragment}' in {path or doc}"
+        assert fragment in anchors(resolved), (
+            f"{doc} links to {target}: no heading '#{fragment}' in {path or doc}"
+        )
 
 
 def test_every_docs_page_is_linked_from_the_readme_or_another_page():
-    linked = {os.path.normpath(os.path.join(os.path.dirname(d), t.partition("#")[0])) for d in DOCS for d, t in links(d)}
+    linked = {
+        os.path.normpath(os.path.join(os.path.dirname(d), t.partition("#")[0]))
+        for d in DOCS
+        for d, t in links(d)
+    }
     for doc in DOCS[1:]:
         assert os.path.normpath(doc) in linked, f"{doc} is not linked from the README or docs/"

@@ -14,7 +14,7 @@ import optax
 import pytest
 from conftest import ROOT, tiny_config
 
-from diffseg_jax import build, checkpoints, data, distributed, train, validation
+from diffseg_jax import build, checkpoints, data, defaults, distributed, train, validation
 
 
 def _batch(size=16, n=4):
@@ -195,10 +195,8 @@ def test_train_step_forms_are_checked_with_their_fix(overrides, match):
 
 def test_cudnn_attention_names_the_head_width_it_cannot_take(monkeypatch):
     """Published EnsemDiff attends with one 512-channel head, beyond cuDNN's 256 (checked as on a GPU)."""
-    from configs import base
-
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    config = base.get_config("ensemdiff")
+    config = defaults.get_config("ensemdiff")
     config.model.update(attention_impl="cudnn", dtype="bfloat16")
     with pytest.raises(ValueError, match=r"heads of \[512\] channels.*'dot_product'"):
         validation.validate(config, check_data=False)

@@ -33,7 +33,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffseg_jax import build, checkpoints, cli, data, evaluate, learning_curves, planning, writers
+from diffseg_jax import (
+    build,
+    checkpoints,
+    cli,
+    configlib,
+    data,
+    defaults,
+    evaluate,
+    learning_curves,
+    planning,
+    writers,
+)
 from diffseg_jax.analysis import run
 from diffseg_jax.diffusion import model_free
 
@@ -145,12 +156,14 @@ def kept_steps(workdir: str) -> list[int]:
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run recorded (``configs/from_run.py``)."""
-    try:  # the config files live beside the package, in the repository's configs/
-        from configs import from_run  # noqa: PLC0415
-    except ImportError as e:
-        raise ImportError("Run from the repository root, where configs/ is importable.") from e
-    return from_run.get_config(workdir)
+    """The config a run recorded, merged onto today's defaults (as ``configs/from_run.py`` reads it)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir!r} is not a trained run's folder (--mode train writes config.json)."
+        )
+    recorded = configlib.load(path)
+    return configlib.load_onto(defaults.get_config(recorded.model.name), recorded, path)
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
