@@ -9,6 +9,7 @@ through here."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from typing import Any, Callable
 

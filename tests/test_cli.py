@@ -634,8 +634,17 @@ def test_table1_two_workers_write_the_same_table_as_one(tmp_path, tfds_dir):
         with open(workdir / "table1.csv", newline="") as f:
             tables[workers] = list(csv.DictReader(f))
     assert len(tables[1]) == 1 and tables[1][0]["ff_iou"] and tables[1][0]["diff_iou"]
-    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k} for r in rows]  # noqa: E731
-    assert strip(tables[2]) == strip(tables[1])
+    # Equal to float32 rounding: each process sums its own XLA:CPU reductions (one worker pinned to a core, the
+    # single process threaded over both), so a bootstrap bound may differ in the 8th digit, never more.
+    assert [r.keys() for r in tables[2]] == [r.keys() for r in tables[1]]
+    for two, one in zip(tables[2], tables[1]):
+        for key in one:
+            if "time" in key:
+                continue
+            try:
+                assert float(two[key]) == pytest.approx(float(one[key]), rel=1e-5, abs=1e-7), key
+            except ValueError:  # a name, or '' where a cell has no value
+                assert two[key] == one[key], key
     for i in range(2):
         text = (tmp_path / "w2" / "workers" / f"worker{i}of2.log").read_text()
         assert f"--shard={i}/2" in text and f"cell {i + 1}/2" in text and "Training ensemdiff" in text
