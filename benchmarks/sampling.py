@@ -17,7 +17,7 @@ compute dtype (``model.dtype``, float32 and bfloat16), the evaluation's own ense
 of the dataset's published config: 10 members for ISIC, 25 for MoNuSeg, in chunks of ``eval.member_chunk``)
 runs a few real steps of the real sampler (DDPM over a T = ``--measure-steps`` schedule, whose steps are
 those of T = 1000: one network call each; DDIM with ``--measure-steps`` of T = 1000's steps) at the batch
-``eval.batch_size=0`` chooses from the device's memory (``sampling.auto_batch_size``; ``--images N`` fixes
+``eval.batch_size=0`` chooses from the device's memory (``auto_batch.auto_batch_size``; ``--images N`` fixes
 it), and the member-steps/s measured are extrapolated to the whole test set: 379 ISIC images (the ISIC 2016
 test split), 14 MoNuSeg images of 512 px (4 tiles of 256 each), DDPM over all 1000 steps and DDIM-50. Rows go
 in order of importance (a time limit loses the last): ISIC's DDPM in float32 and bfloat16, then DDIM-50, then
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffseg_jax import build, defaults, diffusion, sampling
+from diffseg_jax import auto_batch, build, defaults, diffusion, sampling
 
 PUBLISHED_SIZE = 256
 
@@ -127,11 +127,11 @@ PAPER_ROWS = (
 def paper_config(name: str, dataset: str, sampler: str, dtype: str, published: bool, measure_steps: int):
     """The dataset's published E2 config of ``name`` (tiny: its CPU-test variant), with ``dtype`` as
     ``model.dtype`` and the sampler cut to ``measure_steps`` network calls per member."""
-    config = base.experiment_config("e2", dataset, name if published else f"{name},tiny")
-    config.eval.ensemble_size = base.DATASET_SETTINGS[dataset]["ensemble_size"]  # tiny keeps the paper's too
+    config = defaults.experiment_config("e2", dataset, name if published else f"{name},tiny")
+    config.eval.ensemble_size = defaults.DATASET_SETTINGS[dataset]["ensemble_size"]  # tiny keeps the paper's too
     config.model.dtype = dtype
     config.eval.sampler = sampler
-    config.eval.batch_size = sampling.AUTO_BATCH
+    config.eval.batch_size = auto_batch.AUTO_BATCH
     if sampler == "ddpm":  # DDPM over a T-step schedule: T network calls, each as one of T = 1000's
         config.diffusion.num_timesteps = measure_steps
         config.diffusion.schedule = "cosine"  # valid for any T (linear betas scale with 1000/T)
@@ -171,7 +171,7 @@ def paper_row(name, dataset, sampler, dtype, args, images=0, batch_from=None) ->
     if images:
         batch, row["batch_from"] = -(-images // n_dev) * n_dev, batch_from or "--images"
     else:
-        auto = sampling.auto_batch_size(
+        auto = auto_batch.auto_batch_size(
             ensemble, variables, (size, size, 3), (size, size, 1), inputs, "benchmark"
         )
         batch = min(auto, -(-args.max_images // n_dev) * n_dev) if args.max_images else auto

@@ -375,7 +375,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.lr_schedule = "constant"
 
     # batch_size: images (or tiles) per device call; 0 chooses it from the device's memory (XLA's memory analysis
-    # of one image's ensemble against the free memory: sampling.auto_batch_size, logged), an explicit value fixes
+    # of one image's ensemble against the free memory: auto_batch.auto_batch_size, logged), an explicit value fixes
     # it (the samples depend on it: batch i draws from fold_in(seed, i)).
     # member_chunk: members sampled at once per image (lax.map over chunks bounds memory; 0 = all at once).
     # pooling: which IoU / ECE metrics.json reports as `iou` / `ece` (both are always written):

@@ -50,6 +50,7 @@ from absl import logging
 from PIL import Image
 
 from diffseg_jax import (
+    auto_batch,
     batch_store,
     build,
     data,
@@ -250,9 +251,9 @@ def predict(
     tiles = sampling.tiles_per_image(config.data)
     ensemble = sampling.ensemble_fn(config, model, schedule)  # one compilation for every chunk
     eval_batch = config.eval.batch_size
-    if eval_batch == sampling.AUTO_BATCH:  # chosen from the device's memory for this many tiles
+    if eval_batch == auto_batch.AUTO_BATCH:  # chosen from the device's memory for this many tiles
         crop = config.data.image_size
-        eval_batch = sampling.auto_batch_size(
+        eval_batch = auto_batch.auto_batch_size(
             ensemble, variables, (crop, crop, 3), (crop, crop, 1), num * tiles, "predict"
         )
     # A few files are one smaller batch, not padded to a whole evaluation batch. Chunks are whole batches, so

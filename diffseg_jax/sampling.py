@@ -9,7 +9,6 @@ through here."""
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from typing import Any, Callable
 
@@ -22,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffseg_jax import (
+    auto_batch,
     batch_store,
     build,
     data,
@@ -170,106 +170,6 @@ def make_ensemble_fn(member, num_members: int, member_chunk: int | None, tta: st
     return jax.jit(ensemble)
 
 
-# eval.batch_size = AUTO_BATCH: the images per device call chosen from the device's memory (auto_batch_size).
-AUTO_BATCH = 0
-# The share of a device's free memory an automatic batch plans to fill (XLA's figure for one image, scaled up,
-# leaves out convolution workspaces that grow with the batch), and of the host's available RAM taken as a CPU
-# device's memory (the host runs the data pipeline and the scoring beside it).
-MEMORY_MARGIN = 0.8
-CPU_MEMORY_FRACTION = 0.5
-_AUTO_CHOICES: dict = {}  # (id(ensemble), shapes, count) -> (ensemble, batch): one memory analysis per ensemble
-
-
-def choose_batch_size(
-    per_image_bytes: int,
-    fixed_bytes: int,
-    free_bytes: int,
-    num_devices: int,
-    num_inputs: int,
-    margin: float = MEMORY_MARGIN,
-) -> int:
-    """Images per device call: as many per device as ``margin`` of a device's ``free_bytes`` holds beside the
-    ``fixed_bytes`` (the weights) at ``per_image_bytes`` each (at least one), times ``num_devices``; never more
-    than ``num_inputs`` rounded up to a multiple of ``num_devices`` (a batch that size is padded anyway)."""
-    per_device = max(1, int((margin * free_bytes - fixed_bytes) // max(per_image_bytes, 1)))
-    return min(per_device, -(-num_inputs // num_devices)) * num_devices
-
-
-def free_device_memory() -> tuple[int, str]:
-    """(bytes one local device can still take, where the figure comes from): the allocator's limit minus what is
-    in use (GPU, TPU; the fullest device), or on a CPU ``CPU_MEMORY_FRACTION`` of the host's available RAM
-    shared by its devices."""
-    devices = jax.local_devices()
-    stats = [d.memory_stats() or {} for d in devices]
-    if all("bytes_limit" in s for s in stats):
-        free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
-        return int(free), f"{devices[0].device_kind}: allocator limit − bytes in use"
-    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return (
-        int(CPU_MEMORY_FRACTION * available) // len(devices),
-        f"{CPU_MEMORY_FRACTION:.0%} of the host's available RAM over {len(devices)} device(s)",
-    )
-
-
-def auto_batch_size(
-    ensemble: Callable,
-    variables: Any,
-    image_shape: tuple[int, ...],
-    x_shape: tuple[int, ...],
-    num_inputs: int,
-    what: str = "evaluate",
-    image_dtype: Any = jnp.float32,
-) -> int:
-    """``eval.batch_size`` = ``AUTO_BATCH`` resolved: the jitted ``ensemble`` compiled for one image per device,
-    XLA's memory analysis of that program (arguments + outputs + temporaries, per device) less the weights is
-    one image's cost, and :func:`choose_batch_size` fits as many as :func:`free_device_memory` holds. Logs the
-    choice and the figures; computed once per ensemble and shapes (the compilation is not the one sampling
-    uses, so on a GPU it costs a compile time)."""
-    mesh = distributed.data_mesh()
-    n_dev = mesh.size
-    cache_key = (id(ensemble), tuple(image_shape), tuple(x_shape), num_inputs, n_dev)
-    if cache_key in _AUTO_CHOICES:
-        return _AUTO_CHOICES[cache_key][1]
-    sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), variables)
-    weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(weights))
-    t0 = time.time()
-    compiled = ensemble.lower(
-        weights,
-        jax.ShapeDtypeStruct((n_dev, *image_shape), image_dtype, sharding=sharded),
-        jax.ShapeDtypeStruct((n_dev, *x_shape), jnp.float32, sharding=sharded),
-        jax.random.PRNGKey(0),
-    ).compile()
-    mem = compiled.memory_analysis()
-    one = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes
-    )
-    per_image = max(one - weight_bytes, 1)
-    free, source = free_device_memory()
-    # Every host samples the same batches: process 0's choice holds for all.
-    batch = distributed.primary_count(choose_batch_size(per_image, weight_bytes, free, n_dev, num_inputs))
-    logging.info(
-        "%s: eval.batch_size=0 (auto): %d images per call (%d device(s)): one image costs %.1f MiB per device "
-        "(XLA's memory analysis, compiled in %.0f s; weights %.1f MiB apart), %.2f GiB free (%s), %.0f %% of it "
-        "planned; %d inputs.",
-        what,
-        batch,
-        n_dev,
-        per_image / 2**20,
-        time.time() - t0,
-        weight_bytes / 2**20,
-        free / 2**30,
-        source,
-        100 * MEMORY_MARGIN,
-        num_inputs,
-    )
-    _AUTO_CHOICES[cache_key] = (ensemble, batch)
-    return batch
-
-
 def weights_digest(variables: Any) -> str:
     """A cheap fingerprint of the weights (sum of |w| and the leaf count): tells a retrained model from the one
     a partial evaluation sampled, without moving the weights to the host."""
@@ -385,7 +285,7 @@ def ensemble_maps(
     protocol) and the maps stitched back, or fed whole to the fully convolutional network
     (``data.eval_tiling``); ``eval.ensemble_size`` members in chunks of ``eval.member_chunk``, ``eval.batch_size``
     images (or tiles) at a time (``batch_size`` overrides it: fewer inputs than a batch can be one smaller batch
-    instead of a padded whole one; ``AUTO_BATCH``: chosen from the device's memory, :func:`auto_batch_size`), ``key`` (default ``PRNGKey(eval.seed)``); ``first_batch`` is the index of the first batch when
+    instead of a padded whole one; ``auto_batch.AUTO_BATCH``: chosen from the device's memory, :func:`diffseg_jax.auto_batch.auto_batch_size`), ``key`` (default ``PRNGKey(eval.seed)``); ``first_batch`` is the index of the first batch when
     ``images`` continue a longer set (see :func:`sample_statistics`); such a caller passes the same
     :func:`ensemble_fn` to every part, compiled once. ``step`` and the config identify the samples kept in
     ``resume_dir``.
@@ -396,8 +296,8 @@ def ensemble_maps(
     if tiles_per_image(config.data) > 1:
         inputs, grid = data.to_tiles(inputs, config.data.image_size)
     batch_size = batch_size or eval_cfg.batch_size
-    if batch_size == AUTO_BATCH:
-        batch_size = auto_batch_size(
+    if batch_size == auto_batch.AUTO_BATCH:
+        batch_size = auto_batch.auto_batch_size(
             ensemble,
             variables,
             inputs.shape[1:],

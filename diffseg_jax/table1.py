@@ -30,10 +30,7 @@ With ``table.analyse`` every diffusion cell (E2, E3, E4) is also analysed (``--m
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 
@@ -55,6 +52,7 @@ from diffseg_jax import (
     result_files,
     train,
     validation,
+    workers,
     writers,
 )
 from diffseg_jax.analysis import fingerprints, late_error
@@ -284,25 +282,6 @@ def grid_runs(grid: ml_collections.ConfigDict) -> list[tuple[str, str, str, int]
     return runs
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-    """``'i/n'`` (``--shard``) as (i, n), 0 <= i < n."""
-    try:
-        index, count = (int(x) for x in spec.split("/"))
-        if not 0 <= index < count:
-            raise ValueError
-    except ValueError:
-        raise configlib.ConfigError(
-            f"--shard={spec!r}: give i/n with 0 <= i < n, e.g. --shard=0/2 (--workers sets it)."
-        ) from None
-    return index, count
-
-
-def shard_runs(runs: list, index: int, count: int) -> list:
-    """The runs worker ``index`` of ``count`` does: every ``count``-th from the ``index``-th, so a cell's seeds and
-    its E1/E2 pair go to different workers and the shares differ by at most one run."""
-    return runs[index::count]
-
-
 def _cache_in(workdir: str) -> None:
     if not jax.config.jax_compilation_cache_dir:  # a cache the user set (JAX_COMPILATION_CACHE_DIR) is kept
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
@@ -336,20 +315,11 @@ def _label(run: tuple, many_seeds: bool) -> str:
     return f"{dataset_name(dataset)} {model} {experiment}" + (f" seed {seed}" if many_seeds else "")
 
 
-WORKER_DIR = "workers"  # <workdir>/workers/: each worker's log and its failed runs
-
-
-def worker_files(workdir: str, index: int, count: int) -> tuple[str, str]:
-    """(log, failed-runs JSON) of worker ``index`` of ``count``."""
-    stem = os.path.join(workdir, WORKER_DIR, f"worker{index}of{count}")
-    return stem + ".log", stem + ".failed.json"
-
-
 def run(grid: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Trains and evaluates every cell, then writes ``<workdir>/table1.{md,csv,tex}``; returns the rows.
 
-    With ``shard=(i, n)``, n > 1 (a worker of :func:`run_workers`), only :func:`shard_runs`' share: a run that
-    fails is logged and the others go on; the failed ones are listed in :func:`worker_files`' JSON and the
+    With ``shard=(i, n)``, n > 1 (a worker of :func:`run_workers`), only :func:`diffseg_jax.workers.shard_runs`' share: a run that
+    fails is logged and the others go on; the failed ones are listed in :func:`diffseg_jax.workers.worker_files`' JSON and the
     worker exits non-zero; the tables are left to the parent (returns [])."""
     runs = grid_runs(grid)
     os.makedirs(workdir, exist_ok=True)
@@ -358,7 +328,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] = 
     many_seeds = len(seeds(grid)) > 1
     t0 = time.time()
     failed = []
-    for i, r in shard_runs(list(enumerate(runs)), index, count):  # numbered as in the whole grid
+    for i, r in workers.shard_runs(list(enumerate(runs)), index, count):  # numbered as in the whole grid
         logging.info(
             "table1: cell %d/%d %s (%s elapsed)",
             i + 1,
@@ -375,7 +345,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] = 
             logging.exception("table1: %s failed", _label(r, many_seeds))
             failed.append(_label(r, many_seeds))
     if count > 1:
-        _, failed_path = worker_files(workdir, index, count)
+        _, failed_path = workers.worker_files(workdir, index, count)
         os.makedirs(os.path.dirname(failed_path), exist_ok=True)
         writers.save_json_whole(failed_path, failed)
         if failed:
@@ -404,101 +374,22 @@ def write_tables(grid: ml_collections.ConfigDict, workdir: str, t0: float) -> li
     return rows
 
 
-def worker_argv(argv: list[str], index: int, count: int) -> list[str]:
-    """``argv`` (this command line's arguments) without ``--workers`` / ``--shard``, plus worker ``index``'s."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        name = a.split("=", 1)[0]
-        if name in ("--workers", "--shard", "-workers", "-shard"):
-            skip = "=" not in a  # '--workers 2': drop its value too
-            continue
-        out.append(a)
-    return [*out, "--workers=1", f"--shard={index}/{count}"]
-
-
-def cores(count: int) -> list[int]:
-    """The core each of ``count`` workers is pinned to: the cores this process may use, in turn."""
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    return [allowed[i % len(allowed)] for i in range(count)] if allowed else []
-
-
 def run_workers(grid: ml_collections.ConfigDict, workdir: str, count: int, argv: list[str]) -> list[dict]:
     """``python -m diffseg_jax.table1 ... --workers N``: the grid's runs split over ``count`` worker processes
-    (:func:`shard_runs`; each this command with ``--shard=i/N``, pinned to one of the cores this process may use,
-    its output in ``<workdir>/workers/worker<i>ofN.log``), then the tables of them all, written once every worker
-    has finished. A failed worker stops the command (exit status 1) naming its failed runs and its log; a rerun
-    skips the finished runs and resumes the others. Two workers that need the same tfds dataset build it once
-    (:func:`diffseg_jax.locks.build_lock`: the second waits for it)."""
+    (:func:`diffseg_jax.workers.run_processes`: each this command with ``--shard=i/N``, pinned to one of the
+    cores this process may use, its output in ``<workdir>/workers/worker<i>ofN.log``), then the tables of them
+    all, written once every worker has finished. A failed worker stops the command (exit status 1) naming its
+    failed runs and its log; a rerun skips the finished runs and resumes the others. Two workers that need the
+    same tfds dataset build it once (:func:`diffseg_jax.locks.build_lock`: the second waits for it)."""
     runs = grid_runs(grid)  # every mistake before a worker starts
-    os.makedirs(os.path.join(workdir, WORKER_DIR), exist_ok=True)
-    pins = cores(count)
+    many_seeds = len(seeds(grid)) > 1
+    shares = [[_label(r, many_seeds) for r in workers.shard_runs(runs, i, count)] for i in range(count)]
     t0 = time.time()
-    procs = []
-    try:
-        for i in range(count):
-            log_path, failed_path = worker_files(workdir, i, count)
-            if os.path.exists(failed_path):
-                os.remove(failed_path)  # an earlier attempt's
-            pin = ["taskset", "-c", str(pins[i])] if pins and shutil.which("taskset") else []
-            command = [*pin, sys.executable, "-m", "diffseg_jax.table1", *worker_argv(argv, i, count)]
-            with open(log_path, "a", encoding="utf-8") as log:
-                log.write(
-                    f"=== {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(command)}\n"
-                )
-                log.flush()
-                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-            if pins and not pin and hasattr(os, "sched_setaffinity"):
-                os.sched_setaffinity(proc.pid, {pins[i]})  # no taskset: pinned as soon as it starts
-            procs.append(proc)
-            logging.info(
-                "table1: worker %d/%d (pid %d%s): %d runs, log %s",
-                i,
-                count,
-                proc.pid,
-                f", core {pins[i]}" if pins else "",
-                len(shard_runs(runs, i, count)),
-                log_path,
-            )
-        codes = [p.wait() for p in procs]
-    finally:
-        for p in procs:  # stopped (Ctrl-C, SIGTERM): the workers stop too; a rerun resumes them
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
-    message = worker_failures(workdir, runs, codes, len(seeds(grid)) > 1)
+    codes = workers.run_processes("diffseg_jax.table1", argv, workdir, [len(s) for s in shares])
+    message = workers.failures(workdir, codes, shares)
     if message:
         raise SystemExit(message)
     return write_tables(grid, workdir, t0)
-
-
-def worker_failures(workdir: str, runs: list, codes: list[int], many_seeds: bool = False) -> str:
-    """'' when every worker exited 0, else a message naming each failed worker's failed runs (from its JSON, or
-    all its runs when it died before writing one), its exit status and its log, and how to resume."""
-    count = len(codes)
-    lines = []
-    for i, code in enumerate(codes):
-        if code == 0:
-            continue
-        log_path, failed_path = worker_files(workdir, i, count)
-        try:
-            with open(failed_path, encoding="utf-8") as f:
-                failed = json.load(f)
-        except (OSError, ValueError):  # killed before it got there: any of its runs may be unfinished
-            failed = [_label(r, many_seeds) for r in shard_runs(runs, i, count)]
-        lines.append(
-            f"worker {i}/{count} (exit status {code}) failed on {', '.join(failed)}; log: {log_path}"
-        )
-    if not lines:
-        return ""
-    return (
-        "table1: "
-        + "; ".join(lines)
-        + ". The tables were not written; fix the cause and rerun the same command: "
-        "finished runs are skipped, the others resume."
-    )
 
 
 def main(argv):
@@ -508,7 +399,7 @@ def main(argv):
     if _WORKERS.value < 1:
         raise app.UsageError(f"--workers={_WORKERS.value}: give 1 or more worker processes.")
     writers.quiet_libraries()
-    shard = parse_shard(_SHARD.value)
+    shard = workers.parse_shard(_SHARD.value)
     if _WORKERS.value > 1 and shard == (0, 1):
         run_workers(_CONFIG.value, _WORKDIR.value, _WORKERS.value, sys.argv[1:])
     else:

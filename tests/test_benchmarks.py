@@ -325,6 +325,14 @@ def test_paper_settings_extrapolate_the_measured_rate_to_the_whole_test_set(tmp_
     import importlib
 
     paper = importlib.import_module("sampling")  # benchmarks/sampling.py
+    # The configs timed: the paper's members per dataset, the automatic batch, the dtype, and the sampler cut to
+    # the measured calls (DDPM over a T-call schedule; DDIM's calls on T = 1000).
+    for dataset, members in (("isic", 10), ("monuseg", 25)):
+        ddim = paper.paper_config("ensemdiff", dataset, "ddim", "bfloat16", False, 3)
+        assert (ddim.eval.ensemble_size, ddim.eval.batch_size, ddim.model.dtype) == (members, 0, "bfloat16")
+        assert (ddim.eval.sampler, ddim.eval.ddim_steps, ddim.diffusion.num_timesteps) == ("ddim", 3, 1000)
+        ddpm = paper.paper_config("ensemdiff", dataset, "ddpm", "float32", True, 4)
+        assert (ddpm.diffusion.num_timesteps, ddpm.model.model_channels, ddim.model.model_channels) == (4, 128, 32)
     # ISIC: 379 images in calls of 10 (the last padded: 38 calls), 10 members × 1000 steps at 1000 m-s/s.
     isic = paper.extrapolate(1000.0, 10, 10, 1000, 379, 379)
     assert isic["set_hours"] == pytest.approx(380 * 10 * 1000 / 1000 / 3600)

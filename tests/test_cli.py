@@ -560,54 +560,6 @@ def test_table1_eval_steps_evaluates_each_kept_step_with_each_sampler(tmp_path, 
         table1.evaluate_steps(grid, config, str(folder))
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
-def test_table1_worker_shares_cover_every_run_exactly_once(count):
-    """table1.shard_runs (--workers N): for grids of 0 to 13 runs, the N shares hold every run exactly once, in
-    the grid's order, and differ in size by at most one; the worker's command line is the parent's with its own
-    --shard (and --workers=1) in place of the parent's --workers, in either spelling."""
-    from diffseg_jax import table1
-
-    for size in range(14):
-        runs = [("lesion", "ensemdiff", f"e{i % 2 + 1}", i // 2) for i in range(size)]
-        shares = [table1.shard_runs(runs, i, count) for i in range(count)]
-        together = [r for share in shares for r in share]
-        assert sorted(together) == sorted(runs) and len(set(together)) == len(runs)
-        assert all(share == [r for r in runs if r in share] for share in shares)
-        assert max(map(len, shares)) - min(map(len, shares)) <= 1
-    assert table1.parse_shard(f"{count - 1}/{count}") == (count - 1, count)
-    argv = ["--config=c.py", "--workers", str(count), "--workdir=w", f"--workers={count}", "--shard=0/1"]
-    assert table1.worker_argv(argv, 1, count) == [
-        "--config=c.py",
-        "--workdir=w",
-        "--workers=1",
-        f"--shard=1/{count}",
-    ]
-    for bad in (f"{count}/{count}", "-1/2", "1", "a/b"):
-        with pytest.raises(ValueError, match=r"--shard=.*give i/n with 0 <= i < n"):
-            table1.parse_shard(bad)
-
-
-def test_table1_worker_failures_name_the_failed_runs_and_logs(tmp_path):
-    """A worker that exits non-zero: the parent's message names the runs its JSON lists (or, when it died before
-    writing one, all its runs), its exit status and its log; workers that exited 0 are not named."""
-    import json as json_
-
-    from diffseg_jax import table1
-
-    runs = [("lesion", "ensemdiff", e, 0) for e in ("e1", "e2")] + [("nuclei", "ensemdiff", "e2", 0)]
-    assert table1.worker_failures(str(tmp_path), runs, [0, 0]) == ""
-    (tmp_path / table1.WORKER_DIR).mkdir()
-    _, failed = table1.worker_files(str(tmp_path), 1, 2)
-    with open(failed, "w") as f:
-        json_.dump(["lesion ensemdiff e2"], f)
-    message = table1.worker_failures(str(tmp_path), runs, [0, 1])
-    assert "worker 1/2 (exit status 1) failed on lesion ensemdiff e2; log: " in message
-    assert "worker 0/2" not in message and str(tmp_path / "workers" / "worker1of2.log") in message
-    message = table1.worker_failures(str(tmp_path), runs, [-9, 0])  # killed: no JSON of its own
-    assert "worker 0/2 (exit status -9) failed on lesion ensemdiff e1, nuclei ensemdiff e2;" in message
-    assert "rerun the same command" in message
-
-
 @pytest.mark.slow
 def test_table1_two_workers_write_the_same_table_as_one(tmp_path, tfds_dir):
     """``python -m diffseg_jax.table1 --workers 2`` on a 2-cell grid (E1 and E2 of one synthetic kind): each
@@ -658,7 +610,7 @@ def test_table1_worker_goes_on_after_a_failed_run_and_lists_it(tmp_path, monkeyp
     import json as json_
 
     from configs import table1_synthetic
-    from diffseg_jax import table1
+    from diffseg_jax import table1, workers
 
     grid = table1_synthetic.get_config()
     grid.table.kinds, grid.table.models, grid.table.seeds = ("lesion",), ("ensemdiff",), (0, 1)
@@ -673,10 +625,10 @@ def test_table1_worker_goes_on_after_a_failed_run_and_lists_it(tmp_path, monkeyp
     with pytest.raises(SystemExit, match=r"worker 0/2: 1 run\(s\) failed: \['lesion ensemdiff e1 seed 0'\]"):
         table1.run(grid, str(tmp_path), (0, 2))
     assert done == [("e2", 0)]  # its share: runs 0 and 2 of (e1 s0, e1 s1, e2 s0, e2 s1)
-    _, failed = table1.worker_files(str(tmp_path), 0, 2)
+    _, failed = workers.worker_files(str(tmp_path), 0, 2)
     assert json_.loads(open(failed).read()) == ["lesion ensemdiff e1 seed 0"]
     assert table1.run(grid, str(tmp_path), (1, 2)) == [] and done[1:] == [("e1", 1), ("e2", 1)]
-    assert json_.loads(open(table1.worker_files(str(tmp_path), 1, 2)[1]).read()) == []
+    assert json_.loads(open(workers.worker_files(str(tmp_path), 1, 2)[1]).read()) == []
     assert not (tmp_path / "table1.csv").exists()
     with pytest.raises(RuntimeError, match="out of memory"):
         table1.run(grid, str(tmp_path))

@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_config
 
 from diffseg_jax import (
+    auto_batch,
     build,
     configlib,
     data,
@@ -246,4 +247,4 @@ def test_an_evaluation_with_an_automatic_batch_equals_the_batch_it_chose(tmp_pat
         with np.load(tmp_path / name / "ensemble.npz") as saved:
             means[name] = saved["mean"]
     np.testing.assert_array_equal(means["auto"], means["explicit4"])
-    assert [batch for _, batch in sampling._AUTO_CHOICES.values()][-1] == 4
+    assert [batch for _, batch in auto_batch._AUTO_CHOICES.values()][-1] == 4
