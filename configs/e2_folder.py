@@ -7,7 +7,7 @@
 
 Any images/ + masks/ folder (optionally train/ and test/), 256 px; a fifth held out as test when
 there is no test/ folder; sampled ensembles of 5 (the paper's HER2 size).
-The architecture's published training scheme (diffseg_jax/defaults.py PUBLISHED_SCHEMES).
+The architecture's published training scheme (diffseg_jax/model_defaults.py PUBLISHED_SCHEMES).
 The README's "Data" section shows the folder layout.
 """
 

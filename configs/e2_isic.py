@@ -5,7 +5,7 @@
   python -m diffseg_jax.main --config configs/e2_isic.py:tiny ...   # CPU-test scale
 
 Images and masks resized to 256 x 256 (masks re-thresholded); sampled ensembles of 10 (Table 1).
-The architecture's published training scheme (diffseg_jax/defaults.py PUBLISHED_SCHEMES).
+The architecture's published training scheme (diffseg_jax/model_defaults.py PUBLISHED_SCHEMES).
 ISIC 2016 downloads itself on first use (into data.data_dir); offline, pass an unpacked copy as
 --config.data.manual_dir (the README's "Data" section shows its layout).
 """

@@ -7,7 +7,7 @@
 
 Tiles resized 1000 -> 512, random 256 crops with flips for training; the 512 test images
 evaluated as four stitched 256 tiles; sampled ensembles of 25 (Table 1).
-The architecture's published training scheme (diffseg_jax/defaults.py PUBLISHED_SCHEMES).
+The architecture's published training scheme (diffseg_jax/model_defaults.py PUBLISHED_SCHEMES).
 The README's "Data" section shows the folder layout.
 """
 
