@@ -300,7 +300,15 @@ def run_cell(
             protocol.run(config, folder)
         else:
             state = train.train(config, folder)
-            evaluate.evaluate(config, folder, state=state)
+            if int(state.step) >= config.train.num_steps:  # not stopped early (SIGTERM, the training hook)
+                evaluate.evaluate(config, folder, state=state)
+        if not _finished(config, folder):
+            # Stopped by SIGTERM: the grid stops too (a worker exits non-zero) instead of evaluating a model
+            # halfway through training and going on with the next runs; the checkpoint is saved.
+            raise SystemExit(
+                f"table1: the run in {folder} stopped before train.num_steps={config.train.num_steps} (its "
+                "checkpoint is saved); nothing more was done. Rerun the same command to resume."
+            )
     evaluate_steps(grid, config, folder)  # table.eval_steps: the learning curves' points
     analysed = os.path.exists(os.path.join(folder, "analysis", "curves.csv"))
     # One analysis per cell (its first seed's run), so that Fig. 4 has one curve a cell.

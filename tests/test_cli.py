@@ -603,6 +603,30 @@ def test_table1_two_workers_write_the_same_table_as_one(tmp_path, tfds_dir):
     assert not (tmp_path / "w1" / "workers").exists()
 
 
+def test_table1_stops_when_a_runs_training_stops_early(tmp_path, monkeypatch):
+    """A cell whose training stops before train.num_steps (SIGTERM: the checkpoint is saved) is neither evaluated
+    nor followed by its learning-curve points or the next runs: the grid exits naming the run and how to resume
+    (before, it evaluated the half-trained model, went on, and a killed worker kept sampling)."""
+    import types
+
+    from configs import table1_synthetic
+    from diffseg_jax import evaluate, table1, train
+
+    grid = table1_synthetic.get_config()
+    grid.table.kinds, grid.table.models, grid.table.experiments = ("lesion",), ("ensemdiff",), ("e2", "e1")
+    calls = []
+    monkeypatch.setattr(
+        train, "train", lambda config, folder, **kw: calls.append("train") or types.SimpleNamespace(step=7)
+    )
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **kw: calls.append("evaluate"))
+    monkeypatch.setattr(table1, "evaluate_steps", lambda *a, **kw: calls.append("evaluate_steps"))
+    with pytest.raises(
+        SystemExit, match=r"ensemdiff_e2 stopped before train.num_steps=\d+ .*Rerun the same command"
+    ):
+        table1.run(grid, str(tmp_path))
+    assert calls == ["train"]  # no evaluation, no learning-curve points, no second run
+
+
 def test_table1_worker_goes_on_after_a_failed_run_and_lists_it(tmp_path, monkeypatch):
     """A worker (run with shard (i, n), n > 1) whose run fails logs it, runs the rest of its share, lists the
     failed run in its JSON, exits non-zero and leaves the tables to the parent; one process (n = 1) stops at
