@@ -353,9 +353,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] = 
             logging.exception("table1: %s failed", _label(r, many_seeds))
             failed.append(_label(r, many_seeds))
     if count > 1:
-        _, failed_path = workers.worker_files(workdir, index, count)
-        os.makedirs(os.path.dirname(failed_path), exist_ok=True)
-        writers.save_json_whole(failed_path, failed)
+        workers.record_failures(workdir, index, count, failed)
         if failed:
             raise SystemExit(f"table1 worker {index}/{count}: {len(failed)} run(s) failed: {failed}")
         return []

@@ -4,7 +4,7 @@ XLA:CPU runs one process's convolutions on about one core, so a grid of runs on 
 faster as n processes, each the same command line with ``--shard=i/n`` (:func:`worker_argv`) doing every n-th
 run (:func:`shard_runs`). This module starts them (:func:`run_processes`: pinned with ``taskset`` or
 ``sched_setaffinity``, output in ``<workdir>/workers/worker<i>of<n>.log``), stops them when the parent is
-stopped, and turns their exit statuses and the failed runs each lists in its JSON (:func:`worker_files`) into
+stopped, and turns their exit statuses and the failed runs each lists in its JSON (:func:`record_failures`) into
 one message (:func:`failures`). ``python -m diffseg_jax.table1 --workers N`` uses it."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Sequence
 
 from absl import logging
 
-from diffseg_jax import configlib
+from diffseg_jax import configlib, writers
 
 WORKER_DIR = "workers"  # <workdir>/workers/: each worker's log and its failed runs
 
@@ -28,6 +28,14 @@ def worker_files(workdir: str, index: int, count: int) -> tuple[str, str]:
     """(log, failed-runs JSON) of worker ``index`` of ``count``."""
     stem = os.path.join(workdir, WORKER_DIR, f"worker{index}of{count}")
     return stem + ".log", stem + ".failed.json"
+
+
+def record_failures(workdir: str, index: int, count: int, failed: list[str]) -> None:
+    """Worker ``index`` of ``count`` lists the runs it failed on (none: ``[]``) in its :func:`worker_files` JSON,
+    which :func:`failures` reads."""
+    _, path = worker_files(workdir, index, count)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    writers.save_json_whole(path, failed)
 
 
 def parse_shard(spec: str) -> tuple[int, int]:

@@ -36,15 +36,11 @@ def test_worker_shares_cover_every_run_exactly_once(count):
 def test_worker_failures_name_the_failed_runs_and_logs(tmp_path):
     """A worker that exits non-zero: the parent's message names the runs its JSON lists (or, when it died before
     writing one, all its runs), its exit status and its log; workers that exited 0 are not named."""
-    import json as json_
-
     runs = ["lesion ensemdiff e1", "lesion ensemdiff e2", "nuclei ensemdiff e2"]
     shares = [workers.shard_runs(runs, i, 2) for i in range(2)]
     assert workers.failures(str(tmp_path), [0, 0], shares) == ""
     (tmp_path / workers.WORKER_DIR).mkdir()
-    _, failed = workers.worker_files(str(tmp_path), 1, 2)
-    with open(failed, "w") as f:
-        json_.dump(["lesion ensemdiff e2"], f)
+    workers.record_failures(str(tmp_path), 1, 2, ["lesion ensemdiff e2"])  # what a failed worker writes
     message = workers.failures(str(tmp_path), [0, 1], shares)
     assert "worker 1/2 (exit status 1) failed on lesion ensemdiff e2; log: " in message
     assert "worker 0/2" not in message and str(tmp_path / "workers" / "worker1of2.log") in message
