@@ -107,7 +107,7 @@ def _check_repeats(key: tuple[str, str], kind: str, runs: list[Run]) -> None:
         )
 
 
-def _seed_order(run: Run) -> tuple:
+def seed_order(run: Run) -> tuple:
     """Repeats by seed, numerically (2 before 10); a seed that is not an integer after them."""
     numeric = isinstance(run.seed, int)
     return (not numeric, run.seed if numeric else 0, repr(run.seed))
@@ -141,7 +141,7 @@ def _cells(paths: Sequence[str]) -> dict[tuple[str, str], dict[str, list[Run]]]:
         for kind, runs in kinds.items():
             if len(runs) > 1:
                 _check_repeats(key, kind, runs)
-                runs.sort(key=_seed_order)
+                runs.sort(key=seed_order)
 
     def order(key):
         dataset, method = key

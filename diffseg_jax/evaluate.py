@@ -145,6 +145,7 @@ def evaluate(
         "member_output": eval_cfg.member_output,
         "sampler": eval_cfg.sampler,
         "ddim_steps": eval_cfg.ddim_steps if eval_cfg.sampler == "ddim" else None,
+        "ddim_eta": eval_cfg.ddim_eta if eval_cfg.sampler == "ddim" else None,
         "weights": "ema" if build.uses_ema(config) else "raw",
         "num_images": len(mean),
         "step": step,
