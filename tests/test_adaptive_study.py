@@ -130,3 +130,44 @@ def test_results_of_other_settings_are_refused_not_reused(tmp_path, monkeypatch)
     assert adaptive_study.stored_settings(str(out / "runs" / "lesion_uniform_s0.npz")) == dict(
         steps=4, eval_every=3
     )
+
+
+def test_workers_share_the_variants_and_name_the_failed_ones(tmp_path, monkeypatch):
+    """--workers 2 goes through diffseg_jax.workers (pinned processes, their logs and failed-runs files): the parent
+    starts each share's command line, a worker records the variants that failed and goes on with the others, and
+    the parent's message names them."""
+    from diffseg_jax import workers  # noqa: PLC0415 — only this test reads the workers' files
+
+    reports = {
+        d: {"alpha_bar_T": 0.1, "base_alpha_bar_T": 0.1, "image_size": 32} for d in ("lesion", "nuclei")
+    }
+    monkeypatch.setattr(adaptive_study, "cached_reports", lambda path, datasets, args: reports)
+    out = str(tmp_path / "study")
+    argv = ["--out", out, "--datasets", "lesion,nuclei", "--variants", "uniform,weights", "--seeds", "0"]
+    done = []
+
+    def run_variant(dataset, variant, seeds, args, out_dir):
+        done.append((dataset, variant))
+        if (dataset, variant) == ("nuclei", "uniform"):
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(adaptive_study, "run_variant", run_variant)
+    # worker 0 of 2: every other (dataset, variant) from the first; one fails, the other still runs
+    with pytest.raises(SystemExit, match=r"worker 0/2: 1 failed: \['nuclei uniform'\]"):
+        adaptive_study.main([*argv, "--workers=1", "--shard=0/2"])
+    assert done == [("lesion", "uniform"), ("nuclei", "uniform")]
+    with open(workers.worker_files(out, 0, 2)[1], encoding="utf-8") as f:
+        assert json.load(f) == ["nuclei uniform"]
+
+    started = []
+
+    def run_processes(module, command_line, workdir, share_sizes):
+        started.append((module, command_line, workdir, list(share_sizes)))
+        return [1, 0]  # worker 0 failed as above
+
+    monkeypatch.setattr(workers, "run_processes", run_processes)
+    with pytest.raises(
+        SystemExit, match=r"adaptive_study: worker 0/2 \(exit status 1\) failed on nuclei uniform"
+    ):
+        adaptive_study.main([*argv, "--workers", "2"])
+    assert started == [("diffseg_jax.analysis.adaptive_study", [*argv, "--workers", "2"], out, [2, 2])]

@@ -29,10 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
+import traceback
 from typing import Sequence
 
 import jax
@@ -51,6 +50,7 @@ from diffseg_jax import (
     sampling,
     train,
     validation,
+    workers,
     writers,
 )
 from diffseg_jax.analysis import adaptive_summary
@@ -334,22 +334,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     os.makedirs(args.out, exist_ok=True)
     reports = cached_reports(os.path.join(args.out, "fingerprints.json"), datasets, args)
     todo = [t for t in tasks(datasets, reports) if t[1] in variants]
-    if args.workers > 1:
-        base_cmd = [sys.executable, "-m", "diffseg_jax.analysis.adaptive_study"] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("workers", "shard")
+    if args.workers > 1 and args.shard == "0/1":
+        shares = [
+            [f"{d} {v}" for d, v in workers.shard_runs(todo, i, args.workers)] for i in range(args.workers)
         ]
-        procs = []
-        for i in range(args.workers):
-            pin = ["taskset", "-c", str(i % os.cpu_count())] if shutil.which("taskset") else []
-            procs.append(subprocess.Popen(pin + base_cmd + ["--workers=1", f"--shard={i}/{args.workers}"]))
-        codes = [p.wait() for p in procs]
-        if any(codes):
-            raise SystemExit(f"A worker failed (exit codes {codes}); rerun to continue where it stopped.")
+        command_line = list(sys.argv[1:] if argv is None else argv)
+        codes = workers.run_processes(
+            "diffseg_jax.analysis.adaptive_study", command_line, args.out, [len(s) for s in shares]
+        )
+        message = workers.failures(args.out, codes, shares, command="adaptive_study")
+        if message:
+            raise SystemExit(message)
     else:
-        index, count = (int(x) for x in args.shard.split("/"))
-        for dataset, variant in todo[index::count]:
-            run_variant(dataset, variant, seeds, args, args.out)
+        index, count = workers.parse_shard(args.shard)  # checked_args has refused a bad one
+        failed = []
+        for dataset, variant in workers.shard_runs(todo, index, count):
+            if count == 1:
+                run_variant(dataset, variant, seeds, args, args.out)
+                continue
+            try:
+                run_variant(dataset, variant, seeds, args, args.out)
+            except Exception:  # noqa: BLE001 — the worker goes on with its other variants; the parent names this one
+                traceback.print_exc()
+                failed.append(f"{dataset} {variant}")
         if count > 1:
+            workers.record_failures(args.out, index, count, failed)
+            if failed:
+                raise SystemExit(f"adaptive_study worker {index}/{count}: {len(failed)} failed: {failed}")
             return {}
     return adaptive_summary.summarise(args.out, datasets, seeds, reports, variants)
 
