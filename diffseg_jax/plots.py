@@ -233,7 +233,11 @@ def curve_series(rows: list[dict]) -> dict[tuple, tuple[np.ndarray, np.ndarray]]
     }
 
 
-_CURVE_LABELS = {"mask_error": "mask prediction error (MSE)", "eps_loss": "ε loss (MSE)"}
+_CURVE_LABELS = {
+    "mask_error": "mask prediction error (MSE)",
+    "eps_loss": "ε loss (MSE)",
+    "bernoulli_mask_error": "mask prediction error, Bernoulli noise (MSE)",
+}
 
 
 def curve_figure(rows: list[dict], path: str, smoothing: int = 1) -> None:

@@ -261,20 +261,77 @@ def test_analyse_refuses_curves_the_experiment_lacks_before_writing(
     assert run.supported_analyses("e4") == ("loss", "forward", "model_free")
 
 
-def test_network_curves_of_a_bernoulli_run_are_refused_naming_the_data_analyses(tmp_path):
-    """The curves noise masks with Gaussian noise: a BerDiff run (diffusion.process='bernoulli') gets them refused,
-    before anything is written, with the analyses of the data alone as the fix."""
+def test_bernoulli_mask_error_closed_forms():
+    """BerDiff's curve: an x0 (or ε = x_t XOR x0) oracle errs 0; a network that returns x_t as its x0 errs
+    P(x_t != x0) = (1 - ᾱ_t)/2 at every t; a network unsure everywhere (logit 0) errs 1/4 whatever the mask."""
+    from diffseg_jax.diffusion import bernoulli
+
+    masks = _masks(n=4, size=32)
+    sure = 30.0  # logits: sigmoid(±30) is 0 or 1 to float32
+
+    def run_curve(out_fn, prediction="x0"):
+        out = curves.bernoulli_timestep_curves(
+            out_fn, SCHEDULE, masks, TS, jax.random.PRNGKey(0), prediction=prediction, num_draws=4
+        )
+        return np.asarray(out["bernoulli_mask_error"])  # (len(TS), B)
+
+    np.testing.assert_allclose(run_curve(lambda x_t, t: sure * (2 * masks - 1)), 0.0, atol=1e-10)
+    eps_oracle = lambda x_t, t: sure * (2 * bernoulli.x0_from_eps(x_t, masks) - 1)  # noqa: E731
+    np.testing.assert_allclose(run_curve(eps_oracle, "eps"), 0.0, atol=1e-10)
+    np.testing.assert_allclose(run_curve(lambda x_t, t: jnp.zeros_like(x_t)), 0.25, atol=1e-7)
+    echo = run_curve(lambda x_t, t: sure * (2 * x_t - 1)).mean(1)  # 4 draws x 4 x 32 x 32 pixels per t
+    flip = (1 - np.asarray(SCHEDULE.alphas_cumprod)[np.asarray(TS)]) / 2
+    np.testing.assert_allclose(echo, flip, atol=0.01)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        curves.bernoulli_timestep_curves(lambda x, t: x, SCHEDULE, masks, TS, jax.random.PRNGKey(0), prediction="v")
+
+
+def test_analyse_of_a_bernoulli_run_writes_its_mask_error_curve(tmp_path, tfds_dir, caplog):
+    """A BerDiff run (diffusion.process='bernoulli', self-conditioned as the quickstart) gets the mask prediction
+    error under its own noise as ``bernoulli_mask_error``, equal to the curve of its network computed directly;
+    the ε loss it lacks is said and skipped; asking for the loss alone is refused before anything is written."""
     from conftest import tiny_config
 
-    from diffseg_jax import configlib
+    from diffseg_jax import build, checkpoints, configlib, data, objectives
 
-    config = tiny_config("e2_synthetic", data_dir=str(tmp_path / "tfds"))
+    config = _analyse_config(tfds_dir, analyses=("mask_error", "loss", "forward"))
     config.diffusion.process = "bernoulli"
-    with pytest.raises(
-        configlib.ConfigError, match=r"diffusion.process='bernoulli'.*\"forward\",\"model_free\""
-    ):
-        run.analyse(config, str(tmp_path))
-    assert not (tmp_path / "analysis").exists() and not (tmp_path / run.PARTIAL_DIR).exists()
+    config.diffusion.learn_sigma = False
+    config.objective.update(prediction="x0", self_condition=True)
+    config.eval.ddim_eta = 0.0
+    assert run.supported_analyses("e2", "bernoulli") == ("mask_error", "forward", "model_free")
+    assert run.mask_error_curve(config) == "bernoulli_mask_error"
+    model, _, _, state = build.model_and_state(config, (32, 32, 3))
+    params = jax.tree.map(lambda p: p + 0.01, state.params)  # the output layer starts at zero
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(3, state.replace(step=3, params=params, ema_params=params), {})
+    ckpt.wait()
+    ckpt.close()
+    only_loss = config.copy_and_resolve_references()
+    only_loss.analysis.analyses = ("loss",)
+    with pytest.raises(configlib.ConfigError, match=r"Bernoulli diffusion.*only \['bernoulli_mask_error'\]"):
+        run.analyse(only_loss, str(tmp_path / "elsewhere"))
+    assert not (tmp_path / "elsewhere").exists()
+    with caplog.at_level("WARNING"):
+        written = run.analyse(config, str(tmp_path))
+    assert "no ['loss'] curve" in caplog.text
+    rows = result_files.read_rows(written["curves"])
+    assert {r["curve"] for r in rows} == {"bernoulli_mask_error"} and {r["step"] for r in rows} == {3}
+    ts = run.timestep_grid(100, config.analysis.t_step)
+    test = data.model_sized_arrays(config.data, "test", 2)
+    mask_range = config.diffusion.mask_range  # EnsemDiff's published {0, 1}: x_t fed as it is
+    schedule = build.build_schedule(config.diffusion)
+
+    def out_fn(x_t, t):  # the network as the sampler's first step calls it: zeros for the previous estimate
+        x_in = jnp.concatenate([diffusion.mask_to_diffusion(x_t, mask_range), jnp.zeros_like(x_t)], -1)
+        out = model.apply({"params": params}, x_in, t, jnp.asarray(test["image"]), train=False)
+        return objectives.split_output(out)[0]
+
+    want = curves.bernoulli_timestep_curves(
+        out_fn, schedule, jnp.asarray(test["mask"]), jnp.asarray(ts), jax.random.fold_in(
+            jax.random.PRNGKey(config.analysis.seed), 0), prediction="x0")["bernoulli_mask_error"]  # fmt: skip
+    np.testing.assert_allclose([r["value"] for r in rows], np.asarray(want).mean(1), rtol=1e-5)
+    assert 0.0 < rows[-1]["value"] < 1.0
 
 
 def test_analyse_without_a_checkpoint_fails_before_replacing_the_old_files(tmp_path, tfds_dir):

@@ -98,7 +98,8 @@ def write_point(config: ml_collections.ConfigDict, workdir: str, step: int) -> s
     """Writes :func:`point_path` for the run in ``workdir`` at its kept ``step`` (see the module docstring);
     returns the path, or None when it was there already or the experiment has no mask prediction (E1, E4)."""
     path = point_path(workdir, step)
-    if os.path.exists(path) or "mask_error" not in run.CURVES.get(config.experiment, ()):
+    curve = run.mask_error_curve(config)  # a Bernoulli run's: the error under its own noise
+    if os.path.exists(path) or curve is None:
         return None
     c = copy.deepcopy(config)
     c.eval.step = step
@@ -125,7 +126,7 @@ def write_point(config: ml_collections.ConfigDict, workdir: str, step: int) -> s
         dataset=evaluate.dataset_label(c.data),
         num_timesteps=schedule.num_timesteps,
         t=[int(t) for t in ts],
-        mask_error=[float(v) for v in values["mask_error"]],
+        mask_error=[float(v) for v in values[curve]],
         mean_limit=[float(v) for v in limit["mean_limit"]],
         rate_train=limit["rate_train"],
         rate_test=limit["rate_test"],

@@ -53,14 +53,41 @@ ANALYSES = ("mask_error", "loss", "forward", "model_free")
 CURVES = {"e2": ("mask_error", "eps_loss"), "e3": ("mask_error",), "e4": ("eps_loss",)}
 # The analyses that read a trained network, and the curve each one writes.
 CURVE_ANALYSES = {"mask_error": "mask_error", "loss": "eps_loss"}
+# A Bernoulli diffusion run (BerDiff, beyond the paper) has no Gaussian noise to predict: its network gives the
+# mask prediction error under its own noise (curves.bernoulli_timestep_curves), a curve of its own name.
+BERNOULLI_CURVES = {"e2": ("bernoulli_mask_error",), "e3": ("bernoulli_mask_error",)}
+BERNOULLI_CURVE_ANALYSES = {"mask_error": "bernoulli_mask_error"}
+
+
+def curves_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The curves the trained network of the run ``config`` describes has (its experiment's, or a Bernoulli
+    run's)."""
+    if build.process_of(config) == "bernoulli":
+        return BERNOULLI_CURVES.get(config.experiment, ())
+    return CURVES.get(config.experiment, ())
+
+
+def curve_analyses(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Analysis name -> the curve it writes for the run ``config`` describes (see :data:`CURVE_ANALYSES`)."""
+    return BERNOULLI_CURVE_ANALYSES if build.process_of(config) == "bernoulli" else CURVE_ANALYSES
+
+
+def mask_error_curve(config: ml_collections.ConfigDict) -> str | None:
+    """The name of the mask prediction error curve of the run ``config`` describes, None where it has none."""
+    name = curve_analyses(config).get("mask_error")
+    return name if name in curves_of(config) else None
+
+
 PARTIAL_DIR, OLD_DIR = ".analysis.partial", ".analysis.old"  # hidden: the fingerprints' glob skips them
 
 
-def supported_analyses(experiment: str) -> tuple[str, ...]:
+def supported_analyses(experiment: str, process: str = "gaussian") -> tuple[str, ...]:
     """The analyses a run of ``experiment`` can do: the forward process and the model-free fingerprint always
-    (they need the data only), the curves its trained network has (none for a feed-forward E1 model)."""
-    have = CURVES.get(experiment, ())
-    return tuple(a for a in ANALYSES if a not in CURVE_ANALYSES or CURVE_ANALYSES[a] in have)
+    (they need the data only), the curves its trained network has (none for a feed-forward E1 model; a Bernoulli
+    ``process`` run: the mask prediction error only)."""
+    have = (BERNOULLI_CURVES if process == "bernoulli" else CURVES).get(experiment, ())
+    mapping = BERNOULLI_CURVE_ANALYSES if process == "bernoulli" else CURVE_ANALYSES
+    return tuple(a for a in ANALYSES if a not in CURVE_ANALYSES or mapping.get(a) in have)
 
 
 def check_analyses(config: ml_collections.ConfigDict) -> None:
@@ -77,20 +104,18 @@ def check_analyses(config: ml_collections.ConfigDict) -> None:
             f"Invalid config: analysis.analyses={names!r}. Unknown analyses {unknown}; choose from {ANALYSES}."
         )
     experiment = config.experiment
-    supported = supported_analyses(experiment)
+    process = build.process_of(config)
+    supported = supported_analyses(experiment, process)
     asked = [n for n in names if n in CURVE_ANALYSES]
-    if asked and build.process_of(config) != "gaussian":
-        raise configlib.ConfigError(
-            f"Invalid config: analysis.analyses={names!r}. The per-timestep curves {asked} noise masks with "
-            f"Gaussian noise, and this run diffuses with diffusion.process={build.process_of(config)!r} (BerDiff); "
-            'pass --config.analysis.analyses=\'("forward","model_free")\' for the analyses of the data alone.'
-        )
     missing = [n for n in asked if n not in supported]
     if asked and len(missing) == len(asked):
-        has = CURVES.get(experiment, ())
+        has = curves_of(config)
+        kind = f"{experiment!r} run" + (
+            " of Bernoulli diffusion (no Gaussian ε to predict)" if process == "bernoulli" else ""
+        )
         raise configlib.ConfigError(
             f"Invalid config: analysis.analyses={names!r}. The per-timestep curves {missing} need a diffusion "
-            f"model that predicts them, and an {experiment!r} run has "
+            f"model that predicts them, and an {kind} has "
             + (f"only {list(has)}" if has else "none (its network is feed-forward)")
             + f". An {experiment!r} run supports the analyses {list(supported)}: pass e.g. "
             "--config.analysis.analyses='(" + ",".join(f'"{n}"' for n in supported) + ")'."
@@ -128,6 +153,8 @@ def network_curves(config, workdir, test, ts, key, network=None) -> tuple[dict[s
     prediction = objectives.prediction_of(config)
     mask_range = config.diffusion.mask_range if experiment != "e4" else "symmetric"
     self_conditioned = build.self_conditioned(config)
+    if build.process_of(config) == "bernoulli":
+        return _bernoulli_network_curves(config, test, ts, key, network), network[2]
 
     @jax.jit
     def batch_curves(variables, images, masks, key):
@@ -153,24 +180,65 @@ def network_curves(config, workdir, test, ts, key, network=None) -> tuple[dict[s
             clip=config.eval.clip_denoised,
         )
 
+    found = _mean_over_images(batch_curves, variables, test, key, a.batch_size, len(ts))
+    return {name: found[name] for name in CURVES[experiment]}, step
+
+
+def _bernoulli_network_curves(config, test, ts, key, network) -> dict[str, np.ndarray]:
+    """:func:`network_curves` of a Bernoulli diffusion run: the mask prediction error under its own noise
+    (:func:`diffseg_jax.analysis.curves.bernoulli_timestep_curves`), x_t fed as the run's ``mask_range`` maps it
+    and zeros in place of a previous estimate when self-conditioned, as the Gaussian curves do."""
+    model, _, _, variables = network
+    a = config.analysis
+    prediction = objectives.prediction_of(config)
+    mask_range = config.diffusion.mask_range
+    self_conditioned = build.self_conditioned(config)
+    schedule = network[1]
+
+    @jax.jit
+    def batch_curves(variables, images, masks, key):
+        def out_fn(x_t, t):
+            prev = jnp.zeros_like(x_t) if self_conditioned else ()
+            x_in = diffusion.bernoulli.network_input(x_t, prev, mask_range)
+            cond = images if objectives.uses_image_condition(config.experiment) else None
+            out = model.apply(variables, x_in, t, cond, train=False, rngs=build.model_rngs(key))
+            return objectives.split_output(out)[0]
+
+        return curves.bernoulli_timestep_curves(
+            out_fn,
+            schedule,
+            masks,
+            jnp.asarray(ts),
+            key,
+            prediction=prediction,
+            num_draws=a.num_draws,
+            t_chunk=a.t_chunk if a.t_chunk > 0 else None,
+        )
+
+    return _mean_over_images(batch_curves, variables, test, key, a.batch_size, len(ts))
+
+
+def _mean_over_images(batch_curves, variables, test, key, batch_size, num_t) -> dict[str, np.ndarray]:
+    """Each curve of ``batch_curves(variables, images, masks, key)`` ((T, B) per batch) averaged over the test
+    images, batch by batch with progress lines."""
     sums: dict[str, np.ndarray] = {}
     num = len(test["image"])
     t0 = time.time()
-    for i, start in enumerate(range(0, num, a.batch_size)):
-        images = jnp.asarray(test["image"][start : start + a.batch_size])
-        masks = jnp.asarray(test["mask"][start : start + a.batch_size])
+    for i, start in enumerate(range(0, num, batch_size)):
+        images = jnp.asarray(test["image"][start : start + batch_size])
+        masks = jnp.asarray(test["mask"][start : start + batch_size])
         out = batch_curves(variables, images, masks, jax.random.fold_in(key, i))
         for name, values in out.items():
             sums[name] = sums.get(name, 0.0) + np.asarray(values).sum(axis=1)
-        done = min(start + a.batch_size, num)
+        done = min(start + batch_size, num)
         logging.info(
             "analyse: %d/%d images x %d timesteps, %.1f images/s",
             done,
             num,
-            len(ts),
+            num_t,
             done / (time.time() - t0),
         )
-    return {name: sums[name] / num for name in CURVES[experiment]}, step
+    return {name: total / num for name, total in sums.items()}
 
 
 def _prepare_partial(workdir: str) -> str:
@@ -224,8 +292,8 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
             "inside that range."
         )
     test = data.model_sized_arrays(config.data, "test", a.num_images)
-    wanted = {name: analysis in a.analyses for analysis, name in CURVE_ANALYSES.items()}
-    wanted = {name: w for name, w in wanted.items() if name in CURVES.get(config.experiment, ())}
+    wanted = {name: analysis in a.analyses for analysis, name in curve_analyses(config).items()}
+    wanted = {name: w for name, w in wanted.items() if name in curves_of(config)}
     # The checkpoint first: a missing one (or an eval.step not kept) fails before any file is replaced.
     network = (
         restore.trained_network(config, workdir, test["image"].shape[-1]) if any(wanted.values()) else None
