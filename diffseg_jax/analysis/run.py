@@ -153,69 +153,41 @@ def network_curves(config, workdir, test, ts, key, network=None) -> tuple[dict[s
     prediction = objectives.prediction_of(config)
     mask_range = config.diffusion.mask_range if experiment != "e4" else "symmetric"
     self_conditioned = build.self_conditioned(config)
-    if build.process_of(config) == "bernoulli":
-        return _bernoulli_network_curves(config, test, ts, key, network), network[2]
+    bernoulli = build.process_of(config) == "bernoulli"  # BerDiff: its mask error under its own noise
 
     @jax.jit
     def batch_curves(variables, images, masks, key):
         cond = images if objectives.uses_image_condition(experiment) else None
-        x0 = 2.0 * images - 1.0 if experiment == "e4" else diffusion.mask_to_diffusion(masks, mask_range)
 
         def out_fn(x_t, t):
-            if self_conditioned:  # no previous estimate on a single step: zeros (Analog Bits)
+            if bernoulli:  # x_t in {0, 1}, fed in the run's mask range
+                x_t = diffusion.bernoulli.network_input(
+                    x_t, jnp.zeros_like(x_t) if self_conditioned else (), mask_range
+                )
+            elif self_conditioned:  # no previous estimate on a single step: zeros (Analog Bits)
                 x_t = objectives.self_condition_input(x_t, None)
             out = model.apply(variables, x_t, t, cond, train=False, rngs=build.model_rngs(key))
             return objectives.split_output(out)[0]
 
+        options = dict(
+            prediction=prediction, num_draws=a.num_draws, t_chunk=a.t_chunk if a.t_chunk > 0 else None
+        )
+        if bernoulli:
+            return curves.bernoulli_timestep_curves(out_fn, schedule, masks, jnp.asarray(ts), key, **options)
+        x0 = 2.0 * images - 1.0 if experiment == "e4" else diffusion.mask_to_diffusion(masks, mask_range)
         return curves.timestep_curves(
             out_fn,
             schedule,
             x0,
             jnp.asarray(ts),
             key,
-            prediction=prediction,
             mask_range=mask_range,
-            num_draws=a.num_draws,
-            t_chunk=a.t_chunk if a.t_chunk > 0 else None,
             clip=config.eval.clip_denoised,
+            **options,
         )
 
     found = _mean_over_images(batch_curves, variables, test, key, a.batch_size, len(ts))
-    return {name: found[name] for name in CURVES[experiment]}, step
-
-
-def _bernoulli_network_curves(config, test, ts, key, network) -> dict[str, np.ndarray]:
-    """:func:`network_curves` of a Bernoulli diffusion run: the mask prediction error under its own noise
-    (:func:`diffseg_jax.analysis.curves.bernoulli_timestep_curves`), x_t fed as the run's ``mask_range`` maps it
-    and zeros in place of a previous estimate when self-conditioned, as the Gaussian curves do."""
-    model, _, _, variables = network
-    a = config.analysis
-    prediction = objectives.prediction_of(config)
-    mask_range = config.diffusion.mask_range
-    self_conditioned = build.self_conditioned(config)
-    schedule = network[1]
-
-    @jax.jit
-    def batch_curves(variables, images, masks, key):
-        def out_fn(x_t, t):
-            prev = jnp.zeros_like(x_t) if self_conditioned else ()
-            x_in = diffusion.bernoulli.network_input(x_t, prev, mask_range)
-            cond = images if objectives.uses_image_condition(config.experiment) else None
-            out = model.apply(variables, x_in, t, cond, train=False, rngs=build.model_rngs(key))
-            return objectives.split_output(out)[0]
-
-        return curves.bernoulli_timestep_curves(
-            out_fn,
-            schedule,
-            masks,
-            jnp.asarray(ts),
-            key,
-            prediction=prediction,
-            num_draws=a.num_draws,
-            t_chunk=a.t_chunk if a.t_chunk > 0 else None,
-        )
-
-    return _mean_over_images(batch_curves, variables, test, key, a.batch_size, len(ts))
+    return {name: found[name] for name in curves_of(config)}, step
 
 
 def _mean_over_images(batch_curves, variables, test, key, batch_size, num_t) -> dict[str, np.ndarray]:
