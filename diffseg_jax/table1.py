@@ -69,7 +69,19 @@ _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run every n-th run from the i
 # Groups copied from the grid config onto every cell (the model and its scheme come from the cell's model).
 SHARED = {
     "data": ("num_train", "num_test", "seed", "augment_flips", "data_dir"),
-    "objective": ("loss", "prediction"),
+    # The process and the options beyond the paper (issue 33) too: a grid given --config.diffusion.process=bernoulli
+    # or --config.objective.self_condition=True once trained every cell without them, silently.
+    "diffusion": ("process",),
+    "objective": (
+        "loss",
+        "prediction",
+        "self_condition",
+        "self_condition_prob",
+        "recycle_prob",
+        "loss_weighting",
+        "snr_gamma",
+        "bernoulli_bce_weight",
+    ),
     "train": (
         "num_steps",
         "batch_size",
@@ -85,6 +97,8 @@ SHARED = {
         "ensemble_size",
         "sampler",
         "ddim_steps",
+        "ddim_eta",
+        "member_output",
         "num_images",
         "batch_size",
         "member_chunk",

@@ -656,3 +656,36 @@ def test_table1_worker_goes_on_after_a_failed_run_and_lists_it(tmp_path, monkeyp
     assert not (tmp_path / "table1.csv").exists()
     with pytest.raises(RuntimeError, match="out of memory"):
         table1.run(grid, str(tmp_path))
+
+
+def test_the_grids_process_and_options_beyond_the_paper_reach_every_cell():
+    """--config.diffusion.process=bernoulli, self-conditioning, recycling, Min-SNR, the DDIM η and the member
+    output given to the grid are its cells' (they were dropped: a 'BerDiff' grid trained Gaussian x0 cells); each
+    cell still takes its architecture's own scheme for the rest, and a BerDiff cell validates."""
+    from configs import table1_synthetic
+
+    from diffseg_jax import defaults, table1
+
+    grid = table1_synthetic.get_config()
+    grid.diffusion.process = "bernoulli"
+    grid.objective.update(
+        prediction="x0", self_condition=True, self_condition_prob=0.7, bernoulli_bce_weight=0.5
+    )
+    grid.eval.update(ddim_eta=0.0, member_output="hard")
+    for model in ("ensemdiff", "segdiff", "medsegdiff"):
+        cell = table1.cell_config(grid, "lesion", model, "e2")
+        assert cell.diffusion.process == "bernoulli" and cell.objective.self_condition
+        assert (cell.objective.self_condition_prob, cell.objective.bernoulli_bce_weight) == (0.7, 0.5)
+        assert cell.eval.member_output == "hard"
+        assert cell.diffusion.num_timesteps == defaults.get_config(f"{model},tiny").diffusion.num_timesteps
+    validation.validate(table1.cell_config(grid, "lesion", "ensemdiff", "e2"))
+    gaussian = table1_synthetic.get_config()
+    gaussian.objective.update(recycle_prob=1.0, loss_weighting="min_snr", snr_gamma=3.0)
+    gaussian.eval.ddim_eta = 1.0
+    cell = table1.cell_config(gaussian, "lesion", "segdiff", "e2")
+    assert (cell.objective.recycle_prob, cell.objective.loss_weighting, cell.objective.snr_gamma) == (
+        1.0,
+        "min_snr",
+        3.0,
+    )
+    assert cell.eval.ddim_eta == 1.0 and cell.diffusion.process == "gaussian"
