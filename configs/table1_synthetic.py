@@ -59,6 +59,9 @@ def get_config(arg=None):
             # diffusion.mask_range of every cell: '' keeps each architecture's published one, 'symmetric' or
             # 'binary' sets it for all.
             mask_range="",
+            # diffusion.num_timesteps (T) of every cell: 0 keeps the tiny scheme's T = 100; e.g. 1000 for the
+            # published codes' T (the ablation of issue 32). The schedule's betas scale with T as the codes do.
+            num_timesteps=0,
             # Learning curves: every cell also evaluated at these kept steps (train.keep_every keeps them), with
             # each sampler of eval_samplers ('ddpm', 'ddim<K>'; empty: the grid's eval.sampler).
             eval_steps=(),

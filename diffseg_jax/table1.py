@@ -202,6 +202,8 @@ def cell_config(
             c.data[key] = grid.data[key]
     if grid.table.get("mask_range", ""):  # '' keeps each architecture's published mask range
         c.diffusion.mask_range = grid.table.mask_range
+    if grid.table.get("num_timesteps", 0):  # 0 keeps the cell's own T
+        c.diffusion.num_timesteps = grid.table.num_timesteps
     own = REFERENCE_OWN if models.is_feed_forward(model) else {}
     for group, keys in SHARED.items():
         for key in keys:

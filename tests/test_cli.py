@@ -214,6 +214,13 @@ def test_table1_folder_cells_read_the_folder_and_names_must_differ(tmp_path):
     validation.validate(cell, check_data=False)
     synthetic_cell = table1.cell_config(grid, "nuclei", "segdiff", "e2")
     assert synthetic_cell.data.name == "synthetic" and synthetic_cell.data.resize is None
+    # The grid's mask range and T reach the cell; '' and 0 keep the cell's own (SegDiff's {-1, 1}, tiny T = 100).
+    assert (synthetic_cell.diffusion.mask_range, synthetic_cell.diffusion.num_timesteps) == ("symmetric", 100)
+    grid.table.mask_range, grid.table.num_timesteps = "binary", 1000
+    synthetic_cell = table1.cell_config(grid, "nuclei", "segdiff", "e2")
+    assert (synthetic_cell.diffusion.mask_range, synthetic_cell.diffusion.num_timesteps) == ("binary", 1000)
+    validation.validate(synthetic_cell, check_data=False)
+    grid.table.mask_range, grid.table.num_timesteps = "", 0
     # A folder in the working directory named like a synthetic kind is that folder, not the kind.
     grid.table.kinds = ("lesion",)
     grid.table.folders = ("nuclei",)
