@@ -352,3 +352,44 @@ def test_paper_settings_extrapolate_the_measured_rate_to_the_whole_test_set(tmp_
     out = capsys.readouterr().out
     assert "isic ddpm-1000 bfloat16 10×10/call" in out and "1000 m-s/s → 10.03 s/img, 359 img/h" in out
     assert "monuseg ddpm bfloat16" in out and "FAILED: XlaRuntimeError" in out
+
+
+def test_seconds_per_image_times_the_runs_own_evaluation(tmp_path, tfds_dir):
+    """``seconds_per_image.py`` times what ``--mode evaluate`` does for the run: the same ensemble maps of the
+    same test images (stored at 64 px, so each is four 32 px tiles), and the calls per member of the sampler it
+    is given; folders are searched for trained runs."""
+    import jax
+
+    import seconds_per_image
+    from conftest import tiny_config
+
+    from diffseg_jax import checkpoints, configlib, evaluate
+
+    config = tiny_config("e2_synthetic", data_dir=tfds_dir)
+    config.data.resize, config.data.num_train, config.eval.num_images = 64, 16, 3
+    workdir = tmp_path / "grid" / "cell"
+    _, _, _, state = build.model_and_state(config, (32, 32, 3))
+    leaves, treedef = jax.tree.flatten(state.params)  # a fresh output layer is zero: samples ignore the image
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    params = jax.tree.unflatten(treedef, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    state = state.replace(step=3, params=params, ema_params=params)
+    ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
+    ckpt.save(3, state, {})
+    ckpt.wait()
+    ckpt.close()
+    configlib.save(config, str(workdir / "config.json"))
+    evaluate.evaluate(config, str(workdir))
+    with np.load(workdir / "eval" / "ensemble.npz") as ev:
+        evaluated = ev["mean"]
+
+    assert seconds_per_image.trained_runs([str(tmp_path / "grid")]) == [str(workdir)]
+    row, mean = seconds_per_image.time_run(str(workdir), images=3, repeats=1)
+    np.testing.assert_allclose(mean, evaluated, atol=1e-6)
+    assert (row["images"], row["members"], row["calls_per_member"]) == (3, config.eval.ensemble_size, 5)
+    assert row["sampler"] == "ddim5" and row["s_per_image"] > 0
+    # images=0: one evaluation batch, which counts tiles (eval.batch_size 4 = one image of four tiles).
+    row, _ = seconds_per_image.time_run(str(workdir), images=0, repeats=1, sampler="ddpm")
+    assert (row["sampler"], row["calls_per_member"]) == ("ddpm", config.diffusion.num_timesteps)
+    assert row["images"] == config.eval.batch_size // 4 == 1
+    with pytest.raises(SystemExit, match="No trained run"):
+        seconds_per_image.trained_runs([str(tmp_path / "grid" / "cell" / "eval")])
