@@ -27,7 +27,7 @@ import common
 import numpy as np
 
 from configs import from_run
-from diffseg_jax import data, learning_curves, planning, restore, sampling, table1, variants
+from diffseg_jax import configlib, data, learning_curves, planning, restore, sampling, table1, variants
 
 COLUMNS = (
     "run",
@@ -155,8 +155,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     samplers = [s for s in args.samplers.split(",") if s] or [None]
     for s in samplers:
-        if s:
-            table1.parse_sampler(s)  # a misspelt sampler fails before any run is loaded
+        try:
+            if s:
+                table1.parse_sampler(s)  # a misspelt sampler fails before any run is loaded
+        except configlib.ConfigError as e:
+            raise SystemExit(
+                f"--samplers: {s!r} is not a sampler; use 'ddpm' (all T steps) or 'ddim<K>' (K steps), comma-"
+                "separated, e.g. --samplers ddim10,ddpm."
+            ) from e
     print(common.device_line())
     rows = []
     for workdir in trained_runs(args.runs):
