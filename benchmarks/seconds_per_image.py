@@ -27,7 +27,17 @@ import common
 import numpy as np
 
 from configs import from_run
-from diffseg_jax import configlib, data, learning_curves, planning, restore, sampling, table1, variants
+from diffseg_jax import (
+    configlib,
+    data,
+    learning_curves,
+    objectives,
+    planning,
+    restore,
+    sampling,
+    table1,
+    variants,
+)
 
 COLUMNS = (
     "run",
@@ -106,7 +116,7 @@ def time_run(workdir: str, images: int, repeats: int, sampler: str | None = None
         "run": workdir,
         "experiment": config.experiment,
         "process": config.diffusion.process,
-        "prediction": config.objective.prediction,
+        "prediction": objectives.prediction_of(config),  # 'logits' for E1, the resolved target otherwise
         "self_condition": bool(config.objective.self_condition),
         "sampler": "-"
         if config.experiment == "e1"

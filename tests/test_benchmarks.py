@@ -386,7 +386,7 @@ def test_seconds_per_image_times_the_runs_own_evaluation(tmp_path, tfds_dir):
     row, mean = seconds_per_image.time_run(str(workdir), images=3, repeats=1)
     np.testing.assert_allclose(mean, evaluated, atol=1e-6)
     assert (row["images"], row["members"], row["calls_per_member"]) == (3, config.eval.ensemble_size, 5)
-    assert row["sampler"] == "ddim5" and row["s_per_image"] > 0
+    assert row["sampler"] == "ddim5" and row["prediction"] == "eps" and row["s_per_image"] > 0
     # images=0: one evaluation batch, which counts tiles (eval.batch_size 4 = one image of four tiles).
     row, _ = seconds_per_image.time_run(str(workdir), images=0, repeats=1, sampler="ddpm")
     assert (row["sampler"], row["calls_per_member"]) == ("ddpm", config.diffusion.num_timesteps)
