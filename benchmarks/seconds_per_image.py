@@ -8,7 +8,7 @@ evaluation is timed: its config as recorded (``configs/from_run.py``), its weigh
 latest), its test images (the first ``--images``; default one evaluation batch), and ``sampling.ensemble_maps`` with the run's ensemble,
 sampler, η, member chunk, tiling and self-conditioning, compiled once. A variant's real cost is in it: BerDiff's
 sampler step, the self-conditioning input, SegDiff's tiles. The first call (compilation included) is reported
-apart from the median of ``--repeats`` timed calls over all the images. ``--samplers`` re-times every diffusion
+apart from the median of ``--repeats`` further calls (``common.timed``). ``--samplers`` re-times every diffusion
 run (E1 has one pass) with each listed sampler ('ddpm', 'ddim<K>') instead of its own.
 
 The rows are per image, members included: one image costs ``ensemble_size`` × calls per member network calls (a
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import common
 import numpy as np
@@ -63,7 +61,7 @@ def trained_runs(paths: list[str]) -> list[str]:
         for root, dirs, files in os.walk(path):
             if "config.json" in files and "checkpoints" in dirs:
                 found.append(root)
-                dirs[:] = []  # a run's own subfolders hold no other run
+                dirs[:] = []  # below a run only its own phases (a protocol's select/), not other variants
     if not found:
         raise SystemExit(f"No trained run (config.json + checkpoints/) under {paths}; train one first.")
     return sorted(found)
@@ -96,14 +94,9 @@ def time_run(workdir: str, images: int, repeats: int, sampler: str | None = None
             ensemble=ensemble,
         )
 
-    t0 = time.perf_counter()
-    run(test["image"][: config.eval.batch_size])  # compiles the ensemble for the evaluation's batch shape
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mean, _ = run(test["image"])
-        times.append(time.perf_counter() - t0)
+    maps = []  # the last call's (mean, std)
+    first, median = common.timed(lambda: maps.append(run(test["image"])), repeats)
+    mean = maps[-1][0]
     calls = variants.network_calls(
         {
             "experiment": config.experiment,
@@ -125,7 +118,7 @@ def time_run(workdir: str, images: int, repeats: int, sampler: str | None = None
         "calls_per_member": calls,
         "images": len(test["image"]),
         "first_s": first,
-        "s_per_image": statistics.median(times) / len(test["image"]),
+        "s_per_image": median / len(test["image"]),
     }
     return row, mean
 
