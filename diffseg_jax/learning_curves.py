@@ -1,10 +1,14 @@
 """Learning curves (issue 32): each run's evaluations at its kept checkpoints (``table.eval_steps``), collected into
 ``learning_curves.{md,csv,png}``: IoU, ECE and the std map's error AUROC against the training step, and for E2/E3
 runs the network's mask prediction error at t = T - 1 beside the predict-the-mean limit
-(``learning_curve/step<S>_mask_error.json``, written by :mod:`diffseg_jax.analysis.late_error`)."""
+(``learning_curve/step<S>_mask_error.json``, written by :mod:`diffseg_jax.analysis.late_error`).
+
+Runs trained in separate workdirs (E1, E2-eps and E2-x0 grids, say) are drawn together with
+``python -m diffseg_jax.learning_curves --runs WORKDIR... --out FOLDER``."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -161,3 +165,33 @@ def write_learning_curves(rows: list[dict[str, Any]], out_dir: str) -> dict[str,
     result_files.write_csv(rows, LEARNING_COLUMNS, paths["learning_curves_csv"])
     plots.learning_curves_figure(rows, paths["learning_curves_png"])
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """``learning_curves.{md,csv,png}`` of every evaluated run under ``--runs`` in ``--out``; the table printed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--runs", nargs="+", required=True, help="run workdirs, or folders of them (e.g. table1 grids)"
+    )
+    parser.add_argument("--out", default="learning_curves", help="output folder (default: ./learning_curves)")
+    args = parser.parse_args(argv)
+    missing = [p for p in args.runs if not os.path.isdir(p)]
+    if missing:
+        raise SystemExit(f"--runs: no such folder: {', '.join(missing)}")
+    try:
+        rows = collect_learning_curves(args.runs)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    if not rows:
+        raise SystemExit(
+            f"No evaluated E1/E2/E3 run (eval/ or learning_curve/*/metrics.json) under {args.runs}; train with "
+            "table1's --config.table.eval_steps, or evaluate the runs first."
+        )
+    paths = write_learning_curves(rows, args.out)
+    print(learning_curves_markdown(rows), end="")
+    print("wrote " + ", ".join(paths.values()))
+    return paths
+
+
+if __name__ == "__main__":
+    main()
