@@ -130,6 +130,17 @@ def test_oracle_sampler_recovers_x0_through_the_forward_marginals(sampler, predi
         )
 
 
+def test_one_step_sampler_calls_the_network_at_the_noisiest_step():
+    """K = 1 visits t = T - 1, where x_T ~ B(1/2) belongs (it visited t = 0 before the fix), and returns x̂0."""
+    x0 = (jax.random.uniform(jax.random.PRNGKey(3), (1, 8, 8, 1)) > 0.5).astype(jnp.float32)
+    probs, traj = bernoulli.bernoulli_ddim_sample(
+        _oracle_logits(x0, "x0"), SCHED, x0.shape, jax.random.PRNGKey(0), num_steps=1, prediction="x0",
+        return_trajectory=True,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(traj["t"]), [SCHED.num_timesteps - 1])
+    np.testing.assert_allclose(probs, x0, atol=1e-6)
+
+
 def test_self_conditioned_sampler_feeds_the_previous_x0_in_the_mask_range():
     seen = []
     x0 = jnp.ones((1, 4, 4, 1))

@@ -166,6 +166,9 @@ def test_ddim_oracle_recovers_x0(eta, prediction):
 def test_ddim_timesteps_cover_both_ends():
     ts = diffusion.ddim_timesteps(1000, 50)
     assert ts[0] == 0 and ts[-1] == 999 and len(ts) == 50 and np.all(np.diff(ts) > 0)
+    # One step starts where the samplers' x_T ~ N(0, I) belongs, at T - 1 (it was t = 0 on pure noise).
+    np.testing.assert_array_equal(diffusion.ddim_timesteps(100, 1), [99])
+    np.testing.assert_array_equal(diffusion.ddim_timesteps(100, 2), [0, 99])
     with pytest.raises(ValueError):
         diffusion.ddim_timesteps(10, 11)
 
@@ -189,6 +192,10 @@ def test_samplers_pass_integer_training_t():
     diffusion.ddim_sample(model_fn, sched, shape, jax.random.PRNGKey(0), num_steps=7)
     jax.effects_barrier()
     np.testing.assert_array_equal(np.stack(seen)[:, 0], diffusion.ddim_timesteps(30, 7)[::-1])
+    seen.clear()
+    diffusion.ddim_sample(model_fn, sched, shape, jax.random.PRNGKey(0), num_steps=1)
+    jax.effects_barrier()
+    np.testing.assert_array_equal(np.stack(seen)[:, 0], [29])  # one call, at the noisiest step
 
 
 def test_ddpm_trajectory_and_per_step_noise_reproducible():

@@ -175,9 +175,15 @@ def _result(x, traj, extras, return_trajectory: bool, return_extras: bool):
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """K integer timesteps spread evenly over [0, T-1], both ends included, increasing."""
+    """K integer timesteps spread evenly over [0, T-1], both ends included, increasing; K = 1 is T-1 alone.
+
+    The samplers start from pure noise, x_T ~ N(0, I), which is what the network sees in training at t = T-1
+    only, so a single step must be taken there: it returns the network's x0 estimate from noise and the image.
+    (Until 2026-12-07, K = 1 gave t = 0, a call on pure noise as if it were an almost clean mask.)"""
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"DDIM num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    if num_steps == 1:
+        return np.asarray([num_timesteps - 1], np.int32)
     return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32))
 
 
