@@ -61,8 +61,8 @@ class Run(NamedTuple):
 
 def run_config(metrics_path: str) -> dict | None:
     """The flattened ``config.json`` of the run whose evaluation folder holds ``metrics_path`` (the folder's
-    parent is the workdir), or None."""
-    path = os.path.join(os.path.dirname(os.path.dirname(metrics_path)), "config.json")
+    parent is the workdir; a kept step's ``learning_curve/<name>/`` the folder below it), or None."""
+    path = os.path.join(result_files.run_folder(metrics_path), "config.json")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:

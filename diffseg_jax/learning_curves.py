@@ -18,7 +18,7 @@ from diffseg_jax import collection, objectives, result_files
 
 # Learning curves (issue 32): a run's evaluations at its kept checkpoints, ``<run>/learning_curve/step<S>_<sampler>/``
 # (written by diffseg_jax.table1 with table.eval_steps), and its final ``eval/``.
-CURVE_DIR = "learning_curve"
+CURVE_DIR = result_files.CURVE_DIR
 # A step's mask prediction error at the highest t and its predict-the-mean limit (diffseg_jax.analysis.late_error):
 # ``<run>/learning_curve/step<S>_mask_error.json``.
 MASK_ERROR_SUFFIX = "_mask_error.json"

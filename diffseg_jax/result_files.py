@@ -16,6 +16,18 @@ import numpy as np  # noqa: E402
 from diffseg_jax.data import files
 
 CSV_COLUMNS = ("t", "value", "curve", "model", "experiment", "dataset", "step")
+# A run's evaluations at its kept checkpoints, ``<run>/learning_curve/step<S>_<sampler>/`` (issue 32's learning
+# curves; written by diffseg_jax.table1 with table.eval_steps).
+CURVE_DIR = "learning_curve"
+
+
+def run_folder(metrics_path: str) -> str:
+    """The run workdir of an evaluation's ``metrics.json``: the evaluation folder's parent (``<run>/eval/``,
+    ``<run>/eval_members25/``), or the run above ``learning_curve/`` for a kept step's evaluation."""
+    folder = os.path.dirname(os.path.dirname(metrics_path))
+    if os.path.basename(folder) == CURVE_DIR and not os.path.isfile(os.path.join(folder, "config.json")):
+        return os.path.dirname(folder)
+    return folder
 
 
 def write_rows(path: str, rows: list[dict]) -> None:

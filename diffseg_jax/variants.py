@@ -130,7 +130,7 @@ def settings(paths: Sequence[str]) -> list[Setting]:
         config = collection.run_config(path)
         if config is None:
             raise ValueError(
-                f"{path}: no config.json in {os.path.dirname(os.path.dirname(path))}, so its setting is unknown. "
+                f"{path}: no config.json in {result_files.run_folder(path)}, so its setting is unknown. "
                 "Pass run workdirs (or folders of them) to --runs, or leave this evaluation out."
             )
         poolings.add(result_files.pooling_of(m))
@@ -208,7 +208,7 @@ def compare(paths: Sequence[str], reference: str | None = "experiment=e1") -> li
             n=len(s.runs),
             seeds=" ".join(str(r.seed) for r in s.runs),
             calls_per_member=calls.pop() if len(calls) == 1 else None,
-            runs=" ".join(os.path.dirname(os.path.dirname(r.path)) for r in s.runs),
+            runs=" ".join(result_files.run_folder(r.path) for r in s.runs),
         )
         for name in METRICS:
             column = [v[name] for v in values if v[name] is not None]

@@ -154,6 +154,23 @@ def test_recorded_eta_and_sampler_make_settings(tmp_path):
     assert by_name[next(n for n in by_name if "ddim_eta=0.0" in n)]["is_reference"]
 
 
+def test_kept_step_evaluations_compare_over_seeds(tmp_path):
+    """Evaluations at a kept step (``<run>/learning_curve/step<S>_<sampler>/``, table1's eval_steps) passed as
+    folders find their run's config.json one level further up: one-step vs ten-step DDIM of the same runs."""
+    folders = []
+    for seed, (one, ten) in enumerate([(0.86, 0.85), (0.85, 0.84), (0.87, 0.84)]):
+        name = f"x0_seed{seed}"
+        for steps, iou in ((1, one), (10, ten)):
+            sub = f"learning_curve/step2000_ddim{steps}"
+            _run(tmp_path, name, _config(seed=seed), _metrics(iou=iou, ddim_steps=steps), eval_name=sub)
+            folders.append(str(tmp_path / name / sub))
+    rows = variants.compare(folders, reference="ddim_steps=10")
+    by_calls = {r["calls_per_member"]: r for r in rows}
+    assert sorted(by_calls) == [1, 10] and by_calls[1]["n"] == 3 and by_calls[1]["seeds"] == "0 1 2"
+    np.testing.assert_allclose(by_calls[1]["delta_iou"], 0.05 / 3, rtol=1e-5)  # +1, +1, +3 points
+    assert by_calls[1]["runs"].split() == [str(tmp_path / f"x0_seed{s}") for s in range(3)]
+
+
 def test_refusals_name_the_files(tmp_path, grids):
     # one setting, one seed, twice
     _run(tmp_path / "copy", "again", _config("e1", 0), _metrics("e1", *E1[0], weights="raw"))
