@@ -78,7 +78,7 @@ def collect_learning_curves(paths: Sequence[str]) -> list[dict[str, Any]]:
     rows: dict[tuple, dict[str, Any]] = {}
     for path in files:
         in_curve = os.path.basename(os.path.dirname(os.path.dirname(path))) == CURVE_DIR
-        run = os.path.dirname(os.path.dirname(os.path.dirname(path)) if in_curve else os.path.dirname(path))
+        run = result_files.run_folder(path)
         m = result_files.read_metrics(path)
         if m.get("experiment") not in ("e1", "e2", "e3"):
             continue
